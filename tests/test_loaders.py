@@ -1,0 +1,247 @@
+"""Loaders: the phantom round-trips through every format and `datasets`; bad input is named."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqa.data import (CLOSED, DataError, Record, carve_validation, image_key, load_hf, load_pmc_vqa,
+                      load_records, load_slake, load_vqa_rad, save_hf)
+from vqa.data.record import infer_answer_type
+
+from .conftest import shared_data
+
+
+def _expected(root, truth, fmt, split) -> list[Record]:
+    """What a loader must return, built from the generator's ground truth, not from the files."""
+    out = []
+    for t in truth:
+        if fmt == "slake" and t["split"] != split:
+            continue
+        if fmt in ("vqa-rad", "pmc-vqa") and (t["split"] == "test") != (split == "test"):
+            continue
+        if fmt == "pmc-vqa":
+            for c in t["choices"]:
+                out.append(Record(root / "pmc-vqa" / "images" / t["file"], c["question"], c["answer"],
+                                  infer_answer_type(c["answer"]), "unknown", tuple(c["choices"]), split,
+                                  str(len(out)), "pmc-vqa"))
+            continue
+        image = (root / "vqa-rad" / "images" / t["file"] if fmt == "vqa-rad"
+                 else root / "slake" / "imgs" / f"xmlab{t['index']}" / "source.jpg")
+        for qa in t["qa"]:
+            out.append(Record(image, qa["question"], qa["answer"], qa["answer_type"], qa["kind"], (), split,
+                              str(qa["qid"]), fmt))
+    return out
+
+
+@pytest.mark.parametrize("fmt,split", [("vqa-rad", "train"), ("vqa-rad", "test"), ("slake", "train"),
+                                       ("slake", "validate"), ("slake", "test"), ("pmc-vqa", "train"),
+                                       ("pmc-vqa", "test")])
+def test_phantom_round_trips_through_each_format(phantom_dir, phantom_truth, fmt, split):
+    records = load_records(fmt, phantom_dir / fmt, split)
+    assert records == _expected(phantom_dir, phantom_truth, fmt, split)
+    assert len(records) > 0
+
+
+def test_official_vqa_rad_json_gives_the_same_split(phantom_dir, tmp_path):
+    root = tmp_path / "official"
+    shutil.copytree(phantom_dir / "vqa-rad", root)
+    (root / "trainset.json").unlink()
+    (root / "testset.json").unlink()
+    for split in ("train", "test"):
+        a = load_vqa_rad(phantom_dir / "vqa-rad", split)
+        b = load_vqa_rad(root, split)
+        assert [(r.question, r.answer, r.answer_type, r.image.name) for r in a] == \
+               [(r.question, r.answer, r.answer_type, r.image.name) for r in b]
+    assert len(load_vqa_rad(root, "all")) == len(load_vqa_rad(root, "train")) + len(load_vqa_rad(root, "test"))
+
+
+def _same_records_with_pixels(from_files, from_hf):
+    assert len(from_files) == len(from_hf)
+    for a, b in zip(from_files, from_hf):
+        assert isinstance(b.image, Image.Image)
+        assert (a.question, a.answer, a.answer_type, a.question_type, a.choices, a.source_id, a.split) == \
+               (b.question, b.answer, b.answer_type, b.question_type, b.choices, b.source_id, b.split)
+        assert np.array_equal(np.asarray(Image.open(a.image)), np.asarray(b.image))
+
+
+@pytest.mark.parametrize("fmt", ["vqa-rad", "slake", "pmc-vqa"])
+def test_phantom_round_trips_through_datasets(phantom_dir, tmp_path, fmt):
+    splits = {"train": load_records(fmt, phantom_dir / fmt, "train"),
+              "test": load_records(fmt, phantom_dir / fmt, "test")}
+    save_hf(splits, tmp_path / "hf")
+    for split, records in splits.items():
+        _same_records_with_pixels(records, load_hf(tmp_path / "hf", split))
+
+
+def test_datasets_parquet_folder_and_hub_style_columns(phantom_dir, tmp_path):
+    """A parquet folder shaped like flaviagiammarino/vqa-rad (image, question, answer only)."""
+    import datasets
+
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(r.image) for r in records], "question": [r.question for r in records],
+         "answer": [r.answer.upper() for r in records]},
+        features=datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                    "answer": datasets.Value("string")}))
+    (tmp_path / "data").mkdir()
+    ds.to_parquet(str(tmp_path / "data" / "test-00000-of-00001.parquet"))
+    loaded = load_hf(tmp_path, "test")
+    assert [r.answer for r in loaded] == [r.answer for r in records]
+    # Without answer_type, yes/no answers are closed: exactly the phantom's closed questions.
+    assert [r.answer_type for r in loaded] == [r.answer_type for r in records]
+    assert all(r.question_type == "unknown" for r in loaded)
+
+
+def test_carve_validation_is_by_image_and_deterministic(phantom_dir):
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "train")
+    train, val = carve_validation(records, 0.2, seed=1)
+    assert len(train) + len(val) == len(records) and val
+    assert not {image_key(r) for r in train} & {image_key(r) for r in val}
+    assert carve_validation(records, 0.2, seed=1) == (train, val)
+    assert carve_validation(records, 0.2, seed=2) != (train, val)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _copy(phantom_dir, tmp_path, fmt):
+    root = tmp_path / fmt
+    shutil.copytree(phantom_dir / fmt, root)
+    return root
+
+
+def _edit_json(path, edit):
+    items = json.loads(path.read_text())
+    edit(items)
+    path.write_text(json.dumps(items))
+
+
+def test_vqa_rad_bad_input(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "vqa-rad")
+    with pytest.raises(DataError, match="split 'val' unknown"):
+        load_vqa_rad(root, "val")
+    with pytest.raises(DataError, match="VQA-RAD folder not found"):
+        load_vqa_rad(tmp_path / "nowhere", "train")
+    _edit_json(root / "testset.json", lambda items: items[3].pop("answer_type"))
+    with pytest.raises(DataError, match=r"testset.json: item 3: missing field 'answer_type'"):
+        load_vqa_rad(root, "test")
+    _edit_json(root / "testset.json", lambda items: items[3].update(answer_type="MAYBE"))
+    with pytest.raises(DataError, match=r"item 3: field 'answer_type' is 'MAYBE'"):
+        load_vqa_rad(root, "test")
+    (root / "trainset.json").write_text('[{"qid": 1,\n "image_name": }]')
+    with pytest.raises(DataError, match=r"trainset.json: line 2: invalid JSON"):
+        load_vqa_rad(root, "train")
+    (root / "trainset.json").write_text('{"not": "a list"}')
+    with pytest.raises(DataError, match="expected a JSON list"):
+        load_vqa_rad(root, "train")
+    (root / "trainset.json").unlink()
+    (root / "VQA_RAD_Dataset_Public.json").unlink()
+    with pytest.raises(DataError, match="expected trainset.json or VQA_RAD_Dataset_Public.json"):
+        load_vqa_rad(root, "train")
+
+
+def test_missing_image_is_an_error_naming_it(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "slake")
+    first = json.loads((root / "test.json").read_text())[0]["img_name"]
+    (root / "imgs" / first).unlink()
+    with pytest.raises(DataError, match=rf"test.json: item 0: image '{first}' not found"):
+        load_slake(root, "test")
+
+
+def test_slake_language_and_bad_split(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "slake")
+    _edit_json(root / "train.json", lambda items: items[0].update(q_lang="zh"))
+    n_all = len(load_slake(root, "train", lang="all"))
+    assert len(load_slake(root, "train")) == n_all - 1
+    assert len(load_slake(root, "train", lang="zh")) == 1
+    with pytest.raises(DataError, match="SLAKE split 'dev' unknown"):
+        load_slake(root, "dev")
+    (root / "validate.json").unlink()
+    with pytest.raises(DataError, match="validate.json: file not found"):
+        load_slake(root, "val")
+
+
+def _rewrite_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    edit(rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_pmc_vqa_bad_input(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "pmc-vqa")
+    _rewrite_csv(root / "test.csv", lambda rows: [r.pop(3) for r in rows])  # drop 'Choice A'
+    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) \['Choice A'\]"):
+        load_pmc_vqa(root, "test")
+
+    def wrong_answer(rows):
+        h = rows[0]
+        rows[2][h.index("Answer")] = "banana"
+        rows[2][h.index("Answer_label")] = ""
+
+    _rewrite_csv(root / "train.csv", wrong_answer)
+    with pytest.raises(DataError, match=r"train.csv: line 3: answer 'banana' is none of the choices"):
+        load_pmc_vqa(root, "train")
+    with pytest.raises(DataError, match="no PMC-VQA file for split 'validate'"):
+        load_pmc_vqa(root, "validate")
+
+
+def test_pmc_vqa_answer_as_letter_or_text(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "pmc-vqa")
+    expected = load_pmc_vqa(root, "test")
+    _rewrite_csv(root / "test.csv", lambda rows: [r.pop() for r in rows])  # no Answer_label: text only
+    assert load_pmc_vqa(root, "test") == expected
+
+    def letters(rows):  # train_2.csv style: 'Answer' holds the letter
+        for r in rows[1:]:
+            r[2] = "ABCD"[[c.split(":", 1)[1].lower() for c in r[3:7]].index(r[2].lower())]
+
+    _rewrite_csv(root / "test.csv", letters)
+    assert [r.answer for r in load_pmc_vqa(root, "test")] == [r.answer for r in expected]
+
+
+def test_hf_bad_input(phantom_dir, tmp_path):
+    import datasets
+
+    with pytest.raises(DataError, match="dataset folder not found"):
+        load_hf(tmp_path / "missing", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="neither a saved dataset"):
+        load_hf(tmp_path / "empty", "train")
+    ds = datasets.Dataset.from_dict({"image": ["a.jpg"], "text": ["hi"], "answer": ["yes"]})
+    ds.save_to_disk(str(tmp_path / "noq"))
+    with pytest.raises(DataError, match=r"no column among \['question', 'Question'\]"):
+        load_hf(tmp_path / "noq", "train")
+    with pytest.raises(DataError, match="unknown dataset format 'coco'"):
+        load_records("coco", tmp_path, "train")
+
+
+# ---------------------------------------------------------------- real data (skipped when absent)
+
+def test_real_vqa_rad_standard_split():
+    root = shared_data("vqa-rad")
+    train, test = load_vqa_rad(root, "train"), load_vqa_rad(root, "test")
+    assert (len(train), len(test)) == (3064, 451)
+    assert sum(r.answer_type == CLOSED for r in test) == 272
+    assert len(load_vqa_rad(root, "test", freeform_only=True)) == 308
+    assert all(r.answer_type in ("CLOSED", "OPEN") for r in train)  # 'CLOSED ' is cleaned
+
+
+def test_real_slake_sample_english_only():
+    root = shared_data("slake-sample")
+    en, every = load_slake(root, "train"), load_slake(root, "train", lang="all")
+    assert 0 < len(en) < len(every) == 147
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vqa.cli", "data", "stats", str(tmp_path / "none"),
+                           "--format", "slake"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"medvqa data: error: {tmp_path / 'none'}: SLAKE folder not found"]

@@ -1,0 +1,58 @@
+"""`medvqa`: one entry point; each command lives in its own module with `main(argv)`."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from .errors import DataError
+
+# name -> (module with main(argv), one-line summary). Imported lazily so `--help` is instant
+# and a command never pays for another's dependencies.
+COMMANDS = {
+    "phantom": ("vqa.commands.phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
+    "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
+}
+
+EPILOG = """examples:
+  medvqa phantom runs/phantom --images 2000 --seed 0
+  medvqa data stats runs/phantom/vqa-rad --format vqa-rad
+
+run `medvqa COMMAND --help` for a command's options and an example.
+set MEDVQA_TRACEBACK=1 to see tracebacks of input errors."""
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name.ljust(width)}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return f"usage: medvqa COMMAND [options]\n\nmedical visual question answering\n\ncommands:\n{rows}\n\n{EPILOG}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"medvqa: error: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("MEDVQA_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        # Bad input is the user's to fix: one line naming what is wrong, no traceback.
+        if os.environ.get("MEDVQA_TRACEBACK"):
+            raise
+        print(f"medvqa {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medvqa {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

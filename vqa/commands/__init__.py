@@ -1,0 +1,1 @@
+"""The `medvqa` commands, a module each with `main(argv=None)`."""

@@ -1,0 +1,160 @@
+"""Loaders for the benchmarks' own released files in a local folder: VQA-RAD, SLAKE, PMC-VQA."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import DataError
+from ..io import read_csv, read_json
+from ..text import normalize_answer
+from .record import ImageFinder, Record, infer_answer_type, make_record, parse_answer_type, require_fields
+
+VQA_RAD_SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
+VQA_RAD_OFFICIAL = "VQA_RAD_Dataset_Public.json"
+SLAKE_SPLITS = {"train": "train", "validate": "validate", "val": "validate", "validation": "validate",
+                "test": "test"}
+PMC_CHOICE_COLUMNS = ("Choice A", "Choice B", "Choice C", "Choice D")
+_CHOICE_PREFIX = re.compile(r"^\s*([A-D])\s*[:.)]\s*")
+
+
+def _list_of_items(data: object, path: Path) -> list:
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of questions, got {type(data).__name__}")
+    return data
+
+
+def _check_root(root: str | Path, name: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: {name} folder not found")
+    return root
+
+
+def load_vqa_rad(root: str | Path, split: str, freeform_only: bool = False) -> list[Record]:
+    """VQA-RAD from a folder holding MEVF's `trainset.json`/`testset.json` or the official release.
+
+    `split` is "train" or "test" (the standard split), or "all" (the official JSON).
+    Without the split files, the official JSON is split by `phrase_type`
+    (`test_freeform`/`test_para` are test). `freeform_only` keeps MEVF's
+    published subset (308 freeform test questions).
+    """
+    root = _check_root(root, "VQA-RAD")
+    if split not in (*VQA_RAD_SPLIT_FILES, "all"):
+        raise DataError(f"VQA-RAD split {split!r} unknown; expected 'train', 'test' or 'all'")
+    split_file = root / VQA_RAD_SPLIT_FILES.get(split, "")
+    if split != "all" and split_file.is_file():
+        path, items = split_file, _list_of_items(read_json(split_file), split_file)
+    else:
+        path = root / VQA_RAD_OFFICIAL
+        if not path.is_file():
+            expected = f"{split_file.name} or {VQA_RAD_OFFICIAL}" if split != "all" else VQA_RAD_OFFICIAL
+            raise DataError(f"{root}: no VQA-RAD question file (expected {expected})")
+        items = _list_of_items(read_json(path), path)
+        if split != "all":
+            want_test = split == "test"
+            items = [it for it in items if isinstance(it, dict)
+                     and str(it.get("phrase_type", "")).startswith("test_") == want_test]
+    find_image = ImageFinder([root / "images", root / "VQA_RAD Image Folder", root])
+    records = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        require_fields(item, ("image_name", "question", "answer", "answer_type"), where)
+        if freeform_only and item.get("phrase_type") not in ("freeform", "test_freeform"):
+            continue
+        records.append(make_record(
+            image=find_image(str(item["image_name"]), where),
+            question=item["question"],
+            answer=item["answer"],
+            answer_type=parse_answer_type(item["answer_type"], where),
+            question_type=item.get("question_type"),
+            split=split,
+            source_id=item.get("qid", i),
+            dataset="vqa-rad",
+        ))
+    return records
+
+
+def load_slake(root: str | Path, split: str, lang: str = "en") -> list[Record]:
+    """SLAKE from its released folder (`train.json`/`validate.json`/`test.json`, `imgs/`).
+
+    `lang` keeps one language ("en" as the published English results, "zh"), or "all".
+    """
+    root = _check_root(root, "SLAKE")
+    if split not in SLAKE_SPLITS:
+        raise DataError(f"SLAKE split {split!r} unknown; expected 'train', 'validate' or 'test'")
+    split = SLAKE_SPLITS[split]
+    path = root / f"{split}.json"
+    items = _list_of_items(read_json(path), path)
+    find_image = ImageFinder([root / "imgs", root])
+    records = []
+    for i, item in enumerate(items):
+        where = f"{path}: item {i}"
+        require_fields(item, ("img_name", "question", "answer", "answer_type"), where)
+        if lang != "all" and item.get("q_lang", "en") != lang:
+            continue
+        records.append(make_record(
+            image=find_image(str(item["img_name"]), where),
+            question=item["question"],
+            answer=item["answer"],
+            answer_type=parse_answer_type(item["answer_type"], where),
+            question_type=item.get("content_type"),
+            split=split,
+            source_id=item.get("qid", i),
+            dataset="slake",
+        ))
+    return records
+
+
+def _pmc_split_file(root: Path, split: str) -> Path:
+    names = [f"{split}.csv", f"{split}_2.csv"] + (["test_clean.csv"] if split == "test" else [])
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: no PMC-VQA file for split {split!r} (expected one of {names})")
+
+
+def _pmc_answer(row: dict[str, str], choices: list[str], where: str) -> str:
+    """The chosen choice: `Answer_label` or `Answer` as a letter, else `Answer` as the choice text."""
+    for column in ("Answer_label", "Answer"):
+        value = (row.get(column) or "").strip()
+        if len(value) == 1 and value in "ABCD":
+            return choices["ABCD".index(value)]
+    answer = row.get("Answer") or ""
+    text = normalize_answer(_CHOICE_PREFIX.sub("", answer))
+    if text not in {normalize_answer(c) for c in choices}:
+        raise DataError(f"{where}: answer {answer!r} is none of the choices {choices}")
+    return text
+
+
+def load_pmc_vqa(root: str | Path, split: str) -> list[Record]:
+    """PMC-VQA multiple choice from its CSV (`train.csv`, `test.csv`, `*_2.csv`, `test_clean.csv`).
+
+    Choices are written `A:text`; the answer is `Answer_label` (a letter) or `Answer`.
+    PMC-VQA has no answer type: yes/no answers count as closed, the rest open.
+    """
+    root = _check_root(root, "PMC-VQA")
+    path = _pmc_split_file(root, split)
+    rows = read_csv(path, ("Figure_path", "Question", *PMC_CHOICE_COLUMNS))
+    find_image = ImageFinder([root / "images", root / "figures", root])
+    records = []
+    for i, row in enumerate(rows):
+        where = f"{path}: line {i + 2}"
+        for column in ("Figure_path", "Question", *PMC_CHOICE_COLUMNS):
+            if not (row.get(column) or "").strip():
+                raise DataError(f"{where}: empty column {column!r}")
+        if not (row.get("Answer") or row.get("Answer_label") or "").strip():
+            raise DataError(f"{where}: no answer (column 'Answer' or 'Answer_label')")
+        choices = [_CHOICE_PREFIX.sub("", row[c]).strip() for c in PMC_CHOICE_COLUMNS]
+        answer = normalize_answer(_pmc_answer(row, choices, where))
+        records.append(make_record(
+            image=find_image(row["Figure_path"].strip(), where),
+            question=row["Question"],
+            answer=answer,
+            answer_type=infer_answer_type(answer),
+            question_type=row.get("question_type"),
+            choices=choices,
+            split=split,
+            source_id=row.get("index") or i,
+            dataset="pmc-vqa",
+        ))
+    return records

@@ -1,0 +1,137 @@
+"""The one record type every dataset is read into, and the rules shared by all loaders."""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image
+
+from ..errors import DataError
+from ..text import normalize_answer
+
+CLOSED, OPEN = "CLOSED", "OPEN"
+YES_NO = frozenset({"yes", "no"})
+
+# Question types, canonical across benchmarks: VQA-RAD's codes and SLAKE's
+# content types map onto one vocabulary so per-type reports line up.
+_QUESTION_TYPES = {
+    "PRES": "presence", "PRSE": "presence", "PRESENCE": "presence",
+    "ABN": "abnormality", "ABNORMALITY": "abnormality",
+    "POS": "position", "POSITION": "position",
+    "MODALITY": "modality", "PLANE": "plane", "ORGAN": "organ",
+    "COUNT": "count", "QUANTITY": "count",
+    "SIZE": "size", "ATTRIB": "attribute", "ATRIB": "attribute", "ATTRIBUTE": "attribute",
+    "COLOR": "color", "SHAPE": "shape", "KG": "knowledge", "OTHER": "other",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One question about one image, whatever dataset it came from."""
+
+    image: Path | Image.Image
+    question: str
+    answer: str  # normalised (vqa.text.normalize_answer)
+    answer_type: str  # CLOSED | OPEN
+    question_type: str  # canonical, e.g. "modality", "presence+position"
+    choices: tuple[str, ...] = ()  # multiple choice (PMC-VQA), normalised
+    split: str = ""
+    source_id: str = ""
+    dataset: str = ""
+
+
+def canonical_question_type(raw: object) -> str:
+    """'PRES, POS' -> 'presence+position'; 'Quantity' -> 'count'; empty -> 'unknown'."""
+    parts = [p.strip() for p in str(raw or "").split(",") if p.strip()]
+    if not parts:
+        return "unknown"
+    return "+".join(_QUESTION_TYPES.get(p.upper(), p.lower()) for p in parts)
+
+
+def parse_answer_type(raw: object, where: str) -> str:
+    """'CLOSED' / 'open ' -> 'CLOSED' / 'OPEN'; anything else is a DataError naming `where`."""
+    value = str(raw).strip().upper()
+    if value not in (CLOSED, OPEN):
+        raise DataError(f"{where}: field 'answer_type' is {raw!r}; expected 'CLOSED' or 'OPEN'")
+    return value
+
+
+def infer_answer_type(answer: str) -> str:
+    """Closed when the (normalised) answer is yes/no: the rule for sources without answer_type."""
+    return CLOSED if answer in YES_NO else OPEN
+
+
+def require_fields(item: object, fields: Sequence[str], where: str) -> dict:
+    """`item` as a dict holding every field in `fields`, else a DataError naming the first missing."""
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    for name in fields:
+        value = item.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: missing field {name!r}")
+    return item
+
+
+class ImageFinder:
+    """Finds image files under a list of candidate folders; a missing image is an error."""
+
+    def __init__(self, folders: Iterable[Path]):
+        self.folders = [Path(f) for f in folders]
+        self._found: dict[str, Path] = {}
+
+    def __call__(self, name: str, where: str) -> Path:
+        if name in self._found:
+            return self._found[name]
+        for folder in self.folders:
+            path = folder / name
+            if path.is_file():
+                self._found[name] = path
+                return path
+        looked = ", ".join(str(f) for f in self.folders)
+        raise DataError(f"{where}: image {name!r} not found (looked in {looked})")
+
+
+def make_record(*, image: Path | Image.Image, question: object, answer: object, answer_type: str,
+                question_type: object, split: str, source_id: object, dataset: str,
+                choices: Sequence[object] = ()) -> Record:
+    """Build a Record, normalising the answer, choices and question type the same way for all."""
+    return Record(
+        image=image,
+        question=" ".join(str(question).split()),
+        answer=normalize_answer(answer),
+        answer_type=answer_type,
+        question_type=canonical_question_type(question_type),
+        choices=tuple(normalize_answer(c) for c in choices),
+        split=split,
+        source_id=str(source_id),
+        dataset=dataset,
+    )
+
+
+def image_key(record: Record) -> str:
+    """A key that groups the questions of one image."""
+    if isinstance(record.image, Path):
+        return str(record.image)
+    # In-memory images (from `datasets`) are grouped by content, which is stable across runs.
+    return hashlib.sha1(record.image.tobytes()).hexdigest()
+
+
+def carve_validation(records: Sequence[Record], fraction: float = 0.1,
+                     seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """Split training records into (train, validation) by image, deterministically.
+
+    Model selection uses this split, never the test set (the references chose
+    their best epoch on test). Grouping by image keeps one image's questions together.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
+    keys = sorted({image_key(r) for r in records})
+    random.Random(seed).shuffle(keys)
+    n_val = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
+    val_keys = set(keys[:n_val])
+    train = [r for r in records if image_key(r) not in val_keys]
+    val = [r for r in records if image_key(r) in val_keys]
+    return train, val

@@ -1,0 +1,72 @@
+"""Dataset statistics: counts, closed/open share, answer distribution and majority baselines."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping, Sequence
+
+from .data.record import CLOSED, OPEN, Record, image_key
+
+
+def _majority(train: Sequence[Record], test: Sequence[Record]) -> dict:
+    """Accuracy on `test` of always answering train's most frequent answer (overall and per type)."""
+    out = {}
+    for name, keep in (("overall", None), ("closed", CLOSED), ("open", OPEN)):
+        tr = [r for r in train if keep is None or r.answer_type == keep]
+        te = [r for r in test if keep is None or r.answer_type == keep]
+        if not tr or not te:
+            continue
+        answer = Counter(r.answer for r in tr).most_common(1)[0][0]
+        out[name] = {"answer": answer, "accuracy": sum(r.answer == answer for r in te) / len(te)}
+    # Per answer type, each question answered with its own type's majority: the usual "prior" baseline.
+    if "closed" in out and "open" in out:
+        hits = sum(r.answer == out["closed" if r.answer_type == CLOSED else "open"]["answer"] for r in test)
+        out["by_type"] = {"accuracy": hits / len(test)}
+    return out
+
+
+def _choice_majority(train: Sequence[Record], test: Sequence[Record]) -> dict:
+    """Multiple choice: pick the choice most often correct in train; random guessing gives 1/#choices."""
+    counts = Counter(r.answer for r in train)
+    hits = sum(max(r.choices, key=lambda c: counts[c]) == r.answer for r in test)
+    chance = sum(1 / len(r.choices) for r in test) / len(test)
+    return {"frequent_choice": {"accuracy": hits / len(test)}, "chance": {"accuracy": chance}}
+
+
+def dataset_stats(splits: Mapping[str, Sequence[Record]], train: str = "train", test: str = "test",
+                  top: int = 10) -> dict:
+    """Statistics per split and baselines of `train` on `test`, as a JSON-ready dict."""
+    report: dict = {"splits": {}}
+    for name, records in splits.items():
+        n = len(records)
+        answers = Counter(r.answer for r in records)
+        report["splits"][name] = {
+            "questions": n,
+            "images": len({image_key(r) for r in records}),
+            "closed_share": sum(r.answer_type == CLOSED for r in records) / max(n, 1),
+            "distinct_answers": len(answers),
+            "top_answers": answers.most_common(top),
+            "question_types": dict(Counter(r.question_type for r in records).most_common()),
+        }
+    if train in splits and test in splits and splits[test]:
+        tr, te = splits[train], splits[test]
+        seen = {r.answer for r in tr}
+        report["baselines"] = (_choice_majority(tr, te) if all(r.choices for r in te) else _majority(tr, te))
+        report["test_answers_seen_in_train"] = sum(r.answer in seen for r in te) / len(te)
+    return report
+
+
+def format_stats(report: dict) -> str:
+    """A short human-readable rendering of `dataset_stats`."""
+    lines = []
+    for name, s in report["splits"].items():
+        lines.append(f"{name}: {s['questions']} questions over {s['images']} images, "
+                     f"{100 * s['closed_share']:.1f}% closed, {s['distinct_answers']} distinct answers")
+        lines.append("  top answers: " + ", ".join(f"{a} ({c})" for a, c in s["top_answers"]))
+        lines.append("  question types: " + ", ".join(f"{t} ({c})" for t, c in s["question_types"].items()))
+    for name, b in report.get("baselines", {}).items():
+        answer = f" (always {b['answer']!r})" if "answer" in b else ""
+        lines.append(f"baseline {name}: {100 * b['accuracy']:.1f}%{answer}")
+    if "test_answers_seen_in_train" in report:
+        lines.append(f"test answers seen in train: {100 * report['test_answers_seen_in_train']:.1f}% "
+                     "(the ceiling with a train-only answer vocabulary)")
+    return "\n".join(lines)
