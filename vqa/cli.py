@@ -13,6 +13,7 @@ from .errors import DataError
 COMMANDS = {
     "phantom": ("vqa.commands.phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
     "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
+    "train": ("vqa.train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
 }
 
 EPILOG = """examples:

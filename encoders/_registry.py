@@ -1,0 +1,137 @@
+"""Create encoders by name, from a saved folder, or from a Hugging Face hub id.
+
+    create_encoder("clip-vit-tiny")                  # a registered name
+    create_encoder("timm:convnext_tiny")             # any timm model
+    create_encoder("runs/encoder")                   # save_pretrained output
+    create_encoder("path/to/CLIPModel_save_dir")     # a local Hugging Face CLIP folder
+    create_encoder("openai/clip-vit-base-patch32")   # a hub id (online, or in the hub cache)
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from safetensors.torch import load_file
+
+from .base import CONFIG_NAME, WEIGHTS_NAME, ImageEncoder
+
+logger = logging.getLogger(__name__)
+
+_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+_FAMILIES: dict[str, type[ImageEncoder]] = {}
+
+F = TypeVar("F", bound=Callable[..., ImageEncoder])
+C = TypeVar("C", bound=type)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HF_CLIP_TYPES = {"clip", "clip_vision_model"}
+
+
+def register_encoder(name: str) -> Callable[[F], F]:
+    """Decorator: register a factory `fn(pretrained=False, **overrides) -> ImageEncoder`."""
+    def decorator(fn: F) -> F:
+        if name in _ENCODERS:
+            raise ValueError(f"encoder {name!r} is already registered")
+        _ENCODERS[name] = fn
+        return fn
+    return decorator
+
+
+def register_family(cls: C) -> C:
+    """Class decorator: lets `create_encoder(folder)` rebuild `cls` from config.json."""
+    if not cls.family:
+        raise ValueError(f"{cls.__name__} needs a non-empty `family`")
+    _FAMILIES[cls.family] = cls
+    return cls
+
+
+def list_encoders(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style pattern, sorted."""
+    return sorted(n for n in _ENCODERS if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_encoder(name_or_path: str | os.PathLike, **kwargs) -> ImageEncoder:
+    """Build an encoder. Registered names take `pretrained=` and config overrides
+    (e.g. `image_size=`); `timm:<name>` takes the same; folders and hub ids take none."""
+    key = os.fspath(name_or_path)
+    if key in _ENCODERS:
+        return _ENCODERS[key](**kwargs)
+    if key.startswith("timm:"):
+        from .timm_backbone import create_timm_encoder
+
+        return create_timm_encoder(key[len("timm:"):], **kwargs)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        _no_kwargs(key, kwargs)
+        return load_encoder_folder(path)
+    if _looks_like_path(key):
+        raise FileNotFoundError(f"encoder folder not found: {key}")
+    if _HUB_ID.match(key):
+        _no_kwargs(key, kwargs)
+        from .clip import CLIPVisionEncoder
+
+        return CLIPVisionEncoder.from_hf(key)
+    raise ValueError(_unknown_message(key))
+
+
+def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
+    """Load our own save_pretrained folder or a local Hugging Face CLIP folder."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected an encoder saved with save_pretrained "
+                                "or a Hugging Face CLIP folder")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    if "family" in meta:
+        return _load_own_folder(path, meta)
+    if meta.get("model_type") in _HF_CLIP_TYPES:
+        from .clip import CLIPVisionEncoder
+
+        return CLIPVisionEncoder.from_hf(path)
+    raise ValueError(f"{config_file}: neither a medvqa encoder (no 'family') nor a Hugging Face CLIP config "
+                     f"(model_type={meta.get('model_type')!r})")
+
+
+def _load_own_folder(path: Path, meta: dict) -> ImageEncoder:
+    family = meta["family"]
+    if family not in _FAMILIES:
+        raise ValueError(f"{path / CONFIG_NAME}: unknown encoder family {family!r}; known: {sorted(_FAMILIES)}")
+    encoder = _FAMILIES[family].from_config(meta["config"], name=meta.get("name", family))
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
+    try:
+        encoder.load_state_dict(load_file(str(weights)), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights}: weights do not match {CONFIG_NAME} ({e})") from e
+    logger.info("loaded encoder %s (%s) from %s", encoder.name, family, path)
+    return encoder
+
+
+def _looks_like_path(key: str) -> bool:
+    return (os.path.isabs(key) or key.startswith((".", "~")) or key.count("/") > 1
+            or os.sep != "/" and os.sep in key)
+
+
+def _no_kwargs(key: str, kwargs: dict) -> None:
+    if kwargs:
+        raise TypeError(f"create_encoder({key!r}) takes no options (got {sorted(kwargs)}): "
+                        "a folder or hub id carries its own configuration")
+
+
+def _unknown_message(key: str) -> str:
+    names = list_encoders()
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return (f"unknown encoder {key!r}.{hint} Known encoders: {', '.join(names)}. "
+            "Also accepted: 'timm:<any timm model>', a local folder (save_pretrained or a "
+            "Hugging Face CLIP folder) or a hub id 'org/name'.")

@@ -1,0 +1,268 @@
+"""The frozen-feature cache: run a frozen encoder once per image, then train heads
+on stored features without touching pixels.
+
+Folder layout:
+    index.json    {"fingerprint", "encoder", "grid": [N, D], "row_size", "dtype": "float16",
+                   "count", "rows": {image_hash: row}}
+    features.f16  float16 rows of N*D grid values followed by the D pooled values
+
+Every write goes to a temp name, then `os.replace`. Rows are only ever appended
+(the grown file is a copy of the old rows plus the new ones), and the features
+file is replaced before the index, so an interrupted write leaves a valid cache.
+A changed encoder fingerprint (or grid shape) rebuilds the cache from scratch.
+One writer at a time: in distributed runs let rank 0 call `ensure`, then barrier.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .base import ImageEncoder
+from .images import ImageSource, load_image
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+FEATURES_NAME = "features.f16"
+CACHE_FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 20
+
+
+def image_hash(src: ImageSource) -> str:
+    """sha256 of the image's content: a file's bytes (so a renamed copy is a hit), or
+    for in-memory images the mode, size and pixel bytes of the 8-bit image the encoder sees."""
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {path}") from None
+        # memoised on (path, mtime, size): re-hashing every file every epoch would dominate head training
+        return _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    img = load_image(src) if not isinstance(src, Image.Image) or src.mode not in ("L", "RGB") else src
+    h = hashlib.sha256(f"{img.mode}|{img.size[0]}x{img.size[1]}|".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Features of one encoder for many images, in a float16 memory map.
+
+        cache = FeatureCache.open("runs/cache/clip", encoder)
+        hashes = cache.ensure(image_paths, batch_size=64, device="cuda")
+        feats = cache.lookup(hashes[:8])  # {"grid": (8, N, D), "pooled": (8, D)}, float32
+    """
+
+    def __init__(self, folder: Path, index: dict[str, Any], encoder: ImageEncoder | None):
+        self.folder = folder
+        self.encoder = encoder
+        self._index = index
+        self._rows: dict[str, int] = index["rows"]
+        self._memmap: np.memmap | None = None
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | os.PathLike, encoder: ImageEncoder | None = None) -> "FeatureCache":
+        """Open (or create) the cache for `encoder`; without an encoder, open an existing
+        cache read-only (lookups only)."""
+        folder = Path(folder)
+        index = _read_index(folder)
+        if encoder is None:
+            if index is None:
+                raise FileNotFoundError(f"no feature cache in {folder} (missing {INDEX_NAME})")
+            return cls(folder, index, None)
+        expected = _empty_index(encoder)
+        reason = _rebuild_reason(folder, index, expected)
+        if reason:
+            logger.info("feature cache %s: rebuilding from scratch (%s)", folder, reason)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_json(folder / INDEX_NAME, expected)  # index first: old rows are never read again
+            (folder / FEATURES_NAME).unlink(missing_ok=True)
+            index = expected
+        else:
+            logger.info("feature cache %s: %d images cached for %s", folder, index["count"], encoder.name)
+        return cls(folder, index, encoder)
+
+    # -- reading -------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self._index["fingerprint"]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        n, d = self._index["grid"]
+        return int(n), int(d)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, image_hash_: str) -> bool:
+        return image_hash_ in self._rows
+
+    def lookup(self, hashes: Sequence[str]) -> dict[str, Tensor]:
+        """Features of images by hash: {"grid": (B, N, D), "pooled": (B, D)} float32."""
+        missing = [h for h in hashes if h not in self._rows]
+        if missing:
+            raise KeyError(f"{len(missing)} image(s) not in feature cache {self.folder} "
+                           f"(first: {missing[0]}); call ensure() first")
+        n, d = self.grid_shape
+        rows = np.fromiter((self._rows[h] for h in hashes), dtype=np.int64, count=len(hashes))
+        block = np.asarray(self._features()[rows], dtype=np.float32)  # (B, N*D + D)
+        data = torch.from_numpy(block)
+        return {"grid": data[:, : n * d].reshape(-1, n, d), "pooled": data[:, n * d:]}
+
+    def _features(self) -> np.memmap:
+        if self._memmap is None:
+            count = self._index["count"]
+            if count == 0:
+                return np.zeros((0, self._index["row_size"]), dtype=np.float16)  # type: ignore[return-value]
+            self._memmap = np.memmap(self.folder / FEATURES_NAME, dtype=np.float16, mode="r",
+                                     shape=(count, self._index["row_size"]))
+        return self._memmap
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers (spawn) need lookups only: don't ship the mapped array or
+        # the encoder's weights; a pickled copy is read-only.
+        state = self.__dict__.copy()
+        state["_memmap"] = None
+        state["encoder"] = None
+        return state
+
+    # -- writing -------------------------------------------------------------------
+    def ensure(self, images: Iterable[ImageSource], batch_size: int = 32, device: str | torch.device | None = None,
+               progress: bool = True) -> list[str]:
+        """Compute features for the images not cached yet; return every image's hash (in order).
+
+        Runs the encoder in eval mode under no_grad on `device` (default: where its
+        weights are; the encoder stays there) and commits all new rows at the end."""
+        if self.encoder is None:
+            raise RuntimeError(f"feature cache {self.folder} was opened without an encoder; cannot compute")
+        images = list(images)
+        hashes = [image_hash(img) for img in images]
+        todo: dict[str, ImageSource] = {}
+        for h, img in zip(hashes, images):
+            if h not in self._rows and h not in todo:
+                todo[h] = img
+        logger.info("feature cache %s: %d hits, %d to compute (%d images asked)",
+                    self.folder, len(images) - sum(h in todo for h in hashes), len(todo), len(images))
+        if todo:
+            self._compute_and_append(todo, batch_size, device, progress)
+        return hashes
+
+    @torch.no_grad()
+    def _compute_and_append(self, todo: dict[str, ImageSource], batch_size: int,
+                            device: str | torch.device | None, progress: bool) -> None:
+        encoder = self.encoder
+        assert encoder is not None
+        device = torch.device(device) if device is not None else next(encoder.parameters()).device
+        was_training = encoder.training
+        encoder.to(device).eval()  # frozen features: BatchNorm statistics, no dropout
+        items = list(todo.items())
+        tmp = self.folder / f".{FEATURES_NAME}.tmp-{uuid.uuid4().hex[:8]}"
+        old = self.folder / FEATURES_NAME
+        bar = _progress(len(items), f"caching {encoder.name} features", progress)
+        try:
+            if self._index["count"] and old.exists():
+                shutil.copyfile(old, tmp)  # keep old rows in place: existing indices stay valid
+            with open(tmp, "ab") as out:
+                out.truncate(self._index["count"] * self._index["row_size"] * 2)  # drop unindexed tail
+                for start in range(0, len(items), batch_size):
+                    batch = items[start:start + batch_size]
+                    pixels = encoder.preprocess([img for _, img in batch]).to(device)
+                    feats = encoder(pixels)
+                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1)  # (B, N*D + D)
+                    out.write(rows.float().cpu().numpy().astype(np.float16).tobytes())
+                    bar.update(len(batch))
+            os.replace(tmp, old)
+        finally:
+            bar.close()
+            tmp.unlink(missing_ok=True)
+            encoder.train(was_training)
+        count = self._index["count"]
+        for offset, (h, _) in enumerate(items):
+            self._rows[h] = count + offset
+        self._index["count"] = count + len(items)
+        _write_json(self.folder / INDEX_NAME, self._index)
+        self._memmap = None  # remap at the new size on next lookup
+        logger.info("feature cache %s: added %d images (now %d)", self.folder, len(items), self._index["count"])
+
+
+def _empty_index(encoder: ImageEncoder) -> dict[str, Any]:
+    n, d = encoder.num_patches, encoder.feature_dim
+    return {"format_version": CACHE_FORMAT_VERSION, "fingerprint": encoder.fingerprint(), "encoder": encoder.name,
+            "grid": [n, d], "grid_size": list(encoder.grid_size), "row_size": n * d + d, "dtype": "float16",
+            "count": 0, "rows": {}}
+
+
+def _rebuild_reason(folder: Path, index: dict[str, Any] | None, expected: dict[str, Any]) -> str | None:
+    if index is None:
+        return "no index yet"
+    if index.get("format_version") != CACHE_FORMAT_VERSION:
+        return f"format version {index.get('format_version')} != {CACHE_FORMAT_VERSION}"
+    if index.get("fingerprint") != expected["fingerprint"]:
+        return f"encoder fingerprint changed ({str(index.get('fingerprint'))[:12]} -> {expected['fingerprint'][:12]})"
+    if index.get("grid") != expected["grid"] or index.get("row_size") != expected["row_size"]:
+        return f"grid shape changed ({index.get('grid')} -> {expected['grid']})"
+    needed = index["count"] * index["row_size"] * 2
+    path = folder / FEATURES_NAME
+    have = path.stat().st_size if path.exists() else 0
+    if have < needed:
+        return f"{FEATURES_NAME} holds {have} bytes, the index needs {needed}"
+    return None
+
+
+def _read_index(folder: Path) -> dict[str, Any] | None:
+    path = folder / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("feature cache %s: unreadable %s", folder, INDEX_NAME)
+        return None
+    return index if isinstance(index, dict) and "rows" in index and "count" in index else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="img")

@@ -1,0 +1,31 @@
+"""Question encoders, fusion (BAN, SAN) and answer heads over precomputed image features.
+
+    from heads import QuestionEncoderConfig, create_head, loss_for_head
+    head = create_head("mevf-ban", feature_dim=768, vocab_sizes={"answers": 458},
+                       question_encoder=QuestionEncoderConfig(vocab_size=1200))
+    out = head({"grid": grid, "pooled": pooled}, tokens, lengths)  # {"logits", "attention"}
+    losses = loss_for_head(head)(out, answer_index)                # {"loss", "answer_loss"}
+
+Imports torch and numpy only; `transformers` is imported by `HFTextQuestionEncoder` when built.
+"""
+from . import mevf, multiple_choice, qcr  # noqa: F401  (registers the heads)
+from ._registry import create_head, get_head_class, head_from_dict, head_to_dict, list_heads, register_head
+from .base import ANSWER_TYPES, CLOSED, OPEN, VQAHead, create_question_encoder, question_encoder_spec
+from .fusion import BilinearAttentionFusion, StackedAttentionFusion
+from .hf_text import HFTextEncoderConfig, HFTextQuestionEncoder
+from .layers import MASKED_LOGIT
+from .losses import AnswerLoss, MultipleChoiceLoss, QCRLoss, loss_for_head, soft_targets
+from .mevf import BANHeadConfig, MEVFBANHead, MEVFSANHead, SANHeadConfig
+from .multiple_choice import MultipleChoiceBANHead, MultipleChoiceHeadConfig
+from .qcr import QCRHead, QCRHeadConfig, answer_group_masks
+from .question import QuestionEncoder, QuestionEncoderConfig, load_glove
+
+__all__ = [
+    "ANSWER_TYPES", "CLOSED", "MASKED_LOGIT", "OPEN",
+    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "HFTextEncoderConfig",
+    "HFTextQuestionEncoder", "MEVFBANHead", "MEVFSANHead", "MultipleChoiceBANHead",
+    "MultipleChoiceHeadConfig", "MultipleChoiceLoss", "QCRHead", "QCRHeadConfig", "QCRLoss",
+    "QuestionEncoder", "QuestionEncoderConfig", "answer_group_masks", "SANHeadConfig", "StackedAttentionFusion", "VQAHead",
+    "create_head", "create_question_encoder", "get_head_class", "head_from_dict", "head_to_dict",
+    "list_heads", "load_glove", "loss_for_head", "question_encoder_spec", "register_head", "soft_targets",
+]

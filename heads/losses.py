@@ -1,0 +1,147 @@
+"""Losses for the heads, as their own modules (the trainer combines head and loss).
+
+Every loss is called as `loss(outputs, targets, answer_type=None)` where
+`outputs` is the head's output dict, and returns `{"loss": total, ...parts}`.
+
+Targets: either answer indices (B,) long (-100 = no answer in the vocabulary,
+ignored) or soft scores (B, A) float (one-hot, or VQA-style soft scores).
+`answer_type` is (B,) long, 0 = CLOSED, 1 = OPEN (`heads.CLOSED`, `heads.OPEN`).
+Losses are computed in float32 whatever the autocast dtype of the logits.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import OPEN, VQAHead
+
+IGNORE_INDEX = -100
+_KINDS = ("bce", "ce")
+
+
+def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) indices (IGNORE_INDEX -> all-zero row) or (B, A) scores -> (B, A) float32 scores."""
+    if targets.dim() == 2:
+        if targets.shape[1] != num_classes:
+            raise ValueError(f"soft targets have {targets.shape[1]} columns, expected {num_classes}")
+        return targets.float()
+    if targets.dim() != 1 or targets.dtype.is_floating_point:
+        raise ValueError(f"targets must be (B,) answer indices or (B, {num_classes}) scores, got {tuple(targets.shape)} {targets.dtype}")
+    valid = targets >= 0
+    one_hot = F.one_hot(targets.clamp(min=0), num_classes).float()
+    return one_hot * valid.unsqueeze(1)
+
+
+def _bce(logits: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """MEVF's scaling: BCE summed over answers (those in `keep`), averaged over the batch."""
+    per_answer = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")  # (B, A)
+    if keep is not None:
+        per_answer = per_answer * keep
+    return per_answer.sum() / max(logits.shape[0], 1)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against scores renormalised per row; rows with no target are skipped."""
+    mass = scores.sum(1)
+    rows = mass > 0
+    if not rows.any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP) intact on a batch without targets
+    probs = scores[rows] / mass[rows].unsqueeze(1)
+    log_probs = F.log_softmax(logits[rows], dim=1)
+    # Masked-out answers have -inf log-probability and zero target mass: count them as 0, not NaN.
+    return -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(1).mean()
+
+
+class AnswerLoss(nn.Module):
+    """Answer classification over the vocabulary, on `outputs["logits"]` (B, A).
+
+    kind="bce" (MEVF): binary cross-entropy with logits against one-hot / soft
+    scores, summed over answers and averaged over the batch, as MEVF trains.
+    kind="ce": softmax cross-entropy (soft targets renormalised per row).
+    """
+
+    def __init__(self, kind: str = "bce") -> None:
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        self.kind = kind
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = outputs["logits"].float()  # (B, A)
+        scores = soft_targets(targets, logits.shape[1])  # (B, A)
+        loss = _bce(logits, scores) if self.kind == "bce" else _soft_cross_entropy(logits, scores)
+        return {"loss": loss, "answer_loss": loss}
+
+
+class QCRLoss(nn.Module):
+    """QCR training loss: answer loss on the branch of each sample's true type + type loss.
+
+    A closed question is scored by `closed_logits` over the closed group only,
+    an open one by `open_logits` over the open group (the ground-truth type picks
+    the branch, as QCR trains). Target mass outside the sample's group is
+    dropped. total = answer_loss + type_weight * cross_entropy(type_logits, answer_type).
+    """
+
+    def __init__(
+        self, closed_mask: Sequence[bool], open_mask: Sequence[bool], type_weight: float = 1.0, kind: str = "bce"
+    ) -> None:
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.type_weight = type_weight
+        self.register_buffer("closed_mask", torch.as_tensor(list(closed_mask), dtype=torch.bool), persistent=False)
+        self.register_buffer("open_mask", torch.as_tensor(list(open_mask), dtype=torch.bool), persistent=False)
+
+    @classmethod
+    def from_head(cls, head: VQAHead, **kw) -> "QCRLoss":
+        return cls(head.config.closed_mask, head.config.open_mask, **kw)
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if answer_type is None:
+            raise ValueError("QCRLoss needs answer_type (B,) with 0 = CLOSED, 1 = OPEN")
+        is_open = (answer_type == OPEN).unsqueeze(1)  # (B, 1)
+        logits = torch.where(is_open, outputs["open_logits"], outputs["closed_logits"]).float()  # (B, A)
+        group = torch.where(is_open, self.open_mask, self.closed_mask)  # (B, A)
+        scores = soft_targets(targets, logits.shape[1]) * group  # (B, A)
+        if self.kind == "bce":
+            answer_loss = _bce(logits, scores, keep=group)
+        else:
+            answer_loss = _soft_cross_entropy(logits.masked_fill(~group, float("-inf")), scores)
+        type_loss = F.cross_entropy(outputs["type_logits"].float(), answer_type.long())
+        total = answer_loss + self.type_weight * type_loss
+        return {"loss": total, "answer_loss": answer_loss, "type_loss": type_loss}
+
+
+class MultipleChoiceLoss(nn.Module):
+    """Cross-entropy over the choices of `outputs["logits"]` (B, C); targets (B,) choice indices."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = outputs["logits"].float()  # (B, C)
+        if not (targets >= 0).any():
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, targets.long(), ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+        return {"loss": loss, "choice_loss": loss}
+
+
+def loss_for_head(head: VQAHead, **kw) -> nn.Module:
+    """The loss that trains `head`: QCRLoss for "qcr", MultipleChoiceLoss for choice heads, else AnswerLoss."""
+    if head.name == "qcr":
+        return QCRLoss.from_head(head, **kw)
+    if head.needs_choices:
+        return MultipleChoiceLoss(**kw)
+    return AnswerLoss(**kw)

@@ -1,0 +1,124 @@
+"""load_image: paths, PIL, numpy (8/16-bit, float, RGBA), DICOM, and clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoders import load_image
+
+
+def test_png_and_jpeg_paths(tmp_path):
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(tmp_path / "a.png")
+    Image.new("L", (20, 10), 77).save(tmp_path / "b.jpg")
+    a, b = load_image(tmp_path / "a.png"), load_image(str(tmp_path / "b.jpg"))
+    assert a.mode == "RGB" and a.size == (20, 10) and a.getpixel((0, 0)) == (10, 200, 30)
+    assert b.mode == "L" and abs(b.getpixel((3, 3)) - 77) <= 2
+
+
+def test_16bit_png_is_stretched_to_8bit(tmp_path):
+    arr = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)  # 12-bit-ish data
+    Image.fromarray(arr).save(tmp_path / "x16.png")
+    img = load_image(tmp_path / "x16.png")
+    assert img.mode == "L"
+    values = np.asarray(img)
+    assert values.min() == 0 and values.max() == 255
+
+
+@pytest.mark.parametrize("arr, mode", [
+    (np.full((8, 9), 200, dtype=np.uint8), "L"),
+    (np.arange(72, dtype=np.uint16).reshape(8, 9) * 900, "L"),
+    (np.full((8, 9, 3), 0.5, dtype=np.float32), "RGB"),
+    (np.random.default_rng(0).normal(size=(8, 9)) * 1000, "L"),  # e.g. Hounsfield units
+    (np.zeros((3, 8, 9), dtype=np.uint8), "RGB"),  # channel-first
+    (np.zeros((8, 9, 1), dtype=np.uint8), "L"),
+])
+def test_numpy_arrays(arr, mode):
+    img = load_image(arr)
+    assert img.mode == mode and img.size == (9, 8)
+
+
+def test_float_image_in_unit_range_keeps_its_scale():
+    assert np.asarray(load_image(np.full((4, 4), 0.5))).max() == 128
+
+
+def test_rgba_is_composited_over_black():
+    arr = np.zeros((4, 4, 4), dtype=np.uint8)
+    arr[..., 0] = 255  # red
+    arr[..., 3] = 128  # half transparent
+    img = load_image(arr)
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (128, 0, 0)
+    assert load_image(Image.fromarray(arr)).getpixel((0, 0)) == (128, 0, 0)
+
+
+def test_pil_modes_are_normalised():
+    assert load_image(Image.new("1", (4, 4), 1)).mode == "L"
+    assert load_image(Image.new("P", (4, 4))).mode == "RGB"
+    assert load_image(Image.new("CMYK", (4, 4))).mode == "RGB"
+    assert load_image(Image.new("I;16", (4, 4))).mode == "L"
+
+
+def test_corrupt_and_non_image_files_name_the_file(tmp_path):
+    bad = tmp_path / "scan.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    for path in (bad, text):
+        with pytest.raises(ValueError, match=path.name):
+            load_image(path)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="shape"):
+        load_image(np.zeros((2, 2, 2, 2)))
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.png"):
+        load_image(path)
+
+
+# -- DICOM -------------------------------------------------------------------------------
+
+def _dicom(name: str):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not available")
+    return pydicom, path
+
+
+def test_dicom_ct_rescaled_and_windowed():
+    _, path = _dicom("CT_small.dcm")
+    img = load_image(path)
+    assert img.mode == "L" and img.size == (128, 128)
+    values = np.asarray(img)
+    assert values.min() == 0 and values.max() == 255  # no window in the file: min..max of HU
+
+
+def test_dicom_window_and_monochrome1(tmp_path):
+    pydicom, path = _dicom("MR_small.dcm")  # has WindowCenter 600 / WindowWidth 1600
+    normal = np.asarray(load_image(path)).astype(int)
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array.astype(float)
+    expected = np.round(np.clip((raw - (600 - 800)) / 1600, 0, 1) * 255)
+    assert np.abs(normal - expected).max() <= 1
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    inverted_path = tmp_path / "mono1.dcm"
+    ds.save_as(inverted_path)
+    assert np.array_equal(np.asarray(load_image(inverted_path)).astype(int), 255 - normal)
+
+
+def test_dicom_magic_without_suffix_and_corrupt_dicom(tmp_path):
+    _, path = _dicom("CT_small.dcm")
+    plain = tmp_path / "ct_no_suffix"
+    plain.write_bytes(open(path, "rb").read())
+    assert load_image(plain).size == (128, 128)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"\x00" * 50)
+    with pytest.raises(ValueError, match="broken.dcm"):
+        load_image(broken)

@@ -1,0 +1,130 @@
+"""A trained model as a self-describing folder, loaded without unpickling anything.
+
+    bundle/
+      config.json        encoder + head architecture, tokenizer, answers, medvqa version
+      model.safetensors  head weights (question encoder, fusion, classifiers)
+      encoder/           the image encoder (its own config.json + model.safetensors)
+      answers.json       answer vocabulary and the protocol that built it
+      vocab.json         question words
+      metrics.json       validation metrics and training history
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .answers import AnswerVocab
+from .errors import DataError
+from .io import read_json
+from .model import VQAModel
+from .text import WordVocab
+
+log = logging.getLogger(__name__)
+REQUIRED = ("config.json", "model.safetensors", "answers.json", "vocab.json", "encoder/config.json",
+            "encoder/model.safetensors")
+
+
+@dataclass
+class Bundle:
+    model: VQAModel
+    answers: AnswerVocab
+    words: WordVocab
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.config["tokenizer"]["max_len"])
+
+    @property
+    def choice_len(self) -> int:
+        return int(self.config["tokenizer"].get("choice_len", 8))
+
+
+def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: WordVocab,
+         metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` and its vocabularies as a bundle folder, atomically (temp folder, then rename)."""
+    from heads import head_to_dict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        model.encoder.save_pretrained(tmp / "encoder")
+        state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        answers.save(tmp / "answers.json")
+        words.save(tmp / "vocab.json")
+        config = {
+            "medvqa_version": __version__,
+            "encoder": {"folder": "encoder", "name": model.encoder.name},
+            "head": head_to_dict(model.head),
+            "tokenizer": {"type": "words", "file": "vocab.json", "max_len": max_len, "choice_len": choice_len},
+            "answers": {"file": "answers.json", "protocol": answers.protocol, "size": len(answers)},
+            **(extra or {}),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved bundle %s", path)
+    return path
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Rebuild the model from a bundle folder; every inconsistency is a DataError naming the file."""
+    from encoders import load_encoder_folder
+    from heads import head_from_dict
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: bundle folder not found")
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            raise DataError(f"{path}: bundle is missing {name}")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
+        raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
+    answers = AnswerVocab.load(path / "answers.json")
+    words = WordVocab.load(path / "vocab.json")
+    try:
+        encoder = load_encoder_folder(path / "encoder")
+        head = head_from_dict(config["head"])
+        state = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: cannot rebuild the model ({e})") from None
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"{path / 'model.safetensors'}: weights do not match the head in config.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    _check_vocab(path, head, words, answers)
+    model = VQAModel(encoder, head).to(device).eval()
+    encoder.freeze()
+    metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
+    return Bundle(model, answers, words, config, metrics)
+
+
+def _check_vocab(path: Path, head: torch.nn.Module, words: WordVocab, answers: AnswerVocab) -> None:
+    """The vocabularies must have the sizes the weights were trained with."""
+    vocab_size = getattr(getattr(head.question_encoder, "config", None), "vocab_size", None)
+    if vocab_size is not None and vocab_size != len(words):
+        raise DataError(f"{path / 'vocab.json'}: {len(words)} words, but the question encoder in "
+                        f"model.safetensors has {vocab_size} embeddings")
+    if head.num_answers != len(answers):
+        raise DataError(f"{path / 'answers.json'}: {len(answers)} answers, but the weights in "
+                        f"model.safetensors score {head.num_answers}")

@@ -1,0 +1,77 @@
+"""The one place for distributed training: world info from torchrun's environment, gathers."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_distributed(device: torch.device) -> World:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise.
+
+    NCCL on GPUs, gloo on CPU (how the tests run two processes on one machine).
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    world = World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), size)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend=backend)
+        log.info("rank %d/%d joined the %s process group", world.rank, size, backend)
+    return world
+
+
+def local_device(device: torch.device, world: World) -> torch.device:
+    """The GPU of this process under torchrun (cuda:LOCAL_RANK); CPU stays CPU."""
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.distributed else device
+
+
+def all_gather_with_grad(x: torch.Tensor, world: World) -> torch.Tensor:
+    """Concatenate `x` from every rank along dim 0, keeping this rank's slice differentiable."""
+    if not world.distributed:
+        return x
+    gathered = [torch.zeros_like(x) for _ in range(world.size)]
+    dist.all_gather(gathered, x.contiguous())
+    gathered[world.rank] = x  # gradients flow through the local part; other ranks handle theirs
+    return torch.cat(gathered, dim=0)
+
+
+def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world.size
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
