@@ -10,11 +10,7 @@
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .answers import AnswerVocab
 from .errors import DataError
-from .io import read_json
+from .io import atomic_dir, atomic_write_json, read_json
 from .model import VQAModel
 from .text import WordVocab
 
@@ -58,10 +54,7 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
     """Write `model` and its vocabularies as a bundle folder, atomically (temp folder, then rename)."""
     from heads import head_to_dict
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(path, overwrite=True) as tmp:
         model.encoder.save_pretrained(tmp / "encoder")
         state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -69,21 +62,16 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
         words.save(tmp / "vocab.json")
         config = {
             "medvqa_version": __version__,
-            "encoder": {"folder": "encoder", "name": model.encoder.name},
+            "encoder": {"folder": "encoder", "name": model.encoder.name, "image_features": model.image_features},
             "head": head_to_dict(model.head),
             "tokenizer": {"type": "words", "file": "vocab.json", "max_len": max_len, "choice_len": choice_len},
             "answers": {"file": "answers.json", "protocol": answers.protocol, "size": len(answers)},
             **(extra or {}),
         }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(tmp / "config.json", config)
+        atomic_write_json(tmp / "metrics.json", metrics or {})
     log.info("saved bundle %s", path)
-    return path
+    return Path(path)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -113,7 +101,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise DataError(f"{path / 'model.safetensors'}: weights do not match the head in config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     _check_vocab(path, head, words, answers)
-    model = VQAModel(encoder, head).to(device).eval()
+    model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     return Bundle(model, answers, words, config, metrics)

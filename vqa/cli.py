@@ -13,7 +13,10 @@ from .errors import DataError
 COMMANDS = {
     "phantom": ("vqa.commands.phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
     "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
+    "cache-features": ("vqa.commands.cache_features", "encode a dataset's images once into the feature cache"),
     "train": ("vqa.train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
+    "import": ("vqa.commands.import_weights", "convert released reference weights (MEVF) to safetensors"),
+    "eval": ("vqa.evaluate", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
 }
 
 EPILOG = """examples:

@@ -64,6 +64,17 @@ def read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]
             raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Temp files and folders are private (0600/0700); what we publish gets the usual umask modes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
     path = Path(path)
@@ -72,6 +83,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -100,6 +112,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_mode(tmp, directory=True)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -6,27 +6,41 @@ from typing import Mapping
 import torch
 from torch import nn
 
+IMAGE_FEATURES = ("grid", "pooled")
+
 
 class VQAModel(nn.Module):
     """Pixels or cached features + a tokenised question -> the head's outputs.
 
     Training on a frozen encoder feeds cached features to `forward`; fine-tuning
     the encoder (MEVF's recipe) and inference go through `forward_pixels`.
+    `image_features` picks what the head attends over: the encoder's grid of
+    regions (B, N, D), or its pooled vector as a single region (B, 1, D), which
+    is how PubMedCLIP feeds CLIP's image embedding to MEVF/QCR heads.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, image_features: str = "grid"):
         super().__init__()
+        if image_features not in IMAGE_FEATURES:
+            raise ValueError(f"image_features must be one of {IMAGE_FEATURES}, got {image_features!r}")
         self.encoder = encoder
         self.head = head
+        self.image_features = image_features
+
+    def select(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The regions the head sees, per `image_features`."""
+        if self.image_features == "pooled":
+            return {"grid": features["pooled"].unsqueeze(1), "pooled": features["pooled"]}  # (B, 1, D)
+        return {"grid": features["grid"], "pooled": features["pooled"]}
 
     def forward(self, features: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
                 **choices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(features, tokens, lengths, **choices)
+        return self.head(self.select(features), tokens, lengths, **choices)
 
     def forward_pixels(self, pixels: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                        **choices: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(pixels)  # {"grid": (B, N, D), "pooled": (B, D), ...}
-        out = dict(self.head(features, tokens, lengths, **choices))
+        out = dict(self.head(self.select(features), tokens, lengths, **choices))
         if "reconstruction" in features:  # MEVF's autoencoder, trained with its own loss
             out["reconstruction"] = features["reconstruction"]
         return out

@@ -34,7 +34,7 @@ from .runtime import seed_everything, write_run_config
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "head", "head_args", "answers", "seed")
+_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "image_features", "head", "head_args", "answers", "seed")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TrainConfig:
     encoder: str = "clip-vit-tiny"  # registered name, save_pretrained folder, or hub id
     encoder_args: dict = field(default_factory=dict)  # overrides for a registered encoder, e.g. image_size
     encoder_mode: str = "frozen"  # frozen (cached features) | finetune (through the encoder)
+    image_features: str = "grid"  # grid (regions, attention maps) | pooled (one vector, as PubMedCLIP)
     head: str = "mevf-ban"
     head_args: dict = field(default_factory=dict)  # fields of the head's config dataclass
     embed_dim: int = 300  # word embeddings (GloVe-300 as MEVF)
@@ -129,7 +130,7 @@ def _build_model(cfg: TrainConfig, words: WordVocab, answers: AnswerVocab) -> VQ
         encoder.freeze()
     elif cfg.encoder_mode != "finetune":
         raise DataError(f"--encoder-mode {cfg.encoder_mode!r}: expected 'frozen' or 'finetune'")
-    return VQAModel(encoder, head)
+    return VQAModel(encoder, head, cfg.image_features)
 
 
 def _make_split(cfg: TrainConfig, model: VQAModel, records: list[Record], words: WordVocab,
@@ -190,7 +191,7 @@ def train_one_epoch(model, loss_fn, ae_loss, split: Split, optimizer, scheduler,
             loss = loss + ae_loss(out["reconstruction"].float(), image_in)
         backward_step(loss, optimizer, scaler, params, cfg.clip_norm)
         scheduler.step()
-        total += float(loss) * len(batch["rows"])
+        total += float(loss.detach()) * len(batch["rows"])
         seen += len(batch["rows"])
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return {"loss": total / max(seen, 1), "seconds": time.perf_counter() - started}
@@ -329,6 +330,8 @@ def build_parser():
     g.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override of a registered encoder's config, e.g. image_size=224 (repeatable)")
     g.add_argument("--encoder-mode", default=d.encoder_mode, choices=["frozen", "finetune"])
+    g.add_argument("--image-features", default=d.image_features, choices=["grid", "pooled"],
+                   help="regions the head attends over: the encoder's grid, or its pooled vector (PubMedCLIP)")
     g.add_argument("--head", default=d.head, help="mevf-ban | mevf-san | qcr | mc-ban (default: %(default)s)")
     g.add_argument("--head-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a field of the head's config, e.g. hidden_dim=512 (repeatable)")

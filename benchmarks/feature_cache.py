@@ -1,0 +1,98 @@
+"""Head-training epoch time on cached features vs re-encoding images every step (as MEVF/QCR's code does).
+
+Same encoder, head, batch and questions on both sides, measured in one run:
+
+    .venv/bin/python benchmarks/feature_cache.py                       # phantom, ViT-B/32-sized encoder
+    .venv/bin/python benchmarks/feature_cache.py --dataset vqa-rad --data ../shared/data/vqa-rad
+
+The re-encoding side runs the frozen encoder on preprocessed pixels held in RAM
+(the references load pre-resized pixel pickles), so the ratio is the encoder's
+cost alone, not image decoding. Epoch times are extrapolated from --steps batches.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vqa.batches import QuestionTensors
+from vqa.train import Split, TrainConfig, _build_model, _make_split, _optimizer, _vocabularies, train_one_epoch
+from vqa.data import load_records
+
+REFERENCE_EPOCH_SECONDS = {"MEVF (BAN, batch 32)": 136.0, "QCR (batch 64)": 169.0}  # TARGETS.md, this machine
+
+
+def _first_questions(split: Split, n: int) -> Split:
+    q = split.questions
+    head = {f.name: getattr(q, f.name)[:n] if getattr(q, f.name) is not None else None
+            for f in dataclasses.fields(QuestionTensors)}
+    return Split(split.records[:n], QuestionTensors(**head), split.images)
+
+
+def _time_epoch(cfg, model, split, loss_fn, device) -> float:
+    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stats = train_one_epoch(model, loss_fn, None, split, optimizer, scheduler, None, cfg, 0, device)
+    return stats["seconds"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="vqa-rad")
+    p.add_argument("--data", default=None, help="dataset folder (default: a fresh 400-image phantom)")
+    p.add_argument("--encoder", default="clip-vit-b32")
+    p.add_argument("--head", default="mevf-ban")
+    p.add_argument("--image-features", default="pooled", choices=["grid", "pooled"],
+                   help="pooled: CLIP's image vector as one region, as PubMedCLIP feeds MEVF/QCR (default)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="batches timed on each side")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="medvqa-bench-"))
+    data = args.data
+    if data is None:
+        from vqa.phantom import generate_phantom
+
+        generate_phantom(tmp / "phantom", 400, seed=0)
+        data = str(tmp / "phantom" / "vqa-rad")
+    cfg = TrainConfig(dataset=args.dataset, data=data, encoder=args.encoder, head=args.head,
+                      image_features=args.image_features,
+                      batch_size=args.batch_size, cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
+                      epochs=1, progress=False, device="cpu")
+    device = torch.device("cpu")
+    records = load_records(cfg.dataset, cfg.data, "train")
+    words, answers = _vocabularies(cfg, records)
+    model = _build_model(cfg, words, answers)
+    from heads import loss_for_head
+
+    loss_fn = loss_for_head(model.head)
+    n = min(len(records), args.steps * args.batch_size)
+    t = time.perf_counter()
+    cached = _make_split(cfg, model, records, words, answers, device)
+    cache_build = time.perf_counter() - t
+    pixels = _make_split(dataclasses.replace(cfg, encoder_mode="finetune"), model, records, words, answers, device)
+    model.encoder.freeze()  # re-encoding side: the same frozen encoder, run on every step
+    cached_s = _time_epoch(cfg, model, _first_questions(cached, n), loss_fn, device)
+    pixel_s = _time_epoch(cfg, model, _first_questions(pixels, n), loss_fn, device)
+    scale = len(records) / n
+    epoch_cached, epoch_pixels = cached_s * scale, pixel_s * scale
+    print(f"{cfg.dataset}: {len(records)} training questions, encoder {args.encoder}, head {args.head}, "
+          f"{args.image_features} features, batch {args.batch_size}, timed {math.ceil(n / args.batch_size)} batches per side (CPU)")
+    print(f"{'':34s} {'epoch (s)':>10s}")
+    print(f"{'re-encode images every step':34s} {epoch_pixels:10.1f}")
+    print(f"{'cached features':34s} {epoch_cached:10.2f}")
+    print(f"{'speed-up (cached vs re-encode)':34s} {epoch_pixels / epoch_cached:10.1f}x")
+    print(f"one-off feature caching: {cache_build:.1f}s for {len(cached.images['grid'])} images")
+    for name, seconds in REFERENCE_EPOCH_SECONDS.items():
+        print(f"vs reference {name}: {seconds:.0f}s/epoch -> {seconds / epoch_cached:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""VQA training: bundles reload exactly, resume repeats the uninterrupted run, eval writes its report."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vqa.bundle import load as load_bundle
+from vqa.data import load_vqa_rad
+from vqa.errors import DataError
+from vqa.evaluate import evaluate, predict_records, write_outputs
+from vqa.train import TrainConfig, train
+
+TINY = dict(encoder="clip-vit-tiny", head_args={"hidden_dim": 32}, question_dim=32, embed_dim=16,
+            batch_size=32, progress=False)
+
+
+def _cfg(phantom_dir, tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "data": str(phantom_dir / "vqa-rad"), "cache_dir": str(tmp_path / "cache"),
+                          "out": str(tmp_path / "run"), "epochs": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def qcr_bundle(phantom_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qcr")
+    return train(_cfg(phantom_dir, tmp, head="qcr"))
+
+
+def test_bundle_files_and_metrics(qcr_bundle):
+    for name in ("config.json", "model.safetensors", "answers.json", "vocab.json", "metrics.json",
+                 "encoder/config.json", "encoder/model.safetensors"):
+        assert (qcr_bundle / name).is_file(), name
+    metrics = json.loads((qcr_bundle / "metrics.json").read_text())
+    assert metrics["protocol"]["answers"] == "train-only"
+    assert "never test" in metrics["protocol"]["model_selection"]
+    assert metrics["best_epoch"] in (1, 2) and len(metrics["history"]) == 2
+    config = json.loads((qcr_bundle / "config.json").read_text())
+    assert config["head"]["name"] == "qcr" and config["answers"]["size"] > 2
+
+
+def test_bundle_reloads_with_identical_predictions(qcr_bundle, phantom_dir, tmp_path):
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
+    a = load_bundle(qcr_bundle)
+    b = load_bundle(qcr_bundle)
+    pa = predict_records(a, records, torch.device("cpu"), cache_dir=str(tmp_path / "c1"), progress=False)
+    pb = predict_records(b, records, torch.device("cpu"), cache_dir=str(tmp_path / "c2"), progress=False)
+    assert pa.answers == pb.answers and pa.types == pb.types
+    assert torch.equal(pa.scores, pb.scores)
+
+
+def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path):
+    straight = train(_cfg(phantom_dir, tmp_path / "a", epochs=3, head="mevf-san"))
+    # Stop after epoch 1 (a run that crashed there leaves the same checkpoint), then resume.
+    _stop_after_first_epoch(_cfg(phantom_dir, tmp_path / "b", epochs=3, head="mevf-san"))
+    resumed = train(_cfg(phantom_dir, tmp_path / "b", epochs=3, head="mevf-san", resume="latest"))
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ha = json.loads((straight.parent / "history.json").read_text())
+    hb = json.loads((resumed.parent / "history.json").read_text())
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+
+
+def _stop_after_first_epoch(cfg: TrainConfig) -> None:
+    import vqa.train as train_module
+
+    original = train_module._checkpoint
+
+    def checkpoint_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    train_module._checkpoint = checkpoint_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        train_module._checkpoint = original
+
+
+def test_resume_refuses_another_model(phantom_dir, tmp_path):
+    train(_cfg(phantom_dir, tmp_path, epochs=1, head="mevf-san"))
+    with pytest.raises(DataError, match="checkpoint was trained with head='mevf-san'"):
+        train(_cfg(phantom_dir, tmp_path, epochs=2, head="mevf-ban", resume="latest"))
+
+
+def test_eval_report_files(qcr_bundle, phantom_dir, tmp_path):
+    report, records, preds = evaluate(qcr_bundle, "vqa-rad", str(phantom_dir / "vqa-rad"), device="cpu",
+                                      cache_dir=str(tmp_path / "cache"), progress=False)
+    m = report["subsets"]["all"]
+    assert m["n"] == len(records) == m["n_closed"] + m["n_open"]
+    assert 0 <= m["overall"] <= 1 and "open_bleu" in m and "type_accuracy" in m
+    assert set(m["per_question_type"]) == {r.question_type for r in records}
+    out = write_outputs(report, records, preds, tmp_path / "eval")
+    for name in ("metrics.json", "report.md", "predictions.jsonl", "per_type.png", "closed_confusion.png"):
+        assert (out / name).is_file(), name
+    assert "| all |" in (out / "report.md").read_text()
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == len(records) and "predicted_type" in json.loads(lines[0])
+
+
+def _broken_copy(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def test_bundle_bad_input(qcr_bundle, tmp_path):
+    with pytest.raises(DataError, match="bundle folder not found"):
+        load_bundle(tmp_path / "nope")
+    b = _broken_copy(qcr_bundle, tmp_path / "1")
+    (b / "vocab.json").unlink()
+    with pytest.raises(DataError, match="bundle is missing vocab.json"):
+        load_bundle(b)
+    b = _broken_copy(qcr_bundle, tmp_path / "2")
+    (b / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match="cannot rebuild the model"):
+        load_bundle(b)
+    b = _broken_copy(qcr_bundle, tmp_path / "3")
+    answers = json.loads((b / "answers.json").read_text())
+    answers["answers"] = answers["answers"][:-1]
+    (b / "answers.json").write_text(json.dumps(answers))
+    with pytest.raises(DataError, match=r"answers.json: \d+ answers, but the weights"):
+        load_bundle(b)
+    b = _broken_copy(qcr_bundle, tmp_path / "4")
+    words = json.loads((b / "vocab.json").read_text())
+    (b / "vocab.json").write_text(json.dumps({"words": words["words"] + ["extra"]}))
+    with pytest.raises(DataError, match=r"vocab.json: \d+ words, but the question encoder"):
+        load_bundle(b)
+    b = _broken_copy(qcr_bundle, tmp_path / "5")
+    state = load_file(str(b / "model.safetensors"))
+    state.pop(next(iter(state)))
+    save_file(state, str(b / "model.safetensors"))
+    with pytest.raises(DataError, match="weights do not match the head"):
+        load_bundle(b)
+
+
+def test_train_bad_input(phantom_dir, tmp_path):
+    with pytest.raises(DataError, match="--encoder-mode 'thaw'"):
+        train(_cfg(phantom_dir, tmp_path, encoder_mode="thaw"))
+    with pytest.raises(DataError, match="--precision fp16 needs a CUDA GPU"):
+        train(_cfg(phantom_dir, tmp_path, precision="fp16", device="cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="no CUDA GPU"):
+            train(_cfg(phantom_dir, tmp_path, device="cuda"))
