@@ -42,9 +42,8 @@ def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.dev
 def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict:
     """Metrics for one set of records, with the protocol stated beside the numbers."""
     if records and all(r.choices for r in records):
-        metrics = choice_metrics(records, preds.answers)
-    else:
-        metrics = vqa_metrics(records, preds.answers, preds.types)
+        return choice_metrics(records, preds.answers)
+    metrics = vqa_metrics(records, preds.answers, preds.types)
     metrics["answers_in_vocabulary"] = bundle.answers.coverage(records)
     return metrics
 
@@ -89,9 +88,14 @@ def markdown_report(report: dict) -> str:
     p = report["protocol"]
     lines = [f"# {report['dataset']} {report['split']}: `{report['bundle']}`", "",
              f"Protocol: closed/open from {p['closed_open']}; answer vocabulary: {p['answers']}; "
-             f"model selection: {p['model_selection']} (validation: {p['validation']}).", "",
-             "| subset | n | open | closed | overall | open BLEU | open F1 | in vocabulary |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"model selection: {p['model_selection']} (validation: {p['validation']}).", ""]
+    if "chance" in report["subsets"]["all"]:
+        lines += ["| subset | n | multiple-choice accuracy | chance |", "|---|---|---|---|"]
+        lines += [f"| {name} | {m['n']} | {_pct(m['overall'])} | {_pct(m['chance'])} |"
+                  for name, m in report["subsets"].items()]
+        return "\n".join(lines) + "\n"
+    lines += ["| subset | n | open | closed | overall | open BLEU | open F1 | in vocabulary |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, m in report["subsets"].items():
         lines.append(f"| {name} | {m['n']} | {_pct(m.get('open'))} | {_pct(m.get('closed'))} | "
                      f"{_pct(m['overall'])} | {_pct(m.get('open_bleu'))} | {_pct(m.get('open_f1'))} | "
