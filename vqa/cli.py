@@ -15,6 +15,8 @@ COMMANDS = {
     "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
     "cache-features": ("vqa.commands.cache_features", "encode a dataset's images once into the feature cache"),
     "train": ("vqa.train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
+    "predict": ("vqa.commands.predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
+    "demo": ("demos.cli", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
     "import": ("vqa.commands.import_weights", "convert released reference weights (MEVF) to safetensors"),
     "eval": ("vqa.evaluate", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
 }
@@ -22,6 +24,8 @@ COMMANDS = {
 EPILOG = """examples:
   medvqa phantom runs/phantom --images 2000 --seed 0
   medvqa data stats runs/phantom/vqa-rad --format vqa-rad
+  medvqa predict --bundle runs/demo/bundle --image scan.png --question "What imaging modality was used?"
+  medvqa demo --port 7860
 
 run `medvqa COMMAND --help` for a command's options and an example.
 set MEDVQA_TRACEBACK=1 to see tracebacks of input errors."""

@@ -1,0 +1,145 @@
+"""The Gradio app over a `vqa.Predictor`: an image and a question in, the answer and why out.
+
+    from demos.app import build_demo
+    demo = build_demo(Predictor.from_bundle(path))   # a gr.Blocks; tests use it without launch()
+    demo.launch(server_name="127.0.0.1", server_port=7860)
+
+Every input error (no image, a file that is not an image, an empty or too long
+question) is shown in the page as a warning and in the status box; the app never
+raises into Gradio. The answer endpoint is also an API: `/ask` (gradio_client).
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from .examples import QUESTIONS, Example, ensure_examples
+
+log = logging.getLogger(__name__)
+
+TITLE = "medvqa: ask a question about a radiology image"
+CSS = "#answer textarea {font-size: 1.4em; font-weight: 600}"
+
+
+def _model_card(predictor) -> str:
+    info = predictor.describe()
+    val = info["validation"]
+    accuracy = (f"; validation accuracy {val['overall']:.1%} overall ({val.get('closed', 0):.1%} closed, "
+                f"{val.get('open', 0):.1%} open)") if val.get("overall") is not None else ""
+    scores = ("sigmoid per answer: the head trains with binary cross-entropy, so scores do not sum to 1"
+              if info["score_kind"] == "sigmoid" else "softmax over the choices")
+    qtype = ("the model's question-type router" if info["question_type_from"] == "router"
+             else "the answer (yes/no answers are closed)")
+    return (f"**Model**: `{info['encoder']}` image encoder + `{info['head']}` head, {info['answers']} answers"
+            f"{accuracy}. **Scores**: {scores}. **Closed/open**: from {qtype}. "
+            "A research demo on synthetic phantom images: not for clinical use.")
+
+
+def _message(error: Exception, image: Any) -> str:
+    """The error as the user should read it: an uploaded file by its name, not the server's temp path."""
+    text = str(error)
+    if isinstance(image, (str, os.PathLike)):
+        text = text.replace(str(Path(image).parent) + os.sep, "")
+    return text
+
+
+def answer_question(predictor, image: Any, question: str) -> tuple:
+    """(answer, question type, top-k table, heatmap, details, status); errors fill only the status."""
+    import gradio as gr
+    import pandas as pd
+
+    from vqa.errors import DataError
+
+    try:
+        if image is None:
+            raise DataError("no image: upload one or pick an example")
+        p = predictor.predict(image, question, top_k=5)
+    except DataError as e:
+        gr.Warning(_message(e, image))
+        return "", "", None, None, None, f"Error: {_message(e, image)}"
+    except Exception as e:  # a bug, not the user's fault: say so, keep the app alive
+        log.exception("prediction failed")
+        gr.Warning(f"internal error: {e}")
+        return "", "", None, None, None, f"Internal error: {type(e).__name__}: {e}"
+    source = (f"type router, {p.question_type_score:.0%}" if p.question_type_source == "router"
+              else "from the yes/no answer")
+    chart = pd.DataFrame({"answer": [a for a, _ in p.top_k], "score": [s for _, s in p.top_k]})
+    status = f"Answered in {p.seconds * 1e3:.0f} ms." + "".join(f" Note: {w}." for w in p.warnings)
+    return (p.answer, f"{p.question_type.lower()} ({source})", chart, p.overlay(), p.to_dict(attention=True),
+            status)
+
+
+def show_image(image: Any) -> tuple:
+    """Preview an uploaded file as the model will see it (8-bit, downscaled), or say why it cannot."""
+    import gradio as gr
+
+    from vqa.errors import DataError
+    from vqa.predictor import read_image
+
+    if image is None:
+        return None, ""
+    try:
+        loaded = read_image(image)
+    except DataError as e:
+        gr.Warning(_message(e, image))
+        return None, f"Error: {_message(e, image)}"
+    w, h = loaded.image.size
+    notes = "".join(f" Note: {n}." for n in loaded.warnings)
+    return loaded.image, f"Image {w}x{h} ({loaded.image.mode}) ready: ask a question.{notes}"
+
+
+def build_demo(predictor, examples: Sequence[Example] | None = None, questions: Sequence[str] = QUESTIONS):
+    """The demo as a `gr.Blocks` (not launched). `examples` default to cached held-out phantom images."""
+    import gradio as gr
+
+    examples = list(ensure_examples() if examples is None else examples)
+    with gr.Blocks(title="medvqa demo", analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\n{_model_card(predictor)}")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="Image (PNG, JPEG, TIFF incl. 16-bit, DICOM)", type="filepath",
+                                elem_id="image", height=120)
+                gallery = gr.Gallery(value=[(str(e.path), e.caption) for e in examples], label="…or pick an example",
+                                     columns=4, height=300, allow_preview=False, interactive=False,
+                                     elem_id="examples")
+                question = gr.Textbox(label="Question", placeholder=questions[0], lines=1, elem_id="question")
+                gr.Examples([[q] for q in questions], inputs=[question], label="Example questions")
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+            with gr.Column(scale=1):
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                qtype = gr.Textbox(label="Question type (closed / open)", interactive=False, elem_id="qtype")
+                # No initial DataFrame: an empty one would fix the x axis as numeric. No fixed
+                # height: with one, the answer labels under the bars are cut off.
+                chart = gr.BarPlot(None, x="answer", y="score", sort="-y", y_lim=[0, 1],
+                                   y_title=f"score ({predictor.score_kind})", label="Top-5 answers",
+                                   elem_id="top5")
+                view = gr.Image(label="Image, with the model's attention after an answer", type="pil",
+                                interactive=False, elem_id="view", height=320)
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+                with gr.Accordion("Details (JSON)", open=False):
+                    details = gr.JSON(elem_id="details")
+
+        def pick(gallery_value: list, evt: gr.SelectData) -> str:
+            item = gallery_value[evt.index]
+            path = item[0] if isinstance(item, (list, tuple)) else item
+            return path if isinstance(path, str) else getattr(path, "path", str(path))
+
+        def ask_fn(image_value, question_value):
+            return answer_question(predictor, image_value, question_value)
+
+        gallery.select(pick, inputs=[gallery], outputs=[image], api_name=False)
+        image.change(show_image, inputs=[image], outputs=[view, status], api_name=False)
+        outputs = [answer, qtype, chart, view, details, status]
+        ask.click(ask_fn, inputs=[image, question], outputs=outputs, api_name="ask")
+        question.submit(ask_fn, inputs=[image, question], outputs=outputs, api_name=False)
+    return demo
+
+
+def launch(demo, host: str = "127.0.0.1", port: int | None = None, **kw: Any):
+    """Launch with the settings that work offline; returns what `gr.Blocks.launch` returns."""
+    import gradio as gr
+
+    return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS,
+                       max_file_size="200mb", footer_links=["api", "gradio"], **kw)
+

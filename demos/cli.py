@@ -1,0 +1,75 @@
+"""`medvqa demo`: the Gradio demo on a bundle, or on the embedded default model (built once, cached)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+EXAMPLE = """examples:
+  medvqa demo                                   # the embedded default model (trained once, then cached)
+  medvqa demo --bundle runs/demo/bundle --port 7860
+  medvqa demo --host 0.0.0.0 --port 8080        # reachable from other machines
+
+Without --bundle the first start builds the default model on phantom data (a few
+minutes on 2 CPU cores, with a progress bar) into $MEDVQA_CACHE or ~/.cache/medvqa;
+later starts take seconds. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medvqa demo", description=__doc__.split(": ", 1)[1], epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default: 1, fastest for the small default model on shared cores)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars while building the default model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    import torch
+
+    from vqa.errors import DataError
+    from vqa.predictor import Predictor
+
+    from .app import build_demo, launch
+
+    if args.threads < 1:
+        raise SystemExit("medvqa demo: error: --threads must be at least 1")
+    torch.set_num_threads(args.threads)  # also for building the default model: small steps, shared cores
+    started = time.perf_counter()
+    bundle = args.bundle
+    if bundle is None:
+        from .default_model import ensure_default_bundle
+
+        bundle = ensure_default_bundle(progress=not args.no_progress)
+    predictor = Predictor.from_bundle(bundle, device=args.device)
+    demo = build_demo(predictor)
+    port = args.port or _free_port(args.host)
+    print(f"medvqa demo: model {bundle} ready in {time.perf_counter() - started:.1f}s", flush=True)
+    try:
+        launch(demo, host=args.host, port=port, share=args.share, quiet=True, prevent_thread_lock=True)
+    except OSError as e:  # the port is taken, or the host cannot be bound
+        raise DataError(f"cannot serve on {args.host}:{port} ({e}); pass another --port, or --port 0 "
+                        "for a free one") from None
+    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    print(f"medvqa demo: open http://{shown}:{port} (Ctrl+C to stop)", flush=True)
+    if args.share and demo.share_url:
+        print(f"medvqa demo: public link {demo.share_url}", flush=True)
+    demo.block_thread()  # until Ctrl+C
+    return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,130 @@
+"""The Gradio app: its handlers (every input error shown, never raised) and its API through gradio_client.
+
+`launched_demo` (the app served on a free localhost port, once per session) is
+shared with test_demo_browser.py.
+"""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_predictor_bundle import known_answer, predictor, predictor_phantom, trained_bundle  # noqa: F401
+
+pytest.importorskip("gradio")
+_LAUNCHED: dict[str, object] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_examples(predictor_phantom):
+    """A few held-out phantom images as the gallery (the default examples live in the user's cache)."""
+    from demos.examples import Example
+    from tests.test_predictor_bundle import ground_truth
+
+    paths = list(dict.fromkeys(r["image"] for r in ground_truth(predictor_phantom)))[:4]
+    return [Example(p, f"example {i}", {}) for i, p in enumerate(paths)]
+
+
+@pytest.fixture(scope="session")
+def launched_demo(predictor, demo_examples):
+    """(demo, url): the app on 127.0.0.1, launched without blocking; closed at the end of the session."""
+    if "url" not in _LAUNCHED:
+        from demos.app import build_demo
+
+        demo = build_demo(predictor, examples=demo_examples)
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        _LAUNCHED.update(demo=demo, url=f"http://127.0.0.1:{port}/")
+    yield _LAUNCHED["demo"], _LAUNCHED["url"]
+    if "demo" in _LAUNCHED:
+        _LAUNCHED.pop("demo").close()
+
+
+def test_build_demo_without_launch(predictor, demo_examples):
+    import gradio as gr
+
+    from demos.app import build_demo
+
+    demo = build_demo(predictor, examples=demo_examples)
+    assert isinstance(demo, gr.Blocks)
+    assert "/ask" in {f"/{d.api_name}" for d in demo.fns.values() if d.api_name}
+
+
+def test_answer_handler(predictor, predictor_phantom):
+    from demos.app import answer_question
+
+    row = known_answer(predictor, predictor_phantom)
+    answer, qtype, chart, overlay, details, status = answer_question(predictor, str(row["image"]), row["question"])
+    assert answer == row["answer"]
+    assert qtype.startswith("open (type router")
+    assert list(chart["answer"])[0] == answer and len(chart) <= 5
+    assert overlay.size == Image.open(row["image"]).size
+    assert details["answer"] == answer and details["attention"]["grid_size"] == [4, 4]
+    assert status.startswith("Answered in")
+
+
+@pytest.mark.parametrize("case", ["no image", "not an image", "empty question", "long question"])
+def test_answer_handler_errors(predictor, predictor_phantom, tmp_path, case):
+    from demos.app import answer_question
+
+    image = str(known_answer(predictor, predictor_phantom)["image"])
+    question = "Is there a lesion?"
+    if case == "no image":
+        image = None
+    elif case == "not an image":
+        image = str(tmp_path / "report.pdf")
+        (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    elif case == "empty question":
+        question = "   "
+    else:
+        question = "Is there a lesion? " * 106  # 2,000+ characters
+    with pytest.warns(UserWarning):  # gr.Warning outside a request is a UserWarning
+        out = answer_question(predictor, image, question)
+    answer, _, chart, overlay, details, status = out
+    assert answer == "" and chart is None and overlay is None and details is None
+    expected = {"no image": "no image", "not an image": "report.pdf", "empty question": "empty",
+                "long question": "characters long"}[case]
+    assert status.startswith("Error:") and expected in status
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "L", "huge"])
+def test_preview_converts_images(tmp_path, mode):
+    from demos.app import show_image
+
+    gray = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(gray.astype(np.uint16) * 200)  # mode I;16
+    elif mode == "RGBA":
+        img = Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 200)]), "RGBA")
+    elif mode == "huge":
+        img = Image.fromarray(gray).resize((4096, 2500))
+    else:
+        img = Image.fromarray(gray)
+    path = tmp_path / "img.png"
+    img.save(path)
+    view, status = show_image(str(path))
+    assert view.mode in ("L", "RGB") and "ready" in status
+    if mode == "huge":
+        assert max(view.size) == 2048 and "downscaled" in status
+
+
+def test_api_with_gradio_client(launched_demo, predictor, predictor_phantom):
+    from gradio_client import Client, handle_file
+
+    row = known_answer(predictor, predictor_phantom)
+    client = Client(launched_demo[1], verbose=False)
+    answer, qtype, _chart, _overlay, details, status = client.predict(
+        handle_file(str(row["image"])), row["question"], api_name="/ask")
+    assert answer == row["answer"]
+    assert qtype.startswith("open") and details["answer"] == answer and status.startswith("Answered")
+    # An input error comes back as a status, not as an exception.
+    answer, *_, status = client.predict(handle_file(str(row["image"])), "", api_name="/ask")
+    assert answer == "" and "empty" in status

@@ -1,0 +1,86 @@
+"""The demo in a real browser: headless Debian Chromium driven by Playwright.
+
+Uploads a held-out phantom image, asks a question the test bundle answers
+correctly, reads the answer off the page, checks the error path, and saves a
+screenshot (its path is printed; run pytest with -s to see it).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.test_demo_app import demo_examples, launched_demo  # noqa: F401
+from tests.test_predictor_bundle import known_answer, predictor, predictor_phantom, trained_bundle  # noqa: F401
+
+CHROMIUM = os.environ.get("MEDVQA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 60_000  # generous: the 2 shared CPU cores may be busy
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+def _ask(page, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#ask").click()
+
+
+def test_answer_in_browser(page, launched_demo, predictor, predictor_phantom, tmp_path_factory):
+    from playwright.sync_api import expect
+
+    row = known_answer(predictor, predictor_phantom)  # a held-out modality question the bundle gets right
+    page.goto(launched_demo[1])
+    page.locator("#image input[type=file]").set_input_files(str(row["image"]))
+    expect(page.locator("#status textarea")).to_have_value("Image 256x256 (L) ready: ask a question.")
+    _ask(page, row["question"])
+    expect(page.locator("#answer textarea")).to_have_value(row["answer"])
+    expect(page.locator("#qtype textarea")).to_have_value(
+        re.compile(r"^open \(type router, \d+%\)$"))
+    expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Answered in \d+ ms"))
+    expect(page.locator("#view img")).to_be_visible()
+    expect(page.locator("#top5 svg")).to_contain_text(row["answer"])  # the bar chart drew the top answers
+    shot = tmp_path_factory.mktemp("screenshots") / "demo-answer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+    assert shot.stat().st_size > 10_000
+
+    # An input error is shown in the page, and the page keeps working afterwards.
+    _ask(page, "x" * 2000)
+    expect(page.locator("#status textarea")).to_have_value(re.compile("characters long"))
+    expect(page.locator("#answer textarea")).to_have_value("")
+    _ask(page, row["question"])
+    expect(page.locator("#answer textarea")).to_have_value(row["answer"])
+
+
+def test_example_gallery_and_bad_upload_in_browser(page, launched_demo, tmp_path):
+    from playwright.sync_api import expect
+
+    page.goto(launched_demo[1])
+    page.locator("#examples button.thumbnail-item").first.click()
+    expect(page.locator("#status textarea")).to_have_value(re.compile("ready: ask a question"))
+    _ask(page, "Is there a lesion?")
+    expect(page.locator("#answer textarea")).to_have_value(re.compile("^(yes|no)$"))
+    expect(page.locator("#qtype textarea")).to_have_value(re.compile("^closed"))
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    page.locator("#image button[aria-label='Clear']").click()
+    page.locator("#image input[type=file]").set_input_files(str(notes))
+    expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Error: .*notes\.txt"))
+    _ask(page, "Is there a lesion?")
+    expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Error: .*notes\.txt"))
+    expect(page.locator("#answer textarea")).to_have_value("")

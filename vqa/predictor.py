@@ -1,0 +1,339 @@
+"""Answer questions about images with a trained bundle.
+
+    from vqa import Predictor
+    predictor = Predictor.from_bundle("runs/demo/bundle")
+    p = predictor.predict("scan.dcm", "What imaging modality was used?")
+    p.answer, p.top_k, p.question_type, p.attention_map()    # str, [(answer, score)], "OPEN", (H, W)
+
+Scores: the MEVF and QCR heads train with binary cross-entropy per answer, so a
+score is that answer's sigmoid (scores do not sum to 1); multiple-choice heads
+train with softmax cross-entropy over the choices, so their scores are a softmax.
+`Prediction.score_kind` says which. The question type (CLOSED / OPEN) comes from
+QCR's type router when the head has one, else from the answer (yes/no = closed);
+`Prediction.question_type_source` says which.
+
+Inputs are checked before the model runs: an empty or over-long question, a
+missing or unreadable image (the error names the file), and an image too large
+to decode are `DataError`s; huge images are downscaled, and 16-bit, grayscale,
+RGBA, palette and DICOM images are mapped to 8 bits (`encoders.load_image`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bundle import Bundle, load
+from .data.record import CLOSED, OPEN, YES_NO
+from .errors import DataError
+from .text import tokenize
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_CHARS = 500  # longer text is not a question; the model reads `max_len` words anyway
+MAX_IMAGE_SIDE = 2048  # larger images are downscaled on load (the encoder sees a few hundred pixels)
+_MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)
+
+
+@dataclass
+class Prediction:
+    """One answered question. `to_dict()` gives the JSON that `medvqa predict` prints."""
+
+    question: str
+    answer: str
+    score: float  # the answer's score (see score_kind)
+    top_k: list[tuple[str, float]]  # best first; answers the head ruled out are left out
+    score_kind: str  # "sigmoid" (BCE-trained heads) | "softmax" (multiple choice)
+    question_type: str  # "CLOSED" | "OPEN"
+    question_type_source: str  # "router" (QCR's type classifier) | "answer" (yes/no answer = closed)
+    question_type_score: float | None  # the router's softmax probability; None without a router
+    attention_grid: np.ndarray  # (gh, gw) float32, sums to 1: the head's attention over the encoder's grid
+    image: Image.Image = field(repr=False)  # the 8-bit image the model saw (after any downscaling)
+    warnings: list[str] = field(default_factory=list)  # unknown words, truncation, downscaling
+    seconds: float = 0.0  # model time for this question (a batch's time is shared out)
+
+    def attention_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The attention grid upsampled (bilinear) to `size` = (width, height), default the image's:
+        (H, W) float32 in [0, 1], the most attended cell at 1."""
+        width, height = size or self.image.size
+        grid = self.attention_grid / max(float(self.attention_grid.max()), 1e-12)
+        up = Image.fromarray(grid.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)
+
+    def overlay(self, alpha: float = 0.45) -> Image.Image:
+        """The image (RGB) with the attention map drawn over it as a heatmap."""
+        base = np.asarray(self.image.convert("RGB"), dtype=np.float32)
+        heat = heat_colors(self.attention_map())  # (H, W, 3)
+        weight = alpha * self.attention_map()[..., None] ** 0.5  # faint where attention is low
+        return Image.fromarray(np.clip(base * (1 - weight) + heat * weight, 0, 255).astype(np.uint8))
+
+    def to_dict(self, attention: bool = False) -> dict[str, Any]:
+        out = {
+            "question": self.question, "answer": self.answer, "score": round(self.score, 6),
+            "score_kind": self.score_kind,
+            "top_k": [{"answer": a, "score": round(s, 6)} for a, s in self.top_k],
+            "question_type": self.question_type, "question_type_source": self.question_type_source,
+            "question_type_score": None if self.question_type_score is None else round(self.question_type_score, 6),
+            "image_size": list(self.image.size), "warnings": list(self.warnings), "ms": round(self.seconds * 1e3, 2),
+        }
+        if attention:
+            out["attention"] = {"grid_size": list(self.attention_grid.shape),
+                                "weights": np.round(self.attention_grid.astype(np.float64), 6).tolist()}
+        return out
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """[0, 1] -> (..., 3) RGB float in 0..255 on a dark-blue -> red -> yellow scale."""
+    stops = np.array([[0, 0, 64], [0, 64, 255], [0, 220, 120], [255, 220, 0], [255, 40, 0]], dtype=np.float32)
+    x = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
+    low = np.floor(x).astype(int).clip(0, len(stops) - 2)
+    t = (x - low)[..., None]
+    return stops[low] * (1 - t) + stops[low + 1] * t
+
+
+def describe_source(image: Any) -> str:
+    """How an image is named in error messages: its path, else its type."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, np.ndarray):
+        return f"numpy array {image.shape} {image.dtype}"
+    return type(image).__name__
+
+
+@dataclass
+class LoadedImage:
+    """An image read and checked once (`read_image`); `predict_batch` accepts these as images."""
+
+    image: Image.Image  # 8-bit "L" or "RGB"
+    warnings: list[str]
+    source: str  # the path, or a description of the object
+
+
+def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
+    """Any supported image (path, PIL, numpy, DICOM) -> an 8-bit "L"/"RGB" image with notes on what was done.
+
+    Raises DataError naming the file when it is missing, unreadable or too large."""
+    from encoders import load_image
+
+    if isinstance(image, LoadedImage):
+        return image
+    if image is None:
+        raise DataError("no image given: pass a path, a PIL image, a numpy array or a DICOM file")
+    name = describe_source(image)
+    try:
+        img = load_image(image)
+    except Image.DecompressionBombError as e:  # PIL refuses files over 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx)
+        raise DataError(f"{name}: image too large to read ({e})") from None
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {name}") from None
+    except (ValueError, TypeError, OSError) as e:
+        raise DataError(str(e) if name in str(e) else f"{name}: {e}") from None
+    warnings = []
+    if max(img.size) > max_side:
+        before = img.size
+        img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        warnings.append(f"image downscaled from {before[0]}x{before[1]} to {img.size[0]}x{img.size[1]}")
+    if min(img.size) < 1:
+        raise DataError(f"{name}: image is empty ({img.size[0]}x{img.size[1]})")
+    return LoadedImage(img, warnings, name)
+
+
+def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    """The question stripped of surrounding space; DataError when it is not usable text."""
+    if not isinstance(question, str):
+        raise DataError(f"the question must be text, got {type(question).__name__}")
+    text = " ".join(question.split())
+    if not text:
+        raise DataError("the question is empty: type a question about the image")
+    if len(text) > max_chars:
+        raise DataError(f"the question is {len(text):,} characters long; the limit is {max_chars:,}")
+    if not any(any(c.isalnum() for c in token) for token in tokenize(text)):
+        raise DataError(f"the question {text!r} has no words")
+    return text
+
+
+class Predictor:
+    """A bundle's model in eval mode behind `predict` / `predict_batch` (no gradients, any device)."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", path: str | Path | None = None) -> None:
+        from .precision import resolve_device
+
+        self.device = resolve_device(str(device))
+        self.model = bundle.model.to(self.device).eval()
+        self.encoder, self.head = self.model.encoder, self.model.head
+        self.answers, self.words, self.max_len = bundle.answers, bundle.words, bundle.max_len
+        self.choice_len = bundle.choice_len
+        self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
+        self.has_router = self.head.name == "qcr"
+        self.score_kind = "softmax" if self.head.needs_choices else "sigmoid"
+        self._known = set(self.words.words)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
+                    threads: int | None = None) -> "Predictor":
+        """Load a bundle folder (`medvqa train`'s OUT/bundle) for inference.
+
+        `threads` sets torch's intra-op CPU threads for the whole process (None leaves them).
+        Small models answer fastest with 1: on 2 cores shared with other work, 2 OpenMP
+        threads made the default model ~10x slower (23 ms -> 320 ms median, measured)."""
+        if threads is not None:
+            if threads < 1:
+                raise DataError(f"threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
+        predictor = cls(load(path, device="cpu"), device=device, path=path)
+        log.info("loaded %s (%s + %s, %d answers) in %.1fs", path, predictor.encoder.name, predictor.head.name,
+                 len(predictor.answers), time.perf_counter() - started)
+        return predictor
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.encoder.grid_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What the demo shows about the model: names, sizes, validation accuracy."""
+        val = (self.metrics or {}).get("validation") or {}
+        return {"bundle": str(self.path) if self.path else None, "encoder": self.encoder.name,
+                "head": self.head.name, "answers": len(self.answers), "score_kind": self.score_kind,
+                "question_type_from": "router" if self.has_router else "answer",
+                "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
+
+    def predict(self, image: Any, question: str, top_k: int = 5,
+                choices: Sequence[str] | None = None) -> Prediction:
+        """Answer one question about one image (path, PIL, numpy array or DICOM file)."""
+        return self.predict_batch([image], [question], top_k=top_k,
+                                  choices=None if choices is None else [choices])[0]
+
+    def predict_batch(self, images: Sequence[Any], questions: Sequence[str], top_k: int = 5,
+                      batch_size: int = 32, choices: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
+        """Answer `questions[i]` about `images[i]` for every i; each distinct image is encoded once.
+
+        An invalid input raises DataError naming it (and its position, in a batch of several)."""
+        if len(images) != len(questions):
+            raise DataError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+        if self.head.needs_choices and choices is None:
+            raise DataError(f"this bundle's head ({self.head.name}) picks among choices: pass choices=")
+        if choices is not None and not self.head.needs_choices:
+            raise DataError(f"this bundle's head ({self.head.name}) answers from its vocabulary; it takes no choices")
+        if choices is not None and (len(choices) != len(questions) or not all(choices)):
+            raise DataError("pass a non-empty list of choices for every question")
+        if top_k < 1:
+            raise DataError(f"top_k must be at least 1, got {top_k}")
+        started = time.perf_counter()
+        texts = [self._checked(check_question, q, i, len(questions)) for i, q in enumerate(questions)]
+        loaded, rows = self._load_images(images)
+        predictions: list[Prediction] = []
+        with torch.inference_mode():
+            features = self._encode([item.image for item in loaded], batch_size)  # {"grid": (I, N, D), ...}
+            for start in range(0, len(texts), batch_size):
+                chunk = slice(start, start + batch_size)
+                index = torch.tensor(rows[chunk], dtype=torch.long)
+                out = self._run_head({k: v[index] for k, v in features.items()}, texts[chunk],
+                                     None if choices is None else choices[chunk])
+                predictions += self._decode(out, texts[chunk], [loaded[r] for r in rows[chunk]], top_k,
+                                            None if choices is None else choices[chunk])
+        per_question = (time.perf_counter() - started) / max(len(predictions), 1)
+        for p in predictions:
+            p.seconds = per_question
+        return predictions
+
+    # -- steps ---------------------------------------------------------------------
+    @staticmethod
+    def _checked(fn, value, i: int, n: int):
+        try:
+            return fn(value)
+        except DataError as e:
+            raise DataError(f"item {i}: {e}" if n > 1 else str(e)) from None
+
+    def _load_images(self, images: Sequence[Any]):
+        """Distinct images (by path, or by object identity), and each question's row among them."""
+        first: dict[Any, int] = {}
+        loaded, rows = [], []
+        for i, image in enumerate(images):
+            key = os.path.abspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
+            if key not in first:
+                first[key] = len(loaded)
+                loaded.append(self._checked(read_image, image, i, len(images)))
+            rows.append(first[key])
+        return loaded, rows
+
+    def _encode(self, images: list[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
+        grids, pooled = [], []
+        for start in range(0, len(images), batch_size):
+            pixels = self.encoder.preprocess(images[start:start + batch_size]).to(self.device)  # (B, C, S, S)
+            feats = self.encoder(pixels)  # {"grid": (B, N, D), "pooled": (B, D)}
+            grids.append(feats["grid"].float())
+            pooled.append(feats["pooled"].float())
+        return {"grid": torch.cat(grids), "pooled": torch.cat(pooled)}
+
+    def _run_head(self, features: dict[str, torch.Tensor], texts: list[str],
+                  choices: Sequence[Sequence[str]] | None) -> dict[str, torch.Tensor]:
+        encoded = [self.words.encode(t, self.max_len) for t in texts]
+        tokens = torch.tensor([ids for ids, _ in encoded], dtype=torch.long, device=self.device)  # (B, L)
+        lengths = torch.tensor([n for _, n in encoded], dtype=torch.long, device=self.device)  # (B,)
+        kwargs = {}
+        if choices is not None:
+            n_choices = max(len(c) for c in choices)
+            toks = torch.zeros(len(texts), n_choices, self.choice_len, dtype=torch.long)  # (B, C, Lc)
+            lens = torch.zeros(len(texts), n_choices, dtype=torch.long)  # (B, C); 0 = no choice
+            for i, options in enumerate(choices):
+                for j, option in enumerate(options):
+                    ids, n = self.words.encode(str(option), self.choice_len)
+                    toks[i, j], lens[i, j] = torch.tensor(ids), n
+            kwargs = {"choice_tokens": toks.to(self.device), "choice_lengths": lens.to(self.device)}
+        return self.head(features, tokens, lengths, **kwargs)
+
+    def _decode(self, out: dict[str, torch.Tensor], texts: list[str], images: list[LoadedImage], top_k: int,
+                choices: Sequence[Sequence[str]] | None) -> list[Prediction]:
+        logits = out["logits"].float().cpu()  # (B, A) or (B, C)
+        if choices is not None:
+            valid = torch.tensor([[j < len(c) for j in range(logits.shape[1])] for c in choices])
+            logits = logits.masked_fill(~valid, float("-inf"))
+            scores = logits.softmax(-1)
+        else:
+            scores = logits.sigmoid()
+            scores = scores.masked_fill(logits <= _MASKED, -1.0)  # answers the router's branch rules out
+        attention = out["attention"].float().cpu().numpy()  # (B, N)
+        types = out["type_logits"].float().softmax(-1).cpu() if "type_logits" in out else None  # (B, 2)
+        labels = self.answers.answers
+        results = []
+        for i, text in enumerate(texts):
+            k = min(top_k, scores.shape[1] if choices is None else len(choices[i]))
+            values, index = scores[i].topk(k)
+            names = list(choices[i]) if choices is not None else labels
+            top = [(str(names[j]), float(v)) for v, j in zip(values.tolist(), index.tolist()) if v >= 0]
+            answer, score = top[0] if top else ("", 0.0)
+            if types is not None:
+                t = int(types[i].argmax())
+                qtype, source, qscore = (CLOSED, OPEN)[t], "router", float(types[i, t])
+            else:
+                qtype, source, qscore = (CLOSED if answer in YES_NO else OPEN), "answer", None
+            results.append(Prediction(
+                question=text, answer=answer, score=score, top_k=top, score_kind=self.score_kind,
+                question_type=qtype, question_type_source=source, question_type_score=qscore,
+                attention_grid=self._grid(attention[i]), image=images[i].image,
+                warnings=images[i].warnings + self._question_notes(text)))
+        return results
+
+    def _grid(self, weights: np.ndarray) -> np.ndarray:
+        """(N,) attention -> (gh, gw) on the encoder's grid (a row when N does not match it)."""
+        gh, gw = self.grid_size
+        shape = (gh, gw) if gh * gw == weights.size else (1, weights.size)
+        return weights.reshape(shape).astype(np.float32)
+
+    def _question_notes(self, text: str) -> list[str]:
+        words = tokenize(text)
+        notes = []
+        unknown = sorted({w for w in words if w not in self._known and any(c.isalnum() for c in w)})
+        if unknown:
+            notes.append(f"words the model never saw in training (read as unknown): {', '.join(unknown)}")
+        if len(words) > self.max_len:
+            notes.append(f"the question has {len(words)} tokens; the model reads the first {self.max_len}")
+        return notes
