@@ -28,7 +28,7 @@ from .writers import (PhantomImage, write_captions, write_ground_truth, write_im
                       write_slake, write_vqa_rad)
 
 log = logging.getLogger(__name__)
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2
 SPLIT_FRACTIONS = {"validate": 0.1, "test": 0.2}  # the rest is train
 
 

@@ -77,8 +77,10 @@ class Scene:
         """Where the lesions are, as an answer: 'left lung', 'liver', 'right hemisphere', 'brain'."""
         if not self.lesions:
             return None
-        organ = "hemisphere" if self.lesion_organ == "brain" and self.lesion_side else self.lesion_organ
-        return f"{self.lesion_side} {organ}" if self.lesion_side else organ
+        if self.lesion_organ == "liver" or not self.lesion_side:  # one liver: its side goes without saying
+            return self.lesion_organ
+        organ = "hemisphere" if self.lesion_organ == "brain" else self.lesion_organ
+        return f"{self.lesion_side} {organ}"
 
     def to_dict(self) -> dict:
         """The ground truth written beside the data (shapes left out: they are derived)."""
