@@ -70,6 +70,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     compile: bool = False
+    threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
     seed: int = 0
     # outputs
     out: str = "runs/vqa"
@@ -239,6 +240,8 @@ def train(cfg: TrainConfig) -> Path:
 
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # on shared cores, fewer threads than cores is faster
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +353,7 @@ def build_parser():
     g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("outputs")
     g.add_argument("--out", default=d.out)
