@@ -15,6 +15,7 @@ COMMANDS = {
     "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
     "cache-features": ("vqa.commands.cache_features", "encode a dataset's images once into the feature cache"),
     "train": ("vqa.train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
+    "pretrain": ("pretrain.train", "CLIP-pretrain an image encoder on image-caption pairs (+ optional masked-LM)"),
     "predict": ("vqa.commands.predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
     "demo": ("demos.cli", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
     "import": ("vqa.commands.import_weights", "convert released reference weights (MEVF) to safetensors"),

@@ -1,0 +1,162 @@
+"""Images/s of one CLIP pretraining step (forward, loss, backward, AdamW), per precision, side by side.
+
+    python benchmarks/pretrain_throughput.py                      # ViT-B/32 CLIP, 224 px, batch 32, 77 tokens
+    python benchmarks/pretrain_throughput.py --model rn50
+    python benchmarks/pretrain_throughput.py --model tiny --steps 5   # a quick check
+
+Our step is `pretrain.step.train_step` (the code `medvqa pretrain` runs) on a model
+built like open_clip's: the image tower from `encoders` and a CLIP text transformer
+of the same size (width 512, 12 layers, vocabulary 49,408). When `open_clip` is
+importable, its model of the same name is timed in the same run, in the same way
+(random init, its ClipLoss, AdamW, torch.autocast), interleaved with ours so that
+machine load affects both alike. Precisions: fp32 and bf16 (+ fp16 with a GPU).
+Inputs are random pixels and random tokens; timings, not accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+MODELS = {
+    # ours: (encoder, encoder overrides, text tower, embed dim); open_clip name
+    "vit-b32": ("clip-vit-b32", {}, "clip-text-b", 512, "ViT-B-32"),
+    "rn50": ("clip-rn50", {"embed_dim": 1024}, "clip-text-b", 1024, "RN50"),
+    "tiny": ("clip-vit-tiny", {}, "clip-text-tiny", 32, None),
+}
+VOCAB, CONTEXT = 49_408, 77
+
+
+def _tokens(batch: int, generator: torch.Generator) -> torch.Tensor:
+    ids = torch.randint(5, VOCAB - 1, (batch, CONTEXT), generator=generator)
+    ids[:, 0], ids[:, -1] = 2, 3  # our BOS/EOS ids (the CLIP text tower pools at the first EOS)
+    return ids
+
+
+def build_ours(model: str, device: torch.device):
+    from encoders import create_encoder
+    from pretrain.model import CLIPPretrainModel, ContrastiveConfig
+    from pretrain.text import create_text_tower
+
+    enc_name, enc_args, text_name, embed, _ = MODELS[model]
+    text = create_text_tower(text_name, vocab_size=VOCAB)
+    model = CLIPPretrainModel(create_encoder(enc_name, **enc_args), text, ContrastiveConfig(embed))
+    return model.to(device).channels_last_()  # as `medvqa pretrain` does
+
+
+def step_ours(model, precision: str, device: torch.device, batch: int):
+    from pretrain.loss import ClipLoss, MaskedLMLoss
+    from pretrain.step import StepOptions, train_step
+    from vqa.precision import make_grad_scaler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scaler = make_grad_scaler(precision, device)
+    opts = StepOptions(precision, clip_norm=None)
+    g = torch.Generator().manual_seed(0)
+    enc = model.image_encoder
+    pixels = torch.randn(batch, enc.in_chans, enc.image_size, enc.image_size, generator=g).to(device)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)  # as pretrain.step.make_batch gives them
+    ids = _tokens(batch, g).to(device)
+    inputs = [({"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)]
+    loss, mlm = ClipLoss(), MaskedLMLoss()
+    model.train()
+
+    def step():
+        train_step(model, model, inputs, loss, mlm, optimizer, scaler, params, opts, device)
+    return step
+
+
+def step_open_clip(name: str, precision: str, device: torch.device, batch: int):
+    import open_clip
+
+    from vqa.precision import backward_step, get_autocast, make_grad_scaler
+
+    model = open_clip.create_model(name, pretrained=None).to(device).train()
+    loss_fn = open_clip.ClipLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scaler = make_grad_scaler(precision, device)
+    g = torch.Generator().manual_seed(0)
+    size = model.visual.image_size
+    side = size[0] if isinstance(size, (tuple, list)) else size
+    pixels = torch.randn(batch, 3, side, side, generator=g).to(device)
+    ids = torch.randint(1, VOCAB - 1, (batch, CONTEXT), generator=g)
+    ids[:, -1] = VOCAB - 1  # open_clip pools at the argmax token (its end-of-text id is the largest)
+    ids = ids.to(device)
+
+    def step():
+        with get_autocast(precision, device):
+            out = model(pixels, ids)
+            if isinstance(out, dict):
+                out = (out["image_features"], out["text_features"], out["logit_scale"])
+            loss = loss_fn(*out[:3])
+        backward_step(loss, optimizer, scaler, params, None)
+    return step
+
+
+def time_step(step, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per step after `warmup` untimed steps."""
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit-b32", choices=sorted(MODELS))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precisions", default=None, help="comma list (default: fp32,bf16 [+fp16 on a GPU])")
+    p.add_argument("--no-open-clip", action="store_true", help="time ours only")
+    args = p.parse_args(argv)
+
+    from vqa.precision import resolve_device
+
+    device = resolve_device(args.device)
+    precisions = (args.precisions.split(",") if args.precisions
+                  else ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else []))
+    oc_name = MODELS[args.model][4]
+    have_oc = False
+    if oc_name and not args.no_open_clip:
+        try:
+            import open_clip  # noqa: F401
+            have_oc = True
+        except ImportError:
+            print("open_clip is not installed: timing ours only (pip install open_clip_torch to compare)")
+    torch.manual_seed(0)
+    ours = build_ours(args.model, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model}: batch {args.batch}, {CONTEXT} tokens, {where}, median of {args.steps} steps")
+    rows = []
+    for precision in precisions:
+        t_ours = time_step(step_ours(ours, precision, device, args.batch), args.steps, args.warmup, device)
+        t_oc = None
+        if have_oc:
+            t_oc = time_step(step_open_clip(oc_name, precision, device, args.batch), args.steps, args.warmup, device)
+        rows.append((precision, args.batch / t_ours, args.batch / t_oc if t_oc else None))
+    base = {"ours": rows[0][1], "oc": rows[0][2]}
+    vs = "vs " + rows[0][0]
+    print(f"{'precision':>9} | {'ours img/s':>10} | {vs:>8} | {'open_clip':>9} | {vs:>8} | {'ours/open_clip':>14}")
+    for precision, ours_ips, oc_ips in rows:
+        oc = f"{oc_ips:9.1f} | {oc_ips / base['oc']:7.2f}x | {ours_ips / oc_ips:13.2f}x" if oc_ips else \
+            f"{'-':>9} | {'-':>8} | {'-':>14}"
+        print(f"{precision:>9} | {ours_ips:10.1f} | {ours_ips / base['ours']:7.2f}x | {oc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

