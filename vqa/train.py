@@ -34,7 +34,7 @@ from .runtime import seed_everything, write_run_config
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "image_features", "head", "head_args", "answers", "seed")
+_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "image_features", "head", "head_args", "loss", "answers", "seed")
 
 
 @dataclass
@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0
     clip_norm: float = 0.25  # MEVF clips the gradient norm at 0.25
+    loss: str = "bce"  # bce (MEVF: sigmoid per answer, summed) | ce (softmax cross-entropy)
     ae_weight: float = 1e-3  # MEVF's autoencoder reconstruction loss weight (finetune only)
     precision: str = "fp32"
     device: str = "auto"
@@ -251,7 +252,10 @@ def train(cfg: TrainConfig) -> Path:
     model = _build_model(cfg, words, answers).to(device)
     train_split = _make_split(cfg, model, train_records, words, answers, device)
     val_split = _make_split(cfg, model, val_records, words, answers, device)
-    loss_fn = loss_for_head(model.head).to(device)
+    if cfg.loss not in ("bce", "ce"):
+        raise DataError(f"--loss {cfg.loss!r}: expected 'bce' or 'ce'")
+    loss_fn = (loss_for_head(model.head) if model.head.needs_choices
+               else loss_for_head(model.head, kind=cfg.loss)).to(device)
     ae_loss = None
     if cfg.encoder_mode == "finetune" and getattr(model.encoder, "family", "") == "mevf":
         from encoders import AutoencoderReconstructionLoss
@@ -350,6 +354,8 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     g.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    g.add_argument("--loss", default=d.loss, choices=["bce", "ce"],
+                   help="bce: MEVF's per-answer sigmoid loss; ce: softmax cross-entropy (default: %(default)s)")
     g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
