@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 
 from vqa.errors import DataError
+from vqa.runtime import parse_key_values
 
 DESCRIPTION = ("contrastive image-text pretraining (CLIP, + optional masked-LM) of an image encoder; "
                "OUT/encoder is the trained image tower for `medvqa train --encoder OUT/encoder`")
@@ -142,20 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None, help="end this run after N epochs (resume later)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def parse_key_values(items: list[str], flag: str) -> dict:
-    """['image_size=128'] -> {'image_size': 128}; values are JSON when they parse as JSON (as `medvqa train`)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. image_size=128")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def config_from_args(args) -> PretrainConfig:

@@ -243,9 +243,11 @@ def _load_roco_official(folder: Path, images: Path) -> list[CaptionPair]:
 # -- datasets ------------------------------------------------------------------------------------------------------
 def _load_hf(source: str | Path, split: str, image_column: str, caption_column: str,
              exclude_vqa_rad: bool) -> list[CaptionPair]:
-    from vqa.data.hf import _open_dataset  # the one place that opens `datasets` sources
+    from vqa.data.hf import open_dataset, row_image  # the one place that reads `datasets` sources
+    from vqa.data.record import ImageFinder
 
-    ds, folder = _open_dataset(source, split)
+    ds, folder = open_dataset(source, split)
+    find_image = ImageFinder([folder or Path("/")])
     for column in (image_column, caption_column):
         if column not in ds.column_names:
             raise DataError(f"{source}: split {split!r} has no column {column!r}; columns: {ds.column_names}")
@@ -259,20 +261,9 @@ def _load_hf(source: str | Path, split: str, image_column: str, caption_column: 
             empty += 1
             continue
         labels = {k: _label(v) for k, v in row.items() if k not in (image_column, caption_column) and _is_label(v)}
-        pairs.append(CaptionPair(_hf_image(row[image_column], folder, where), caption, labels, str(i)))
+        pairs.append(CaptionPair(row_image(row[image_column], find_image, where), caption, labels, str(i)))
     if empty:
         log.warning("%s: dropped %d row(s) with an empty caption", source, empty)
     return pairs
 
 
-def _hf_image(value: Any, folder: Path | None, where: str) -> Path | Image.Image:
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, Mapping) and value.get("bytes"):
-        import io
-
-        return Image.open(io.BytesIO(value["bytes"]))
-    name = value.get("path") if isinstance(value, Mapping) else value
-    if folder is None and not (name and Path(name).is_absolute()):
-        raise DataError(f"{where}: image {name!r} is a file name but the dataset came from the hub")
-    return _resolve(folder or Path("/"), str(name or ""), where)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,54 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path}")
     return path
+
+
+# -- a small trained bundle, shared by the predictor, CLI and demo tests (trained once) ----------
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory) -> Path:
+    from ._bundle import build_test_bundle
+
+    return build_test_bundle(tmp_path_factory.mktemp("predictor"))[0]
+
+
+@pytest.fixture(scope="session")
+def predictor_phantom(trained_bundle) -> Path:
+    from ._bundle import _BUILT
+
+    return _BUILT["phantom"]
+
+
+@pytest.fixture(scope="session")
+def predictor(trained_bundle):
+    from vqa import Predictor
+
+    return Predictor.from_bundle(trained_bundle)
+
+
+# -- the Gradio demo over that bundle, launched on localhost once ------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_examples(predictor_phantom):
+    """A few held-out phantom images as the gallery (the default examples live in the user's cache)."""
+    from demos.examples import Example
+    from ._bundle import ground_truth
+
+    paths = list(dict.fromkeys(r["image"] for r in ground_truth(predictor_phantom)))[:4]
+    return [Example(p, f"example {i}", {}) for i, p in enumerate(paths)]
+
+
+@pytest.fixture(scope="session")
+def launched_demo(predictor, demo_examples):
+    """(demo, url): the app on 127.0.0.1, launched without blocking; closed at the end of the session."""
+    from demos.app import build_demo
+
+    demo = build_demo(predictor, examples=demo_examples)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield demo, f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -5,49 +5,14 @@ shared with test_demo_browser.py.
 """
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_predictor_bundle import known_answer, predictor, predictor_phantom, trained_bundle  # noqa: F401
+from ._bundle import known_answer
 
 pytest.importorskip("gradio")
-_LAUNCHED: dict[str, object] = {}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def demo_examples(predictor_phantom):
-    """A few held-out phantom images as the gallery (the default examples live in the user's cache)."""
-    from demos.examples import Example
-    from tests.test_predictor_bundle import ground_truth
-
-    paths = list(dict.fromkeys(r["image"] for r in ground_truth(predictor_phantom)))[:4]
-    return [Example(p, f"example {i}", {}) for i, p in enumerate(paths)]
-
-
-@pytest.fixture(scope="session")
-def launched_demo(predictor, demo_examples):
-    """(demo, url): the app on 127.0.0.1, launched without blocking; closed at the end of the session."""
-    if "url" not in _LAUNCHED:
-        from demos.app import build_demo
-
-        demo = build_demo(predictor, examples=demo_examples)
-        port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-        _LAUNCHED.update(demo=demo, url=f"http://127.0.0.1:{port}/")
-    yield _LAUNCHED["demo"], _LAUNCHED["url"]
-    if "demo" in _LAUNCHED:
-        _LAUNCHED.pop("demo").close()
-
-
 def test_build_demo_without_launch(predictor, demo_examples):
     import gradio as gr
 

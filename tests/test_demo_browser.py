@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_demo_app import demo_examples, launched_demo  # noqa: F401
-from tests.test_predictor_bundle import known_answer, predictor, predictor_phantom, trained_bundle  # noqa: F401
+from ._bundle import known_answer
 
 CHROMIUM = os.environ.get("MEDVQA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",

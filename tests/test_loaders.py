@@ -245,3 +245,13 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
                            "--format", "slake"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"medvqa data: error: {tmp_path / 'none'}: SLAKE folder not found"]
+
+
+def test_carve_validation_by_question_keeps_images_in_both(phantom_dir):
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "train")
+    train, val = carve_validation(records, 0.2, seed=1, by="question")
+    assert len(train) + len(val) == len(records)
+    assert abs(len(val) - 0.2 * len(records)) <= 1
+    assert {image_key(r) for r in train} & {image_key(r) for r in val}
+    with pytest.raises(DataError, match="expected 'image' or 'question'"):
+        carve_validation(records, 0.2, by="patient")

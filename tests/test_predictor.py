@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_predictor_bundle import ground_truth, predictor, predictor_phantom, trained_bundle  # noqa: F401
+from ._bundle import ground_truth
 from vqa.errors import DataError
 
 QUESTION = "What imaging modality was used?"

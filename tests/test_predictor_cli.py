@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.test_predictor_bundle import ground_truth, predictor, predictor_phantom, trained_bundle  # noqa: F401
+from ._bundle import ground_truth
 from vqa.cli import main
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pretrain.train import PretrainConfig, pretrain
+
+from .conftest import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -22,12 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict) -> None:
@@ -47,7 +42,7 @@ def test_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path)
     one = asdict(base) | {"batch_size": 16, "out": str(tmp_path / "one")}
     two = asdict(base) | {"batch_size": 8, "out": str(tmp_path / "two")}
     single = pretrain(PretrainConfig(**one))
-    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), two), nprocs=2, join=True)
     h1 = single["history"]
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
 from .io import atomic_write_json
 
 
@@ -18,6 +20,20 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def parse_key_values(items: list[str], flag: str) -> dict:
+    """['hidden_dim=512', 'k=3'] -> {'hidden_dim': 512, 'k': 3}; values are JSON when they parse as JSON."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. hidden_dim=512")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def write_run_config(config, out_dir: str | Path, name: str = "run_config.json") -> None:

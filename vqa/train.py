@@ -30,11 +30,12 @@ from .io import atomic_write_json
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .precision import backward_step, check_precision, get_autocast, make_grad_scaler, resolve_device
-from .runtime import seed_everything, write_run_config
+from .runtime import parse_key_values, seed_everything, write_run_config
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "image_features", "head", "head_args", "loss", "answers", "seed")
+_IDENTITY = ("dataset", "data", "encoder", "encoder_args", "encoder_mode", "image_features", "head", "head_args", "loss", "answers", "seed",
+             "val_split", "val_fraction", "val_by")
 
 
 @dataclass
@@ -44,7 +45,8 @@ class TrainConfig:
     data: str = "runs/phantom/vqa-rad"
     train_split: str = "train"
     val_split: str = "auto"  # a split name, or "auto": SLAKE's validate, else carved from train
-    val_fraction: float = 0.1  # share of train images carved out for validation
+    val_fraction: float = 0.1  # share of train images (or questions) carved out for validation
+    val_by: str = "image"  # carve by image, or by question (VQA-RAD's own split is by question)
     lang: str = "en"
     answers: str = "train"  # "train" (train-only vocabulary) or a candidate list JSON (MEVF's)
     # model
@@ -96,8 +98,8 @@ def _load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     if val_split == "auto":
         val_split = "validate" if cfg.dataset == "slake" else "carved"
     if val_split == "carved":
-        train, val = carve_validation(train, cfg.val_fraction, cfg.seed)
-        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of images, seed {cfg.seed})"
+        train, val = carve_validation(train, cfg.val_fraction, cfg.seed, by=cfg.val_by)
+        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.seed})"
     else:
         val, how = load_records(cfg.dataset, cfg.data, val_split, **kwargs), f"split {val_split!r}"
     log.info("data: %d train / %d validation questions (validation %s)", len(train), len(val), how)
@@ -304,20 +306,6 @@ OUT gets run_config.json, history.json, checkpoint.pt (resumable) and bundle/
 (the model chosen on validation, for `medvqa eval`, `predict` and `demo`)."""
 
 
-def parse_key_values(items: list[str], flag: str) -> dict:
-    """['hidden_dim=512', 'k=3'] -> {'hidden_dim': 512, 'k': 3}; values are JSON when they parse as JSON."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. hidden_dim=512")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def build_parser():
     import argparse
 
@@ -330,6 +318,8 @@ def build_parser():
     g.add_argument("--train-split", default=d.train_split)
     g.add_argument("--val-split", default=d.val_split, help="split name, 'carved', or 'auto' (default)")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--val-by", default=d.val_by, choices=["image", "question"],
+                   help="carve validation by image (default) or by question (as VQA-RAD splits train/test)")
     g.add_argument("--lang", default=d.lang, help="SLAKE question language (default: en)")
     g.add_argument("--answers", default=d.answers, help="'train' or a candidate list JSON (MEVF protocol)")
     g = p.add_argument_group("model")

@@ -28,7 +28,7 @@ def _first(columns: Sequence[str], names: Sequence[str]) -> str | None:
     return next((n for n in names if n in columns), None)
 
 
-def _open_dataset(name_or_path: str | Path, split: str) -> tuple[Any, Path | None]:
+def open_dataset(name_or_path: str | Path, split: str) -> tuple[Any, Path | None]:
     """The split as a `datasets.Dataset`, and the local folder it came from (None for the hub)."""
     import datasets
 
@@ -55,7 +55,7 @@ def _open_dataset(name_or_path: str | Path, split: str) -> tuple[Any, Path | Non
         raise DataError(f"{name_or_path}: could not load split {split!r} from the hub ({e})") from None
 
 
-def _row_image(value: Any, find_image: ImageFinder | None, where: str) -> Path | Image.Image:
+def row_image(value: Any, find_image: ImageFinder | None, where: str) -> Path | Image.Image:
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, Mapping) and value.get("bytes"):
@@ -77,7 +77,7 @@ def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None 
     Hub copies can lack fields: without `answer_type` (flaviagiammarino/vqa-rad),
     closed/open is inferred (yes/no answers are closed) and a warning says so.
     """
-    ds, folder = _open_dataset(name_or_path, split)
+    ds, folder = open_dataset(name_or_path, split)
     columns = list(ds.column_names)
     image_col, q_col, a_col = _first(columns, _IMAGE), _first(columns, _QUESTION), _first(columns, _ANSWER)
     for col, names in ((image_col, _IMAGE), (q_col, _QUESTION), (a_col, _ANSWER)):
@@ -102,7 +102,7 @@ def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None 
         answer_type = (parse_answer_type(row["answer_type"], where) if "answer_type" in columns
                        else infer_answer_type(answer))
         records.append(make_record(
-            image=_row_image(row[image_col], find_image, where),
+            image=row_image(row[image_col], find_image, where),
             question=row[q_col], answer=answer, answer_type=answer_type,
             question_type=row.get(type_col) if type_col else None,
             choices=choices, split=split,

@@ -119,19 +119,25 @@ def image_key(record: Record) -> str:
     return hashlib.sha1(record.image.tobytes()).hexdigest()
 
 
-def carve_validation(records: Sequence[Record], fraction: float = 0.1,
-                     seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """Split training records into (train, validation) by image, deterministically.
+def carve_validation(records: Sequence[Record], fraction: float = 0.1, seed: int = 0,
+                     by: str = "image") -> tuple[list[Record], list[Record]]:
+    """Split training records into (train, validation), deterministically.
 
     Model selection uses this split, never the test set (the references chose
-    their best epoch on test). Grouping by image keeps one image's questions together.
+    their best epoch on test). `by="image"` keeps one image's questions together
+    (held-out images, as the phantom's splits); `by="question"` holds out
+    questions, as VQA-RAD's own train/test split does (its test images all
+    appear in train), so validation resembles that test set.
     """
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation fraction must be in (0, 1), got {fraction}")
-    keys = sorted({image_key(r) for r in records})
+    if by not in ("image", "question"):
+        raise DataError(f"validation split by {by!r}: expected 'image' or 'question'")
+    key = image_key if by == "image" else (lambda r: f"{image_key(r)}#{r.source_id}#{r.question}")
+    keys = sorted({key(r) for r in records})
     random.Random(seed).shuffle(keys)
     n_val = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
     val_keys = set(keys[:n_val])
-    train = [r for r in records if image_key(r) not in val_keys]
-    val = [r for r in records if image_key(r) in val_keys]
+    train = [r for r in records if key(r) not in val_keys]
+    val = [r for r in records if key(r) in val_keys]
     return train, val

@@ -1,0 +1,69 @@
+"""The small trained bundle the predictor, CLI and demo tests share, and helpers to query it.
+
+conftest.py turns `build_test_bundle` into the session fixtures `trained_bundle`,
+`predictor_phantom` and `predictor`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+_BUILT: dict[str, object] = {}
+PHANTOM_IMAGES = 240
+TEST_HEAD_ARGS = {"hidden_dim": 64, "glimpses": 1, "attention_dropout": 0.0, "classifier_dropout": 0.0,
+                  "dropout": 0.0, "type_hidden": [32]}
+
+
+def build_test_bundle(base: Path) -> tuple[Path, Path]:
+    """(bundle folder, phantom folder): a QCR head on the tiny CLIP tower, trained for seconds."""
+    if "bundle" not in _BUILT:
+        import torch
+
+        from vqa.phantom import generate_phantom
+        from vqa.train import TrainConfig, train
+
+        phantom = base / "phantom"
+        generate_phantom(phantom, n_images=PHANTOM_IMAGES, seed=3, workers=0)
+        cfg = TrainConfig(data=str(phantom / "vqa-rad"), out=str(base / "run"), encoder="clip-vit-tiny",
+                          head="qcr", head_args=dict(TEST_HEAD_ARGS), embed_dim=64, question_dim=64, epochs=20,
+                          batch_size=32, lr=3e-3, seed=0, device="cpu", cache_dir=str(base / "features"),
+                          progress=False)
+        # One thread: on 2 cores shared with other processes, two OpenMP threads per process
+        # make these tiny steps 10-100x slower; one thread trains this model in ~20 s.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _BUILT["bundle"], _BUILT["phantom"] = train(cfg), phantom
+        finally:
+            torch.set_num_threads(threads)
+    return _BUILT["bundle"], _BUILT["phantom"]
+
+
+def ground_truth(phantom: Path, split: str = "test") -> list[dict]:
+    """Every question of `split` with its image path: {"image", "question", "answer", "kind", "answer_type"}."""
+    rows = []
+    with open(phantom / "phantom.jsonl", encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            if item["split"] == split:
+                for qa in item["qa"]:
+                    rows.append({"image": phantom / "vqa-rad" / "images" / item["file"], **qa})
+    return rows
+
+
+def known_answer(predictor, phantom: Path, kind: str = "modality") -> dict:
+    """A held-out question of `kind` that the test bundle answers correctly (for the UI tests)."""
+    cached = _BUILT.setdefault("known", {})
+    if kind not in cached:
+        rows = [r for r in ground_truth(phantom) if r["kind"] == kind and r["answer_type"] == "OPEN"]
+        for row in rows:
+            if predictor.predict(row["image"], row["question"]).answer == row["answer"]:
+                cached[kind] = row
+                break
+        else:
+            pytest.fail(f"the test bundle answers none of {len(rows)} held-out {kind} questions correctly")
+    return cached[kind]
+
+
