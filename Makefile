@@ -27,10 +27,16 @@ test: install
 demo: install
 	$(OFFLINE) $(BIN)/medvqa demo --host 127.0.0.1 --port $(PORT)
 
-# phantom data -> statistics; grows into train -> eval as those commands land.
+# The whole phantom pipeline from the command line: data -> pretraining -> head training -> evaluation.
 pipeline: install
-	$(OFFLINE) $(BIN)/medvqa phantom $(RUN)/phantom --images 400 --seed 0 --overwrite
+	$(OFFLINE) $(BIN)/medvqa phantom $(RUN)/phantom --images 400 --seed 1 --overwrite
 	$(OFFLINE) $(BIN)/medvqa data stats $(RUN)/phantom/vqa-rad --format vqa-rad
+	$(OFFLINE) $(BIN)/medvqa pretrain --data $(RUN)/phantom/captions --encoder timm:resnet10t \
+	  --encoder-arg image_size=128 --encoder-arg 'model_kwargs={"channels": [16, 32, 64, 128], "stem_width": 16}' \
+	  --augment --epochs 15 --lr 2e-3 --out $(RUN)/pretrain
+	$(OFFLINE) $(BIN)/medvqa train --data $(RUN)/phantom/vqa-rad --encoder $(RUN)/pretrain/encoder --head qcr \
+	  --head-arg hidden_dim=256 --question-dim 128 --loss ce --batch-size 32 --lr 3e-3 --epochs 20 --out $(RUN)/qcr
+	$(OFFLINE) $(BIN)/medvqa eval --bundle $(RUN)/qcr/bundle --dataset vqa-rad --data $(RUN)/phantom/vqa-rad
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

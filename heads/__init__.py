@@ -17,7 +17,7 @@ from .layers import MASKED_LOGIT
 from .losses import AnswerLoss, MultipleChoiceLoss, QCRLoss, loss_for_head, soft_targets
 from .mevf import BANHeadConfig, MEVFBANHead, MEVFSANHead, SANHeadConfig
 from .multiple_choice import MultipleChoiceBANHead, MultipleChoiceHeadConfig
-from .qcr import QCRHead, QCRHeadConfig, answer_group_masks
+from .qcr import QCRHead, QCRHeadConfig
 from .question import QuestionEncoder, QuestionEncoderConfig, load_glove
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "HFTextEncoderConfig",
     "HFTextQuestionEncoder", "MEVFBANHead", "MEVFSANHead", "MultipleChoiceBANHead",
     "MultipleChoiceHeadConfig", "MultipleChoiceLoss", "QCRHead", "QCRHeadConfig", "QCRLoss",
-    "QuestionEncoder", "QuestionEncoderConfig", "answer_group_masks", "SANHeadConfig", "StackedAttentionFusion", "VQAHead",
+    "QuestionEncoder", "QuestionEncoderConfig", "SANHeadConfig", "StackedAttentionFusion", "VQAHead",
     "create_head", "create_question_encoder", "get_head_class", "head_from_dict", "head_to_dict",
     "list_heads", "load_glove", "loss_for_head", "question_encoder_spec", "register_head", "soft_targets",
 ]

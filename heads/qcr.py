@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._registry import register_head
-from .base import CLOSED, OPEN, VQAHead
+from .base import CLOSED, VQAHead
 from .layers import MASKED_LOGIT, AnswerClassifier, WordAttentionPool
 from .mevf import BANHeadConfig, build_ban
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class QCRHeadConfig:
     # Which answers each branch may give (length A, 1/True = in the group); an
-    # answer may be in both. `answer_group_masks` builds them from the train split.
+    # answer may be in both. vqa.answers.AnswerVocab.type_mask builds them from the train split.
     closed_mask: list[bool]
     open_mask: list[bool]
     hidden_dim: int = 1024
@@ -55,27 +55,6 @@ class QCRHeadConfig:
             hidden_dim=self.hidden_dim, glimpses=self.glimpses, k=self.k, dropout=self.dropout,
             attention_dropout=self.attention_dropout, classifier_dropout=self.classifier_dropout,
         )
-
-
-def answer_group_masks(
-    answers: Sequence[int], answer_types: Sequence[int | str], num_answers: int
-) -> tuple[list[bool], list[bool]]:
-    """`(closed_mask, open_mask)` for QCR from the training pairs (answer index, answer type).
-
-    An answer is in a group when some training question of that type has it;
-    types are 0/1 or "CLOSED"/"OPEN". Indices < 0 (no answer in the vocabulary) are skipped.
-    """
-    closed, opened = [False] * num_answers, [False] * num_answers
-    for answer, kind in zip(answers, answer_types, strict=True):
-        if answer < 0:
-            continue
-        if kind in (CLOSED, "CLOSED"):
-            closed[answer] = True
-        elif kind in (OPEN, "OPEN"):
-            opened[answer] = True
-        else:
-            raise ValueError(f"answer type must be 0/1 or 'CLOSED'/'OPEN', got {kind!r}")
-    return closed, opened
 
 
 def _mlp(dims: Sequence[int], dropout: float) -> nn.Sequential:

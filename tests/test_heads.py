@@ -176,14 +176,6 @@ def test_qcr_routes_by_predicted_type():
     assert opened[out["logits"][open_rows].argmax(-1)].all()
 
 
-def test_answer_group_masks_from_training_pairs():
-    closed, opened = heads.answer_group_masks([0, 1, 2, 2, -100, 3], ["CLOSED", "CLOSED", OPEN, CLOSED, OPEN, "OPEN"], 5)
-    assert closed == [True, True, True, False, False]
-    assert opened == [False, False, True, True, False]
-    with pytest.raises(ValueError, match="answer type"):
-        heads.answer_group_masks([0], ["yes/no"], 2)
-
-
 def test_qcr_rejects_bad_masks():
     enc = QuestionEncoderConfig(V, embed_dim=8, hidden_dim=16)
     with pytest.raises(ValueError, match="11"):
