@@ -3,6 +3,7 @@
 Same encoder, head, batch and questions on both sides, measured in one run:
 
     .venv/bin/python benchmarks/feature_cache.py                       # phantom, ViT-B/32-sized encoder
+    .venv/bin/python benchmarks/feature_cache.py --hidden 1024         # MEVF's head size
     .venv/bin/python benchmarks/feature_cache.py --dataset vqa-rad --data ../shared/data/vqa-rad
 
 The re-encoding side runs the frozen encoder on preprocessed pixels held in RAM
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 
 from vqa.batches import QuestionTensors
-from vqa.train import Split, TrainConfig, _build_model, _make_split, _optimizer, _vocabularies, train_one_epoch
 from vqa.data import load_records
+from vqa.train import Split, TrainConfig, _build_model, _make_split, _optimizer, _vocabularies, train_one_epoch
 
 REFERENCE_EPOCH_SECONDS = {"MEVF (BAN, batch 32)": 136.0, "QCR (batch 64)": 169.0}  # TARGETS.md, this machine
+REFERENCE_QUESTIONS = 3064  # VQA-RAD train, the references' epoch
 
 
 def _first_questions(split: Split, n: int) -> Split:
@@ -43,13 +45,18 @@ def _time_epoch(cfg, model, split, loss_fn, device) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="vqa-rad")
     p.add_argument("--data", default=None, help="dataset folder (default: a fresh 400-image phantom)")
     p.add_argument("--encoder", default="clip-vit-b32")
     p.add_argument("--head", default="mevf-ban")
     p.add_argument("--image-features", default="pooled", choices=["grid", "pooled"],
                    help="pooled: CLIP's image vector as one region, as PubMedCLIP feeds MEVF/QCR (default)")
+    p.add_argument("--hidden", type=int, default=512,
+                   help="head and question-GRU size; 512 is docs/results.md's recipe (MEVF: 1024, whose "
+                        "recurrent GRU step then dominates the head's time)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="batches timed on each side")
     args = p.parse_args()
@@ -63,7 +70,8 @@ def main() -> None:
         generate_phantom(tmp / "phantom", 400, seed=0)
         data = str(tmp / "phantom" / "vqa-rad")
     cfg = TrainConfig(dataset=args.dataset, data=data, encoder=args.encoder, head=args.head,
-                      image_features=args.image_features,
+                      image_features=args.image_features, head_args={"hidden_dim": args.hidden},
+                      question_dim=args.hidden, precision=args.precision,
                       batch_size=args.batch_size, cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
                       epochs=1, progress=False, device="cpu")
     device = torch.device("cpu")
@@ -84,14 +92,17 @@ def main() -> None:
     scale = len(records) / n
     epoch_cached, epoch_pixels = cached_s * scale, pixel_s * scale
     print(f"{cfg.dataset}: {len(records)} training questions, encoder {args.encoder}, head {args.head}, "
-          f"{args.image_features} features, batch {args.batch_size}, timed {math.ceil(n / args.batch_size)} batches per side (CPU)")
+          f"hidden {args.hidden}, {args.precision}, {args.image_features} features, batch {args.batch_size}, timed {math.ceil(n / args.batch_size)} batches per side (CPU)")
     print(f"{'':34s} {'epoch (s)':>10s}")
     print(f"{'re-encode images every step':34s} {epoch_pixels:10.1f}")
     print(f"{'cached features':34s} {epoch_cached:10.2f}")
     print(f"{'speed-up (cached vs re-encode)':34s} {epoch_pixels / epoch_cached:10.1f}x")
     print(f"one-off feature caching: {cache_build:.1f}s for {len(cached.images['grid'])} images")
+    # The references' epochs are VQA-RAD's 3,064 questions; compare per question.
+    ours = epoch_cached * REFERENCE_QUESTIONS / len(records)
     for name, seconds in REFERENCE_EPOCH_SECONDS.items():
-        print(f"vs reference {name}: {seconds:.0f}s/epoch -> {seconds / epoch_cached:.1f}x faster")
+        print(f"vs reference {name} on VQA-RAD: {seconds:.0f}s/epoch, ours {ours:.1f}s per {REFERENCE_QUESTIONS} "
+              f"questions -> {seconds / ours:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from vqa.bundle import load as load_bundle
 from vqa.data import load_vqa_rad
 from vqa.errors import DataError
 from vqa.evaluate import evaluate, predict_records, write_outputs
-from vqa.train import TrainConfig, train
+from vqa.train import TrainConfig, _selection, train
 
 TINY = dict(encoder="clip-vit-tiny", head_args={"hidden_dim": 32}, question_dim=32, embed_dim=16,
             batch_size=32, progress=False)
@@ -147,3 +147,10 @@ def test_train_bad_input(phantom_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(DataError, match="no CUDA GPU"):
             train(_cfg(phantom_dir, tmp_path, device="cuda"))
+
+
+def test_model_selection_on_the_test_split_is_labelled_as_such():
+    # The references pick their epoch on test; a bundle trained that way must say so in its protocol.
+    assert "never test" in _selection(TrainConfig())
+    assert "optimistic" in _selection(TrainConfig(val_split="test"))
+    assert "never test" not in _selection(TrainConfig(val_split="test"))
