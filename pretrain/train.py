@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vqa.checkpoint import CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from vqa.checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, restore_optimization,
+                            save_checkpoint)
 from vqa.distributed import World, barrier, init_distributed, local_device, shutdown
 from vqa.errors import DataError
 from vqa.io import atomic_write_json, atomic_write_text
@@ -165,11 +166,7 @@ def _resume(cfg: PretrainConfig, run: dict, model, optimizer, scheduler, scaler)
     state = load_checkpoint(path)
     check_compatible(state["config"], {**asdict(cfg), **run}, _IDENTITY, path)
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
+    restore_optimization(state, optimizer, scheduler, scaler)
     log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
     return state["epoch"] + 1, json.loads(state["history"]), json.loads(state["before"])
 

@@ -61,3 +61,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple
         if saved.get(key) != current.get(key):
             raise DataError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, "
                             f"this run has {key}={current.get(key)!r}; use another --out or drop --resume")
+
+
+def restore_optimization(state: dict[str, Any], optimizer, scheduler, scaler) -> None:
+    """Optimizer, LR schedule, fp16 loss scale and the RNG, so the next step is the uninterrupted run's."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])

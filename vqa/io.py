@@ -29,6 +29,11 @@ def read_json(path: str | Path) -> Any:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Parse a JSON-lines file of objects; errors name the line."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file; errors name the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -43,7 +48,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 

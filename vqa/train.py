@@ -20,7 +20,8 @@ from tqdm import tqdm
 from .answers import AnswerVocab
 from .batches import QuestionTensors, encode_questions, unique_images
 from .bundle import save as save_bundle
-from .checkpoint import CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, restore_optimization,
+                         save_checkpoint)
 from .data import carve_validation, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
@@ -213,11 +214,7 @@ def _resume_state(cfg: TrainConfig, model, optimizer, scheduler, scaler) -> tupl
     model.head.load_state_dict(state["head"])
     if "encoder" in state:
         model.encoder.load_state_dict(state["encoder"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
+    restore_optimization(state, optimizer, scheduler, scaler)
     log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
     progress = {"history": json.loads(state["history"]), "best": json.loads(state["best"]),
                 "best_state": state.get("best_head")}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import DataError
+from ..io import read_jsonl_numbered
 
 EXAMPLE = """examples:
   medvqa predict --bundle runs/demo/bundle --image scan.png --question "What imaging modality was used?"
@@ -101,23 +102,6 @@ class _output:
             self.tmp.unlink(missing_ok=True)
 
 
-def read_batch(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; malformed JSON is an error naming the line."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
 
 
 def resolve_image(value: Any, base: Path) -> Path:
@@ -137,7 +121,7 @@ def run_batch(predictor, path: Path, sink: IO[str], top_k: int, batch_size: int,
     """Answer every line of a JSONL file in chunks; returns (answered, failed)."""
     from ..predictor import check_question, read_image
 
-    rows = read_batch(path)
+    rows = read_jsonl_numbered(path)
     answered = failed = 0
     for start in range(0, len(rows), batch_size):
         chunk, results = rows[start:start + batch_size], {}
