@@ -180,3 +180,24 @@ def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     assert sum(s for _, s in p.top_k) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(DataError, match="pass choices"):
         mc.predict(sample[0], "What imaging modality was used?")
+
+
+def test_scores_follow_the_training_loss(trained_bundle, sample, tmp_path):
+    # A head trained with softmax cross-entropy (--loss ce) gets softmax scores; same weights, same answer.
+    import json
+    import shutil
+
+    from vqa import Predictor
+
+    ce = tmp_path / "bundle-ce"
+    shutil.copytree(trained_bundle, ce)
+    config = json.loads((ce / "config.json").read_text())
+    assert config["training"]["loss"] == "bce"
+    config["training"]["loss"] = "ce"
+    (ce / "config.json").write_text(json.dumps(config))
+    bce, softmax = (Predictor.from_bundle(b).predict(sample[0], QUESTION, top_k=50) for b in (trained_bundle, ce))
+    assert softmax.score_kind == "softmax" and bce.score_kind == "sigmoid"
+    assert softmax.answer == bce.answer
+    routed = [s for _, s in softmax.top_k if s >= 0]  # answers the router's branch allows
+    assert sum(routed) == pytest.approx(1.0, abs=1e-4)
+    assert [a for a, _ in softmax.top_k] == [a for a, _ in bce.top_k]  # both monotonic in the logits

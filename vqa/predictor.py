@@ -5,9 +5,10 @@
     p = predictor.predict("scan.dcm", "What imaging modality was used?")
     p.answer, p.top_k, p.question_type, p.attention_map()    # str, [(answer, score)], "OPEN", (H, W)
 
-Scores: the MEVF and QCR heads train with binary cross-entropy per answer, so a
-score is that answer's sigmoid (scores do not sum to 1); multiple-choice heads
-train with softmax cross-entropy over the choices, so their scores are a softmax.
+Scores follow the training loss: a head trained with binary cross-entropy per
+answer (MEVF and QCR's own, `--loss bce`) scores each answer with its sigmoid
+(scores do not sum to 1); one trained with softmax cross-entropy (`--loss ce`,
+and multiple-choice heads over their choices) gives a softmax.
 `Prediction.score_kind` says which. The question type (CLOSED / OPEN) comes from
 QCR's type router when the head has one, else from the answer (yes/no = closed);
 `Prediction.question_type_source` says which.
@@ -50,7 +51,7 @@ class Prediction:
     answer: str
     score: float  # the answer's score (see score_kind)
     top_k: list[tuple[str, float]]  # best first; answers the head ruled out are left out
-    score_kind: str  # "sigmoid" (BCE-trained heads) | "softmax" (multiple choice)
+    score_kind: str  # "sigmoid" (BCE-trained heads) | "softmax" (multiple choice, --loss ce)
     question_type: str  # "CLOSED" | "OPEN"
     question_type_source: str  # "router" (QCR's type classifier) | "answer" (yes/no answer = closed)
     question_type_score: float | None  # the router's softmax probability; None without a router
@@ -172,7 +173,9 @@ class Predictor:
         self.choice_len = bundle.choice_len
         self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
         self.has_router = self.head.name == "qcr"
-        self.score_kind = "softmax" if self.head.needs_choices else "sigmoid"
+        # Scores follow the training loss: BCE-trained heads score each answer on its own.
+        trained_with = bundle.config.get("training", {}).get("loss", "bce")
+        self.score_kind = "softmax" if self.head.needs_choices or trained_with == "ce" else "sigmoid"
         self._known = set(self.words.words)
 
     @classmethod
@@ -298,7 +301,7 @@ class Predictor:
             logits = logits.masked_fill(~valid, float("-inf"))
             scores = logits.softmax(-1)
         else:
-            scores = logits.sigmoid()
+            scores = logits.softmax(-1) if self.score_kind == "softmax" else logits.sigmoid()
             scores = scores.masked_fill(logits <= _MASKED, -1.0)  # answers the router's branch rules out
         attention = out["attention"].float().cpu().numpy()  # (B, N)
         types = out["type_logits"].float().softmax(-1).cpu() if "type_logits" in out else None  # (B, 2)

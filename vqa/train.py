@@ -290,7 +290,8 @@ def train(cfg: TrainConfig) -> Path:
                "protocol": {"answers": answers.protocol, "validation": val_how,
                             "model_selection": _selection(cfg)}}
     return save_bundle(model, out / "bundle", answers=answers, words=words, metrics=metrics, max_len=cfg.max_len,
-                       extra={"dataset": {"format": cfg.dataset, "train_split": cfg.train_split}})
+                       extra={"dataset": {"format": cfg.dataset, "train_split": cfg.train_split},
+                              "training": {"loss": cfg.loss}})
 
 
 def _selection(cfg: TrainConfig) -> str:
