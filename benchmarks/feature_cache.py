@@ -12,7 +12,6 @@ cost alone, not image decoding. Epoch times are extrapolated from --steps batche
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from _common import dataset_or_phantom, head_benchmark_parser
 from vqa.batches import QuestionTensors
 from vqa.data import load_records
 from vqa.train import Split, TrainConfig, _build_model, _make_split, _optimizer, _vocabularies, train_one_epoch
@@ -45,30 +45,16 @@ def _time_epoch(cfg, model, split, loss_fn, device) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="vqa-rad")
-    p.add_argument("--data", default=None, help="dataset folder (default: a fresh 400-image phantom)")
-    p.add_argument("--encoder", default="clip-vit-b32")
-    p.add_argument("--head", default="mevf-ban")
+    p = head_benchmark_parser(__doc__, encoder="clip-vit-b32", head="mevf-ban")
     p.add_argument("--image-features", default="pooled", choices=["grid", "pooled"],
                    help="pooled: CLIP's image vector as one region, as PubMedCLIP feeds MEVF/QCR (default)")
-    p.add_argument("--hidden", type=int, default=512,
-                   help="head and question-GRU size; 512 is docs/results.md's recipe (MEVF: 1024, whose "
-                        "recurrent GRU step then dominates the head's time)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="batches timed on each side")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="medvqa-bench-"))
-    data = args.data
-    if data is None:
-        from vqa.phantom import generate_phantom
-
-        generate_phantom(tmp / "phantom", 400, seed=0)
-        data = str(tmp / "phantom" / "vqa-rad")
+    data = dataset_or_phantom(args.data, tmp)
     cfg = TrainConfig(dataset=args.dataset, data=data, encoder=args.encoder, head=args.head,
                       image_features=args.image_features, head_args={"hidden_dim": args.hidden},
                       question_dim=args.hidden, precision=args.precision,

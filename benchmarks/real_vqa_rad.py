@@ -13,10 +13,14 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    question (VQA-RAD's own split is by question), never the test set;
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
+
+`--only GLOB` reruns some runs and keeps the other rows from docs/results.json, e.g.
+    .venv/bin/python benchmarks/real_vqa_rad.py --only '*test-selected'
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import time
@@ -74,7 +78,8 @@ def pretrain_step(data: Path, out: Path, epochs: int, threads: int) -> dict:
                                     encoder="timm:resnet10t", encoder_args=CNN, text="minilm", augment=True,
                                     epochs=epochs, lr=2e-3, out=str(folder), threads=threads,
                                     shuffle_captions=shuffle, progress=False))
-        results[name] = json.loads((folder / "metrics.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        results[name] = {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"]}
     return results
 
 
@@ -103,39 +108,60 @@ class HeadRecipe:
     epochs: int = 20
     finetune_epochs: int = 12
     threads: int = 2
+    device: str = "auto"
 
 
 def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -> dict:
+    """Train and evaluate one run (skipped when its evaluation exists); returns its summary."""
     from vqa.evaluate import evaluate, write_outputs
     from vqa.train import TrainConfig, train
 
     folder = out / "vqa" / run.name
     if (folder / "eval" / "metrics.json").is_file():
-        return _with_epoch_time(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
+        return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
     rad = data / "vqa-rad"
     epochs = recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs
     cfg = TrainConfig(dataset="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
                       val_split="test" if run.selection == "test" else "auto",
                       encoder_mode=run.mode, head=run.head, head_args={"hidden_dim": recipe.hidden},
                       question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr, glove=str(glove),
-                      epochs=epochs, batch_size=32,
+                      epochs=epochs, batch_size=32, device=recipe.device,
                       answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
                       out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads, progress=False)
     started = time.perf_counter()
     bundle = train(cfg)
-    report, records, preds = evaluate(bundle, "vqa-rad", str(rad), cache_dir=str(out / "cache"), progress=False)
+    report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
+                                      cache_dir=str(out / "cache"), progress=False)
     report["timing"] = {"train_seconds": time.perf_counter() - started}
     report["best_epoch"] = json.loads((bundle / "metrics.json").read_text())["best_epoch"]
     report["epochs"] = epochs
     write_outputs(report, records, preds, folder / "eval")
-    return _with_epoch_time(report, folder)
+    return summarize(report, folder)
 
 
-def _with_epoch_time(report: dict, folder: Path) -> dict:
-    """The median epoch: robust to an epoch slowed by other work on the machine."""
+def summarize(report: dict, folder: Path) -> dict:
+    """What docs/results.json keeps of a run: accuracies per subset, per-type accuracy, the median epoch
+    (robust to an epoch slowed by other work on the machine)."""
     seconds = sorted(h["seconds"] for h in json.loads((folder / "history.json").read_text()))
-    report["timing"]["epoch_seconds"] = seconds[len(seconds) // 2]
-    return report
+    subsets = report["subsets"]
+    return {"epochs": report["epochs"], "best_epoch": report["best_epoch"],
+            "median_epoch_seconds": seconds[len(seconds) // 2],
+            **{s: {m: subsets[s].get(m) for m in ("open", "closed", "overall")} for s in subsets},
+            "per_question_type": {t: v for t, v in subsets["all"].get("per_question_type", {}).items()}}
+
+
+def earlier_results(docs: Path, recipe: HeadRecipe) -> dict:
+    """Run summaries from an earlier docs/results.json made with the same recipe (for --only)."""
+    path = docs / "results.json"
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = {k: v for k, v in earlier.get("recipe", {}).items() if k not in ("threads", "device")} == \
+        {k: v for k, v in recipe.__dict__.items() if k not in ("threads", "device")}
+    if not same:
+        log.warning("%s was made with another recipe: its rows are not reused", path)
+        return {}
+    return earlier.get("vqa_rad", {})
 
 
 def _runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune: bool) -> list[Run]:
@@ -164,10 +190,29 @@ def _cell(m: dict) -> str:
     return f"{100 * (m.get('open') or 0):.1f} / {100 * (m.get('closed') or 0):.1f} / {100 * m['overall']:.1f}"
 
 
+def _machine(recipe: HeadRecipe) -> str:
+    import os
+
+    import torch
+
+    from vqa.precision import resolve_device
+
+    device = resolve_device(recipe.device)
+    if device.type == "cuda":
+        return f"one {torch.cuda.get_device_name(device)}"
+    return f"a {os.cpu_count()}-core CPU machine ({recipe.threads} threads, no GPU)"
+
+
+def _epoch_cell(r: dict) -> str:
+    if "median_epoch_seconds" in r:
+        return f"{r['median_epoch_seconds']:.1f}"
+    return f"{r['mean_epoch_seconds']:.1f}†"  # rows kept from a run made before medians were recorded
+
+
 def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, out_md: Path,
                   recipe: HeadRecipe) -> None:
     lines = ["# Results on real data", "",
-             "Generated by `benchmarks/real_vqa_rad.py` on a 2-core CPU machine (no GPU); rerun it to refresh.",
+             f"Generated by `benchmarks/real_vqa_rad.py` on {_machine(recipe)}; rerun it to refresh.",
              "", "## VQA-RAD", "",
              f"Open / closed / overall accuracy (%). Ours: heads with hidden size {recipe.hidden}, "
              f"{recipe.loss} loss, Adamax lr {recipe.lr}, batch 32, {recipe.epochs} epochs "
@@ -186,23 +231,26 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
         r = results.get(run.name)
         if not r:
             continue
-        s = r["subsets"]
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "")
         lines.append(f"| {label} | {ROW_NAMES[run.row]}, {run.mode} | {run.head} | "
-                     f"{'train-only' if run.vocab == 'train' else 'candidates'} | {_cell(s['freeform'])} | "
-                     f"{_cell(s['all'])} | {r['timing']['epoch_seconds']:.1f} |")
+                     f"{'train-only' if run.vocab == 'train' else 'candidates'} | {_cell(r['freeform'])} | "
+                     f"{_cell(r['all'])} | {_epoch_cell(r)} |")
     lines += ["", "\\* MEVF/QCR's protocol, shown only to measure it: trained on all of train, the epoch with the "
-              "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy.", "",
-              "![accuracy per question type](real_vqa_rad_per_type.png)", "", "## MedPix 2.0 retrieval", "",
-              f"Image→text and text→image recall (%) on `dev` ({pretraining['medpix-clip']['after']['retrieval']['n']} "
-              "pairs), image tower a small ResNet "
-              "(resnet10t, 128 px), text tower MiniLM frozen (LiT-style), VQA-RAD images excluded from "
-              "training.", "", "| model | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
-    clip = pretraining["medpix-clip"]
-    for label, m in (("untrained", clip["before"]["retrieval"]), ("pretrained", clip["after"]["retrieval"]),
-                     ("shuffled-caption control", pretraining["medpix-clip-shuffled"]["after"]["retrieval"])):
-        lines.append(f"| {label} | " + " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i")
-                                                    for k in (1, 5, 10)) + " |")
+              "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy."]
+    if any("median_epoch_seconds" not in r for r in results.values()):
+        lines += ["", "† mean epoch, from a run made before medians were recorded."]
+    lines += ["", "![accuracy per question type](real_vqa_rad_per_type.png)"]
+    if pretraining:
+        lines += ["", "## MedPix 2.0 retrieval", "",
+                  f"Image→text and text→image recall (%) on `dev` ({pretraining['medpix-clip']['after']['n']} "
+                  "pairs), image tower a small ResNet (resnet10t, 128 px), text tower MiniLM frozen (LiT-style), "
+                  "VQA-RAD images excluded from training.", "",
+                  "| model | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+        clip = pretraining["medpix-clip"]
+        for label, m in (("untrained", clip["before"]), ("pretrained", clip["after"]),
+                         ("shuffled-caption control", pretraining["medpix-clip-shuffled"]["after"])):
+            lines.append(f"| {label} | " + " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i")
+                                                        for k in (1, 5, 10)) + " |")
     atomic_write_text(out_md, "\n".join(lines) + "\n")
 
 
@@ -213,12 +261,16 @@ def plot_per_type(results: dict[str, dict], runs: list[Run], path: Path) -> None
     import matplotlib.pyplot as plt
 
     chosen = [r for r in runs if r.vocab == "train" and r.mode == "frozen" and r.selection == "val" and r.name in results]
-    types = sorted({t for r in chosen for t, v in results[r.name]["subsets"]["all"]["per_question_type"].items()
-                    if v["n"] >= 5})
+    if not chosen:
+        return
+    if not all(results[r.name].get("per_question_type") for r in chosen):
+        log.warning("%s kept: some rows come from a results.json without per-type accuracy", path)
+        return
+    types = sorted({t for r in chosen for t, v in results[r.name]["per_question_type"].items() if v["n"] >= 5})
     fig, ax = plt.subplots(figsize=(12, 4))
     width = 0.8 / max(len(chosen), 1)
     for i, run in enumerate(chosen):
-        per = results[run.name]["subsets"]["all"]["per_question_type"]
+        per = results[run.name]["per_question_type"]
         ax.bar([j + i * width for j in range(len(types))], [100 * (per.get(t, {}).get("accuracy") or 0)
                                                              for t in types], width, label=f"({run.row}) {run.head}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=30)
@@ -234,13 +286,8 @@ def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, doc
     """docs/results.md, docs/results.json and the per-type plot from the runs finished so far."""
     plot_per_type(results, runs, docs / "real_vqa_rad_per_type.png")
     write_results(results, runs, pretraining, docs / "results.md", recipe)
-    summary = {k: {"epochs": v["epochs"], "best_epoch": v["best_epoch"], "median_epoch_seconds": v["timing"]["epoch_seconds"],
-                   **{s: {m: v["subsets"][s].get(m) for m in ("open", "closed", "overall")} for s in v["subsets"]}}
-               for k, v in results.items()}
-    atomic_write_text(docs / "results.json", json.dumps({"recipe": recipe.__dict__, "vqa_rad": summary,
-                                                         "medpix_retrieval": {
-        k: {"before": v["before"]["retrieval"], "after": v["after"]["retrieval"]} for k, v in pretraining.items()}},
-        indent=1) + "\n")
+    atomic_write_text(docs / "results.json", json.dumps({"recipe": recipe.__dict__, "vqa_rad": results,
+                                                         "medpix_retrieval": pretraining}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -255,26 +302,38 @@ def main() -> None:
     p.add_argument("--loss", choices=("ce", "bce"), default=HeadRecipe.loss)
     p.add_argument("--lr", type=float, default=HeadRecipe.lr)
     p.add_argument("--no-finetune", action="store_true", help="skip MEVF's end-to-end run (the slowest)")
+    p.add_argument("--only", default=None, metavar="GLOB",
+                   help="run only the runs whose name matches (e.g. '*test-selected'); the other rows, and the "
+                        "MedPix table unless a matching run needs the pretrained tower, are kept from "
+                        "--docs/results.json when it was made with the same recipe")
     p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quick", action="store_true", help="2 epochs, one head, one vocabulary")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not (args.data / "vqa-rad" / "trainset.json").is_file():
         raise SystemExit(f"{args.data}: no vqa-rad/trainset.json (see ../shared/data/README.md)")
     pepochs = 2 if args.quick else args.pretrain_epochs
-    recipe = HeadRecipe(hidden=args.hidden, loss=args.loss, lr=args.lr, threads=args.threads,
+    recipe = HeadRecipe(hidden=args.hidden, loss=args.loss, lr=args.lr, threads=args.threads, device=args.device,
                         epochs=2 if args.quick else args.epochs,
                         finetune_epochs=2 if args.quick else args.finetune_epochs)
     heads, vocabs = (("mevf-ban",), ("train",)) if args.quick else (HEADS, ("train", "candidates"))
     args.out.mkdir(parents=True, exist_ok=True)
-    mevf = import_step(args.data, args.out)
-    pretraining = pretrain_step(args.data, args.out, pepochs, args.threads)
-    runs = _runs(mevf, args.out / "medpix-clip", untrained_encoder(args.out), heads, vocabs, not args.no_finetune)
     args.docs.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for i, run in enumerate(runs, 1):
-        log.info("VQA-RAD run %d/%d: %s", i, len(runs), run.name)
+    mevf = import_step(args.data, args.out)
+    runs = _runs(mevf, args.out / "medpix-clip", args.out / "untrained-cnn", heads, vocabs, not args.no_finetune)
+    todo = [r for r in runs if args.only is None or fnmatch.fnmatch(r.name, args.only)]
+    earlier = earlier_results(args.docs, recipe) if args.only else {}
+    results = {r.name: earlier[r.name] for r in runs if r not in todo and r.name in earlier}
+    if args.only is None or any(r.row == "b" for r in todo):
+        pretraining = pretrain_step(args.data, args.out, pepochs, args.threads)
+    else:
+        pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"] if earlier else {}
+    if any(r.row == "c" for r in todo):
+        untrained_encoder(args.out)
+    for i, run in enumerate(todo, 1):
+        log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
         results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")
         # The tables are rewritten after every run so an interrupted benchmark still leaves them.
         write_docs(results, runs, pretraining, args.docs, recipe)
