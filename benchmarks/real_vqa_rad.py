@@ -190,6 +190,26 @@ def _cell(m: dict) -> str:
     return f"{100 * (m.get('open') or 0):.1f} / {100 * (m.get('closed') or 0):.1f} / {100 * m['overall']:.1f}"
 
 
+READING = """### Reading the table
+
+- **Reproduction gap.** MEVF's own released code, rerun on this machine kind, reaches
+  52.6 on the freeform subset, not the paper's 62.6; row (a) is our implementation of the
+  same model on MEVF's released image weights. Compare (a) with that row, not with the
+  paper: the rows marked * use the reference code's protocol (all of train, the epoch
+  picked on test) and measure what that choice adds over a validation split carved from
+  train. MEVF's authors attribute a few points to the random seed and the hardware
+  (aioz-ai/MICCAI19-MedVQA issue 13: a user following their steps got about 59%).
+- **Vocabulary.** The candidate list holds answers that occur only in test; with it, a
+  head can in principle answer test questions that a train-only vocabulary cannot.
+- **Heads.** MEVF's image side gives one 128-d region (64 MAML + 64 autoencoder), so
+  stacked attention (SAN) has nothing to attend over and collapses on open questions, and
+  QCR's question-conditioned reasoning has little to reweight: compare the heads on the
+  CNN of (b, c), whose grid gives 16 regions of 128-d.
+- **Image side.** (b) against (c) is what MedPix pretraining is worth to a frozen image
+  side: the same architecture and head, pretrained weights against its initial ones.
+"""
+
+
 def _machine(recipe: HeadRecipe) -> str:
     import os
 
@@ -239,7 +259,7 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
               "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy."]
     if any("median_epoch_seconds" not in r for r in results.values()):
         lines += ["", "† mean epoch, from a run made before medians were recorded."]
-    lines += ["", "![accuracy per question type](real_vqa_rad_per_type.png)"]
+    lines += ["", "![accuracy per question type](real_vqa_rad_per_type.png)", "", READING]
     if pretraining:
         lines += ["", "## MedPix 2.0 retrieval", "",
                   f"Image→text and text→image recall (%) on `dev` ({pretraining['medpix-clip']['after']['n']} "
