@@ -8,7 +8,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_
 RUN ?= runs/quickstart
 PORT ?= 7860
 
-.PHONY: install test demo pipeline clean
+.PHONY: install test test-fast demo pipeline clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q
+
+# The edit-test loop: everything but the end-to-end tests marked slow (CI runs those too, in `make test`).
+test-fast: install
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
 # The Gradio demo at http://127.0.0.1:$(PORT) on the embedded default model: trained once on
 # phantom data (a few minutes, progress bars) and cached in $$MEDVQA_CACHE or ~/.cache/medvqa.
@@ -36,7 +40,7 @@ pipeline: install
 	  --augment --epochs 15 --lr 2e-3 --out $(RUN)/pretrain
 	$(OFFLINE) $(BIN)/medvqa train --data $(RUN)/phantom/vqa-rad --encoder $(RUN)/pretrain/encoder --head qcr \
 	  --head-arg hidden_dim=256 --question-dim 128 --loss ce --batch-size 32 --lr 3e-3 --epochs 20 --out $(RUN)/qcr
-	$(OFFLINE) $(BIN)/medvqa eval --bundle $(RUN)/qcr/bundle --dataset vqa-rad --data $(RUN)/phantom/vqa-rad
+	$(OFFLINE) $(BIN)/medvqa eval --bundle $(RUN)/qcr/bundle --format vqa-rad --data $(RUN)/phantom/vqa-rad
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

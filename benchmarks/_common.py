@@ -19,7 +19,7 @@ def head_benchmark_parser(doc: str, encoder: str, head: str) -> argparse.Argumen
     """The options every head-training benchmark takes; `doc` is the script's docstring."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="vqa-rad")
+    p.add_argument("--format", default="vqa-rad", help="the dataset's on-disk format (default: vqa-rad)")
     p.add_argument("--data", default=None, help="dataset folder (default: a fresh 400-image phantom)")
     p.add_argument("--encoder", default=encoder)
     p.add_argument("--head", default=head)

@@ -4,7 +4,7 @@ Same encoder, head, batch and questions on both sides, measured in one run:
 
     .venv/bin/python benchmarks/feature_cache.py                       # phantom, ViT-B/32-sized encoder
     .venv/bin/python benchmarks/feature_cache.py --hidden 1024         # MEVF's head size
-    .venv/bin/python benchmarks/feature_cache.py --dataset vqa-rad --data ../shared/data/vqa-rad
+    .venv/bin/python benchmarks/feature_cache.py --format vqa-rad --data ../shared/data/vqa-rad
 
 The re-encoding side runs the frozen encoder on preprocessed pixels held in RAM
 (the references load pre-resized pixel pickles), so the ratio is the encoder's
@@ -24,7 +24,8 @@ import torch
 from _common import dataset_or_phantom, head_benchmark_parser
 from vqa.batches import QuestionTensors
 from vqa.data import load_records
-from vqa.train import Split, TrainConfig, _build_model, _make_split, _optimizer, _vocabularies, train_one_epoch
+from vqa.train import Split, TrainConfig, VQATask, build_model, make_split, vocabularies
+from vqa.training import Runtime, Trainer, World
 
 REFERENCE_EPOCH_SECONDS = {"MEVF (BAN, batch 32)": 136.0, "QCR (batch 64)": 169.0}  # TARGETS.md, this machine
 REFERENCE_QUESTIONS = 3064  # VQA-RAD train, the references' epoch
@@ -37,11 +38,10 @@ def _first_questions(split: Split, n: int) -> Split:
     return Split(split.records[:n], QuestionTensors(**head), split.images)
 
 
-def _time_epoch(cfg, model, split, loss_fn, device) -> float:
-    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    stats = train_one_epoch(model, loss_fn, None, split, optimizer, scheduler, None, cfg, 0, device)
-    return stats["seconds"]
+def _time_epoch(cfg, model, split, answers, device) -> float:
+    """One epoch of the engine's loop (`medvqa train`'s code) over `split`."""
+    task = VQATask(cfg, model, split, split, answers, cfg.loss or model.head.default_loss, device, World())
+    return Trainer(task, cfg, Runtime(device, World())).train_epoch(0)["seconds"]
 
 
 def main() -> None:
@@ -55,29 +55,26 @@ def main() -> None:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="medvqa-bench-"))
     data = dataset_or_phantom(args.data, tmp)
-    cfg = TrainConfig(dataset=args.dataset, data=data, encoder=args.encoder, head=args.head,
+    cfg = TrainConfig(format=args.format, data=data, encoder=args.encoder, head=args.head,
                       image_features=args.image_features, head_args={"hidden_dim": args.hidden},
                       question_dim=args.hidden, precision=args.precision,
                       batch_size=args.batch_size, cache_dir=str(tmp / "cache"), out=str(tmp / "run"),
                       epochs=1, progress=False, device="cpu")
     device = torch.device("cpu")
-    records = load_records(cfg.dataset, cfg.data, "train")
-    words, answers = _vocabularies(cfg, records)
-    model = _build_model(cfg, words, answers)
-    from heads import loss_for_head
-
-    loss_fn = loss_for_head(model.head)
+    records = load_records(cfg.format, cfg.data, "train")
+    words, answers = vocabularies(cfg, records)
+    model = build_model(cfg, words, answers)
     n = min(len(records), args.steps * args.batch_size)
     t = time.perf_counter()
-    cached = _make_split(cfg, model, records, words, answers, device)
+    cached = make_split(cfg, model, records, words, answers, device)
     cache_build = time.perf_counter() - t
-    pixels = _make_split(dataclasses.replace(cfg, encoder_mode="finetune"), model, records, words, answers, device)
+    pixels = make_split(dataclasses.replace(cfg, encoder_mode="finetune"), model, records, words, answers, device)
     model.encoder.freeze()  # re-encoding side: the same frozen encoder, run on every step
-    cached_s = _time_epoch(cfg, model, _first_questions(cached, n), loss_fn, device)
-    pixel_s = _time_epoch(cfg, model, _first_questions(pixels, n), loss_fn, device)
+    cached_s = _time_epoch(cfg, model, _first_questions(cached, n), answers, device)
+    pixel_s = _time_epoch(cfg, model, _first_questions(pixels, n), answers, device)
     scale = len(records) / n
     epoch_cached, epoch_pixels = cached_s * scale, pixel_s * scale
-    print(f"{cfg.dataset}: {len(records)} training questions, encoder {args.encoder}, head {args.head}, "
+    print(f"{cfg.format}: {len(records)} training questions, encoder {args.encoder}, head {args.head}, "
           f"hidden {args.hidden}, {args.precision}, {args.image_features} features, batch {args.batch_size}, timed {math.ceil(n / args.batch_size)} batches per side (CPU)")
     print(f"{'':34s} {'epoch (s)':>10s}")
     print(f"{'re-encode images every step':34s} {epoch_pixels:10.1f}")

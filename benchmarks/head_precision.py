@@ -22,7 +22,7 @@ import torch
 
 from _common import dataset_or_phantom, head_benchmark_parser
 from vqa.evaluate import evaluate
-from vqa.precision import resolve_device
+from vqa.training import resolve_device
 from vqa.train import TrainConfig, train
 
 
@@ -31,7 +31,7 @@ def run_precision(cfg: TrainConfig, precision: str) -> dict:
     out = Path(cfg.out) / precision
     bundle = train(dataclasses.replace(cfg, precision=precision, out=str(out)))
     history = json.loads((out / "history.json").read_text())
-    report, _, _ = evaluate(bundle, cfg.dataset, cfg.data, cache_dir=cfg.cache_dir, progress=False)
+    report, _, _ = evaluate(bundle, cfg.format, cfg.data, cache_dir=cfg.cache_dir, progress=False)
     return {"epoch_s": statistics.median(h["seconds"] for h in history), "subsets": report["subsets"]}
 
 
@@ -48,13 +48,13 @@ def main() -> None:
                   else ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else []))
     tmp = Path(tempfile.mkdtemp(prefix="medvqa-head-precision-"))
     data = dataset_or_phantom(args.data, tmp)
-    cfg = TrainConfig(dataset=args.dataset, data=data, encoder=args.encoder, head=args.head,
+    cfg = TrainConfig(format=args.format, data=data, encoder=args.encoder, head=args.head,
                       head_args={"hidden_dim": args.hidden}, question_dim=args.hidden, loss="ce", lr=3e-3,
                       epochs=args.epochs, batch_size=args.batch_size, device=str(device),
                       cache_dir=str(tmp / "cache"), out=str(tmp / "runs"), progress=False)
     rows = {precision: run_precision(cfg, precision) for precision in precisions}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.dataset} ({data}): head {args.head}, hidden {args.hidden}, encoder {args.encoder} frozen, "
+    print(f"{args.format} ({data}): head {args.head}, hidden {args.hidden}, encoder {args.encoder} frozen, "
           f"batch {args.batch_size}, {args.epochs} epochs, {where}")
     base = rows[precisions[0]]["epoch_s"]
     subsets = list(rows[precisions[0]]["subsets"])

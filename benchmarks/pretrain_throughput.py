@@ -4,7 +4,8 @@
     python benchmarks/pretrain_throughput.py --model rn50
     python benchmarks/pretrain_throughput.py --model tiny --steps 5   # a quick check
 
-Our step is `pretrain.step.train_step` (the code `medvqa pretrain` runs) on a model
+Our step is `vqa.training.Trainer.train_step` over `pretrain.ContrastiveTask` (the code
+`medvqa pretrain` runs: normalisation, forward, loss, backward, clipping, AdamW) on a model
 built like open_clip's: the image tower from `encoders` and a CLIP text transformer
 of the same size (width 512, 12 layers, vocabulary 49,408). When `open_clip` is
 importable, its model of the same name is timed in the same run, in the same way
@@ -38,7 +39,7 @@ def _tokens(batch: int, generator: torch.Generator) -> torch.Tensor:
 def build_ours(model: str, device: torch.device):
     from encoders import create_encoder
     from pretrain.model import CLIPPretrainModel, ContrastiveConfig
-    from pretrain.text import create_text_tower
+    from encoders.text import create_text_tower
 
     enc_name, enc_args, text_name, embed, _ = MODELS[model]
     text = create_text_tower(text_name, vocab_size=VOCAB)
@@ -47,32 +48,32 @@ def build_ours(model: str, device: torch.device):
 
 
 def step_ours(model, precision: str, device: torch.device, batch: int):
-    from pretrain.loss import ClipLoss, MaskedLMLoss
-    from pretrain.step import StepOptions, train_step
-    from vqa.precision import make_grad_scaler
+    from pretrain import PretrainConfig
+    from pretrain.task import ContrastiveTask, Micro, Split
+    from vqa.training import Runtime, Trainer, World
+    from vqa.training.schedule import Shard
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    scaler = make_grad_scaler(precision, device)
-    opts = StepOptions(precision, clip_norm=None)
+    cfg = PretrainConfig(batch_size=batch, lr=1e-5, clip_norm=None, precision=precision, progress=False)
     g = torch.Generator().manual_seed(0)
     enc = model.image_encoder
-    pixels = torch.randn(batch, enc.in_chans, enc.image_size, enc.image_size, generator=g).to(device)
-    pixels = pixels.contiguous(memory_format=torch.channels_last)  # as pretrain.step.make_batch gives them
-    ids = _tokens(batch, g).to(device)
-    inputs = [({"pixels": pixels, "input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)]
-    loss, mlm = ClipLoss(), MaskedLMLoss()
+    pixels = torch.randint(0, 256, (batch, enc.in_chans, enc.image_size, enc.image_size), generator=g,
+                           dtype=torch.uint8)
+    ids = _tokens(batch, g)
+    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    task = ContrastiveTask(cfg, model, Split([None] * batch, None, text), None, device, World())
+    trainer = Trainer(task, cfg, Runtime(device, World()))
+    item = [Micro(Shard(torch.arange(batch)), pixels, 0, 0, 0)]
     model.train()
 
     def step():
-        train_step(model, model, inputs, loss, mlm, optimizer, scaler, params, opts, device)
+        trainer.train_step(item, "benchmark")
     return step
 
 
 def step_open_clip(name: str, precision: str, device: torch.device, batch: int):
     import open_clip
 
-    from vqa.precision import backward_step, get_autocast, make_grad_scaler
+    from vqa.training import get_autocast, make_grad_scaler
 
     model = open_clip.create_model(name, pretrained=None).to(device).train()
     loss_fn = open_clip.ClipLoss()
@@ -87,13 +88,20 @@ def step_open_clip(name: str, precision: str, device: torch.device, batch: int):
     ids[:, -1] = VOCAB - 1  # open_clip pools at the argmax token (its end-of-text id is the largest)
     ids = ids.to(device)
 
-    def step():
+    def step():  # open_clip_train's step: autocast forward, (scaled) backward, optimizer step
         with get_autocast(precision, device):
             out = model(pixels, ids)
             if isinstance(out, dict):
                 out = (out["image_features"], out["text_features"], out["logit_scale"])
             loss = loss_fn(*out[:3])
-        backward_step(loss, optimizer, scaler, params, None)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step
 
 
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-open-clip", action="store_true", help="time ours only")
     args = p.parse_args(argv)
 
-    from vqa.precision import resolve_device
+    from vqa.training import resolve_device
 
     device = resolve_device(args.device)
     precisions = (args.precisions.split(",") if args.precisions

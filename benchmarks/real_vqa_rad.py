@@ -65,7 +65,7 @@ class Run:
 
 
 def import_step(data: Path, out: Path) -> Path:
-    from vqa.commands.import_weights import import_mevf
+    from vqa.importers import import_mevf
 
     if not (out / "mevf" / "encoder" / "model.safetensors").is_file():
         import_mevf(data / "mevf", out / "mevf", overwrite=True)
@@ -127,7 +127,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
         return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
     rad = data / "vqa-rad"
     epochs = run.epochs or (recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs)
-    cfg = TrainConfig(dataset="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
+    cfg = TrainConfig(format="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
                       val_split="test" if run.selection == "test" else "auto",
                       encoder_mode=run.mode, head=run.head, head_args={"hidden_dim": recipe.hidden},
                       question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr, glove=str(glove),
@@ -254,7 +254,7 @@ def _machine(recipe: HeadRecipe) -> str:
 
     import torch
 
-    from vqa.precision import resolve_device
+    from vqa.training import resolve_device
 
     device = resolve_device(recipe.device)
     if device.type == "cuda":

@@ -80,7 +80,7 @@ def _train(recipe: DefaultModelRecipe, work: Path, state: dict, progress: bool) 
 
     encoder = state.get("encoder")  # a folder from an earlier step, else the recipe's registered name
     cfg = TrainConfig(
-        dataset="vqa-rad", data=str(state["phantom"] / "vqa-rad"),
+        format="vqa-rad", data=str(state["phantom"] / "vqa-rad"),
         encoder=str(encoder) if encoder else recipe.encoder,
         encoder_args={} if encoder else dict(recipe.encoder_args), encoder_mode=recipe.encoder_mode,
         head=recipe.head, head_args=dict(recipe.head_args), embed_dim=recipe.embed_dim,

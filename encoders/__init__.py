@@ -1,23 +1,35 @@
-"""Image encoders behind one interface, and the frozen-feature cache.
+"""Image encoders behind one interface, text towers, and the frozen-feature cache.
 
     from encoders import create_encoder, list_encoders, FeatureCache
     enc = create_encoder("clip-vit-tiny")           # or "clip-vit-b32", "resnet50", "mevf", a folder, a hub id
     out = enc(enc.preprocess(images))               # {"grid": (B, N, D), "pooled": (B, D)}
 
-Importing this package registers the built-in encoders (CLIP towers, timm backbones, MEVF).
+Names are imported on first use (PEP 562), so `import encoders` (and its small helpers such
+as `encoders._files`) costs nothing until a model is needed; the registry imports the
+built-in encoders (CLIP towers, timm backbones, MEVF) before its first lookup.
 """
-from ._registry import create_encoder, list_encoders, load_encoder_folder, register_encoder, register_family
-from .base import ImageEncoder
-from .cache import FeatureCache, image_hash
-from .clip import CLIPEncoderConfig, CLIPVisionEncoder
-from .images import load_image
-from .mevf import AutoencoderReconstructionLoss, MEVFConfig, MEVFEncoder
-from .mevf_weights import UnsafePickleError, convert_mevf_weights, safe_unpickle
-from .timm_backbone import TimmEncoder, TimmEncoderConfig
+from __future__ import annotations
 
-__all__ = [
-    "AutoencoderReconstructionLoss", "CLIPEncoderConfig", "CLIPVisionEncoder", "FeatureCache", "ImageEncoder",
-    "MEVFConfig", "MEVFEncoder", "TimmEncoder", "TimmEncoderConfig", "UnsafePickleError", "convert_mevf_weights",
-    "create_encoder", "image_hash", "list_encoders", "load_encoder_folder", "load_image", "register_encoder",
-    "register_family", "safe_unpickle",
-]
+import importlib
+
+_EXPORTS = {
+    "create_encoder": "_registry", "list_encoders": "_registry", "load_encoder_folder": "_registry",
+    "register_encoder": "_registry", "register_family": "_registry", "encoder_from_config": "_registry",
+    "ImageEncoder": "base", "Freezable": "base",
+    "FeatureCache": "cache", "image_hash": "cache",
+    "CLIPEncoderConfig": "clip", "CLIPVisionEncoder": "clip",
+    "load_image": "images",
+    "ImageTable": "pixels", "StreamingImages": "pixels", "image_source": "pixels", "normalize": "pixels",
+    "AutoencoderReconstructionLoss": "mevf", "MEVFConfig": "mevf", "MEVFEncoder": "mevf",
+    "UnsafePickleError": "mevf_weights", "convert_mevf_weights": "mevf_weights", "safe_unpickle": "mevf_weights",
+    "TextTower": "text", "TextQuestionEncoder": "text", "create_text_tower": "text", "list_text_towers": "text",
+    "build_word_tokenizer": "text", "minilm_folder": "text",
+    "TimmEncoder": "timm_backbone", "TimmEncoderConfig": "timm_backbone",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'encoders' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

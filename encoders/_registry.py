@@ -31,6 +31,15 @@ C = TypeVar("C", bound=type)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CLIP_TYPES = {"clip", "clip_vision_model"}
+_BUILTINS = ("clip", "timm_backbone", "mevf")  # modules whose import registers the built-in encoders
+
+
+def _load_builtins() -> None:
+    """Import the built-in encoder modules (they register themselves); cheap after the first call."""
+    import importlib
+
+    for module in _BUILTINS:
+        importlib.import_module(f"{__package__}.{module}")
 
 
 def register_encoder(name: str) -> Callable[[F], F]:
@@ -53,12 +62,14 @@ def register_family(cls: C) -> C:
 
 def list_encoders(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style pattern, sorted."""
+    _load_builtins()
     return sorted(n for n in _ENCODERS if fnmatch.fnmatchcase(n, pattern))
 
 
 def create_encoder(name_or_path: str | os.PathLike, **kwargs) -> ImageEncoder:
     """Build an encoder. Registered names take `pretrained=` and config overrides
     (e.g. `image_size=`); `timm:<name>` takes the same; folders and hub ids take none."""
+    _load_builtins()
     key = os.fspath(name_or_path)
     if key in _ENCODERS:
         return _ENCODERS[key](**kwargs)
@@ -101,11 +112,18 @@ def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
                      f"(model_type={meta.get('model_type')!r})")
 
 
+def encoder_from_config(meta: dict, where: str | os.PathLike = "config") -> ImageEncoder:
+    """The architecture an `export_config()` dict describes, freshly initialised (load weights next)."""
+    _load_builtins()
+    family = meta.get("family")
+    if family not in _FAMILIES:
+        raise ValueError(f"{where}: unknown encoder family {family!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family].from_config(meta["config"], name=meta.get("name", family))
+
+
 def _load_own_folder(path: Path, meta: dict) -> ImageEncoder:
     family = meta["family"]
-    if family not in _FAMILIES:
-        raise ValueError(f"{path / CONFIG_NAME}: unknown encoder family {family!r}; known: {sorted(_FAMILIES)}")
-    encoder = _FAMILIES[family].from_config(meta["config"], name=meta.get("name", family))
+    encoder = encoder_from_config(meta, path / CONFIG_NAME)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")

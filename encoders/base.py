@@ -16,18 +16,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .images import ImageSource, load_image
+from ._files import atomic_dir, atomic_write_bytes, atomic_write_json
+from .images import ImageSource
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,33 @@ def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class ImageEncoder(nn.Module):
+class Freezable(nn.Module):
+    """`freeze()`: no gradients, and eval mode kept through a parent's `.train()` calls (BatchNorm
+    statistics and dropout stay fixed, so features match cached ones); `unfreeze()` undoes it."""
+
+    _frozen: bool = False
+
+    def freeze(self):
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._frozen = True
+        return self.eval()
+
+    def unfreeze(self):
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self._frozen = False
+        return self.train()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self._frozen)
+
+
+class ImageEncoder(Freezable):
     """Base class: subclasses set `family`, `config_class`, `feature_dim`, `grid_size`
     and implement `forward_features`. The config dataclass must have the fields
     `image_size`, `in_chans`, `mean` and `std`."""
@@ -60,7 +85,6 @@ class ImageEncoder(nn.Module):
         self.name = name
         self.feature_dim: int = 0
         self.grid_size: tuple[int, int] = (1, 1)
-        self._frozen = False
 
     # -- preprocessing, described by the encoder itself ------------------------------
     @property
@@ -86,21 +110,14 @@ class ImageEncoder(nn.Module):
     def preprocess(self, images: Sequence[ImageSource] | ImageSource) -> Tensor:
         """Images (PIL, paths, arrays) -> normalised float32 pixels (B, in_chans, S, S).
 
-        Every image is resized to a square (bicubic, no crop: cropping could cut
-        anatomy out of a radiograph)."""
+        Every image is resized to a square (`pixels.square_pixels`), then normalised
+        (`pixels.normalize`): the same two steps the pixel tables of training use."""
+        from .pixels import normalize, square_pixels
+
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
             images = [images]
-        mode = "L" if self.in_chans == 1 else "RGB"
-        side = self.image_size
-        batch = []
-        for image in images:
-            img = load_image(image).convert(mode).resize((side, side), Image.Resampling.BICUBIC)
-            arr = np.asarray(img, dtype=np.float32).reshape(side, side, -1) / 255.0  # (S, S, C)
-            batch.append(torch.from_numpy(arr).permute(2, 0, 1))
-        pixels = torch.stack(batch)  # (B, C, S, S)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (pixels - mean) / std
+        batch = torch.stack([square_pixels(image, self.image_size, self.in_chans) for image in images])
+        return normalize(batch, self, torch.device("cpu"))  # (B, C, S, S)
 
     # -- forward -------------------------------------------------------------------
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:
@@ -110,28 +127,17 @@ class ImageEncoder(nn.Module):
     def forward(self, pixels: Tensor) -> dict[str, Tensor]:
         return self.forward_features(pixels)
 
-    # -- freezing ------------------------------------------------------------------
-    def freeze(self) -> "ImageEncoder":
-        """No gradients and eval mode; stays in eval even when a parent calls .train()."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self._frozen = True
-        return self.eval()
+    @torch.no_grad()
+    def encode(self, images: Sequence[ImageSource], device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """A batch of images as frozen features, as the feature cache stores them and heads read them:
+        {"grid": (B, N, D), "pooled": (B, D)} float16 on the CPU. Call in eval mode."""
+        device = torch.device(device) if device is not None else next(self.parameters()).device
+        feats = self(self.preprocess(images).to(device))
+        return {key: feats[key].to("cpu", torch.float16) for key in ("grid", "pooled")}
 
-    def unfreeze(self) -> "ImageEncoder":
-        for p in self.parameters():
-            p.requires_grad_(True)
-        self._frozen = False
-        return self.train()
-
-    @property
-    def frozen(self) -> bool:
-        return self._frozen
-
-    def train(self, mode: bool = True) -> "ImageEncoder":
-        # A frozen encoder must not update BatchNorm statistics or use dropout,
-        # else its features drift away from the cached ones.
-        return super().train(mode and not self._frozen)
+    def auxiliary_loss(self, features: dict[str, Tensor], pixels: Tensor) -> Tensor | None:
+        """A loss this encoder adds to the task's while it is fine-tuned (MEVF's autoencoder); None: none."""
+        return None
 
     # -- identity and persistence --------------------------------------------------
     def export_config(self) -> dict[str, Any]:
@@ -165,20 +171,15 @@ class ImageEncoder(nn.Module):
         into an existing folder each file is replaced atomically and other files
         (e.g. the rest of a bundle) are left alone."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.export_config(), indent=2) + "\n")
-            if not directory.exists():
-                os.replace(tmp, directory)
-            else:
-                for filename in (WEIGHTS_NAME, CONFIG_NAME):
-                    os.replace(tmp / filename, directory / filename)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        weights = safetensors_bytes(state, metadata={"format": "pt"})
+        if directory.exists():
+            atomic_write_bytes(directory / WEIGHTS_NAME, weights)
+            atomic_write_json(directory / CONFIG_NAME, self.export_config())
+        else:
+            with atomic_dir(directory) as tmp:
+                (tmp / WEIGHTS_NAME).write_bytes(weights)
+                atomic_write_json(tmp / CONFIG_NAME, self.export_config())
         logger.info("saved encoder %s to %s", self.name, directory)
         return directory
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ._files import atomic_write, atomic_write_json
 from .base import ImageEncoder
 from .images import ImageSource, load_image
 
@@ -97,7 +97,7 @@ class FeatureCache:
         if reason:
             logger.info("feature cache %s: rebuilding from scratch (%s)", folder, reason)
             folder.mkdir(parents=True, exist_ok=True)
-            _write_json(folder / INDEX_NAME, expected)  # index first: old rows are never read again
+            atomic_write_json(folder / INDEX_NAME, expected, indent=None)  # index first: old rows are never read
             (folder / FEATURES_NAME).unlink(missing_ok=True)
             index = expected
         else:
@@ -179,31 +179,29 @@ class FeatureCache:
         was_training = encoder.training
         encoder.to(device).eval()  # frozen features: BatchNorm statistics, no dropout
         items = list(todo.items())
-        tmp = self.folder / f".{FEATURES_NAME}.tmp-{uuid.uuid4().hex[:8]}"
-        old = self.folder / FEATURES_NAME
+        features = self.folder / FEATURES_NAME
         bar = _progress(len(items), f"caching {encoder.name} features", progress)
         try:
-            if self._index["count"] and old.exists():
-                shutil.copyfile(old, tmp)  # keep old rows in place: existing indices stay valid
-            with open(tmp, "ab") as out:
-                out.truncate(self._index["count"] * self._index["row_size"] * 2)  # drop unindexed tail
+            with atomic_write(features, binary=True) as out:
+                if self._index["count"] and features.exists():
+                    with open(features, "rb") as old:  # keep old rows in place: existing indices stay valid
+                        shutil.copyfileobj(old, out)
+                out.truncate(self._index["count"] * self._index["row_size"] * 2)  # drop any unindexed tail
+                out.seek(0, os.SEEK_END)
                 for start in range(0, len(items), batch_size):
                     batch = items[start:start + batch_size]
-                    pixels = encoder.preprocess([img for _, img in batch]).to(device)
-                    feats = encoder(pixels)
-                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1)  # (B, N*D + D)
-                    out.write(rows.float().cpu().numpy().astype(np.float16).tobytes())
+                    feats = encoder.encode([img for _, img in batch], device)
+                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1)  # (B, N*D + D) float16
+                    out.write(rows.numpy().tobytes())
                     bar.update(len(batch))
-            os.replace(tmp, old)
         finally:
             bar.close()
-            tmp.unlink(missing_ok=True)
             encoder.train(was_training)
         count = self._index["count"]
         for offset, (h, _) in enumerate(items):
             self._rows[h] = count + offset
         self._index["count"] = count + len(items)
-        _write_json(self.folder / INDEX_NAME, self._index)
+        atomic_write_json(self.folder / INDEX_NAME, self._index, indent=None)
         self._memmap = None  # remap at the new size on next lookup
         logger.info("feature cache %s: added %d images (now %d)", self.folder, len(items), self._index["count"])
 
@@ -242,12 +240,6 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
         logger.warning("feature cache %s: unreadable %s", folder, INDEX_NAME)
         return None
     return index if isinstance(index, dict) and "rows" in index and "count" in index else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 class _NoBar:

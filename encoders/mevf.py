@@ -116,6 +116,10 @@ class MEVFEncoder(ImageEncoder):
             "reconstruction": self.autoencoder.decode(code),  # (B, 1, 128, 128)
         }
 
+    def auxiliary_loss(self, features: dict[str, Tensor], pixels: Tensor) -> Tensor:
+        """MEVF trains its autoencoder with the VQA head: the reconstruction error of the input."""
+        return AutoencoderReconstructionLoss()(features["reconstruction"].float(), pixels.float())
+
 
 def _resize(pixels: Tensor, side: int) -> Tensor:
     if pixels.shape[-2:] == (side, side):

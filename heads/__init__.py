@@ -6,13 +6,13 @@
     out = head({"grid": grid, "pooled": pooled}, tokens, lengths)  # {"logits", "attention"}
     losses = loss_for_head(head)(out, answer_index)                # {"loss", "answer_loss"}
 
-Imports torch and numpy only; `transformers` is imported by `HFTextQuestionEncoder` when built.
+Imports torch and numpy only. A pretrained text model as the question side is a module built
+elsewhere (`encoders.TextQuestionEncoder`) and passed in as `question_encoder`.
 """
 from . import mevf, multiple_choice, qcr  # noqa: F401  (registers the heads)
 from ._registry import create_head, get_head_class, head_from_dict, head_to_dict, list_heads, register_head
 from .base import ANSWER_TYPES, CLOSED, OPEN, VQAHead, create_question_encoder, question_encoder_spec
 from .fusion import BilinearAttentionFusion, StackedAttentionFusion
-from .hf_text import HFTextEncoderConfig, HFTextQuestionEncoder
 from .layers import MASKED_LOGIT
 from .losses import AnswerLoss, MultipleChoiceLoss, QCRLoss, loss_for_head, soft_targets
 from .mevf import BANHeadConfig, MEVFBANHead, MEVFSANHead, SANHeadConfig
@@ -22,8 +22,7 @@ from .question import QuestionEncoder, QuestionEncoderConfig, load_glove
 
 __all__ = [
     "ANSWER_TYPES", "CLOSED", "MASKED_LOGIT", "OPEN",
-    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "HFTextEncoderConfig",
-    "HFTextQuestionEncoder", "MEVFBANHead", "MEVFSANHead", "MultipleChoiceBANHead",
+    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "MEVFBANHead", "MEVFSANHead", "MultipleChoiceBANHead",
     "MultipleChoiceHeadConfig", "MultipleChoiceLoss", "QCRHead", "QCRHeadConfig", "QCRLoss",
     "QuestionEncoder", "QuestionEncoderConfig", "SANHeadConfig", "StackedAttentionFusion", "VQAHead",
     "create_head", "create_question_encoder", "get_head_class", "head_from_dict", "head_to_dict",

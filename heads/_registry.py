@@ -78,12 +78,14 @@ def head_to_dict(head: VQAHead) -> dict[str, Any]:
     }
 
 
-def head_from_dict(spec: Mapping[str, Any]) -> VQAHead:
-    """Inverse of `head_to_dict`: the same architecture, freshly initialised (load the state dict next)."""
+def head_from_dict(spec: Mapping[str, Any], question_encoder: nn.Module | None = None) -> VQAHead:
+    """Inverse of `head_to_dict`: the same architecture, freshly initialised (load the state dict next).
+
+    A question encoder built outside `heads` (spec type "module") is rebuilt by the caller and passed in."""
     return create_head(
         spec["name"],
         feature_dim=spec["feature_dim"],
         vocab_sizes=spec["vocab_sizes"],
-        question_encoder=spec["question_encoder"],
+        question_encoder=spec["question_encoder"] if question_encoder is None else question_encoder,
         **spec["config"],
     )

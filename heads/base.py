@@ -7,7 +7,6 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from .hf_text import HFTextEncoderConfig, HFTextQuestionEncoder
 from .layers import length_mask
 from .question import QuestionEncoder, QuestionEncoderConfig
 
@@ -27,7 +26,13 @@ class VQAHead(nn.Module):
 
     name: ClassVar[str] = ""  # set by @register_head
     config_class: ClassVar[type]
+    # Capabilities, declared by each head (callers read these, never the head's name):
     needs_choices: ClassVar[bool] = False  # forward also takes choice_tokens / choice_lengths
+    has_type_router: ClassVar[bool] = False  # outputs "type_logits" (CLOSED/OPEN) and routes on them
+    needs_answer_groups: ClassVar[bool] = False  # config takes closed_mask / open_mask over the answers
+    loss_class: ClassVar[type | None] = None  # the loss module that trains it (heads.losses), `from_head(head, kind)`
+    supported_losses: ClassVar[tuple[str, ...]] = ("bce", "ce")  # kinds its loss class accepts
+    default_loss: ClassVar[str] = "bce"
 
     def __init__(
         self, config: Any, *, feature_dim: int, vocab_sizes: Mapping[str, int], question_encoder: nn.Module
@@ -56,29 +61,30 @@ class VQAHead(nn.Module):
 
 
 def create_question_encoder(encoder: nn.Module | Any) -> nn.Module:
-    """A question encoder from a module (returned as is), a config dataclass, or a spec dict."""
+    """A question encoder from a module (returned as is: any module with `output_dim`, such as
+    `encoders.TextQuestionEncoder`), a `QuestionEncoderConfig`, or an "rnn" spec dict."""
     if isinstance(encoder, nn.Module):
         if not hasattr(encoder, "output_dim"):
             raise ValueError(f"question encoder {type(encoder).__name__} has no `output_dim`")
         return encoder
     if isinstance(encoder, QuestionEncoderConfig):
         return QuestionEncoder(encoder)
-    if isinstance(encoder, HFTextEncoderConfig):
-        return HFTextQuestionEncoder.from_config(encoder)
     if isinstance(encoder, Mapping) and encoder.get("type") == "rnn":
         return QuestionEncoder(QuestionEncoderConfig(**encoder["config"]))
-    if isinstance(encoder, Mapping) and encoder.get("type") == "hf":
-        return HFTextQuestionEncoder.from_config(HFTextEncoderConfig(**encoder["config"]))
+    if isinstance(encoder, Mapping) and encoder.get("type") == "module":
+        raise ValueError(f"the head's question encoder is a {encoder.get('class')} built outside `heads`: "
+                         "rebuild it from its spec's config and pass the module")
     raise ValueError(
-        "question_encoder must be a module, a QuestionEncoderConfig / HFTextEncoderConfig, "
-        f"or a {{'type': 'rnn'|'hf', 'config': ...}} dict, got {type(encoder).__name__}"
+        "question_encoder must be a module, a QuestionEncoderConfig, "
+        f"or a {{'type': 'rnn', 'config': ...}} dict, got {type(encoder).__name__}"
     )
 
 
 def question_encoder_spec(encoder: nn.Module) -> dict[str, Any]:
-    """`{"type": "rnn"|"hf", "config": {...}}`: rebuilds `encoder`'s architecture offline."""
+    """`{"type": "rnn", "config": ...}` for the heads' own RNN encoder (rebuilt by `create_question_encoder`);
+    `{"type": "module", "class": ..., "config": encoder.export_config()}` for one built elsewhere."""
     if isinstance(encoder, QuestionEncoder):
         return {"type": "rnn", "config": dataclasses.asdict(encoder.config)}
-    if isinstance(encoder, HFTextQuestionEncoder):
-        return {"type": "hf", "config": dataclasses.asdict(encoder.config)}
-    raise ValueError(f"no spec for question encoder {type(encoder).__name__}")
+    if hasattr(encoder, "export_config"):
+        return {"type": "module", "class": type(encoder).__name__, "config": encoder.export_config()}
+    raise ValueError(f"no spec for question encoder {type(encoder).__name__} (it has no export_config())")

@@ -69,6 +69,10 @@ class AnswerLoss(nn.Module):
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
         self.kind = kind
 
+    @classmethod
+    def from_head(cls, head: VQAHead, kind: str = "bce") -> "AnswerLoss":
+        return cls(kind)
+
     def forward(
         self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -127,6 +131,12 @@ class MultipleChoiceLoss(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    @classmethod
+    def from_head(cls, head: VQAHead, kind: str = "ce", **kw) -> "MultipleChoiceLoss":
+        if kind != "ce":
+            raise ValueError(f"a multiple-choice head trains with softmax cross-entropy over its choices, not {kind!r}")
+        return cls(**kw)
+
     def forward(
         self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -138,10 +148,11 @@ class MultipleChoiceLoss(nn.Module):
         return {"loss": loss, "choice_loss": loss}
 
 
-def loss_for_head(head: VQAHead, **kw) -> nn.Module:
-    """The loss that trains `head`: QCRLoss for "qcr", MultipleChoiceLoss for choice heads, else AnswerLoss."""
-    if head.name == "qcr":
-        return QCRLoss.from_head(head, **kw)
-    if head.needs_choices:
-        return MultipleChoiceLoss(**kw)
-    return AnswerLoss(**kw)
+def loss_for_head(head: VQAHead, kind: str | None = None, **kw) -> nn.Module:
+    """The loss that trains `head` (its declared `loss_class`), of `kind` (default: the head's `default_loss`)."""
+    kind = kind or head.default_loss
+    if head.loss_class is None:
+        raise ValueError(f"head {head.name!r} declares no loss_class")
+    if kind not in head.supported_losses:
+        raise ValueError(f"head {head.name!r} trains with {' or '.join(head.supported_losses)}, not {kind!r}")
+    return head.loss_class.from_head(head, kind=kind, **kw)

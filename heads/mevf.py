@@ -14,6 +14,7 @@ from ._registry import register_head
 from .base import VQAHead
 from .fusion import BilinearAttentionFusion, StackedAttentionFusion
 from .layers import AnswerClassifier
+from .losses import AnswerLoss
 
 
 @dataclass
@@ -51,6 +52,7 @@ class MEVFBANHead(VQAHead):
     """Bilinear attention over (region, word) pairs; returns `{"logits": (B, A), "attention": (B, N)}`."""
 
     config_class = BANHeadConfig
+    loss_class = AnswerLoss
 
     def __init__(self, config: BANHeadConfig, **kw) -> None:
         super().__init__(config, **kw)
@@ -72,6 +74,7 @@ class MEVFSANHead(VQAHead):
     """Stacked attention from the pooled question; returns `{"logits": (B, A), "attention": (B, N)}`."""
 
     config_class = SANHeadConfig
+    loss_class = AnswerLoss
 
     def __init__(self, config: SANHeadConfig, **kw) -> None:
         super().__init__(config, **kw)

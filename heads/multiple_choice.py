@@ -10,6 +10,7 @@ from torch import nn
 from ._registry import register_head
 from .base import VQAHead
 from .layers import MASKED_LOGIT, FCNet, wn_linear
+from .losses import MultipleChoiceLoss
 from .mevf import BANHeadConfig, build_ban
 
 
@@ -31,6 +32,9 @@ class MultipleChoiceBANHead(VQAHead):
 
     config_class = MultipleChoiceHeadConfig
     needs_choices = True
+    loss_class = MultipleChoiceLoss
+    supported_losses = ("ce",)
+    default_loss = "ce"
 
     def __init__(self, config: MultipleChoiceHeadConfig, **kw) -> None:
         super().__init__(config, **kw)

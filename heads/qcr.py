@@ -25,6 +25,7 @@ from torch import nn
 from ._registry import register_head
 from .base import CLOSED, VQAHead
 from .layers import MASKED_LOGIT, AnswerClassifier, WordAttentionPool
+from .losses import QCRLoss
 from .mevf import BANHeadConfig, build_ban
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class QCRHead(VQAHead):
     """
 
     config_class = QCRHeadConfig
+    has_type_router = True
+    needs_answer_groups = True
+    loss_class = QCRLoss
 
     def __init__(self, config: QCRHeadConfig, **kw) -> None:
         super().__init__(config, **kw)

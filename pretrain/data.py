@@ -38,7 +38,7 @@ from vqa.io import read_csv, read_jsonl
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "jsonl", "csv", "roco", "hf")
+CAPTION_FORMATS = ("auto", "jsonl", "csv", "roco", "hf")
 # Split names are spelled differently across datasets (phantom: validate, MedPix: dev, ROCO: validation).
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -67,8 +67,8 @@ def split_names(split: str) -> tuple[str, ...]:
 def load_captions(source: str | Path, split: str = "train", fmt: str = "auto", *, image_column: str = "image",
                   caption_column: str = "caption", exclude_vqa_rad: bool = False) -> list[CaptionPair]:
     """Caption pairs of one split; raises DataError naming the file, row and field for bad input."""
-    if fmt not in FORMATS:
-        raise DataError(f"--format {fmt!r}: expected one of {FORMATS}")
+    if fmt not in CAPTION_FORMATS:
+        raise DataError(f"--caption-format {fmt!r}: expected one of {CAPTION_FORMATS}")
     fmt, path = _detect(source, split, fmt)
     if fmt == "jsonl":
         pairs = _from_rows(read_jsonl(path), path, image_column, caption_column, exclude_vqa_rad)
@@ -105,7 +105,7 @@ def _detect(source: str | Path, split: str, fmt: str) -> tuple[str, Path | str]:
             return "jsonl", path
         if path.suffix.lower() in (".csv", ".tsv"):
             return "csv", path
-        raise DataError(f"{path}: cannot tell the format from the suffix; pass --format jsonl or csv")
+        raise DataError(f"{path}: cannot tell the format from the suffix; pass --caption-format jsonl or csv")
     if path.is_dir():
         if fmt == "roco" or (fmt == "auto" and _looks_like_roco(path)):
             return "roco", path

@@ -1,7 +1,7 @@
 """Retrieval (image->text and text->image R@1/5/10) and zero-shot classification of a CLIP model.
 
-    python -m pretrain.evaluate --model runs/pretrain/clip --data runs/phantom/captions --split validate
-    python -m pretrain.evaluate ... --shuffle-captions      # control: pairs broken at random -> chance level
+    medvqa pretrain-eval --model runs/pretrain/clip --data runs/phantom/captions --split validate
+    medvqa pretrain-eval ... --shuffle-captions      # control: pairs broken at random -> chance level
 
 Protocol, stated with every number:
 - retrieval over the pairs of one held-out split, each image against every
@@ -10,13 +10,14 @@ Protocol, stated with every number:
   captions of normal studies) ties with its copies instead of being ranked
   below them at random; chance R@K is K / N;
 - zero-shot: each class is the mean embedding of its prompts (templates x class
-  names, `pretrain/phantom_prompts.json` by default), an image takes the nearest
-  class; the majority-class accuracy is given beside it.
+  names, `pretrain/phantom_prompts.json` by default, any file with `--prompts`), an
+  image takes the nearest class; the majority-class accuracy is given beside it. A
+  label field is scored only when the prompt file names every class the split has:
+  prompts written for other data would score meaningless numbers (a warning says
+  which fields were skipped and why).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -24,11 +25,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from encoders import ImageTable, normalize
 from vqa.errors import DataError
-from vqa.precision import check_precision, get_autocast, resolve_device
+from vqa.training import get_autocast
 
-from .data import CaptionPair, load_captions, shuffle_captions
-from .images import ImageTable, normalize
+from .data import CaptionPair
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -92,7 +93,7 @@ def class_prompts(field_prompts: dict, value: str) -> list[str]:
 @torch.no_grad()
 def zero_shot(model, image_embeds: Tensor, pairs: Sequence[CaptionPair], prompts: dict, device: torch.device,
               precision: str = "fp32") -> dict[str, dict]:
-    """Accuracy per label field present in every pair with at least two classes."""
+    """Accuracy per label field present in every pair, with at least two classes, all named by `prompts`."""
     results = {}
     for field, spec in prompts.items():
         if not pairs or any(field not in p.labels for p in pairs):
@@ -100,6 +101,11 @@ def zero_shot(model, image_embeds: Tensor, pairs: Sequence[CaptionPair], prompts
         truth = [p.labels[field] for p in pairs]
         classes = sorted(set(truth))  # the split's own classes; prompts only name them
         if len(classes) < 2:
+            continue
+        unnamed = [c for c in classes if c not in spec.get("names", {})]
+        if unnamed:
+            log.warning("zero-shot %r skipped: the prompts do not name its classes %s (%d of %d unnamed); pass "
+                        "--prompts with names for this data's classes", field, unnamed[:5], len(unnamed), len(classes))
             continue
         class_embeds = []
         for value in classes:
@@ -128,48 +134,3 @@ def summary_line(metrics: dict) -> str:
     zs = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in metrics.get("zero_shot", {}).items())
     return (f"i2t R@1/5/10 {r['i2t_r1']:.1f}/{r['i2t_r5']:.1f}/{r['i2t_r10']:.1f}, "
             f"t2i {r['t2i_r1']:.1f}/{r['t2i_r5']:.1f}/{r['t2i_r10']:.1f}" + (f"; zero-shot {zs}" if zs else ""))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="OUT/clip of `medvqa pretrain`, a CLIP folder or hub id")
-    p.add_argument("--data", default="runs/phantom/captions")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--split", default="validate")
-    p.add_argument("--image-column", default="image")
-    p.add_argument("--caption-column", default="caption")
-    p.add_argument("--prompts", default=None, help="zero-shot prompt JSON (default: the phantom's)")
-    p.add_argument("--shuffle-captions", action="store_true", help="control: pair captions with random images")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write the metrics JSON here")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .model import load_clip_model
-
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    check_precision(args.precision, device)
-    pairs = load_captions(args.data, args.split, args.format, image_column=args.image_column,
-                          caption_column=args.caption_column)
-    if args.shuffle_captions:
-        pairs = shuffle_captions(pairs, args.seed)
-    model = load_clip_model(args.model).to(device)
-    table = ImageTable([p.image for p in pairs], model.image_encoder.image_size, model.image_encoder.in_chans)
-    metrics = evaluate(model, pairs, table, device, args.precision, load_prompts(args.prompts))
-    metrics["protocol"] = {"split": args.split, "shuffled_captions": args.shuffle_captions}
-    text = json.dumps(metrics, indent=2)
-    if args.out:
-        from vqa.io import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

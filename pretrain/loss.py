@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqa.distributed import World, all_gather_with_grad
+from vqa.training.distributed import World, all_gather_with_grad
 
 
 class ClipLoss(nn.Module):

@@ -1,4 +1,4 @@
-"""A CLIP model around any image tower of `encoders` and any text tower of `pretrain.text`.
+"""A CLIP model around any image tower of `encoders` and any text tower of `encoders.text`.
 
     model = CLIPPretrainModel(create_encoder("vit-tiny"), create_text_tower("bert-tiny", captions=caps),
                               ContrastiveConfig(embed_dim=256))
@@ -29,10 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from encoders import CLIPVisionEncoder, ImageEncoder
+from encoders.text import TextTower, load_tokenizer, save_tokenizer
 from vqa.errors import DataError
 from vqa.io import atomic_dir
-
-from .text import TextTower, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -196,21 +195,13 @@ def _load_own(path: Path, meta: dict) -> CLIPPretrainModel:
     return model
 
 
-def _families() -> dict[str, type[ImageEncoder]]:
-    found, todo = {}, [ImageEncoder]
-    while todo:
-        cls = todo.pop()
-        if cls.family:
-            found[cls.family] = cls
-        todo.extend(cls.__subclasses__())
-    return found
-
-
 def _image_encoder_from_config(meta: dict) -> ImageEncoder:
-    families = _families()
-    if meta.get("family") not in families:
-        raise DataError(f"unknown image encoder family {meta.get('family')!r}; known: {sorted(families)}")
-    return families[meta["family"]].from_config(meta["config"], name=meta.get("name", meta["family"]))
+    from encoders import encoder_from_config
+
+    try:
+        return encoder_from_config(meta, "image_encoder")
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _tower(module: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Linear probes of frozen image features on the phantom's ground truth: what a VQA head could read.
 
-    python -m pretrain.probe --encoder runs/pretrain/encoder --phantom runs/phantom
-    python -m pretrain.probe --encoder vit-tiny --encoder-arg image_size=128 --phantom runs/phantom  # untrained
+    medvqa probe --encoder runs/pretrain/encoder --phantom runs/phantom
+    medvqa probe --encoder vit-tiny --encoder-arg image_size=128 --phantom runs/phantom  # untrained
 
 For each field of `phantom.jsonl`'s scene (modality, plane, region, abnormal,
 count, lesion kind/size/side/organ), a logistic regression on standardised
@@ -12,8 +12,6 @@ class "none", so e.g. lesion_side has classes left/right/none.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -21,10 +19,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from encoders import ImageTable, normalize
 from vqa.errors import DataError
 from vqa.io import read_jsonl
-
-from .images import ImageTable, normalize
 
 log = logging.getLogger(__name__)
 FIELDS = ("modality", "plane", "region", "abnormal", "count", "lesion_kind", "lesion_size", "lesion_side",
@@ -88,32 +85,3 @@ def table(results: dict[str, dict]) -> str:
         vals = " | ".join(f"{results[n][k].get(field, float('nan')):.1f}" for n, k in cols)
         lines.append(f"| {field} | {first['majority'][field]:.1f} | {vals} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from encoders import create_encoder
-
-    from .config import parse_key_values
-
-    p = argparse.ArgumentParser(prog="python -m pretrain.probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", action="append", required=True, help="encoder name or folder (repeatable)")
-    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="overrides for registered names (applied to each)")
-    p.add_argument("--phantom", default="runs/phantom", help="a `medvqa phantom` folder")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed of registered (untrained) encoders")
-    p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
-    results = {}
-    for name in args.encoder:
-        torch.manual_seed(args.seed)
-        kwargs = {} if Path(name).is_dir() else parse_key_values(args.encoder_arg, "--encoder-arg")
-        results[name] = linear_probe(create_encoder(name, **kwargs), args.phantom)
-    print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,6 +16,35 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test on one intra-op thread: the models are small, so one thread is as fast, and immune to the
+    several-fold slowdown that OpenMP spin-waits cause when another job shares the 2 cores; and the numbers
+    do not depend on the machine's core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rank(rank: int, world: int, port: int, fn, config) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    import torch
+
+    torch.set_num_threads(1)
+    fn(config)
+
+
+def spawn_ranks(fn, config, world: int = 2) -> None:
+    """Run `fn(config)` in `world` processes on this machine as torchrun would (gloo on the CPU)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(world, free_port(), fn, config), nprocs=world, join=True)
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """60 phantom images in every format (seed 0)."""

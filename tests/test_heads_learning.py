@@ -19,15 +19,6 @@ ANSWER_WORD = V - A  # answer a is spelt by word id ANSWER_WORD + a (for the cho
 STEPS, BATCH = 250, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and the 2 shared cores stay responsive."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_data(n: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     grid = torch.randn(n, N, D, generator=g)

@@ -1,4 +1,5 @@
-"""heads question side: GloVe loading (text and .npy), embedding init, and the Hugging Face text encoder."""
+"""heads question side: GloVe loading (text and .npy), embedding init, and a Hugging Face text tower as the
+question encoder (`encoders.TextQuestionEncoder`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from encoders.text import TextQuestionEncoder, load_pretrained_text
 from heads import (
-    HFTextQuestionEncoder,
     QuestionEncoder,
     QuestionEncoderConfig,
     create_head,
@@ -104,9 +105,14 @@ def hf_folders(tmp_path_factory):
     return folders
 
 
+def text_encoder(folder, **kw) -> TextQuestionEncoder:
+    pooling = kw.pop("pooling", None)
+    return TextQuestionEncoder(load_pretrained_text(str(folder), pooling=pooling), **kw)
+
+
 @pytest.mark.parametrize("kind", ["clip", "bert"])
 def test_hf_text_encoder_forward_and_padding(hf_folders, kind):
-    encoder = HFTextQuestionEncoder(str(hf_folders[kind]), output_dim=12).eval()
+    encoder = text_encoder(hf_folders[kind], output_dim=12).eval()
     assert encoder.output_dim == 12
     tokens = torch.tensor([[3, 5, 6, 7, 2, 0, 0], [3, 8, 2, 0, 0, 0, 0]])
     lengths = torch.tensor([5, 3])
@@ -119,21 +125,21 @@ def test_hf_text_encoder_forward_and_padding(hf_folders, kind):
 
 
 def test_hf_text_encoder_tokenize(hf_folders):
-    encoder = HFTextQuestionEncoder(str(hf_folders["bert"]), pooling="first")
+    encoder = text_encoder(hf_folders["bert"], pooling="cls")
     tokens, lengths = encoder.tokenize(["is there a lesion?", "lesion"], max_length=8)
     assert tokens.shape == (2, 8) and lengths.tolist() == [7, 3]  # [CLS] ... [SEP]
     assert encoder(tokens, lengths)["pooled"].shape == (2, 16)
 
 
 def test_hf_text_encoder_frozen_stays_in_eval(hf_folders):
-    encoder = HFTextQuestionEncoder(str(hf_folders["clip"]), freeze=True, output_dim=8)
+    encoder = text_encoder(hf_folders["clip"], freeze=True, output_dim=8)
     encoder.train()
-    assert not encoder.model.training and encoder.proj.training
-    assert not any(p.requires_grad for p in encoder.model.parameters())
+    assert not encoder.tower.training and encoder.proj.training
+    assert not any(p.requires_grad for p in encoder.tower.parameters())
 
 
 def test_head_over_hf_text_round_trips_offline(hf_folders):
-    encoder = HFTextQuestionEncoder(str(hf_folders["clip"]))
+    encoder = text_encoder(hf_folders["clip"])
     head = create_head("mevf-ban", feature_dim=10, vocab_sizes={"answers": 5}, question_encoder=encoder, hidden_dim=16)
     features = {"grid": torch.randn(2, 3, 10), "pooled": torch.randn(2, 10)}
     tokens, lengths = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]), torch.tensor([4, 3])
@@ -141,9 +147,9 @@ def test_head_over_hf_text_round_trips_offline(hf_folders):
     out["logits"].sum().backward()
     assert out["logits"].shape == (2, 5) and out["attention"].shape == (2, 3)
     spec = json.loads(json.dumps(head_to_dict(head)))
-    assert spec["question_encoder"]["type"] == "hf"
-    spec["question_encoder"]["config"]["name_or_path"] = "not/on-disk"  # the rebuild must not need it
-    rebuilt = head_from_dict(spec)
+    assert spec["question_encoder"]["type"] == "module"
+    spec["question_encoder"]["config"]["tower"]["source"] = "not/on-disk"  # the rebuild must not need it
+    rebuilt = head_from_dict(spec, TextQuestionEncoder.from_config(spec["question_encoder"]["config"]))
     rebuilt.load_state_dict(head.state_dict(), strict=True)
     head.eval(), rebuilt.eval()
     torch.testing.assert_close(rebuilt(features, tokens, lengths)["logits"], head(features, tokens, lengths)["logits"])

@@ -10,7 +10,7 @@ import torch
 
 from encoders import create_encoder
 from heads import load_glove
-from vqa.commands.import_weights import import_mevf
+from vqa.importers import import_mevf
 from vqa.errors import DataError
 
 from .conftest import shared_data

@@ -171,7 +171,7 @@ def test_head_without_router_types_from_answer(predictor_phantom, tmp_path, samp
 def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     from vqa import Predictor
 
-    bundle = _train_tiny(predictor_phantom, tmp_path, dataset="pmc-vqa", data=str(predictor_phantom / "pmc-vqa"),
+    bundle = _train_tiny(predictor_phantom, tmp_path, format="pmc-vqa", data=str(predictor_phantom / "pmc-vqa"),
                          head="mc-ban", head_args={"hidden_dim": 32, "glimpses": 1})
     mc = Predictor.from_bundle(bundle)
     choices = ["ct", "mri", "x-ray"]

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from pretrain.data import load_captions, shuffle_captions, split_names
-from pretrain.images import ImageTable, StreamingImages, augment, image_source, normalize
+from encoders import ImageTable, StreamingImages, image_source, normalize
+from pretrain.augment import augment
 from vqa.errors import DataError
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,39 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.train import PretrainConfig, pretrain
+from pretrain import PretrainConfig, pretrain
 
-from .conftest import free_port
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast here, and immune to the several-fold slowdown that
-    OpenMP spin-waits cause when another job shares the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _worker(rank: int, world: int, port: int, cfg: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    torch.set_num_threads(1)
-    pretrain(PretrainConfig(**cfg))
+from .conftest import spawn_ranks
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path):
-    import torch.multiprocessing as mp
-
     # clip-vit-tiny has LayerNorm only (BatchNorm statistics would differ per process); no dropout
     base = PretrainConfig(data=str(phantom_dir / "captions"), epochs=1, lr=1e-3, warmup_epochs=1.0, embed_dim=16,
                           val_split="none", progress=False, encoder="clip-vit-tiny", text="bert-tiny")
     one = asdict(base) | {"batch_size": 16, "out": str(tmp_path / "one")}
     two = asdict(base) | {"batch_size": 8, "out": str(tmp_path / "two")}
     single = pretrain(PretrainConfig(**one))
-    mp.spawn(_worker, args=(2, free_port(), two), nprocs=2, join=True)
+    spawn_ranks(pretrain, PretrainConfig(**two))
     h1 = single["history"]
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-5)

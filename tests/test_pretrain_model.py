@@ -12,10 +12,12 @@ from encoders import create_encoder
 from pretrain.evaluate import class_prompts, load_prompts, retrieval_metrics
 from pretrain.loss import ClipLoss, MaskedLMLoss
 from pretrain.model import CLIPPretrainModel, ContrastiveConfig, load_clip_model
-from pretrain.step import StepOptions, batch_plan, make_batch, train_step
-from pretrain.text import build_word_tokenizer, create_text_tower, mask_tokens, minilm_folder
-from vqa.distributed import World
+from encoders.text import build_word_tokenizer, create_text_tower, mask_tokens, minilm_folder
+from pretrain import PretrainConfig
+from pretrain.task import ContrastiveTask, Micro, Split
 from vqa.errors import DataError
+from vqa.training import StepContext, World, epoch_plan
+from vqa.training.schedule import Shard
 
 CAPTIONS = ["Axial CT of the brain: no abnormality seen.", "PA chest radiograph showing two small masses in the "
             "left lung.", "Sagittal MRI abdomen image with no focal lesion.", "Coronal CT of the chest demonstrates "
@@ -29,10 +31,14 @@ def _model(encoder: str = "clip-vit-tiny", text: str = "bert-tiny", seed: int = 
 
 
 def _inputs(model, n: int = 4, seed: int = 0) -> dict:
+    """Normalised "pixels" (the model's input) and their uint8 source "raw", with the captions' tokens."""
     g = torch.Generator().manual_seed(seed)
     enc = model.image_encoder
     tokens = model.text.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(n)])
-    return {"pixels": torch.randn(n, enc.in_chans, enc.image_size, enc.image_size, generator=g), **tokens}
+    raw = torch.randint(0, 256, (n, enc.in_chans, enc.image_size, enc.image_size), generator=g, dtype=torch.uint8)
+    from encoders import normalize
+
+    return {"pixels": normalize(raw, enc, torch.device("cpu")), "raw": raw, **tokens}
 
 
 def test_clip_loss_matches_the_definition():
@@ -170,25 +176,48 @@ def test_clip_towers_save_as_a_transformers_clip_model(tmp_path):
         torch.testing.assert_close(enc(batch["pixels"])["pooled"], model.image_encoder(batch["pixels"])["pooled"])
 
 
+def _plan(n, batch, world, accum, seed, epoch):
+    return [[shard.indices for shard in step] for step in epoch_plan(n, batch, world, seed, epoch, accum)]
+
+
 def test_batch_plan_splits_global_batches_across_ranks():
-    one = batch_plan(20, 8, World(), 1, seed=3, epoch=1)
-    r0, r1 = batch_plan(20, 4, World(0, 0, 2), 1, 3, 1), batch_plan(20, 4, World(1, 1, 2), 1, 3, 1)
+    one = _plan(20, 8, World(), 1, seed=3, epoch=1)
+    r0, r1 = _plan(20, 4, World(0, 0, 2), 1, 3, 1), _plan(20, 4, World(1, 1, 2), 1, 3, 1)
     assert len(one) == len(r0) == 2  # 20 // 8, the rest dropped
     for s in range(2):
         assert torch.equal(torch.cat([r0[s][0], r1[s][0]]), one[s][0])
-    accum = batch_plan(20, 4, World(), 2, 3, 1)
+    accum = _plan(20, 4, World(), 2, 3, 1)
     assert torch.equal(torch.cat(accum[0]), one[0][0])
-    assert not torch.equal(batch_plan(20, 8, World(), 1, 3, 2)[0][0], one[0][0])  # a new order each epoch
+    assert not torch.equal(_plan(20, 8, World(), 1, 3, 2)[0][0], one[0][0])  # a new order each epoch
+
+
+def test_batch_plan_keeps_the_last_small_batch_when_asked():
+    plan = epoch_plan(21, 8, World(), 0, 0, drop_last=False)
+    assert [len(step[0]) for step in plan] == [8, 8, 5] and plan[-1][0].share == 1.0
+    r0 = epoch_plan(21, 4, World(0, 0, 2), 0, 0, drop_last=False)
+    r1 = epoch_plan(21, 4, World(1, 1, 2), 0, 0, drop_last=False)
+    assert torch.equal(torch.cat([r0[-1][0].indices, r1[-1][0].indices]), plan[-1][0].indices)
+    # 5 samples over 2 ranks: 3 and 2, weighted so that DDP's average is the mean over the 5
+    assert (len(r0[-1][0]), len(r1[-1][0])) == (3, 2)
+    assert r0[-1][0].share == pytest.approx(2 * 3 / 5) and r1[-1][0].share == pytest.approx(2 * 2 / 5)
+
+
+def _task(model, text, **cfg) -> ContrastiveTask:
+    n = len(text["input_ids"])
+    config = PretrainConfig(batch_size=n, **cfg)
+    return ContrastiveTask(config, model, Split([None] * n, None, text), None, torch.device("cpu"), World())
 
 
 def _one_step(model, inputs_list, accum_batches) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
-    opts = StepOptions("fp32", clip_norm=None)
-    micro = [({k: v[idx] for k, v in inputs_list.items()}, None) for idx in accum_batches]
-    stats = train_step(model, model, micro, ClipLoss(), MaskedLMLoss(), optimizer, None, params, opts,
-                       torch.device("cpu"))
-    return stats
+    text = {k: inputs_list[k] for k in ("input_ids", "attention_mask")}
+    task = _task(model, text)
+    micro = [Micro(Shard(idx), inputs_list["raw"][idx], 0, 0, m) for m, idx in enumerate(accum_batches)]
+    out = task.training_step(model, micro, StepContext("fp32", torch.device("cpu"), None))
+    optimizer.step()
+    task.after_optimizer_step()
+    return {k: float(v) for k, v in out.losses.items()}
 
 
 def test_accumulation_equals_the_big_batch():
@@ -207,8 +236,8 @@ def test_make_batch_masks_for_mlm_and_trims_padding():
     text = model.text.tokenize(CAPTIONS)
     idx = torch.tensor([0, 2])
     pixels = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
-    opts = StepOptions("fp32", None, mlm_weight=1.0, mlm_probability=0.5)
-    batch, labels = make_batch(model, idx, pixels, text, torch.device("cpu"), opts, torch.Generator().manual_seed(0))
+    task = _task(model, text, mlm_weight=1.0, mlm_probability=0.5)
+    batch, labels = task.make_batch(Micro(Shard(idx), pixels, 0, 0, 0))
     assert batch["input_ids"].shape[1] == int(text["attention_mask"][idx].sum(1).max())
     assert labels is not None and (labels != -100).any() and "mlm_input_ids" in batch
     out = model(batch)

@@ -11,20 +11,12 @@ from safetensors.torch import load_file
 
 from encoders import create_encoder
 from pretrain.model import load_clip_model
-from pretrain.train import PretrainConfig, build_model, main, pretrain
+from pretrain import PretrainConfig, pretrain
 from pretrain.data import load_captions
+from pretrain.train import build_model
+from vqa.cli.pretrain import main
 from vqa.errors import DataError
-from vqa.runtime import seed_everything
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one intra-op thread is as fast here, and immune to the several-fold slowdown that
-    OpenMP spin-waits cause when another job shares the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from vqa.training import seed_everything
 
 
 def _cfg(phantom_dir: Path, out: Path, **kw) -> PretrainConfig:
@@ -78,7 +70,7 @@ def test_outputs_load_and_match_the_trained_towers(phantom_dir, tmp_path):
     assert metrics["before"]["retrieval"]["n"] == metrics["after"]["retrieval"]["n"] > 0
     for p in (out / "encoder").iterdir():  # weights only as safetensors
         assert p.suffix in (".json", ".safetensors")
-    from pretrain.evaluate import main as evaluate_main
+    from vqa.cli.pretrain_eval import main as evaluate_main
 
     evaluate_main(["--model", str(out / "clip"), "--data", cfg.data, "--split", "test", "--shuffle-captions",
                    "--out", str(tmp_path / "control.json")])

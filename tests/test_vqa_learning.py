@@ -37,7 +37,7 @@ def world(tmp_path_factory):
 
 def _train_eval(world, head: str, dataset: str = "vqa-rad", **head_args):
     data = str(world / "phantom" / dataset)
-    cfg = TrainConfig(dataset=dataset, data=data, encoder=str(world / "pretrain" / "encoder"), head=head,
+    cfg = TrainConfig(format=dataset, data=data, encoder=str(world / "pretrain" / "encoder"), head=head,
                       head_args={"hidden_dim": 256, "dropout": 0.1, "classifier_dropout": 0.1, **head_args},
                       question_dim=128, embed_dim=64, loss="ce", batch_size=32, lr=3e-3, epochs=20,
                       out=str(world / head), cache_dir=str(world / "cache"), progress=False)

@@ -47,6 +47,16 @@ class Bundle:
     def choice_len(self) -> int:
         return int(self.config["tokenizer"].get("choice_len", 8))
 
+    @property
+    def loss(self) -> str:
+        """The loss the head was trained with (bundles from before it was recorded: the head's default)."""
+        return self.config.get("training", {}).get("loss", self.model.head.default_loss)
+
+    @property
+    def score_kind(self) -> str:
+        """Scores follow the training loss: per-answer sigmoids after BCE, a softmax after cross-entropy."""
+        return "softmax" if self.loss == "ce" else "sigmoid"
+
 
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: WordVocab,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
@@ -54,9 +64,10 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
     """Write `model` and its vocabularies as a bundle folder, atomically (temp folder, then rename)."""
     from heads import head_to_dict
 
+    state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    _check_finite(model, state)
     with atomic_dir(path, overwrite=True) as tmp:
         model.encoder.save_pretrained(tmp / "encoder")
-        state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         answers.save(tmp / "answers.json")
         words.save(tmp / "vocab.json")
@@ -72,6 +83,15 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
         atomic_write_json(tmp / "metrics.json", metrics or {})
     log.info("saved bundle %s", path)
     return Path(path)
+
+
+def _check_finite(model: VQAModel, head_state: dict[str, torch.Tensor]) -> None:
+    """A model with NaN or infinite weights is never saved: it would answer garbage with confidence."""
+    named = [(f"head.{k}", v) for k, v in head_state.items()]
+    named += [(f"encoder.{k}", v) for k, v in model.encoder.state_dict().items()]
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"refusing to save a bundle with non-finite weights ({name}): training diverged")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:

@@ -1,9 +1,6 @@
-"""The one error type for bad user input (files, fields, values)."""
+"""The one error type for bad user input; defined in `encoders` (the lowest layer) so every package shares it."""
 from __future__ import annotations
 
+from encoders._errors import DataError
 
-class DataError(ValueError):
-    """Bad input from the user: the message names the file, field/line and value.
-
-    The CLI prints it as one line and exits non-zero, without a traceback.
-    """
+__all__ = ["DataError"]

@@ -1,4 +1,4 @@
-"""`medvqa eval`: score a bundle on a benchmark split with the published protocol.
+"""Evaluation (`medvqa eval`): score a bundle on a benchmark split with the published protocol.
 
 Reports overall / closed / open accuracy (closed/open from the dataset's own
 answer_type, never a predicted type), per question type, BLEU and token F1 on
@@ -8,7 +8,6 @@ predictions.jsonl and plots.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -22,10 +21,10 @@ from .data import load_records, load_vqa_rad
 from .data.record import Record
 from .errors import DataError
 from .features import feature_table
-from .inference import Predictions, predict
+from .inference import Predictions, answer_scores, predict
 from .io import atomic_write_json, atomic_write_text
 from .metrics import choice_metrics, closed_confusion, vqa_metrics
-from .precision import check_precision, resolve_device
+from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +32,12 @@ log = logging.getLogger(__name__)
 def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str = "fp32",
                     cache_dir: str | None = None, progress: bool = True) -> Predictions:
     """The bundle's answers to `records`, encoding each image once through the feature cache."""
-    images, rows = unique_images(records)
+    images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.words, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
-    return predict(bundle.model, questions, table, records, bundle.answers, device, precision)
+    mc = questions.choice_tokens is not None
+    return predict(bundle.model, questions, table, bundle.answers, device, precision,
+                   choices=[r.choices for r in records] if mc else None)
 
 
 def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict:
@@ -51,16 +52,17 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
              device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
              progress: bool = True) -> tuple[dict, list[Record], Predictions]:
-    """Score `bundle_path` on `split` of a dataset; returns (report, records, predictions)."""
+    """Score `bundle_path` on `split` of a dataset in format `fmt`; returns (report, records, predictions)."""
     dev = resolve_device(device)
     check_precision(precision, dev)
     bundle = load_bundle(bundle_path, dev)
-    records = load_records(fmt, data, split, **({"lang": lang} if fmt in ("slake", "hf") else {}))
+    records = load_records(fmt, data, split, lang=lang)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
     preds = predict_records(bundle, records, dev, precision, cache_dir, progress)
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,
+        "score_kind": "softmax" if bundle.model.head.needs_choices else bundle.score_kind,
         "protocol": {
             "closed_open": "the dataset's own answer_type" if fmt != "hf" else "answer_type, or inferred (yes/no)",
             "answers": bundle.answers.protocol,
@@ -73,9 +75,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
         freeform = {r.source_id for r in load_vqa_rad(data, split, freeform_only=True)}
         keep = [i for i, r in enumerate(records) if r.source_id in freeform]
         if keep and len(keep) < len(records):
-            sub = Predictions([preds.answers[i] for i in keep],
-                              [preds.types[i] for i in keep] if preds.types else None, preds.scores[keep])
-            report["subsets"]["freeform"] = score(bundle, [records[i] for i in keep], sub)
+            report["subsets"]["freeform"] = score(bundle, [records[i] for i in keep], preds.subset(keep))
     return report, records, preds
 
 
@@ -151,48 +151,20 @@ def save_plots(report: dict, records: Sequence[Record], preds: Predictions, out:
 
 
 def write_outputs(report: dict, records: Sequence[Record], preds: Predictions, out: str | Path) -> Path:
+    """metrics.json, report.md, predictions.jsonl (each answer with its score, as the Predictor gives it), plots."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", report)
     atomic_write_text(out / "report.md", markdown_report(report))
+    mc = bool(records) and all(r.choices for r in records)
+    scores = answer_scores(preds.logits, report.get("score_kind", "sigmoid"),
+                           [len(r.choices) for r in records] if mc else None)
+    best = scores.max(1).values.tolist() if len(records) else []
     lines = [json.dumps({"source_id": r.source_id, "question": r.question, "answer": r.answer,
                          "answer_type": r.answer_type, "question_type": r.question_type, "prediction": p,
-                         "correct": p == r.answer, **({"predicted_type": t} if t else {})})
-             for r, p, t in zip(records, preds.answers, preds.types or [None] * len(records))]
+                         "score": round(float(sc), 6), "correct": p == r.answer,
+                         **({"predicted_type": t} if t else {})})
+             for r, p, t, sc in zip(records, preds.answers, preds.types or [None] * len(records), best)]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     save_plots(report, records, preds, out)
     return out
-
-
-EXAMPLE = """examples:
-  medvqa eval --bundle runs/ban/bundle --dataset vqa-rad --data runs/phantom/vqa-rad
-  medvqa eval --bundle runs/slake-qcr/bundle --dataset slake --data path/to/Slake1.0 --out runs/slake-qcr/test
-
-VQA-RAD's test split is scored on all questions and on MEVF's freeform subset."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", required=True, help="a bundle folder written by `medvqa train`")
-    p.add_argument("--dataset", required=True, choices=["vqa-rad", "slake", "pmc-vqa", "hf"])
-    p.add_argument("--data", required=True, help="dataset folder (or hub id with --dataset hf)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--lang", default="en")
-    p.add_argument("--out", default=None, help="output folder (default: BUNDLE/eval-DATASET-SPLIT)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report, records, preds = evaluate(args.bundle, args.dataset, args.data, args.split, args.lang, args.device,
-                                      args.precision, args.cache_dir, not args.no_progress)
-    out = write_outputs(report, records, preds,
-                        args.out or Path(args.bundle) / f"eval-{args.dataset}-{args.split}")
-    print(markdown_report(report))
-    print(f"wrote {out}/metrics.json, report.md, predictions.jsonl and plots")
-    return 0

@@ -1,4 +1,9 @@
-"""Image inputs for the heads: cached encoder features (frozen) or preprocessed pixels (fine-tuning)."""
+"""Image inputs for the heads: frozen encoder features (cached, or computed for the Predictor) or pixels.
+
+Every path gives the head the same numbers for the same image: features are computed by
+`ImageEncoder.encode` and kept in float16, as the feature cache stores them, and pixels go
+through the encoder's own preprocessing (`encoders.pixels`).
+"""
 from __future__ import annotations
 
 import logging
@@ -26,8 +31,7 @@ def feature_table(encoder, images: Sequence, cache_dir: str | Path | None = None
                   device: torch.device | str = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
     """Features of `images` as {"grid": (I, N, D), "pooled": (I, D)} float16, encoded at most once ever.
 
-    Rows follow `images`. Missing images are encoded into the on-disk cache first.
-    """
+    Rows follow `images`. Missing images are encoded into the on-disk cache first."""
     from encoders import FeatureCache
 
     folder = cache_folder(encoder, cache_dir)
@@ -38,13 +42,15 @@ def feature_table(encoder, images: Sequence, cache_dir: str | Path | None = None
 
 
 @torch.no_grad()
-def pixel_table(encoder, images: Sequence, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """Preprocessed pixels of `images` (I, C, H, W) float16, for training through the encoder."""
-    from encoders import load_image
-    from tqdm import tqdm
+def encode_features(encoder, images: Sequence, batch_size: int = 32,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The same table as `feature_table`, computed without the cache (images the Predictor is given)."""
+    parts = [encoder.encode(images[start:start + batch_size], device) for start in range(0, len(images), batch_size)]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("grid", "pooled")}
 
-    chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="preprocess", disable=not progress):
-        batch = [load_image(im) for im in images[start:start + batch_size]]
-        chunks.append(encoder.preprocess(batch).to(torch.float16))
-    return torch.cat(chunks) if chunks else torch.zeros(0)
+
+def pixel_table(encoder, images: Sequence, progress: bool = True):
+    """The images as uint8 pixels at the encoder's size (`encoders.ImageTable`), for training through it."""
+    from encoders import ImageTable
+
+    return ImageTable(images, encoder.image_size, encoder.in_chans, progress=progress)

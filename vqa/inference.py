@@ -1,4 +1,12 @@
-"""Running a model over a split: batched scoring of cached features or pixels."""
+"""The one inference path: training-time validation, `medvqa eval`, the Predictor, `predict` and the demo.
+
+    preds = predict(model, questions, images, answers, device)   # questions: vqa.batches.QuestionTensors
+    scores = answer_scores(preds.logits, score_kind)              # what users are shown
+
+`images` is a feature table ({"grid": (I, N, D), "pooled": (I, D)}, cached or computed by
+`vqa.features`) or an `encoders.ImageTable` of pixels (fine-tuning); the model applies its
+own feature selection (`VQAModel.select`) either way.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,28 +16,40 @@ import torch
 
 from .answers import AnswerVocab
 from .batches import OPEN_ID, QuestionTensors
-from .data.record import CLOSED, OPEN, Record
+from .data.record import CLOSED, OPEN
 from .model import VQAModel
-from .precision import get_autocast
+from .training.precision import get_autocast
 
 CHOICE_KEYS = ("choice_tokens", "choice_lengths")
+MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)
+SCORE_KINDS = ("sigmoid", "softmax")
 
 
 @dataclass
 class Predictions:
     answers: list[str]  # predicted answer (or chosen choice) per question
-    types: list[str] | None  # QCR's predicted CLOSED/OPEN, None for heads without a router
-    scores: torch.Tensor  # (Q, A) or (Q, C) logits, float32 on CPU
+    types: list[str] | None  # the type router's CLOSED/OPEN; None for heads without one
+    logits: torch.Tensor  # (Q, A) answers or (Q, C) choices, float32 on the CPU
+    attention: torch.Tensor  # (Q, N) the head's attention over the image regions
+    type_probs: torch.Tensor | None  # (Q, 2) the router's softmax (CLOSED, OPEN)
+
+    def subset(self, index: Sequence[int]) -> "Predictions":
+        keep = torch.as_tensor(list(index), dtype=torch.long)
+        return Predictions([self.answers[i] for i in index], None if self.types is None else
+                           [self.types[i] for i in index], self.logits[keep], self.attention[keep],
+                           None if self.type_probs is None else self.type_probs[keep])
 
 
-def model_inputs(batch: dict[str, torch.Tensor], images: torch.Tensor | dict[str, torch.Tensor],
+def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images,
                  device: torch.device) -> tuple[object, dict]:
-    """Gather one batch's image inputs (feature rows or pixels) and question tensors onto `device`."""
+    """One batch's image inputs (feature rows, or normalised pixels) and choice tensors on `device`."""
     rows = batch["rows"]
     if isinstance(images, dict):
         image_in = {k: v[rows].to(device, non_blocking=True).float() for k, v in images.items()}
     else:
-        image_in = images[rows].to(device, non_blocking=True).float()
+        from encoders import normalize
+
+        image_in = normalize(images.pixels[rows], model.encoder, device)
     kwargs = {k: batch[k].to(device) for k in CHOICE_KEYS if k in batch}
     return image_in, kwargs
 
@@ -42,24 +62,41 @@ def run_model(model: VQAModel, image_in, tokens: torch.Tensor, lengths: torch.Te
 
 
 @torch.no_grad()
-def predict(model: VQAModel, questions: QuestionTensors, images, records: Sequence[Record],
-            answers: AnswerVocab, device: torch.device, precision: str = "fp32",
-            batch_size: int = 256) -> Predictions:
-    """Predicted answers for every question (choices for multiple choice), in order."""
+def predict(model: VQAModel, questions: QuestionTensors, images, answers: AnswerVocab, device: torch.device,
+            precision: str = "fp32", batch_size: int = 256,
+            choices: Sequence[Sequence[str]] | None = None) -> Predictions:
+    """The model's answers to every question, in order (the chosen choice for multiple choice)."""
     model.eval()
-    logits, routed = [], []
+    logits, attention, routed = [], [], []
     for batch in questions.batches(batch_size):
-        image_in, kwargs = model_inputs(batch, images, device)
+        image_in, kwargs = model_inputs(model, batch, images, device)
         with get_autocast(precision, device):
             out = run_model(model, image_in, batch["tokens"].to(device), batch["lengths"].to(device), **kwargs)
         logits.append(out["logits"].float().cpu())
+        attention.append(out["attention"].float().cpu())
         if "type_logits" in out:
-            routed.append(out["type_logits"].argmax(1).cpu())
-    scores = torch.cat(logits) if logits else torch.zeros(0, len(answers))
+            routed.append(out["type_logits"].float().softmax(-1).cpu())
+    width = len(answers) if questions.choice_tokens is None else questions.choice_tokens.shape[1]
+    scores = torch.cat(logits) if logits else torch.zeros(0, width)
     best = scores.argmax(1).tolist()
     if questions.choice_tokens is not None:
-        predicted = [r.choices[i] if i < len(r.choices) else "" for r, i in zip(records, best)]
+        chosen = [c[i] if i < len(c) else "" for c, i in zip(choices or [], best)]
     else:
-        predicted = [answers.answers[i] for i in best]
-    types = [OPEN if t == OPEN_ID else CLOSED for t in torch.cat(routed).tolist()] if routed else None
-    return Predictions(predicted, types, scores)
+        chosen = [answers.answers[i] for i in best]
+    type_probs = torch.cat(routed) if routed else None
+    types = None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
+    att = torch.cat(attention) if attention else torch.zeros(0, 1)
+    return Predictions(chosen, types, scores, att, type_probs)
+
+
+def answer_scores(logits: torch.Tensor, score_kind: str, n_choices: Sequence[int] | None = None) -> torch.Tensor:
+    """Logits -> the scores users see: per-answer sigmoids (BCE-trained heads) or a softmax (CE, choices).
+
+    Answers a head ruled out (a QCR branch's other group), and absent choices, score -1."""
+    if score_kind not in SCORE_KINDS:
+        raise ValueError(f"score_kind must be one of {SCORE_KINDS}, got {score_kind!r}")
+    if n_choices is not None:
+        valid = torch.arange(logits.shape[1])[None, :] < torch.as_tensor(list(n_choices))[:, None]  # (Q, C)
+        return logits.masked_fill(~valid, float("-inf")).softmax(-1).masked_fill(~valid, -1.0)
+    scores = logits.softmax(-1) if score_kind == "softmax" else logits.sigmoid()
+    return scores.masked_fill(logits <= MASKED, -1.0)

@@ -12,8 +12,9 @@ IMAGE_FEATURES = ("grid", "pooled")
 class VQAModel(nn.Module):
     """Pixels or cached features + a tokenised question -> the head's outputs.
 
-    Training on a frozen encoder feeds cached features to `forward`; fine-tuning
-    the encoder (MEVF's recipe) and inference go through `forward_pixels`.
+    Training on a frozen encoder, evaluation and the Predictor feed features (cached, or
+    computed by `ImageEncoder.encode`) to `forward`; fine-tuning the encoder (MEVF's
+    recipe) goes through `forward_pixels`.
     `image_features` picks what the head attends over: the encoder's grid of
     regions (B, N, D), or its pooled vector as a single region (B, 1, D), which
     is how PubMedCLIP feeds CLIP's image embedding to MEVF/QCR heads.
@@ -41,6 +42,5 @@ class VQAModel(nn.Module):
                        **choices: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(pixels)  # {"grid": (B, N, D), "pooled": (B, D), ...}
         out = dict(self.head(self.select(features), tokens, lengths, **choices))
-        if "reconstruction" in features:  # MEVF's autoencoder, trained with its own loss
-            out["reconstruction"] = features["reconstruction"]
+        out["image_features"] = features  # for the encoder's own auxiliary loss (MEVF's autoencoder)
         return out

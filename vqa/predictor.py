@@ -31,16 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batches import encode_queries, unique_images
 from .bundle import Bundle, load
 from .data.record import CLOSED, OPEN, YES_NO
 from .errors import DataError
+from .features import encode_features
+from .inference import Predictions, answer_scores, predict
 from .text import tokenize
 
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 500  # longer text is not a question; the model reads `max_len` words anyway
 MAX_IMAGE_SIDE = 2048  # larger images are downscaled on load (the encoder sees a few hundred pixels)
-_MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)
 
 
 @dataclass
@@ -161,10 +163,13 @@ def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
 
 
 class Predictor:
-    """A bundle's model in eval mode behind `predict` / `predict_batch` (no gradients, any device)."""
+    """A bundle's model in eval mode behind `predict` / `predict_batch` (no gradients, any device).
+
+    Answers go through `vqa.inference.predict`, the code training-time validation and
+    `medvqa eval` use, on features computed as the feature cache computes them."""
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", path: str | Path | None = None) -> None:
-        from .precision import resolve_device
+        from .training.precision import resolve_device
 
         self.device = resolve_device(str(device))
         self.model = bundle.model.to(self.device).eval()
@@ -172,10 +177,8 @@ class Predictor:
         self.answers, self.words, self.max_len = bundle.answers, bundle.words, bundle.max_len
         self.choice_len = bundle.choice_len
         self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
-        self.has_router = self.head.name == "qcr"
-        # Scores follow the training loss: BCE-trained heads score each answer on its own.
-        trained_with = bundle.config.get("training", {}).get("loss", "bce")
-        self.score_kind = "softmax" if self.head.needs_choices or trained_with == "ce" else "sigmoid"
+        self.has_router = self.head.has_type_router
+        self.score_kind = "softmax" if self.head.needs_choices else bundle.score_kind
         self._known = set(self.words.words)
 
     @classmethod
@@ -230,81 +233,26 @@ class Predictor:
         if top_k < 1:
             raise DataError(f"top_k must be at least 1, got {top_k}")
         started = time.perf_counter()
-        texts = [self._checked(check_question, q, i, len(questions)) for i, q in enumerate(questions)]
-        loaded, rows = self._load_images(images)
-        predictions: list[Prediction] = []
+        texts = [_checked(check_question, q, i, len(questions)) for i, q in enumerate(questions)]
+        distinct, rows = unique_images(images)
+        position = {r: i for i, r in reversed(list(enumerate(rows)))}  # first question asking about each image
+        loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
+        queries = encode_queries(texts, rows, self.words, self.max_len, choices, self.choice_len)
         with torch.inference_mode():
-            features = self._encode([item.image for item in loaded], batch_size)  # {"grid": (I, N, D), ...}
-            for start in range(0, len(texts), batch_size):
-                chunk = slice(start, start + batch_size)
-                index = torch.tensor(rows[chunk], dtype=torch.long)
-                out = self._run_head({k: v[index] for k, v in features.items()}, texts[chunk],
-                                     None if choices is None else choices[chunk])
-                predictions += self._decode(out, texts[chunk], [loaded[r] for r in rows[chunk]], top_k,
-                                            None if choices is None else choices[chunk])
-        per_question = (time.perf_counter() - started) / max(len(predictions), 1)
-        for p in predictions:
+            table = encode_features(self.encoder, [item.image for item in loaded], batch_size, self.device)
+            preds = predict(self.model, queries, table, self.answers, self.device, batch_size=batch_size,
+                            choices=choices)
+        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices)
+        per_question = (time.perf_counter() - started) / max(len(results), 1)
+        for p in results:
             p.seconds = per_question
-        return predictions
+        return results
 
     # -- steps ---------------------------------------------------------------------
-    @staticmethod
-    def _checked(fn, value, i: int, n: int):
-        try:
-            return fn(value)
-        except DataError as e:
-            raise DataError(f"item {i}: {e}" if n > 1 else str(e)) from None
-
-    def _load_images(self, images: Sequence[Any]):
-        """Distinct images (by path, or by object identity), and each question's row among them."""
-        first: dict[Any, int] = {}
-        loaded, rows = [], []
-        for i, image in enumerate(images):
-            key = os.path.abspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
-            if key not in first:
-                first[key] = len(loaded)
-                loaded.append(self._checked(read_image, image, i, len(images)))
-            rows.append(first[key])
-        return loaded, rows
-
-    def _encode(self, images: list[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
-        grids, pooled = [], []
-        for start in range(0, len(images), batch_size):
-            pixels = self.encoder.preprocess(images[start:start + batch_size]).to(self.device)  # (B, C, S, S)
-            feats = self.encoder(pixels)  # {"grid": (B, N, D), "pooled": (B, D)}
-            grids.append(feats["grid"].float())
-            pooled.append(feats["pooled"].float())
-        return {"grid": torch.cat(grids), "pooled": torch.cat(pooled)}
-
-    def _run_head(self, features: dict[str, torch.Tensor], texts: list[str],
-                  choices: Sequence[Sequence[str]] | None) -> dict[str, torch.Tensor]:
-        encoded = [self.words.encode(t, self.max_len) for t in texts]
-        tokens = torch.tensor([ids for ids, _ in encoded], dtype=torch.long, device=self.device)  # (B, L)
-        lengths = torch.tensor([n for _, n in encoded], dtype=torch.long, device=self.device)  # (B,)
-        kwargs = {}
-        if choices is not None:
-            n_choices = max(len(c) for c in choices)
-            toks = torch.zeros(len(texts), n_choices, self.choice_len, dtype=torch.long)  # (B, C, Lc)
-            lens = torch.zeros(len(texts), n_choices, dtype=torch.long)  # (B, C); 0 = no choice
-            for i, options in enumerate(choices):
-                for j, option in enumerate(options):
-                    ids, n = self.words.encode(str(option), self.choice_len)
-                    toks[i, j], lens[i, j] = torch.tensor(ids), n
-            kwargs = {"choice_tokens": toks.to(self.device), "choice_lengths": lens.to(self.device)}
-        return self.head(features, tokens, lengths, **kwargs)
-
-    def _decode(self, out: dict[str, torch.Tensor], texts: list[str], images: list[LoadedImage], top_k: int,
+    def _decode(self, preds: Predictions, texts: list[str], images: list[LoadedImage], top_k: int,
                 choices: Sequence[Sequence[str]] | None) -> list[Prediction]:
-        logits = out["logits"].float().cpu()  # (B, A) or (B, C)
-        if choices is not None:
-            valid = torch.tensor([[j < len(c) for j in range(logits.shape[1])] for c in choices])
-            logits = logits.masked_fill(~valid, float("-inf"))
-            scores = logits.softmax(-1)
-        else:
-            scores = logits.softmax(-1) if self.score_kind == "softmax" else logits.sigmoid()
-            scores = scores.masked_fill(logits <= _MASKED, -1.0)  # answers the router's branch rules out
-        attention = out["attention"].float().cpu().numpy()  # (B, N)
-        types = out["type_logits"].float().softmax(-1).cpu() if "type_logits" in out else None  # (B, 2)
+        scores = answer_scores(preds.logits, self.score_kind, None if choices is None else [len(c) for c in choices])
+        attention = preds.attention.numpy()  # (Q, N)
         labels = self.answers.answers
         results = []
         for i, text in enumerate(texts):
@@ -313,9 +261,9 @@ class Predictor:
             names = list(choices[i]) if choices is not None else labels
             top = [(str(names[j]), float(v)) for v, j in zip(values.tolist(), index.tolist()) if v >= 0]
             answer, score = top[0] if top else ("", 0.0)
-            if types is not None:
-                t = int(types[i].argmax())
-                qtype, source, qscore = (CLOSED, OPEN)[t], "router", float(types[i, t])
+            if preds.type_probs is not None:
+                t = int(preds.type_probs[i].argmax())
+                qtype, source, qscore = (CLOSED, OPEN)[t], "router", float(preds.type_probs[i, t])
             else:
                 qtype, source, qscore = (CLOSED if answer in YES_NO else OPEN), "answer", None
             results.append(Prediction(
@@ -340,3 +288,11 @@ class Predictor:
         if len(words) > self.max_len:
             notes.append(f"the question has {len(words)} tokens; the model reads the first {self.max_len}")
         return notes
+
+
+def _checked(fn, value, i: int, n: int):
+    """`fn(value)`, its DataError prefixed with the item's position in a batch of several."""
+    try:
+        return fn(value)
+    except DataError as e:
+        raise DataError(f"item {i}: {e}" if n > 1 else str(e)) from None

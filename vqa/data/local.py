@@ -30,7 +30,13 @@ def _check_root(root: str | Path, name: str) -> Path:
     return root
 
 
-def load_vqa_rad(root: str | Path, split: str, freeform_only: bool = False) -> list[Record]:
+def check_english(dataset: str, lang: str) -> None:
+    """VQA-RAD and PMC-VQA are English only: `lang` may be "en" or "all", nothing else."""
+    if lang not in ("en", "all"):
+        raise DataError(f"{dataset} has English questions only; --lang {lang!r} selects none (use en or all)")
+
+
+def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: bool = False) -> list[Record]:
     """VQA-RAD from a folder holding MEVF's `trainset.json`/`testset.json` or the official release.
 
     `split` is "train" or "test" (the standard split), or "all" (the official JSON).
@@ -38,6 +44,7 @@ def load_vqa_rad(root: str | Path, split: str, freeform_only: bool = False) -> l
     (`test_freeform`/`test_para` are test). `freeform_only` keeps MEVF's
     published subset (308 freeform test questions).
     """
+    check_english("VQA-RAD", lang)
     root = _check_root(root, "VQA-RAD")
     if split not in (*VQA_RAD_SPLIT_FILES, "all"):
         raise DataError(f"VQA-RAD split {split!r} unknown; expected 'train', 'test' or 'all'")
@@ -126,12 +133,13 @@ def _pmc_answer(row: dict[str, str], choices: list[str], where: str) -> str:
     return text
 
 
-def load_pmc_vqa(root: str | Path, split: str) -> list[Record]:
+def load_pmc_vqa(root: str | Path, split: str, lang: str = "en") -> list[Record]:
     """PMC-VQA multiple choice from its CSV (`train.csv`, `test.csv`, `*_2.csv`, `test_clean.csv`).
 
     Choices are written `A:text`; the answer is `Answer_label` (a letter) or `Answer`.
     PMC-VQA has no answer type: yes/no answers count as closed, the rest open.
     """
+    check_english("PMC-VQA", lang)
     root = _check_root(root, "PMC-VQA")
     path = _pmc_split_file(root, split)
     rows = read_csv(path, ("Figure_path", "Question", *PMC_CHOICE_COLUMNS))

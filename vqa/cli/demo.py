@@ -1,9 +1,10 @@
 """`medvqa demo`: the Gradio demo on a bundle, or on the embedded default model (built once, cached)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+
+from .options import add_device_arguments, apply_runtime, command_parser
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +18,12 @@ minutes on 2 CPU cores, with a progress bar) into $MEDVQA_CACHE or ~/.cache/medv
 later starts take seconds. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa demo", description=__doc__.split(": ", 1)[1], epilog=EXAMPLE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = command_parser("medvqa demo", __doc__.split(": ", 1)[1], EXAMPLE)
     p.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default: 1, fastest for the small default model on shared cores)")
+    add_device_arguments(p, device="cpu", threads=1, precision=False)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while building the default model")
     return p
@@ -34,23 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
-    import torch
+    from demos.app import build_demo, launch
 
-    from vqa.errors import DataError
-    from vqa.predictor import Predictor
+    from ..errors import DataError
+    from ..predictor import Predictor
 
-    from .app import build_demo, launch
-
-    if args.threads < 1:
-        raise SystemExit("medvqa demo: error: --threads must be at least 1")
-    torch.set_num_threads(args.threads)  # also for building the default model: small steps, shared cores
+    device = apply_runtime(args)  # threads also for building the default model: small steps, shared cores
     started = time.perf_counter()
     bundle = args.bundle
     if bundle is None:
-        from .default_model import ensure_default_bundle
+        from demos.default_model import ensure_default_bundle
 
         bundle = ensure_default_bundle(progress=not args.no_progress)
-    predictor = Predictor.from_bundle(bundle, device=args.device)
+    predictor = Predictor.from_bundle(bundle, device=device)
     demo = build_demo(predictor)
     port = args.port or _free_port(args.host)
     print(f"medvqa demo: model {bundle} ready in {time.perf_counter() - started:.1f}s", flush=True)

@@ -1,4 +1,4 @@
-"""Decode and resize each image once; hand out uint8 batches; normalise and augment on the device.
+"""Decode and resize each image once; hand out uint8 batches; normalise on the device.
 
 Two sources with one interface (`batch(indices) -> uint8 (B, C, S, S)`):
 - `ImageTable`: every image decoded once per run into a uint8 tensor in RAM
@@ -11,49 +11,49 @@ costs 0.12 s of indexing; streaming costs 1.1 s per epoch in-process and 1.5 s
 with 2 workers (on 2 cores the workers compete with training), against ~7 s of
 training per epoch. So `auto` takes the table whenever it fits `--cache-limit-gb`.
 
-Pixels are stored exactly as `ImageEncoder.preprocess` would compute them before
-normalising (same mode conversion, bicubic resize to a square), so `normalize`
-gives the encoder's own preprocessing, bit for bit.
+`ImageEncoder.preprocess` is `normalize(square_pixels(...))`: the tables hold exactly
+what it computes before normalising, so both paths give the same pixels, bit for bit.
 """
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from encoders import load_image
-from vqa.errors import DataError
+from ._errors import DataError
+from .images import load_image
 
 log = logging.getLogger(__name__)
+
+
+def square_pixels(image, side: int, in_chans: int) -> Tensor:
+    """Any image source -> uint8 (C, S, S): gray or RGB, resized to a square (bicubic, no crop:
+    cropping could cut anatomy out of a radiograph). Errors name the file (ValueError/FileNotFoundError)."""
+    img = load_image(image).convert("L" if in_chans == 1 else "RGB").resize((side, side), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8).reshape(side, side, -1)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (C, S, S)
 
 
 class _Decode(Dataset):
     """Image i -> uint8 (C, S, S), the encoder's resize without normalisation."""
 
     def __init__(self, images: Sequence, side: int, in_chans: int):
-        self.images, self.side, self.mode = images, side, ("L" if in_chans == 1 else "RGB")
+        self.images, self.side, self.in_chans = images, side, in_chans
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> Tensor:
         try:
-            img = load_image(self.images[i])
-        except FileNotFoundError as e:
+            return square_pixels(self.images[i], self.side, self.in_chans)
+        except (FileNotFoundError, ValueError) as e:  # load_image names the file
             raise DataError(str(e)) from None
-        except ValueError as e:  # load_image names the file
-            raise DataError(str(e)) from None
-        img = img.convert(self.mode).resize((self.side, self.side), Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8).reshape(self.side, self.side, -1)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (C, S, S)
 
 
 def _loader(dataset: Dataset, workers: int, **kwargs) -> DataLoader:
@@ -65,6 +65,7 @@ class ImageTable:
 
     def __init__(self, images: Sequence, side: int, in_chans: int, workers: int = 0, progress: bool = True):
         dataset = _Decode(images, side, in_chans)
+        log.info("decoding %d images at %d px into RAM", len(images), side)
         self.pixels = torch.empty(len(images), 1 if in_chans == 1 else 3, side, side, dtype=torch.uint8)
         loader = _loader(dataset, workers, batch_size=64, shuffle=False)
         row = 0
@@ -120,20 +121,3 @@ def normalize(pixels: Tensor, encoder, device: torch.device) -> Tensor:
     mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return (x - mean) / std
-
-
-def augment(pixels: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
-    """A small random affine per image (scale 0.9-1.1, rotation +-8 deg, shift +-6 %) on uint8 pixels.
-
-    No flips: left and right carry meaning in radiology. Borders fill with black."""
-    b = pixels.shape[0]
-    r = torch.rand(b, 4, generator=generator) * 2 - 1  # (B, 4) in [-1, 1]
-    scale = 1 + 0.1 * strength * r[:, 0]
-    angle = math.radians(8) * strength * r[:, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, 0.06 * strength * r[:, 2]], 1),
-                         torch.stack([sin, cos, 0.06 * strength * r[:, 3]], 1)], 1)  # (B, 2, 3)
-    x = pixels.float()
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)

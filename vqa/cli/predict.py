@@ -1,14 +1,15 @@
 """`medvqa predict`: answer questions about images with a trained bundle, as JSON."""
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 from ..errors import DataError
-from ..io import read_jsonl_numbered
+from ..io import atomic_write, read_jsonl_numbered
+from .options import add_device_arguments, command_parser
 
 EXAMPLE = """examples:
   medvqa predict --bundle runs/demo/bundle --image scan.png --question "What imaging modality was used?"
@@ -26,9 +27,8 @@ comes from QCR's type router when the head has one, else from the answer (yes/no
 "question_type_source" says which."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa predict", description=__doc__.split(": ", 1)[1],
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = command_parser("medvqa predict", __doc__.split(": ", 1)[1], EXAMPLE)
     p.add_argument("--bundle", required=True, help="bundle folder written by `medvqa train` (OUT/bundle)")
     g = p.add_argument_group("one question")
     g.add_argument("--image", help="image file: PNG, JPEG, TIFF (8/16-bit), DICOM, ...")
@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=5, help="answers to list with their scores (default: 5)")
     g.add_argument("--attention", action="store_true", help="include the attention grid in the JSON")
     g.add_argument("--heatmap", metavar="PNG", help="one question: save the image with its attention heatmap")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: cpu)")
-    g.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default: 1, fastest for small models on shared cores)")
+    add_device_arguments(p.add_argument_group("runtime"), device="cpu", threads=1, precision=False)
     return p
 
 
@@ -77,31 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-class _output:
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[str]]:
     """stdout, or a file written to a temp name and renamed when complete."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-
-    def __enter__(self) -> IO[str]:
-        if self.path is None:
-            return sys.stdout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.file = open(self.tmp, "w", encoding="utf-8")
-        return self.file
-
-    def __exit__(self, kind, *_) -> None:
-        if self.path is None:
-            sys.stdout.flush()
-            return
-        self.file.close()
-        if kind is None:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
+    if path is None:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with atomic_write(path) as f:
+        yield f
 
 
 def resolve_image(value: Any, base: Path) -> Path:

@@ -7,7 +7,7 @@ from typing import ContextManager
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,22 +43,3 @@ def get_autocast(precision: str, device: torch.device) -> ContextManager:
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling against underflow; bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                  parameters, clip_norm: float | None) -> float:
-    """Backward, unscale (fp16), clip, step, zero; returns the gradient norm before clipping."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm else float("inf"))
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)

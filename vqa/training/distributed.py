@@ -67,6 +67,18 @@ def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
+def all_reduce_sums(totals: dict[str, float], count: int, world: World) -> tuple[dict[str, float], int]:
+    """Sum per-rank totals (and a sample count) over all ranks; every rank must pass the same keys."""
+    if not world.distributed:
+        return totals, count
+    keys = sorted(totals)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    values = torch.tensor([float(count)] + [totals[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    values = values.cpu()
+    return dict(zip(keys, values[1:].tolist())), int(values[0])
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

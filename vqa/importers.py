@@ -1,4 +1,4 @@
-"""`medvqa import mevf SRC OUT`: MEVF's released files as a safetensors encoder and a GloVe table.
+"""MEVF's released files as medvqa inputs: a safetensors encoder and a GloVe table (`medvqa import mevf`).
 
 Reads `pretrained_maml.weights` and `pretrained_ae.pth` (image side),
 `dictionary.pkl` and `glove6b_init_300d.npy` (question words) with a restricted
@@ -9,22 +9,17 @@ unpickler that builds only plain data and numpy arrays, and writes:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
-from ..io import atomic_dir
+from .errors import DataError
+from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 DICTIONARY, GLOVE = "dictionary.pkl", "glove6b_init_300d.npy"
-EXAMPLE = """example:
-  medvqa import mevf ../shared/data/mevf runs/mevf
-  medvqa train --dataset vqa-rad --data ../shared/data/vqa-rad --encoder runs/mevf/encoder \\
-      --encoder-mode finetune --glove runs/mevf/glove_300d.txt --head mevf-ban --out runs/mevf-ban"""
 
 
 def read_mevf_dictionary(src: Path) -> list[str]:
@@ -69,23 +64,3 @@ def import_mevf(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
         (tmp / "dictionary.json").write_text(json.dumps({"words": words}, ensure_ascii=False) + "\n")
     log.info("imported MEVF from %s: encoder (%d-d features), %d word vectors", src, encoder.feature_dim, len(words))
     return Path(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa import", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="source", required=True)
-    m = sub.add_parser("mevf", help="MEVF's released VQA-RAD weights", epilog=EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("src", help="folder with pretrained_maml.weights, pretrained_ae.pth, dictionary.pkl, "
-                               "glove6b_init_300d.npy")
-    m.add_argument("out", help="output folder")
-    m.add_argument("--overwrite", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    out = import_mevf(args.src, args.out, args.overwrite)
-    print(json.dumps({"out": str(out), "encoder": str(out / "encoder"), "glove": str(out / "glove_300d.txt")}))
-    return 0

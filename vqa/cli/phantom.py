@@ -1,11 +1,10 @@
 """`medvqa phantom OUT`: write the phantom dataset."""
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-from ..phantom import generate_phantom
+from .options import command_parser
 
 EXAMPLE = """example:
   medvqa phantom runs/phantom --images 2000 --seed 0
@@ -15,9 +14,8 @@ slake/ (train/validate/test.json + imgs/), pmc-vqa/ (train/test.csv + images/),
 captions/ (train/validate/test.jsonl for pretraining) and phantom.jsonl (ground truth)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa phantom", description=__doc__.split(":", 1)[1].strip(),
-                                epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = command_parser("medvqa phantom", __doc__.split(":", 1)[1].strip(), EXAMPLE)
     p.add_argument("out", help="output folder (written atomically)")
     p.add_argument("--images", type=int, default=2000, help="number of images (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default: 0)")
@@ -28,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..phantom import generate_phantom
+
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     summary = generate_phantom(args.out, args.images, seed=args.seed, size=args.size, workers=args.workers,

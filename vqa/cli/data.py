@@ -4,38 +4,36 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..data import FORMATS, load_records
 from ..errors import DataError
-from ..stats import dataset_stats, format_stats
+from .options import add_dataset_arguments, add_format_argument, command_parser
 
 SPLITS = {"vqa-rad": ("train", "test"), "slake": ("train", "validate", "test"), "pmc-vqa": ("train", "test"),
           "hf": ("train", "test")}
 EXAMPLE = """examples:
   medvqa data stats runs/phantom/vqa-rad --format vqa-rad
-  medvqa data stats ../shared/data/vqa-rad --format vqa-rad --freeform --json
+  medvqa data stats path/to/vqa-rad --format vqa-rad --freeform --json
   medvqa data stats path/to/Slake1.0 --format slake --lang en"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa data", description="Dataset utilities.", epilog=EXAMPLE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = command_parser("medvqa data", "Dataset utilities.", EXAMPLE)
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("stats", help="counts, closed/open share, answer distribution, majority baselines",
                        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("root", help="dataset folder (or a `datasets` folder / hub id with --format hf)")
-    s.add_argument("--format", required=True, choices=sorted(FORMATS), help="on-disk format of ROOT")
+    add_dataset_arguments(s, data_positional=True)
+    add_format_argument(s)
     s.add_argument("--splits", nargs="+", default=None, help="splits to read (default: all of the format's)")
-    s.add_argument("--lang", default="en", help="SLAKE/hf question language: en, zh or all (default: en)")
     s.add_argument("--freeform", action="store_true", help="VQA-RAD: only freeform questions (MEVF's subset)")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..data import load_records
+    from ..stats import dataset_stats, format_stats
+
     args = build_parser().parse_args(argv)
-    kwargs = {}
-    if args.format in ("slake", "hf"):
-        kwargs["lang"] = args.lang
+    kwargs = {"lang": args.lang}
     if args.freeform:
         if args.format != "vqa-rad":
             raise DataError("--freeform applies to --format vqa-rad only")

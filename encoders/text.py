@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from vqa.errors import DataError
+from ._errors import DataError
+from .base import Freezable
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ def build_word_tokenizer(captions: Sequence[str], max_length: int = 77, min_coun
 
 
 # -- the tower -----------------------------------------------------------------------------------------------------
-class TextTower(nn.Module):
-    """A Hugging Face text model + its tokenizer + a pooling rule; optionally an MLM head."""
+class TextTower(Freezable):
+    """A Hugging Face text model + its tokenizer + a pooling rule; optionally an MLM head.
+
+    `freeze()` locks it (LiT-style: no gradients, eval mode kept through `.train()` calls)."""
 
     def __init__(self, model: nn.Module, tokenizer, kind: str, pooling: str, source: str, max_length: int = 77):
         super().__init__()
@@ -74,7 +77,6 @@ class TextTower(nn.Module):
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # BERT's pooler is unused here (and would be an unused DDP parameter)
         self.mlm_head: nn.Module | None = None
-        self._frozen = False
 
     @property
     def hidden_size(self) -> int:
@@ -113,22 +115,6 @@ class TextTower(nn.Module):
             if self.kind == "clip":
                 log.warning("MLM on a CLIP text tower: its causal mask lets each token see only its left "
                             "context; a BERT-like tower (bert-tiny, a BERT folder) suits MLM better")
-
-    def freeze(self) -> "TextTower":
-        """LiT-style locked text tower: no gradients, eval mode kept through .train() calls."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._frozen = True
-        return self.eval()
-
-    @property
-    def frozen(self) -> bool:
-        return self._frozen
-
-    def train(self, mode: bool = True) -> "TextTower":
-        super().train(mode)
-        self.model.train(mode and not self._frozen)
-        return self
 
     def export_config(self) -> dict[str, Any]:
         """Enough to rebuild the architecture offline (weights are stored with the full model)."""
@@ -171,6 +157,54 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, tokenizer, vocab_size
     swap = targets & (how >= 0.8) & (how < 0.9)
     masked[swap] = random_ids[swap]
     return masked, labels
+
+
+# -- a text tower as a VQA question encoder --------------------------------------------------------------------
+class TextQuestionEncoder(nn.Module):
+    """A text tower behind the heads' question-encoder interface:
+    `(tokens (B, L), lengths (B,)) -> {"tokens": (B, L, H), "pooled": (B, H)}`, zeros at padding.
+
+    `output_dim` adds a linear projection (None keeps the tower's width); `freeze` locks the
+    tower (the projection still trains). `encode(text, max_len)` tokenises like
+    `vqa.text.WordVocab.encode`, with the tower's own tokenizer."""
+
+    def __init__(self, tower: TextTower, output_dim: int | None = None, freeze: bool = False):
+        super().__init__()
+        self.tower = tower.freeze() if freeze else tower
+        hidden = tower.hidden_size
+        self.proj = nn.Identity() if output_dim in (None, hidden) else nn.Linear(hidden, output_dim)
+        self.output_dim = int(output_dim or hidden)
+        self.requested_dim, self.freeze_tower = output_dim, freeze
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()  # (B, L)
+        out = self.tower(tokens, mask)
+        pooled = out["pooled"]
+        if self.tower.pooling == "eos":  # the last real token is the EOS: found from the lengths, whatever pads
+            pooled = out["tokens"][torch.arange(len(tokens), device=tokens.device), lengths.clamp(min=1) - 1]
+        keep = mask.unsqueeze(-1).to(out["tokens"].dtype)  # (B, L, 1)
+        return {"tokens": self.proj(out["tokens"]) * keep, "pooled": self.proj(pooled)}
+
+    def encode(self, text: str, max_len: int) -> tuple[list[int], int]:
+        """(ids padded to `max_len`, number of real tokens), special tokens included."""
+        ids = self.tower.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+        pad = self.tower.tokenizer.pad_token_id or 0
+        return list(ids) + [pad] * (max_len - len(ids)), len(ids)
+
+    def tokenize(self, texts: Sequence[str], max_length: int = 32) -> tuple[Tensor, Tensor]:
+        """Token ids (B, max_length), right-padded, and lengths (B,)."""
+        encoded = [self.encode(t, max_length) for t in texts]
+        return (torch.tensor([ids for ids, _ in encoded], dtype=torch.long),
+                torch.tensor([n for _, n in encoded], dtype=torch.long))
+
+    def export_config(self) -> dict[str, Any]:
+        """Rebuilds the architecture offline (`from_config`); weights travel apart."""
+        return {"tower": self.tower.export_config(), "output_dim": self.requested_dim, "freeze": self.freeze_tower}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer=None) -> "TextQuestionEncoder":
+        return cls(TextTower.from_config(config["tower"], tokenizer), config.get("output_dim"),
+                   bool(config.get("freeze")))
 
 
 # -- creation ------------------------------------------------------------------------------------------------------
@@ -269,7 +303,8 @@ def load_pretrained_text(source: str | os.PathLike, pooling: str | None = None, 
             model = _unwrap_text(CLIPTextModel.from_pretrained(source))
         else:
             model = AutoModel.from_pretrained(source)
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # a local folder may hold a model only (tokenize elsewhere); a hub id always has its tokenizer
+        tokenizer = load_tokenizer(Path(source)) if local else AutoTokenizer.from_pretrained(source)
     except OSError as e:
         where = "folder" if local else "hub id (offline, or not in the local cache)"
         raise DataError(f"cannot load text tower from {where} {str(source)!r}: {str(e).splitlines()[0]}") from None

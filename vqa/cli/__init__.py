@@ -1,4 +1,9 @@
-"""`medvqa`: one entry point; each command lives in its own module with `main(argv)`."""
+"""`medvqa`: one entry point; each command lives in its own module of this package with `main(argv)`.
+
+The CLI layer is the only place with argparse and printing; the libraries (`vqa`, `encoders`,
+`heads`, `pretrain`, `demos`) return values and raise errors. Being the outermost layer, its
+modules may import every package (lazily, inside `main`, so `--help` stays instant).
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,20 +11,22 @@ import logging
 import os
 import sys
 
-from .errors import DataError
+from ..errors import DataError
 
 # name -> (module with main(argv), one-line summary). Imported lazily so `--help` is instant
 # and a command never pays for another's dependencies.
 COMMANDS = {
-    "phantom": ("vqa.commands.phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
-    "data": ("vqa.commands.data", "dataset statistics and majority baselines"),
-    "cache-features": ("vqa.commands.cache_features", "encode a dataset's images once into the feature cache"),
-    "train": ("vqa.train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
-    "pretrain": ("pretrain.train", "CLIP-pretrain an image encoder on image-caption pairs (+ optional masked-LM)"),
-    "predict": ("vqa.commands.predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
-    "demo": ("demos.cli", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
-    "import": ("vqa.commands.import_weights", "convert released reference weights (MEVF) to safetensors"),
-    "eval": ("vqa.evaluate", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
+    "phantom": ("phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
+    "data": ("data", "dataset statistics and majority baselines"),
+    "pretrain": ("pretrain", "CLIP-pretrain an image encoder on image-caption pairs (+ optional masked-LM)"),
+    "pretrain-eval": ("pretrain_eval", "retrieval and zero-shot scores of a CLIP model on a caption split"),
+    "probe": ("probe", "linear probes of an encoder's frozen features on the phantom's ground truth"),
+    "cache-features": ("cache_features", "encode a dataset's images once into the feature cache"),
+    "train": ("train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
+    "eval": ("eval", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
+    "predict": ("predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
+    "demo": ("demo", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
+    "import": ("import_weights", "convert released reference weights (MEVF) to safetensors"),
 }
 
 EPILOG = """examples:
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=os.environ.get("MEDVQA_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
     try:
         return int(module.main(rest) or 0)
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -61,7 +68,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medvqa {name}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Atomic writing, the one implementation every package uses: a temp name beside the target, then rename.
+
+Readers see the old file (or folder) or the whole new one, never half of it. Temp names
+follow one pattern, `.NAME.<random>.tmp`, so leftovers of a killed process are recognisable.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from ._errors import DataError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Temp files and folders are private (0600/0700); what we publish gets the usual umask modes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def temp_name_prefix(path: Path) -> str:
+    """The prefix of every temp file or folder written for `path` (see the module docstring)."""
+    return f".{path.name}."
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, binary: bool = False, encoding: str = "utf-8") -> Iterator[IO]:
+    """A file open for writing under a temp name; renamed over `path` on success, removed on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_name_prefix(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": encoding})) as f:
+            yield f
+        _publish_mode(Path(tmp), directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, binary=True) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path`, on error it is removed.
+
+    Without `overwrite` an existing `path` is a DataError."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: already exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name_prefix(path), suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish_mode(tmp, directory=True)
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name_prefix(path), suffix=".tmp"))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

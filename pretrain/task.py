@@ -1,0 +1,190 @@
+"""Contrastive (CLIP) pretraining as a task on the engine: batches, accumulation, masked-LM.
+
+Batch plan: `vqa.training.epoch_plan` (the same global batches with 1 or N processes, and
+on resume). Accumulation keeps the contrastive negatives of the whole accumulated batch
+(as open_clip's accum_freq): a first pass without gradients embeds every micro-batch; then
+each micro-batch is embedded again with gradients and its loss is the loss of the full
+batch with its own slice fresh. The sum of these gradients is the gradient of the
+full-batch loss. The logit scale is live in the last micro-pass only (the one DDP
+synchronises), so its gradient is counted once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from encoders import normalize
+from vqa.training import Selection, StepContext, StepOutput, TrainingTask, World, epoch_plan
+from vqa.training.schedule import Shard
+
+from .augment import augment
+from .config import PretrainConfig
+from .data import CaptionPair
+from .evaluate import embed_images, embed_texts, evaluate as evaluate_model, retrieval_metrics, summary_line
+from .loss import ClipLoss, MaskedLMLoss
+from .model import CLIPPretrainModel
+
+log = logging.getLogger(__name__)
+_TEXT_MODEL = "text.model."
+
+
+@dataclass
+class Split:
+    pairs: list[CaptionPair]
+    images: Any  # encoders.ImageTable | encoders.StreamingImages
+    text: dict  # input_ids + attention_mask (N, L), or text_features (N, D) for a frozen tower
+
+
+@dataclass
+class Micro:
+    """One micro-batch of a step: which pairs, their uint8 pixels, and where it sits in the run."""
+
+    shard: Shard
+    pixels: Tensor  # uint8 (B, C, S, S)
+    epoch: int
+    step: int
+    index: int
+
+
+def step_seed(seed: int, epoch: int, step: int, micro: int, rank: int) -> int:
+    """A generator seed for one micro-batch (augmentation, MLM masks): resuming repeats it."""
+    return (((seed * 1_000_003 + epoch) * 100_003 + step) * 1_009 + micro) * 101 + rank
+
+
+class ContrastiveTask(TrainingTask):
+    """Symmetric InfoNCE over the global batch (features gathered across ranks), + optional masked-LM."""
+
+    selection: Selection | None = None  # the last epoch is the model, as CLIP trains
+
+    def __init__(self, cfg: PretrainConfig, model: CLIPPretrainModel, train: Split, val: Split | None,
+                 device: torch.device, world: World, prompts: dict | None = None) -> None:
+        self.cfg, self.model, self.train, self.val, self.device, self.world = cfg, model, train, val, device, world
+        self.prompts = prompts or {}  # zero-shot prompt sets (pretrain.evaluate.load_prompts)
+        self.clip_loss, self.mlm_loss = ClipLoss(world), MaskedLMLoss()
+        self.before: dict | None = None  # retrieval and zero-shot before training (kept in the checkpoint)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.accum_steps * self.world.size
+
+    def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW as CLIP: no weight decay on biases, norms, gains and the logit scale; `text_lr` for the text model."""
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                decay = p.ndim >= 2 and "logit_scale" not in name
+                groups.setdefault((decay, name.startswith(_TEXT_MODEL)), []).append(p)
+        text_lr = self.cfg.text_lr if self.cfg.text_lr is not None else lr
+        return torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+                                   "lr": text_lr if is_text else lr} for (decay, is_text), ps in groups.items()],
+                                 lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def _plan(self, epoch: int) -> list[list[Shard]]:
+        return epoch_plan(len(self.train.pairs), self.cfg.batch_size, self.world, self.cfg.seed, epoch,
+                          self.cfg.accum_steps, drop_last=True)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train.pairs) // self.global_batch
+
+    def train_steps(self, epoch: int):
+        plan = self._plan(epoch)
+        pixels = self.train.images.batches([shard.indices.tolist() for step in plan for shard in step])
+        for s, step in enumerate(plan):
+            yield [Micro(shard, next(pixels), epoch, s, m) for m, shard in enumerate(step)]
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def make_batch(self, micro: Micro) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Model inputs for one micro-batch (+ MLM labels)."""
+        from encoders.text import mask_tokens
+
+        cfg, text, indices = self.cfg, self.train.text, micro.shard.indices
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, micro.epoch, micro.step, micro.index, self.world.rank))
+        pixels = augment(micro.pixels, g) if cfg.augment else micro.pixels
+        batch = {"pixels": normalize(pixels, self.model.image_encoder, self.device)
+                 .contiguous(memory_format=torch.channels_last)}
+        if "text_features" in text:
+            batch["text_features"] = text["text_features"][indices].to(self.device)
+            return batch, None
+        ids, mask = text["input_ids"][indices], text["attention_mask"][indices]
+        length = int(mask.sum(1).max())
+        ids, mask = ids[:, :length], mask[:, :length]  # trim padding to the longest caption of the batch
+        batch["input_ids"], batch["attention_mask"] = ids.to(self.device), mask.to(self.device)
+        labels = None
+        if cfg.mlm_weight > 0:
+            masked, labels = mask_tokens(ids, mask, self.model.text.tokenizer, self.model.text.vocab_size,
+                                         cfg.mlm_probability, g)
+            batch["mlm_input_ids"], labels = masked.to(self.device), labels.to(self.device)
+        return batch, labels
+
+    def training_step(self, model, item: Sequence[Micro], step: StepContext) -> StepOutput:
+        micro = [self.make_batch(m) for m in item]
+        k, gather = len(micro), self.clip_loss.gather
+        cached_img: list[Tensor] = []
+        cached_txt: list[Tensor] = []
+        if k > 1:
+            with torch.no_grad(), step.autocast():
+                for batch, _ in micro:
+                    out = self.model(batch)
+                    cached_img.append(gather(out["image_embeds"].float()))
+                    cached_txt.append(gather(out["text_embeds"].float()))
+        losses: dict[str, Tensor | float] = {}
+        mlm_total = 0.0
+        for j, (batch, labels) in enumerate(micro):
+            last = j == k - 1
+            with step.accumulate(model, last):
+                with step.autocast():
+                    out = model(batch)
+                img, txt = gather(out["image_embeds"]), gather(out["text_embeds"])
+                if k > 1:
+                    img = torch.cat([*cached_img[:j], img, *cached_img[j + 1:]])
+                    txt = torch.cat([*cached_txt[:j], txt, *cached_txt[j + 1:]])
+                scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                loss = self.clip_loss.global_loss(img, txt, scale)
+                total = loss * self.clip_loss.backward_scale
+                if labels is not None:
+                    mlm = self.mlm_loss(out["mlm_logits"], labels)
+                    total = total + self.cfg.mlm_weight * mlm / k
+                    mlm_total += float(mlm.detach()) / k
+                step.backward(total)
+            losses["loss"] = loss.detach()
+        if self.cfg.mlm_weight > 0:
+            losses["mlm_loss"] = mlm_total
+        return StepOutput(losses, sum(len(m.shard) for m in item))
+
+    def after_optimizer_step(self) -> None:
+        self.model.clamp_logit_scale_()
+
+    # -- evaluation and progress ---------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.before is None and self.val is not None:
+            self.before = evaluate_model(self.model, self.val.pairs, self.val.images, self.device, self.cfg.precision,
+                                   self.prompts)
+            log.info("before training: %s", summary_line(self.before))
+
+    def evaluate(self) -> dict | None:
+        if self.val is None:
+            return None
+        images = embed_images(self.model, self.val.images, self.device, self.cfg.precision)
+        texts = embed_texts(self.model, [p.caption for p in self.val.pairs], self.device, self.cfg.precision)
+        return retrieval_metrics(images, texts)
+
+    def describe(self, metrics: dict) -> str:
+        return f"i2t R@10 {metrics['i2t_r10']:.1f}, t2i R@10 {metrics['t2i_r10']:.1f}"
+
+    def epoch_summary(self) -> dict:
+        return {"temperature": 1 / float(self.model.scale().detach())}
+
+    def identity(self) -> dict:
+        keys = ("data", "caption_format", "train_split", "exclude_vqa_rad", "shuffle_captions", "encoder",
+                "encoder_args", "text", "text_args", "clip_model", "embed_dim", "freeze_text", "mlm_weight")
+        return {**{k: getattr(self.cfg, k) for k in keys}, "global_batch": self.global_batch}
+
+    def state_dict(self) -> dict:
+        return {"before": self.before}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = state.get("before")

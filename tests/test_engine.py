@@ -1,0 +1,138 @@
+"""The training engine: best-epoch state, one inference path, DDP head training, non-finite runs, trainable state."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vqa.bundle import load as load_bundle
+from vqa.errors import DataError
+from vqa.train import TrainConfig, evaluate_split, load_splits, make_split, train
+from vqa.training import NonFiniteError
+from vqa.training.task import trainable_state_keys
+
+from .conftest import spawn_ranks
+
+TINY = dict(encoder="clip-vit-tiny", head_args={"hidden_dim": 32}, question_dim=32, embed_dim=16, batch_size=32,
+            progress=False, device="cpu")
+
+
+def _cfg(phantom_dir, tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "data": str(phantom_dir / "vqa-rad"), "cache_dir": str(tmp_path / "cache"),
+                          "out": str(tmp_path / "run"), "epochs": 2, **kw})
+
+
+def _without_epoch(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "epoch"}
+
+
+def test_finetuned_bundle_keeps_the_best_epochs_encoder_and_head(phantom_dir, tmp_path):
+    # A high learning rate makes validation peak before the last epoch (measured: best 4 of 6).
+    cfg = _cfg(phantom_dir, tmp_path, encoder_mode="finetune", epochs=6, lr=5e-2, val_fraction=0.3)
+    bundle_path = train(cfg)
+    metrics = json.loads((bundle_path / "metrics.json").read_text())
+    history, best = metrics["history"], metrics["validation"]
+    assert best["epoch"] < len(history), "precondition: the best validation epoch must not be the last"
+    assert history[-1]["val_overall"] != best["overall"], "precondition: the last epoch must score differently"
+    bundle = load_bundle(bundle_path)
+    _, val_records, _ = load_splits(cfg)
+    val = make_split(cfg, bundle.model, val_records, bundle.words, bundle.answers, torch.device("cpu"))
+    again = evaluate_split(bundle.model, val, bundle.answers, torch.device("cpu"), "fp32")
+    assert again == _without_epoch(best)  # the best epoch's encoder *and* head, exactly
+    # weight by weight: the bundle's encoder is the best epoch's, not the last epoch's
+    checkpoint = torch.load(bundle_path.parent / "checkpoint.pt", weights_only=True)
+    saved = bundle.model.encoder.state_dict()
+    best_state = {k[len("encoder."):]: v for k, v in checkpoint["best_state"].items() if k.startswith("encoder.")}
+    last_state = {k[len("encoder."):]: v for k, v in checkpoint["model"].items() if k.startswith("encoder.")}
+    assert best_state.keys() == saved.keys()
+    assert all(torch.equal(saved[k], best_state[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last_state[k]) for k in saved)
+
+
+def test_pooled_bundle_answers_the_same_through_eval_predict_and_the_predictor(phantom_dir, tmp_path):
+    from vqa import Predictor
+    from vqa.cli import main as cli
+    from vqa.data import load_vqa_rad
+    from vqa.evaluate import evaluate, write_outputs
+
+    bundle = train(_cfg(phantom_dir, tmp_path, image_features="pooled", head="qcr",
+                        head_args={"hidden_dim": 32, "type_hidden": [16]}))
+    data = str(phantom_dir / "vqa-rad")
+    report, records, preds = evaluate(bundle, "vqa-rad", data, device="cpu", cache_dir=str(tmp_path / "cache"),
+                                      progress=False)
+    lines = (write_outputs(report, records, preds, tmp_path / "eval") / "predictions.jsonl").read_text().splitlines()
+    from_eval = [(row["prediction"], row["score"]) for row in map(json.loads, lines)]
+
+    records = load_vqa_rad(data, "test")
+    predictor = Predictor.from_bundle(bundle)
+    direct = predictor.predict_batch([r.image for r in records], [r.question for r in records])
+    assert [(p.answer, round(p.score, 6)) for p in direct] == from_eval
+
+    batch = tmp_path / "questions.jsonl"
+    batch.write_text("".join(json.dumps({"image": str(r.image), "question": r.question}) + "\n" for r in records))
+    assert cli(["predict", "--bundle", str(bundle), "--batch", str(batch), "--out", str(tmp_path / "a.jsonl")]) == 0
+    answered = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [(row["answer"], row["score"]) for row in answered] == from_eval
+    one = predictor.predict(records[0].image, records[0].question)  # a batch of one: the same numbers
+    assert (one.answer, round(one.score, 6)) == from_eval[0]
+    assert one.attention_grid.shape == (1, 1)  # one region: the pooled vector
+
+
+@pytest.mark.slow
+def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path):
+    import dataclasses
+
+    # no dropout, so the two runs differ only in how the global batch is split
+    head_args = {"hidden_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    base = _cfg(phantom_dir, tmp_path, head_args=head_args, epochs=2)
+    single = train(dataclasses.replace(base, batch_size=24, out=str(tmp_path / "one")))
+    spawn_ranks(train, dataclasses.replace(base, batch_size=12, out=str(tmp_path / "two")))
+    h1 = json.loads((single.parent / "history.json").read_text())
+    h2 = json.loads((tmp_path / "two" / "history.json").read_text())
+    for a, b in zip(h1, h2):  # the last global batch of each epoch splits unevenly: weighted exactly
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa = load_file(str(single / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "bundle" / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_a_corrupt_feature_cache_stops_training_and_writes_no_bundle(phantom_dir, tmp_path):
+    cfg = _cfg(phantom_dir, tmp_path, epochs=1)
+    train(cfg)  # fills the cache
+    (features,) = (tmp_path / "cache").glob("*/features.f16")
+    garbage = np.random.default_rng(0).integers(0, 256, features.stat().st_size, dtype=np.uint8)
+    garbage.view(np.uint16)[::7] = 0x7E00  # some rows NaN for sure (random bytes are NaN/inf only now and then)
+    features.write_bytes(garbage.tobytes())
+    out = tmp_path / "again"
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step \d+: loss is nan"):
+        train(_cfg(phantom_dir, tmp_path, epochs=1, out=str(out)))
+    assert not (out / "bundle").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_a_bundle_is_never_saved_from_non_finite_weights(phantom_dir, tmp_path):
+    from vqa.bundle import save
+
+    bundle = load_bundle(train(_cfg(phantom_dir, tmp_path, epochs=1)))
+    with torch.no_grad():
+        next(bundle.model.head.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(DataError, match="non-finite weights"):
+        save(bundle.model, tmp_path / "nan-bundle", answers=bundle.answers, words=bundle.words)
+    assert not (tmp_path / "nan-bundle").exists()
+
+
+def test_trainable_state_is_what_training_can_change():
+    from encoders import create_encoder
+
+    encoder = create_encoder("mevf")  # BatchNorm: running statistics are buffers
+    head = torch.nn.Linear(4, 2)
+    model = torch.nn.ModuleDict({"encoder": encoder, "head": head})
+    encoder.freeze()
+    assert trainable_state_keys(model) == ["head.weight", "head.bias"]
+    encoder.unfreeze()
+    keys = trainable_state_keys(model)
+    assert "encoder.maml.layers.0.norm.running_mean" in keys and "encoder.maml.layers.0.norm.weight" in keys
+    assert set(keys) == set(model.state_dict())

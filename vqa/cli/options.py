@@ -1,0 +1,119 @@
+"""Option groups shared by the commands, and the one way a parsed command line becomes a config dataclass.
+
+One flag name per concept: `--format` is a VQA dataset's on-disk format in every command,
+`--data` its folder, `--lang` its question language; the engine's flags (optimisation,
+runtime, outputs) are the same in `train` and `pretrain`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from ..errors import DataError
+
+FORMAT_CHOICES = ("vqa-rad", "slake", "pmc-vqa", "hf")  # vqa.data.FORMATS (not imported: --help stays instant)
+
+
+def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A parser whose --help ends with the command's examples, formatted as written."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_dataset_arguments(group, *, data_default: str | None = None, data_positional: bool = False) -> None:
+    """--format (required unless defaulted by the caller), --data (or a positional ROOT), --lang."""
+    if data_positional:
+        group.add_argument("root", help="dataset folder (or a `datasets` folder / hub id with --format hf)")
+    else:
+        group.add_argument("--data", default=data_default, required=data_default is None,
+                           help="dataset folder (or a `datasets` folder / hub id with --format hf)"
+                           + (f" (default: {data_default})" if data_default else ""))
+    group.add_argument("--lang", default="en", help="question language: en, zh (SLAKE) or all (default: en)")
+
+
+def add_format_argument(group, default: str | None = None) -> None:
+    group.add_argument("--format", default=default, required=default is None, choices=FORMAT_CHOICES,
+                       help="the dataset's on-disk format" + (f" (default: {default})" if default else ""))
+
+
+def add_device_arguments(group, *, device: str = "auto", threads: int | None = None, precision: bool = True) -> None:
+    group.add_argument("--device", default=device, help=f"auto | cpu | cuda | cuda:N (default: {device})")
+    group.add_argument("--threads", type=int, default=threads,
+                       help="CPU threads for torch (default: " + (str(threads) if threads else "one per core") +
+                       "; 1 is several times faster when another job shares the cores)")
+    if precision:
+        group.add_argument("--precision", default="fp32",  # checked by vqa.training.check_precision
+                           help="fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling) (default: fp32)")
+
+
+def apply_runtime(args: argparse.Namespace):
+    """Act on a command's --threads, --device and --precision (those it has); returns the torch device or None."""
+    import torch
+
+    from ..training import check_precision, resolve_device
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise DataError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)  # on shared cores, fewer threads than cores is faster
+    if not hasattr(args, "device"):
+        return None
+    device = resolve_device(args.device)
+    if hasattr(args, "precision"):
+        check_precision(args.precision, device)
+    return device
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
+    """The groups of every training command, with `defaults` (an EngineConfig subclass instance);
+    returns them by title ("optimisation", "runtime", "outputs") for the command's own flags."""
+    groups = {}
+    g = groups["optimisation"] = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=defaults.epochs)
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="per process (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=defaults.lr)
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    g.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help="0 = no clipping (default: %(default)s)")
+    g = groups["runtime"] = parser.add_argument_group("runtime")
+    add_device_arguments(g, device=defaults.device)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    g = groups["outputs"] = parser.add_argument_group("outputs")
+    g.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")
+    g.add_argument("--resume", default=None, help="'latest' (OUT/checkpoint.pt) or a checkpoint path")
+    g.add_argument("--stop-after", type=int, default=None, help="end this run after N epochs (resume later)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return groups
+
+
+def parse_key_values(items: list[str], flag: str) -> dict:
+    """['hidden_dim=512', 'k=3'] -> {'hidden_dim': 512, 'k': 3}; values are JSON when they parse as JSON."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DataError(f"{flag} {item!r}: expected KEY=VALUE, e.g. hidden_dim=512")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass `cls` from parsed arguments: same-named fields copied, each repeatable `--x-arg KEY=VALUE`
+    into the dict field `x_args`, `--no-progress` into `progress`."""
+    values = vars(args)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    config = {k: v for k, v in values.items() if k in fields}
+    for key, items in values.items():
+        if key.endswith("_arg") and f"{key}s" in fields:
+            config[f"{key}s"] = parse_key_values(items, f"--{key.replace('_', '-')}")
+    if "progress" in fields and "no_progress" in values:
+        config["progress"] = not values["no_progress"]
+    return cls(**config)

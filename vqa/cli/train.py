@@ -1,0 +1,71 @@
+"""`medvqa train`: train a VQA head on a frozen (or fine-tuned) image encoder, select on validation, write a bundle."""
+from __future__ import annotations
+
+import json
+
+from .options import add_dataset_arguments, add_engine_arguments, add_format_argument, command_parser, config_from_args
+
+EXAMPLE = """examples:
+  medvqa train --format vqa-rad --data runs/phantom/vqa-rad --head mevf-ban --out runs/ban
+  medvqa train --format slake --data path/to/Slake1.0 --encoder pubmedclip-vit-b32 --head qcr \\
+      --precision bf16 --epochs 40 --out runs/slake-qcr
+  medvqa import mevf path/to/mevf runs/mevf       # MEVF's released image side and GloVe vectors
+  medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder \\
+      --encoder-mode finetune --glove runs/mevf/glove_300d.txt --answers path/to/vqa-rad/answer_all_list.json
+  medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
+  torchrun --nproc_per_node 2 -m vqa.cli train ...   # DDP; --batch-size is per process
+
+OUT gets run_config.json, history.json/.csv, checkpoint.pt (resumable) and bundle/
+(the model chosen on validation, for `medvqa eval`, `predict` and `demo`)."""
+
+
+def build_parser():
+    from ..train import TrainConfig
+
+    d = TrainConfig()
+    p = command_parser("medvqa train", __doc__.split(": ", 1)[1], EXAMPLE)
+    g = p.add_argument_group("data")
+    add_format_argument(g, d.format)
+    add_dataset_arguments(g, data_default=d.data)
+    g.add_argument("--train-split", default=d.train_split)
+    g.add_argument("--val-split", default=d.val_split, help="split name, 'carved', or 'auto' (default)")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument("--val-by", default=d.val_by, choices=["image", "question"],
+                   help="carve validation by image (default) or by question (as VQA-RAD splits train/test)")
+    g.add_argument("--answers", default=d.answers, help="'train' or a candidate list JSON (MEVF protocol)")
+    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default=d.encoder, help="encoder name, folder or hub id (default: %(default)s)")
+    g.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of a registered encoder's config, e.g. image_size=224 (repeatable)")
+    g.add_argument("--encoder-mode", default=d.encoder_mode, choices=["frozen", "finetune"])
+    g.add_argument("--image-features", default=d.image_features, choices=["grid", "pooled"],
+                   help="regions the head attends over: the encoder's grid, or its pooled vector (PubMedCLIP)")
+    g.add_argument("--head", default=d.head, help="mevf-ban | mevf-san | qcr | mc-ban (default: %(default)s)")
+    g.add_argument("--head-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the head's config, e.g. hidden_dim=512 (repeatable)")
+    g.add_argument("--embed-dim", type=int, default=d.embed_dim)
+    g.add_argument("--question-dim", type=int, default=d.question_dim)
+    g.add_argument("--glove", default=None, help="GloVe text file (e.g. `medvqa import mevf`'s glove_300d.txt) "
+                                                 "or a .npy aligned with the vocabulary")
+    g.add_argument("--max-len", type=int, default=d.max_len)
+    g.add_argument("--loss", default=None, choices=["bce", "ce"],
+                   help="bce: MEVF's per-answer sigmoid loss; ce: softmax cross-entropy (default: the head's own)")
+    g.add_argument("--aux-weight", type=float, default=d.aux_weight,
+                   help="weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder; default: "
+                        "%(default)s)")
+    g = add_engine_arguments(p, d)["optimisation"]
+    g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..train import TrainConfig, train
+
+    cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
+    bundle = train(cfg)
+    if not (bundle / "metrics.json").is_file():  # --stop-after, or not the main process
+        return 0
+    print(json.dumps({"bundle": str(bundle), **json.loads((bundle / "metrics.json").read_text())["validation"]},
+                     indent=2))
+    return 0

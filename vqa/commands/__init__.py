@@ -1,1 +1,0 @@
-"""The `medvqa` commands, a module each with `main(argv=None)`."""

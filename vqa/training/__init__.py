@@ -1,0 +1,22 @@
+"""The training engine every medvqa task runs on: precision, distributed, checkpoints, schedule, one loop.
+
+    from vqa.training import EngineConfig, Trainer, TrainingTask, runtime
+
+Modules: config (EngineConfig, the shared fields), task (TrainingTask, StepContext, StepOutput,
+Selection, trainable state), engine (Trainer.fit, runtime, NonFiniteError), precision (devices,
+autocast, GradScaler), distributed (torchrun world, gathers), checkpoint (atomic save, resume,
+RNG state), schedule (warmup-cosine, the per-epoch batch plan), runtime (seeds, run config).
+"""
+from .config import EngineConfig
+from .distributed import World
+from .engine import FitResult, NonFiniteError, Runtime, Trainer, runtime
+from .precision import check_precision, get_autocast, make_grad_scaler, resolve_device
+from .runtime import seed_everything, write_run_config
+from .schedule import Shard, epoch_plan, warmup_cosine
+from .task import Selection, StepContext, StepOutput, TrainingTask
+
+__all__ = [
+    "EngineConfig", "FitResult", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext", "StepOutput",
+    "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast", "make_grad_scaler",
+    "resolve_device", "runtime", "seed_everything", "warmup_cosine", "write_run_config",
+]

@@ -1,0 +1,81 @@
+"""Resumable training checkpoints: self-describing, written atomically, loaded without pickle code.
+
+A checkpoint holds tensors, numbers and strings only, so `torch.load(weights_only=True)`
+reads it; model weights for sharing go to a bundle (safetensors), not here.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..io import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
+    with atomic_write(path, binary=True) as f:
+        torch.save(state, f)
+
+
+def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
+    """`--resume latest` means OUT/checkpoint.pt if present (else a fresh start); a path must exist."""
+    if not resume:
+        return None
+    if resume == "latest":
+        path = Path(out_dir) / CHECKPOINT_NAME
+        return path if path.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise DataError(f"--resume {resume}: no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign files raise many types
+        raise DataError(f"{path}: not a readable medvqa checkpoint ({e})") from None
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming with another model, dataset or batch order would silently train something else: refuse."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise DataError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, "
+                            f"this run has {key}={current.get(key)!r}; use another --out or drop --resume")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from: Python, NumPy, torch CPU and CUDA."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "numpy": torch.from_numpy(keys.astype(np.int64)),
+                             "numpy_extra": [int(pos), int(has_gauss), float(gauss)],
+                             "python": repr(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state` (the CUDA part only where this process has the same GPUs)."""
+    import ast
+
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_extra"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss = ast.literal_eval(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

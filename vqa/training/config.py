@@ -1,0 +1,26 @@
+"""The fields every training run shares; `vqa.train.TrainConfig` and `pretrain.PretrainConfig` extend it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 64  # per process; the global batch is batch_size x processes x accum_steps
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    clip_norm: float | None = 1.0  # gradient-norm clipping; 0 or None: none
+    # runtime
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA, with a GradScaler)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the rank's GPU)
+    compile: bool = False  # torch.compile the model
+    threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
+    seed: int = 0
+    # outputs
+    out: str = "runs/run"
+    resume: str | None = None  # "latest" (OUT/checkpoint.pt) or a checkpoint path
+    stop_after: int | None = None  # end this run after N epochs (continue later with --resume latest)
+    progress: bool = True  # progress bars

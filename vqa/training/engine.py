@@ -1,0 +1,241 @@
+"""The training engine: one loop for every task (head training, CLIP pretraining).
+
+    with runtime(cfg) as rt:                     # threads, device, precision check, torchrun, seeds
+        task = MyTask(..., device=rt.device, world=rt.world)
+        result = Trainer(task, cfg, rt).fit()    # resume, epochs, checkpoints, best epoch restored
+
+Each optimizer step: the task's `training_step` (forward + backward), then here: a check
+that every loss is finite, fp16 unscaling, gradient clipping, a check that the gradient is
+finite, the optimizer and LR-schedule steps. A non-finite loss or gradient stops the run
+with an error naming the epoch and step (with fp16, steps the GradScaler skips are normal
+and counted; only a run of them is an error). After each epoch the main process evaluates,
+keeps the best epoch's trainable state (every parameter that trains, and the statistics of
+modules that train: head and, when fine-tuning, encoder), writes the history and a
+checkpoint, atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..errors import DataError
+from ..io import atomic_write_json, atomic_write_text
+from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import EngineConfig
+from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
+from .precision import check_precision, make_grad_scaler, resolve_device
+from .runtime import jsonable, seed_everything
+from .schedule import warmup_cosine
+from .task import StepContext, TrainingTask, trainable_state, trainable_state_keys
+
+log = logging.getLogger(__name__)
+MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is divergence, not loss-scale search
+
+
+class NonFiniteError(DataError):
+    """Training produced a NaN or infinite loss or gradient; nothing is saved from it."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device  # this process's device (cuda:LOCAL_RANK under torchrun)
+    world: World
+
+
+@contextlib.contextmanager
+def runtime(cfg: EngineConfig) -> Iterator[Runtime]:
+    """Threads, device, precision check, the torchrun process group and the seeds of one run."""
+    if cfg.threads:
+        if cfg.threads < 1:
+            raise DataError(f"--threads must be at least 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)  # on shared cores, fewer threads than cores is faster
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    world = init_distributed(device)
+    try:
+        seed_everything(cfg.seed)
+        yield Runtime(local_device(device, world), world)
+    finally:
+        shutdown(world)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]]
+    best: dict[str, Any] | None  # {"epoch": N, **validation metrics} of the epoch kept (the last without selection)
+    completed: bool  # False when --stop-after ended the run before its last epoch
+
+
+class Trainer:
+    """Runs a `TrainingTask` under an `EngineConfig`."""
+
+    def __init__(self, task: TrainingTask, cfg: EngineConfig, rt: Runtime) -> None:
+        self.task, self.cfg, self.device, self.world = task, cfg, rt.device, rt.world
+        self.out = Path(cfg.out)
+        self.params = [p for p in task.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise DataError("nothing to train: every parameter of the model is frozen")
+        self.optimizer = task.configure_optimizer(cfg.lr, cfg.weight_decay)
+        steps = task.steps_per_epoch()
+        self.scheduler = warmup_cosine(self.optimizer, int(cfg.warmup_epochs * steps), cfg.epochs * steps)
+        self.scaler = make_grad_scaler(cfg.precision, self.device)
+        self.context = StepContext(cfg.precision, self.device, self.scaler)
+        self.state_keys = trainable_state_keys(task.model)
+        model = torch.compile(task.model) if cfg.compile else task.model
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.skipped_in_a_row = 0
+        self.identity = json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed})))
+
+    # -- one optimizer step --------------------------------------------------------------------------------
+    def train_step(self, item: Any, where: str) -> tuple[dict[str, float], int]:
+        """The task's forward/backward of `item`, then the optimizer step; returns (loss values, samples)."""
+        out = self.task.training_step(self.model, item, self.context)
+        values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in out.losses.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise NonFiniteError(f"{where}: {name} is {value}; stopped before any update from it "
+                                     "(a corrupt input or feature cache, or a learning rate too high)")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.clip_norm if self.cfg.clip_norm else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], clip))
+        if math.isfinite(norm):
+            self.skipped_in_a_row = 0
+        elif self.scaler is None:
+            raise NonFiniteError(f"{where}: the gradient norm is {norm} (loss {values.get('loss')}); "
+                                 "stopped before the update")
+        else:  # fp16: the scaler skips this step and lowers its scale
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise NonFiniteError(f"{where}: the fp16 gradients overflowed in {self.skipped_in_a_row} steps "
+                                     f"in a row (loss scale now {self.scaler.get_scale():g}): the run diverged; "
+                                     "try --precision bf16 or a lower --lr")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.task.after_optimizer_step()
+        values["grad_norm"] = norm
+        return values, out.samples
+
+    # -- one epoch -----------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.task.model.train()
+        totals: dict[str, float] = defaultdict(float)
+        seen, skipped, started = 0, 0, time.perf_counter()
+        bar = tqdm(self.task.train_steps(epoch), total=self.task.steps_per_epoch(),
+                   desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not (self.cfg.progress and self.world.is_main))
+        for s, item in enumerate(bar):
+            values, samples = self.train_step(item, f"epoch {epoch + 1}, step {s + 1}")
+            skipped += self.skipped_in_a_row > 0
+            for key, value in values.items():
+                if math.isfinite(value):
+                    totals[key] += value * samples
+            seen += samples
+            bar.set_postfix(loss=f"{totals['loss'] / max(seen, 1):.3f}")
+        seconds = time.perf_counter() - started
+        totals, seen = all_reduce_sums(dict(totals), seen, self.world)  # every rank's samples count
+        row = {k: v / max(seen, 1) for k, v in totals.items()}
+        row.update(lr=self.scheduler.get_last_lr()[0], seconds=seconds,
+                   samples_per_s=seen / max(seconds, 1e-9), **self.task.epoch_summary())
+        if self.scaler is not None:
+            row.update(skipped_steps=skipped, loss_scale=self.scaler.get_scale())
+        return row
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        start, history, best, best_state = self._resume()
+        last = self.cfg.epochs if self.cfg.stop_after is None else min(self.cfg.epochs, start + self.cfg.stop_after)
+        selection = self.task.selection
+        if self.world.is_main:
+            self.task.on_fit_start()
+        for epoch in range(start, last):
+            row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            if self.world.is_main:
+                metrics = self.task.evaluate()
+                note = ""
+                if metrics is not None:
+                    row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    note = ", validation " + self.task.describe(metrics)
+                    if selection is None:
+                        best = {"epoch": epoch + 1, **metrics}
+                    elif selection.better(metrics[selection.metric], None if best is None else best[selection.metric]):
+                        best, best_state = {"epoch": epoch + 1, **metrics}, trainable_state(self.task.model,
+                                                                                          self.state_keys)
+                    if selection is not None:
+                        note += f" (best {selection.metric} {best[selection.metric]:.4f} at epoch {best['epoch']})"
+                history.append(row)
+                log.info("epoch %d/%d: loss %.4f, %.1fs%s", epoch + 1, self.cfg.epochs, row["loss"], row["seconds"],
+                         note)
+                self._write_history(history)
+                self._checkpoint(epoch, history, best, best_state)
+            barrier(self.world)
+        if last < self.cfg.epochs:
+            log.info("stopped after epoch %d of %d; continue with --resume latest", last, self.cfg.epochs)
+            return FitResult(history, best, completed=False)
+        if best_state:
+            self.task.model.load_state_dict(best_state, strict=False)
+            log.info("kept epoch %d (best validation %s)", best["epoch"], selection.metric)
+        return FitResult(history, best, completed=True)
+
+    def _checkpoint(self, epoch: int, history: list, best: dict | None, best_state: dict | None) -> None:
+        state = {"epoch": epoch, "identity": json.dumps(self.identity),
+                 "config": json.dumps(jsonable(dataclasses.asdict(self.cfg))),
+                 "model": trainable_state(self.task.model, self.state_keys), "best_state": best_state or {},
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state(), "history": json.dumps(history), "best": json.dumps(best),
+                 "task": json.dumps(jsonable(self.task.state_dict())), "world_size": self.world.size}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        save_checkpoint(state, self.out / CHECKPOINT_NAME)
+
+    def _resume(self) -> tuple[int, list, dict | None, dict | None]:
+        """(first epoch to run, history, best, best state) from `--resume`, or a fresh start."""
+        path = resolve_resume(self.cfg.resume, self.out)
+        if path is None:
+            return 0, [], None, None
+        state = load_checkpoint(path)
+        if "identity" not in state:
+            raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
+        check_compatible(json.loads(state["identity"]), self.identity, path)
+        if set(state["model"]) != set(self.state_keys):
+            raise DataError(f"{path}: its trainable weights do not match this model's "
+                            f"(e.g. {sorted(set(state['model']) ^ set(self.state_keys))[:3]})")
+        self.task.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.task.load_state_dict(json.loads(state["task"]))
+        log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
+        return state["epoch"] + 1, json.loads(state["history"]), json.loads(state["best"]), state["best_state"] or None
+
+    def _write_history(self, history: list[dict]) -> None:
+        atomic_write_json(self.out / "history.json", history)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write_text(self.out / "history.csv", buf.getvalue())

@@ -1,0 +1,65 @@
+"""The learning-rate schedule every run uses, and the order of the samples in each epoch."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .distributed import World
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (a LambdaLR)."""
+    warmup, total = max(1, warmup_steps), max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of one global (micro-)batch.
+
+    `share` = world size x this rank's samples / the global batch's samples: a rank multiplies
+    its mean loss by it, so that DDP's average over ranks is the mean over the global batch
+    (1.0 whenever the batch splits evenly, and always in a single process)."""
+
+    indices: Tensor
+    share: float = 1.0
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def epoch_plan(n: int, batch_size: int, world: World, seed: int, epoch: int, accum: int = 1,
+               drop_last: bool = True) -> list[list[Shard]]:
+    """For this rank: optimizer steps -> micro-batches -> the sample indices it takes.
+
+    The order is a permutation drawn from (seed, epoch), the same on every rank, so a
+    resumed run repeats it. Step s takes the global batch perm[s*G:(s+1)*G] with
+    G = batch_size x world x accum; micro-batch m of it is split across ranks in rank
+    order. So 1 process with batch 2B and 2 processes with batch B see the same global
+    batches. With `drop_last=False` the last, smaller global batch is kept (split as evenly
+    as ranks allow) unless it cannot give every rank a sample."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+    micro_global = batch_size * world.size
+    step_global = micro_global * accum
+    steps = []
+    for s in range(n // step_global):
+        chunk = perm[s * step_global:(s + 1) * step_global]
+        steps.append([Shard(chunk[m * micro_global + world.rank * batch_size:
+                                  m * micro_global + (world.rank + 1) * batch_size])
+                      for m in range(accum)])
+    rest = perm[(n // step_global) * step_global:]
+    if not drop_last and len(rest) >= world.size:
+        micro = [rest[i:i + micro_global] for i in range(0, len(rest), micro_global)]
+        if all(len(m) >= world.size for m in micro):
+            steps.append([Shard(part, world.size * len(part) / len(m))
+                          for m in micro for part in [torch.tensor_split(m, world.size)[world.rank]]])
+    return steps
