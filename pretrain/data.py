@@ -1,7 +1,7 @@
 """Image–caption pairs for pretraining, from the formats they are released in.
 
     pairs = load_captions("runs/phantom/captions", "train")          # PMC-OA-style JSON lines
-    pairs = load_captions("../shared/data/medpix2", "validate")      # finds dev.jsonl
+    pairs = load_captions("path/to/medpix2", "validate")             # finds dev.jsonl
     pairs = load_captions("path/to/roco", "train", fmt="roco")       # ROCO folders
     pairs = load_captions("pairs.csv", fmt="csv", image_column="path", caption_column="text")
     pairs = load_captions("org/dataset", "train", fmt="hf")          # `datasets`: hub id, saved or parquet folder

@@ -99,7 +99,7 @@ def _prepare(cfg: PretrainConfig, device: torch.device, world: World) -> Contras
         val = Split(val_pairs, ImageTable([p.image for p in val_pairs], enc.image_size, enc.in_chans,
                                           cfg.workers, cfg.progress), {})
     task = ContrastiveTask(cfg, model, train, val, device, world, prompts=load_prompts(cfg.prompts))
-    if len(train_pairs) < task.global_batch:
+    if cfg.epochs and len(train_pairs) < task.global_batch:
         raise DataError(f"{cfg.data}: {len(train_pairs)} training pairs, fewer than one global batch "
                         f"({task.global_batch} = batch {cfg.batch_size} x accum {cfg.accum_steps} x "
                         f"{world.size} process(es)); lower --batch-size")

@@ -16,6 +16,21 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# The longest tests first (in this order), so that with two workers (`make test` runs `pytest -n 2`) both
+# finish at about the same time: each of these takes 20-170 s, everything else a few seconds.
+RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr",
+             "test_vqa_learning.py::test_multiple_choice_beats_chance",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        return next((i for i, key in enumerate(RUN_FIRST) if key in item.nodeid), len(RUN_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep pytest's order
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test on one intra-op thread: the models are small, so one thread is as fast, and immune to the

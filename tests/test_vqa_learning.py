@@ -39,7 +39,7 @@ def _train_eval(world, head: str, dataset: str = "vqa-rad", **head_args):
     data = str(world / "phantom" / dataset)
     cfg = TrainConfig(format=dataset, data=data, encoder=str(world / "pretrain" / "encoder"), head=head,
                       head_args={"hidden_dim": 256, "dropout": 0.1, "classifier_dropout": 0.1, **head_args},
-                      question_dim=128, embed_dim=64, loss="ce", batch_size=32, lr=3e-3, epochs=20,
+                      question_dim=128, embed_dim=64, loss="ce", batch_size=32, lr=3e-3, epochs=12,
                       out=str(world / head), cache_dir=str(world / "cache"), progress=False)
     bundle = train(cfg)
     report, _, _ = evaluate(bundle, dataset, data, device="cpu", cache_dir=str(world / "cache"), progress=False)
@@ -57,7 +57,8 @@ def _baselines(world) -> dict:
 def test_each_head_beats_the_majority_baseline(world, head, extra):
     m = _train_eval(world, head, **extra)
     base = _baselines(world)
-    # Measured (seed 1): closed 0.78-0.83 / open 0.74-0.77, against 0.61 / 0.10 for the majority answer.
+    # Measured (seed 1, 12 epochs): closed 0.74-0.75 / open 0.73-0.76 (0.78-0.83 / 0.74-0.77 after 20), against
+    # 0.61 / 0.10 for the majority answer; modality 0.92.
     assert m["closed"] >= base["closed"]["accuracy"] + 0.08, (m["closed"], base["closed"])
     assert m["open"] >= base["open"]["accuracy"] + 0.45, (m["open"], base["open"])
     assert m["per_question_type"]["modality"]["accuracy"] > 0.85
@@ -68,4 +69,4 @@ def test_each_head_beats_the_majority_baseline(world, head, extra):
 def test_multiple_choice_beats_chance(world):
     m = _train_eval(world, "mc-ban", dataset="pmc-vqa", attention_dropout=0.1)
     assert m["chance"] == pytest.approx(0.25)
-    assert m["overall"] >= 0.55  # measured 0.75
+    assert m["overall"] >= 0.55  # measured 0.74 (0.75 after 20 epochs)

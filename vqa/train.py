@@ -19,7 +19,7 @@ import torch
 from .answers import AnswerVocab
 from .batches import QuestionTensors, encode_questions, unique_images
 from .bundle import save as save_bundle
-from .data import carve_validation, load_records
+from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .features import feature_table, pixel_table
@@ -85,7 +85,7 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
         raise DataError(f"{cfg.data}: split {cfg.train_split!r} has no questions")
     val_split = cfg.val_split
     if val_split == "auto":
-        val_split = "validate" if cfg.format == "slake" else "carved"
+        val_split = dataset_format(cfg.format).validation_split or "carved"
     if val_split == "carved":
         train, val = carve_validation(train, cfg.val_fraction, cfg.seed, by=cfg.val_by)
         how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.seed})"

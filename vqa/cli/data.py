@@ -7,8 +7,6 @@ import json
 from ..errors import DataError
 from .options import add_dataset_arguments, add_format_argument, command_parser
 
-SPLITS = {"vqa-rad": ("train", "test"), "slake": ("train", "validate", "test"), "pmc-vqa": ("train", "test"),
-          "hf": ("train", "test")}
 EXAMPLE = """examples:
   medvqa data stats runs/phantom/vqa-rad --format vqa-rad
   medvqa data stats path/to/vqa-rad --format vqa-rad --freeform --json
@@ -29,7 +27,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data import load_records
+    from ..data import dataset_format, load_records
     from ..stats import dataset_stats, format_stats
 
     args = build_parser().parse_args(argv)
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format != "vqa-rad":
             raise DataError("--freeform applies to --format vqa-rad only")
         kwargs["freeform_only"] = True
-    splits = {s: load_records(args.format, args.root, s, **kwargs) for s in (args.splits or SPLITS[args.format])}
+    splits = {s: load_records(args.format, args.root, s, **kwargs) for s in (args.splits or dataset_format(args.format).splits)}
     report = dataset_stats(splits)
     print(json.dumps(report, indent=2) if args.json else format_stats(report))
     return 0

@@ -1,6 +1,7 @@
 """Records and dataset loaders: one record type for VQA-RAD, SLAKE, PMC-VQA and `datasets` sources."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -10,23 +11,36 @@ from .local import load_pmc_vqa, load_slake, load_vqa_rad
 from .record import (CLOSED, OPEN, Record, canonical_question_type, carve_validation, image_key,
                      infer_answer_type)
 
-FORMATS: dict[str, Callable[..., list[Record]]] = {
-    "vqa-rad": load_vqa_rad,
-    "slake": load_slake,
-    "pmc-vqa": load_pmc_vqa,
-    "hf": load_hf,
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A benchmark's on-disk format: its loader, its released splits, and the split to select models on."""
+
+    load: Callable[..., list[Record]]  # (root, split, lang="en", ...) -> records
+    splits: tuple[str, ...]
+    validation_split: str | None = None  # None: carve validation from train (the benchmark has none)
+
+
+FORMATS: dict[str, DatasetFormat] = {
+    "vqa-rad": DatasetFormat(load_vqa_rad, ("train", "test")),
+    "slake": DatasetFormat(load_slake, ("train", "validate", "test"), validation_split="validate"),
+    "pmc-vqa": DatasetFormat(load_pmc_vqa, ("train", "test")),
+    "hf": DatasetFormat(load_hf, ("train", "test")),
 }
+
+
+def dataset_format(fmt: str) -> DatasetFormat:
+    if fmt not in FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[fmt]
 
 
 def load_records(fmt: str, root: str | Path, split: str, **kwargs) -> list[Record]:
     """Load `split` of a dataset in format `fmt` (vqa-rad, slake, pmc-vqa, hf) from `root`."""
-    if fmt not in FORMATS:
-        raise DataError(f"unknown dataset format {fmt!r}; expected one of {sorted(FORMATS)}")
-    return FORMATS[fmt](root, split, **kwargs)
+    return dataset_format(fmt).load(root, split, **kwargs)
 
 
 __all__ = [
-    "CLOSED", "OPEN", "FORMATS", "DataError", "Record", "canonical_question_type", "carve_validation",
+    "CLOSED", "OPEN", "FORMATS", "DataError", "DatasetFormat", "dataset_format", "Record", "canonical_question_type", "carve_validation",
     "image_key", "infer_answer_type", "load_hf", "load_pmc_vqa", "load_records", "load_slake",
     "load_vqa_rad", "save_hf",
 ]

@@ -1,0 +1,79 @@
+"""The CLI layer: every command under `medvqa`, one flag per concept, examples in every --help."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vqa.cli import COMMANDS, main as cli
+from vqa.cli.options import FORMAT_CHOICES
+from vqa.data import FORMATS
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_with_an_example_and_no_outside_paths(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert f"medvqa {command}" in text and "example" in text
+    assert "../" not in text  # examples point inside the repository or at path/to/...
+
+
+def test_the_dataset_format_flag_is_one_flag_with_one_set_of_choices(capsys):
+    assert FORMAT_CHOICES == tuple(FORMATS)
+    for argv in (["train"], ["eval"], ["cache-features"], ["data", "stats"]):
+        with pytest.raises(SystemExit):
+            cli([*argv, "--help"])
+        text = capsys.readouterr().out
+        assert "--format {" + ",".join(FORMAT_CHOICES) + "}" in text, argv
+        assert "--dataset" not in text and "--lang" in text
+
+
+def test_english_only_datasets_refuse_another_language(phantom_dir, capsys):
+    assert cli(["data", "stats", str(phantom_dir / "vqa-rad"), "--format", "vqa-rad", "--lang", "zh"]) == 2
+    assert "English questions only" in capsys.readouterr().err
+
+
+def test_pretrain_with_zero_epochs_writes_the_untrained_towers(phantom_dir, tmp_path):
+    from pretrain import PretrainConfig
+    from pretrain.data import load_captions
+    from pretrain.train import build_model
+    from vqa.training import seed_everything
+
+    out = tmp_path / "untrained"
+    assert cli(["pretrain", "--data", str(phantom_dir / "captions"), "--epochs", "0", "--embed-dim", "16",
+                "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == [] and metrics["before"] == metrics["after"]
+    cfg = PretrainConfig(data=str(phantom_dir / "captions"), embed_dim=16)
+    seed_everything(cfg.seed)
+    initial = build_model(cfg, [p.caption for p in load_captions(cfg.data, "train")])
+    saved = load_file(str(out / "encoder" / "model.safetensors"))
+    for key, value in initial.image_encoder.state_dict().items():
+        assert torch.equal(saved[key], value), key
+
+
+def test_zero_shot_skips_fields_whose_classes_the_prompts_do_not_name(caplog):
+    from pretrain.data import CaptionPair
+    from pretrain.evaluate import zero_shot
+
+    pairs = [CaptionPair("a.png", "c", {"modality": "ct - noncontrast"}, "1"),
+             CaptionPair("b.png", "c", {"modality": "mri"}, "2")]
+    prompts = {"modality": {"templates": ["{} image."], "names": {"ct": ["CT"], "mri": ["MRI"]}}}
+    with caplog.at_level(logging.WARNING, logger="pretrain.evaluate"):
+        assert zero_shot(None, torch.zeros(2, 4), pairs, prompts, torch.device("cpu")) == {}
+    assert "ct - noncontrast" in caplog.text and "--prompts" in caplog.text
+
+
+def test_pretrain_eval_reads_the_split_as_pretrain_does(phantom_dir, tmp_path):
+    cli(["pretrain", "--data", str(phantom_dir / "captions"), "--epochs", "0", "--embed-dim", "16",
+         "--out", str(tmp_path / "p"), "--no-progress"])
+    assert cli(["pretrain-eval", "--model", str(tmp_path / "p" / "clip"), "--data", str(phantom_dir / "captions"),
+                "--exclude-vqa-rad", "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    saved = json.loads((tmp_path / "p" / "metrics.json").read_text())["after"]
+    assert metrics["retrieval"] == saved["retrieval"] and metrics["protocol"]["exclude_vqa_rad"]
