@@ -7,13 +7,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from ._errors import DataError
+
+log = logging.getLogger(__name__)
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what tempfile.mkstemp/mkdtemp make from our prefix
+
+
+def _process_start() -> float:
+    """When this process started (Linux: /proc/self), else when this module was imported."""
+    try:
+        return os.stat(f"/proc/{os.getpid()}").st_ctime
+    except OSError:
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def _umask() -> int:
@@ -86,3 +103,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left in `folder`: entries named like our temp files (`.NAME.<8>.tmp`)
+    last modified before this process started (a live writer's are newer). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    started, removed = _process_start(), []
+    for entry in folder.iterdir():
+        try:
+            stale = _TEMP_NAME.match(entry.name) and entry.lstat().st_mtime < started
+        except FileNotFoundError:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temp file(s) a killed run left in %s: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed[:3]))
+    return removed

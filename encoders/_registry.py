@@ -17,7 +17,10 @@ import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from ._errors import DataError
 
 from .base import CONFIG_NAME, WEIGHTS_NAME, ImageEncoder
 
@@ -101,12 +104,13 @@ def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
     try:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+        raise DataError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if "family" in meta:
         return _load_own_folder(path, meta)
     if meta.get("model_type") in _HF_CLIP_TYPES:
         from .clip import CLIPVisionEncoder
 
+        require_safetensors(path)
         return CLIPVisionEncoder.from_hf(path)
     raise ValueError(f"{config_file}: neither a medvqa encoder (no 'family') nor a Hugging Face CLIP config "
                      f"(model_type={meta.get('model_type')!r})")
@@ -128,11 +132,26 @@ def _load_own_folder(path: Path, meta: dict) -> ImageEncoder:
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
     try:
-        encoder.load_state_dict(load_file(str(weights)), strict=True)
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{weights}: not a readable safetensors file ({e})") from None
+    try:
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{weights}: weights do not match {CONFIG_NAME} ({e})") from e
+        raise DataError(f"{weights}: weights do not match {CONFIG_NAME} ({str(e).splitlines()[0]} ...)") from None
     logger.info("loaded encoder %s (%s) from %s", encoder.name, family, path)
     return encoder
+
+
+def require_safetensors(folder: Path) -> None:
+    """A Hugging Face folder whose weights are only a pickle (pytorch_model.bin) is refused, never unpickled."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise DataError(f"{folder}: its weights are a pickle ({', '.join(pickles)}) and there is no .safetensors "
+                        "file; medvqa loads safetensors only. Convert it where you trust the file: "
+                        f"`CLIPModel.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)`")
 
 
 def _looks_like_path(key: str) -> bool:

@@ -5,10 +5,14 @@ Folder layout:
     index.json    {"fingerprint", "encoder", "grid": [N, D], "row_size", "dtype": "float16",
                    "count", "rows": {image_hash: row}}
     features.f16  float16 rows of N*D grid values followed by the D pooled values
+    keys.bin      per row, 36 bytes: the sha256 of the row's image and the crc32 of its features
 
 Every write goes to a temp name, then `os.replace`. Rows are only ever appended
 (the grown file is a copy of the old rows plus the new ones), and the features
 file is replaced before the index, so an interrupted write leaves a valid cache.
+Every row is verified before it is served: its stored image hash must be the one
+asked for and its checksum must match, so an edited index or damaged features are
+found out; a cache that fails verification is rebuilt (with a warning), never trusted.
 A changed encoder fingerprint (or grid shape) rebuilds the cache from scratch.
 One writer at a time: in distributed runs let rank 0 call `ensure`, then barrier.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import zlib
 import json
 import logging
 import os
@@ -28,6 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ._errors import DataError
 from ._files import atomic_write, atomic_write_json
 from .base import ImageEncoder
 from .images import ImageSource, load_image
@@ -36,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FEATURES_NAME = "features.f16"
-CACHE_FORMAT_VERSION = 1
+KEYS_NAME = "keys.bin"
+KEY_BYTES = 36  # sha256 digest (32) + crc32 (4, little-endian)
+CACHE_FORMAT_VERSION = 2
 _HASH_CHUNK = 1 << 20
 
 
@@ -98,7 +106,8 @@ class FeatureCache:
             logger.info("feature cache %s: rebuilding from scratch (%s)", folder, reason)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / INDEX_NAME, expected, indent=None)  # index first: old rows are never read
-            (folder / FEATURES_NAME).unlink(missing_ok=True)
+            for name in (FEATURES_NAME, KEYS_NAME):
+                (folder / name).unlink(missing_ok=True)
             index = expected
         else:
             logger.info("feature cache %s: %d images cached for %s", folder, index["count"], encoder.name)
@@ -121,16 +130,46 @@ class FeatureCache:
         return image_hash_ in self._rows
 
     def lookup(self, hashes: Sequence[str]) -> dict[str, Tensor]:
-        """Features of images by hash: {"grid": (B, N, D), "pooled": (B, D)} float32."""
+        """Features of images by hash: {"grid": (B, N, D), "pooled": (B, D)} float32, every row verified."""
         missing = [h for h in hashes if h not in self._rows]
         if missing:
             raise KeyError(f"{len(missing)} image(s) not in feature cache {self.folder} "
                            f"(first: {missing[0]}); call ensure() first")
+        bad = self.unverified(hashes)
+        if bad:
+            raise DataError(f"feature cache {self.folder}: {len(bad)} row(s) fail verification (first: image "
+                            f"{bad[0][:12]}): edited or damaged; open it with the encoder to rebuild it")
         n, d = self.grid_shape
         rows = np.fromiter((self._rows[h] for h in hashes), dtype=np.int64, count=len(hashes))
         block = np.asarray(self._features()[rows], dtype=np.float32)  # (B, N*D + D)
         data = torch.from_numpy(block)
         return {"grid": data[:, : n * d].reshape(-1, n, d), "pooled": data[:, n * d:]}
+
+    def unverified(self, hashes: Sequence[str]) -> list[str]:
+        """The cached `hashes` whose row is out of range, holds another image's key, or fails its checksum."""
+        count = self._index["count"]
+        if not count:
+            return [h for h in hashes if h in self._rows]
+        keys, features = self._keys(), self._features()
+        bad = []
+        for h in dict.fromkeys(hashes):
+            row = self._rows.get(h)
+            if row is None:
+                continue
+            if not (isinstance(row, int) and 0 <= row < count) or keys is None:
+                bad.append(h)
+                continue
+            key = keys[row].tobytes()
+            crc = int.from_bytes(key[32:], "little")
+            if key[:32] != bytes.fromhex(h) or zlib.crc32(features[row].tobytes()) != crc:
+                bad.append(h)
+        return bad
+
+    def _keys(self) -> np.ndarray | None:
+        path = self.folder / KEYS_NAME
+        if not path.is_file() or path.stat().st_size < self._index["count"] * KEY_BYTES:
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(self._index["count"], KEY_BYTES))
 
     def _features(self) -> np.memmap:
         if self._memmap is None:
@@ -140,6 +179,16 @@ class FeatureCache:
             self._memmap = np.memmap(self.folder / FEATURES_NAME, dtype=np.float16, mode="r",
                                      shape=(count, self._index["row_size"]))
         return self._memmap
+
+    def _reset(self) -> None:
+        """Forget every row (the next write starts the files afresh)."""
+        assert self.encoder is not None
+        self._index = _empty_index(self.encoder, self._index["fingerprint"])
+        self._rows = self._index["rows"]
+        self._memmap = None
+        atomic_write_json(self.folder / INDEX_NAME, self._index, indent=None)
+        for name in (FEATURES_NAME, KEYS_NAME):
+            (self.folder / name).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers (spawn) need lookups only: don't ship the mapped array or
@@ -160,6 +209,11 @@ class FeatureCache:
             raise RuntimeError(f"feature cache {self.folder} was opened without an encoder; cannot compute")
         images = list(images)
         hashes = [image_hash(img) for img in images]
+        bad = self.unverified(hashes)
+        if bad:
+            logger.warning("feature cache %s: %d cached row(s) fail verification (first: image %s; the index was "
+                           "edited or the features damaged): rebuilding the cache", self.folder, len(bad), bad[0][:12])
+            self._reset()
         todo: dict[str, ImageSource] = {}
         for h, img in zip(hashes, images):
             if h not in self._rows and h not in todo:
@@ -179,20 +233,23 @@ class FeatureCache:
         was_training = encoder.training
         encoder.to(device).eval()  # frozen features: BatchNorm statistics, no dropout
         items = list(todo.items())
-        features = self.folder / FEATURES_NAME
+        features, keys = self.folder / FEATURES_NAME, self.folder / KEYS_NAME
         bar = _progress(len(items), f"caching {encoder.name} features", progress)
         try:
-            with atomic_write(features, binary=True) as out:
-                if self._index["count"] and features.exists():
-                    with open(features, "rb") as old:  # keep old rows in place: existing indices stay valid
-                        shutil.copyfileobj(old, out)
-                out.truncate(self._index["count"] * self._index["row_size"] * 2)  # drop any unindexed tail
-                out.seek(0, os.SEEK_END)
+            with atomic_write(features, binary=True) as out, atomic_write(keys, binary=True) as key_out:
+                for path, sink, size in ((features, out, self._index["row_size"] * 2), (keys, key_out, KEY_BYTES)):
+                    if self._index["count"] and path.exists():
+                        with open(path, "rb") as old:  # keep old rows in place: existing indices stay valid
+                            shutil.copyfileobj(old, sink)
+                    sink.truncate(self._index["count"] * size)  # drop any unindexed tail
+                    sink.seek(0, os.SEEK_END)
                 for start in range(0, len(items), batch_size):
                     batch = items[start:start + batch_size]
                     feats = encoder.encode([img for _, img in batch], device)
-                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1)  # (B, N*D + D) float16
-                    out.write(rows.numpy().tobytes())
+                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1).numpy()  # (B, N*D + D)
+                    out.write(rows.tobytes())
+                    key_out.write(b"".join(bytes.fromhex(h) + zlib.crc32(row.tobytes()).to_bytes(4, "little")
+                                           for (h, _), row in zip(batch, rows)))
                     bar.update(len(batch))
         finally:
             bar.close()
@@ -206,9 +263,10 @@ class FeatureCache:
         logger.info("feature cache %s: added %d images (now %d)", self.folder, len(items), self._index["count"])
 
 
-def _empty_index(encoder: ImageEncoder) -> dict[str, Any]:
+def _empty_index(encoder: ImageEncoder, fingerprint: str | None = None) -> dict[str, Any]:
     n, d = encoder.num_patches, encoder.feature_dim
-    return {"format_version": CACHE_FORMAT_VERSION, "fingerprint": encoder.fingerprint(), "encoder": encoder.name,
+    return {"format_version": CACHE_FORMAT_VERSION, "fingerprint": fingerprint or encoder.fingerprint(),
+            "encoder": encoder.name,
             "grid": [n, d], "grid_size": list(encoder.grid_size), "row_size": n * d + d, "dtype": "float16",
             "count": 0, "rows": {}}
 

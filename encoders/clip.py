@@ -112,7 +112,7 @@ class CLIPVisionEncoder(ImageEncoder):
         folder written by `CLIPModel.save_pretrained` or `CLIPVisionModel.save_pretrained`."""
         local = Path(source).is_dir()
         try:
-            hf_model = CLIPVisionModel.from_pretrained(source)
+            hf_model = CLIPVisionModel.from_pretrained(source, use_safetensors=True)
         except OSError as e:
             if local:
                 raise ValueError(f"{source}: not a loadable Hugging Face CLIP folder ({e})") from e

@@ -13,6 +13,10 @@ Decisions (why):
   (first WindowCenter/WindowWidth) or min..max, then MONOCHROME1 is inverted so
   that bright always means dense. Multi-frame files give their middle frame,
   the most representative slice of a volume.
+- Decoding is bounded before it starts: the pixel count is read from the file's
+  header and a file above `max_pixels` (default 50 Mpx, or $MEDVQA_MAX_IMAGE_PIXELS)
+  is refused; a large JPEG asked for at `max_side` decodes at reduced size (PIL's
+  draft mode, 1/2 to 1/8 scale) instead of being decoded whole and then shrunk.
 """
 from __future__ import annotations
 
@@ -27,32 +31,59 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+MAX_PIXELS = 50_000_000  # the default bound on a file's width x height; $MEDVQA_MAX_IMAGE_PIXELS overrides it
+
+
+def max_pixels() -> int:
+    """The pixel-count bound in force: $MEDVQA_MAX_IMAGE_PIXELS if set, else MAX_PIXELS."""
+    value = os.environ.get("MEDVQA_MAX_IMAGE_PIXELS")
+    try:
+        return int(value) if value else MAX_PIXELS
+    except ValueError:
+        raise ValueError(f"MEDVQA_MAX_IMAGE_PIXELS={value!r}: expected a whole number of pixels") from None
+
+
+def check_pixels(width: int, height: int, path: Path) -> None:
+    limit = max_pixels()
+    if width * height > limit:
+        raise ValueError(f"{path}: image is {width}x{height} ({width * height / 1e6:.0f} Mpx), above the limit of "
+                         f"{limit / 1e6:.0f} Mpx (set MEDVQA_MAX_IMAGE_PIXELS to allow more)")
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 
 
-def load_image(src: ImageSource) -> Image.Image:
+def load_image(src: ImageSource, max_side: int | None = None) -> Image.Image:
     """Return `src` as an 8-bit PIL image in mode "L" (gray) or "RGB".
 
-    Raises FileNotFoundError for a missing path and ValueError, naming the file,
-    for a file that is not a readable image.
+    `max_side` says how large the caller needs it: a JPEG much larger than that
+    decodes at reduced size (at least `max_side` on its long side). Raises
+    FileNotFoundError for a missing path and ValueError, naming the file, for a
+    directory, a file that is not a readable image, or one above the pixel limit.
     """
     if isinstance(src, Image.Image):
         return to_8bit(src)
     if isinstance(src, np.ndarray):
         return array_to_image(src)
     if isinstance(src, (str, os.PathLike)):
-        return _load_path(Path(src))
+        return _load_path(Path(src), max_side)
     raise TypeError(f"cannot read an image from {type(src).__name__}; pass a path, PIL image or numpy array")
 
 
-def _load_path(path: Path) -> Image.Image:
+def _load_path(path: Path, max_side: int | None = None) -> Image.Image:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     if is_dicom(path):
         return load_dicom(path)
     try:
         with Image.open(path) as img:
+            check_pixels(*img.size, path)  # from the header: nothing is decoded yet
+            width, height = img.size
+            if max_side and img.format == "JPEG" and max(width, height) >= 2 * max_side:
+                scale = max_side / max(width, height)
+                img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode,
+                          (max(1, round(width * scale)), max(1, round(height * scale))))
             img.load()  # decode now, so a truncated file fails here, not later
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(img.n_frames // 2)
@@ -133,6 +164,11 @@ def load_dicom(path: Path) -> Image.Image:
         raise ImportError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from e
     try:
         ds = pydicom.dcmread(path)
+    except Exception as e:  # pydicom raises many types for bad files
+        raise ValueError(f"{path}: not a readable DICOM image ({e})") from e
+    check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1),
+                 path)
+    try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad files
         raise ValueError(f"{path}: not a readable DICOM image ({e})") from e

@@ -296,13 +296,17 @@ def load_pretrained_text(source: str | os.PathLike, pooling: str | None = None, 
     if not local and "/" not in str(source):
         raise DataError(f"unknown text tower {str(source)!r}; known: {', '.join(list_text_towers())}, "
                         "a local Hugging Face folder, or a hub id 'org/name'")
+    if local:
+        from ._registry import require_safetensors
+
+        require_safetensors(Path(source))
     try:
         config = AutoConfig.from_pretrained(source)
         kind = "clip" if config.model_type in _CLIP_TYPES else "auto"
         if kind == "clip":
-            model = _unwrap_text(CLIPTextModel.from_pretrained(source))
+            model = _unwrap_text(CLIPTextModel.from_pretrained(source, use_safetensors=True))
         else:
-            model = AutoModel.from_pretrained(source)
+            model = AutoModel.from_pretrained(source, use_safetensors=True)
         # a local folder may hold a model only (tokenize elsewhere); a hub id always has its tokenizer
         tokenizer = load_tokenizer(Path(source)) if local else AutoTokenizer.from_pretrained(source)
     except OSError as e:

@@ -174,8 +174,12 @@ def load_clip_model(source: str | os.PathLike) -> CLIPPretrainModel:
                         f"(model_type={meta.get('model_type')!r})")
     from transformers import AutoTokenizer, CLIPModel
 
+    from encoders._registry import require_safetensors
+
+    if path.is_dir():
+        require_safetensors(path)
     try:
-        clip = CLIPModel.from_pretrained(str(source)).float()
+        clip = CLIPModel.from_pretrained(str(source), use_safetensors=True).float()
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except OSError as e:
         raise DataError(f"cannot load CLIP model {str(source)!r} (offline and not cached, or not a CLIP "

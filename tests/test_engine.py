@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,16 +99,17 @@ def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
-def test_a_corrupt_feature_cache_stops_training_and_writes_no_bundle(phantom_dir, tmp_path):
-    cfg = _cfg(phantom_dir, tmp_path, epochs=1)
-    train(cfg)  # fills the cache
-    (features,) = (tmp_path / "cache").glob("*/features.f16")
-    garbage = np.random.default_rng(0).integers(0, 256, features.stat().st_size, dtype=np.uint8)
-    garbage.view(np.uint16)[::7] = 0x7E00  # some rows NaN for sure (random bytes are NaN/inf only now and then)
-    features.write_bytes(garbage.tobytes())
-    out = tmp_path / "again"
-    with pytest.raises(NonFiniteError, match=r"epoch 1, step \d+: loss is nan"):
-        train(_cfg(phantom_dir, tmp_path, epochs=1, out=str(out)))
+def test_a_non_finite_loss_stops_training_and_writes_no_bundle(phantom_dir, tmp_path):
+    from encoders import create_encoder
+
+    torch.manual_seed(0)
+    encoder = create_encoder("clip-vit-tiny")
+    with torch.no_grad():
+        encoder.vision_model.post_layernorm.weight[0] = float("nan")  # every feature row holds a NaN
+    encoder.save_pretrained(tmp_path / "nan-encoder")
+    out = tmp_path / "nan-run"
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 1: loss is nan"):
+        train(_cfg(phantom_dir, tmp_path, epochs=1, encoder=str(tmp_path / "nan-encoder"), out=str(out)))
     assert not (out / "bundle").exists() and not (out / "checkpoint.pt").exists()
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from encoders import FeatureCache, create_encoder, image_hash
+from vqa.errors import DataError
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_first_fill_then_all_hits(tmp_path, encoder, images):
     cache = FeatureCache.open(tmp_path / "cache", encoder)
     hashes = cache.ensure(images[:3], batch_size=2, progress=False)
     assert counter.count == 3 and len(cache) == 3
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["features.f16", "index.json"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["features.f16", "index.json", "keys.bin"]
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert index["fingerprint"] == encoder.fingerprint() and index["grid"] == [16, 64]
 
@@ -152,3 +153,35 @@ def test_cache_pickles_without_its_memmap(tmp_path, encoder, images):
     cache.lookup(hashes)  # maps the file
     clone = pickle.loads(pickle.dumps(cache))
     assert torch.equal(clone.lookup(hashes)["grid"], cache.lookup(hashes)["grid"])
+
+
+@pytest.mark.parametrize("damage", ["swap rows in index.json", "row out of range", "random bytes in features"])
+def test_a_damaged_cache_is_rebuilt_never_served(tmp_path, encoder, images, damage, caplog):
+    import numpy as np
+
+    counter = CountingEncoder(encoder)
+    cache = FeatureCache.open(tmp_path / "cache", encoder)
+    hashes = cache.ensure(images[:3], progress=False)
+    truth = cache.lookup(hashes)
+    folder = tmp_path / "cache"
+    index = json.loads((folder / "index.json").read_text())
+    if damage == "swap rows in index.json":
+        a, b = hashes[0], hashes[1]
+        index["rows"][a], index["rows"][b] = index["rows"][b], index["rows"][a]
+    elif damage == "row out of range":
+        index["rows"][hashes[2]] = 99
+    if damage.startswith("random"):
+        size = (folder / "features.f16").stat().st_size
+        (folder / "features.f16").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    else:
+        (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="fail verification"):  # a reader never serves them
+        FeatureCache.open(folder).lookup(hashes)
+    with caplog.at_level(logging.WARNING, logger="encoders.cache"):
+        again = FeatureCache.open(folder, encoder)
+        assert again.ensure(images[:3], progress=False) == hashes
+    assert "fail verification" in caplog.text and "rebuilding" in caplog.text
+    assert counter.count == 6  # all three computed again
+    features = again.lookup(hashes)
+    for key in truth:
+        assert torch.equal(features[key], truth[key]), key

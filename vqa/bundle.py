@@ -110,16 +110,27 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
     answers = AnswerVocab.load(path / "answers.json")
     words = WordVocab.load(path / "vocab.json")
+    encoder = load_encoder_folder(path / "encoder")  # its errors name the encoder's own files
     try:
-        encoder = load_encoder_folder(path / "encoder")
         head = head_from_dict(config["head"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path / 'config.json'}: cannot rebuild the model: the head it describes fails ({e})") from None
+    try:
         state = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: cannot rebuild the model ({e})") from None
-    missing, unexpected = head.load_state_dict(state, strict=False)
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path / 'model.safetensors'}: cannot rebuild the model: not a readable safetensors "
+                        f"file ({e})") from None
+    expected = head.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise DataError(f"{path / 'model.safetensors'}: weights do not match the head in config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise DataError(f"{path / 'model.safetensors'}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                            f"but config.json describes a head whose {key!r} is {tuple(tensor.shape)}")
+    head.load_state_dict(state)
     _check_vocab(path, head, words, answers)
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()

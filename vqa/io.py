@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                             atomic_write_text)
+                             atomic_write_text, sweep_stale_temps)
 
 from .errors import DataError
 
@@ -21,7 +21,7 @@ def read_json(path: str | Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
 
@@ -44,7 +44,7 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))

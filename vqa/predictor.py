@@ -131,7 +131,7 @@ def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
         raise DataError("no image given: pass a path, a PIL image, a numpy array or a DICOM file")
     name = describe_source(image)
     try:
-        img = load_image(image)
+        img = load_image(image, max_side=max_side)
     except Image.DecompressionBombError as e:  # PIL refuses files over 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx)
         raise DataError(f"{name}: image too large to read ({e})") from None
     except FileNotFoundError:

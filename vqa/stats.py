@@ -32,15 +32,34 @@ def _choice_majority(train: Sequence[Record], test: Sequence[Record]) -> dict:
     return {"frequent_choice": {"accuracy": hits / len(test)}, "chance": {"accuracy": chance}}
 
 
+def duplicate_records(records: Sequence[Record]) -> list[Record]:
+    """Records that repeat an earlier one (same image, question and answer): each extra copy once."""
+    seen: set = set()
+    extra = []
+    for r in records:
+        key = (image_key(r), r.question.lower(), r.answer)
+        if key in seen:
+            extra.append(r)
+        seen.add(key)
+    return extra
+
+
 def dataset_stats(splits: Mapping[str, Sequence[Record]], train: str = "train", test: str = "test",
-                  top: int = 10) -> dict:
-    """Statistics per split and baselines of `train` on `test`, as a JSON-ready dict."""
+                  top: int = 10, skipped: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Statistics per split and baselines of `train` on `test`, as a JSON-ready dict.
+
+    `skipped` lists per split the questions the loader could not use (empty question or answer)."""
     report: dict = {"splits": {}}
     for name, records in splits.items():
         n = len(records)
         answers = Counter(r.answer for r in records)
+        duplicates = duplicate_records(records)
         report["splits"][name] = {
             "questions": n,
+            "skipped": len((skipped or {}).get(name, ())),
+            "skipped_examples": list((skipped or {}).get(name, ()))[:3],
+            "duplicates": len(duplicates),
+            "duplicate_examples": [f"{r.source_id}: {r.question!r} -> {r.answer!r}" for r in duplicates[:3]],
             "images": len({image_key(r) for r in records}),
             "closed_share": sum(r.answer_type == CLOSED for r in records) / max(n, 1),
             "distinct_answers": len(answers),
@@ -63,6 +82,12 @@ def format_stats(report: dict) -> str:
                      f"{100 * s['closed_share']:.1f}% closed, {s['distinct_answers']} distinct answers")
         lines.append("  top answers: " + ", ".join(f"{a} ({c})" for a, c in s["top_answers"]))
         lines.append("  question types: " + ", ".join(f"{t} ({c})" for t, c in s["question_types"].items()))
+        if s["skipped"]:
+            lines.append(f"  skipped {s['skipped']} unusable question(s) (empty question or answer), e.g. "
+                         + "; ".join(s["skipped_examples"]))
+        if s["duplicates"]:
+            lines.append(f"  {s['duplicates']} duplicate question(s) (same image, question and answer as an "
+                         "earlier one), e.g. " + "; ".join(s["duplicate_examples"]))
     for name, b in report.get("baselines", {}).items():
         answer = f" (always {b['answer']!r})" if "answer" in b else ""
         lines.append(f"baseline {name}: {100 * b['accuracy']:.1f}%{answer}")

@@ -26,6 +26,7 @@ from .features import feature_table, pixel_table
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
+from .stats import duplicate_records
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
                        epoch_plan, runtime, write_run_config)
@@ -47,6 +48,7 @@ class TrainConfig(EngineConfig):
     val_fraction: float = 0.1  # share of train images (or questions) carved out for validation
     val_by: str = "image"  # carve by image, or by question (VQA-RAD's own split is by question)
     lang: str = "en"
+    strict: bool = False  # refuse questions with an empty question or answer (default: skip them with a warning)
     answers: str = "train"  # "train" (train-only vocabulary) or a candidate list JSON (MEVF's)
     # model
     encoder: str = "clip-vit-tiny"  # registered name, save_pretrained folder, or hub id
@@ -80,9 +82,13 @@ class Split:
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     """(train records, validation records, how validation was made)."""
-    train = load_records(cfg.format, cfg.data, cfg.train_split, lang=cfg.lang)
+    train = load_records(cfg.format, cfg.data, cfg.train_split, lang=cfg.lang, strict=cfg.strict)
     if not train:
         raise DataError(f"{cfg.data}: split {cfg.train_split!r} has no questions")
+    duplicates = duplicate_records(train)
+    if duplicates:
+        log.warning("%s: %d training question(s) repeat an earlier one (same image, question and answer), e.g. "
+                    "%s: `medvqa data stats` lists them", cfg.data, len(duplicates), duplicates[0].question)
     val_split = cfg.val_split
     if val_split == "auto":
         val_split = dataset_format(cfg.format).validation_split or "carved"
@@ -90,7 +96,8 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
         train, val = carve_validation(train, cfg.val_fraction, cfg.seed, by=cfg.val_by)
         how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.seed})"
     else:
-        val, how = load_records(cfg.format, cfg.data, val_split, lang=cfg.lang), f"split {val_split!r}"
+        val = load_records(cfg.format, cfg.data, val_split, lang=cfg.lang, strict=cfg.strict)
+        how = f"split {val_split!r}"
         if val_split == "test":
             log.warning("model selection on the test split (as MEVF/QCR's code does): test scores will be optimistic")
     log.info("data: %d train / %d validation questions (validation %s)", len(train), len(val), how)

@@ -21,6 +21,8 @@ def build_parser():
     add_dataset_arguments(s, data_positional=True)
     add_format_argument(s)
     s.add_argument("--splits", nargs="+", default=None, help="splits to read (default: all of the format's)")
+    s.add_argument("--strict", action="store_true",
+                   help="refuse a question with an empty question or answer (default: skip it, and count it)")
     s.add_argument("--freeform", action="store_true", help="VQA-RAD: only freeform questions (MEVF's subset)")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
@@ -31,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..stats import dataset_stats, format_stats
 
     args = build_parser().parse_args(argv)
-    kwargs = {"lang": args.lang}
+    kwargs = {"lang": args.lang, "strict": args.strict}
     if args.freeform:
         if args.format != "vqa-rad":
             raise DataError("--freeform applies to --format vqa-rad only")
         kwargs["freeform_only"] = True
-    splits = {s: load_records(args.format, args.root, s, **kwargs) for s in (args.splits or dataset_format(args.format).splits)}
-    report = dataset_stats(splits)
+    names = args.splits or dataset_format(args.format).splits
+    skipped: dict[str, list[str]] = {name: [] for name in names}
+    splits = {name: load_records(args.format, args.root, name, skipped=skipped[name], **kwargs) for name in names}
+    report = dataset_stats(splits, skipped=skipped)
     print(json.dumps(report, indent=2) if args.json else format_stats(report))
     return 0

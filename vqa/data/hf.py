@@ -10,8 +10,8 @@ from PIL import Image
 from ..errors import DataError
 from ..io import atomic_dir
 from ..text import normalize_answer
-from .local import PMC_CHOICE_COLUMNS, _CHOICE_PREFIX
-from .record import ImageFinder, Record, infer_answer_type, make_record, parse_answer_type
+from .local import PMC_CHOICE_COLUMNS, _CHOICE_PREFIX, check_language
+from .record import ImageFinder, Record, infer_answer_type, make_record, parse_answer_type, text_field, usable_records
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def row_image(value: Any, find_image: ImageFinder | None, where: str) -> Path | 
 
 
 def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None = None,
-            lang: str = "en", dataset: str | None = None) -> list[Record]:
+            lang: str = "en", dataset: str | None = None, strict: bool = False,
+            skipped: list[str] | None = None) -> list[Record]:
     """Records from a `datasets` source: a `save_to_disk` folder, parquet files or a hub id.
 
     Hub copies can lack fields: without `answer_type` (flaviagiammarino/vqa-rad),
@@ -91,24 +92,28 @@ def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None 
         log.warning("%s has no answer_type: closed/open inferred from the answer (yes/no = closed)",
                     name_or_path)
     name = dataset or (Path(str(name_or_path)).name if folder else str(name_or_path))
-    records = []
-    for i, row in enumerate(ds):
+    rows = list(ds) if lang != "all" and "q_lang" in columns else ds
+
+    def build(i: int, row: dict) -> Record | None:
         where = f"{name_or_path}: {split} row {i}"
         if lang != "all" and row.get("q_lang", lang) != lang:
-            continue
+            return None
         choices = row.get("choices") or [
             _CHOICE_PREFIX.sub("", str(row[c])).strip() for c in PMC_CHOICE_COLUMNS if c in row]
-        answer = normalize_answer(row[a_col])
+        answer = normalize_answer(text_field(row, a_col, where))
         answer_type = (parse_answer_type(row["answer_type"], where) if "answer_type" in columns
                        else infer_answer_type(answer))
-        records.append(make_record(
+        return make_record(
             image=row_image(row[image_col], find_image, where),
-            question=row[q_col], answer=answer, answer_type=answer_type,
+            question=text_field(row, q_col, where), answer=answer, answer_type=answer_type,
             question_type=row.get(type_col) if type_col else None,
             choices=choices, split=split,
             source_id=row[id_col] if id_col else i,
             dataset=row.get("dataset") or name,
-        ))
+        )
+    records = usable_records(rows, build, name_or_path, strict, skipped)
+    if rows is not ds:
+        check_language(Path(str(name_or_path)), rows, lang, records)
     return records
 
 

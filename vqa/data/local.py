@@ -1,13 +1,15 @@
 """Loaders for the benchmarks' own released files in a local folder: VQA-RAD, SLAKE, PMC-VQA."""
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 
 from ..errors import DataError
 from ..io import read_csv, read_json
 from ..text import normalize_answer
-from .record import ImageFinder, Record, infer_answer_type, make_record, parse_answer_type, require_fields
+from .record import (ImageFinder, Record, UnusableRecord, infer_answer_type, make_record, parse_answer_type,
+                     require_fields, require_mapping, text_field, usable_records)
 
 VQA_RAD_SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
 VQA_RAD_OFFICIAL = "VQA_RAD_Dataset_Public.json"
@@ -36,13 +38,26 @@ def check_english(dataset: str, lang: str) -> None:
         raise DataError(f"{dataset} has English questions only; --lang {lang!r} selects none (use en or all)")
 
 
-def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: bool = False) -> list[Record]:
+def check_language(path: Path, items: list, lang: str, records: list[Record]) -> None:
+    """Zero questions is not a dataset: when `lang` kept none of a file's questions, say which languages it has."""
+    if records or lang == "all" or not items:
+        return
+    counts = collections.Counter(str(it.get("q_lang", "en")) for it in items if isinstance(it, dict))
+    if counts and lang not in counts:
+        have = ", ".join(f"{n} {code!r}" for code, n in counts.most_common())
+        raise DataError(f"{path}: no questions in language {lang!r}; the file has {have}: pass "
+                        f"--lang {counts.most_common(1)[0][0]} (or --lang all)")
+
+
+def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: bool = False,
+                 strict: bool = False, skipped: list[str] | None = None) -> list[Record]:
     """VQA-RAD from a folder holding MEVF's `trainset.json`/`testset.json` or the official release.
 
     `split` is "train" or "test" (the standard split), or "all" (the official JSON).
     Without the split files, the official JSON is split by `phrase_type`
     (`test_freeform`/`test_para` are test). `freeform_only` keeps MEVF's
-    published subset (308 freeform test questions).
+    published subset (308 freeform test questions). A question with an empty question or
+    answer is skipped with a warning (listed in `skipped`), or refused with `strict`.
     """
     check_english("VQA-RAD", lang)
     root = _check_root(root, "VQA-RAD")
@@ -62,14 +77,14 @@ def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: 
             items = [it for it in items if isinstance(it, dict)
                      and str(it.get("phrase_type", "")).startswith("test_") == want_test]
     find_image = ImageFinder([root / "images", root / "VQA_RAD Image Folder", root])
-    records = []
-    for i, item in enumerate(items):
+
+    def build(i: int, item: object) -> Record | None:
         where = f"{path}: item {i}"
         require_fields(item, ("image_name", "question", "answer", "answer_type"), where)
         if freeform_only and item.get("phrase_type") not in ("freeform", "test_freeform"):
-            continue
-        records.append(make_record(
-            image=find_image(str(item["image_name"]), where),
+            return None
+        return make_record(
+            image=find_image(text_field(item, "image_name", where), where),
             question=item["question"],
             answer=item["answer"],
             answer_type=parse_answer_type(item["answer_type"], where),
@@ -77,14 +92,17 @@ def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: 
             split=split,
             source_id=item.get("qid", i),
             dataset="vqa-rad",
-        ))
-    return records
+        )
+    return usable_records(items, build, path, strict, skipped)
 
 
-def load_slake(root: str | Path, split: str, lang: str = "en") -> list[Record]:
+def load_slake(root: str | Path, split: str, lang: str = "en", strict: bool = False,
+               skipped: list[str] | None = None) -> list[Record]:
     """SLAKE from its released folder (`train.json`/`validate.json`/`test.json`, `imgs/`).
 
     `lang` keeps one language ("en" as the published English results, "zh"), or "all".
+    A question with an empty question or answer (SLAKE 1.0's train.json has one) is skipped
+    with a warning (listed in `skipped`), or refused with `strict`.
     """
     root = _check_root(root, "SLAKE")
     if split not in SLAKE_SPLITS:
@@ -93,14 +111,15 @@ def load_slake(root: str | Path, split: str, lang: str = "en") -> list[Record]:
     path = root / f"{split}.json"
     items = _list_of_items(read_json(path), path)
     find_image = ImageFinder([root / "imgs", root])
-    records = []
-    for i, item in enumerate(items):
+
+    def build(i: int, item: object) -> Record | None:
         where = f"{path}: item {i}"
-        require_fields(item, ("img_name", "question", "answer", "answer_type"), where)
+        item = require_mapping(item, where)
         if lang != "all" and item.get("q_lang", "en") != lang:
-            continue
-        records.append(make_record(
-            image=find_image(str(item["img_name"]), where),
+            return None
+        require_fields(item, ("img_name", "question", "answer", "answer_type"), where)
+        return make_record(
+            image=find_image(text_field(item, "img_name", where), where),
             question=item["question"],
             answer=item["answer"],
             answer_type=parse_answer_type(item["answer_type"], where),
@@ -108,7 +127,9 @@ def load_slake(root: str | Path, split: str, lang: str = "en") -> list[Record]:
             split=split,
             source_id=item.get("qid", i),
             dataset="slake",
-        ))
+        )
+    records = usable_records(items, build, path, strict, skipped)
+    check_language(path, items, lang, records)
     return records
 
 
@@ -133,28 +154,30 @@ def _pmc_answer(row: dict[str, str], choices: list[str], where: str) -> str:
     return text
 
 
-def load_pmc_vqa(root: str | Path, split: str, lang: str = "en") -> list[Record]:
+def load_pmc_vqa(root: str | Path, split: str, lang: str = "en", strict: bool = False,
+                 skipped: list[str] | None = None) -> list[Record]:
     """PMC-VQA multiple choice from its CSV (`train.csv`, `test.csv`, `*_2.csv`, `test_clean.csv`).
 
     Choices are written `A:text`; the answer is `Answer_label` (a letter) or `Answer`.
-    PMC-VQA has no answer type: yes/no answers count as closed, the rest open.
+    PMC-VQA has no answer type: yes/no answers count as closed, the rest open. A row with an
+    empty question, choice or answer is skipped with a warning, or refused with `strict`.
     """
     check_english("PMC-VQA", lang)
     root = _check_root(root, "PMC-VQA")
     path = _pmc_split_file(root, split)
     rows = read_csv(path, ("Figure_path", "Question", *PMC_CHOICE_COLUMNS))
     find_image = ImageFinder([root / "images", root / "figures", root])
-    records = []
-    for i, row in enumerate(rows):
+
+    def build(i: int, row: dict) -> Record:
         where = f"{path}: line {i + 2}"
         for column in ("Figure_path", "Question", *PMC_CHOICE_COLUMNS):
             if not (row.get(column) or "").strip():
-                raise DataError(f"{where}: empty column {column!r}")
+                raise UnusableRecord(f"{where}: column {column!r} is empty")
         if not (row.get("Answer") or row.get("Answer_label") or "").strip():
-            raise DataError(f"{where}: no answer (column 'Answer' or 'Answer_label')")
+            raise UnusableRecord(f"{where}: the answer (column 'Answer' or 'Answer_label') is empty")
         choices = [_CHOICE_PREFIX.sub("", row[c]).strip() for c in PMC_CHOICE_COLUMNS]
         answer = normalize_answer(_pmc_answer(row, choices, where))
-        records.append(make_record(
+        return make_record(
             image=find_image(row["Figure_path"].strip(), where),
             question=row["Question"],
             answer=answer,
@@ -164,5 +187,5 @@ def load_pmc_vqa(root: str | Path, split: str, lang: str = "en") -> list[Record]
             split=split,
             source_id=row.get("index") or i,
             dataset="pmc-vqa",
-        ))
-    return records
+        )
+    return usable_records(rows, build, path, strict, skipped)

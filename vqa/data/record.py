@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from PIL import Image
 
 from ..errors import DataError
 from ..text import normalize_answer
+
+log = logging.getLogger(__name__)
 
 CLOSED, OPEN = "CLOSED", "OPEN"
 YES_NO = frozenset({"yes", "no"})
@@ -64,19 +67,70 @@ def infer_answer_type(answer: str) -> str:
     return CLOSED if answer in YES_NO else OPEN
 
 
-def require_fields(item: object, fields: Sequence[str], where: str) -> dict:
-    """`item` as a dict holding every field in `fields`, else a DataError naming the first missing."""
-    if not isinstance(item, dict):
+class UnusableRecord(DataError):
+    """A question that cannot be used (its question or answer is empty): loaders skip it with a
+    warning that counts them, or refuse it with `strict`."""
+
+
+def require_mapping(item: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(item, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    for name in fields:
-        value = item.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"{where}: missing field {name!r}")
     return item
 
 
+def text_field(item: Mapping[str, Any], name: str, where: str) -> str:
+    """A field as text. Numbers are converted as written; anything else that is not a string (a list,
+    true/false, null, an object) is a DataError naming the type; an empty field is an UnusableRecord."""
+    if name not in item:
+        raise DataError(f"{where}: missing field {name!r}")
+    value = item[name]
+    if value is None:
+        raise DataError(f"{where}: field {name!r} is null; expected text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        shown = repr(value)
+        raise DataError(f"{where}: field {name!r} is a {type(value).__name__} "
+                        f"({shown if len(shown) <= 60 else shown[:57] + '...'}); expected text")
+    text = str(value)
+    if not text.strip():
+        raise UnusableRecord(f"{where}: field {name!r} is empty")
+    return text
+
+
+def require_fields(item: object, fields: Sequence[str], where: str) -> Mapping[str, Any]:
+    """`item` as a mapping whose `fields` are all usable text (see `text_field`)."""
+    item = require_mapping(item, where)
+    for name in fields:
+        text_field(item, name, where)
+    return item
+
+
+def usable_records(items: Iterable[Any], build: Callable[[int, Any], Record | None], source: object,
+                   strict: bool = False, skipped: list[str] | None = None) -> list[Record]:
+    """`build(i, item)` for every item (None: filtered out). An `UnusableRecord` is skipped, counted in a
+    warning naming the first few and appended to `skipped`, or raised with `strict`: one unusable question
+    must not block thousands of good ones (SLAKE 1.0's train.json has an empty answer)."""
+    records, here = [], []
+    for i, item in enumerate(items):
+        try:
+            record = build(i, item)
+        except UnusableRecord as e:
+            if strict:
+                raise DataError(f"{e} (refused under --strict; without it such questions are skipped)") from None
+            here.append(str(e))
+            continue
+        if record is not None:
+            records.append(record)
+    if here:
+        log.warning("%s: skipped %d unusable question(s) with an empty question or answer, e.g. %s "
+                    "(--strict refuses them)", source, len(here), "; ".join(here[:3]))
+        if skipped is not None:
+            skipped.extend(here)
+    return records
+
+
 class ImageFinder:
-    """Finds image files under a list of candidate folders; a missing image is an error."""
+    """Finds image files under a list of candidate folders; a missing image, or a path that leaves
+    the folders (`../../etc/hostname`), is an error."""
 
     def __init__(self, folders: Iterable[Path]):
         self.folders = [Path(f) for f in folders]
@@ -88,8 +142,13 @@ class ImageFinder:
         for folder in self.folders:
             path = folder / name
             if path.is_file():
+                inside = folder.resolve()
+                if inside != path.resolve() and inside not in path.resolve().parents:
+                    raise DataError(f"{where}: image path {name!r} leaves the dataset folder {folder}")
                 self._found[name] = path
                 return path
+            if path.is_dir() and (folder / name).resolve() != folder.resolve():
+                raise DataError(f"{where}: image {name!r} is a directory, not an image file ({path})")
         looked = ", ".join(str(f) for f in self.folders)
         raise DataError(f"{where}: image {name!r} not found (looked in {looked})")
 
@@ -97,11 +156,16 @@ class ImageFinder:
 def make_record(*, image: Path | Image.Image, question: object, answer: object, answer_type: str,
                 question_type: object, split: str, source_id: object, dataset: str,
                 choices: Sequence[object] = ()) -> Record:
-    """Build a Record, normalising the answer, choices and question type the same way for all."""
+    """Build a Record, normalising the answer, choices and question type the same way for all.
+
+    An answer that normalises to nothing (only articles or punctuation) is an UnusableRecord."""
+    normalized = normalize_answer(answer)
+    if not normalized:
+        raise UnusableRecord(f"{dataset} question {source_id}: answer {answer!r} is empty once normalised")
     return Record(
         image=image,
         question=" ".join(str(question).split()),
-        answer=normalize_answer(answer),
+        answer=normalized,
         answer_type=answer_type,
         question_type=canonical_question_type(question_type),
         choices=tuple(normalize_answer(c) for c in choices),

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DataError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import EngineConfig
@@ -165,6 +165,8 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        if self.world.is_main:
+            sweep_stale_temps(self.out)  # checkpoint or bundle writes of a run that was killed
         start, history, best, best_state = self._resume()
         last = self.cfg.epochs if self.cfg.stop_after is None else min(self.cfg.epochs, start + self.cfg.stop_after)
         selection = self.task.selection
