@@ -19,6 +19,7 @@ from .examples import QUESTIONS, Example, ensure_examples
 log = logging.getLogger(__name__)
 
 TITLE = "medvqa: ask a question about a radiology image"
+NOT_SURE = "not sure"
 CSS = "#answer textarea {font-size: 1.4em; font-weight: 600}"
 
 
@@ -31,9 +32,16 @@ def _model_card(predictor) -> str:
               if info["score_kind"] == "sigmoid" else "softmax over the choices")
     qtype = ("the model's question-type router" if info["question_type_from"] == "router"
              else "the answer (yes/no answers are closed)")
+    if info["calibrated"]:
+        trust = (f" **Confidence** is calibrated on validation; the model says *not sure* below the confidence at "
+                 f"which its validation answers were wrong more than {info['target_risk']:.0%} of the time"
+                 + (", and for images unlike its training images" if info["out_of_scope_detector"] else "")
+                 + ", and for questions of mostly unknown words.")
+    else:
+        trust = " **Confidence**: uncalibrated (a bundle from before calibration); it never abstains."
     return (f"**Model**: `{info['encoder']}` image encoder + `{info['head']}` head, {info['answers']} answers"
-            f"{accuracy}. **Scores**: {scores}. **Closed/open**: from {qtype}. "
-            "A research demo on synthetic phantom images: not for clinical use.")
+            f"{accuracy}. **Scores**: {scores}. **Closed/open**: from {qtype}.{trust} "
+            "A research demo: not for clinical use.")
 
 
 def _message(error: Exception, image: Any) -> str:
@@ -64,10 +72,18 @@ def answer_question(predictor, image: Any, question: str) -> tuple:
         return "", "", None, None, None, f"Internal error: {type(e).__name__}: {e}"
     source = (f"type router, {p.question_type_score:.0%}" if p.question_type_source == "router"
               else "from the yes/no answer")
-    chart = pd.DataFrame({"answer": [a for a, _ in p.top_k], "score": [s for _, s in p.top_k]})
-    status = f"Answered in {p.seconds * 1e3:.0f} ms." + "".join(f" Note: {w}." for w in p.warnings)
-    return (p.answer, f"{p.question_type.lower()} ({source})", chart, p.overlay(), p.to_dict(attention=True),
-            status)
+    state = NOT_SURE if p.abstained else "answer"
+    chart = pd.DataFrame({"answer": [a for a, _ in p.top_k], "score": [s for _, s in p.top_k],
+                          "state": [state] * len(p.top_k)})  # greyed bars when the model is not sure
+    notes = "".join(f" Note: {w}." for w in p.warnings)
+    kind = "calibrated confidence" if p.calibrated else "uncalibrated score"
+    if p.abstained:
+        status = (f"Not sure (answered in {p.seconds * 1e3:.0f} ms): {p.abstain_reason}. The best guess, not to be "
+                  f"relied on: {p.answer!r} ({kind} {p.confidence:.0%}).{notes}")
+    else:
+        status = f"Answered in {p.seconds * 1e3:.0f} ms ({kind} {p.confidence:.0%}).{notes}"
+    return (NOT_SURE if p.abstained else p.answer, f"{p.question_type.lower()} ({source})", chart, p.overlay(),
+            p.to_dict(attention=True), status)
 
 
 def show_image(image: Any) -> tuple:
@@ -111,7 +127,8 @@ def build_demo(predictor, examples: Sequence[Example] | None = None, questions: 
                 qtype = gr.Textbox(label="Question type (closed / open)", interactive=False, elem_id="qtype")
                 # No initial DataFrame: an empty one would fix the x axis as numeric. No fixed
                 # height: with one, the answer labels under the bars are cut off.
-                chart = gr.BarPlot(None, x="answer", y="score", sort="-y", y_lim=[0, 1],
+                chart = gr.BarPlot(None, x="answer", y="score", sort="-y", y_lim=[0, 1], color="state",
+                                   color_map={"answer": "#4c72b0", NOT_SURE: "#bbbbbb"},
                                    y_title=f"score ({predictor.score_kind})", label="Top-5 answers",
                                    elem_id="top5")
                 view = gr.Image(label="Image, with the model's attention after an answer", type="pil",
@@ -136,10 +153,16 @@ def build_demo(predictor, examples: Sequence[Example] | None = None, questions: 
     return demo
 
 
-def launch(demo, host: str = "127.0.0.1", port: int | None = None, **kw: Any):
-    """Launch with the settings that work offline; returns what `gr.Blocks.launch` returns."""
+MAX_UPLOAD_MB = 200  # a multi-frame DICOM series fits; larger uploads are refused by Gradio before they land
+
+
+def launch(demo, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: int = MAX_UPLOAD_MB, **kw: Any):
+    """Launch with the settings that work offline; returns what `gr.Blocks.launch` returns.
+
+    Uploads above `max_upload_mb` are refused; an image within it still has to pass the pixel
+    bound of `encoders.load_image` before it is decoded."""
     import gradio as gr
 
     return demo.launch(server_name=host, server_port=port, theme=gr.themes.Soft(), css=CSS,
-                       max_file_size="200mb", footer_links=["api", "gradio"], **kw)
+                       max_file_size=f"{max_upload_mb}mb", footer_links=["api", "gradio"], **kw)
 

@@ -83,3 +83,18 @@ def test_example_gallery_and_bad_upload_in_browser(page, launched_demo, tmp_path
     _ask(page, "Is there a lesion?")
     expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Error: .*notes\.txt"))
     expect(page.locator("#answer textarea")).to_have_value("")
+
+
+def test_not_sure_in_browser(page, launched_demo, predictor, predictor_phantom):
+    """A question the model cannot read (its words never seen in training) is answered "not sure", greyed."""
+    from playwright.sync_api import expect
+
+    row = known_answer(predictor, predictor_phantom)
+    page.goto(launched_demo[1])
+    page.locator("#image input[type=file]").set_input_files(str(row["image"]))
+    expect(page.locator("#status textarea")).to_have_value(re.compile("ready: ask a question"))
+    _ask(page, "Zorblat quinx fremmel wobbly?")
+    expect(page.locator("#answer textarea")).to_have_value("not sure")
+    expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Not sure .*unknown to the model.*best guess"))
+    _ask(page, row["question"])  # a question it reads: a plain answer again
+    expect(page.locator("#answer textarea")).to_have_value(row["answer"])

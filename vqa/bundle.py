@@ -7,6 +7,10 @@
       answers.json       answer vocabulary and the protocol that built it
       vocab.json         question words
       metrics.json       validation metrics and training history
+      calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
+      ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
+
+Bundles written before calibration existed load too: they answer uncalibrated and never abstain.
 """
 from __future__ import annotations
 
@@ -21,9 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .answers import AnswerVocab
+from .calibration import CALIBRATION_FILE, Calibration
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json, read_json
 from .model import VQAModel
+from .ood import OutOfScopeDetector
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ class Bundle:
     words: WordVocab
     config: dict[str, Any]
     metrics: dict[str, Any]
+    calibration: Calibration | None = None  # None: a bundle from before calibration (uncalibrated)
+    ood: OutOfScopeDetector | None = None
 
     @property
     def max_len(self) -> int:
@@ -60,8 +68,9 @@ class Bundle:
 
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: WordVocab,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write `model` and its vocabularies as a bundle folder, atomically (temp folder, then rename)."""
+         extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
+         ood: OutOfScopeDetector | None = None) -> Path:
+    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically."""
     from heads import head_to_dict
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
@@ -81,6 +90,10 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
         }
         atomic_write_json(tmp / "config.json", config)
         atomic_write_json(tmp / "metrics.json", metrics or {})
+        if calibration is not None:
+            atomic_write_json(tmp / CALIBRATION_FILE, calibration.to_dict())
+        if ood is not None:
+            ood.save(tmp)
     log.info("saved bundle %s", path)
     return Path(path)
 
@@ -135,7 +148,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
-    return Bundle(model, answers, words, config, metrics)
+    calibration = None
+    if (path / CALIBRATION_FILE).is_file():
+        calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE))
+    return Bundle(model, answers, words, config, metrics, calibration, OutOfScopeDetector.load(path))
 
 
 def _check_vocab(path: Path, head: torch.nn.Module, words: WordVocab, answers: AnswerVocab) -> None:

@@ -13,12 +13,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .batches import encode_questions, unique_images
 from .bundle import Bundle, load as load_bundle
+from .calibration import apply_calibration, calibration_metrics, reliability
 from .data import load_records, load_vqa_rad
-from .data.record import Record
+from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .features import feature_table
 from .inference import Predictions, answer_scores, predict
@@ -29,15 +31,59 @@ from .training.precision import check_precision, resolve_device
 log = logging.getLogger(__name__)
 
 
+RISKS = {"CLOSED": (0.05, 0.10), "OPEN": (0.20,), "all": (0.05, 0.10, 0.20)}  # coverage reported at these
+
+
 def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str = "fp32",
                     cache_dir: str | None = None, progress: bool = True) -> Predictions:
     """The bundle's answers to `records`, encoding each image once through the feature cache."""
+    return _predict_with_features(bundle, records, device, precision, cache_dir, progress)[0]
+
+
+def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str,
+                           cache_dir: str | None, progress: bool) -> tuple[Predictions, torch.Tensor]:
+    """(predictions, each record's image pooled features (Q, D))."""
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.words, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
-    return predict(bundle.model, questions, table, bundle.answers, device, precision,
-                   choices=[r.choices for r in records] if mc else None)
+    preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
+                    choices=[r.choices for r in records] if mc else None)
+    return preds, table["pooled"].float()[questions.rows]
+
+
+def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, score_kind: str,
+                 target_risk: float | None = None) -> dict:
+    """Calibration before (the raw score of the answer given) and after (the bundle's calibration), closed and
+    open apart (the dataset's own type), and abstention at the bundle's target risk: coverage and realised risk."""
+    mc = bool(records) and all(r.choices for r in records)
+    raw = answer_scores(preds.logits, score_kind, [len(r.choices) for r in records] if mc else None)
+    raw = raw.max(-1).values.clamp(min=0.0).numpy()
+    correct = np.array([p == r.answer for p, r in zip(preds.answers, records)], dtype=float)
+    groups = {"all": list(range(len(records)))} if mc else {
+        t: [i for i, r in enumerate(records) if r.answer_type == t] for t in (CLOSED, OPEN)}
+    calibration, branches = bundle.calibration, preds.branches()
+    after = None if preds.confidence is None else preds.confidence.numpy()
+    out: dict = {"calibrated": calibration is not None, "bins": 15, "groups": {}}
+    for name, rows in groups.items():
+        if not rows:
+            continue
+        entry = {"before": calibration_metrics(raw[rows], correct[rows], RISKS[name])}
+        if after is not None:
+            entry["after"] = calibration_metrics(after[rows], correct[rows], RISKS[name])
+            entry["reliability_after"] = reliability(after[rows], correct[rows])
+        entry["reliability_before"] = reliability(raw[rows], correct[rows])
+        out["groups"][name] = entry
+    if calibration is None:
+        return out
+    flagged = preds.out_of_scope.numpy() if preds.out_of_scope is not None else np.zeros(len(records), dtype=bool)
+    answered = ~preds.abstained.numpy()
+    out["abstention"] = {"target_risk": target_risk or calibration.target_risk,
+                         "out_of_scope_share": float(flagged.mean()),
+                         **{name: {"coverage": float(answered[rows].mean()),
+                                   "risk": float(1 - correct[rows][answered[rows]].mean()) if answered[rows].any()
+                                   else None} for name, rows in groups.items() if rows}}
+    return out
 
 
 def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict:
@@ -51,18 +97,22 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
 
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
              device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
-             progress: bool = True) -> tuple[dict, list[Record], Predictions]:
-    """Score `bundle_path` on `split` of a dataset in format `fmt`; returns (report, records, predictions)."""
+             progress: bool = True, target_risk: float | None = None) -> tuple[dict, list[Record], Predictions]:
+    """Score `bundle_path` on `split` of a dataset in format `fmt`; returns (report, records, predictions).
+
+    Abstention is scored at `target_risk` (default: the bundle's)."""
     dev = resolve_device(device)
     check_precision(precision, dev)
     bundle = load_bundle(bundle_path, dev)
     records = load_records(fmt, data, split, lang=lang)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
-    preds = predict_records(bundle, records, dev, precision, cache_dir, progress)
+    preds, pooled = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
+    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk)
+    score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,
-        "score_kind": "softmax" if bundle.model.head.needs_choices else bundle.score_kind,
+        "score_kind": score_kind,
         "protocol": {
             "closed_open": "the dataset's own answer_type" if fmt != "hf" else "answer_type, or inferred (yes/no)",
             "answers": bundle.answers.protocol,
@@ -70,6 +120,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
             "validation": bundle.metrics.get("protocol", {}).get("validation", "unknown"),
         },
         "subsets": {"all": score(bundle, records, preds)},
+        "calibration": trust_report(bundle, records, preds, score_kind, target_risk),
     }
     if fmt == "vqa-rad" and split == "test":
         freeform = {r.source_id for r in load_vqa_rad(data, split, freeform_only=True)}
@@ -106,11 +157,55 @@ def markdown_report(report: dict) -> str:
         lines += [f"| {t} | {v['n']} | {_pct(v['accuracy'])} |" for t, v in per_type.items()]
     if "type_accuracy" in report["subsets"]["all"]:
         lines += ["", f"QCR type router accuracy: {_pct(report['subsets']['all']['type_accuracy'])}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _trust_lines(report.get("calibration"))) + "\n"
+
+
+def _trust_lines(trust: dict | None) -> list[str]:
+    """Calibration and abstention as Markdown (before = the raw score of the answer given)."""
+    if not trust:
+        return []
+    state = "calibrated on validation" if trust["calibrated"] else "uncalibrated (a bundle from before calibration)"
+    lines = ["", f"## Confidence ({state})", "",
+             "| questions | n | ECE before | ECE after | Brier before | Brier after | AURC after | coverage at risk |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, g in trust["groups"].items():
+        b, a = g["before"], g.get("after", {})
+        cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in (a or b)["coverage_at_risk"].items())
+        lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
+                     f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | {cov} |")
+    if "abstention" in trust:
+        ab = trust["abstention"]
+        parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "
+                 + (f"{100 * v['risk']:.1f}% of them wrong" if v["risk"] is not None else "none answered")
+                 for name, v in ab.items() if isinstance(v, dict)]
+        lines += ["", f"Abstention at the bundle's target risk {ab['target_risk']:.0%}: " + "; ".join(parts)
+                  + f"; {100 * ab['out_of_scope_share']:.1f}% of images flagged out of scope. ECE over 15 bins."]
+    return lines
+
+
+def _plot_trust(trust: dict, out: Path, plt) -> list[Path]:
+    """reliability.png (accuracy against confidence per bin, before/after) and risk_coverage.png."""
+    groups = trust["groups"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
+    for ax, (name, g) in zip(axes[0], groups.items()):
+        ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--")
+        for key, label, color in (("reliability_before", "before", "#dd8452"), ("reliability_after", "after",
+                                                                               "#4c72b0")):
+            pts = g.get(key, [])
+            if pts:
+                ax.plot([p["confidence"] for p in pts], [p["accuracy"] for p in pts], "o-", color=color,
+                        label=f"{label} (ECE {g[label]['ece']:.3f})")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{name.lower()} questions")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+    return [out / "reliability.png"]
 
 
 def save_plots(report: dict, records: Sequence[Record], preds: Predictions, out: Path) -> list[Path]:
-    """per_type.png (accuracy per question type) and, with closed questions, closed_confusion.png."""
+    """per_type.png (accuracy per question type), closed_confusion.png (with closed questions), reliability.png
+    and risk_coverage.png (confidence)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +242,32 @@ def save_plots(report: dict, records: Sequence[Record], preds: Predictions, out:
         fig.savefig(out / "closed_confusion.png", dpi=120)
         plt.close(fig)
         written.append(out / "closed_confusion.png")
+    if report.get("calibration", {}).get("groups"):
+        written += _plot_trust(report["calibration"], out, plt)
+        written += _plot_risk_coverage(report, records, preds, out, plt)
     return written
+
+
+def _plot_risk_coverage(report: dict, records: Sequence[Record], preds: Predictions, out: Path, plt) -> list[Path]:
+    """Selective risk as answers are withheld in order of confidence, before and after calibration."""
+    from .calibration import risk_coverage
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    correct = np.array([p == r.answer for p, r in zip(preds.answers, records)], dtype=float)
+    raw = answer_scores(preds.logits, report["score_kind"],
+                        [len(r.choices) for r in records] if preds.multiple_choice else None)
+    for key, conf in (("before", raw.max(-1).values.clamp(min=0.0)), ("after", preds.confidence)):
+        if conf is None:
+            continue
+        coverage, risk = risk_coverage(conf.numpy(), correct)
+        ax.plot(coverage, risk, label=f"{key} (AURC {float(risk.mean()):.3f})")
+    ax.set(xlabel="coverage (share of questions answered)", ylabel="risk (share of answers wrong)",
+           xlim=(0, 1), ylim=(0, 1), title="risk-coverage, all questions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "risk_coverage.png", dpi=120)
+    plt.close(fig)
+    return [out / "risk_coverage.png"]
 
 
 def write_outputs(report: dict, records: Sequence[Record], preds: Predictions, out: str | Path) -> Path:
@@ -160,11 +280,13 @@ def write_outputs(report: dict, records: Sequence[Record], preds: Predictions, o
     scores = answer_scores(preds.logits, report.get("score_kind", "sigmoid"),
                            [len(r.choices) for r in records] if mc else None)
     best = scores.max(1).values.tolist() if len(records) else []
+    trust = [{} for _ in records] if preds.confidence is None else [
+        {"confidence": round(float(c), 6), "abstained": bool(a)} for c, a in zip(preds.confidence, preds.abstained)]
     lines = [json.dumps({"source_id": r.source_id, "question": r.question, "answer": r.answer,
                          "answer_type": r.answer_type, "question_type": r.question_type, "prediction": p,
-                         "score": round(float(sc), 6), "correct": p == r.answer,
+                         "score": round(float(sc), 6), **extra, "correct": p == r.answer,
                          **({"predicted_type": t} if t else {})})
-             for r, p, t, sc in zip(records, preds.answers, preds.types or [None] * len(records), best)]
+             for r, p, t, sc, extra in zip(records, preds.answers, preds.types or [None] * len(records), best, trust)]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     save_plots(report, records, preds, out)
     return out

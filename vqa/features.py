@@ -54,3 +54,21 @@ def pixel_table(encoder, images: Sequence, progress: bool = True):
     from encoders import ImageTable
 
     return ImageTable(images, encoder.image_size, encoder.in_chans, progress=progress)
+
+
+@torch.no_grad()
+def pooled_features(encoder, images, device: torch.device | str = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """(I, D) pooled features of a feature table, or of an `encoders.ImageTable` of pixels run through
+    `encoder` (eval mode), rounded to float16 as `ImageEncoder.encode` gives them."""
+    if isinstance(images, dict):
+        return images["pooled"].float()
+    from encoders import normalize
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        parts = [encoder(normalize(images.pixels[s:s + batch_size], encoder, torch.device(device)))["pooled"]
+                 .to("cpu", torch.float16).float() for s in range(0, len(images), batch_size)]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros(0, encoder.feature_dim)

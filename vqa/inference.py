@@ -16,11 +16,12 @@ import torch
 
 from .answers import AnswerVocab
 from .batches import OPEN_ID, QuestionTensors
-from .data.record import CLOSED, OPEN
+from .data.record import CLOSED, OPEN, YES_NO
 from .model import VQAModel
 from .training.precision import get_autocast
 
 CHOICE_KEYS = ("choice_tokens", "choice_lengths")
+CHOICE_BRANCH = "CHOICE"
 MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)
 SCORE_KINDS = ("sigmoid", "softmax")
 
@@ -32,12 +33,30 @@ class Predictions:
     logits: torch.Tensor  # (Q, A) answers or (Q, C) choices, float32 on the CPU
     attention: torch.Tensor  # (Q, N) the head's attention over the image regions
     type_probs: torch.Tensor | None  # (Q, 2) the router's softmax (CLOSED, OPEN)
+    multiple_choice: bool = False
+    # filled by vqa.calibration.apply_calibration when the bundle has a calibration:
+    confidence: torch.Tensor | None = None  # (Q,) calibrated probability that the answer is right
+    abstained: torch.Tensor | None = None  # (Q,) bool: withheld (below the risk threshold, or out of scope)
+    out_of_scope: torch.Tensor | None = None  # (Q,) bool: the image is unlike the training images
 
     def subset(self, index: Sequence[int]) -> "Predictions":
         keep = torch.as_tensor(list(index), dtype=torch.long)
+        def part(t):
+            return None if t is None else t[keep]
         return Predictions([self.answers[i] for i in index], None if self.types is None else
                            [self.types[i] for i in index], self.logits[keep], self.attention[keep],
-                           None if self.type_probs is None else self.type_probs[keep])
+                           part(self.type_probs), self.multiple_choice, part(self.confidence), part(self.abstained),
+                           part(self.out_of_scope))
+
+    def branches(self) -> list[str]:
+        """The question type the model itself gives each question: "choice" for multiple choice, the type
+        router's CLOSED/OPEN when the head has one, else the answer's (yes/no = CLOSED): what calibration and
+        abstention are fitted per (never the dataset's own type, which the model does not see)."""
+        if self.multiple_choice:
+            return [CHOICE_BRANCH] * len(self.answers)
+        if self.types is not None:
+            return list(self.types)
+        return [CLOSED if a in YES_NO else OPEN for a in self.answers]
 
 
 def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images,
@@ -86,7 +105,7 @@ def predict(model: VQAModel, questions: QuestionTensors, images, answers: Answer
     type_probs = torch.cat(routed) if routed else None
     types = None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
     att = torch.cat(attention) if attention else torch.zeros(0, 1)
-    return Predictions(chosen, types, scores, att, type_probs)
+    return Predictions(chosen, types, scores, att, type_probs, questions.choice_tokens is not None)
 
 
 def answer_scores(logits: torch.Tensor, score_kind: str, n_choices: Sequence[int] | None = None) -> torch.Tensor:

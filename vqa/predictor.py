@@ -36,6 +36,7 @@ from .bundle import Bundle, load
 from .data.record import CLOSED, OPEN, YES_NO
 from .errors import DataError
 from .features import encode_features
+from .calibration import apply_calibration
 from .inference import Predictions, answer_scores, predict
 from .text import tokenize
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 500  # longer text is not a question; the model reads `max_len` words anyway
 MAX_IMAGE_SIDE = 2048  # larger images are downscaled on load (the encoder sees a few hundred pixels)
+UNKNOWN_WORDS_LIMIT = 0.5  # a question most of whose words the model never saw is out of scope
 
 
 @dataclass
@@ -61,6 +63,12 @@ class Prediction:
     image: Image.Image = field(repr=False)  # the 8-bit image the model saw (after any downscaling)
     warnings: list[str] = field(default_factory=list)  # unknown words, truncation, downscaling
     seconds: float = 0.0  # model time for this question (a batch's time is shared out)
+    confidence: float = 0.0  # calibrated probability that `answer` is right (the raw score if uncalibrated)
+    calibrated: bool = False  # False for bundles trained before calibration: `confidence` is then `score`
+    abstained: bool = False  # "not sure": the answer is withheld (still in `answer` and `top_k`, for reference)
+    abstain_reason: str | None = None  # why: low confidence for the risk target, or an out-of-scope input
+    target_risk: float | None = None  # the share of wrong answers the abstention threshold allows
+    out_of_scope_score: float | None = None  # the image's distance from the training images (vqa.ood)
 
     def attention_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """The attention grid upsampled (bilinear) to `size` = (width, height), default the image's:
@@ -84,6 +92,9 @@ class Prediction:
             "top_k": [{"answer": a, "score": round(s, 6)} for a, s in self.top_k],
             "question_type": self.question_type, "question_type_source": self.question_type_source,
             "question_type_score": None if self.question_type_score is None else round(self.question_type_score, 6),
+            "confidence": round(self.confidence, 6), "calibrated": self.calibrated, "abstained": self.abstained,
+            "abstain_reason": self.abstain_reason, "target_risk": self.target_risk,
+            "out_of_scope_score": None if self.out_of_scope_score is None else round(self.out_of_scope_score, 4),
             "image_size": list(self.image.size), "warnings": list(self.warnings), "ms": round(self.seconds * 1e3, 2),
         }
         if attention:
@@ -168,7 +179,9 @@ class Predictor:
     Answers go through `vqa.inference.predict`, the code training-time validation and
     `medvqa eval` use, on features computed as the feature cache computes them."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", path: str | Path | None = None) -> None:
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", path: str | Path | None = None,
+                 target_risk: float | None = None) -> None:
+        from .calibration import check_risk
         from .training.precision import resolve_device
 
         self.device = resolve_device(str(device))
@@ -179,22 +192,29 @@ class Predictor:
         self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
         self.has_router = self.head.has_type_router
         self.score_kind = "softmax" if self.head.needs_choices else bundle.score_kind
+        self.calibration, self.ood = bundle.calibration, bundle.ood
+        if target_risk is not None:
+            check_risk(target_risk)
+        self.target_risk = target_risk if target_risk is not None else (
+            self.calibration.target_risk if self.calibration else None)
+        self._thresholds: dict[str, float] = {}
         self._known = set(self.words.words)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
-                    threads: int | None = None) -> "Predictor":
+                    threads: int | None = None, target_risk: float | None = None) -> "Predictor":
         """Load a bundle folder (`medvqa train`'s OUT/bundle) for inference.
 
         `threads` sets torch's intra-op CPU threads for the whole process (None leaves them).
         Small models answer fastest with 1: on 2 cores shared with other work, 2 OpenMP
-        threads made the default model ~10x slower (23 ms -> 320 ms median, measured)."""
+        threads made the default model ~10x slower (23 ms -> 320 ms median, measured).
+        `target_risk` overrides the bundle's abstention target (the share of wrong answers allowed)."""
         if threads is not None:
             if threads < 1:
                 raise DataError(f"threads must be at least 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        predictor = cls(load(path, device="cpu"), device=device, path=path)
+        predictor = cls(load(path, device="cpu"), device=device, path=path, target_risk=target_risk)
         log.info("loaded %s (%s + %s, %d answers) in %.1fs", path, predictor.encoder.name, predictor.head.name,
                  len(predictor.answers), time.perf_counter() - started)
         return predictor
@@ -209,6 +229,8 @@ class Predictor:
         return {"bundle": str(self.path) if self.path else None, "encoder": self.encoder.name,
                 "head": self.head.name, "answers": len(self.answers), "score_kind": self.score_kind,
                 "question_type_from": "router" if self.has_router else "answer",
+                "calibrated": self.calibration is not None, "target_risk": self.target_risk,
+                "out_of_scope_detector": self.ood is not None,
                 "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
 
     def predict(self, image: Any, question: str, top_k: int = 5,
@@ -242,7 +264,10 @@ class Predictor:
             table = encode_features(self.encoder, [item.image for item in loaded], batch_size, self.device)
             preds = predict(self.model, queries, table, self.answers, self.device, batch_size=batch_size,
                             choices=choices)
-        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices)
+            pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
+            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk)
+        image_scores = self.ood.score(pooled) if self.ood is not None else None
+        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores)
         per_question = (time.perf_counter() - started) / max(len(results), 1)
         for p in results:
             p.seconds = per_question
@@ -250,8 +275,10 @@ class Predictor:
 
     # -- steps ---------------------------------------------------------------------
     def _decode(self, preds: Predictions, texts: list[str], images: list[LoadedImage], top_k: int,
-                choices: Sequence[Sequence[str]] | None) -> list[Prediction]:
+                choices: Sequence[Sequence[str]] | None, image_scores: torch.Tensor | None) -> list[Prediction]:
         scores = answer_scores(preds.logits, self.score_kind, None if choices is None else [len(c) for c in choices])
+        branches = preds.branches()
+        confidence = preds.confidence if preds.confidence is not None else scores.max(-1).values.clamp(min=0.0)
         attention = preds.attention.numpy()  # (Q, N)
         labels = self.answers.answers
         results = []
@@ -266,12 +293,42 @@ class Predictor:
                 qtype, source, qscore = (CLOSED, OPEN)[t], "router", float(preds.type_probs[i, t])
             else:
                 qtype, source, qscore = (CLOSED if answer in YES_NO else OPEN), "answer", None
+            ood = None if image_scores is None else float(image_scores[i])
+            reason = self._abstain_reason(preds, i, text, branches[i], ood)
             results.append(Prediction(
                 question=text, answer=answer, score=score, top_k=top, score_kind=self.score_kind,
                 question_type=qtype, question_type_source=source, question_type_score=qscore,
                 attention_grid=self._grid(attention[i]), image=images[i].image,
-                warnings=images[i].warnings + self._question_notes(text)))
+                warnings=images[i].warnings + self._question_notes(text), confidence=float(confidence[i]),
+                calibrated=self.calibration is not None, abstained=reason is not None, abstain_reason=reason,
+                target_risk=self.target_risk, out_of_scope_score=ood))
         return results
+
+    def threshold(self, branch: str) -> float:
+        """The confidence below which a `branch` answer is withheld (at `target_risk`)."""
+        if branch not in self._thresholds:
+            self._thresholds[branch] = self.calibration.threshold(branch, self.target_risk)
+        return self._thresholds[branch]
+
+    def _abstain_reason(self, preds: Predictions, i: int, text: str, branch: str, ood: float | None) -> str | None:
+        """Why answer `i` is withheld, or None: an out-of-scope image or question first, then low confidence."""
+        if preds.out_of_scope is not None and bool(preds.out_of_scope[i]):
+            return (f"the image is unlike the training images (distance {ood:.1f}, above "
+                    f"{self.ood.threshold:.1f}, which {100 * self.ood.quantile:.0f}% of training images stay under)")
+        words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
+        unknown = [w for w in words if w not in self._known]
+        if words and len(unknown) / len(words) > UNKNOWN_WORDS_LIMIT:
+            return f"most of the question's words are unknown to the model ({len(unknown)} of {len(words)})"
+        if preds.abstained is None or not bool(preds.abstained[i]):
+            return None
+        confidence, threshold = float(preds.confidence[i]), self.threshold(branch)
+        if threshold == float("inf"):
+            return (f"on validation, no confidence level kept the {branch.lower()} answers wrong at most "
+                    f"{self.target_risk:.0%} of the time")
+        if confidence < threshold:
+            return (f"confidence {confidence:.0%} is below {threshold:.0%}, the level at which validation "
+                    f"answers ({branch.lower()}) were wrong at most {self.target_risk:.0%} of the time")
+        return None
 
     def _grid(self, weights: np.ndarray) -> np.ndarray:
         """(N,) attention -> (gh, gw) on the encoder's grid (a row when N does not match it)."""

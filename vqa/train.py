@@ -22,10 +22,12 @@ from .bundle import save as save_bundle
 from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
-from .features import feature_table, pixel_table
+from .calibration import Calibration, check_risk
+from .features import feature_table, pixel_table, pooled_features
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
+from .ood import OutOfScopeDetector
 from .stats import duplicate_records
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
@@ -34,6 +36,7 @@ from .training.schedule import Shard
 
 log = logging.getLogger(__name__)
 # What must match to resume: the data, the model and the batch order (the engine adds the seed).
+MIN_OOD_IMAGES = 20
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
             "head", "head_args", "loss", "answers", "val_split", "val_fraction", "val_by", "batch_size")
 
@@ -64,6 +67,7 @@ class TrainConfig(EngineConfig):
     loss: str | None = None  # bce (MEVF: sigmoid per answer) | ce (softmax); None: the head's default
     aux_weight: float = 1e-3  # weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder)
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
+    target_risk: float = 0.1  # abstention: answer only where validation answers were wrong at most this often
     cache_dir: str | None = None  # feature cache root (default: $MEDVQA_CACHE/features)
     # the engine's fields, with this task's defaults
     epochs: int = 20
@@ -222,6 +226,7 @@ def train(cfg: TrainConfig) -> Path:
     from heads import get_head_class
 
     loss = cfg.loss or get_head_class(cfg.head).default_loss
+    check_risk(cfg.target_risk)
     with runtime(cfg) as rt:
         train_records, val_records, val_how = load_splits(cfg)
         words, answers = vocabularies(cfg, train_records)
@@ -236,8 +241,12 @@ def train(cfg: TrainConfig) -> Path:
         metrics = {"validation": result.best, "best_epoch": (result.best or {}).get("epoch"),
                    "history": result.history,
                    "protocol": {"answers": answers.protocol, "validation": val_how, "model_selection": selection(cfg)}}
+        calibration = fit_calibration(task, f"validation {val_how}")
+        ood = fit_out_of_scope(model, task.train.images, rt.device)
+        log.info("calibration on validation: temperatures %s", {b: round(t, 3) for b, t in
+                                                                 calibration.temperatures.items()})
         return save_bundle(model, Path(cfg.out) / "bundle", answers=answers, words=words, metrics=metrics,
-                           max_len=cfg.max_len, extra={"training": {"loss": loss}})
+                           max_len=cfg.max_len, extra={"training": {"loss": loss}}, calibration=calibration, ood=ood)
 
 
 def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, words, answers, loss: str,
@@ -251,6 +260,28 @@ def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, words, 
     if rt.world.is_main:
         barrier(rt.world)
     return VQATask(cfg, model, train_split, val_split, answers, loss, rt.device, rt.world)
+
+
+def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
+    """Temperatures and abstention evidence from the kept model's answers on the validation split."""
+    val = task.val
+    mc = val.questions.choice_tokens is not None
+    preds = predict(task.model, val.questions, val.images, task.answers, task.device, task.cfg.precision,
+                    choices=[r.choices for r in val.records] if mc else None)
+    correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
+    return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk)
+
+
+def fit_out_of_scope(model: VQAModel, images, device: torch.device) -> OutOfScopeDetector | None:
+    """The out-of-scope detector on the training images' pooled features (None, with a warning, for very few)."""
+    pooled = pooled_features(model.encoder, images, device)
+    if len(pooled) < MIN_OOD_IMAGES:
+        log.warning("only %d training images: no out-of-scope detector (needs %d)", len(pooled), MIN_OOD_IMAGES)
+        return None
+    ood = OutOfScopeDetector.fit(pooled)
+    log.info("out-of-scope detector: threshold %.2f (%.0f%% of training images, scored out of fold)", ood.threshold,
+             100 * ood.quantile)
+    return ood
 
 
 def selection(cfg: TrainConfig) -> str:

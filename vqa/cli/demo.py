@@ -24,6 +24,9 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
     add_device_arguments(p, device="cpu", threads=1, precision=False)
+    p.add_argument("--max-upload-mb", type=int, default=200,
+                   help="largest upload accepted (default: 200); images must also be under the pixel limit "
+                        "(50 Mpx, or $MEDVQA_MAX_IMAGE_PIXELS)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while building the default model")
     return p
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or _free_port(args.host)
     print(f"medvqa demo: model {bundle} ready in {time.perf_counter() - started:.1f}s", flush=True)
     try:
-        launch(demo, host=args.host, port=port, share=args.share, quiet=True, prevent_thread_lock=True)
+        launch(demo, host=args.host, port=port, max_upload_mb=args.max_upload_mb, share=args.share, quiet=True,
+               prevent_thread_lock=True)
     except OSError as e:  # the port is taken, or the host cannot be bound
         raise DataError(f"cannot serve on {args.host}:{port} ({e}); pass another --port, or --port 0 "
                         "for a free one") from None

@@ -24,7 +24,10 @@ current folder. Each output line is the input line's fields plus the prediction,
 Scores are per-answer sigmoids for BCE-trained heads (MEVF, QCR; they do not sum to 1) and
 a softmax over choices for multiple-choice heads: "score_kind" says which. "question_type"
 comes from QCR's type router when the head has one, else from the answer (yes/no = closed):
-"question_type_source" says which."""
+"question_type_source" says which. "confidence" is the calibrated probability that the answer
+is right (fitted on validation); "abstained": true means "not sure" ("abstain_reason" says why:
+confidence under the risk target, an image unlike the training images, or a question of mostly
+unknown words) and the answer should not be relied on."""
 
 
 def build_parser():
@@ -42,6 +45,9 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=5, help="answers to list with their scores (default: 5)")
     g.add_argument("--attention", action="store_true", help="include the attention grid in the JSON")
     g.add_argument("--heatmap", metavar="PNG", help="one question: save the image with its attention heatmap")
+    g.add_argument("--target-risk", type=float, default=None,
+                   help="abstain below the confidence at which validation answers were wrong at most this share of "
+                        "the time (default: the bundle's, set by `medvqa train --target-risk`)")
     add_device_arguments(p.add_argument_group("runtime"), device="cpu", threads=1, precision=False)
     return p
 
@@ -58,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--top-k and --batch-size must be at least 1")
     from ..predictor import Predictor
 
-    predictor = Predictor.from_bundle(args.bundle, device=args.device, threads=args.threads)
+    predictor = Predictor.from_bundle(args.bundle, device=args.device, threads=args.threads,
+                                      target_risk=args.target_risk)
     if single:
         result = predictor.predict(args.image, args.question, top_k=args.top_k, choices=args.choices)
         if args.heatmap:

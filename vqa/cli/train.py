@@ -56,6 +56,9 @@ def build_parser():
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,
                    help="weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder; default: "
                         "%(default)s)")
+    g.add_argument("--target-risk", type=float, default=d.target_risk,
+                   help="abstention: withhold answers below the confidence at which validation answers were wrong "
+                        "at most this share of the time (default: %(default)s; `predict --target-risk` overrides)")
     g = add_engine_arguments(p, d)["optimisation"]
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])
     return p

@@ -1,0 +1,216 @@
+"""Calibrated confidence and abstention, fitted on validation and stored in the bundle.
+
+Confidence is the probability that the model's answer is right. The head's logits become a
+distribution over answers (`softmax(logits / T)`, answers a branch rules out excluded: the
+documented equivalent of calibrating BCE sigmoids, which do not sum to 1), with one
+temperature T per **branch**: the question type the model itself assigns (QCR's router,
+else the answer: yes/no = closed), or "choice" for multiple choice. T is the value that
+minimises the log-loss of the top answer's probability against whether it was right, on
+the validation split (questions whose answer is outside the vocabulary count as wrong:
+the model cannot get them right, and its confidence must say so). Nothing is fitted on test.
+
+Abstention: for a target risk r (the share of wrong answers among those given), each branch
+keeps the lowest confidence threshold at which the answers above it were wrong at most r of
+the time on validation, with 90 % confidence: the one-sided Clopper-Pearson upper bound of
+their error rate is at most r (a validation split of a few hundred questions would otherwise
+pick thresholds that hold on it and not on test). The validation confidences are stored, so a
+threshold for any other target is computed at load time (`--target-risk` of `medvqa predict`).
+
+Metrics (`calibration_metrics`): expected calibration error (15 equal-width bins), Brier
+score, the risk-coverage curve, its area (AURC) and the coverage at given risks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .inference import MASKED
+
+CALIBRATION_FILE = "calibration.json"
+DEFAULT_TARGET_RISK = 0.1
+RISK_DELTA = 0.1  # abstention thresholds hold the validation error rate's 90 % upper bound to the target
+_GRID = np.exp(np.linspace(math.log(0.02), math.log(50.0), 241))  # temperatures tried, log-spaced
+
+
+def check_risk(target_risk: float) -> float:
+    if not 0.0 < float(target_risk) < 1.0:
+        raise DataError(f"--target-risk {target_risk}: expected a share of wrong answers strictly between 0 and 1")
+    return float(target_risk)
+
+
+def top_confidence(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """(Q, A) logits -> (Q,) the top answer's probability under softmax(logits / T), ruled-out answers excluded."""
+    scaled = logits.float() / torch.as_tensor(temperature, dtype=torch.float32).reshape(-1, 1)
+    scaled = scaled.masked_fill(logits <= MASKED, float("-inf"))
+    return scaled.softmax(-1).max(-1).values
+
+
+def _log_loss(conf: np.ndarray, correct: np.ndarray) -> float:
+    p = np.clip(conf, 1e-6, 1 - 1e-6)
+    return float(-(correct * np.log(p) + (1 - correct) * np.log(1 - p)).mean())
+
+
+def fit_temperature(logits: torch.Tensor, correct: np.ndarray) -> float:
+    """The T (on a log grid, 0.02-50) whose top-answer confidence has the least log-loss against `correct`."""
+    if len(correct) == 0:
+        return 1.0
+    losses = [_log_loss(top_confidence(logits, t).numpy(), correct) for t in _GRID]
+    return float(_GRID[int(np.argmin(losses))])
+
+
+def risk_upper_bound(wrong: np.ndarray, answered: np.ndarray, delta: float = RISK_DELTA) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bound (confidence 1 - delta) of an error rate `wrong` / `answered`."""
+    from scipy.stats import beta
+
+    wrong, answered = np.asarray(wrong, dtype=float), np.asarray(answered, dtype=float)
+    bound = beta.ppf(1 - delta, wrong + 1, np.maximum(answered - wrong, 1e-12))
+    return np.where(wrong >= answered, 1.0, bound)
+
+
+def risk_threshold(conf: np.ndarray, correct: np.ndarray, target_risk: float, delta: float = RISK_DELTA) -> float:
+    """The lowest threshold t such that the answers with confidence >= t are wrong at most `target_risk` of the
+    time with confidence 1 - `delta` (their error rate's upper bound); above every confidence (answer nothing)
+    when no threshold reaches the target."""
+    order = np.argsort(-conf, kind="stable")
+    wrong = np.cumsum(1 - correct[order])
+    risk = risk_upper_bound(wrong, np.arange(1, len(order) + 1), delta) if delta else wrong / np.arange(1, len(order) + 1)
+    ok = np.nonzero(risk <= target_risk)[0]
+    if len(ok) == 0:
+        return float("inf")
+    k = ok[-1]  # the most answers kept at that risk
+    return float(conf[order][k])
+
+
+@dataclass
+class Calibration:
+    """What a bundle stores in calibration.json: temperatures per branch and the validation evidence."""
+
+    temperatures: dict[str, float]
+    target_risk: float = DEFAULT_TARGET_RISK
+    # validation: per branch, each question's calibrated confidence and whether the answer was right
+    evidence: dict[str, dict[str, list]] = field(default_factory=dict)
+    fitted_on: str = "validation"
+
+    def confidence(self, logits: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+        """(Q,) calibrated confidence of each question's top answer, with its branch's temperature."""
+        temps = torch.tensor([self.temperatures.get(b, 1.0) for b in branches], dtype=torch.float32)
+        return top_confidence(logits, temps) if len(branches) else torch.zeros(0)
+
+    def distribution(self, logits: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+        """(Q, A) calibrated probabilities (ruled-out answers 0)."""
+        temps = torch.tensor([self.temperatures.get(b, 1.0) for b in branches], dtype=torch.float32)
+        scaled = (logits.float() / temps.reshape(-1, 1)).masked_fill(logits <= MASKED, float("-inf"))
+        return scaled.softmax(-1)
+
+    def threshold(self, branch: str, target_risk: float | None = None) -> float:
+        """The confidence below which a `branch` answer is withheld, for `target_risk` (default: the bundle's)."""
+        risk = check_risk(self.target_risk if target_risk is None else target_risk)
+        ev = self.evidence.get(branch)
+        if not ev or not ev["confidence"]:
+            return float("inf")
+        return risk_threshold(np.asarray(ev["confidence"]), np.asarray(ev["correct"], dtype=float), risk)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "temperature scaling of the top answer's softmax, per branch, fitted on validation",
+                "temperatures": self.temperatures, "target_risk": self.target_risk, "fitted_on": self.fitted_on,
+                "thresholds": {b: self.threshold(b) for b in self.evidence}, "evidence": self.evidence}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = CALIBRATION_FILE) -> "Calibration":
+        try:
+            temps = {str(k): float(v) for k, v in data["temperatures"].items()}
+            evidence = {str(b): {"confidence": [float(c) for c in ev["confidence"]],
+                                 "correct": [bool(c) for c in ev["correct"]]} for b, ev in data["evidence"].items()}
+            return cls(temps, check_risk(data.get("target_risk", DEFAULT_TARGET_RISK)), evidence,
+                       str(data.get("fitted_on", "validation")))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{where}: not a medvqa calibration ({e})") from None
+
+    @classmethod
+    def fit(cls, logits: torch.Tensor, branches: Sequence[str], correct: Sequence[bool], fitted_on: str,
+            target_risk: float = DEFAULT_TARGET_RISK) -> "Calibration":
+        """Temperatures and evidence from validation predictions (`correct`: the top answer was right)."""
+        right = np.asarray(correct, dtype=float)
+        temps, evidence = {}, {}
+        for branch in sorted(set(branches)):
+            rows = [i for i, b in enumerate(branches) if b == branch]
+            temps[branch] = fit_temperature(logits[rows], right[rows])
+            conf = top_confidence(logits[rows], temps[branch])
+            evidence[branch] = {"confidence": [round(float(c), 6) for c in conf],
+                                "correct": [bool(c) for c in right[rows]]}
+        return cls(temps, check_risk(target_risk), evidence, fitted_on)
+
+
+# -- metrics -----------------------------------------------------------------------------------------------------
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their share of questions."""
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=float)
+    if len(conf) == 0:
+        return float("nan")
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = index == b
+        if sel.any():
+            total += sel.sum() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(total / len(conf))
+
+
+def reliability(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> list[dict]:
+    """Per bin: its range, count, mean confidence and accuracy (the reliability diagram's points)."""
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=float)
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        sel = index == b
+        if sel.any():
+            out.append({"low": b / bins, "high": (b + 1) / bins, "n": int(sel.sum()),
+                        "confidence": float(conf[sel].mean()), "accuracy": float(correct[sel].mean())})
+    return out
+
+
+def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk) as answers are kept in order of confidence: the k most confident for k = 1..n."""
+    order = np.argsort(-np.asarray(conf, dtype=float), kind="stable")
+    wrong = np.cumsum(1 - np.asarray(correct, dtype=float)[order])
+    k = np.arange(1, len(order) + 1)
+    return k / max(len(order), 1), wrong / k
+
+
+def coverage_at_risk(conf: np.ndarray, correct: np.ndarray, risk: float) -> float:
+    """The largest share of questions answerable with at most `risk` of them wrong (0 when none)."""
+    coverage, risks = risk_coverage(conf, correct)
+    ok = risks <= risk
+    return float(coverage[ok].max()) if ok.any() else 0.0
+
+
+def calibration_metrics(conf: np.ndarray, correct: np.ndarray, risks: Sequence[float]) -> dict[str, Any]:
+    """ECE (15 bins), Brier score, AURC and coverage at each of `risks`, for one set of questions."""
+    conf, correct = np.asarray(conf, dtype=float), np.asarray(correct, dtype=float)
+    if len(conf) == 0:
+        return {"n": 0}
+    _, risk = risk_coverage(conf, correct)
+    return {"n": int(len(conf)), "accuracy": float(correct.mean()),
+            "ece": expected_calibration_error(conf, correct), "brier": float(((conf - correct) ** 2).mean()),
+            "aurc": float(risk.mean()),
+            "coverage_at_risk": {f"{r:g}": coverage_at_risk(conf, correct, r) for r in risks}}
+
+
+def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch.Tensor,
+                      target_risk: float | None = None) -> None:
+    """Fill `preds.confidence`, `preds.abstained` and `preds.out_of_scope` (nothing without a calibration):
+    an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), or
+    when its image is out of scope (`ood`, a `vqa.ood.OutOfScopeDetector`, on the images' pooled features)."""
+    if calibration is None:
+        return
+    branches = preds.branches()
+    preds.confidence = calibration.confidence(preds.logits, branches)
+    thresholds = {b: calibration.threshold(b, target_risk) for b in set(branches)}
+    below = torch.tensor([float(c) < thresholds[b] for c, b in zip(preds.confidence, branches)], dtype=torch.bool)
+    preds.out_of_scope = ood.out_of_scope(pooled) if ood is not None else torch.zeros_like(below)
+    preds.abstained = below | preds.out_of_scope
