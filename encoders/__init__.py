@@ -30,7 +30,7 @@ _EXPORTS = {
     "TimmEncoder": "timm_backbone", "TimmEncoderConfig": "timm_backbone",
     "OpenCLIPEncoder": "open_clip_tower", "OpenCLIPEncoderConfig": "open_clip_tower", "OpenCLIPText": "open_clip_tower",
     "encoder_from_file": "released", "openai_model_cfg": "released", "detect_format": "released",
-    "read_weights": "_weights", "PREFIXES": "_registry",
+    "read_weights": "_weights", "PREFIXES": "_registry", "describe_encoder": "_registry",
 }
 __all__ = sorted(_EXPORTS)
 

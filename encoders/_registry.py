@@ -32,6 +32,7 @@ from .base import CONFIG_NAME, WEIGHTS_NAME, ImageEncoder
 logger = logging.getLogger(__name__)
 
 _ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+_WEIGHTS: dict[str, str] = {}  # name -> where its weights come from (for `medvqa encoders`)
 _FAMILIES: dict[str, type[ImageEncoder]] = {}
 
 F = TypeVar("F", bound=Callable[..., ImageEncoder])
@@ -41,12 +42,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CLIP_TYPES = {"clip", "clip_vision_model"}
 # modules whose import registers the built-in encoders (open_clip_tower: a family only, open_clip loads lazily)
 _BUILTINS = ("clip", "timm_backbone", "mevf", "efficientnet_lite", "open_clip_tower")
-PREFIXES = {  # name prefix -> (what follows it, where the weights come from); `medvqa encoders` lists these
-    "timm:": ("any timm model name", "random init; pretrained=True: the hub; weights=FILE: a local file"),
-    "hf-hub:": ("an open_clip repository on the Hugging Face hub (BiomedCLIP, ...)", "hub (or its cache)"),
-    "local-dir:": ("a folder with open_clip_config.json + weights", "file"),
-    "open_clip:": ("an open_clip architecture (open_clip.list_models())",
-                   "random init; pretrained=TAG: the hub; pretrained=FILE: a local file"),
+PREFIXES = {  # the other spellings -> (what it is, family, where the weights come from); `medvqa encoders` lists them
+    "timm:<name>": ("any timm model", "timm", "random init; pretrained=True: hub; weights=FILE: file"),
+    "hf-hub:<org>/<name>": ("open_clip repository on the Hugging Face hub (BiomedCLIP)", "open_clip",
+                            "hub (or its cache)"),
+    "local-dir:<folder>": ("open_clip folder: open_clip_config.json + weights", "open_clip", "file"),
+    "open_clip:<arch>": ("open_clip architecture (open_clip.list_models())", "open_clip",
+                         "random init; pretrained=TAG: hub; pretrained=FILE: file"),
+    "<folder>": ("medvqa save_pretrained folder, or a Hugging Face CLIPModel/CLIPVisionModel folder",
+                 "the folder's", "file"),
+    "<file>": ("OpenAI-format CLIP .pt/.pth (PubMedCLIP; TorchScript read safely), PMC-CLIP checkpoint or "
+               "image encoder", "open_clip", "file"),
+    "<org>/<name>": ("Hugging Face CLIPModel hub id (openai/clip-vit-base-patch32, "
+                     "flaviagiammarino/pubmed-clip-vit-base-patch32)", "hf_clip", "hub (or its cache)"),
 }
 
 
@@ -58,14 +66,30 @@ def _load_builtins() -> None:
         importlib.import_module(f"{__package__}.{module}")
 
 
-def register_encoder(name: str) -> Callable[[F], F]:
-    """Decorator: register a factory `fn(pretrained=False, **overrides) -> ImageEncoder`."""
+def register_encoder(name: str, weights: str = "random init") -> Callable[[F], F]:
+    """Decorator: register a factory `fn(pretrained=False, **overrides) -> ImageEncoder`; `weights` says
+    where its weights come from (shown by `medvqa encoders`)."""
     def decorator(fn: F) -> F:
         if name in _ENCODERS:
             raise ValueError(f"encoder {name!r} is already registered")
         _ENCODERS[name] = fn
+        _WEIGHTS[name] = weights
         return fn
     return decorator
+
+
+def describe_encoder(name: str) -> dict:
+    """A registered name's family, input, grid, feature dim and weight source. The architecture is built
+    on the meta device (no memory, no weights read), so describing every name takes a moment."""
+    import torch
+
+    _load_builtins()
+    if name not in _ENCODERS:
+        raise ValueError(_unknown_message(name))
+    with torch.device("meta"):
+        encoder = _ENCODERS[name](pretrained=False)
+    return {"name": name, "family": encoder.family, "image_size": encoder.image_size, "in_chans": encoder.in_chans,
+            "grid": list(encoder.grid_size), "feature_dim": encoder.feature_dim, "weights": _WEIGHTS[name]}
 
 
 def register_family(cls: C) -> C:

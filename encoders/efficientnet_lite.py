@@ -99,7 +99,8 @@ def _factory(variant: int):
 
 
 for _variant in VARIANTS:
-    register_encoder(f"efficientnet-lite{_variant}-imagenet")(_factory(_variant))
+    register_encoder(f"efficientnet-lite{_variant}-imagenet",
+                     weights=f"package {package_name(_variant)} (pretrained=False: random init)")(_factory(_variant))
 
 
 def imagenet_classifier(variant: int) -> torch.nn.Module:

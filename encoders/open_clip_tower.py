@@ -42,11 +42,9 @@ from ._errors import DataError
 from ._registry import register_family
 from ._weights import read_weights
 from .base import ImageEncoder
+from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # open_clip's own preference when a folder holds several weight files (factory._find_checkpoint_in_dir)
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
@@ -107,6 +105,7 @@ def build_visual(model_cfg: dict[str, Any]) -> nn.Module:
 class OpenCLIPEncoder(ImageEncoder):
     family = "open_clip"
     config_class = OpenCLIPEncoderConfig
+    provenance_fields = ("source",)
 
     def __init__(self, config: OpenCLIPEncoderConfig, name: str = "open_clip", visual: nn.Module | None = None,
                  full_model: nn.Module | None = None):

@@ -155,7 +155,7 @@ def _register(name: str, model_name: str, doc: str, **defaults: Any) -> None:
 
     factory.__name__ = name.replace("-", "_")
     factory.__doc__ = doc
-    register_encoder(name)(factory)
+    register_encoder(name, weights="random init; pretrained=True: timm's hub weights")(factory)
 
 
 _register("resnet18", "resnet18", "torchvision-style ResNet-18 (grid 7x7, D=512).")
