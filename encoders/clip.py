@@ -13,6 +13,10 @@ Building a full CLIPModel around a tower (for contrastive pretraining):
     clip.vision_model.load_state_dict(enc.vision_model.state_dict())
     ...train...; CLIPVisionEncoder.from_clip_model(clip) or clip.save_pretrained(d) + create_encoder(d)
 
+PubMedCLIP's ViT-B/32 is on the hub in this format as `flaviagiammarino/pubmed-clip-vit-base-patch32`
+(registered as `pubmedclip-vit-b32`, pretrained=True); its OpenAI-format .pth files load through
+`encoders.released`.
+
 `vision_model` holds the same module type and parameter names as
 `CLIPModel.vision_model` in both transformers 4.x and 5.x.
 """

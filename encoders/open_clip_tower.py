@@ -167,18 +167,23 @@ class OpenCLIPEncoder(ImageEncoder):
         if model is None:
             raise DataError(f"{self.name}: no text tower here (a saved medvqa encoder keeps the image tower "
                             f"only); load the source ({self.config.source or 'unknown'}) with create_encoder")
-        return OpenCLIPText(model, _tokenizer(self.config))
+        return OpenCLIPText(model, self.config)
 
 
 @dataclass
 class OpenCLIPText:
-    """A CLIP model's text side: `encode(texts)` gives the projected text embeddings (B, embed_dim)."""
+    """A CLIP model's text side: `encode(texts)` gives the projected text embeddings (B, embed_dim).
+
+    The tokenizer is made on first use (an HF tokenizer, e.g. BiomedCLIP's, may need the hub)."""
 
     model: nn.Module  # the whole open_clip model (its `visual` is the encoder's own tower)
-    tokenizer: Any
+    config: OpenCLIPEncoderConfig
+    tokenizer: Any = None
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> Tensor:
+        if self.tokenizer is None:
+            self.tokenizer = _tokenizer(self.config)
         device = next(self.model.parameters()).device
         return self.model.encode_text(self.tokenizer(texts).to(device))
 

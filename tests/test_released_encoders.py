@@ -98,6 +98,36 @@ def test_resnet_grid_is_the_attention_pool_value_path(tmp_path):
     assert enc.grid_size == (2, 2)
 
 
+def test_biomedclip_layout_with_a_hugging_face_text_tower(tmp_path):
+    """BiomedCLIP's config: timm ViT trunk + an HF BERT text tower (CustomTextCLIP); its text side builds
+    from a local BERT config here. When the text model is out of reach (offline, not cached), the image
+    tower still loads alone, with the same features."""
+    import json
+
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64).save_pretrained(tmp_path / "bert")
+    text = {"hf_model_name": str(tmp_path / "bert"), "hf_tokenizer_name": str(tmp_path / "bert"),
+            "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16,
+            "hf_model_pretrained": False}
+    cfg = {"embed_dim": 32, "vision_cfg": TIMM_VIT["vision_cfg"], "text_cfg": text}
+    folder = save_local_dir(open_clip_model(dict(cfg, custom_text=True)), cfg, tmp_path / "oc")
+    enc = create_encoder(f"local-dir:{folder}")
+    assert isinstance(enc.text_tower().model, open_clip.CustomTextCLIP)
+    x = pixels(224, batch=1)
+    with torch.no_grad():
+        reference = open_clip.create_model(f"local-dir:{folder}").eval().encode_image(x)
+        torch.testing.assert_close(_features(enc, x)["pooled"], reference, atol=1e-5, rtol=1e-5)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "medvqa-test/unreachable-bert"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    alone = create_encoder(f"local-dir:{folder}")
+    assert torch.equal(_features(alone, x)["pooled"], _features(enc, x)["pooled"])
+    with pytest.raises(DataError, match="no text tower"):
+        alone.text_tower()
+
+
 def test_hf_hub_from_a_populated_cache_offline(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -184,6 +214,23 @@ def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):
     x = pixels(enc.image_size)
     with torch.no_grad():
         torch.testing.assert_close(_features(enc, x)["pooled"], model.encode_image(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_archive_with_code_in_its_pickle_is_refused(tmp_path):
+    import pickle
+    import zipfile
+
+    torch.jit.script(open_clip_model(VIT)).save(str(tmp_path / "ok.pt"))
+    marker = tmp_path / "pwned"
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src, zipfile.ZipFile(tmp_path / "evil.pt", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, pickle.dumps(_RunsCode(marker), protocol=2) if item.filename.endswith("/data.pkl")
+                         else data)
+    with pytest.raises(DataError, match="refers to '(posix|nt).system'"):
+        create_encoder(tmp_path / "evil.pt")
+    assert not marker.exists()
 
 
 def test_openai_format_malicious_pickle_is_refused(tmp_path):

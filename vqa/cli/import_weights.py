@@ -1,4 +1,4 @@
-"""`medvqa import FORMAT SRC OUT`: released weights as safetensors folders (MEVF, OpenAI-format CLIP, PMC-CLIP, any encoder)."""
+"""`medvqa import FORMAT SRC OUT`: released weights as safetensors folders (MEVF, OpenAI CLIP, PMC-CLIP, encoders)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ EXAMPLE = """examples:
   medvqa import mevf path/to/mevf runs/mevf
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder \\
       --encoder-mode finetune --glove runs/mevf/glove_300d.txt --head mevf-ban --out runs/mevf-ban
-  medvqa import openai-clip path/to/PubMedCLIP_ViT32.pth runs/pubmedclip-vit    # then --encoder runs/pubmedclip-vit/encoder
+  medvqa import openai-clip path/to/PubMedCLIP_ViT32.pth runs/pubmedclip-vit   # --encoder runs/pubmedclip-vit/encoder
   medvqa import pmc-clip path/to/checkpoint.pt runs/pmc-clip
   medvqa import encoder hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 runs/biomedclip
 
