@@ -134,6 +134,8 @@ class OpenCLIPEncoder(ImageEncoder):
 
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:
         if self.kind == "vit":
+            # open_clip's own steps (VisionTransformer._embeds/_pool, open_clip >= 3.0), so pooled is
+            # exactly encode_image; forward() would not return the tokens without mutating the tower
             v = self.visual
             x = v.transformer(v._embeds(pixels))  # (B, 1 + N, width)
             pooled, tokens = v._pool(x)  # tokens: (B, N, width), after ln_post in every non-attn-pool config
