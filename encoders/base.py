@@ -78,6 +78,9 @@ class ImageEncoder(Freezable):
 
     family: ClassVar[str] = ""  # key in config.json that picks the class when loading
     config_class: ClassVar[type]
+    # config fields that only record where the weights came from: left out of the fingerprint, so the
+    # same weights reached by two paths share one feature cache
+    provenance_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any, name: str) -> None:
         super().__init__()
@@ -153,11 +156,12 @@ class ImageEncoder(Freezable):
         }
 
     def fingerprint(self) -> str:
-        """sha256 of family + config + every state_dict tensor (name, dtype, shape, bytes).
+        """sha256 of family + config (less `provenance_fields`) + every state_dict tensor (name, dtype, shape, bytes).
 
         Hashes all weights, so it costs about a second per 300 MB; call it once per run."""
         h = hashlib.sha256()
-        h.update(json.dumps({"family": self.family, "config": dataclasses.asdict(self.config)}, sort_keys=True).encode())
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.provenance_fields}
+        h.update(json.dumps({"family": self.family, "config": config}, sort_keys=True).encode())
         for key, tensor in self.state_dict().items():
             t = tensor.detach().cpu().contiguous()
             h.update(f"|{key}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -13,6 +13,10 @@ Building a full CLIPModel around a tower (for contrastive pretraining):
     clip.vision_model.load_state_dict(enc.vision_model.state_dict())
     ...train...; CLIPVisionEncoder.from_clip_model(clip) or clip.save_pretrained(d) + create_encoder(d)
 
+PubMedCLIP's ViT-B/32 is on the hub in this format as `flaviagiammarino/pubmed-clip-vit-base-patch32`
+(registered as `pubmedclip-vit-b32`, pretrained=True); its OpenAI-format .pth files load through
+`encoders.released`.
+
 `vision_model` holds the same module type and parameter names as
 `CLIPModel.vision_model` in both transformers 4.x and 5.x.
 """
@@ -148,20 +152,21 @@ def _create(name: str, config: CLIPEncoderConfig, pretrained: bool, overrides: d
     return CLIPVisionEncoder(dataclasses.replace(config, **overrides), name=name)
 
 
-@register_encoder("clip-vit-b32")
+@register_encoder("clip-vit-b32", weights="random init; pretrained=True: hub openai/clip-vit-base-patch32")
 def clip_vit_b32(pretrained: bool = False, **overrides: Any) -> CLIPVisionEncoder:
     """OpenAI CLIP ViT-B/32 (random init offline; pretrained=True loads the hub weights)."""
     return _create("clip-vit-b32", CLIPEncoderConfig(hub_id="openai/clip-vit-base-patch32"), pretrained, overrides)
 
 
-@register_encoder("clip-vit-b16")
+@register_encoder("clip-vit-b16", weights="random init; pretrained=True: hub openai/clip-vit-base-patch16")
 def clip_vit_b16(pretrained: bool = False, **overrides: Any) -> CLIPVisionEncoder:
     """OpenAI CLIP ViT-B/16 (grid 14x14)."""
     config = CLIPEncoderConfig(patch_size=16, hub_id="openai/clip-vit-base-patch16")
     return _create("clip-vit-b16", config, pretrained, overrides)
 
 
-@register_encoder("pubmedclip-vit-b32")
+@register_encoder("pubmedclip-vit-b32",
+                  weights="random init; pretrained=True: hub flaviagiammarino/pubmed-clip-vit-base-patch32")
 def pubmedclip_vit_b32(pretrained: bool = False, **overrides: Any) -> CLIPVisionEncoder:
     """PubMedCLIP ViT-B/32 (CLIP fine-tuned on ROCO), the best PubMedCLIP tower."""
     config = CLIPEncoderConfig(hub_id="flaviagiammarino/pubmed-clip-vit-base-patch32")

@@ -143,7 +143,7 @@ class AutoencoderReconstructionLoss(nn.Module):
         return self.weight * F.mse_loss(reconstruction, target)
 
 
-@register_encoder("mevf")
+@register_encoder("mevf", weights="random init; pretrained=FOLDER: MEVF's released files")
 def mevf(pretrained: bool | str | os.PathLike = False, **overrides: Any) -> MEVFEncoder:
     """MEVF's MAML CNN + denoising autoencoder (D=128, N=1). `pretrained` may be MEVF's
     data folder (with pretrained_maml.weights and pretrained_ae.pth): the released weights

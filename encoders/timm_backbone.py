@@ -5,12 +5,19 @@ grid   = `forward_features` output as tokens: CNN maps (B, C, H, W) -> (B, H*W, 
 pooled = the model's own pooling (`forward_head(pre_logits=True)`: average pool,
          CLS token, CLIP's attention pool) or, with pool="avg", the mean of the grid
 An optional linear projection maps both to `embed_dim` (CLIP-style towers).
+
+Weights: random (`pretrained=False`), timm's own (`pretrained=True`: the hub or its cache), or a local
+file in timm's naming (`weights="file.safetensors"`, or a path as `pretrained`; the offline equivalent of
+timm's `pretrained_cfg_overlay=dict(file=...)`, read safely by `encoders._weights` and loaded strictly:
+every backbone tensor must be in the file, classifier tensors are dropped).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -18,6 +25,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from ._errors import DataError
 from ._registry import register_encoder, register_family
 from .base import ImageEncoder
 from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -42,21 +50,41 @@ class TimmEncoder(ImageEncoder):
     family = "timm"
     config_class = TimmEncoderConfig
 
-    def __init__(self, config: TimmEncoderConfig, name: str = "timm", pretrained: bool = False):
+    def __init__(self, config: TimmEncoderConfig, name: str = "timm", pretrained: bool | str | os.PathLike = False):
         super().__init__(config, name)
         if config.pool not in ("model", "avg"):
             raise ValueError(f"pool must be 'model' or 'avg', got {config.pool!r}")
+        weights = None if isinstance(pretrained, bool) or pretrained is None else Path(pretrained)
         try:
-            self.backbone = timm.create_model(config.model_name, pretrained=pretrained, num_classes=0,
-                                              in_chans=config.in_chans, **config.model_kwargs)
+            self.backbone = timm.create_model(config.model_name, pretrained=bool(pretrained) and weights is None,
+                                              num_classes=0, in_chans=config.in_chans, **config.model_kwargs)
         except OSError as e:  # pretrained weights unreachable (offline, not cached)
             raise OSError(f"cannot load pretrained timm weights for {config.model_name!r}: no network access "
                           f"(or HF_HUB_OFFLINE=1) and no cached copy; use pretrained=False or run once online. "
                           f"({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        if weights is not None:
+            self.load_backbone_weights(weights)
         width = self.backbone.num_features
         self.proj = nn.Linear(width, config.embed_dim) if config.embed_dim else nn.Identity()
         self.feature_dim = config.embed_dim or width
         self.grid_size = self._probe_grid(width)
+
+    def load_backbone_weights(self, path: Path, state: dict[str, Tensor] | None = None) -> None:
+        """Load a timm-named state dict (from `path`, or `state` read from it) into the backbone, strictly."""
+        from ._weights import read_weights
+
+        state = read_weights(path) if state is None else state
+        own = self.backbone.state_dict()
+        classifier = self.backbone.pretrained_cfg.get("classifier", "fc")
+        classifiers = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(f"{c}." for c in classifiers))}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            raise DataError(f"{path}: not {self.config.model_name} weights in timm's naming (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}, shape differs {shapes[:3]}; {len(state)} tensors)")
+        self.backbone.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+        logger.info("loaded %s weights from %s", self.config.model_name, path)
 
     def _tokens(self, feats: Tensor) -> Tensor:
         """Backbone features -> (B, N, C) tokens."""
@@ -112,11 +140,13 @@ def default_config(model_name: str, **overrides: Any) -> TimmEncoderConfig:
     return TimmEncoderConfig(**values)
 
 
-def create_timm_encoder(model_name: str, pretrained: bool = False, name: str | None = None,
-                        **overrides: Any) -> TimmEncoder:
-    """`create_encoder("timm:<model_name>", pretrained=..., **config overrides)`."""
+def create_timm_encoder(model_name: str, pretrained: bool | str | os.PathLike = False, name: str | None = None,
+                        weights: str | os.PathLike | None = None, **overrides: Any) -> TimmEncoder:
+    """`create_encoder("timm:<model_name>", pretrained=..., weights=FILE, **config overrides)`."""
+    if weights is not None and pretrained not in (False, None):
+        raise ValueError(f"timm:{model_name}: pass weights=FILE or pretrained, not both")
     return TimmEncoder(default_config(model_name, **overrides), name=name or f"timm:{model_name}",
-                       pretrained=pretrained)
+                       pretrained=weights if weights is not None else pretrained)
 
 
 def _register(name: str, model_name: str, doc: str, **defaults: Any) -> None:
@@ -125,7 +155,7 @@ def _register(name: str, model_name: str, doc: str, **defaults: Any) -> None:
 
     factory.__name__ = name.replace("-", "_")
     factory.__doc__ = doc
-    register_encoder(name)(factory)
+    register_encoder(name, weights="random init; pretrained=True: timm's hub weights")(factory)
 
 
 _register("resnet18", "resnet18", "torchvision-style ResNet-18 (grid 7x7, D=512).")

@@ -12,7 +12,8 @@ from encoders import (CLIPVisionEncoder, ImageEncoder, create_encoder, list_enco
 
 TINY = ["clip-vit-tiny", "resnet-tiny", "vit-tiny", "mevf"]
 BIG = {"clip-vit-b32", "clip-vit-b16", "pubmedclip-vit-b32", "clip-rn50", "resnet18", "resnet50",
-       "vit_base_patch32_224", "vit_base_patch16_224"}
+       "vit_base_patch32_224", "vit_base_patch16_224",
+       "efficientnet-lite0-imagenet", "efficientnet-lite1-imagenet", "efficientnet-lite2-imagenet"}
 
 
 def _pixels(encoder: ImageEncoder, batch: int = 2) -> torch.Tensor:

@@ -1,4 +1,12 @@
-"""MEVF's released files as medvqa inputs: a safetensors encoder and a GloVe table (`medvqa import mevf`).
+"""Released weights as medvqa inputs (`medvqa import`): safetensors encoder folders, and MEVF's GloVe table.
+
+`import_encoder(fmt, src, out)` converts a released checkpoint into our encoder folder (config.json +
+model.safetensors) that `--encoder OUT` loads without open_clip's loaders or any pickle:
+  openai-clip  an OpenAI-format CLIP file (PubMedCLIP's RN50/RN50x4/ViT-B/32 .pth, OpenAI's .pt)
+  pmc-clip     PMC-CLIP's checkpoint.pt or its image_encoder(resnet50).pth
+  encoder      anything `create_encoder` accepts (hf-hub:..., local-dir:..., open_clip:..., a registered name)
+
+MEVF (`import_mevf`):
 
 Reads `pretrained_maml.weights` and `pretrained_ae.pth` (image side),
 `dictionary.pkl` and `glove6b_init_300d.npy` (question words) with a restricted
@@ -20,6 +28,31 @@ from .io import atomic_dir
 
 log = logging.getLogger(__name__)
 DICTIONARY, GLOVE = "dictionary.pkl", "glove6b_init_300d.npy"
+
+
+ENCODER_FORMATS = {"openai-clip": ("openai-clip", "openai-visual"), "pmc-clip": ("pmc-clip", "openai-visual"),
+                   "encoder": None}
+
+
+def import_encoder(fmt: str, src: str, out: str | Path, overwrite: bool = False, **encoder_args) -> Path:
+    """Load `src` as format `fmt` (checked against the file's layout) and save it as a medvqa encoder folder."""
+    from encoders import create_encoder, detect_format, read_weights
+
+    if fmt not in ENCODER_FORMATS:
+        raise DataError(f"unknown import format {fmt!r}; known: {', '.join(ENCODER_FORMATS)}")
+    if ENCODER_FORMATS[fmt] is not None:
+        path = Path(src)
+        if not path.is_file():
+            raise DataError(f"{src}: file not found")
+        found = detect_format(read_weights(path))
+        if found not in ENCODER_FORMATS[fmt]:
+            raise DataError(f"{src}: not a {fmt} checkpoint (its tensors look like {found or 'no known layout'})")
+    encoder = create_encoder(src, **encoder_args)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        encoder.save_pretrained(tmp / "encoder")
+    log.info("imported %s from %s: %s encoder, %d-d features, grid %s", fmt, src, encoder.family,
+             encoder.feature_dim, encoder.grid_size)
+    return Path(out)
 
 
 def read_mevf_dictionary(src: Path) -> list[str]:

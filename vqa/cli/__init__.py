@@ -26,7 +26,9 @@ COMMANDS = {
     "eval": ("eval", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
     "predict": ("predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
     "demo": ("demo", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
-    "import": ("import_weights", "convert released reference weights (MEVF) to safetensors"),
+    "import": ("import_weights", "convert released weights (MEVF, OpenAI-format CLIP, PMC-CLIP, any encoder) "
+                                 "to a safetensors folder"),
+    "encoders": ("encoders", "list the encoders --encoder accepts: names, prefixes, input, grid, weights"),
 }
 
 EPILOG = """examples:
