@@ -191,6 +191,15 @@ class TextQuestionEncoder(nn.Module):
         pad = self.tower.tokenizer.pad_token_id or 0
         return list(ids) + [pad] * (max_len - len(ids)), len(ids)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The text's words that the tokenizer can only map to its unknown token."""
+        tok = self.tower.tokenizer
+        unk = tok.unk_token_id
+        if unk is None:
+            return []
+        return [w for w in text.split() if any(c.isalnum() for c in w)
+                and set(tok(w, add_special_tokens=False)["input_ids"]) <= {unk}]
+
     def tokenize(self, texts: Sequence[str], max_length: int = 32) -> tuple[Tensor, Tensor]:
         """Token ids (B, max_length), right-padded, and lengths (B,)."""
         encoded = [self.encode(t, max_length) for t in texts]

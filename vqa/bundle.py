@@ -5,7 +5,8 @@
       model.safetensors  head weights (question encoder, fusion, classifiers)
       encoder/           the image encoder (its own config.json + model.safetensors)
       answers.json       answer vocabulary and the protocol that built it
-      vocab.json         question words
+      vocab.json         question words (a word-embedding question encoder), or
+      tokenizer/         the tokenizer files of a pretrained text tower used as the question encoder
       metrics.json       validation metrics and training history
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
@@ -30,18 +31,19 @@ from .errors import DataError
 from .io import atomic_dir, atomic_write_json, read_json
 from .model import VQAModel
 from .ood import OutOfScopeDetector
+from .batches import Tokenizer
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-REQUIRED = ("config.json", "model.safetensors", "answers.json", "vocab.json", "encoder/config.json",
-            "encoder/model.safetensors")
+REQUIRED = ("config.json", "model.safetensors", "answers.json", "encoder/config.json", "encoder/model.safetensors")
+TOKENIZER_FOLDER = "tokenizer"
 
 
 @dataclass
 class Bundle:
     model: VQAModel
     answers: AnswerVocab
-    words: WordVocab
+    tokenizer: Tokenizer  # WordVocab, or the text-tower question encoder (its own tokenizer)
     config: dict[str, Any]
     metrics: dict[str, Any]
     calibration: Calibration | None = None  # None: a bundle from before calibration (uncalibrated)
@@ -66,7 +68,7 @@ class Bundle:
         return "softmax" if self.loss == "ce" else "sigmoid"
 
 
-def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: WordVocab,
+def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
          extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
          ood: OutOfScopeDetector | None = None) -> Path:
@@ -79,12 +81,17 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: Word
         model.encoder.save_pretrained(tmp / "encoder")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         answers.save(tmp / "answers.json")
-        words.save(tmp / "vocab.json")
+        if isinstance(tokenizer, WordVocab):
+            tokenizer.save(tmp / "vocab.json")
+            tokenizer_config = {"type": "words", "file": "vocab.json"}
+        else:  # a pretrained text tower: its tokenizer files travel with the bundle
+            tokenizer.tower.tokenizer.save_pretrained(str(tmp / TOKENIZER_FOLDER))
+            tokenizer_config = {"type": "text-tower", "folder": TOKENIZER_FOLDER}
         config = {
             "medvqa_version": __version__,
             "encoder": {"folder": "encoder", "name": model.encoder.name, "image_features": model.image_features},
             "head": head_to_dict(model.head),
-            "tokenizer": {"type": "words", "file": "vocab.json", "max_len": max_len, "choice_len": choice_len},
+            "tokenizer": {**tokenizer_config, "max_len": max_len, "choice_len": choice_len},
             "answers": {"file": "answers.json", "protocol": answers.protocol, "size": len(answers)},
             **(extra or {}),
         }
@@ -122,10 +129,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
         raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
     answers = AnswerVocab.load(path / "answers.json")
-    words = WordVocab.load(path / "vocab.json")
+    tokenizer, question_encoder = _load_tokenizer(path, config)
     encoder = load_encoder_folder(path / "encoder")  # its errors name the encoder's own files
     try:
-        head = head_from_dict(config["head"])
+        head = head_from_dict(config["head"], question_encoder)
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path / 'config.json'}: cannot rebuild the model: the head it describes fails ({e})") from None
     try:
@@ -144,20 +151,42 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             raise DataError(f"{path / 'model.safetensors'}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                             f"but config.json describes a head whose {key!r} is {tuple(tensor.shape)}")
     head.load_state_dict(state)
-    _check_vocab(path, head, words, answers)
+    _check_vocab(path, head, tokenizer, answers)
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     calibration = None
     if (path / CALIBRATION_FILE).is_file():
         calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE))
-    return Bundle(model, answers, words, config, metrics, calibration, OutOfScopeDetector.load(path))
+    return Bundle(model, answers, tokenizer, config, metrics, calibration, OutOfScopeDetector.load(path))
 
 
-def _check_vocab(path: Path, head: torch.nn.Module, words: WordVocab, answers: AnswerVocab) -> None:
+def _load_tokenizer(path: Path, config: dict[str, Any]) -> tuple[Tokenizer, torch.nn.Module | None]:
+    """(the tokenizer, the question-encoder module when it is built outside `heads`, else None)."""
+    kind = config["tokenizer"].get("type", "words")
+    if kind == "words":
+        if not (path / "vocab.json").is_file():
+            raise DataError(f"{path}: bundle is missing vocab.json")
+        return WordVocab.load(path / "vocab.json"), None
+    if kind != "text-tower":
+        raise DataError(f"{path / 'config.json'}: tokenizer type {kind!r} unknown; expected 'words' or 'text-tower'")
+    from encoders.text import TextQuestionEncoder, load_tokenizer
+
+    folder = path / config["tokenizer"].get("folder", TOKENIZER_FOLDER)
+    hf_tokenizer = load_tokenizer(folder) if folder.is_dir() else None
+    if hf_tokenizer is None:
+        raise DataError(f"{path}: bundle is missing its question tokenizer ({folder.name}/tokenizer.json)")
+    spec = config["head"].get("question_encoder", {})
+    if spec.get("class") != TextQuestionEncoder.__name__:
+        raise DataError(f"{path / 'config.json'}: question encoder {spec.get('class')!r} is not a text tower")
+    module = TextQuestionEncoder.from_config(spec["config"], hf_tokenizer)
+    return module, module
+
+
+def _check_vocab(path: Path, head: torch.nn.Module, words: Tokenizer, answers: AnswerVocab) -> None:
     """The vocabularies must have the sizes the weights were trained with."""
     vocab_size = getattr(getattr(head.question_encoder, "config", None), "vocab_size", None)
-    if vocab_size is not None and vocab_size != len(words):
+    if isinstance(words, WordVocab) and vocab_size is not None and vocab_size != len(words):
         raise DataError(f"{path / 'vocab.json'}: {len(words)} words, but the question encoder in "
                         f"model.safetensors has {vocab_size} embeddings")
     if head.num_answers != len(answers):

@@ -44,7 +44,7 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
                            cache_dir: str | None, progress: bool) -> tuple[Predictions, torch.Tensor]:
     """(predictions, each record's image pooled features (Q, D))."""
     images, rows = unique_images([r.image for r in records])
-    questions = encode_questions(records, rows, bundle.words, bundle.answers, bundle.max_len, bundle.choice_len)
+    questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,

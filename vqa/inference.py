@@ -59,16 +59,19 @@ class Predictions:
         return [CLOSED if a in YES_NO else OPEN for a in self.answers]
 
 
-def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images,
-                 device: torch.device) -> tuple[object, dict]:
-    """One batch's image inputs (feature rows, or normalised pixels) and choice tensors on `device`."""
+def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images, device: torch.device,
+                 transform=None) -> tuple[object, dict]:
+    """One batch's image inputs (feature rows, or normalised pixels) and choice tensors on `device`.
+
+    `transform` (training only) maps the batch's uint8 pixels before normalisation (augmentation)."""
     rows = batch["rows"]
     if isinstance(images, dict):
         image_in = {k: v[rows].to(device, non_blocking=True).float() for k, v in images.items()}
     else:
         from encoders import normalize
 
-        image_in = normalize(images.pixels[rows], model.encoder, device)
+        pixels = images.pixels[rows]
+        image_in = normalize(transform(pixels) if transform else pixels, model.encoder, device)
     kwargs = {k: batch[k].to(device) for k in CHOICE_KEYS if k in batch}
     return image_in, kwargs
 

@@ -187,7 +187,7 @@ class Predictor:
         self.device = resolve_device(str(device))
         self.model = bundle.model.to(self.device).eval()
         self.encoder, self.head = self.model.encoder, self.model.head
-        self.answers, self.words, self.max_len = bundle.answers, bundle.words, bundle.max_len
+        self.answers, self.tokenizer, self.max_len = bundle.answers, bundle.tokenizer, bundle.max_len
         self.choice_len = bundle.choice_len
         self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
         self.has_router = self.head.has_type_router
@@ -198,7 +198,6 @@ class Predictor:
         self.target_risk = target_risk if target_risk is not None else (
             self.calibration.target_risk if self.calibration else None)
         self._thresholds: dict[str, float] = {}
-        self._known = set(self.words.words)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -259,7 +258,7 @@ class Predictor:
         distinct, rows = unique_images(images)
         position = {r: i for i, r in reversed(list(enumerate(rows)))}  # first question asking about each image
         loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
-        queries = encode_queries(texts, rows, self.words, self.max_len, choices, self.choice_len)
+        queries = encode_queries(texts, rows, self.tokenizer, self.max_len, choices, self.choice_len)
         with torch.inference_mode():
             table = encode_features(self.encoder, [item.image for item in loaded], batch_size, self.device)
             preds = predict(self.model, queries, table, self.answers, self.device, batch_size=batch_size,
@@ -316,7 +315,7 @@ class Predictor:
             return (f"the image is unlike the training images (distance {ood:.1f}, above "
                     f"{self.ood.threshold:.1f}, which {100 * self.ood.quantile:.0f}% of training images stay under)")
         words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
-        unknown = [w for w in words if w not in self._known]
+        unknown = self.tokenizer.unknown_words(text)
         if words and len(unknown) / len(words) > UNKNOWN_WORDS_LIMIT:
             return f"most of the question's words are unknown to the model ({len(unknown)} of {len(words)})"
         if preds.abstained is None or not bool(preds.abstained[i]):
@@ -337,13 +336,13 @@ class Predictor:
         return weights.reshape(shape).astype(np.float32)
 
     def _question_notes(self, text: str) -> list[str]:
-        words = tokenize(text)
         notes = []
-        unknown = sorted({w for w in words if w not in self._known and any(c.isalnum() for c in w)})
+        unknown = sorted(set(self.tokenizer.unknown_words(text)))
         if unknown:
             notes.append(f"words the model never saw in training (read as unknown): {', '.join(unknown)}")
-        if len(words) > self.max_len:
-            notes.append(f"the question has {len(words)} tokens; the model reads the first {self.max_len}")
+        tokens = self.tokenizer.encode(text, MAX_QUESTION_CHARS)[1]  # untruncated: a token is at least a character
+        if tokens > self.max_len:
+            notes.append(f"the question has {tokens} tokens; the model reads the first {self.max_len}")
         return notes
 
 

@@ -71,6 +71,10 @@ class WordVocab:
         length = max(len(ids), 1)
         return ids + [self.PAD] * (max_len - len(ids)), length
 
+    def unknown_words(self, question: str) -> list[str]:
+        """The question's words (not punctuation) the vocabulary does not hold."""
+        return [w for w in tokenize(question) if w not in self._index and any(c.isalnum() for c in w)]
+
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps({"words": self.words}, ensure_ascii=False))
 

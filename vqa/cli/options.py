@@ -79,6 +79,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     g.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help="0 = no clipping (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="score, select and keep an exponential moving average of the weights, e.g. 0.999")
     g = groups["runtime"] = parser.add_argument_group("runtime")
     add_device_arguments(g, device=defaults.device)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
