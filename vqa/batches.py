@@ -67,6 +67,9 @@ class Tokenizer(Protocol):
 
     def unknown_words(self, text: str) -> list[str]: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
 
 def encode_queries(questions: Sequence[str], rows: Sequence[int], words: Tokenizer, max_len: int = 12,
                    choices: Sequence[Sequence[str]] | None = None, choice_len: int = 8) -> QuestionTensors:

@@ -10,6 +10,8 @@
       metrics.json       validation metrics and training history
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
+      README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
+      onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)
 
 Bundles written before calibration existed load too: they answer uncalibrated and never abstain.
 """
@@ -40,8 +42,11 @@ TOKENIZER_FOLDER = "tokenizer"
 
 
 @dataclass
-class Bundle:
-    model: VQAModel
+class BundleFiles:
+    """Everything in a bundle but the network: what answering needs besides running the model.
+
+    An ONNX export (`vqa.onnx_export`) holds the same files, so both runtimes read them through `load_files`."""
+
     answers: AnswerVocab
     tokenizer: Tokenizer  # WordVocab, or the text-tower question encoder (its own tokenizer)
     config: dict[str, Any]
@@ -57,15 +62,29 @@ class Bundle:
     def choice_len(self) -> int:
         return int(self.config["tokenizer"].get("choice_len", 8))
 
+    def training_loss(self, default: str) -> str:
+        """The loss the head was trained with; `default` (the head's own) for bundles from before it was recorded."""
+        return self.config.get("training", {}).get("loss", default)
+
+
+@dataclass(kw_only=True)
+class Bundle(BundleFiles):
+    model: VQAModel
+
     @property
     def loss(self) -> str:
         """The loss the head was trained with (bundles from before it was recorded: the head's default)."""
-        return self.config.get("training", {}).get("loss", self.model.head.default_loss)
+        return self.training_loss(self.model.head.default_loss)
 
     @property
     def score_kind(self) -> str:
         """Scores follow the training loss: per-answer sigmoids after BCE, a softmax after cross-entropy."""
-        return "softmax" if self.loss == "ce" else "sigmoid"
+        return score_kind(self.loss, self.model.head.needs_choices)
+
+
+def score_kind(loss: str, needs_choices: bool = False) -> str:
+    """"softmax" over the choices of multiple-choice heads and after cross-entropy; "sigmoid" after BCE."""
+    return "softmax" if needs_choices or loss == "ce" else "sigmoid"
 
 
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
@@ -125,11 +144,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     for name in REQUIRED:
         if not (path / name).is_file():
             raise DataError(f"{path}: bundle is missing {name}")
-    config = read_json(path / "config.json")
-    if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
-        raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
-    answers = AnswerVocab.load(path / "answers.json")
-    tokenizer, question_encoder = _load_tokenizer(path, config)
+    files = load_files(path)
+    config, tokenizer, answers = files.config, files.tokenizer, files.answers
+    # a text tower is its own tokenizer and the head's question encoder: it receives the weights below
+    question_encoder = tokenizer if isinstance(tokenizer, torch.nn.Module) else None
     encoder = load_encoder_folder(path / "encoder")  # its errors name the encoder's own files
     try:
         head = head_from_dict(config["head"], question_encoder)
@@ -154,20 +172,34 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     _check_vocab(path, head, tokenizer, answers)
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
+    return Bundle(**vars(files), model=model)
+
+
+def load_files(path: str | Path) -> BundleFiles:
+    """The bundle's files other than the network (config, vocabularies, metrics, calibration, out-of-scope
+    detector): what `load` reads before rebuilding the model, and all an ONNX export needs besides its graphs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: bundle folder not found")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
+        raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
+    answers = AnswerVocab.load(path / "answers.json")
+    tokenizer = _load_tokenizer(path, config)
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     calibration = None
     if (path / CALIBRATION_FILE).is_file():
         calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE))
-    return Bundle(model, answers, tokenizer, config, metrics, calibration, OutOfScopeDetector.load(path))
+    return BundleFiles(answers, tokenizer, config, metrics, calibration, OutOfScopeDetector.load(path))
 
 
-def _load_tokenizer(path: Path, config: dict[str, Any]) -> tuple[Tokenizer, torch.nn.Module | None]:
-    """(the tokenizer, the question-encoder module when it is built outside `heads`, else None)."""
+def _load_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    """The word vocabulary, or the text tower (architecture; the weights are the head's) with its tokenizer."""
     kind = config["tokenizer"].get("type", "words")
     if kind == "words":
         if not (path / "vocab.json").is_file():
             raise DataError(f"{path}: bundle is missing vocab.json")
-        return WordVocab.load(path / "vocab.json"), None
+        return WordVocab.load(path / "vocab.json")
     if kind != "text-tower":
         raise DataError(f"{path / 'config.json'}: tokenizer type {kind!r} unknown; expected 'words' or 'text-tower'")
     from encoders.text import TextQuestionEncoder, load_tokenizer
@@ -179,8 +211,7 @@ def _load_tokenizer(path: Path, config: dict[str, Any]) -> tuple[Tokenizer, torc
     spec = config["head"].get("question_encoder", {})
     if spec.get("class") != TextQuestionEncoder.__name__:
         raise DataError(f"{path / 'config.json'}: question encoder {spec.get('class')!r} is not a text tower")
-    module = TextQuestionEncoder.from_config(spec["config"], hf_tokenizer)
-    return module, module
+    return TextQuestionEncoder.from_config(spec["config"], hf_tokenizer)
 
 
 def _check_vocab(path: Path, head: torch.nn.Module, words: Tokenizer, answers: AnswerVocab) -> None:

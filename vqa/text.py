@@ -58,6 +58,10 @@ class WordVocab:
     def __len__(self) -> int:
         return len(self.words)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
     @classmethod
     def build(cls, questions: Iterable[str], min_count: int = 1) -> "WordVocab":
         """Vocabulary of the words seen at least `min_count` times, most frequent first."""

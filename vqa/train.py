@@ -28,6 +28,7 @@ from .features import feature_table, pixel_table, pooled_features
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
+from .model_card import training_data, write_model_card
 from .ood import OutOfScopeDetector
 from .stats import duplicate_records
 from .text import WordVocab
@@ -323,9 +324,20 @@ def train(cfg: TrainConfig) -> Path:
         ood = fit_out_of_scope(model, task.train.images, rt.device)
         log.info("calibration on validation: temperatures %s", {b: round(t, 3) for b, t in
                                                                  calibration.temperatures.items()})
-        return save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
-                           max_len=cfg.question_len, choice_len=cfg.choice_len, extra={"training": {"loss": loss}},
-                           calibration=calibration, ood=ood)
+        data = training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang)
+        bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
+                             max_len=cfg.question_len, choice_len=cfg.choice_len,
+                             extra={"training": {"loss": loss, "data": data}}, calibration=calibration, ood=ood)
+        write_card(bundle)
+        return bundle
+
+
+def write_card(bundle: Path) -> None:
+    """The bundle's model card (README.md); a failure costs a warning, never the trained bundle."""
+    try:
+        write_model_card(bundle)
+    except (DataError, ImportError, OSError, ValueError) as e:
+        log.warning("%s: no model card written (%s); `medvqa push` writes one", bundle, e)
 
 
 def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokenizer, answers, loss: str,

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import time
 
-from .options import add_device_arguments, apply_runtime, command_parser
+from .options import add_bundle_argument, add_device_arguments, add_runtime_argument, apply_runtime, command_parser
 
 log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
   medvqa demo                                   # the embedded default model (trained once, then cached)
   medvqa demo --bundle runs/demo/bundle --port 7860
+  medvqa demo --bundle org/name --runtime onnx  # a Hub model, its ONNX export run by onnxruntime
   medvqa demo --host 0.0.0.0 --port 8080        # reachable from other machines
 
 Without --bundle the first start builds the default model on phantom data (a few
@@ -20,9 +21,10 @@ later starts take seconds. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio off
 
 def build_parser():
     p = command_parser("medvqa demo", __doc__.split(": ", 1)[1], EXAMPLE)
-    p.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default model)")
+    add_bundle_argument(p, required=False, help_default=" (default: the embedded default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    add_runtime_argument(p)
     add_device_arguments(p, device="cpu", threads=1, precision=False)
     p.add_argument("--max-upload-mb", type=int, default=200,
                    help="largest upload accepted (default: 200); images must also be under the pixel limit "
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from demos.default_model import ensure_default_bundle
 
         bundle = ensure_default_bundle(progress=not args.no_progress)
-    predictor = Predictor.from_bundle(bundle, device=device)
+    predictor = Predictor.from_pretrained(bundle, runtime=args.runtime, device=device, threads=args.threads)
     demo = build_demo(predictor)
     port = args.port or _free_port(args.host)
     print(f"medvqa demo: model {bundle} ready in {time.perf_counter() - started:.1f}s", flush=True)
