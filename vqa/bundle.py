@@ -37,7 +37,7 @@ from .batches import Tokenizer
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-REQUIRED = ("config.json", "model.safetensors", "answers.json", "encoder/config.json", "encoder/model.safetensors")
+REQUIRED = ("config.json", "model.safetensors", "answers.json", "encoder/config.json")
 TOKENIZER_FOLDER = "tokenizer"
 
 
@@ -90,15 +90,26 @@ def score_kind(loss: str, needs_choices: bool = False) -> str:
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
          extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
-         ood: OutOfScopeDetector | None = None) -> Path:
-    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically."""
+         ood: OutOfScopeDetector | None = None, reference_encoder: bool = False,
+         weights_dtype: str = "float32") -> Path:
+    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically.
+
+    `reference_encoder`: a frozen encoder that `create_encoder(its name)` rebuilds exactly (weights from an
+    installed package) is stored by name and fingerprint, not copied. `weights_dtype="float16"` halves the
+    head's file (it is read back into float32; the bundle's metrics must then be measured on the saved copy)."""
+    from encoders import save_reference
     from heads import head_to_dict
 
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     _check_finite(model, state)
+    if weights_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_dir(path, overwrite=True) as tmp:
-        model.encoder.save_pretrained(tmp / "encoder")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if not (reference_encoder and model.encoder.frozen and save_reference(model.encoder, tmp / "encoder")):
+            model.encoder.save_pretrained(tmp / "encoder")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "dtype": weights_dtype})
         answers.save(tmp / "answers.json")
         if isinstance(tokenizer, WordVocab):
             tokenizer.save(tmp / "vocab.json")

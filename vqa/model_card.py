@@ -237,6 +237,17 @@ def _limitations(files, data: dict) -> list[str]:
     return lines
 
 
+def _encoder_files(bundle: Path) -> str:
+    from encoders import REFERENCE_FORMAT
+
+    config = bundle / "encoder" / "config.json"
+    meta = read_json(config) if config.is_file() else {}
+    if isinstance(meta, dict) and meta.get("format") == REFERENCE_FORMAT:
+        return (f"a reference to `{meta.get('name')}`: its weights come from the installed package and are checked "
+                f"against fingerprint `{str(meta.get('fingerprint'))[:12]}` on loading")
+    return "image encoder"
+
+
 def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     onnx = (bundle / "onnx" / "head.onnx").is_file()
     lines = ["```python", "from vqa import Predictor", "",
@@ -248,7 +259,7 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     if onnx:
         lines.append(f'medvqa predict --bundle {name} --runtime onnx --image scan.png --question "Is there a lesion?"')
     lines += [f"medvqa demo --bundle {name}", "```", "",
-              "Files: `config.json` (architecture), `model.safetensors` (head), `encoder/` (image encoder), "
+              f"Files: `config.json` (architecture), `model.safetensors` (head), `encoder/` ({_encoder_files(bundle)}), "
               "`answers.json`, `vocab.json`, `metrics.json`, `calibration.json`, `ood.safetensors`"
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     return lines

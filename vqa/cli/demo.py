@@ -9,14 +9,17 @@ from .options import add_bundle_argument, add_device_arguments, add_runtime_argu
 log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
-  medvqa demo                                   # the embedded default model (trained once, then cached)
+  medvqa demo                                   # the shipped model (VQA-RAD), no training
+  medvqa demo --default phantom                 # the phantom model instead (trained once, then cached)
   medvqa demo --bundle runs/demo/bundle --port 7860
   medvqa demo --bundle org/name --runtime onnx  # a Hub model, its ONNX export run by onnxruntime
   medvqa demo --host 0.0.0.0 --port 8080        # reachable from other machines
+  medvqa demo --build-shipped path/to/vqa-rad --glove runs/mevf/glove_300d.txt   # rebuild the shipped model
 
-Without --bundle the first start builds the default model on phantom data (a few
-minutes on 2 CPU cores, with a progress bar) into $MEDVQA_CACHE or ~/.cache/medvqa;
-later starts take seconds. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
+Without --bundle the demo serves the model shipped in demos/models/vqa-rad (trained on
+VQA-RAD's train split; its card is demos/models/vqa-rad/README.md). `--default phantom`
+builds a small model on phantom data the first time (a few minutes on 2 CPU cores) into
+$MEDVQA_CACHE or ~/.cache/medvqa. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
 
 
 def build_parser():
@@ -30,6 +33,11 @@ def build_parser():
                    help="largest upload accepted (default: 200); images must also be under the pixel limit "
                         "(50 Mpx, or $MEDVQA_MAX_IMAGE_PIXELS)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--default", default="vqa-rad", choices=["vqa-rad", "phantom"],
+                   help="the model without --bundle: the shipped VQA-RAD one, or one built on phantom data")
+    p.add_argument("--build-shipped", metavar="VQA_RAD", default=None,
+                   help="rebuild the shipped model from a VQA-RAD folder (then exit)")
+    p.add_argument("--glove", default=None, help="with --build-shipped: GloVe vectors (`medvqa import mevf`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while building the default model")
     return p
 
@@ -43,8 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     from ..predictor import Predictor
 
     device = apply_runtime(args)  # threads also for building the default model: small steps, shared cores
+    if args.build_shipped:
+        from demos.shipped_model import SHIPPED_BUNDLE, build_shipped_model
+
+        numbers = build_shipped_model(args.build_shipped, args.glove, threads=args.threads,
+                                      progress=not args.no_progress)
+        print(f"medvqa demo: rebuilt {SHIPPED_BUNDLE} (VQA-RAD test: {numbers})")
+        return 0
     started = time.perf_counter()
     bundle = args.bundle
+    if bundle is None and args.default == "vqa-rad":
+        from demos.shipped_model import SHIPPED_BUNDLE
+
+        if (SHIPPED_BUNDLE / "config.json").is_file():
+            bundle = SHIPPED_BUNDLE
+        else:
+            log.warning("%s: no shipped model (rebuild it with --build-shipped); using the phantom model",
+                        SHIPPED_BUNDLE)
     if bundle is None:
         from demos.default_model import ensure_default_bundle
 
