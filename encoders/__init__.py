@@ -18,6 +18,7 @@ import importlib
 _EXPORTS = {
     "create_encoder": "_registry", "list_encoders": "_registry", "load_encoder_folder": "_registry",
     "register_encoder": "_registry", "register_family": "_registry", "encoder_from_config": "_registry",
+    "save_reference": "_registry", "REFERENCE_FORMAT": "_registry",
     "ImageEncoder": "base", "Freezable": "base",
     "FeatureCache": "cache", "image_hash": "cache",
     "CLIPEncoderConfig": "clip", "CLIPVisionEncoder": "clip",

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -159,6 +160,8 @@ def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if meta.get("format") == REFERENCE_FORMAT:
+        return _load_reference(config_file, meta)
     if "family" in meta:
         return _load_own_folder(path, meta)
     if meta.get("model_type") in _HF_CLIP_TYPES:
@@ -168,6 +171,40 @@ def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
         return CLIPVisionEncoder.from_hf(path)
     raise ValueError(f"{config_file}: neither a medvqa encoder (no 'family') nor a Hugging Face CLIP config "
                      f"(model_type={meta.get('model_type')!r})")
+
+
+REFERENCE_FORMAT = "medvqa-encoder-reference"
+
+
+def save_reference(encoder: ImageEncoder, directory: str | os.PathLike) -> bool:
+    """Save `encoder` as a reference (its registered name and fingerprint, no weights) when `create_encoder`
+    rebuilds it exactly from its name, e.g. weights shipped in an installed package; returns whether it did.
+
+    A bundle then stays small and redistributes no weights it did not train."""
+    from ._files import atomic_write_json
+
+    name = encoder.name
+    if name not in list_encoders():
+        return False
+    fingerprint = encoder.fingerprint()
+    with torch.random.fork_rng(devices=[]):  # building the candidate must not move the caller's seed
+        rebuilt = create_encoder(name).fingerprint()
+    if rebuilt != fingerprint:  # random init, or weights changed by training
+        return False
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(directory) / CONFIG_NAME, {"format": REFERENCE_FORMAT, "name": name,
+                                                     "fingerprint": fingerprint, "family": None})
+    return True
+
+
+def _load_reference(config_file: Path, meta: dict) -> ImageEncoder:
+    encoder = create_encoder(meta["name"])
+    if encoder.fingerprint() != meta.get("fingerprint"):
+        raise DataError(f"{config_file}: the installed {meta['name']} is not the encoder this was saved with "
+                        f"(fingerprint {encoder.fingerprint()[:12]}, expected {str(meta.get('fingerprint'))[:12]}); "
+                        "install the package version it was made with")
+    logger.info("encoder %s from its registered source (fingerprint %s)", meta["name"], meta["fingerprint"][:12])
+    return encoder
 
 
 def encoder_from_config(meta: dict, where: str | os.PathLike = "config") -> ImageEncoder:

@@ -115,12 +115,11 @@ class ImageEncoder(Freezable):
 
         Every image is resized to a square (`pixels.square_pixels`), then normalised
         (`pixels.normalize`): the same two steps the pixel tables of training use."""
-        from .pixels import normalize, square_pixels
+        from .pixels import preprocess
 
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
             images = [images]
-        batch = torch.stack([square_pixels(image, self.image_size, self.in_chans) for image in images])
-        return normalize(batch, self, torch.device("cpu"))  # (B, C, S, S)
+        return preprocess(images, self)  # (B, C, S, S)
 
     # -- forward -------------------------------------------------------------------
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:

@@ -113,6 +113,15 @@ def image_source(images: Sequence, encoder, mode: str = "auto", limit_gb: float 
     return StreamingImages(images, encoder.image_size, encoder.in_chans, max(workers, 1))
 
 
+def preprocess(images: Sequence, spec) -> Tensor:
+    """Images (PIL, paths, arrays) -> normalised float32 pixels (B, C, S, S) on the CPU.
+
+    `spec` is an encoder, or anything with its `image_size`, `in_chans`, `mean` and `std` (an ONNX
+    export's description of its encoder): every runtime prepares pixels with this one function."""
+    batch = torch.stack([square_pixels(image, spec.image_size, spec.in_chans) for image in images])
+    return normalize(batch, spec, torch.device("cpu"))  # (B, C, S, S)
+
+
 def normalize(pixels: Tensor, encoder, device: torch.device) -> Tensor:
     """uint8 (B, C, S, S) -> the encoder's normalised float32 pixels on `device` (gray expanded to RGB)."""
     x = pixels.to(device, non_blocking=True).float() / 255.0

@@ -175,21 +175,61 @@ class TextQuestionEncoder(nn.Module):
         self.proj = nn.Identity() if output_dim in (None, hidden) else nn.Linear(hidden, output_dim)
         self.output_dim = int(output_dim or hidden)
         self.requested_dim, self.freeze_tower = output_dim, freeze
+        self._memo: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # a frozen tower's outputs per question
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
         mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()  # (B, L)
+        if self.freeze_tower and self.training:  # training a head on a frozen tower: each question once
+            hidden, pooled = self._frozen_outputs(tokens, lengths, mask)
+        else:
+            hidden, pooled = self._tower_outputs(tokens, lengths, mask)
+        keep = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return {"tokens": self.proj(hidden) * keep, "pooled": self.proj(pooled)}
+
+    def _tower_outputs(self, tokens: Tensor, lengths: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         out = self.tower(tokens, mask)
         pooled = out["pooled"]
         if self.tower.pooling == "eos":  # the last real token is the EOS: found from the lengths, whatever pads
             pooled = out["tokens"][torch.arange(len(tokens), device=tokens.device), lengths.clamp(min=1) - 1]
-        keep = mask.unsqueeze(-1).to(out["tokens"].dtype)  # (B, L, 1)
-        return {"tokens": self.proj(out["tokens"]) * keep, "pooled": self.proj(pooled)}
+        return out["tokens"], pooled
+
+    @torch.no_grad()
+    def _frozen_outputs(self, tokens: Tensor, lengths: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The frozen tower's outputs, computed once per distinct question and kept (the tower is in eval
+        mode and receives no gradient, so they never change); evaluation always runs the tower itself."""
+        keys = [tuple(row[:n].tolist()) for row, n in zip(tokens, lengths.clamp(min=1))]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._memo]
+        if todo:
+            index = torch.tensor([keys.index(k) for k in todo])  # one row per new question
+            hidden, pooled = self._tower_outputs(tokens[index], lengths[index], mask[index])
+            for j, i in enumerate(index.tolist()):
+                self._memo[keys[i]] = (hidden[j, :len(keys[i])].detach().cpu(), pooled[j].detach().cpu())
+        width = self.tower.hidden_size
+        hidden = tokens.new_zeros((len(keys), tokens.shape[1], width), dtype=torch.float32)
+        pooled = tokens.new_zeros((len(keys), width), dtype=torch.float32)
+        for i, key in enumerate(keys):
+            h, p = self._memo[key]
+            hidden[i, :len(key)], pooled[i] = h.to(hidden.device), p.to(pooled.device)
+        return hidden, pooled
 
     def encode(self, text: str, max_len: int) -> tuple[list[int], int]:
         """(ids padded to `max_len`, number of real tokens), special tokens included."""
         ids = self.tower.tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
         pad = self.tower.tokenizer.pad_token_id or 0
         return list(ids) + [pad] * (max_len - len(ids)), len(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tower.vocab_size
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The text's words that the tokenizer can only map to its unknown token."""
+        tok = self.tower.tokenizer
+        unk = tok.unk_token_id
+        if unk is None:
+            return []
+        return [w for w in text.split() if any(c.isalnum() for c in w)
+                and set(tok(w, add_special_tokens=False)["input_ids"]) <= {unk}]
 
     def tokenize(self, texts: Sequence[str], max_length: int = 32) -> tuple[Tensor, Tensor]:
         """Token ids (B, max_length), right-padded, and lengths (B,)."""

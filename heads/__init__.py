@@ -9,7 +9,7 @@
 Imports torch and numpy only. A pretrained text model as the question side is a module built
 elsewhere (`encoders.TextQuestionEncoder`) and passed in as `question_encoder`.
 """
-from . import mevf, multiple_choice, qcr  # noqa: F401  (registers the heads)
+from . import mevf, multiple_choice, qcr, transformer  # noqa: F401  (registers the heads)
 from ._registry import create_head, get_head_class, head_from_dict, head_to_dict, list_heads, register_head
 from .base import ANSWER_TYPES, CLOSED, OPEN, VQAHead, create_question_encoder, question_encoder_spec
 from .fusion import BilinearAttentionFusion, StackedAttentionFusion
@@ -18,11 +18,15 @@ from .losses import AnswerLoss, MultipleChoiceLoss, QCRLoss, loss_for_head, soft
 from .mevf import BANHeadConfig, MEVFBANHead, MEVFSANHead, SANHeadConfig
 from .multiple_choice import MultipleChoiceBANHead, MultipleChoiceHeadConfig
 from .qcr import QCRHead, QCRHeadConfig
+from .transformer import (FusionTransformerHead, MultipleChoiceTransformerHead, RoutedFusionTransformerHead,
+                          RoutedTransformerHeadConfig, TransformerFusion, TransformerHeadConfig)
 from .question import QuestionEncoder, QuestionEncoderConfig, load_glove
 
 __all__ = [
     "ANSWER_TYPES", "CLOSED", "MASKED_LOGIT", "OPEN",
-    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "MEVFBANHead", "MEVFSANHead", "MultipleChoiceBANHead",
+    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "FusionTransformerHead", "MEVFBANHead",
+    "MultipleChoiceTransformerHead", "RoutedFusionTransformerHead", "RoutedTransformerHeadConfig",
+    "TransformerFusion", "TransformerHeadConfig", "MEVFSANHead", "MultipleChoiceBANHead",
     "MultipleChoiceHeadConfig", "MultipleChoiceLoss", "QCRHead", "QCRHeadConfig", "QCRLoss",
     "QuestionEncoder", "QuestionEncoderConfig", "SANHeadConfig", "StackedAttentionFusion", "VQAHead",
     "create_head", "create_question_encoder", "get_head_class", "head_from_dict", "head_to_dict",

@@ -82,14 +82,19 @@ class QuestionEncoder(nn.Module):
         packed = pack_padded_sequence(
             words, lengths.clamp(1, max_len).cpu(), batch_first=True, enforce_sorted=False
         )
-        out, state = self.rnn(packed)
-        hidden = state[0] if isinstance(state, tuple) else state  # LSTM returns (h, c)
+        out, _ = self.rnn(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)  # (B, L, H), zeros at padding
+        # The pooled vector is read from the output sequence, not the RNN's final state: the same numbers
+        # (the last layer's state after each direction's last valid word), but the graph then always runs
+        # through `out`, which ONNX export needs (a graph using only the final state fails to export).
+        last = (lengths.clamp(1, max_len) - 1).to(out.device)  # (B,)
+        forward_end = out[torch.arange(batch, device=out.device), last]  # (B, H)
         if self.config.bidirectional:
             # Forward direction ends at the last valid word, backward at the first.
-            pooled = torch.cat([hidden[-2], hidden[-1]], dim=-1)  # (B, H)
+            half = out.shape[-1] // 2
+            pooled = torch.cat([forward_end[:, :half], out[:, 0, half:]], dim=-1)  # (B, H)
         else:
-            pooled = hidden[-1]  # (B, H)
+            pooled = forward_end  # (B, H)
         return {"tokens": out, "pooled": pooled}
 
 

@@ -5,8 +5,7 @@
     model = load_clip_model("runs/p/clip")                 # CLIPPretrainModel (image + text towers)
     encoder = encoders.create_encoder("runs/p/encoder")    # the image tower alone, for `medvqa train`
 
-Modules: config (PretrainConfig), data (caption pairs: jsonl, csv, ROCO, datasets), augment
-(random affine of uint8 batches), model (CLIPPretrainModel, save/load), loss (ClipLoss,
+Modules: config (PretrainConfig), data (caption pairs: jsonl, csv, ROCO, datasets), model (CLIPPretrainModel, save/load), loss (ClipLoss,
 MaskedLMLoss), task (ContrastiveTask: batches, accumulation, MLM), train (`pretrain()`),
 evaluate (retrieval, zero-shot), probe (linear probes of frozen features on the phantom's
 ground truth). Text towers live in `encoders.text`, pixel tables in `encoders.pixels`.

@@ -19,9 +19,9 @@ from torch import Tensor
 
 from encoders import normalize
 from vqa.training import Selection, StepContext, StepOutput, TrainingTask, World, epoch_plan
+from vqa.training.augment import augment
 from vqa.training.schedule import Shard
 
-from .augment import augment
 from .config import PretrainConfig
 from .data import CaptionPair
 from .evaluate import embed_images, embed_texts, evaluate as evaluate_model, retrieval_metrics, summary_line

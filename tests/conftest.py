@@ -18,10 +18,12 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # The longest tests first (in this order), so that with two workers (`make test` runs `pytest -n 2`) both
 # finish at about the same time: each of these takes 20-170 s, everything else a few seconds.
-RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr",
+RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[fusion-transformer]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[minilm-question-encoder]",
              "test_vqa_learning.py::test_multiple_choice_beats_chance",
-             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban",
-             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san")
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san]")
 
 
 def pytest_collection_modifyitems(config, items):

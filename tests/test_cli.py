@@ -77,3 +77,18 @@ def test_pretrain_eval_reads_the_split_as_pretrain_does(phantom_dir, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     saved = json.loads((tmp_path / "p" / "metrics.json").read_text())["after"]
     assert metrics["retrieval"] == saved["retrieval"] and metrics["protocol"]["exclude_vqa_rad"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--bundle", "b", "--image", "x.png", "--question", "q"],
+    ["eval", "--bundle", "b", "--format", "vqa-rad", "--data", "d"],
+    ["demo", "--bundle", "b"],
+    ["export", "onnx", "b"],
+])
+def test_threads_and_device_mean_the_same_in_every_command_that_has_them(argv, capsys):
+    # one option group (vqa/cli/options.py), acted on by apply_runtime before anything is loaded
+    assert cli([*argv, "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    if argv[0] != "export":  # the export traces on the CPU: it has no --device
+        assert cli([*argv, "--device", "tpu"]) == 2
+        assert "--device tpu: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err

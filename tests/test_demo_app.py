@@ -36,6 +36,26 @@ def test_answer_handler(predictor, predictor_phantom):
     assert status.startswith("Answered in")
 
 
+def test_reference_answer_for_an_example_copy(predictor, predictor_phantom, tmp_path):
+    """An example image, even as the copy Gradio serves, asked one of its questions shows the dataset's answer."""
+    import shutil
+
+    from demos.app import ReferenceAnswers, answer_question
+    from demos.examples import Example
+
+    row = known_answer(predictor, predictor_phantom)
+    references = ReferenceAnswers([Example(row["image"], "example", {row["question"]: row["answer"]})])
+    copy = tmp_path / "served.jpg"
+    shutil.copy(row["image"], copy)
+    reference = references.lookup(str(copy), row["question"].upper() + " ")
+    assert reference == row["answer"]
+    assert references.lookup(str(copy), "Is there a lesion in the other lung?") is None
+    (tmp_path / "other.jpg").write_bytes(copy.read_bytes() + b"\0")
+    assert references.lookup(str(tmp_path / "other.jpg"), row["question"]) is None  # other bytes, no reference
+    status = answer_question(predictor, str(copy), row["question"], reference)[-1]
+    assert status.endswith(f"Reference answer (the example's dataset): {row['answer']!r}.")
+
+
 @pytest.mark.parametrize("case", ["no image", "not an image", "empty question", "long question"])
 def test_answer_handler_errors(predictor, predictor_phantom, tmp_path, case):
     from demos.app import answer_question

@@ -98,3 +98,52 @@ def test_not_sure_in_browser(page, launched_demo, predictor, predictor_phantom):
     expect(page.locator("#status textarea")).to_have_value(re.compile(r"^Not sure .*unknown to the model.*best guess"))
     _ask(page, row["question"])  # a question it reads: a plain answer again
     expect(page.locator("#answer textarea")).to_have_value(row["answer"])
+
+
+def test_shipped_model_in_browser(page, trained_bundle):
+    """`medvqa demo`'s default: the shipped VQA-RAD model answers a real example image in its real vocabulary."""
+    import json
+
+    from playwright.sync_api import expect
+
+    from demos.app import build_demo, default_examples
+    from demos.shipped_model import SHIPPED_BUNDLE
+    from vqa import Predictor
+
+    from .conftest import free_port
+
+    if not (SHIPPED_BUNDLE / "config.json").is_file():
+        pytest.skip(f"{SHIPPED_BUNDLE}: no shipped model in this checkout")
+    predictor = Predictor.from_bundle(SHIPPED_BUNDLE)
+    examples, questions = default_examples()
+    real = [e for e in examples if e.caption.startswith("VQA-RAD")]
+    phantom_words = set(json.loads((trained_bundle / "answers.json").read_text())["answers"])
+    # The first real example question answered without abstaining, in words no phantom model knows.
+    chosen = None
+    for index, example in enumerate(examples):
+        if example in real:
+            for question, reference in example.answers.items():
+                p = predictor.predict(str(example.path), question)
+                if not p.abstained and p.answer not in ("yes", "no") and p.answer not in phantom_words:
+                    chosen = index, question, reference, p.answer
+                    break
+        if chosen:
+            break
+    assert chosen, "no confident open answer on the shipped examples"
+    index, question, reference, answer = chosen
+    assert answer in json.loads((SHIPPED_BUNDLE / "answers.json").read_text())["answers"]
+
+    demo = build_demo(predictor)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.locator("#examples button.thumbnail-item")).to_have_count(len(examples))
+        page.locator("#examples button.thumbnail-item").nth(index).click()
+        expect(page.locator("#status textarea")).to_have_value(re.compile("ready: ask a question"))
+        _ask(page, question)
+        expect(page.locator("#answer textarea")).to_have_value(answer)
+        expect(page.locator("#status textarea")).to_have_value(
+            re.compile(r"Reference answer \(the example's dataset\): " + re.escape(repr(reference))))
+    finally:
+        demo.close()

@@ -38,7 +38,7 @@ def test_finetuned_bundle_keeps_the_best_epochs_encoder_and_head(phantom_dir, tm
     assert history[-1]["val_overall"] != best["overall"], "precondition: the last epoch must score differently"
     bundle = load_bundle(bundle_path)
     _, val_records, _ = load_splits(cfg)
-    val = make_split(cfg, bundle.model, val_records, bundle.words, bundle.answers, torch.device("cpu"))
+    val = make_split(cfg, bundle.model, val_records, bundle.tokenizer, bundle.answers, torch.device("cpu"))
     again = evaluate_split(bundle.model, val, bundle.answers, torch.device("cpu"), "fp32")
     assert again == _without_epoch(best)  # the best epoch's encoder *and* head, exactly
     # weight by weight: the bundle's encoder is the best epoch's, not the last epoch's
@@ -120,7 +120,7 @@ def test_a_bundle_is_never_saved_from_non_finite_weights(phantom_dir, tmp_path):
     with torch.no_grad():
         next(bundle.model.head.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(DataError, match="non-finite weights"):
-        save(bundle.model, tmp_path / "nan-bundle", answers=bundle.answers, words=bundle.words)
+        save(bundle.model, tmp_path / "nan-bundle", answers=bundle.answers, tokenizer=bundle.tokenizer)
     assert not (tmp_path / "nan-bundle").exists()
 
 

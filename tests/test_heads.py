@@ -19,6 +19,7 @@ from heads import (
     QuestionEncoder,
     QuestionEncoderConfig,
     create_head,
+    get_head_class,
     head_from_dict,
     head_to_dict,
     list_heads,
@@ -32,8 +33,10 @@ OPEN_MASK = [False] * 2 + [True] * 9  # answer 2 is in both groups
 
 def tiny_kwargs(name: str) -> dict:
     kw = {"hidden_dim": 32}
+    if get_head_class(name).needs_answer_groups:
+        kw.update(closed_mask=CLOSED_MASK, open_mask=OPEN_MASK)
     if name == "qcr":
-        kw.update(closed_mask=CLOSED_MASK, open_mask=OPEN_MASK, type_hidden=[16, 8])
+        kw.update(type_hidden=[16, 8])
     return kw
 
 
@@ -67,13 +70,18 @@ EXPECTED_KEYS = {
     "mevf-san": {"logits": (B, A), "attention": (B, N)},
     "qcr": {"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A), "type_logits": (B, 2), "attention": (B, N)},
     "mc-ban": {"logits": (B, C), "attention": (B, N)},
+    "fusion-transformer": {"logits": (B, A), "attention": (B, N)},
+    "fusion-transformer-qcr": {"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A),
+                               "type_logits": (B, 2), "attention": (B, N)},
+    "fusion-transformer-mc": {"logits": (B, C), "attention": (B, N)},
 }
 
 
 def test_registry_lists_every_head_and_rejects_unknown_names():
     assert list_heads() == sorted(EXPECTED_KEYS)
     assert list_heads("mevf-*") == ["mevf-ban", "mevf-san"]
-    with pytest.raises(ValueError, match="known heads: mc-ban, mevf-ban, mevf-san, qcr"):
+    with pytest.raises(ValueError, match="known heads: fusion-transformer, fusion-transformer-mc, "
+                                         "fusion-transformer-qcr, mc-ban, mevf-ban, mevf-san, qcr"):
         create_head("nope", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=QuestionEncoderConfig(V))
     with pytest.raises(ValueError, match="no config fields"):
         create_head("mevf-ban", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=QuestionEncoderConfig(V), bogus=1)

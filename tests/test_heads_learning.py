@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads import CLOSED, OPEN, QuestionEncoderConfig, create_head, list_heads, loss_for_head
+from heads import CLOSED, OPEN, QuestionEncoderConfig, create_head, get_head_class, list_heads, loss_for_head
 
 K, N, D, L, V = 3, 4, 8, 6, 24  # question words, regions, feature size, max length, word ids
 A = 2 * K
@@ -66,12 +66,15 @@ def targets(head, data: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list_heads())
 def test_head_learns_a_synthetic_task(name):
+    import dataclasses
+
     torch.manual_seed(0)
-    kw = {"hidden_dim": 32, "dropout": 0.0, "classifier_dropout": 0.0}
-    if name != "mevf-san":
-        kw["attention_dropout"] = 0.0
-    if name == "qcr":
-        kw.update(closed_mask=[a < 2 for a in range(A)], open_mask=[a >= 2 for a in range(A)], type_hidden=[16])
+    cls = get_head_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    kw = {k: v for k, v in {"hidden_dim": 32, "dropout": 0.0, "classifier_dropout": 0.0, "attention_dropout": 0.0,
+                            "type_hidden": [16] if name == "qcr" else 16}.items() if k in fields}
+    if cls.needs_answer_groups:
+        kw.update(closed_mask=[a < 2 for a in range(A)], open_mask=[a >= 2 for a in range(A)])
     head = create_head(
         name, feature_dim=D, vocab_sizes={"answers": A},
         question_encoder=QuestionEncoderConfig(vocab_size=V, embed_dim=16, hidden_dim=32), **kw,
@@ -94,6 +97,6 @@ def test_head_learns_a_synthetic_task(name):
     # Chance is 1/6 (answers) or 1/4 (choices); the question alone caps accuracy at
     # 0.5 (answers) or 0.7 (choices: the asked word's other answer is among them 3 times in 5).
     assert accuracy > 0.85, f"{name}: held-out accuracy {accuracy:.3f}"
-    if name == "qcr":
+    if head.has_type_router:
         type_accuracy = (out["type_logits"].argmax(-1) == test["answer_type"]).float().mean().item()
         assert type_accuracy > 0.95, f"qcr type accuracy {type_accuracy:.3f}"

@@ -153,3 +153,22 @@ def test_head_over_hf_text_round_trips_offline(hf_folders):
     rebuilt.load_state_dict(head.state_dict(), strict=True)
     head.eval(), rebuilt.eval()
     torch.testing.assert_close(rebuilt(features, tokens, lengths)["logits"], head(features, tokens, lengths)["logits"])
+
+
+@pytest.mark.parametrize("rnn, bidirectional, layers", [("gru", False, 1), ("gru", True, 2), ("lstm", True, 1)])
+def test_pooled_vector_is_the_rnns_final_state(rnn, bidirectional, layers):
+    # read from the output sequence (so the graph exports to ONNX), it must equal the state the RNN ends in
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    torch.manual_seed(0)
+    encoder = QuestionEncoder(QuestionEncoderConfig(vocab_size=30, embed_dim=8, hidden_dim=16, rnn=rnn,
+                                                    bidirectional=bidirectional, num_layers=layers)).eval()
+    tokens, lengths = torch.randint(1, 30, (5, 9)), torch.tensor([9, 1, 4, 0, 6])
+    with torch.no_grad():
+        pooled = encoder(tokens, lengths)["pooled"]
+        packed = pack_padded_sequence(encoder.embedding(tokens), lengths.clamp(1), batch_first=True,
+                                      enforce_sorted=False)
+        state = encoder.rnn(packed)[1]
+        hidden = state[0] if rnn == "lstm" else state
+    expected = torch.cat([hidden[-2], hidden[-1]], -1) if bidirectional else hidden[-1]
+    assert torch.equal(pooled, expected)

@@ -71,3 +71,55 @@ def test_input_errors_are_one_line(trained_bundle, predictor_phantom, capsys, tm
     bad.write_text('{"image": "a.png", "question": "q"}\nnot json\n')
     assert predict("--bundle", str(trained_bundle), "--batch", str(bad)) == 2
     assert "line 2: invalid JSON" in capsys.readouterr().err
+
+
+def test_batch_from_csv_with_a_progress_bar(trained_bundle, predictor, predictor_phantom, capsys, tmp_path):
+    import csv
+
+    rows = ground_truth(predictor_phantom)[:6]
+    (tmp_path / rows[0]["image"].name).write_bytes(rows[0]["image"].read_bytes())
+    batch = tmp_path / "questions.csv"
+    with open(batch, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "question"])
+        writer.writerow(["rel", rows[0]["image"].name, rows[0]["question"]])  # relative to the CSV's folder
+        for i, r in enumerate(rows[1:]):
+            writer.writerow([f"q{i}", str(r["image"]), r["question"]])
+        writer.writerow(["bad", str(rows[0]["image"]), ""])
+    out = tmp_path / "a.jsonl"
+    assert predict("--bundle", str(trained_bundle), "--batch", str(batch), "--out", str(out)) == 1
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in results] == ["rel", "q0", "q1", "q2", "q3", "q4", "bad"]
+    assert [r["line"] for r in results] == list(range(2, 9))  # the header is line 1
+    for r, row in zip(results, rows):
+        assert r["answer"] == predictor.predict(row["image"], row["question"]).answer
+    assert "empty" in results[-1]["error"]
+    err = capsys.readouterr().err
+    assert "answering: 100%" in err and "7/7" in err  # tqdm's bar, on stderr
+    assert predict("--bundle", str(trained_bundle), "--batch", str(batch), "--out", str(out), "--no-progress") == 1
+    assert "answering" not in capsys.readouterr().err
+
+
+def test_batch_choices_for_a_vocabulary_head_and_a_csv_without_its_columns(trained_bundle, predictor_phantom,
+                                                                           capsys, tmp_path):
+    image = str(ground_truth(predictor_phantom)[0]["image"])
+    batch = tmp_path / "q.jsonl"
+    batch.write_text(json.dumps({"image": image, "question": "Is there a lesion?", "choices": ["yes", "no"]}) + "\n")
+    out = tmp_path / "a.jsonl"
+    assert predict("--bundle", str(trained_bundle), "--batch", str(batch), "--out", str(out), "--no-progress") == 1
+    assert "cannot be used" in json.loads(out.read_text())["error"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("picture,question\na.png,Is there a lesion?\n")
+    assert predict("--bundle", str(trained_bundle), "--batch", str(bad)) == 2
+    assert "missing column(s) ['image']" in capsys.readouterr().err
+
+
+def test_choices_parse_from_json_lists_and_csv_text():
+    from vqa.cli.predict import parse_choices
+    from vqa.errors import DataError
+
+    assert parse_choices(["ct", " mri "]) == ["ct", "mri"] and parse_choices("ct | mri|x-ray") == ["ct", "mri", "x-ray"]
+    assert parse_choices("") is None and parse_choices(None) is None
+    with pytest.raises(DataError, match="choices"):
+        parse_choices("ct||mri")

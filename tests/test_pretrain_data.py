@@ -10,7 +10,7 @@ from PIL import Image
 
 from pretrain.data import load_captions, shuffle_captions, split_names
 from encoders import ImageTable, StreamingImages, image_source, normalize
-from pretrain.augment import augment
+from vqa.training.augment import augment
 from vqa.errors import DataError
 
 

@@ -60,9 +60,15 @@ def unique_images(images: Sequence) -> tuple[list, list[int]]:
 
 
 class Tokenizer(Protocol):
-    """What turns a question into ids: `vqa.text.WordVocab`, or a pretrained text tower's tokenizer."""
+    """What turns a question into ids: `vqa.text.WordVocab`, or a pretrained text tower used as the question
+    encoder (`encoders.TextQuestionEncoder`, with its own tokenizer)."""
 
     def encode(self, text: str, max_len: int) -> tuple[list[int], int]: ...
+
+    def unknown_words(self, text: str) -> list[str]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
 
 
 def encode_queries(questions: Sequence[str], rows: Sequence[int], words: Tokenizer, max_len: int = 12,

@@ -5,10 +5,13 @@
       model.safetensors  head weights (question encoder, fusion, classifiers)
       encoder/           the image encoder (its own config.json + model.safetensors)
       answers.json       answer vocabulary and the protocol that built it
-      vocab.json         question words
+      vocab.json         question words (a word-embedding question encoder), or
+      tokenizer/         the tokenizer files of a pretrained text tower used as the question encoder
       metrics.json       validation metrics and training history
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
+      README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
+      onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)
 
 Bundles written before calibration existed load too: they answer uncalibrated and never abstain.
 """
@@ -30,18 +33,22 @@ from .errors import DataError
 from .io import atomic_dir, atomic_write_json, read_json
 from .model import VQAModel
 from .ood import OutOfScopeDetector
+from .batches import Tokenizer
 from .text import WordVocab
 
 log = logging.getLogger(__name__)
-REQUIRED = ("config.json", "model.safetensors", "answers.json", "vocab.json", "encoder/config.json",
-            "encoder/model.safetensors")
+REQUIRED = ("config.json", "model.safetensors", "answers.json", "encoder/config.json")
+TOKENIZER_FOLDER = "tokenizer"
 
 
 @dataclass
-class Bundle:
-    model: VQAModel
+class BundleFiles:
+    """Everything in a bundle but the network: what answering needs besides running the model.
+
+    An ONNX export (`vqa.onnx_export`) holds the same files, so both runtimes read them through `load_files`."""
+
     answers: AnswerVocab
-    words: WordVocab
+    tokenizer: Tokenizer  # WordVocab, or the text-tower question encoder (its own tokenizer)
     config: dict[str, Any]
     metrics: dict[str, Any]
     calibration: Calibration | None = None  # None: a bundle from before calibration (uncalibrated)
@@ -55,36 +62,66 @@ class Bundle:
     def choice_len(self) -> int:
         return int(self.config["tokenizer"].get("choice_len", 8))
 
+    def training_loss(self, default: str) -> str:
+        """The loss the head was trained with; `default` (the head's own) for bundles from before it was recorded."""
+        return self.config.get("training", {}).get("loss", default)
+
+
+@dataclass(kw_only=True)
+class Bundle(BundleFiles):
+    model: VQAModel
+
     @property
     def loss(self) -> str:
         """The loss the head was trained with (bundles from before it was recorded: the head's default)."""
-        return self.config.get("training", {}).get("loss", self.model.head.default_loss)
+        return self.training_loss(self.model.head.default_loss)
 
     @property
     def score_kind(self) -> str:
         """Scores follow the training loss: per-answer sigmoids after BCE, a softmax after cross-entropy."""
-        return "softmax" if self.loss == "ce" else "sigmoid"
+        return score_kind(self.loss, self.model.head.needs_choices)
 
 
-def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, words: WordVocab,
+def score_kind(loss: str, needs_choices: bool = False) -> str:
+    """"softmax" over the choices of multiple-choice heads and after cross-entropy; "sigmoid" after BCE."""
+    return "softmax" if needs_choices or loss == "ce" else "sigmoid"
+
+
+def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
          extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
-         ood: OutOfScopeDetector | None = None) -> Path:
-    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically."""
+         ood: OutOfScopeDetector | None = None, reference_encoder: bool = False,
+         weights_dtype: str = "float32") -> Path:
+    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically.
+
+    `reference_encoder`: a frozen encoder that `create_encoder(its name)` rebuilds exactly (weights from an
+    installed package) is stored by name and fingerprint, not copied. `weights_dtype="float16"` halves the
+    head's file (it is read back into float32; the bundle's metrics must then be measured on the saved copy)."""
+    from encoders import save_reference
     from heads import head_to_dict
 
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     _check_finite(model, state)
+    if weights_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_dir(path, overwrite=True) as tmp:
-        model.encoder.save_pretrained(tmp / "encoder")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if not (reference_encoder and model.encoder.frozen and save_reference(model.encoder, tmp / "encoder")):
+            model.encoder.save_pretrained(tmp / "encoder")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "dtype": weights_dtype})
         answers.save(tmp / "answers.json")
-        words.save(tmp / "vocab.json")
+        if isinstance(tokenizer, WordVocab):
+            tokenizer.save(tmp / "vocab.json")
+            tokenizer_config = {"type": "words", "file": "vocab.json"}
+        else:  # a pretrained text tower: its tokenizer files travel with the bundle
+            tokenizer.tower.tokenizer.save_pretrained(str(tmp / TOKENIZER_FOLDER))
+            tokenizer_config = {"type": "text-tower", "folder": TOKENIZER_FOLDER}
         config = {
             "medvqa_version": __version__,
             "encoder": {"folder": "encoder", "name": model.encoder.name, "image_features": model.image_features},
             "head": head_to_dict(model.head),
-            "tokenizer": {"type": "words", "file": "vocab.json", "max_len": max_len, "choice_len": choice_len},
+            "tokenizer": {**tokenizer_config, "max_len": max_len, "choice_len": choice_len},
             "answers": {"file": "answers.json", "protocol": answers.protocol, "size": len(answers)},
             **(extra or {}),
         }
@@ -118,14 +155,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     for name in REQUIRED:
         if not (path / name).is_file():
             raise DataError(f"{path}: bundle is missing {name}")
-    config = read_json(path / "config.json")
-    if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
-        raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
-    answers = AnswerVocab.load(path / "answers.json")
-    words = WordVocab.load(path / "vocab.json")
+    files = load_files(path)
+    config, tokenizer, answers = files.config, files.tokenizer, files.answers
+    # a text tower is its own tokenizer and the head's question encoder: it receives the weights below
+    question_encoder = tokenizer if isinstance(tokenizer, torch.nn.Module) else None
     encoder = load_encoder_folder(path / "encoder")  # its errors name the encoder's own files
     try:
-        head = head_from_dict(config["head"])
+        head = head_from_dict(config["head"], question_encoder)
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path / 'config.json'}: cannot rebuild the model: the head it describes fails ({e})") from None
     try:
@@ -144,20 +180,55 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             raise DataError(f"{path / 'model.safetensors'}: tensor {key!r} has shape {tuple(state[key].shape)}, "
                             f"but config.json describes a head whose {key!r} is {tuple(tensor.shape)}")
     head.load_state_dict(state)
-    _check_vocab(path, head, words, answers)
+    _check_vocab(path, head, tokenizer, answers)
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
+    return Bundle(**vars(files), model=model)
+
+
+def load_files(path: str | Path) -> BundleFiles:
+    """The bundle's files other than the network (config, vocabularies, metrics, calibration, out-of-scope
+    detector): what `load` reads before rebuilding the model, and all an ONNX export needs besides its graphs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: bundle folder not found")
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or "head" not in config or "tokenizer" not in config:
+        raise DataError(f"{path / 'config.json'}: not a medvqa bundle config (needs 'head' and 'tokenizer')")
+    answers = AnswerVocab.load(path / "answers.json")
+    tokenizer = _load_tokenizer(path, config)
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     calibration = None
     if (path / CALIBRATION_FILE).is_file():
         calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE))
-    return Bundle(model, answers, words, config, metrics, calibration, OutOfScopeDetector.load(path))
+    return BundleFiles(answers, tokenizer, config, metrics, calibration, OutOfScopeDetector.load(path))
 
 
-def _check_vocab(path: Path, head: torch.nn.Module, words: WordVocab, answers: AnswerVocab) -> None:
+def _load_tokenizer(path: Path, config: dict[str, Any]) -> Tokenizer:
+    """The word vocabulary, or the text tower (architecture; the weights are the head's) with its tokenizer."""
+    kind = config["tokenizer"].get("type", "words")
+    if kind == "words":
+        if not (path / "vocab.json").is_file():
+            raise DataError(f"{path}: bundle is missing vocab.json")
+        return WordVocab.load(path / "vocab.json")
+    if kind != "text-tower":
+        raise DataError(f"{path / 'config.json'}: tokenizer type {kind!r} unknown; expected 'words' or 'text-tower'")
+    from encoders.text import TextQuestionEncoder, load_tokenizer
+
+    folder = path / config["tokenizer"].get("folder", TOKENIZER_FOLDER)
+    hf_tokenizer = load_tokenizer(folder) if folder.is_dir() else None
+    if hf_tokenizer is None:
+        raise DataError(f"{path}: bundle is missing its question tokenizer ({folder.name}/tokenizer.json)")
+    spec = config["head"].get("question_encoder", {})
+    if spec.get("class") != TextQuestionEncoder.__name__:
+        raise DataError(f"{path / 'config.json'}: question encoder {spec.get('class')!r} is not a text tower")
+    return TextQuestionEncoder.from_config(spec["config"], hf_tokenizer)
+
+
+def _check_vocab(path: Path, head: torch.nn.Module, words: Tokenizer, answers: AnswerVocab) -> None:
     """The vocabularies must have the sizes the weights were trained with."""
     vocab_size = getattr(getattr(head.question_encoder, "config", None), "vocab_size", None)
-    if vocab_size is not None and vocab_size != len(words):
+    if isinstance(words, WordVocab) and vocab_size is not None and vocab_size != len(words):
         raise DataError(f"{path / 'vocab.json'}: {len(words)} words, but the question encoder in "
                         f"model.safetensors has {vocab_size} embeddings")
     if head.num_answers != len(answers):

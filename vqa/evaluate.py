@@ -44,7 +44,7 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
                            cache_dir: str | None, progress: bool) -> tuple[Predictions, torch.Tensor]:
     """(predictions, each record's image pooled features (Q, D))."""
     images, rows = unique_images([r.image for r in records])
-    questions = encode_questions(records, rows, bundle.words, bundle.answers, bundle.max_len, bundle.choice_len)
+    questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
@@ -98,12 +98,15 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
              device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
              progress: bool = True, target_risk: float | None = None) -> tuple[dict, list[Record], Predictions]:
-    """Score `bundle_path` on `split` of a dataset in format `fmt`; returns (report, records, predictions).
+    """Score `bundle_path` (a bundle folder or a Hub id) on `split` of a dataset in format `fmt`; returns
+    (report, records, predictions).
 
     Abstention is scored at `target_risk` (default: the bundle's)."""
+    from .hub import resolve_bundle
+
     dev = resolve_device(device)
     check_precision(precision, dev)
-    bundle = load_bundle(bundle_path, dev)
+    bundle = load_bundle(resolve_bundle(bundle_path), dev)
     records = load_records(fmt, data, split, lang=lang)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")

@@ -5,12 +5,13 @@
 
 `images` is a feature table ({"grid": (I, N, D), "pooled": (I, D)}, cached or computed by
 `vqa.features`) or an `encoders.ImageTable` of pixels (fine-tuning); the model applies its
-own feature selection (`VQAModel.select`) either way.
+own feature selection (`VQAModel.select`) either way. `model` is a `VQAModel`, or on
+features any `HeadRunner` (an ONNX export run by onnxruntime, `vqa.onnx_runtime`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -24,6 +25,15 @@ CHOICE_KEYS = ("choice_tokens", "choice_lengths")
 CHOICE_BRANCH = "CHOICE"
 MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)
 SCORE_KINDS = ("sigmoid", "softmax")
+
+
+class HeadRunner(Protocol):
+    """What `predict` runs on feature tables: `VQAModel` itself, or another runtime's graph of it."""
+
+    def eval(self) -> "HeadRunner": ...
+
+    def __call__(self, features: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
+                 **choices: torch.Tensor) -> Mapping[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -59,16 +69,19 @@ class Predictions:
         return [CLOSED if a in YES_NO else OPEN for a in self.answers]
 
 
-def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images,
-                 device: torch.device) -> tuple[object, dict]:
-    """One batch's image inputs (feature rows, or normalised pixels) and choice tensors on `device`."""
+def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images, device: torch.device,
+                 transform=None) -> tuple[object, dict]:
+    """One batch's image inputs (feature rows, or normalised pixels) and choice tensors on `device`.
+
+    `transform` (training only) maps the batch's uint8 pixels before normalisation (augmentation)."""
     rows = batch["rows"]
     if isinstance(images, dict):
         image_in = {k: v[rows].to(device, non_blocking=True).float() for k, v in images.items()}
     else:
         from encoders import normalize
 
-        image_in = normalize(images.pixels[rows], model.encoder, device)
+        pixels = images.pixels[rows]
+        image_in = normalize(transform(pixels) if transform else pixels, model.encoder, device)
     kwargs = {k: batch[k].to(device) for k in CHOICE_KEYS if k in batch}
     return image_in, kwargs
 
@@ -81,8 +94,8 @@ def run_model(model: VQAModel, image_in, tokens: torch.Tensor, lengths: torch.Te
 
 
 @torch.no_grad()
-def predict(model: VQAModel, questions: QuestionTensors, images, answers: AnswerVocab, device: torch.device,
-            precision: str = "fp32", batch_size: int = 256,
+def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, answers: AnswerVocab,
+            device: torch.device, precision: str = "fp32", batch_size: int = 256,
             choices: Sequence[Sequence[str]] | None = None) -> Predictions:
     """The model's answers to every question, in order (the chosen choice for multiple choice)."""
     model.eval()

@@ -53,6 +53,11 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
 
 def read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     """Rows of a CSV file as dicts; a missing required column is a DataError naming it."""
+    return [row for _, row in read_csv_numbered(path, required)]
+
+
+def read_csv_numbered(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) for every row of a CSV file (the line its record ends on; the header is line 1)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -63,6 +68,6 @@ def read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; found {columns}")
         try:
-            return list(reader)
+            return [(reader.line_num, row) for row in reader]
         except csv.Error as e:
             raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None

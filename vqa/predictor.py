@@ -32,12 +32,12 @@ import torch
 from PIL import Image
 
 from .batches import encode_queries, unique_images
-from .bundle import Bundle, load
+from .bundle import BundleFiles, load, load_files, score_kind
 from .data.record import CLOSED, OPEN, YES_NO
 from .errors import DataError
-from .features import encode_features
 from .calibration import apply_calibration
 from .inference import Predictions, answer_scores, predict
+from .runtimes import ModelRuntime
 from .text import tokenize
 
 log = logging.getLogger(__name__)
@@ -174,60 +174,92 @@ def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
 
 
 class Predictor:
-    """A bundle's model in eval mode behind `predict` / `predict_batch` (no gradients, any device).
+    """A bundle's model behind `predict` / `predict_batch` (no gradients, any device).
 
     Answers go through `vqa.inference.predict`, the code training-time validation and
-    `medvqa eval` use, on features computed as the feature cache computes them."""
+    `medvqa eval` use, on features computed as the feature cache computes them. The network
+    runs in PyTorch or, from an ONNX export, in onnxruntime (`vqa.runtimes`); the rest is shared."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", path: str | Path | None = None,
+    def __init__(self, runtime: ModelRuntime, files: BundleFiles, path: str | Path | None = None,
                  target_risk: float | None = None) -> None:
         from .calibration import check_risk
-        from .training.precision import resolve_device
 
-        self.device = resolve_device(str(device))
-        self.model = bundle.model.to(self.device).eval()
-        self.encoder, self.head = self.model.encoder, self.model.head
-        self.answers, self.words, self.max_len = bundle.answers, bundle.words, bundle.max_len
-        self.choice_len = bundle.choice_len
-        self.config, self.metrics, self.path = bundle.config, bundle.metrics, path
-        self.has_router = self.head.has_type_router
-        self.score_kind = "softmax" if self.head.needs_choices else bundle.score_kind
-        self.calibration, self.ood = bundle.calibration, bundle.ood
+        self.runtime, self.device = runtime, runtime.device
+        self.answers, self.tokenizer, self.max_len = files.answers, files.tokenizer, files.max_len
+        self.choice_len = files.choice_len
+        self.config, self.metrics, self.path = files.config, files.metrics, path
+        self.has_router = runtime.has_type_router
+        self.score_kind = score_kind(files.training_loss(runtime.default_loss), runtime.needs_choices)
+        self.calibration, self.ood = files.calibration, files.ood
         if target_risk is not None:
             check_risk(target_risk)
         self.target_risk = target_risk if target_risk is not None else (
             self.calibration.target_risk if self.calibration else None)
         self._thresholds: dict[str, float] = {}
-        self._known = set(self.words.words)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
                     threads: int | None = None, target_risk: float | None = None) -> "Predictor":
-        """Load a bundle folder (`medvqa train`'s OUT/bundle) for inference.
+        """Load a bundle folder (`medvqa train`'s OUT/bundle) for inference in PyTorch.
 
         `threads` sets torch's intra-op CPU threads for the whole process (None leaves them).
         Small models answer fastest with 1: on 2 cores shared with other work, 2 OpenMP
         threads made the default model ~10x slower (23 ms -> 320 ms median, measured).
         `target_risk` overrides the bundle's abstention target (the share of wrong answers allowed)."""
-        if threads is not None:
-            if threads < 1:
-                raise DataError(f"threads must be at least 1, got {threads}")
-            torch.set_num_threads(threads)
+        from .runtimes import TorchRuntime
+        from .training.precision import resolve_device
+
+        _set_threads(threads)
         started = time.perf_counter()
-        predictor = cls(load(path, device="cpu"), device=device, path=path, target_risk=target_risk)
-        log.info("loaded %s (%s + %s, %d answers) in %.1fs", path, predictor.encoder.name, predictor.head.name,
-                 len(predictor.answers), time.perf_counter() - started)
+        bundle = load(path, device="cpu")
+        predictor = cls(TorchRuntime(bundle.model, resolve_device(str(device))), bundle, path=path,
+                        target_risk=target_risk)
+        log.info("loaded %s (%s + %s, %d answers) in %.1fs", path, predictor.runtime.encoder_name,
+                 predictor.runtime.head_name, len(predictor.answers), time.perf_counter() - started)
         return predictor
+
+    @classmethod
+    def from_onnx(cls, folder: str | Path, threads: int | None = None,
+                  target_risk: float | None = None) -> "Predictor":
+        """Load an ONNX export (`medvqa export onnx`) to run in onnxruntime on the CPU; `threads` sets both
+        onnxruntime's and torch's intra-op threads (torch still decodes the answers)."""
+        from .onnx_runtime import OnnxRuntime
+
+        _set_threads(threads)
+        files = load_files(folder)
+        return cls(OnnxRuntime(folder, files.config, threads=threads), files, path=folder, target_risk=target_risk)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, runtime: str = "torch", device: str | torch.device = "cpu",
+                        threads: int | None = None, target_risk: float | None = None,
+                        revision: str | None = None) -> "Predictor":
+        """A bundle folder, or a Hugging Face Hub repository `org/name` (downloaded once, then read from the hub
+        cache; offline, from the cache only), run in PyTorch (`runtime="torch"`) or in onnxruntime
+        (`runtime="onnx"`: the folder's ONNX export, itself or its `onnx/` subfolder)."""
+        from .hub import resolve_bundle
+        from .runtimes import RUNTIMES
+
+        if runtime not in RUNTIMES:
+            raise DataError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        path = resolve_bundle(name_or_path, revision=revision)
+        if runtime == "torch":
+            return cls.from_bundle(path, device=device, threads=threads, target_risk=target_risk)
+        from .onnx_runtime import onnx_folder
+
+        if str(device) not in ("cpu", "auto"):
+            raise DataError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider), not on {device}")
+        return cls.from_onnx(onnx_folder(path), threads=threads, target_risk=target_risk)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        return tuple(self.encoder.grid_size)
+        return tuple(self.runtime.grid_size)
 
     def describe(self) -> dict[str, Any]:
         """What the demo shows about the model: names, sizes, validation accuracy."""
         val = (self.metrics or {}).get("validation") or {}
-        return {"bundle": str(self.path) if self.path else None, "encoder": self.encoder.name,
-                "head": self.head.name, "answers": len(self.answers), "score_kind": self.score_kind,
+        return {"bundle": str(self.path) if self.path else None, "runtime": self.runtime.kind,
+                "encoder": self.runtime.encoder_name, "head": self.runtime.head_name, "answers": len(self.answers),
+                "score_kind": self.score_kind,
                 "question_type_from": "router" if self.has_router else "answer",
                 "calibrated": self.calibration is not None, "target_risk": self.target_risk,
                 "out_of_scope_detector": self.ood is not None,
@@ -246,10 +278,11 @@ class Predictor:
         An invalid input raises DataError naming it (and its position, in a batch of several)."""
         if len(images) != len(questions):
             raise DataError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
-        if self.head.needs_choices and choices is None:
-            raise DataError(f"this bundle's head ({self.head.name}) picks among choices: pass choices=")
-        if choices is not None and not self.head.needs_choices:
-            raise DataError(f"this bundle's head ({self.head.name}) answers from its vocabulary; it takes no choices")
+        head, needs_choices = self.runtime.head_name, self.runtime.needs_choices
+        if needs_choices and choices is None:
+            raise DataError(f"this bundle's head ({head}) picks among choices: pass choices=")
+        if choices is not None and not needs_choices:
+            raise DataError(f"this bundle's head ({head}) answers from its vocabulary; it takes no choices")
         if choices is not None and (len(choices) != len(questions) or not all(choices)):
             raise DataError("pass a non-empty list of choices for every question")
         if top_k < 1:
@@ -259,10 +292,10 @@ class Predictor:
         distinct, rows = unique_images(images)
         position = {r: i for i, r in reversed(list(enumerate(rows)))}  # first question asking about each image
         loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
-        queries = encode_queries(texts, rows, self.words, self.max_len, choices, self.choice_len)
+        queries = encode_queries(texts, rows, self.tokenizer, self.max_len, choices, self.choice_len)
         with torch.inference_mode():
-            table = encode_features(self.encoder, [item.image for item in loaded], batch_size, self.device)
-            preds = predict(self.model, queries, table, self.answers, self.device, batch_size=batch_size,
+            table = self.runtime.encode([item.image for item in loaded], batch_size)
+            preds = predict(self.runtime.head, queries, table, self.answers, self.device, batch_size=batch_size,
                             choices=choices)
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
             apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk)
@@ -316,7 +349,7 @@ class Predictor:
             return (f"the image is unlike the training images (distance {ood:.1f}, above "
                     f"{self.ood.threshold:.1f}, which {100 * self.ood.quantile:.0f}% of training images stay under)")
         words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
-        unknown = [w for w in words if w not in self._known]
+        unknown = self.tokenizer.unknown_words(text)
         if words and len(unknown) / len(words) > UNKNOWN_WORDS_LIMIT:
             return f"most of the question's words are unknown to the model ({len(unknown)} of {len(words)})"
         if preds.abstained is None or not bool(preds.abstained[i]):
@@ -337,14 +370,21 @@ class Predictor:
         return weights.reshape(shape).astype(np.float32)
 
     def _question_notes(self, text: str) -> list[str]:
-        words = tokenize(text)
         notes = []
-        unknown = sorted({w for w in words if w not in self._known and any(c.isalnum() for c in w)})
+        unknown = sorted(set(self.tokenizer.unknown_words(text)))
         if unknown:
             notes.append(f"words the model never saw in training (read as unknown): {', '.join(unknown)}")
-        if len(words) > self.max_len:
-            notes.append(f"the question has {len(words)} tokens; the model reads the first {self.max_len}")
+        tokens = self.tokenizer.encode(text, MAX_QUESTION_CHARS)[1]  # untruncated: a token is at least a character
+        if tokens > self.max_len:
+            notes.append(f"the question has {tokens} tokens; the model reads the first {self.max_len}")
         return notes
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise DataError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _checked(fn, value, i: int, n: int):

@@ -58,6 +58,10 @@ class WordVocab:
     def __len__(self) -> int:
         return len(self.words)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
     @classmethod
     def build(cls, questions: Iterable[str], min_count: int = 1) -> "WordVocab":
         """Vocabulary of the words seen at least `min_count` times, most frequent first."""
@@ -70,6 +74,10 @@ class WordVocab:
         ids = [self._index.get(tok, self.UNK) for tok in tokenize(question)][:max_len]
         length = max(len(ids), 1)
         return ids + [self.PAD] * (max_len - len(ids)), length
+
+    def unknown_words(self, question: str) -> list[str]:
+        """The question's words (not punctuation) the vocabulary does not hold."""
+        return [w for w in tokenize(question) if w not in self._index and any(c.isalnum() for c in w)]
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps({"words": self.words}, ensure_ascii=False))

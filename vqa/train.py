@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .answers import AnswerVocab
-from .batches import QuestionTensors, encode_questions, unique_images
+from .batches import QuestionTensors, Tokenizer, encode_questions, unique_images
 from .bundle import save as save_bundle
 from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
@@ -27,18 +28,23 @@ from .features import feature_table, pixel_table, pooled_features
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
+from .model_card import training_data, write_model_card
 from .ood import OutOfScopeDetector
 from .stats import duplicate_records
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
                        epoch_plan, runtime, write_run_config)
+from .training.augment import augment
 from .training.schedule import Shard
 
 log = logging.getLogger(__name__)
 # What must match to resume: the data, the model and the batch order (the engine adds the seed).
 MIN_OOD_IMAGES = 20
+AUGMENT_CROP, AUGMENT_INTENSITY = 0.15, 0.1  # --augment: crops keep >= 85 % of each side; +-10 % contrast, brightness
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
-            "head", "head_args", "loss", "answers", "val_split", "val_fraction", "val_by", "batch_size")
+            "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
+            "val_by", "batch_size", "freeze_epochs", "augment")
+WORD_ENCODER = "gru"
 
 
 @dataclass
@@ -57,13 +63,20 @@ class TrainConfig(EngineConfig):
     encoder: str = "clip-vit-tiny"  # registered name, save_pretrained folder, or hub id
     encoder_args: dict = field(default_factory=dict)  # overrides for a registered encoder, e.g. image_size
     encoder_mode: str = "frozen"  # frozen (cached features) | finetune (through the encoder)
+    encoder_lr: float | None = None  # learning rate of the image encoder when fine-tuning (default: lr)
+    freeze_epochs: int = 0  # fine-tuning: train the head alone on cached features first, for this many epochs
+    augment: bool = False  # fine-tuning: random affine, resized crop and intensity jitter (never a flip)
     image_features: str = "grid"  # grid (regions, attention maps) | pooled (one vector, as PubMedCLIP)
     head: str = "mevf-ban"
     head_args: dict = field(default_factory=dict)  # fields of the head's config dataclass
+    question_encoder: str = WORD_ENCODER  # gru (word embeddings + GRU, MEVF) | a text tower: minilm, a Hugging
+    #                                       Face folder or hub id (PubMedBERT, BioBERT, ...), bert-tiny (built here)
+    question_mode: str = "finetune"  # a text tower: finetune (with question_lr) | frozen
+    question_lr: float | None = None  # learning rate of a text tower's weights (default: lr)
     embed_dim: int = 300  # word embeddings (GloVe-300 as MEVF)
     question_dim: int = 1024  # question GRU hidden size
     glove: str | None = None  # GloVe text file, or a .npy aligned with the vocabulary
-    max_len: int = 12  # question tokens (MEVF: 12)
+    max_len: int | None = None  # question tokens; None: 12 words (MEVF) for the GRU, 32 tokens for a text tower
     loss: str | None = None  # bce (MEVF: sigmoid per answer) | ce (softmax); None: the head's default
     aux_weight: float = 1e-3  # weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder)
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
@@ -76,12 +89,29 @@ class TrainConfig(EngineConfig):
     clip_norm: float | None = 0.25  # MEVF clips the gradient norm at 0.25
     out: str = "runs/vqa"
 
+    @property
+    def word_encoder(self) -> bool:
+        return self.question_encoder == WORD_ENCODER
+
+    @property
+    def question_len(self) -> int:
+        return self.max_len or (12 if self.word_encoder else 32)
+
+    @property
+    def choice_len(self) -> int:
+        return 8 if self.word_encoder else 16
+
 
 @dataclass
 class Split:
     records: list[Record]
     questions: QuestionTensors
     images: Any  # a feature table (frozen encoder) or an encoders.ImageTable of pixels (fine-tuning)
+    features: Any = None  # fine-tuning after a frozen warm start: the initial encoder's feature table
+
+    def inputs(self, frozen_phase: bool):
+        """What the model reads now: the cached features during a frozen warm start, else `images`."""
+        return self.features if frozen_phase and self.features is not None else self.images
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
@@ -108,17 +138,36 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     return train, val, how
 
 
-def vocabularies(cfg: TrainConfig, train: list[Record]) -> tuple[WordVocab, AnswerVocab]:
-    words = WordVocab.build([r.question for r in train] + [c for r in train for c in r.choices])
+def vocabularies(cfg: TrainConfig, train: list[Record]) -> tuple[Tokenizer, AnswerVocab]:
+    """The question tokenizer (a word vocabulary of train's questions, or the text tower) and the answers."""
+    texts = [r.question for r in train] + [c for r in train for c in r.choices]
+    if cfg.word_encoder:
+        tokenizer: Tokenizer = WordVocab.build(texts)
+        what = f"{len(tokenizer)} question words"
+    else:
+        tokenizer = text_question_encoder(cfg, texts)
+        what = f"text tower {cfg.question_encoder} ({cfg.question_mode})"
     if cfg.answers == "train":
         answers = AnswerVocab.from_records(train)
     else:
         answers = AnswerVocab.from_candidates(cfg.answers, train)
-    log.info("vocabularies: %d question words, %d answers (%s)", len(words), len(answers), answers.protocol)
-    return words, answers
+    log.info("vocabularies: %s, %d answers (%s)", what, len(answers), answers.protocol)
+    return tokenizer, answers
 
 
-def build_model(cfg: TrainConfig, words: WordVocab, answers: AnswerVocab) -> VQAModel:
+def text_question_encoder(cfg: TrainConfig, texts: list[str]):
+    """A text tower (pretrained, or built with a word tokenizer of `texts`) as the heads' question encoder."""
+    from encoders.text import TextQuestionEncoder, create_text_tower
+
+    if cfg.question_mode not in ("finetune", "frozen"):
+        raise DataError(f"--question-mode {cfg.question_mode!r}: expected 'finetune' or 'frozen'")
+    if cfg.glove:
+        raise DataError("--glove initialises word embeddings: it goes with --question-encoder gru only")
+    return TextQuestionEncoder(create_text_tower(cfg.question_encoder, captions=texts),
+                               freeze=cfg.question_mode == "frozen")
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, answers: AnswerVocab) -> VQAModel:
     from encoders import create_encoder
     from heads import QuestionEncoderConfig, create_head, get_head_class, load_glove
 
@@ -129,25 +178,30 @@ def build_model(cfg: TrainConfig, words: WordVocab, answers: AnswerVocab) -> VQA
     if get_head_class(cfg.head).needs_answer_groups:
         head_args.setdefault("closed_mask", answers.type_mask(CLOSED))
         head_args.setdefault("open_mask", answers.type_mask(OPEN))
-    question = QuestionEncoderConfig(vocab_size=len(words), embed_dim=cfg.embed_dim, hidden_dim=cfg.question_dim)
+    if isinstance(tokenizer, WordVocab):
+        question = QuestionEncoderConfig(vocab_size=len(tokenizer), embed_dim=cfg.embed_dim,
+                                         hidden_dim=cfg.question_dim)
+    else:
+        question = tokenizer  # the text tower is the question encoder and its own tokenizer
     head = create_head(cfg.head, feature_dim=encoder.feature_dim, vocab_sizes={"answers": len(answers)},
                        question_encoder=question, **head_args)
     if cfg.glove:
-        head.question_encoder.init_embeddings(load_glove(cfg.glove, words.words, cfg.embed_dim))
+        head.question_encoder.init_embeddings(load_glove(cfg.glove, tokenizer.words, cfg.embed_dim))
     if cfg.encoder_mode == "frozen":
         encoder.freeze()
     return VQAModel(encoder, head, cfg.image_features)
 
 
-def make_split(cfg: TrainConfig, model: VQAModel, records: list[Record], words: WordVocab, answers: AnswerVocab,
-               device: torch.device) -> Split:
+def make_split(cfg: TrainConfig, model: VQAModel, records: list[Record], tokenizer: Tokenizer,
+               answers: AnswerVocab, device: torch.device) -> Split:
     images, rows = unique_images([r.image for r in records])
-    questions = encode_questions(records, rows, words, answers, cfg.max_len)
+    questions = encode_questions(records, rows, tokenizer, answers, cfg.question_len, cfg.choice_len)
     if cfg.encoder_mode == "frozen":
-        table = feature_table(model.encoder, images, cfg.cache_dir, device=device, progress=cfg.progress)
-    else:
-        table = pixel_table(model.encoder, images, progress=cfg.progress)
-    return Split(records, questions, table)
+        return Split(records, questions, feature_table(model.encoder, images, cfg.cache_dir, device=device,
+                                                       progress=cfg.progress))
+    warm = (feature_table(model.encoder, images, cfg.cache_dir, device=device, progress=cfg.progress)
+            if cfg.freeze_epochs else None)
+    return Split(records, questions, pixel_table(model.encoder, images, progress=cfg.progress), warm)
 
 
 def evaluate_split(model: VQAModel, split: Split, answers: AnswerVocab, device: torch.device,
@@ -174,13 +228,23 @@ class VQATask(TrainingTask):
         self.cfg, self.model, self.train, self.val, self.answers = cfg, model, train, val, answers
         self.loss_kind, self.device, self.world = loss, device, world
         self.loss_fn = loss_for_head(model.head, kind=loss).to(device)
+        self.epoch = 0
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        """Three parameter groups: the image encoder (`encoder_lr`), a text tower (`question_lr`), the rest (`lr`):
+        pretrained weights usually want a lower rate than the fresh fusion and classifiers."""
+        text = getattr(self.model.head.question_encoder, "tower", None)
+        pretrained = {"encoder": (self.model.encoder, self.cfg.encoder_lr), "text": (text, self.cfg.question_lr)}
+        taken = {id(p) for module, _ in pretrained.values() if module is not None for p in module.parameters()}
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": rate or lr}
+                  for module, rate in pretrained.values() if module is not None]
+        groups.append({"params": [p for p in self.model.parameters() if p.requires_grad and id(p) not in taken],
+                       "lr": lr})
+        groups = [g for g in groups if g["params"]]
         if self.cfg.optimizer == "adamax":
-            return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
+            return torch.optim.Adamax(groups, lr=lr, weight_decay=weight_decay)
         if self.cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         raise DataError(f"--optimizer {self.cfg.optimizer!r}: expected 'adamax' or 'adamw'")
 
     def _plan(self, epoch: int) -> list[list[Shard]]:
@@ -191,12 +255,23 @@ class VQATask(TrainingTask):
         return len(self._plan(0))
 
     def train_steps(self, epoch: int):
-        for (shard,) in self._plan(epoch):
-            yield shard
+        self.epoch = epoch  # the warm start and the augmentation follow the epoch (evaluate reads it too)
+        for s, (shard,) in enumerate(self._plan(epoch)):
+            yield s, shard
 
-    def training_step(self, model, shard: Shard, step: StepContext) -> StepOutput:
+    @property
+    def frozen_phase(self) -> bool:
+        return self.epoch < self.cfg.freeze_epochs
+
+    def training_step(self, model, item: tuple[int, Shard], step: StepContext) -> StepOutput:
+        s, shard = item
         batch = self.train.questions.select(shard.indices)
-        image_in, kwargs = model_inputs(self.model, batch, self.train.images, self.device)
+        transform = None
+        if self.cfg.augment:
+            g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
+            transform = partial(augment, generator=g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY)
+        image_in, kwargs = model_inputs(self.model, batch, self.train.inputs(self.frozen_phase), self.device,
+                                        transform)
         with step.autocast():
             out = run_model(model, image_in, batch["tokens"].to(self.device), batch["lengths"].to(self.device),
                             **kwargs)
@@ -211,7 +286,8 @@ class VQATask(TrainingTask):
         return StepOutput(losses, len(shard))
 
     def evaluate(self) -> dict:
-        return evaluate_split(self.model, self.val, self.answers, self.device, self.cfg.precision)
+        val = Split(self.val.records, self.val.questions, self.val.inputs(self.frozen_phase))
+        return evaluate_split(self.model, val, self.answers, self.device, self.cfg.precision)
 
     def describe(self, metrics: dict) -> str:
         return f"overall {metrics['overall']:.4f}"
@@ -227,11 +303,14 @@ def train(cfg: TrainConfig) -> Path:
 
     loss = cfg.loss or get_head_class(cfg.head).default_loss
     check_risk(cfg.target_risk)
+    if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
+        raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
+                        "encoder's features are computed once")
     with runtime(cfg) as rt:
         train_records, val_records, val_how = load_splits(cfg)
-        words, answers = vocabularies(cfg, train_records)
-        model = build_model(cfg, words, answers).to(rt.device)
-        task = _task(cfg, model, train_records, val_records, words, answers, loss, rt)
+        tokenizer, answers = vocabularies(cfg, train_records)
+        model = build_model(cfg, tokenizer, answers).to(rt.device)
+        task = _task(cfg, model, train_records, val_records, tokenizer, answers, loss, rt)
         if rt.world.is_main:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             write_run_config(cfg, cfg.out)  # after the data and model proved valid: a failed start leaves nothing
@@ -245,18 +324,30 @@ def train(cfg: TrainConfig) -> Path:
         ood = fit_out_of_scope(model, task.train.images, rt.device)
         log.info("calibration on validation: temperatures %s", {b: round(t, 3) for b, t in
                                                                  calibration.temperatures.items()})
-        return save_bundle(model, Path(cfg.out) / "bundle", answers=answers, words=words, metrics=metrics,
-                           max_len=cfg.max_len, extra={"training": {"loss": loss}}, calibration=calibration, ood=ood)
+        data = training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang)
+        bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
+                             max_len=cfg.question_len, choice_len=cfg.choice_len,
+                             extra={"training": {"loss": loss, "data": data}}, calibration=calibration, ood=ood)
+        write_card(bundle)
+        return bundle
 
 
-def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, words, answers, loss: str,
+def write_card(bundle: Path) -> None:
+    """The bundle's model card (README.md); a failure costs a warning, never the trained bundle."""
+    try:
+        write_model_card(bundle)
+    except (DataError, ImportError, OSError, ValueError) as e:
+        log.warning("%s: no model card written (%s); `medvqa push` writes one", bundle, e)
+
+
+def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokenizer, answers, loss: str,
           rt: Runtime) -> VQATask:
     from .training.distributed import barrier
 
     if not rt.world.is_main:
         barrier(rt.world)  # rank 0 fills the feature cache first; the others then read it
-    train_split = make_split(cfg, model, train_records, words, answers, rt.device)
-    val_split = make_split(cfg, model, val_records, words, answers, rt.device)
+    train_split = make_split(cfg, model, train_records, tokenizer, answers, rt.device)
+    val_split = make_split(cfg, model, val_records, tokenizer, answers, rt.device)
     if rt.world.is_main:
         barrier(rt.world)
     return VQATask(cfg, model, train_split, val_split, answers, loss, rt.device, rt.world)

@@ -29,12 +29,15 @@ COMMANDS = {
     "import": ("import_weights", "convert released weights (MEVF, OpenAI-format CLIP, PMC-CLIP, any encoder) "
                                  "to a safetensors folder"),
     "encoders": ("encoders", "list the encoders --encoder accepts: names, prefixes, input, grid, weights"),
+    "push": ("push", "upload a bundle to the Hugging Face Hub with its model card (or into a local hub cache)"),
+    "export": ("export", "export a bundle as ONNX graphs for onnxruntime (`medvqa export onnx`)"),
 }
 
 EPILOG = """examples:
   medvqa phantom runs/phantom --images 2000 --seed 0
   medvqa data stats runs/phantom/vqa-rad --format vqa-rad
   medvqa predict --bundle runs/demo/bundle --image scan.png --question "What imaging modality was used?"
+  medvqa push runs/demo/bundle my-org/medvqa-demo
   medvqa demo --port 7860
 
 run `medvqa COMMAND --help` for a command's options and an example.

@@ -4,30 +4,40 @@ from __future__ import annotations
 import logging
 import time
 
-from .options import add_device_arguments, apply_runtime, command_parser
+from .options import add_bundle_argument, add_device_arguments, add_runtime_argument, apply_runtime, command_parser
 
 log = logging.getLogger(__name__)
 
 EXAMPLE = """examples:
-  medvqa demo                                   # the embedded default model (trained once, then cached)
+  medvqa demo                                   # the shipped model (VQA-RAD), no training
+  medvqa demo --default phantom                 # the phantom model instead (trained once, then cached)
   medvqa demo --bundle runs/demo/bundle --port 7860
+  medvqa demo --bundle org/name --runtime onnx  # a Hub model, its ONNX export run by onnxruntime
   medvqa demo --host 0.0.0.0 --port 8080        # reachable from other machines
+  medvqa demo --build-shipped path/to/vqa-rad --glove runs/mevf/glove_300d.txt   # rebuild the shipped model
 
-Without --bundle the first start builds the default model on phantom data (a few
-minutes on 2 CPU cores, with a progress bar) into $MEDVQA_CACHE or ~/.cache/medvqa;
-later starts take seconds. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
+Without --bundle the demo serves the model shipped in demos/models/vqa-rad (trained on
+VQA-RAD's train split; its card is demos/models/vqa-rad/README.md). `--default phantom`
+builds a small model on phantom data the first time (a few minutes on 2 CPU cores) into
+$MEDVQA_CACHE or ~/.cache/medvqa. Set GRADIO_ANALYTICS_ENABLED=False to keep Gradio offline."""
 
 
 def build_parser():
     p = command_parser("medvqa demo", __doc__.split(": ", 1)[1], EXAMPLE)
-    p.add_argument("--bundle", default=None, help="bundle folder (default: the embedded default model)")
+    add_bundle_argument(p, required=False, help_default=" (default: the embedded default model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
+    add_runtime_argument(p)
     add_device_arguments(p, device="cpu", threads=1, precision=False)
     p.add_argument("--max-upload-mb", type=int, default=200,
                    help="largest upload accepted (default: 200); images must also be under the pixel limit "
                         "(50 Mpx, or $MEDVQA_MAX_IMAGE_PIXELS)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--default", default="vqa-rad", choices=["vqa-rad", "phantom"],
+                   help="the model without --bundle: the shipped VQA-RAD one, or one built on phantom data")
+    p.add_argument("--build-shipped", metavar="VQA_RAD", default=None,
+                   help="rebuild the shipped model from a VQA-RAD folder (then exit)")
+    p.add_argument("--glove", default=None, help="with --build-shipped: GloVe vectors (`medvqa import mevf`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while building the default model")
     return p
 
@@ -41,13 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     from ..predictor import Predictor
 
     device = apply_runtime(args)  # threads also for building the default model: small steps, shared cores
+    if args.build_shipped:
+        from demos.shipped_model import SHIPPED_BUNDLE, build_shipped_model
+
+        numbers = build_shipped_model(args.build_shipped, args.glove, threads=args.threads,
+                                      progress=not args.no_progress)
+        print(f"medvqa demo: rebuilt {SHIPPED_BUNDLE} (VQA-RAD test: {numbers})")
+        return 0
     started = time.perf_counter()
     bundle = args.bundle
+    if bundle is None and args.default == "vqa-rad":
+        from demos.shipped_model import SHIPPED_BUNDLE
+
+        if (SHIPPED_BUNDLE / "config.json").is_file():
+            bundle = SHIPPED_BUNDLE
+        else:
+            log.warning("%s: no shipped model (rebuild it with --build-shipped); using the phantom model",
+                        SHIPPED_BUNDLE)
     if bundle is None:
         from demos.default_model import ensure_default_bundle
 
         bundle = ensure_default_bundle(progress=not args.no_progress)
-    predictor = Predictor.from_bundle(bundle, device=device)
+    predictor = Predictor.from_pretrained(bundle, runtime=args.runtime, device=device, threads=args.threads)
     demo = build_demo(predictor)
     port = args.port or _free_port(args.host)
     print(f"medvqa demo: model {bundle} ready in {time.perf_counter() - started:.1f}s", flush=True)

@@ -38,14 +38,32 @@ def add_format_argument(group, default: str | None = None) -> None:
                        help="the dataset's on-disk format" + (f" (default: {default})" if default else ""))
 
 
-def add_device_arguments(group, *, device: str = "auto", threads: int | None = None, precision: bool = True) -> None:
-    group.add_argument("--device", default=device, help=f"auto | cpu | cuda | cuda:N (default: {device})")
+def add_device_arguments(group, *, device: str | None = "auto", threads: int | None = None,
+                         precision: bool = True) -> None:
+    """--device (unless `device` is None: commands whose work runs on the CPU only), --threads, --precision."""
+    if device is not None:
+        group.add_argument("--device", default=device, help=f"auto | cpu | cuda | cuda:N (default: {device})")
     group.add_argument("--threads", type=int, default=threads,
                        help="CPU threads for torch (default: " + (str(threads) if threads else "one per core") +
                        "; 1 is several times faster when another job shares the cores)")
     if precision:
         group.add_argument("--precision", default="fp32",  # checked by vqa.training.check_precision
                            help="fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling) (default: fp32)")
+
+
+def add_bundle_argument(parser, *, required: bool = True, help_default: str = "") -> None:
+    """--bundle: a bundle folder or a Hugging Face Hub id (resolved by `vqa.hub.resolve_bundle`)."""
+    parser.add_argument("--bundle", required=required, default=None,
+                        help="bundle folder (`medvqa train`'s OUT/bundle) or a Hugging Face Hub model id org/name "
+                             "(downloaded once into the hub cache; HF_HUB_OFFLINE=1 reads the cache only)"
+                             + help_default)
+
+
+def add_runtime_argument(group) -> None:
+    """--runtime: the network in PyTorch, or the bundle's ONNX export in onnxruntime (`medvqa export onnx`)."""
+    group.add_argument("--runtime", default="torch", choices=["torch", "onnx"],
+                       help="torch (default), or onnx: the bundle's ONNX export (`medvqa export onnx`, in the "
+                            "bundle's onnx/ folder) run by onnxruntime on the CPU; --threads sets its threads too")
 
 
 def apply_runtime(args: argparse.Namespace):
@@ -79,6 +97,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     g.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help="0 = no clipping (default: %(default)s)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="score, select and keep an exponential moving average of the weights, e.g. 0.999")
     g = groups["runtime"] = parser.add_argument_group("runtime")
     add_device_arguments(g, device=defaults.device)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")

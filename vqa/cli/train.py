@@ -12,6 +12,8 @@ EXAMPLE = """examples:
   medvqa import mevf path/to/mevf runs/mevf       # MEVF's released image side and GloVe vectors
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder \\
       --encoder-mode finetune --glove runs/mevf/glove_300d.txt --answers path/to/vqa-rad/answer_all_list.json
+  medvqa train --format vqa-rad --data path/to/vqa-rad --encoder efficientnet-lite0-imagenet \
+      --question-encoder minilm --question-lr 5e-5 --head fusion-transformer --loss ce --lr 3e-4
   medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
   torchrun --nproc_per_node 2 -m vqa.cli train ...   # DDP; --batch-size is per process
 
@@ -41,16 +43,30 @@ def build_parser():
     g.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override of a registered encoder's config, e.g. image_size=224 (repeatable)")
     g.add_argument("--encoder-mode", default=d.encoder_mode, choices=["frozen", "finetune"])
+    g.add_argument("--encoder-lr", type=float, default=None,
+                   help="learning rate of the image encoder when fine-tuning (default: --lr)")
+    g.add_argument("--freeze-epochs", type=int, default=0,
+                   help="fine-tuning: a warm start of N epochs with the encoder frozen, on cached features")
+    g.add_argument("--augment", action="store_true",
+                   help="fine-tuning: random affine, resized crop and intensity jitter per image (never a flip)")
     g.add_argument("--image-features", default=d.image_features, choices=["grid", "pooled"],
                    help="regions the head attends over: the encoder's grid, or its pooled vector (PubMedCLIP)")
-    g.add_argument("--head", default=d.head, help="mevf-ban | mevf-san | qcr | mc-ban (default: %(default)s)")
+    g.add_argument("--head", default=d.head, help="mevf-ban | mevf-san | qcr | mc-ban | fusion-transformer | "
+                                                  "fusion-transformer-qcr | fusion-transformer-mc (default: %(default)s)")
     g.add_argument("--head-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a field of the head's config, e.g. hidden_dim=512 (repeatable)")
+    g.add_argument("--question-encoder", default=d.question_encoder,
+                   help="gru (word embeddings + GRU, MEVF), or a text tower: minilm, a Hugging Face folder or hub id "
+                        "such as microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract (default: %(default)s)")
+    g.add_argument("--question-mode", default=d.question_mode, choices=["finetune", "frozen"],
+                   help="a text tower: train it (with --question-lr) or keep it fixed (default: %(default)s)")
+    g.add_argument("--question-lr", type=float, default=None, help="learning rate of a text tower (default: --lr)")
     g.add_argument("--embed-dim", type=int, default=d.embed_dim)
     g.add_argument("--question-dim", type=int, default=d.question_dim)
     g.add_argument("--glove", default=None, help="GloVe text file (e.g. `medvqa import mevf`'s glove_300d.txt) "
                                                  "or a .npy aligned with the vocabulary")
-    g.add_argument("--max-len", type=int, default=d.max_len)
+    g.add_argument("--max-len", type=int, default=None,
+                   help="question tokens read (default: 12 words for the GRU, 32 tokens for a text tower)")
     g.add_argument("--loss", default=None, choices=["bce", "ce"],
                    help="bce: MEVF's per-answer sigmoid loss; ce: softmax cross-entropy (default: the head's own)")
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,

@@ -13,6 +13,8 @@ class EngineConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
     clip_norm: float | None = 1.0  # gradient-norm clipping; 0 or None: none
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999): it is
+    #                                 what validation scores, selection keeps and the run returns
     # runtime
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA, with a GradScaler)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the rank's GPU)

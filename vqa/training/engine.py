@@ -40,7 +40,7 @@ from .distributed import World, all_reduce_sums, barrier, init_distributed, loca
 from .precision import check_precision, make_grad_scaler, resolve_device
 from .runtime import jsonable, seed_everything
 from .schedule import warmup_cosine
-from .task import StepContext, TrainingTask, trainable_state, trainable_state_keys
+from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is divergence, not loss-scale search
@@ -100,8 +100,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
+        self.ema = WeightAverage(task.model, self.state_keys, cfg.ema_decay) if cfg.ema_decay else None
         self.skipped_in_a_row = 0
-        self.identity = json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed})))
+        self.identity = json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed,
+                                                        "ema_decay": cfg.ema_decay})))
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, item: Any, where: str) -> tuple[dict[str, float], int]:
@@ -135,6 +137,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.task.after_optimizer_step()
+        if self.ema is not None:
+            self.ema.update(self.task.model)
         values["grad_norm"] = norm
         return values, out.samples
 
@@ -175,17 +179,19 @@ class Trainer:
         for epoch in range(start, last):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if self.world.is_main:
-                metrics = self.task.evaluate()
                 note = ""
+                with self._averaged():  # with --ema, the average is what is scored and kept
+                    metrics = self.task.evaluate()
+                    if metrics is not None and selection is not None and selection.better(
+                            metrics[selection.metric], None if best is None else best[selection.metric]):
+                        best, best_state = {"epoch": epoch + 1, **metrics}, trainable_state(self.task.model,
+                                                                                          self.state_keys)
                 if metrics is not None:
                     row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
                     note = ", validation " + self.task.describe(metrics)
                     if selection is None:
                         best = {"epoch": epoch + 1, **metrics}
-                    elif selection.better(metrics[selection.metric], None if best is None else best[selection.metric]):
-                        best, best_state = {"epoch": epoch + 1, **metrics}, trainable_state(self.task.model,
-                                                                                          self.state_keys)
-                    if selection is not None:
+                    else:
                         note += f" (best {selection.metric} {best[selection.metric]:.4f} at epoch {best['epoch']})"
                 history.append(row)
                 log.info("epoch %d/%d: loss %.4f, %.1fs%s", epoch + 1, self.cfg.epochs, row["loss"], row["seconds"],
@@ -199,7 +205,12 @@ class Trainer:
         if best_state:
             self.task.model.load_state_dict(best_state, strict=False)
             log.info("kept epoch %d (best validation %s)", best["epoch"], selection.metric)
+        elif self.ema is not None:
+            self.task.model.load_state_dict(self.ema.shadow, strict=False)
         return FitResult(history, best, completed=True)
+
+    def _averaged(self):
+        return self.ema.applied(self.task.model) if self.ema is not None else contextlib.nullcontext()
 
     def _checkpoint(self, epoch: int, history: list, best: dict | None, best_state: dict | None) -> None:
         state = {"epoch": epoch, "identity": json.dumps(self.identity),
@@ -210,6 +221,8 @@ class Trainer:
                  "task": json.dumps(jsonable(self.task.state_dict())), "world_size": self.world.size}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
 
     def _resume(self) -> tuple[int, list, dict | None, dict | None]:
@@ -229,6 +242,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise DataError(f"{path}: saved without --ema; resume it without, or start a new run")
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         self.task.load_state_dict(json.loads(state["task"]))
         log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)

@@ -18,7 +18,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present; 'cuda' without a GPU is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows; the user needs these
+        raise DataError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
     return device

@@ -132,3 +132,46 @@ def trainable_state(model: nn.Module, keys: list[str]) -> dict[str, Tensor]:
     """A CPU copy of the `keys` entries of `model.state_dict()`."""
     state = model.state_dict()
     return {k: state[k].detach().to("cpu", copy=True) for k in keys}
+
+
+class WeightAverage:
+    """An exponential moving average of a model's trainable state (`trainable_state_keys`), on its device.
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates, so the average is not
+    dominated by the initial weights; integer buffers (BatchNorm's step count) are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, keys: list[str], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.keys, self.decay, self.updates = keys, decay, 0
+        state = model.state_dict()
+        self.shadow = {k: state[k].detach().clone() for k in keys}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict()
+        for key, avg in self.shadow.items():
+            if avg.is_floating_point():
+                avg.mul_(d).add_(state[key].detach(), alpha=1 - d)
+            else:
+                avg.copy_(state[key])
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Within the block, `model` holds the averaged weights; afterwards its own again."""
+        backup = trainable_state(model, self.keys)
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(backup, strict=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()}, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
+        self.updates = int(state["updates"])

@@ -1,0 +1,143 @@
+"""Bundles on the Hugging Face Hub, offline: push into a hub cache, load by repository id, the upload calls."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from ._bundle import ground_truth
+from vqa.cli import main
+from vqa.errors import DataError
+
+REPO = "test-org/qcr-phantom"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty hub cache that huggingface_hub reads (HF_HUB_CACHE; the tests run with HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # never reach for the Hub from tests
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at import time
+    return cache
+
+
+@pytest.fixture
+def bundle_copy(trained_bundle, tmp_path):
+    """The session's bundle, copied: pushing rewrites its model card."""
+    return shutil.copytree(trained_bundle, tmp_path / "bundle")
+
+
+def test_a_folder_resolves_to_itself_and_bad_names_are_one_line_errors(trained_bundle, tmp_path, hub_cache):
+    from vqa.hub import is_repo_id, resolve_bundle
+
+    assert resolve_bundle(trained_bundle) == trained_bundle and not is_repo_id(trained_bundle)
+    assert is_repo_id("org/name") and not is_repo_id("runs/x/bundle/") and not is_repo_id("../x")
+    with pytest.raises(DataError, match="bundle folder not found"):
+        resolve_bundle(tmp_path / "nope")
+    with pytest.raises(DataError, match="nobody/nothing: not in the Hugging Face cache .*HF_HUB_OFFLINE"):
+        resolve_bundle("nobody/nothing")
+
+
+def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, predictor, predictor_phantom,
+                                                                 hub_cache, capsys, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from vqa import Predictor
+
+    assert main(["push", str(bundle_copy), REPO, "--to-cache", str(hub_cache)]) == 0
+    assert REPO in capsys.readouterr().out
+    repo = hub_cache / "models--test-org--qcr-phantom"
+    snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    assert (snapshot / "model.safetensors").is_file() and (snapshot / "encoder" / "config.json").is_file()
+    assert ModelCard.load(snapshot / "README.md").data.model_name == REPO
+
+    rows = ground_truth(predictor_phantom)[:12]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    pulled = Predictor.from_pretrained(REPO)
+    assert [p.to_dict() | {"ms": 0} for p in pulled.predict_batch(images, questions)] == \
+           [p.to_dict() | {"ms": 0} for p in predictor.predict_batch(images, questions)]
+
+    row = rows[0]
+    assert main(["predict", "--bundle", REPO, "--image", str(row["image"]), "--question", row["question"],
+                 "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == predictor.predict(row["image"], row["question"]).answer
+
+    served = {}
+    import demos.app
+
+    class _Demo:  # launched and blocking in real use; here only what `medvqa demo` calls
+        share_url = None
+
+        def block_thread(self):
+            pass
+
+    def build_demo(predictor):
+        served["predictor"] = predictor
+        return _Demo()
+
+    monkeypatch.setattr(demos.app, "build_demo", build_demo)
+    monkeypatch.setattr(demos.app, "launch", lambda *a, **k: None)
+    assert main(["demo", "--bundle", REPO, "--port", "1", "--threads", "1"]) == 0
+    assert served["predictor"].predict(row["image"], row["question"]).answer == pulled.predict(
+        row["image"], row["question"]).answer
+
+
+def test_eval_takes_a_hub_id_and_writes_outside_the_cache(bundle_copy, predictor_phantom, hub_cache, tmp_path,
+                                                         capsys):
+    from vqa.cli.eval import default_out
+    from vqa.hub import CacheHub, push_bundle
+
+    push_bundle(bundle_copy, REPO, hub=CacheHub(hub_cache))
+    assert default_out(REPO, "vqa-rad", "test").as_posix() == "runs/test-org--qcr-phantom/eval-vqa-rad-test"
+    assert default_out(str(bundle_copy), "slake", "test") == bundle_copy / "eval-slake-test"
+    out = tmp_path / "eval"
+    assert main(["eval", "--bundle", REPO, "--format", "vqa-rad", "--data", str(predictor_phantom / "vqa-rad"),
+                 "--out", str(out), "--no-progress", "--threads", "1", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["bundle"] == REPO and report["subsets"]["all"]["n"] > 0
+
+
+class RecordingHub:
+    """huggingface_hub.HfApi's two upload calls, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None):
+        self.calls.append(("upload_folder", repo_id, {"folder_path": folder_path, "commit_message": commit_message}))
+        return "https://huggingface.co/test-org/qcr-phantom/commit/0"
+
+
+def test_push_creates_the_repository_and_uploads_the_folder_with_its_card(bundle_copy):
+    from huggingface_hub import ModelCard
+
+    from vqa.hub import push_bundle
+
+    hub = RecordingHub()
+    assert push_bundle(bundle_copy, REPO, private=True, commit_message="first", hub=hub).endswith("/commit/0")
+    assert hub.calls == [("create_repo", REPO, {"private": True, "exist_ok": True}),
+                         ("upload_folder", REPO, {"folder_path": str(bundle_copy), "commit_message": "first"})]
+    assert ModelCard.load(bundle_copy / "README.md").data.model_name == REPO
+
+
+def test_push_refuses_a_broken_bundle_and_a_bad_repo_id(bundle_copy):
+    from vqa.hub import push_bundle
+
+    (bundle_copy / "vocab.json").unlink()
+    with pytest.raises(DataError, match="missing vocab.json"):
+        push_bundle(bundle_copy, REPO, hub=RecordingHub())
+    with pytest.raises(DataError, match="org/name"):
+        push_bundle(bundle_copy, "not a repo id", hub=RecordingHub())
+
+
+def test_offline_upload_is_a_one_line_error(bundle_copy, capsys):
+    assert main(["push", str(bundle_copy), REPO]) == 2  # the real HfApi, with HF_HUB_OFFLINE=1
+    assert "HF_HUB_OFFLINE=1 forbids uploads" in capsys.readouterr().err

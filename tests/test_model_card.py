@@ -1,0 +1,78 @@
+"""The model card (README.md of a bundle): Hub metadata the Hub's own parser reads back, and what a user must know."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from vqa.errors import DataError
+
+
+def _results(card) -> dict[tuple[str, str, str], float]:
+    return {(r.dataset_split, r.dataset_config, r.metric_name): r.metric_value for r in card.data.eval_results}
+
+
+def test_train_writes_a_card_the_hub_parses(trained_bundle):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained_bundle / "README.md")
+    data = card.data
+    assert data.library_name == "medvqa" and data.license == "mit" and data.pipeline_tag == "visual-question-answering"
+    assert {"medical-vqa", "qcr"} <= set(data.tags) and data.base_model is None  # a registered tower, no hub id
+    validation = json.loads((trained_bundle / "metrics.json").read_text())["validation"]
+    results = _results(card)
+    for key in ("overall", "closed", "open"):
+        assert results[("validation", "all", f"{key} accuracy (%)")] == round(100 * validation[key], 2)
+    text = card.text
+    for section in ("## Intended use", "## Not for clinical use", "## Training data", "## Evaluation",
+                    "## Calibration and abstention", "## Limitations", "## How to load"):
+        assert section in text
+    assert "phantom (synthetic images" in text and "train-only" in text and "never test" in text
+    assert "Predictor.from_pretrained(" in text and "medvqa predict --bundle" in text
+    assert "wrong at most 30% of the time" in text  # the bundle's abstention target (tests/_bundle.py)
+
+
+def test_the_card_carries_test_metrics_with_their_protocol_and_the_base_model(trained_bundle, predictor_phantom,
+                                                                            tmp_path):
+    from huggingface_hub import ModelCard
+
+    from vqa.evaluate import evaluate
+    from vqa.io import atomic_write_json
+    from vqa.model_card import write_model_card
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    encoder = json.loads((bundle / "encoder" / "config.json").read_text())
+    encoder["config"]["hub_id"] = "openai/clip-vit-base-patch32"  # as a tower built from the Hub records it
+    (bundle / "encoder" / "config.json").write_text(json.dumps(encoder))
+    report = evaluate(bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), "test", device="cpu", progress=False)[0]
+    atomic_write_json(bundle / "eval-vqa-rad-test" / "metrics.json", report)  # where `medvqa eval` writes it
+    card = ModelCard.load(write_model_card(bundle, repo_id="test-org/qcr"))
+    assert card.data.base_model == "openai/clip-vit-base-patch32" and card.data.model_name == "test-org/qcr"
+    results = _results(card)
+    for subset, metrics in report["subsets"].items():
+        assert results[("test", subset, "overall accuracy (%)")] == round(100 * metrics["overall"], 2)
+    assert ("validation", "all", "overall accuracy (%)") in results
+    assert "| vqa-rad test / all |" in card.text and "coverage" in card.text  # test abstention, from the report
+
+
+def test_a_report_that_is_not_one_is_refused(trained_bundle, tmp_path):
+    from vqa.model_card import write_model_card
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    (tmp_path / "other.json").write_text('{"accuracy": 1}')
+    with pytest.raises(DataError, match="other.json: not a `medvqa eval` report"):
+        write_model_card(bundle, eval_reports=[tmp_path / "other.json"])
+
+
+def test_training_data_is_named_without_local_paths(predictor_phantom, tmp_path):
+    from vqa.model_card import dataset_label, training_data
+
+    phantom = training_data("vqa-rad", str(predictor_phantom / "vqa-rad"))
+    assert phantom["source"] == "phantom" and "phantom" in dataset_label(phantom)
+    hub = training_data("hf", "flaviagiammarino/vqa-rad")
+    assert hub["hub_id"] == "flaviagiammarino/vqa-rad"
+    assert dataset_label(hub) == "a 🤗 datasets copy (flaviagiammarino/vqa-rad)"
+    local = training_data("slake", str(tmp_path / "home" / "me" / "Slake1.0"))
+    assert local == {"format": "slake", "source": "local", "hub_id": None, "folder": "Slake1.0", "split": "train",
+                     "lang": "en"}

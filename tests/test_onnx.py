@@ -1,0 +1,157 @@
+"""ONNX export and the onnxruntime runtime: the same answers as PyTorch, scores within 1e-4, for every head kind."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ._bundle import ground_truth
+from vqa.cli import main
+from vqa.errors import DataError
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+GRAPH_TOLERANCE = 1e-4  # on scores, given the same image features: the graphs themselves agree within 1e-6
+# End to end, each runtime computes the features, stored in float16 as the feature cache stores them: the
+# encoders' float32 differences (<= 5e-6) flip ~0.3 % of the features by one float16 step, which moves a
+# score by up to 1.2e-4 (1 of the test bundle's 384 test questions above 1e-4; p99 1.8e-5, median 1e-7).
+TOLERANCE = 5e-4
+
+
+def assert_same(reference, onnx) -> float:
+    """Same answers, types, abstentions and ranked answers; returns the largest |score difference|."""
+    worst = 0.0
+    for a, b in zip(reference, onnx, strict=True):
+        assert (b.answer, b.question_type, b.abstained, b.abstain_reason is None) == \
+               (a.answer, a.question_type, a.abstained, a.abstain_reason is None), a.question
+        assert [x for x, _ in b.top_k] == [x for x, _ in a.top_k]
+        diffs = [abs(s - t) for (_, s), (_, t) in zip(a.top_k, b.top_k)]
+        diffs += [abs(a.confidence - b.confidence), float(np.abs(a.attention_grid - b.attention_grid).max())]
+        if a.question_type_score is not None:
+            diffs.append(abs(a.question_type_score - b.question_type_score))
+        worst = max(worst, *diffs)
+    assert worst <= TOLERANCE
+    return worst
+
+
+def assert_same_head(reference, onnx, images, questions, choices=None) -> float:
+    """Both runtimes' heads on the same (PyTorch) features through `vqa.inference.predict`: same answers and
+    router types, scores within GRAPH_TOLERANCE; returns the largest |score difference|."""
+    from vqa.batches import encode_queries, unique_images
+    from vqa.inference import answer_scores, predict
+    from vqa.predictor import read_image
+
+    distinct, rows = unique_images(images)
+    table = reference.runtime.encode([read_image(i).image for i in distinct], 16)
+    queries = encode_queries(questions, rows, reference.tokenizer, reference.max_len, choices, reference.choice_len)
+    preds = [predict(p.runtime.head, queries, table, p.answers, p.device, batch_size=16, choices=choices)
+             for p in (reference, onnx)]
+    assert preds[1].answers == preds[0].answers and preds[1].types == preds[0].types
+    n = None if choices is None else [len(c) for c in choices]
+    a, b = (answer_scores(x.logits, reference.score_kind, n) for x in preds)
+    worst = float(max((a - b).abs().max(), (preds[0].attention - preds[1].attention).abs().max()))
+    assert worst <= GRAPH_TOLERANCE
+    return worst
+
+
+@pytest.fixture(scope="module")
+def exported(trained_bundle, tmp_path_factory):
+    from vqa.onnx_export import export_onnx
+
+    report = export_onnx(trained_bundle, tmp_path_factory.mktemp("onnx") / "qcr")
+    assert report.head_outputs == ["logits", "attention", "type_logits"]  # QCR's router is in the graph
+    assert max(report.max_abs_diff.values()) < 1e-4, report.max_abs_diff
+    return report.folder
+
+
+def test_qcr_export_answers_as_pytorch(predictor, exported, predictor_phantom):
+    from vqa import Predictor
+
+    rows = ground_truth(predictor_phantom)[:40]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    onnx = Predictor.from_onnx(exported)
+    assert onnx.describe()["runtime"] == "onnx" and onnx.score_kind == predictor.score_kind == "sigmoid"
+    # batches of 16 and a remainder of 8: the graphs' batch axis is dynamic
+    assert_same(predictor.predict_batch(images, questions, batch_size=16),
+                onnx.predict_batch(images, questions, batch_size=16))
+    assert_same_head(predictor, onnx, images, questions)
+    assert all(p.question_type_source == "router" for p in onnx.predict_batch(images[:3], questions[:3]))
+
+
+def _train_tiny(phantom, out, **kw):
+    from vqa.train import TrainConfig, train
+
+    return train(TrainConfig(encoder="clip-vit-tiny", embed_dim=16, question_dim=32, epochs=1, device="cpu",
+                             out=str(out), cache_dir=str(out / "features"), progress=False, **kw))
+
+
+@pytest.mark.parametrize("head, head_args", [("mevf-ban", {"hidden_dim": 32, "glimpses": 2}),
+                                             ("mevf-san", {"hidden_dim": 32, "hops": 2})])
+def test_mevf_heads_export_answers_as_pytorch(predictor_phantom, tmp_path, head, head_args):
+    from vqa import Predictor
+    from vqa.onnx_export import export_onnx
+
+    bundle = _train_tiny(predictor_phantom, tmp_path, data=str(predictor_phantom / "vqa-rad"), head=head,
+                         head_args=head_args)
+    export_onnx(bundle, bundle / "onnx")
+    rows = ground_truth(predictor_phantom)[:24]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    torch_side = Predictor.from_bundle(bundle)
+    onnx = Predictor.from_pretrained(bundle, runtime="onnx")  # finds the bundle's onnx/ folder
+    assert onnx.has_router is False
+    assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
+    assert_same_head(torch_side, onnx, images, questions)
+
+
+def test_multiple_choice_export_answers_as_pytorch(predictor_phantom, tmp_path):
+    from vqa import Predictor
+    from vqa.data import load_records
+    from vqa.onnx_export import export_onnx
+
+    bundle = _train_tiny(predictor_phantom, tmp_path, format="pmc-vqa", data=str(predictor_phantom / "pmc-vqa"),
+                         head="mc-ban", head_args={"hidden_dim": 32, "glimpses": 1})
+    export_onnx(bundle, tmp_path / "mc-onnx")
+    records = load_records("pmc-vqa", predictor_phantom / "pmc-vqa", "test")[:20]
+    choices = [list(r.choices[: 2 + i % 3]) for i, r in enumerate(records)]  # 2-4 choices: padded, masked
+    args = ([r.image for r in records], [r.question for r in records])
+    torch_side, onnx_side = Predictor.from_bundle(bundle), Predictor.from_onnx(tmp_path / "mc-onnx")
+    onnx = onnx_side.predict_batch(*args, choices=choices)
+    assert_same(torch_side.predict_batch(*args, choices=choices), onnx)
+    assert_same_head(torch_side, onnx_side, *args, choices=choices)
+    assert all(p.score_kind == "softmax" and p.answer in c for p, c in zip(onnx, choices))
+
+
+def test_cli_export_into_the_bundle_then_predict_with_onnx(trained_bundle, predictor, predictor_phantom, tmp_path,
+                                                          capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_bundle, bundle)
+    row = ground_truth(predictor_phantom)[5]
+    ask = ["predict", "--bundle", str(bundle), "--image", str(row["image"]), "--question", row["question"],
+           "--threads", "1"]
+    assert main([*ask, "--runtime", "onnx"]) == 2
+    assert "no ONNX export here" in capsys.readouterr().err
+    assert main(["export", "onnx", str(bundle), "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(bundle / "onnx") and max(report["max_abs_diff_vs_torch"].values()) < 1e-4
+    assert main(["export", "onnx", str(bundle)]) == 2  # exists: needs --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "onnx", str(bundle), str(tmp_path), "--overwrite"]) == 2  # would delete the bundle
+    assert "would replace the bundle" in capsys.readouterr().err and (bundle / "model.safetensors").is_file()
+    assert main([*ask, "--runtime", "onnx"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    reference = predictor.predict(row["image"], row["question"])
+    assert out["answer"] == reference.answer and out["score"] == pytest.approx(reference.score, abs=TOLERANCE)
+
+
+def test_onnx_runtime_refuses_a_gpu_and_a_bundle_folder(trained_bundle):
+    from vqa import Predictor
+
+    with pytest.raises(DataError, match="runs on the CPU"):
+        Predictor.from_pretrained(trained_bundle, runtime="onnx", device="cuda")
+    with pytest.raises(DataError, match="not an ONNX export"):
+        Predictor.from_onnx(trained_bundle)
+    with pytest.raises(DataError, match="expected one of torch, onnx"):
+        Predictor.from_pretrained(trained_bundle, runtime="tensorrt")

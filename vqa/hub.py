@@ -1,0 +1,155 @@
+"""Bundles on the Hugging Face Hub: load one by repository id, push one with its model card.
+
+    path = resolve_bundle("org/name")           # a local folder as is; a hub id downloaded (or read from the cache)
+    push_bundle("runs/qcr/bundle", "org/name")  # writes README.md (the model card), then uploads the folder
+
+Downloads go through `huggingface_hub.snapshot_download`, so the Hub's own cache and switches
+apply: `HF_HUB_CACHE` (where repositories are cached), `HF_HUB_OFFLINE=1` (read the cache only),
+`HF_TOKEN` or `hf auth login` (private repositories, uploads).
+
+Where an upload goes is injectable: `push_bundle(..., hub=...)` takes anything with `HfApi`'s
+`create_repo` and `upload_folder`. `CacheHub(folder)` is one that writes into a hub cache folder
+in the layout `snapshot_download` reads (`models--org--name/snapshots/<commit>/`, `refs/main`):
+with `HF_HUB_CACHE` pointing there and `HF_HUB_OFFLINE=1`, the repository then loads by its id
+with no network (what the tests do; `medvqa push --to-cache DIR` on the command line).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub spells repository ids
+UPLOAD_IGNORE = [".*.tmp", "**/.*.tmp"]  # what an interrupted atomic write may leave (encoders._files)
+
+
+def is_repo_id(name: str | Path) -> bool:
+    """`org/name` that is not an existing local path: a Hub repository id."""
+    text = str(name)
+    return bool(REPO_ID.fullmatch(text)) and ".." not in text and not Path(text).exists()
+
+
+def resolve_bundle(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """The local folder of a bundle given as a folder or as a Hub repository id.
+
+    A hub id is fetched with `snapshot_download` into the hub cache (once; later calls, and offline
+    runs, read the cache). Errors are one-line DataErrors naming the id and what to do."""
+    if not is_repo_id(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{path}: bundle folder not found (nor a Hugging Face Hub id org/name)")
+        return path
+    repo_id = str(name_or_path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, library_name="medvqa")
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise DataError(f"{repo_id}: no such Hugging Face Hub model, or it is private or gated and no token "
+                        f"allows it (set HF_TOKEN or run `hf auth login`) ({type(e).__name__})") from None
+    except RevisionNotFoundError:
+        raise DataError(f"{repo_id}: the Hub has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise DataError(f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline: "
+                        "HF_HUB_OFFLINE=1, or no network); download it once online, or set HF_HUB_CACHE to a "
+                        "cache that holds it") from None
+    return Path(folder)
+
+
+class HubTarget(Protocol):
+    """Where `push_bundle` uploads: `huggingface_hub.HfApi`, or a stand-in with the same two methods."""
+
+    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False) -> Any: ...
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, commit_message: str | None = None,
+                      ignore_patterns: list[str] | None = None) -> Any: ...
+
+
+def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
+                hub: HubTarget | None = None, eval_reports: Sequence[str | Path] = (),
+                license_id: str | None = None) -> Any:
+    """Check that `bundle` loads, write its model card (README.md) for `repo_id`, create the repository if
+    needed and upload the folder; returns what the hub's `upload_folder` returns (a commit, or its URL).
+
+    `hub` defaults to `huggingface_hub.HfApi()` (token from HF_TOKEN or `hf auth login`)."""
+    from .bundle import load
+    from .model_card import write_model_card
+
+    if not REPO_ID.fullmatch(repo_id):
+        raise DataError(f"{repo_id!r}: a Hub repository id is org/name (letters, digits, '-', '_', '.')")
+    load(bundle)  # a bundle that does not load must not reach the Hub
+    card = write_model_card(bundle, repo_id=repo_id, eval_reports=eval_reports, license_id=license_id)
+    log.info("wrote the model card %s", card)
+    if hub is None:
+        from huggingface_hub import HfApi
+
+        hub = HfApi(library_name="medvqa")
+    message = commit_message or f"Upload medvqa bundle {Path(bundle).name}"
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    try:
+        hub.create_repo(repo_id, private=private, exist_ok=True)
+        return hub.upload_folder(repo_id=repo_id, folder_path=str(bundle), commit_message=message,
+                                 ignore_patterns=UPLOAD_IGNORE)
+    except OfflineModeIsEnabled:
+        raise DataError(f"{repo_id}: HF_HUB_OFFLINE=1 forbids uploads (unset it, or push --to-cache DIR for a "
+                        "local hub cache)") from None
+    except LocalTokenNotFoundError:
+        raise DataError(f"{repo_id}: no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{repo_id}: upload failed ({first})") from None
+
+
+class CacheHub:
+    """A hub in a local Hugging Face cache folder: `upload_folder` copies the bundle into
+    `models--org--name/snapshots/<commit>/` and points `refs/main` at it, so `snapshot_download`
+    (with `HF_HUB_CACHE` = this folder) finds it offline. The commit id is a hash of the files."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir)
+
+    def repo_folder(self, repo_id: str) -> Path:
+        return self.cache_dir / ("models--" + repo_id.replace("/", "--"))
+
+    def create_repo(self, repo_id: str, *, private: bool | None = None, exist_ok: bool = False) -> str:
+        folder = self.repo_folder(repo_id)
+        if folder.exists() and not exist_ok:
+            raise DataError(f"{repo_id}: already exists in {self.cache_dir}")
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots").mkdir(exist_ok=True)
+        return str(folder)
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, commit_message: str | None = None,
+                      ignore_patterns: list[str] | None = None) -> str:
+        from .io import atomic_dir, atomic_write_text
+
+        source = Path(folder_path)
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not _ignored(p.relative_to(source),
+                                                                                      ignore_patterns or []))
+        digest = hashlib.sha1((commit_message or "").encode())
+        for f in files:
+            digest.update(f"|{f.relative_to(source).as_posix()}|".encode())
+            digest.update(f.read_bytes())
+        commit = digest.hexdigest()  # 40 hex digits, as a git commit id
+        folder = self.repo_folder(repo_id)
+        with atomic_dir(folder / "snapshots" / commit, overwrite=True) as tmp:
+            for f in files:
+                target = tmp / f.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
+        atomic_write_text(folder / "refs" / "main", commit)
+        return commit
+
+
+def _ignored(relative: Path, patterns: list[str]) -> bool:
+    return any(relative.match(p) or relative.name == p for p in patterns)

@@ -1,0 +1,126 @@
+"""Run an ONNX export (`vqa.onnx_export`) in onnxruntime, on the CPU: the `Predictor`'s "onnx" runtime.
+
+    predictor = Predictor.from_onnx("runs/qcr/bundle/onnx")
+    predictor = Predictor.from_pretrained("runs/qcr/bundle", runtime="onnx")   # the bundle's onnx/ subfolder
+
+Only the two graphs run here; pixels are prepared by `encoders.pixels.preprocess` from the
+export's description of its encoder, and the features are rounded to float16 as the
+PyTorch runtime gives them (`ImageEncoder.encode`), so both runtimes feed the head the same
+numbers and share every step before and after (`vqa.runtimes`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """The encoder's preprocessing, as `encoders.pixels.preprocess` reads it from an encoder."""
+
+    image_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def session(path: str | Path, threads: int | None = None):
+    """An onnxruntime session on the CPU provider; `threads` intra-op threads (None: onnxruntime's default)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DataError("the onnx runtime needs onnxruntime: pip install 'medvqa[onnx]'") from None
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own unexported exception types
+        raise DataError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+
+
+def onnx_folder(path: str | Path) -> Path:
+    """The ONNX export of a folder: the folder itself, or its `onnx/` subfolder (a bundle exported into itself)."""
+    from .onnx_export import HEAD_FILE
+
+    path = Path(path)
+    for folder in (path, path / "onnx"):
+        if (folder / HEAD_FILE).is_file():
+            return folder
+    raise DataError(f"{path}: no ONNX export here (no {HEAD_FILE}, nor onnx/{HEAD_FILE}); "
+                    f"write one with `medvqa export onnx {path}`")
+
+
+class OnnxHead:
+    """The head graph behind `vqa.inference.predict`'s call: features + question tensors -> output dict."""
+
+    def __init__(self, graph, outputs: Sequence[str]) -> None:
+        self.graph, self.outputs = graph, list(outputs)
+        self.inputs = {i.name for i in graph.get_inputs()}  # the exporter drops inputs the graph never reads
+
+    def eval(self) -> "OnnxHead":
+        return self
+
+    def __call__(self, features: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
+                 **choices: torch.Tensor) -> dict[str, torch.Tensor]:
+        given = {**features, "tokens": tokens, "lengths": lengths, **choices}
+        feed = {name: _numpy(value) for name, value in given.items() if name in self.inputs}
+        return {name: torch.from_numpy(value) for name, value in zip(self.outputs, self.graph.run(self.outputs, feed))}
+
+
+class OnnxRuntime:
+    """An ONNX export's encoder and head graphs in onnxruntime (see `vqa.runtimes.ModelRuntime`)."""
+
+    kind = "onnx"
+
+    def __init__(self, folder: str | Path, config: dict[str, Any], threads: int | None = None) -> None:
+        from .onnx_export import FORMAT
+
+        folder = Path(folder)
+        spec = config.get("onnx")
+        if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+            raise DataError(f"{folder / 'config.json'}: not an ONNX export (write one with `medvqa export onnx`)")
+        try:
+            enc, head = spec["encoder"], spec["head"]
+            self.pixels = PixelSpec(int(enc["image_size"]), int(enc["in_chans"]), tuple(enc["mean"]), tuple(enc["std"]))
+            self.encoder_name, self.head_name = str(enc["name"]), str(head["name"])
+            self.grid_size = tuple(int(x) for x in enc["grid_size"])
+            self.has_type_router, self.needs_choices = bool(head["has_type_router"]), bool(head["needs_choices"])
+            self.default_loss, outputs = str(head["default_loss"]), list(head["outputs"])
+            encoder_file, head_file = enc["file"], head["file"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{folder / 'config.json'}: incomplete ONNX description "
+                            f"({type(e).__name__}: {e})") from None
+        self.device = torch.device("cpu")
+        self.encoder = session(folder / encoder_file, threads)
+        self._head = OnnxHead(session(folder / head_file, threads), outputs)
+
+    def encode(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
+        from encoders.pixels import preprocess
+
+        parts = []
+        for start in range(0, len(images), batch_size):
+            pixels = preprocess(images[start:start + batch_size], self.pixels)  # (B, C, S, S)
+            grid, pooled = self.encoder.run(["grid", "pooled"], {"pixels": pixels.numpy()})
+            # float16, as ImageEncoder.encode and the feature cache give the head its features
+            parts.append({"grid": torch.from_numpy(grid).to(torch.float16),
+                          "pooled": torch.from_numpy(pooled).to(torch.float16)})
+        return {key: torch.cat([p[key] for p in parts]) for key in ("grid", "pooled")}
+
+    @property
+    def head(self) -> OnnxHead:
+        return self._head
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    """float32 for features (the graphs' input type), int64 for token ids and lengths."""
+    return value.detach().cpu().numpy().astype(np.float32 if value.is_floating_point() else np.int64, copy=False)
