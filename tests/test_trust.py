@@ -76,6 +76,33 @@ def test_the_risk_target_chosen_on_validation_holds_on_test(report):
         assert group["risk"] <= target + RISK_TOLERANCE, (name, group, target)
 
 
+@pytest.mark.parametrize("n, dim", [(40, 96), (300, 24)])  # fewer images than dimensions, and more
+def test_detector_distance_is_ledoit_wolf_mahalanobis(tmp_path, n, dim):
+    """The stored low-rank form scores exactly as the full shrunk precision, is small, and reads old files."""
+    from safetensors.torch import save_file
+    from sklearn.covariance import LedoitWolf
+
+    from vqa.ood import OOD_FILE, OutOfScopeDetector
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim))  # correlated features
+    queries = rng.normal(size=(7, dim)) * 3
+    expected = np.sqrt(LedoitWolf().fit(train).mahalanobis(queries))
+    detector = OutOfScopeDetector.fit(torch.from_numpy(train))
+    assert detector.score(torch.from_numpy(queries)).numpy() == pytest.approx(expected, rel=1e-4)
+    if n < dim:
+        assert detector.basis.shape == (dim, n - 1)  # the centred sample covariance's rank
+    detector.save(tmp_path)
+    again = OutOfScopeDetector.load(tmp_path)
+    assert again.score(torch.from_numpy(queries)).numpy() == pytest.approx(expected, rel=1e-4)
+
+    lw = LedoitWolf().fit(train)  # a bundle written before the low-rank form stored the full precision
+    save_file({"mean": torch.from_numpy(lw.location_).float(), "precision": torch.from_numpy(lw.precision_).float(),
+               "threshold": torch.tensor([1.0]), "quantile": torch.tensor([0.99])}, str(tmp_path / OOD_FILE))
+    legacy = OutOfScopeDetector.load(tmp_path)
+    assert legacy.score(torch.from_numpy(queries)).numpy() == pytest.approx(expected, rel=1e-3)
+
+
 def test_predictions_carry_confidence_and_abstain_on_an_unknown_question(predictor, predictor_phantom):
     from ._bundle import known_answer
 

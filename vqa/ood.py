@@ -5,7 +5,7 @@ shrunk covariance (a few hundred images cannot estimate a full D x D covariance)
 threshold is a high quantile (default 99 %) of *out-of-fold* scores: each training image
 scored by a detector fitted on the other folds, so that in-distribution images the model
 never saw are flagged about 1 % of the time; the detector kept is then fitted on all of
-them. Stored in the bundle as `ood.safetensors` (mean, precision, threshold).
+them. Stored in the bundle as `ood.safetensors` (mean, the covariance in low-rank form, threshold).
 """
 from __future__ import annotations
 
@@ -25,29 +25,52 @@ PHOTOGRAPHS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffe
                "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "rocket.jpg")
 
 
-def _fit_gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fit_gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(mean, basis, inverse eigenvalues, inverse floor) of the Ledoit-Wolf covariance.
+
+    The shrunk covariance is (1-s) S + s mu I; with fewer images than dimensions S has rank < n, so the
+    covariance is the floor s mu on all but rank(S) directions. Storing those directions (D x r) and their
+    inverse eigenvalues instead of the D x D precision is exact and, for a 1280-d encoder fitted on 300
+    images, 5x smaller."""
     from sklearn.covariance import LedoitWolf
 
     lw = LedoitWolf().fit(x)
-    return lw.location_, lw.precision_
+    eigenvalues, vectors = np.linalg.eigh(lw.covariance_)
+    floor = max(float(eigenvalues.min()), 1e-12 * float(eigenvalues.max()))  # no shrinkage: keep it invertible
+    keep = eigenvalues > floor * (1 + 1e-6)
+    return lw.location_, vectors[:, keep], 1.0 / eigenvalues[keep], 1.0 / floor
 
 
-def _distance(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+def _distance(x: np.ndarray, mean: np.ndarray, basis: np.ndarray, inverse: np.ndarray,
+              inverse_floor: float) -> np.ndarray:
     d = x - mean
-    return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", d, precision, d), 0.0))
+    along = d @ basis  # (n, r): the components off the floor
+    squared = inverse_floor * (d * d).sum(1) + (along * along) @ (inverse - inverse_floor)
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def _from_precision(precision: np.ndarray) -> dict[str, torch.Tensor]:
+    eigenvalues, vectors = np.linalg.eigh(precision)  # the precision's largest eigenvalue is the floor's inverse
+    top = float(eigenvalues.max())
+    keep = eigenvalues < top * (1 - 1e-6)
+    return {"basis": torch.from_numpy(vectors[:, keep]).float(), "inverse": torch.from_numpy(eigenvalues[keep]),
+            "inverse_floor": torch.tensor([top], dtype=torch.float64)}
 
 
 @dataclass
 class OutOfScopeDetector:
     mean: torch.Tensor  # (D,)
-    precision: torch.Tensor  # (D, D)
+    basis: torch.Tensor  # (D, r) the covariance's eigenvectors above its floor
+    inverse: torch.Tensor  # (r,) their inverse eigenvalues
+    inverse_floor: float  # 1 / the covariance's eigenvalue on every other direction
     threshold: float  # a score above it is out of scope
     quantile: float = 0.99
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled features -> (B,) distances (larger: less like the training images)."""
         x = pooled.double().cpu().numpy()
-        return torch.from_numpy(_distance(x, self.mean.double().numpy(), self.precision.double().numpy()))
+        return torch.from_numpy(_distance(x, self.mean.double().numpy(), self.basis.double().numpy(),
+                                          self.inverse.double().numpy(), self.inverse_floor))
 
     def out_of_scope(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.score(pooled) > self.threshold
@@ -63,12 +86,14 @@ class OutOfScopeDetector:
         for part in np.array_split(order, folds):
             rest = np.setdiff1d(order, part)
             oof[part] = _distance(x[part], *_fit_gaussian(x[rest]))
-        mean, precision = _fit_gaussian(x)
-        return cls(torch.from_numpy(mean).float(), torch.from_numpy(precision).float(),
-                   float(np.quantile(oof, quantile)), quantile)
+        mean, basis, inverse, inverse_floor = _fit_gaussian(x)
+        return cls(torch.from_numpy(mean).float(), torch.from_numpy(basis).float(), torch.from_numpy(inverse),
+                   inverse_floor, float(np.quantile(oof, quantile)), quantile)
 
     def save(self, folder: Path) -> None:
-        save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous(),
+        save_file({"mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
+                   "inverse": self.inverse.double().contiguous(),
+                   "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
                    "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
                   str(Path(folder) / OOD_FILE), metadata={"format": "pt"})
 
@@ -79,6 +104,9 @@ class OutOfScopeDetector:
             return None
         try:
             t = load_file(str(path))
-            return cls(t["mean"], t["precision"], float(t["threshold"][0]), float(t["quantile"][0]))
+            if "precision" in t:  # bundles from before the low-rank form: the full D x D precision
+                t.update(_from_precision(t["precision"].double().numpy()))
+            return cls(t["mean"], t["basis"], t["inverse"], float(t["inverse_floor"][0]), float(t["threshold"][0]),
+                       float(t["quantile"][0]))
         except (SafetensorError, OSError, KeyError) as e:
             raise DataError(f"{path}: not a readable out-of-scope detector ({e})") from None
