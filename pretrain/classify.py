@@ -49,7 +49,7 @@ class ClassifyConfig(EngineConfig):
     data: str = "runs/phantom/classification/medmnist/phantommodalitymnist_64.npz"
     flag: str | None = None  # MedMNIST: which set in a folder of npz files (pathmnist, chestmnist, ...)
     size: int | None = None  # MedMNIST: 28, 64, 128 or 224 when a folder holds several
-    labels: str | None = None  # MedMNIST: label names (an INFO entry as JSON) when neither a sidecar nor medmnist has them
+    labels: str | None = None  # MedMNIST: label names (an INFO entry as JSON) where no sidecar or medmnist has them
     image_column: str | None = None  # hf: default image / img
     label_column: str | None = None  # hf: default label / labels / class
     # method
@@ -176,7 +176,8 @@ def run_probe(cfg: ClassifyConfig, splits: dict[str, ClassificationSet], device)
     from encoders import create_encoder
 
     encoder = create_encoder(cfg.encoder, **cfg.encoder_args).eval()
-    feats = {s: frozen_features(encoder, d, cfg.features, cfg.cache_dir, device, cfg.progress) for s, d in splits.items()}
+    feats = {s: frozen_features(encoder, d, cfg.features, cfg.cache_dir, device, cfg.progress)
+             for s, d in splits.items()}
     train, val, test = splits["train"], splits["val"], splits["test"]
     n_classes = len(train.label_names)
     best, sweep = None, []
@@ -278,11 +279,12 @@ def load_splits(cfg: ClassifyConfig) -> dict[str, ClassificationSet]:
 
 def classify(cfg: ClassifyConfig) -> dict:
     """Run `cfg.method`; write OUT/metrics.json, OUT/report.md and OUT/run_config.json; return the report."""
-    from vqa.training import resolve_device, write_run_config
+    from vqa.training import resolve_device, seed_everything, write_run_config
 
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)  # a registered encoder's random init (the untrained control) repeats
     splits = load_splits(cfg)
     if cfg.method == "finetune":
         from .classify_finetune import run_finetune

@@ -55,7 +55,8 @@ class ZeroShotCLIP:
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str], batch_size: int = 256) -> Tensor:
         """(T, E) float32 L2-normalised embeddings of `texts`."""
-        parts = [self.encode_text(list(texts[s:s + batch_size])).float().cpu() for s in range(0, len(texts), batch_size)]
+        parts = [self.encode_text(list(texts[s:s + batch_size])).float().cpu()
+                 for s in range(0, len(texts), batch_size)]
         return F.normalize(torch.cat(parts), dim=-1) if parts else torch.zeros(0, 0)
 
 

@@ -54,7 +54,8 @@ def test_probe_through_the_cli_on_an_image_folder(phantom_dir, tmp_path, capsys)
 
 
 def test_finetune_runs_on_the_engine_and_keeps_the_best_val_epoch(phantom_dir, tmp_path):
-    cfg = _cfg(phantom_dir, tmp_path, "phantomfindingsmnist", method="finetune", encoder="resnet-tiny", epochs=2, batch_size=16, lr=3e-3, augment=True, select="accuracy")
+    cfg = _cfg(phantom_dir, tmp_path, "phantomfindingsmnist", method="finetune", encoder="resnet-tiny", epochs=2,
+               batch_size=16, lr=3e-3, augment=True, select="accuracy")
     report = classify(cfg)
     out = tmp_path / "finetune"
     assert report["dataset"]["task"] == "multi-label, binary-class" and 0 <= report["test"]["accuracy"] <= 1
@@ -101,6 +102,13 @@ def test_prompt_entries():
     assert key == "default"
     with pytest.raises(DataError, match="names no prompts for the classes"):
         prompt_entry(prompts, named("x", ("ct", "pet")), prompt_set="phantommodalitymnist")
+
+
+def test_format_choices_are_the_registry():
+    from vqa.cli.classify import CLASSIFY_FORMATS
+    from vqa.data.classification import CLASSIFICATION_FORMATS
+
+    assert CLASSIFY_FORMATS == tuple(CLASSIFICATION_FORMATS)
 
 
 def test_bad_configs_are_errors():

@@ -34,7 +34,7 @@ def build_parser():
                    help="medmnist (.npz), imagefolder (ROOT/SPLIT/CLASS/IMAGE) or hf (default: %(default)s)")
     g.add_argument("--data", default=d.data, help="a .npz file or a folder of them (medmnist), an ImageFolder root, "
                                                   "or a `datasets` folder / hub id (default: %(default)s)")
-    g.add_argument("--flag", default=None, help="medmnist: the set in a folder of npz files (pathmnist, chestmnist, ...)")
+    g.add_argument("--flag", default=None, help="medmnist: the set in a folder of npz files (pathmnist, ...)")
     g.add_argument("--size", type=int, default=None, help="medmnist: 28, 64, 128 or 224 when a folder holds several")
     g.add_argument("--labels", default=None, help="medmnist: label names as JSON (MedMNIST's INFO entry, or the whole "
                                                   "INFO); default: FLAG.json beside the npz, else medmnist's INFO")
@@ -48,7 +48,7 @@ def build_parser():
     g.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override of a registered encoder's config, e.g. image_size=224 (repeatable)")
     g.add_argument("--clip", default=None, help="zero-shot: a CLIP model: `medvqa pretrain`'s OUT/clip, a CLIPModel "
-                                                "folder or hub id, hf-hub:/local-dir:/open_clip: or an OpenAI-format file")
+                                                "folder or hub id, hf-hub:, local-dir:, open_clip:, a .pt file")
     g.add_argument("--prompts", default=None, help="zero-shot prompt JSON (default: pretrain/classify_prompts.json)")
     g.add_argument("--prompt-set", default=None, help="the entry of the prompt file (default: the dataset's name, "
                                                       "else 'default')")

@@ -28,8 +28,9 @@ def build_parser():
     add_bundle_argument(p, required=False, help_default="; or --zero-shot-clip")
     g = p.add_argument_group("zero-shot multiple choice (instead of --bundle)")
     g.add_argument("--zero-shot-clip", default=None, metavar="MODEL",
-                   help="a CLIP model (`medvqa pretrain`'s OUT/clip, a CLIPModel folder or hub id, hf-hub:, local-dir:, "
-                        "an OpenAI-format file): each choice scored by image-text similarity, no VQA training")
+                   help="a CLIP model (`medvqa pretrain`'s OUT/clip, a CLIPModel folder or hub id, hf-hub:, "
+                        "local-dir:, an OpenAI-format file): each choice scored by image-text similarity, no VQA "
+                        "training")
     g.add_argument("--prompt", action="append", default=None, metavar="TEMPLATE",
                    help="a prompt per choice with {choice} and optionally {question} (repeatable; the first is the "
                         "headline; default: '{choice}' and '{question} {choice}', both measured)")

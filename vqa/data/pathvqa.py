@@ -98,7 +98,7 @@ def _find(find_image: ImageFinder, name: str, where: str) -> Path:
     """`img_id` is the file name without its extension ('train_0422' -> train_0422.jpg)."""
     if Path(name).suffix.lower() in IMAGE_SUFFIXES:
         return find_image(name, where)
-    for suffix in IMAGE_SUFFIXES[1:]:
+    for suffix in IMAGE_SUFFIXES:
         for folder in find_image.folders:
             if (folder / f"{name}{suffix}").is_file():
                 return find_image(f"{name}{suffix}", where)
