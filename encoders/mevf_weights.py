@@ -12,7 +12,8 @@ A trained MEVF model file (`model_state` with maml_v_emb.*, ae_v_emb.*, convert.
 can be given as `checkpoint` to take every image-side tensor from it instead.
 
 Pickles can run code when loaded; `safe_unpickle` only builds builtin containers,
-OrderedDict and numpy arrays, and refuses every other global by name.
+OrderedDict and numpy arrays (with `builtins_only`, builtin containers and scalars alone: PathVQA's
+question files), and refuses every other global by name.
 """
 from __future__ import annotations
 
@@ -51,13 +52,16 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: Path):
+    def __init__(self, file, path: Path, builtins_only: bool = False):
         super().__init__(file)
-        self.path = path
+        self.path, self.builtins_only = path, builtins_only
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in _SAFE_BUILTINS:
             return getattr(__import__("builtins"), name)
+        if self.builtins_only:
+            raise UnsafePickleError(f"{self.path}: refusing to unpickle global '{module}.{name}' "
+                                    "(only builtin containers and scalars are allowed in this file)")
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if (module, name) in _NUMPY_GLOBALS:
@@ -76,15 +80,15 @@ def _numpy_multiarray():
         return importlib.import_module("numpy.core.multiarray")
 
 
-def safe_unpickle(path: str | os.PathLike) -> Any:
-    """Unpickle `path` allowing only plain data and numpy arrays.
+def safe_unpickle(path: str | os.PathLike, builtins_only: bool = False) -> Any:
+    """Unpickle `path` allowing only plain data and numpy arrays (`builtins_only`: plain data alone).
 
     Raises UnsafePickleError naming the file and the refused global, and
     ValueError naming the file when it is not a valid pickle."""
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            return _RestrictedUnpickler(f, path).load()
+            return _RestrictedUnpickler(f, path, builtins_only).load()
         except UnsafePickleError:
             raise
         except Exception as e:  # truncated or not a pickle at all

@@ -8,7 +8,10 @@
 Modules: config (PretrainConfig), data (caption pairs: jsonl, csv, ROCO, datasets), model (CLIPPretrainModel, save/load), loss (ClipLoss,
 MaskedLMLoss), task (ContrastiveTask: batches, accumulation, MLM), train (`pretrain()`),
 evaluate (retrieval, zero-shot), probe (linear probes of frozen features on the phantom's
-ground truth). Text towers live in `encoders.text`, pixel tables in `encoders.pixels`.
+ground truth), classify and classify_finetune (`medvqa classify`: MedMNIST-style image classification by
+linear probe, fine-tuning or CLIP zero-shot), zero_shot_clip (any CLIP source as a zero-shot scorer),
+zero_shot_choice (multiple choice by image-text similarity, `medvqa eval --zero-shot-clip`).
+Text towers live in `encoders.text`, pixel tables in `encoders.pixels`.
 """
 from .config import PretrainConfig
 from .data import CaptionPair, load_captions, shuffle_captions

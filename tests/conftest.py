@@ -136,3 +136,29 @@ def launched_demo(predictor, demo_examples):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield demo, f"http://127.0.0.1:{port}/"
     demo.close()
+
+
+# -- a small CLIP pretrained on phantom captions (zero-shot classification and multiple choice) -------------
+@pytest.fixture(scope="session")
+def phantom_clip(tmp_path_factory) -> tuple[Path, Path]:
+    """(phantom folder, pretraining run): 240 phantom images (seed 1) and a small CNN + word-level text tower
+    CLIP-pretrained on their 168 training captions for 10 epochs at 64 px (~10 s on one thread); the run's
+    clip/ and encoder/ are what `medvqa classify` and `medvqa eval --zero-shot-clip` read."""
+    import torch
+
+    from pretrain import PretrainConfig, pretrain
+    from vqa.phantom import generate_phantom
+
+    root = tmp_path_factory.mktemp("phantom-clip")
+    generate_phantom(root / "phantom", n_images=240, seed=1, workers=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(PretrainConfig(
+            data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
+            encoder_args={"image_size": 64, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
+            augment=True, epochs=10, lr=2e-3, batch_size=32, embed_dim=64, val_split="none",
+            out=str(root / "pretrain"), progress=False, seed=0))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "phantom", root / "pretrain"

@@ -154,6 +154,10 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {name} | {m['n']} | {_pct(m.get('open'))} | {_pct(m.get('closed'))} | "
                      f"{_pct(m['overall'])} | {_pct(m.get('open_bleu'))} | {_pct(m.get('open_f1'))} | "
                      f"{_pct(m.get('answers_in_vocabulary'))} |")
+    if report["subsets"]["all"].get("open_token_recall") is not None:
+        lines += ["", "Open answers, token recall (LLaVA-Med's open-question 'recall': the share of the reference "
+                  "answer's words in the prediction): " + ", ".join(
+                      f"{name} {_pct(m.get('open_token_recall'))}" for name, m in report["subsets"].items()) + "."]
     per_type = report["subsets"]["all"].get("per_question_type", {})
     if per_type:
         lines += ["", "| question type | n | accuracy |", "|---|---|---|"]

@@ -1,5 +1,5 @@
 """VQA metrics: exact-match accuracy overall / closed / open / per question type, and open-answer
-BLEU and token F1. Closed/open always comes from the dataset's own answer_type."""
+BLEU, token F1 and token recall. Closed/open always comes from the dataset's own answer_type."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -17,6 +17,15 @@ def token_f1(prediction: str, reference: str) -> float:
         return float(p == r)
     precision, recall = common / len(p), common / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_recall(prediction: str, reference: str) -> float:
+    """The share of the reference answer's tokens that the prediction contains (bag of tokens): the open-question
+    "recall" LLaVA-Med reports for PathVQA, VQA-RAD and SLAKE (a long answer holding the right words scores 1)."""
+    p, r = tokenize(prediction), tokenize(reference)
+    if not r:
+        return float(not p)
+    return sum((Counter(p) & Counter(r)).values()) / len(r)
 
 
 def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
@@ -60,6 +69,7 @@ def vqa_metrics(records: Sequence[Record], predictions: Sequence[str],
     if open_pairs:
         out["open_bleu"] = sum(bleu(p, g) for p, g in open_pairs) / len(open_pairs)
         out["open_f1"] = sum(token_f1(p, g) for p, g in open_pairs) / len(open_pairs)
+        out["open_token_recall"] = sum(token_recall(p, g) for p, g in open_pairs) / len(open_pairs)
     if predicted_types is not None:
         out["type_accuracy"] = _accuracy([t == r.answer_type for r, t in zip(records, predicted_types)])
     return out

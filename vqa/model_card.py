@@ -23,7 +23,8 @@ from .io import atomic_write_text, read_json
 CARD_FILE = "README.md"
 TASK = ("visual-question-answering", "Visual Question Answering")
 TAGS = ["medical-vqa", "visual-question-answering", "medical", "radiology"]
-DATASET_NAMES = {"vqa-rad": "VQA-RAD", "slake": "SLAKE", "pmc-vqa": "PMC-VQA", "hf": "a 🤗 datasets copy"}
+DATASET_NAMES = {"vqa-rad": "VQA-RAD", "slake": "SLAKE", "pmc-vqa": "PMC-VQA", "pathvqa": "PathVQA",
+                 "hf": "a 🤗 datasets copy"}
 DATASET_TERMS = {"vqa-rad": "VQA-RAD is CC0 1.0", "slake": "SLAKE is CC BY-SA 4.0"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 METRICS = (("overall", "accuracy", "overall accuracy"), ("closed", "accuracy", "closed accuracy"),
@@ -37,7 +38,7 @@ def training_data(fmt: str, data: str, split: str = "train", lang: str = "en") -
     path = Path(data).expanduser()
     if (path.parent / "phantom.jsonl").is_file() or (path / "phantom.jsonl").is_file():
         source, ident = "phantom", None
-    elif fmt == "hf" and HUB_ID.fullmatch(str(data)) and not path.exists():
+    elif fmt in ("hf", "pathvqa") and HUB_ID.fullmatch(str(data)) and not path.exists():  # pathvqa: its hub copy
         source, ident = "hub", str(data)
     else:
         source, ident = "local", None

@@ -21,6 +21,8 @@ COMMANDS = {
     "pretrain": ("pretrain", "CLIP-pretrain an image encoder on image-caption pairs (+ optional masked-LM)"),
     "pretrain-eval": ("pretrain_eval", "retrieval and zero-shot scores of a CLIP model on a caption split"),
     "probe": ("probe", "linear probes of an encoder's frozen features on the phantom's ground truth"),
+    "classify": ("classify", "image classification with any encoder: linear probe, fine-tuning or CLIP zero-shot "
+                             "(MedMNIST, ImageFolder, datasets)"),
     "cache-features": ("cache_features", "encode a dataset's images once into the feature cache"),
     "train": ("train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
     "eval": ("eval", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import DataError
 
-FORMAT_CHOICES = ("vqa-rad", "slake", "pmc-vqa", "hf")  # vqa.data.FORMATS (not imported: --help stays instant)
+FORMAT_CHOICES = ("vqa-rad", "slake", "pmc-vqa", "pathvqa", "hf")  # vqa.data.FORMATS (not imported: fast --help)
 
 
 def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:

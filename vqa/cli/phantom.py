@@ -11,6 +11,8 @@ EXAMPLE = """example:
 
 OUT then holds vqa-rad/ (official JSON + trainset/testset.json + images/),
 slake/ (train/validate/test.json + imgs/), pmc-vqa/ (train/test.csv + images/),
+pathvqa/ (qas/{train,val,test}_vqa.pkl + images/{split}/), classification/ (imagefolder/TASK/SPLIT/CLASS/
+and MedMNIST-style medmnist/FLAG_64.npz of modality, organ, abnormal and multi-label findings),
 captions/ (train/validate/test.jsonl for pretraining) and phantom.jsonl (ground truth)."""
 
 

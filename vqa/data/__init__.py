@@ -1,4 +1,5 @@
-"""Records and dataset loaders: one record type for VQA-RAD, SLAKE, PMC-VQA and `datasets` sources."""
+"""Records and dataset loaders: one record type for VQA-RAD, SLAKE, PMC-VQA, PathVQA and `datasets` sources;
+image classification sets (MedMNIST, ImageFolder, `datasets`) in `vqa.data.classification`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from typing import Callable
 from ..errors import DataError
 from .hf import load_hf, save_hf
 from .local import load_pmc_vqa, load_slake, load_vqa_rad
+from .pathvqa import load_pathvqa
 from .record import (CLOSED, OPEN, Record, canonical_question_type, carve_validation, image_key,
                      infer_answer_type)
 
@@ -24,6 +26,7 @@ FORMATS: dict[str, DatasetFormat] = {
     "vqa-rad": DatasetFormat(load_vqa_rad, ("train", "test")),
     "slake": DatasetFormat(load_slake, ("train", "validate", "test"), validation_split="validate"),
     "pmc-vqa": DatasetFormat(load_pmc_vqa, ("train", "test")),
+    "pathvqa": DatasetFormat(load_pathvqa, ("train", "val", "test"), validation_split="val"),
     "hf": DatasetFormat(load_hf, ("train", "test")),
 }
 
@@ -35,12 +38,12 @@ def dataset_format(fmt: str) -> DatasetFormat:
 
 
 def load_records(fmt: str, root: str | Path, split: str, **kwargs) -> list[Record]:
-    """Load `split` of a dataset in format `fmt` (vqa-rad, slake, pmc-vqa, hf) from `root`."""
+    """Load `split` of a dataset in format `fmt` (vqa-rad, slake, pmc-vqa, pathvqa, hf) from `root`."""
     return dataset_format(fmt).load(root, split, **kwargs)
 
 
 __all__ = [
     "CLOSED", "OPEN", "FORMATS", "DataError", "DatasetFormat", "dataset_format", "Record", "canonical_question_type", "carve_validation",
-    "image_key", "infer_answer_type", "load_hf", "load_pmc_vqa", "load_records", "load_slake",
+    "image_key", "infer_answer_type", "load_hf", "load_pathvqa", "load_pmc_vqa", "load_records", "load_slake",
     "load_vqa_rad", "save_hf",
 ]

@@ -3,7 +3,8 @@
 `generate_phantom(out, n_images, seed)` draws CT-, MRI- and X-ray-like images of the
 brain, chest and abdomen in several planes, with or without lesions, asks closed
 and open questions whose answers follow from what is drawn, and writes everything
-in the on-disk formats of VQA-RAD, SLAKE and PMC-VQA plus caption pairs. Images are
+in the on-disk formats of VQA-RAD, SLAKE, PMC-VQA and PathVQA, plus caption pairs and
+image classification sets (ImageFolder, MedMNIST .npz). Images are
 split train/validate/test by image, so no image is in two splits.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ..io import atomic_dir
 from .questions import ask, caption, multiple_choice
 from .render import render
 from .scene import sample_scene
-from .writers import (PhantomImage, write_captions, write_ground_truth, write_images, write_pmc_vqa,
-                      write_slake, write_vqa_rad)
+from .writers import (PhantomImage, write_captions, write_classification, write_ground_truth, write_images,
+                      write_pathvqa, write_pmc_vqa, write_slake, write_vqa_rad)
 
 log = logging.getLogger(__name__)
 PHANTOM_VERSION = 2
@@ -83,7 +84,8 @@ def generate_phantom(out: str | Path, n_images: int = 2000, seed: int = 0, size:
             im.qids = list(range(qid, qid + len(im.qas)))
             qid += len(im.qas)
         write_images(tmp, images)
-        for writer in (write_vqa_rad, write_slake, write_pmc_vqa, write_captions, write_ground_truth):
+        for writer in (write_vqa_rad, write_slake, write_pmc_vqa, write_pathvqa, write_classification, write_captions,
+                       write_ground_truth):
             writer(tmp, images)
         summary = _summary(spec, images)
         (tmp / "phantom.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -114,7 +116,8 @@ def _summary(spec: PhantomSpec, images: list[PhantomImage]) -> dict:
         "images_per_split": {s: sum(im.split == s for im in images) for s in splits},
         "questions": {s: sum(len(im.qas) for im in images if im.split == s) for s in splits},
         "multiple_choice": {s: sum(len(im.choices) for im in images if im.split == s) for s in splits},
-        "formats": {"vqa-rad": "vqa-rad/", "slake": "slake/", "pmc-vqa": "pmc-vqa/", "captions": "captions/"},
+        "formats": {"vqa-rad": "vqa-rad/", "slake": "slake/", "pmc-vqa": "pmc-vqa/", "pathvqa": "pathvqa/",
+                    "captions": "captions/", "classification": "classification/"},
         "note": "VQA-RAD and PMC-VQA have no validation split: their train files hold train+validate images.",
     }
 

@@ -2,7 +2,9 @@
 
 Each writer produces what the real release looks like, so the real loaders read it:
 VQA-RAD (official JSON + MEVF's trainset/testset), SLAKE (per-split JSON + imgs/),
-PMC-VQA (CSV with four choices), and caption pairs (PMC-OA-style JSON lines).
+PMC-VQA (CSV with four choices), PathVQA (pickled question lists + images/{split}/),
+image classification (ImageFolder trees and MedMNIST-style .npz files of the modality,
+organ, abnormal and multi-label findings labels), and caption pairs (PMC-OA-style JSON lines).
 """
 from __future__ import annotations
 
@@ -162,3 +164,99 @@ def write_ground_truth(out: Path, images: list[PhantomImage]) -> None:
                 "choices": [{"question": qa.question, "answer": qa.answer, "choices": ch, "kind": qa.kind}
                             for qa, ch in im.choices],
             }) + "\n")
+
+
+# -- PathVQA and image classification ------------------------------------------------------------------------
+PATHVQA_SPLITS = {"train": "train", "validate": "val", "test": "test"}
+# The phantom's classification tasks: (MedMNIST-style flag, label names, how a scene is labelled)
+CLASSIFICATION_TASKS = {
+    "modality": ("phantommodalitymnist", ("ct", "mri", "x-ray"), lambda s: s.modality),
+    "organ": ("phantomorganmnist", ("brain", "chest", "abdomen"), lambda s: s.region),
+    "abnormal": ("phantomabnormalmnist", ("normal", "abnormal"), lambda s: "abnormal" if s.abnormal else "normal"),
+}
+# A multi-label set in ChestMNIST's form: each finding present (1) or not (0), all 0 for a normal study
+FINDINGS = ("mass", "cyst", "multiple lesions", "large lesion")
+FINDINGS_FLAG = "phantomfindingsmnist"
+CLASSIFICATION_SIZE = 64  # one of MedMNIST's sizes (28, 64, 128, 224)
+
+
+def _findings(scene: Scene) -> list[int]:
+    return [int(scene.lesion_kind == "mass"), int(scene.lesion_kind == "cyst"), int(scene.count > 1),
+            int(scene.lesion_size == "large")]
+
+
+def write_pathvqa(out: Path, images: list[PhantomImage]) -> None:
+    """PathVQA's released layout: qas/{split}_vqa.pkl (img_id, sent, label, answer_type), the same questions in
+    qas/{split}/{split}_qa.pkl (image, question, answer), and images/{split}/{split}_NNNN.jpg."""
+    import pickle
+
+    per_split: dict[str, list[tuple[PhantomImage, str]]] = {s: [] for s in PATHVQA_SPLITS.values()}
+    for im in images:
+        split = PATHVQA_SPLITS[im.split]
+        per_split[split].append((im, f"{split}_{len(per_split[split]):04d}"))
+    for split, members in per_split.items():
+        vqa, qa = [], []
+        for im, img_id in members:
+            _place(out / "vqa-rad" / "images" / im.file_name, out / "pathvqa" / "images" / split / f"{img_id}.jpg")
+            for q, qid in zip(im.qas, im.qids):
+                answer = _answer_text(q, capitalise=False).lower()  # PathVQA's answers are lower case
+                vqa.append({"answer_type": "yes/no" if q.answer_type == "CLOSED" else "other", "img_id": img_id,
+                            "label": {answer: 1}, "question_id": qid,
+                            "question_type": q.question.split()[0].lower(), "sent": q.question})
+                qa.append({"image": img_id, "question": q.question, "answer": answer})
+        folder = out / "pathvqa" / "qas"
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}_vqa.pkl").write_bytes(pickle.dumps(vqa, protocol=4))
+        (folder / split / f"{split}_qa.pkl").write_bytes(pickle.dumps(qa, protocol=4))
+
+
+def _write_npz(path: Path, arrays: dict) -> None:
+    """An .npz as numpy writes it, but byte-for-byte reproducible (numpy stamps each member with the time)."""
+    import zipfile
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue(),
+                        compress_type=zipfile.ZIP_DEFLATED)
+
+
+def write_classification(out: Path, images: list[PhantomImage]) -> None:
+    """classification/imagefolder/{task}/{train,val,test}/{class}/*.jpg and MedMNIST-style
+    classification/medmnist/{flag}_64.npz (+ {flag}.json, its label names in MedMNIST's INFO form), for the
+    modality, organ and abnormal labels, and the multi-label findings set."""
+    import numpy as np
+    from PIL import Image
+
+    from ..data.classification import BINARY, MULTI_CLASS, MULTI_LABEL, info_entry
+
+    split_of = {"train": "train", "validate": "val", "test": "test"}
+    pixels = {im.index: np.asarray(Image.open(io.BytesIO(im.jpeg)).convert("L").resize(
+        (CLASSIFICATION_SIZE, CLASSIFICATION_SIZE), Image.Resampling.BICUBIC), dtype=np.uint8) for im in images}
+    medmnist = out / "classification" / "medmnist"
+    counts = {s: sum(split_of[im.split] == s for im in images) for s in split_of.values()}
+    for task, (flag, names, label_of) in CLASSIFICATION_TASKS.items():
+        arrays = {}
+        for split in split_of.values():
+            members = [im for im in images if split_of[im.split] == split]
+            for im in members:
+                _place(out / "vqa-rad" / "images" / im.file_name, out / "classification" / "imagefolder" / task /
+                       split / label_of(im.scene) / im.file_name)
+            arrays[f"{split}_images"] = np.stack([pixels[im.index] for im in members])
+            arrays[f"{split}_labels"] = np.array([[names.index(label_of(im.scene))] for im in members], np.uint8)
+        _write_npz(medmnist / f"{flag}_{CLASSIFICATION_SIZE}.npz", arrays)
+        info = info_entry(names, BINARY if len(names) == 2 else MULTI_CLASS,
+                          f"Phantom {task} of each image (medvqa's phantom dataset)", n_samples=counts)
+        _dump(medmnist / f"{flag}.json", info)
+    arrays = {}
+    for split in split_of.values():
+        members = [im for im in images if split_of[im.split] == split]
+        arrays[f"{split}_images"] = np.stack([pixels[im.index] for im in members])
+        arrays[f"{split}_labels"] = np.array([_findings(im.scene) for im in members], np.uint8)
+    _write_npz(medmnist / f"{FINDINGS_FLAG}_{CLASSIFICATION_SIZE}.npz", arrays)
+    _dump(medmnist / f"{FINDINGS_FLAG}.json", info_entry(FINDINGS, MULTI_LABEL, "Phantom findings, multi-label "
+                                                         "as ChestMNIST (all 0 for a normal study)", n_samples=counts))
