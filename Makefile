@@ -32,8 +32,8 @@ test: install
 test-fast: install
 	$(PYTEST) -m "not slow"
 
-# The Gradio demo at http://127.0.0.1:$(PORT) on the embedded default model: trained once on
-# phantom data (a few minutes, progress bars) and cached in $$MEDVQA_CACHE or ~/.cache/medvqa.
+# The Gradio demo at http://127.0.0.1:$(PORT) on the shipped VQA-RAD model (demos/models/vqa-rad):
+# no training; `medvqa demo --default phantom` trains the phantom model instead.
 demo: install
 	$(OFFLINE) $(BIN)/medvqa demo --host 127.0.0.1 --port $(PORT)
 
