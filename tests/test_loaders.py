@@ -255,3 +255,17 @@ def test_carve_validation_by_question_keeps_images_in_both(phantom_dir):
     assert {image_key(r) for r in train} & {image_key(r) for r in val}
     with pytest.raises(DataError, match="expected 'image' or 'question'"):
         carve_validation(records, 0.2, by="patient")
+
+
+def test_carve_validation_by_question_keeps_copies_of_a_question_together(phantom_dir):
+    import dataclasses
+
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "train")
+    # Each question again under another id, recased and respaced: a copy must land where its original does.
+    copies = [dataclasses.replace(r, source_id=f"copy-{r.source_id}", question=" " + r.question.upper() + " ")
+              for r in records]
+    for seed in range(3):
+        train, val = carve_validation(records + copies, 0.2, seed=seed, by="question")
+        held = {(image_key(r), r.question.strip().lower()) for r in val}
+        assert held and not held & {(image_key(r), r.question.strip().lower()) for r in train}
+        assert 0.1 < len(val) / (2 * len(records)) < 0.3
