@@ -143,6 +143,11 @@ class ContrastiveTask(TrainingTask):
                     img = torch.cat([*cached_img[:j], img, *cached_img[j + 1:]])
                     txt = torch.cat([*cached_txt[:j], txt, *cached_txt[j + 1:]])
                 scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                if last and self.world.size > 1:
+                    # every rank's loss is the whole batch's, so its logit-scale gradient is the whole gradient
+                    # already: with backward_scale and DDP's mean it would count world-size times; keep 1/N of it
+                    n = self.world.size
+                    scale = scale / n + (scale - scale / n).detach()
                 loss = self.clip_loss.global_loss(img, txt, scale)
                 total = loss * self.clip_loss.backward_scale
                 if labels is not None:
