@@ -6,10 +6,13 @@ import hashlib
 import io
 import json
 import logging
+import math
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from pretrain.data import load_captions
@@ -74,7 +77,6 @@ def test_unreadable_images_are_skipped_named_and_listed(phantom_dir, tmp_path, c
     broken.write_bytes(Path(pairs[2].image).read_bytes()[:200])  # a truncated PNG
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image at all")
-    from dataclasses import replace
 
     pairs[2], pairs[4] = replace(pairs[2], image=broken), replace(pairs[4], image=junk)
     with caplog.at_level(logging.WARNING):
@@ -104,3 +106,205 @@ def test_an_existing_shard_folder_is_kept_unless_overwrite(phantom_dir, tmp_path
         write_shards(pairs[:2], tmp_path / "out", shard_size=2, progress=False)
     write_shards(pairs[:2], tmp_path / "out", shard_size=2, overwrite=True, progress=False)
     assert [p.name for p in sorted((tmp_path / "out").glob("*.tar"))] == ["000000.tar"]
+
+
+# -- reading shards back ---------------------------------------------------------------------------------------
+def _epoch_keys(shards, epoch: int, batch: int, world: int, workers: int, accum: int = 1, start_step: int = 0):
+    """Per rank, the sample keys (shard/key) of every micro-batch of one epoch, in order."""
+    return [[k for b in shards.micro_batches(epoch, start_step, batch, accum, rank, world, 32, 1, workers)
+             for k in b["keys"]] for rank in range(world)]
+
+
+def test_streamed_samples_are_the_source_pairs(phantom_dir, shard_dir):
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    shards = ShardedPairs(expand_shards(shard_dir), seed=0, mix=2)
+    assert len(shards) == 42
+    captions = [c for b in shards.micro_batches(0, 0, 6, 1, 0, 1, 32, 1) for c in b["captions"]]
+    assert sorted(captions) == sorted(p.caption for p in load_captions(phantom_dir / "captions", "train"))
+    batch = next(shards.micro_batches(0, 0, 6, 1, 0, 1, 32, 1))
+    assert tuple(batch["pixels"].shape) == (6, 1, 32, 32) and batch["bad"] == []
+
+
+def test_two_ranks_by_two_workers_read_every_sample_once_per_epoch(shard_dir):
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    shards = ShardedPairs(expand_shards(f"{shard_dir}/{{000000..000004}}.tar"), seed=3, mix=2)
+    one = _epoch_keys(shards, 1, 6, 1, 0, accum=1)[0]  # 42 samples = 7 global batches of 6
+    ranks = _epoch_keys(shards, 1, 3, 2, 2, accum=1)
+    assert len(ranks[0]) == len(ranks[1]) == 21 and not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(one) and len(set(one)) == 42
+    # the same global batches: step s of 2 ranks is step s of 1 process
+    for s in range(7):
+        assert sorted(ranks[0][3 * s:3 * s + 3] + ranks[1][3 * s:3 * s + 3]) == sorted(one[6 * s:6 * s + 6])
+    assert _epoch_keys(shards, 2, 6, 1, 0)[0] != one  # each epoch its own order
+
+
+def test_an_epoch_is_train_num_samples_and_resume_skips_exactly_the_seen_steps(shard_dir):
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    shards = ShardedPairs(expand_shards(shard_dir), seed=0, mix=2, num_samples=24)
+    assert shards.steps_per_epoch(8) == 3
+    epochs = [_epoch_keys(shards, e, 8, 1, 2)[0] for e in range(2)]
+    # positions 0-23, then 24-47: the first 18 of epoch 2 finish the pass (42 samples), then a new pass starts
+    assert all(len(e) == 24 for e in epochs) and len(set(epochs[0]) | set(epochs[1][:18])) == 42
+    full = _epoch_keys(shards, 1, 4, 2, 1)
+    rest = _epoch_keys(shards, 1, 4, 2, 1, start_step=2)
+    assert [r[8:] for r in full] == rest  # on each rank: the batches after step 2, and no others
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_before_any_work(shard_dir, tmp_path):
+    from pretrain.stream import braceexpand, expand_shards
+
+    assert braceexpand("a/{000008..000010}.tar") == ["a/000008.tar", "a/000009.tar", "a/000010.tar"]
+    assert braceexpand("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    with pytest.raises(DataError, match="matches no file"):
+        expand_shards(f"{tmp_path}/{{000000..000009}}.tar")
+    with pytest.raises(DataError, match="1 of its 6 shards do not exist.*000005.tar"):
+        expand_shards(f"{shard_dir}/{{000000..000005}}.tar")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="without .tar shards"):
+        expand_shards(tmp_path / "empty")
+
+
+def _damaged_shards(shard_dir: Path, out: Path) -> Path:
+    """A copy of the shards with a corrupt image in 000001, a caption removed in 000002, 000003 truncated."""
+    import shutil
+
+    shutil.copytree(shard_dir, out)
+    for name, edit in (("000001.tar", "corrupt"), ("000002.tar", "uncaption")):
+        members = _members(out / name)
+        with tarfile.open(out / name, "w") as tar:
+            for member, data in members.items():
+                if edit == "corrupt" and member == "000000012.jpg":
+                    data = data[:100]
+                if edit == "uncaption" and member == "000000025.txt":
+                    continue
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = (out / "000003.tar").read_bytes()
+    (out / "000003.tar").write_bytes(data[:len(data) // 2])
+    return out
+
+
+def test_bad_members_and_truncated_shards_are_named_skipped_and_counted(shard_dir, tmp_path, caplog):
+    from pretrain.stream import ShardedPairs, expand_shards, index_shard
+
+    damaged = _damaged_shards(shard_dir, tmp_path / "damaged")
+    kept = len(index_shard(damaged / "000003.tar").samples)
+    assert index_shard(damaged / "000003.tar").truncated and kept < 10
+    shards = ShardedPairs(expand_shards(damaged), seed=0, mix=2)  # counts from the manifest: 42 slots
+    with caplog.at_level(logging.WARNING):
+        ranks = _epoch_keys(shards, 0, 3, 2, 2)
+    bad = 1 + 1 + (10 - kept)
+    assert shards.skipped == bad
+    assert f"{damaged / '000001.tar'}: member 000000012.jpg" in caplog.text
+    assert f"{damaged / '000002.tar'}: member 000000025.jpg: no caption" in caplog.text
+    assert f"{damaged / '000003.tar'}: sample" in caplog.text
+    # every batch keeps its size (gathered negatives), and no bad sample is trained on
+    assert all(len(r) == 21 for r in ranks)
+    distinct = set(ranks[0]) | set(ranks[1])
+    assert len(distinct) == 42 - bad
+
+
+# -- pretraining on shards ------------------------------------------------------------------------------------
+def _stream_cfg(phantom_dir, shard_dir, out, **kw):
+    from pretrain import PretrainConfig
+
+    base = dict(data=str(phantom_dir / "captions"), train_data=str(shard_dir), out=str(out), epochs=2,
+                batch_size=6, lr=1e-3, warmup_epochs=0.5, progress=False, embed_dim=16, val_split="none",
+                encoder="clip-vit-tiny", text="bert-tiny", shard_mix=2, seed=0)
+    return PretrainConfig(**{**base, **kw})
+
+
+def test_pretraining_streams_shards_and_resumes_mid_epoch_exactly(phantom_dir, shard_dir, tmp_path, monkeypatch):
+    from pretrain import ContrastiveTask, pretrain
+
+    full = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "full", workers=2))["history"]
+    assert len(full) == 2 and all(math.isfinite(r["loss"]) for r in full)
+
+    calls = {"n": 0}
+    step = ContrastiveTask.training_step
+
+    def crash_after_4(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt  # killed in epoch 1, after the checkpoint of step 3
+        return step(self, *args)
+
+    cfg = _stream_cfg(phantom_dir, shard_dir, tmp_path / "cut", workers=2, checkpoint_every=3)
+    monkeypatch.setattr(ContrastiveTask, "training_step", crash_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(ContrastiveTask, "training_step", step)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert json.loads(state["partial"])["step"] == 3 and json.loads(state["task"])["samples_seen"] == 18
+
+    seen = []
+    stream = ContrastiveTask._steps
+
+    def record(self, epoch, start_step):
+        for item in stream(self, epoch, start_step):
+            seen.append((epoch, start_step, [c for m in item for c in m.captions]))
+            yield item
+
+    monkeypatch.setattr(ContrastiveTask, "_steps", record)
+    resumed = pretrain(replace(cfg, resume="latest"))["history"]
+    assert seen[0][:2] == (0, 3) and len([s for s in seen if s[0] == 0]) == 7 - 3  # only the unseen steps
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_on_shards_and_resume_on_another_world_size(phantom_dir, shard_dir, tmp_path,
+                                                                           monkeypatch):
+    from pretrain import ContrastiveTask, pretrain
+
+    from .conftest import spawn_ranks
+
+    kw = dict(train_num_samples=12)  # 2 epochs of 2 steps
+    one = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "one", **kw))["history"]
+    spawn_ranks(pretrain, _stream_cfg(phantom_dir, shard_dir, tmp_path / "two", batch_size=3, **kw))
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    for a, b in zip(one, two, strict=True):  # the same global batches: the same loss and gradient
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the logit scale's counted once
+
+    step, calls = ContrastiveTask.training_step, {"n": 0}
+
+    def crash_after_3(self, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:  # in epoch 2, after the checkpoint of its step 1
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    monkeypatch.setattr(ContrastiveTask, "training_step", crash_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "cut", checkpoint_every=1, **kw))
+    monkeypatch.undo()
+    spawn_ranks(pretrain, _stream_cfg(phantom_dir, shard_dir, tmp_path / "cut", batch_size=3, checkpoint_every=1,
+                                      resume="latest", **kw))
+    resumed = json.loads((tmp_path / "cut" / "history.json").read_text())
+    for a, b in zip(one, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_frozen_text_tower_streams_and_bad_flags_are_clear_errors(phantom_dir, shard_dir, tmp_path, capsys):
+    from pretrain import pretrain
+
+    history = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "frozen", epochs=1, freeze_text=True,
+                                   train_num_samples=12))["history"]
+    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    base = ["pretrain", "--data", str(phantom_dir / "captions"), "--out", str(tmp_path / "o"), "--no-progress",
+            "--val-split", "none"]
+    assert cli(base + ["--train-data", f"{tmp_path}/nothing/{{000000..000003}}.tar"]) == 2
+    assert "matches no file" in capsys.readouterr().err and not (tmp_path / "o").exists()  # before any work
+    assert cli(base + ["--train-data", str(shard_dir), "--train-num-samples", "10", "--batch-size", "16"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    assert cli(base + ["--train-data", str(shard_dir), "--shuffle-captions"]) == 2
+    assert "--shuffle-captions" in capsys.readouterr().err
+    assert cli(["train", "--data", str(phantom_dir / "vqa-rad"), "--format", "vqa-rad", "--out", str(tmp_path / "t"),
+                "--checkpoint-every", "5", "--no-progress"]) == 2
+    assert "epoch ends only" in capsys.readouterr().err
