@@ -123,7 +123,8 @@ def main() -> None:
     print("|---|---|---|" + ("---|" if workers else "") + "---|---|")
     for r in rows:
         print(f"| {r['images']:,} | {r['mode']} | {r['peak_rss_mb']:.0f} |"
-              + (f" {r['worker_peak_rss_mb']:.0f} |" if workers else "") + f" {r['images_per_s']:.0f} | {r['wall_s']:.1f} |")
+              + (f" {r['worker_peak_rss_mb']:.0f} |" if workers else "")
+              + f" {r['images_per_s']:.0f} | {r['wall_s']:.1f} |")
 
 
 if __name__ == "__main__":

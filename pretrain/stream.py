@@ -337,6 +337,9 @@ class ShardedPairs:
         self.order = SampleOrder(self.counts, seed, self.mix)
         self.num_samples = num_samples or self.order.total  # open_clip's --train-num-samples: one epoch
         self.skipped = 0
+        if self.num_samples > self.order.total:
+            log.warning("--train-num-samples %d is more than the %d samples of the shards: an epoch repeats some",
+                        self.num_samples, self.order.total)
         log.info("shards: %d with %d samples; an epoch is %d samples", len(self.paths), self.order.total,
                  self.num_samples)
 

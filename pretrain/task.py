@@ -222,7 +222,10 @@ class ContrastiveTask(TrainingTask):
         return f"i2t R@10 {metrics['i2t_r10']:.1f}, t2i R@10 {metrics['t2i_r10']:.1f}"
 
     def epoch_summary(self) -> dict:
-        return {"temperature": 1 / float(self.model.scale().detach())}
+        row = {"temperature": 1 / float(self.model.scale().detach())}
+        if self.train.streamed:  # bad samples this process met so far (each rank logs and counts its own)
+            row["bad_samples"] = self.train.images.skipped
+        return row
 
     def identity(self) -> dict:
         keys = ("data", "caption_format", "train_split", "exclude_vqa_rad", "shuffle_captions", "encoder",

@@ -188,7 +188,7 @@ def _damaged_shards(shard_dir: Path, out: Path) -> Path:
     return out
 
 
-def test_bad_members_and_truncated_shards_are_named_skipped_and_counted(shard_dir, tmp_path, caplog):
+def test_bad_members_and_truncated_shards_are_named_skipped_and_counted(phantom_dir, shard_dir, tmp_path, caplog):
     from pretrain.stream import ShardedPairs, expand_shards, index_shard
 
     damaged = _damaged_shards(shard_dir, tmp_path / "damaged")
@@ -206,6 +206,11 @@ def test_bad_members_and_truncated_shards_are_named_skipped_and_counted(shard_di
     assert all(len(r) == 21 for r in ranks)
     distinct = set(ranks[0]) | set(ranks[1])
     assert len(distinct) == 42 - bad
+    # and a training run over them goes on, counting what it skipped
+    from pretrain import pretrain
+
+    history = pretrain(_stream_cfg(phantom_dir, damaged, tmp_path / "run", epochs=1))["history"]
+    assert history[0]["bad_samples"] == bad and math.isfinite(history[0]["loss"])
 
 
 # -- pretraining on shards ------------------------------------------------------------------------------------
@@ -296,7 +301,7 @@ def test_a_frozen_text_tower_streams_and_bad_flags_are_clear_errors(phantom_dir,
 
     history = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "frozen", epochs=1, freeze_text=True,
                                    train_num_samples=12))["history"]
-    assert len(history) == 1 and math.isfinite(history[0]["loss"])
+    assert len(history) == 1 and math.isfinite(history[0]["loss"]) and history[0]["bad_samples"] == 0
     base = ["pretrain", "--data", str(phantom_dir / "captions"), "--out", str(tmp_path / "o"), "--no-progress",
             "--val-split", "none"]
     assert cli(base + ["--train-data", f"{tmp_path}/nothing/{{000000..000003}}.tar"]) == 2
