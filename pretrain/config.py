@@ -19,7 +19,8 @@ class PretrainConfig(EngineConfig):
     exclude_vqa_rad: bool = False  # drop pairs marked also_in_vqa_rad (MedPix 2.0) before evaluating on VQA-RAD
     shuffle_captions: bool = False  # control: train on captions paired with random images
     train_data: str | None = None  # WebDataset shards streamed for training instead of --data's train split:
-    #                                a folder, 'dir/{000000..000009}.tar', a glob, or '::'-joined patterns
+    #                                a folder, 'dir/{000000..000009}.tar', a glob, or '::'-joined patterns;
+    #                                or Parquet files (image_column, caption_column), row groups as shards
     train_num_samples: int | None = None  # samples per epoch with --train-data (None: one pass over the shards)
     shard_mix: int = 8  # shards whose samples are shuffled together (a batch mixes them; each worker indexes them)
     vocab_captions: int = 200_000  # with --train-data: captions read for a built text tower's word vocabulary

@@ -81,9 +81,9 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     paths: list[Path] = []
     for part in str(spec).split("::"):
         if Path(part).is_dir():
-            found = sorted(Path(part).glob("*.tar"))
+            found = sorted(Path(part).glob("*.tar")) or sorted(Path(part).rglob("*.parquet"))
             if not found:
-                raise DataError(f"--train-data {part}: a folder without .tar shards")
+                raise DataError(f"--train-data {part}: a folder without .tar shards or .parquet files")
             paths += found
             continue
         names = braceexpand(part)
@@ -97,6 +97,9 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
             raise DataError(f"--train-data {part!r}: {len(missing)} of its {len(names)} shards do not exist "
                             f"(e.g. {missing[0]})")
         paths += existing
+    kinds = {p.suffix for p in paths}
+    if len(kinds) > 1 or not kinds <= {".tar", ".parquet"}:
+        raise DataError(f"--train-data {spec}: expected .tar shards or .parquet files (one kind), got {sorted(kinds)}")
     return paths
 
 
@@ -300,7 +303,7 @@ class _MicroBatches(IterableDataset):
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = _ShardReader(self.shards.paths, keep=2 * self.shards.mix)
+        reader = self.shards.reader(keep=2 * self.shards.mix)
         spare: tuple[Tensor, str, str] | None = None
         try:
             for item in range(worker, self.plan.items, workers):
@@ -309,13 +312,13 @@ class _MicroBatches(IterableDataset):
                     j, n = self.shards.order.locate(position)
                     got = reader.read(j, n)
                     if isinstance(got, str):
-                        bad.append(f"{self.shards.paths[j]}: {got}")
+                        bad.append(f"{self.shards.unit_name(j)}: {got}")
                         continue
                     try:
                         good.append((square_pixels(got[0], self.side, self.in_chans), got[1],
-                                     f"{self.shards.paths[j].name}/{got[2]}"))
+                                     f"{self.shards.units[j][0].name}/{got[2]}"))
                     except ValueError as e:
-                        bad.append(f"{self.shards.paths[j]}: sample {n + 1}: {e}")
+                        bad.append(f"{self.shards.unit_name(j)}: sample {n + 1}: {e}")
                 if not good and spare is None:
                     raise DataError(f"every sample of a batch is unreadable: {bad[0]} ...")
                 fill = spare or good[0]
@@ -331,9 +334,17 @@ class ShardedPairs:
     """A training set of tar shards, read in a fixed order of sample positions (see the module docstring)."""
 
     def __init__(self, paths: Sequence[Path], seed: int, mix: int = 8, num_samples: int | None = None,
-                 counts: Sequence[int] | None = None) -> None:
+                 counts: Sequence[int] | None = None, image_column: str = "image", caption_column: str = "caption") -> None:
         self.paths, self.mix = list(paths), max(1, mix)
-        self.counts = list(counts) if counts is not None else shard_counts(self.paths)
+        self.columns = (image_column, caption_column)
+        self.parquet = self.paths[0].suffix == ".parquet"
+        if self.parquet:  # each row group is a unit of the order, as a shard is (its rows: from the metadata)
+            from .parquet import parquet_units
+
+            self.units, self.counts = parquet_units(self.paths, image_column, caption_column)
+        else:
+            self.units = [(p, None) for p in self.paths]
+            self.counts = list(counts) if counts is not None else shard_counts(self.paths)
         self.order = SampleOrder(self.counts, seed, self.mix)
         self.num_samples = num_samples or self.order.total  # open_clip's --train-num-samples: one epoch
         self.skipped = 0
@@ -345,6 +356,19 @@ class ShardedPairs:
 
     def __len__(self) -> int:
         return self.order.total
+
+    def unit_name(self, j: int) -> str:
+        """How warnings name unit j: the shard, or the Parquet file and row group."""
+        path, group = self.units[j]
+        return str(path) if group is None else f"{path} (row group {group})"
+
+    def reader(self, keep: int):
+        """A reader of (image, caption, key) by (unit, sample number), holding at most `keep` units open."""
+        if self.parquet:
+            from .parquet import ParquetReader
+
+            return ParquetReader(self.units, *self.columns, keep=keep)
+        return _ShardReader(self.paths, keep)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         return self.num_samples // global_batch
@@ -368,6 +392,10 @@ class ShardedPairs:
 
     def sample_captions(self, limit: int) -> list[str]:
         """Up to `limit` captions, shard by shard in file order (the vocabulary of a word-level text tower)."""
+        if self.parquet:
+            from .parquet import parquet_captions
+
+            return parquet_captions(self.paths, self.columns[1], limit)
         captions: list[str] = []
         reader = _ShardReader(self.paths, keep=1)
         try:

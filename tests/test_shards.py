@@ -313,3 +313,56 @@ def test_a_frozen_text_tower_streams_and_bad_flags_are_clear_errors(phantom_dir,
     assert cli(["train", "--data", str(phantom_dir / "vqa-rad"), "--format", "vqa-rad", "--out", str(tmp_path / "t"),
                 "--checkpoint-every", "5", "--no-progress"]) == 2
     assert "epoch ends only" in capsys.readouterr().err
+
+
+# -- Parquet (a `datasets` folder) streamed the same way ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def parquet_dir(phantom_dir, tmp_path_factory) -> Path:
+    """The phantom's training pairs as 2 Parquet files with row groups of 8, images as `datasets` writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = load_captions(phantom_dir / "captions", "train")
+    out = tmp_path_factory.mktemp("parquet") / "data"
+    out.mkdir()
+    for i, part in enumerate((pairs[:30], pairs[30:])):
+        table = pa.table({"image": [{"bytes": Path(p.image).read_bytes(), "path": Path(p.image).name} for p in part],
+                          "text": [p.caption for p in part]})
+        pq.write_table(table, out / f"train-{i:05d}-of-00002.parquet", row_group_size=8)
+    return out
+
+
+def test_parquet_rows_stream_like_shards(phantom_dir, parquet_dir, tmp_path):
+    from pretrain import pretrain
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    with pytest.raises(DataError, match="no column 'caption'"):
+        ShardedPairs(expand_shards(parquet_dir), seed=0)
+    shards = ShardedPairs(expand_shards(parquet_dir), seed=0, mix=2, caption_column="text")
+    assert len(shards) == 42 and len(shards.units) == 4 + 2  # row groups of 8: 30 -> 4, 12 -> 2
+    ranks = _epoch_keys(shards, 0, 3, 2, 2)
+    assert len(ranks[0]) == len(ranks[1]) == 21 and len(set(ranks[0]) | set(ranks[1])) == 42
+    captions = [c for b in shards.micro_batches(0, 0, 6, 1, 0, 1, 32, 1) for c in b["captions"]]
+    assert sorted(captions) == sorted(p.caption for p in load_captions(phantom_dir / "captions", "train"))
+    history = pretrain(_stream_cfg(phantom_dir, parquet_dir, tmp_path / "run", epochs=1, caption_column="text",
+                                   train_num_samples=12))["history"]
+    assert math.isfinite(history[0]["loss"]) and history[0]["bad_samples"] == 0
+
+
+def test_a_bad_parquet_row_is_named_and_skipped(phantom_dir, tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    pairs = load_captions(phantom_dir / "captions", "train")[:4]
+    images = [Path(p.image).read_bytes() for p in pairs]
+    images[1] = images[1][:50]
+    (tmp_path / "pq").mkdir()
+    path = tmp_path / "pq" / "train.parquet"
+    pq.write_table(pa.table({"image": images, "caption": [p.caption for p in pairs]}), path)
+    shards = ShardedPairs(expand_shards(tmp_path / "pq"), seed=0)
+    with caplog.at_level(logging.WARNING):
+        batch = next(shards.micro_batches(0, 0, 4, 1, 0, 1, 32, 1))
+    assert shards.skipped == 1 and len(batch["captions"]) == 4
+    assert f"{path} (row group 0): row 1: 'image' is not a readable image" in caplog.text

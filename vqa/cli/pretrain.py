@@ -46,7 +46,8 @@ def build_parser():
     g.add_argument("--shuffle-captions", action="store_true", help="control: captions paired with random images")
     g.add_argument("--train-data", default=None, metavar="SHARDS",
                    help="stream WebDataset tar shards for training (`medvqa shards`, img2dataset): a folder, "
-                        "'dir/{000000..000009}.tar' or a glob; --data then gives only the held-out split")
+                        "'dir/{000000..000009}.tar' or a glob; or Parquet files (a `datasets` folder; "
+                        "--image-column/--caption-column); --data then gives only the held-out split")
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch with --train-data (default: one pass over the shards)")
     g.add_argument("--shard-mix", type=int, default=d.shard_mix,
