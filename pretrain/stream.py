@@ -331,10 +331,12 @@ class _MicroBatches(IterableDataset):
 
 
 class ShardedPairs:
-    """A training set of tar shards, read in a fixed order of sample positions (see the module docstring)."""
+    """A training set of tar shards (or Parquet row groups), read in a fixed order of sample positions (see the
+    module docstring); `image_column`/`caption_column` name the Parquet columns."""
 
     def __init__(self, paths: Sequence[Path], seed: int, mix: int = 8, num_samples: int | None = None,
-                 counts: Sequence[int] | None = None, image_column: str = "image", caption_column: str = "caption") -> None:
+                 counts: Sequence[int] | None = None, image_column: str = "image",
+                 caption_column: str = "caption") -> None:
         self.paths, self.mix = list(paths), max(1, mix)
         self.columns = (image_column, caption_column)
         self.parquet = self.paths[0].suffix == ".parquet"

@@ -11,6 +11,7 @@ import tarfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -366,3 +367,25 @@ def test_a_bad_parquet_row_is_named_and_skipped(phantom_dir, tmp_path, caplog):
         batch = next(shards.micro_batches(0, 0, 4, 1, 0, 1, 32, 1))
     assert shards.skipped == 1 and len(batch["captions"]) == 4
     assert f"{path} (row group 0): row 1: 'image' is not a readable image" in caplog.text
+
+
+def test_csv_and_datasets_sources_become_the_same_shards(phantom_dir, parquet_dir, tmp_path):
+    import csv
+
+    pairs = load_captions(phantom_dir / "captions", "train")
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "text"])
+        writer.writerows([str(p.image), p.caption] for p in pairs)
+    assert cli(["shards", "--data", str(tmp_path / "pairs.csv"), "--image-column", "path", "--caption-column", "text",
+                "--out", str(tmp_path / "csv"), "--shard-size", "16", "--no-progress"]) == 0
+    source = sorted((Path(p.image).read_bytes(), p.caption) for p in pairs)
+    assert sorted(_shard_samples(tmp_path / "csv").values()) == source
+    # a Parquet `datasets` folder: its decoded images are written as PNG, pixel for pixel
+    assert cli(["shards", "--data", str(parquet_dir), "--caption-format", "hf", "--caption-column", "text",
+                "--out", str(tmp_path / "hf"), "--no-progress"]) == 0
+    samples = _shard_samples(tmp_path / "hf")
+    assert sorted(c for _, c in samples.values()) == sorted(p.caption for p in pairs)
+    first = Image.open(io.BytesIO(samples["000000000"][0]))
+    original = Image.open(pairs[0].image).convert(first.mode)
+    assert first.format == "PNG" and np.array_equal(np.asarray(first), np.asarray(original))
