@@ -107,9 +107,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")
     g.add_argument("--resume", default=None, help="'latest' (OUT/checkpoint.pt) or a checkpoint path")
     g.add_argument("--stop-after", type=int, default=None, help="end this run after N epochs (resume later)")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every STEPS optimizer steps within an epoch; --resume continues from there "
-                        "(default: at epoch ends only)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return groups
 

@@ -17,7 +17,7 @@ EXAMPLE = """examples:
   medvqa pretrain --text bert-tiny --mlm-weight 1.0 ...           # PMC-CLIP: + masked-LM loss
   medvqa pretrain ... --epochs 0 --out runs/untrained             # the untrained towers: a control
   torchrun --nproc_per_node 4 -m vqa.cli pretrain --precision bf16 ...   # DDP; --batch-size is per GPU
-  medvqa shards --data path/to/pmc-oa --out shards && medvqa pretrain --train-data 'shards/{000000..000099}.tar' \
+  medvqa shards --data path/to/pmc-oa --out shards && medvqa pretrain --train-data 'shards/{000000..000099}.tar' \\
       --train-num-samples 100000 --workers 4 --checkpoint-every 500 ...  # streamed; resumable mid-epoch
   medvqa pretrain ... --resume latest                               # continue OUT/checkpoint.pt
 
@@ -83,7 +83,11 @@ def build_parser():
     g.add_argument("--cache-limit-gb", type=float, default=d.cache_limit_gb)
     g.add_argument("--workers", type=int, default=d.workers, help="decoding processes (default: %(default)s)")
     g.add_argument("--augment", action="store_true", help="small random affine per image (no flips)")
-    g = add_engine_arguments(p, d)["optimisation"]
+    groups = add_engine_arguments(p, d)
+    groups["outputs"].add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                                   help="also checkpoint every STEPS optimizer steps within an epoch; --resume "
+                                        "continues after the last one saved (default: at epoch ends only)")
+    g = groups["optimisation"]
     g.add_argument("--accum-steps", type=int, default=d.accum_steps,
                    help="micro-batches per optimizer step; the negatives span all of them")
     g.add_argument("--text-lr", type=float, default=None, help="learning rate of a trained text tower (default: --lr)")

@@ -102,6 +102,7 @@ class Trainer:
         self.model = model
         self.ema = WeightAverage(task.model, self.state_keys, cfg.ema_decay) if cfg.ema_decay else None
         self.skipped_in_a_row = 0
+        self._progress: tuple[list, dict | None, dict | None] = ([], None, None)  # history, best, best state
         if cfg.checkpoint_every and not task.resumable_mid_epoch:
             raise DataError(f"--checkpoint-every {cfg.checkpoint_every}: this command checkpoints at epoch ends only")
         if cfg.checkpoint_every < 0:
