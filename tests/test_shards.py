@@ -391,3 +391,20 @@ def test_csv_and_datasets_sources_become_the_same_shards(phantom_dir, parquet_di
     first = Image.open(io.BytesIO(samples["000000000"][0]))
     original = Image.open(pairs[0].image).convert(first.mode)
     assert first.format == "PNG" and np.array_equal(np.asarray(first), np.asarray(original))
+
+
+def test_a_reader_holds_the_indexes_of_a_few_shards_not_of_the_corpus(shard_dir, monkeypatch):
+    from pretrain import stream
+
+    most = {"open": 0}
+    shard = stream._ShardReader._shard
+
+    def counting(self, j):
+        out = shard(self, j)
+        most["open"] = max(most["open"], len(self.open))
+        return out
+
+    monkeypatch.setattr(stream._ShardReader, "_shard", counting)
+    shards = stream.ShardedPairs(stream.expand_shards(shard_dir), seed=0, mix=1)
+    keys = _epoch_keys(shards, 0, 6, 1, 0)[0]
+    assert len(set(keys)) == 42 and most["open"] == 2  # 2 x --shard-mix, of 5 shards
