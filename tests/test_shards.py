@@ -408,3 +408,14 @@ def test_a_reader_holds_the_indexes_of_a_few_shards_not_of_the_corpus(shard_dir,
     shards = stream.ShardedPairs(stream.expand_shards(shard_dir), seed=0, mix=1)
     keys = _epoch_keys(shards, 0, 6, 1, 0)[0]
     assert len(set(keys)) == 42 and most["open"] == 2  # 2 x --shard-mix, of 5 shards
+
+
+def test_accumulated_micro_batches_stream_the_same_global_batch(phantom_dir, shard_dir, tmp_path):
+    from pretrain import pretrain
+
+    kw = dict(epochs=1, train_num_samples=12)
+    whole = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "whole", **kw))["history"]
+    accum = pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "accum", batch_size=3, accum_steps=2,
+                                 **kw))["history"]
+    assert whole[0]["loss"] == pytest.approx(accum[0]["loss"], rel=1e-5)
+    assert whole[0]["grad_norm"] == pytest.approx(accum[0]["grad_norm"], rel=1e-4)
