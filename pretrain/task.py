@@ -1,12 +1,15 @@
 """Contrastive (CLIP) pretraining as a task on the engine: batches, accumulation, masked-LM.
 
-Batch plan: `vqa.training.epoch_plan` (the same global batches with 1 or N processes, and
-on resume). Accumulation keeps the contrastive negatives of the whole accumulated batch
-(as open_clip's accum_freq): a first pass without gradients embeds every micro-batch; then
-each micro-batch is embedded again with gradients and its loss is the loss of the full
-batch with its own slice fresh. The sum of these gradients is the gradient of the
-full-batch loss. The logit scale is live in the last micro-pass only (the one DDP
-synchronises), so its gradient is counted once.
+Batch plan: `vqa.training.epoch_plan` over the pairs of a table, or `pretrain.stream`'s
+order of sample positions over streamed shards (captions tokenized per batch); both give the
+same global batches with 1 or N processes, and on resume, also from a step within an epoch.
+
+Accumulation keeps the contrastive negatives of the whole accumulated batch (as open_clip's
+accum_freq): a first pass without gradients embeds every micro-batch; then each micro-batch
+is embedded again with gradients and its loss is the loss of the full batch with its own
+slice fresh. The sum of these gradients is the gradient of the full-batch loss. The logit
+scale is live in the last micro-pass only (the one DDP synchronises), and at 1/N of its
+gradient on each of N ranks, so it is counted once.
 """
 from __future__ import annotations
 
