@@ -419,3 +419,20 @@ def test_accumulated_micro_batches_stream_the_same_global_batch(phantom_dir, sha
                                  **kw))["history"]
     assert whole[0]["loss"] == pytest.approx(accum[0]["loss"], rel=1e-5)
     assert whole[0]["grad_norm"] == pytest.approx(accum[0]["grad_norm"], rel=1e-4)
+
+
+def test_webdataset_and_open_clip_read_our_shards(phantom_dir, shard_dir):
+    wds = pytest.importorskip("webdataset")
+    from pretrain.stream import braceexpand
+
+    pattern = f"{shard_dir}/{{000000..000004}}.tar"
+    import braceexpand as reference  # webdataset's dependency, which open_clip's --train-data goes through
+
+    assert braceexpand(pattern) == list(reference.braceexpand(pattern))
+    # the pipeline open_clip's get_wds_dataset builds: decode to PIL, image from jpg/png, caption from txt
+    dataset = wds.WebDataset(pattern, shardshuffle=False).decode("pilrgb").to_tuple("jpg;png", "txt", "json")
+    rows = list(dataset)
+    pairs = load_captions(phantom_dir / "captions", "train")
+    assert sorted(c for _, c, _ in rows) == sorted(p.caption for p in pairs)
+    image, caption, meta = rows[0]
+    assert image.size == Image.open(pairs[0].image).size and meta["caption"] == caption == pairs[0].caption
