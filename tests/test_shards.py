@@ -436,3 +436,15 @@ def test_webdataset_and_open_clip_read_our_shards(phantom_dir, shard_dir):
     assert sorted(c for _, c, _ in rows) == sorted(p.caption for p in pairs)
     image, caption, meta = rows[0]
     assert image.size == Image.open(pairs[0].image).size and meta["caption"] == caption == pairs[0].caption
+
+
+def test_shards_without_a_manifest_are_counted_from_their_headers(shard_dir, tmp_path, caplog):
+    import shutil
+
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    for shard in shard_dir.glob("*.tar"):  # as img2dataset leaves them: tars (and its own stats), no manifest.json
+        shutil.copy(shard, tmp_path / shard.name)
+    with caplog.at_level(logging.INFO):
+        shards = ShardedPairs(expand_shards(f"{tmp_path}/*.tar"), seed=0)
+    assert shards.counts == [10, 10, 10, 10, 2] and "from their tar headers" in caplog.text
