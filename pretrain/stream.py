@@ -224,8 +224,8 @@ class SampleOrder:
 class _ShardReader:
     """Member bytes by (shard, sample number), keeping the indexes and open files of the last few shards."""
 
-    def __init__(self, paths: Sequence[Path], keep: int) -> None:
-        self.paths, self.keep = paths, keep
+    def __init__(self, paths: Sequence[Path], keep: int, counts: Sequence[int] | None = None) -> None:
+        self.paths, self.keep, self.counts = paths, keep, counts
         self.open: dict[int, tuple[ShardIndex, object]] = {}
 
     def _shard(self, j: int) -> tuple[ShardIndex, object]:
@@ -234,11 +234,13 @@ class _ShardReader:
                 _, f = self.open.pop(next(iter(self.open)))
                 f.close()
             index = index_shard(self.paths[j])
+            if self.counts is not None and len(index.samples) > self.counts[j]:
+                # a stale manifest: the order has slots for its count only, the rest would go unread unnoticed
+                log.warning("%s: holds %d samples, its manifest lists %d; the others are not read (rewrite the "
+                            "manifest with `medvqa shards --overwrite`)", self.paths[j], len(index.samples),
+                            self.counts[j])
             self.open[j] = (index, open(self.paths[j], "rb"))
         return self.open[j]
-
-    def truncation(self, j: int) -> str | None:
-        return self._shard(j)[0].truncated
 
     def read(self, j: int, n: int) -> tuple[Image.Image, str, str] | str:
         """(image, caption, key) of sample n of shard j, or why it is bad (naming the member)."""
@@ -370,7 +372,7 @@ class ShardedPairs:
             from .parquet import ParquetReader
 
             return ParquetReader(self.units, *self.columns, keep=keep)
-        return _ShardReader(self.paths, keep)
+        return _ShardReader(self.paths, keep, self.counts)
 
     def steps_per_epoch(self, global_batch: int) -> int:
         return self.num_samples // global_batch

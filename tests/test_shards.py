@@ -448,3 +448,18 @@ def test_shards_without_a_manifest_are_counted_from_their_headers(shard_dir, tmp
     with caplog.at_level(logging.INFO):
         shards = ShardedPairs(expand_shards(f"{tmp_path}/*.tar"), seed=0)
     assert shards.counts == [10, 10, 10, 10, 2] and "from their tar headers" in caplog.text
+
+
+def test_a_stale_manifest_that_undercounts_a_shard_is_a_warning(shard_dir, tmp_path, caplog):
+    import shutil
+
+    from pretrain.stream import ShardedPairs, expand_shards
+
+    shutil.copytree(shard_dir, tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] = 7
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    shards = ShardedPairs(expand_shards(tmp_path / "s"), seed=0, mix=1)
+    with caplog.at_level(logging.WARNING):
+        keys = _epoch_keys(shards, 0, 13, 1, 0)[0]
+    assert len(keys) == 39 and "holds 10 samples, its manifest lists 7" in caplog.text
