@@ -5,7 +5,9 @@
     model = load_clip_model("runs/p/clip")                 # CLIPPretrainModel (image + text towers)
     encoder = encoders.create_encoder("runs/p/encoder")    # the image tower alone, for `medvqa train`
 
-Modules: config (PretrainConfig), data (caption pairs: jsonl, csv, ROCO, datasets), model (CLIPPretrainModel, save/load), loss (ClipLoss,
+Modules: config (PretrainConfig), data (caption pairs: jsonl, csv, ROCO, datasets), shards (`medvqa shards`:
+WebDataset tar shards + manifest), stream and parquet (`--train-data`: shards or Parquet streamed in a seeded
+order split across ranks and workers, resumable mid-epoch), model (CLIPPretrainModel, save/load), loss (ClipLoss,
 MaskedLMLoss), task (ContrastiveTask: batches, accumulation, MLM), train (`pretrain()`),
 evaluate (retrieval, zero-shot), probe (linear probes of frozen features on the phantom's
 ground truth), classify and classify_finetune (`medvqa classify`: MedMNIST-style image classification by

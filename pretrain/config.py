@@ -18,6 +18,12 @@ class PretrainConfig(EngineConfig):
     caption_column: str = "caption"
     exclude_vqa_rad: bool = False  # drop pairs marked also_in_vqa_rad (MedPix 2.0) before evaluating on VQA-RAD
     shuffle_captions: bool = False  # control: train on captions paired with random images
+    train_data: str | None = None  # WebDataset shards streamed for training instead of --data's train split:
+    #                                a folder, 'dir/{000000..000009}.tar', a glob, or '::'-joined patterns;
+    #                                or Parquet files (image_column, caption_column), row groups as shards
+    train_num_samples: int | None = None  # samples per epoch with --train-data (None: one pass over the shards)
+    shard_mix: int = 8  # shards whose samples are shuffled together (a batch mixes them; each worker indexes them)
+    vocab_captions: int = 200_000  # with --train-data: captions read for a built text tower's word vocabulary
     prompts: str | None = None  # zero-shot prompt JSON; None: the phantom's (fields whose classes it names)
     # model
     encoder: str = "clip-vit-tiny"  # image tower: registered name, timm:<name>, folder or hub id
@@ -55,5 +61,9 @@ class PretrainConfig(EngineConfig):
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.epochs < 0:
             raise DataError(f"--epochs must be 0 (save the untrained towers) or more, got {self.epochs}")
+        for name in ("train_num_samples", "shard_mix", "vocab_captions"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0 < self.mlm_probability < 1:
             raise DataError(f"--mlm-probability must be in (0, 1), got {self.mlm_probability}")

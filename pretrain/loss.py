@@ -6,7 +6,9 @@ slice differentiable, and computes the loss of the whole global batch, so the
 loss value is the same with 1 or N processes for the same global batch. Each
 rank's backward gives the exact gradient of that loss for its own samples; DDP
 then averages over ranks, i.e. divides by N: `ClipLoss.backward_scale` (= N)
-undoes that, so the parameter gradient equals a single process's too.
+undoes that, so the parameter gradient equals a single process's too. The exception is the
+logit scale: every rank's loss depends on it wholly, so its gradient is complete on each rank
+and `ContrastiveTask` passes it in at 1/N of its gradient (else it would count N times).
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Contrastive (CLIP) pretraining as a task on the engine: batches, accumulation, masked-LM.
 
-Batch plan: `vqa.training.epoch_plan` (the same global batches with 1 or N processes, and
-on resume). Accumulation keeps the contrastive negatives of the whole accumulated batch
-(as open_clip's accum_freq): a first pass without gradients embeds every micro-batch; then
-each micro-batch is embedded again with gradients and its loss is the loss of the full
-batch with its own slice fresh. The sum of these gradients is the gradient of the
-full-batch loss. The logit scale is live in the last micro-pass only (the one DDP
-synchronises), so its gradient is counted once.
+Batch plan: `vqa.training.epoch_plan` over the pairs of a table, or `pretrain.stream`'s
+order of sample positions over streamed shards (captions tokenized per batch); both give the
+same global batches with 1 or N processes, and on resume, also from a step within an epoch.
+
+Accumulation keeps the contrastive negatives of the whole accumulated batch (as open_clip's
+accum_freq): a first pass without gradients embeds every micro-batch; then each micro-batch
+is embedded again with gradients and its loss is the loss of the full batch with its own
+slice fresh. The sum of these gradients is the gradient of the full-batch loss. The logit
+scale is live in the last micro-pass only (the one DDP synchronises), and at 1/N of its
+gradient on each of N ranks, so it is counted once.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from encoders import normalize
+from vqa.errors import DataError
 from vqa.training import Selection, StepContext, StepOutput, TrainingTask, World, epoch_plan
 from vqa.training.augment import augment
 from vqa.training.schedule import Shard
@@ -34,9 +38,13 @@ _TEXT_MODEL = "text.model."
 
 @dataclass
 class Split:
-    pairs: list[CaptionPair]
-    images: Any  # encoders.ImageTable | encoders.StreamingImages
-    text: dict  # input_ids + attention_mask (N, L), or text_features (N, D) for a frozen tower
+    pairs: list[CaptionPair]  # empty for shards
+    images: Any  # encoders.ImageTable | encoders.StreamingImages | pretrain.stream.ShardedPairs (pixels + captions)
+    text: dict  # input_ids + attention_mask (N, L), or text_features (N, D) for a frozen tower; {} for shards
+
+    @property
+    def streamed(self) -> bool:
+        return not self.pairs
 
 
 @dataclass
@@ -48,6 +56,7 @@ class Micro:
     epoch: int
     step: int
     index: int
+    captions: list[str] | None = None  # streamed from shards: tokenized per batch (no table of the corpus)
 
 
 def step_seed(seed: int, epoch: int, step: int, micro: int, rank: int) -> int:
@@ -59,6 +68,7 @@ class ContrastiveTask(TrainingTask):
     """Symmetric InfoNCE over the global batch (features gathered across ranks), + optional masked-LM."""
 
     selection: Selection | None = None  # the last epoch is the model, as CLIP trains
+    resumable_mid_epoch = True  # the batch order is a function of (seed, epoch, step) alone
 
     def __init__(self, cfg: PretrainConfig, model: CLIPPretrainModel, train: Split, val: Split | None,
                  device: torch.device, world: World, prompts: dict | None = None) -> None:
@@ -66,6 +76,7 @@ class ContrastiveTask(TrainingTask):
         self.prompts = prompts or {}  # zero-shot prompt sets (pretrain.evaluate.load_prompts)
         self.clip_loss, self.mlm_loss = ClipLoss(world), MaskedLMLoss()
         self.before: dict | None = None  # retrieval and zero-shot before training (kept in the checkpoint)
+        self.samples_seen = 0  # global samples of the steps handed out so far (kept in the checkpoint)
 
     @property
     def global_batch(self) -> int:
@@ -88,12 +99,35 @@ class ContrastiveTask(TrainingTask):
                           self.cfg.accum_steps, drop_last=True)
 
     def steps_per_epoch(self) -> int:
+        if self.train.streamed:
+            return self.train.images.steps_per_epoch(self.global_batch)
         return len(self.train.pairs) // self.global_batch
 
-    def train_steps(self, epoch: int):
-        plan = self._plan(epoch)
+    def train_steps(self, epoch: int, start_step: int = 0):
+        first = epoch * self.steps_per_epoch() * self.global_batch
+        expected = first + start_step * self.global_batch
+        if start_step and self.samples_seen != expected:
+            raise DataError(f"resume at epoch {epoch + 1}, step {start_step}: the checkpoint has seen "
+                            f"{self.samples_seen} samples, this plan expects {expected}")
+        for s, step in enumerate(self._steps(epoch, start_step), start_step):
+            self.samples_seen = first + (s + 1) * self.global_batch
+            yield step
+
+    def _steps(self, epoch: int, start_step: int):
+        cfg, world = self.cfg, self.world
+        if self.train.streamed:
+            enc = self.model.image_encoder
+            batches = self.train.images.micro_batches(epoch, start_step, cfg.batch_size, cfg.accum_steps,
+                                                      world.rank, world.size, enc.image_size, enc.in_chans,
+                                                      cfg.workers)
+            for s in range(start_step, self.steps_per_epoch()):
+                micro = [next(batches) for _ in range(cfg.accum_steps)]
+                yield [Micro(Shard(torch.arange(len(b["captions"]))), b["pixels"], epoch, s, m, b["captions"])
+                       for m, b in enumerate(micro)]
+            return
+        plan = self._plan(epoch)[start_step:]
         pixels = self.train.images.batches([shard.indices.tolist() for step in plan for shard in step])
-        for s, step in enumerate(plan):
+        for s, step in enumerate(plan, start_step):
             yield [Micro(shard, next(pixels), epoch, s, m) for m, shard in enumerate(step)]
 
     # -- one step ------------------------------------------------------------------------------------------
@@ -101,7 +135,8 @@ class ContrastiveTask(TrainingTask):
         """Model inputs for one micro-batch (+ MLM labels)."""
         from encoders.text import mask_tokens
 
-        cfg, text, indices = self.cfg, self.train.text, micro.shard.indices
+        cfg, indices = self.cfg, micro.shard.indices
+        text = self.train.text if micro.captions is None else self._caption_inputs(micro.captions)
         g = torch.Generator().manual_seed(step_seed(cfg.seed, micro.epoch, micro.step, micro.index, self.world.rank))
         pixels = augment(micro.pixels, g) if cfg.augment else micro.pixels
         batch = {"pixels": normalize(pixels, self.model.image_encoder, self.device)
@@ -119,6 +154,15 @@ class ContrastiveTask(TrainingTask):
                                          cfg.mlm_probability, g)
             batch["mlm_input_ids"], labels = masked.to(self.device), labels.to(self.device)
         return batch, labels
+
+    @torch.no_grad()
+    def _caption_inputs(self, captions: list[str]) -> dict:
+        """What the text table holds, for one streamed batch: tokens, or a frozen tower's pooled features."""
+        tokens = self.model.text.tokenize(captions)
+        if not self.model.text.frozen:
+            return tokens
+        return {"text_features": self.model.text_features(tokens["input_ids"].to(self.device),
+                                                          tokens["attention_mask"].to(self.device)).float()}
 
     def training_step(self, model, item: Sequence[Micro], step: StepContext) -> StepOutput:
         micro = [self.make_batch(m) for m in item]
@@ -143,6 +187,11 @@ class ContrastiveTask(TrainingTask):
                     img = torch.cat([*cached_img[:j], img, *cached_img[j + 1:]])
                     txt = torch.cat([*cached_txt[:j], txt, *cached_txt[j + 1:]])
                 scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                if last and self.world.size > 1:
+                    # every rank's loss is the whole batch's, so its logit-scale gradient is the whole gradient
+                    # already: with backward_scale and DDP's mean it would count world-size times; keep 1/N of it
+                    n = self.world.size
+                    scale = scale / n + (scale - scale / n).detach()
                 loss = self.clip_loss.global_loss(img, txt, scale)
                 total = loss * self.clip_loss.backward_scale
                 if labels is not None:
@@ -176,15 +225,21 @@ class ContrastiveTask(TrainingTask):
         return f"i2t R@10 {metrics['i2t_r10']:.1f}, t2i R@10 {metrics['t2i_r10']:.1f}"
 
     def epoch_summary(self) -> dict:
-        return {"temperature": 1 / float(self.model.scale().detach())}
+        row = {"temperature": 1 / float(self.model.scale().detach())}
+        if self.train.streamed:  # bad samples this process met so far (each rank logs and counts its own)
+            row["bad_samples"] = self.train.images.skipped
+        return row
 
     def identity(self) -> dict:
         keys = ("data", "caption_format", "train_split", "exclude_vqa_rad", "shuffle_captions", "encoder",
                 "encoder_args", "text", "text_args", "clip_model", "embed_dim", "freeze_text", "mlm_weight")
+        if self.cfg.train_data:  # only then: checkpoints of table runs stay resumable
+            keys += ("train_data", "train_num_samples", "shard_mix")
         return {**{k: getattr(self.cfg, k) for k in keys}, "global_batch": self.global_batch}
 
     def state_dict(self) -> dict:
-        return {"before": self.before}
+        return {"before": self.before, "samples_seen": self.samples_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.before = state.get("before")
+        self.samples_seen = int(state.get("samples_seen", 0))

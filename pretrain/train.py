@@ -31,8 +31,11 @@ _BUILT_TEXT = ("bert-tiny", "clip-text-tiny", "clip-text-b")
 
 
 def _load_pairs(cfg: PretrainConfig) -> tuple[list[CaptionPair], list[CaptionPair]]:
+    """(train, held-out) pairs of --data; no train pairs when --train-data streams shards instead."""
     kw = dict(image_column=cfg.image_column, caption_column=cfg.caption_column, exclude_vqa_rad=cfg.exclude_vqa_rad)
-    train = load_captions(cfg.data, cfg.train_split, cfg.caption_format, **kw)
+    train = [] if cfg.train_data else load_captions(cfg.data, cfg.train_split, cfg.caption_format, **kw)
+    if cfg.shuffle_captions and cfg.train_data:
+        raise DataError("--shuffle-captions needs the pairs in a table; it does not apply to --train-data shards")
     if cfg.shuffle_captions:
         train = shuffle_captions(train, cfg.seed)
         log.warning("control run: training captions are shuffled across images")
@@ -85,22 +88,38 @@ def text_table(model: CLIPPretrainModel, captions: list[str], device: torch.devi
     return {"text_features": torch.cat(feats)}
 
 
-def _prepare(cfg: PretrainConfig, device: torch.device, world: World) -> ContrastiveTask:
-    train_pairs, val_pairs = _load_pairs(cfg)
+def _train_split(cfg: PretrainConfig, pairs: list[CaptionPair], device: torch.device) -> tuple[CLIPPretrainModel,
+                                                                                                 Split]:
+    """The model and its training split: the pairs of --data in a table, or the --train-data shards streamed."""
     log.info("building the model (%s image tower, %s text tower)", cfg.clip_model or cfg.encoder,
              cfg.clip_model or cfg.text)
-    model = build_model(cfg, [p.caption for p in train_pairs]).to(device).channels_last_()
+    if cfg.train_data:
+        from .stream import ShardedPairs, expand_shards
+
+        shards = ShardedPairs(expand_shards(cfg.train_data), cfg.seed, cfg.shard_mix, cfg.train_num_samples,
+                              image_column=cfg.image_column, caption_column=cfg.caption_column)
+        # a built text tower's word vocabulary: the captions of the first shards, the same on every rank
+        builds_vocab = cfg.clip_model is None and cfg.text in _BUILT_TEXT
+        model = build_model(cfg, shards.sample_captions(cfg.vocab_captions) if builds_vocab else [])
+        return model.to(device).channels_last_(), Split([], shards, {})
+    model = build_model(cfg, [p.caption for p in pairs]).to(device).channels_last_()
+    images = image_source([p.image for p in pairs], model.image_encoder, cfg.image_cache, cfg.cache_limit_gb,
+                          cfg.workers, cfg.progress)
+    return model, Split(pairs, images, text_table(model, [p.caption for p in pairs], device))
+
+
+def _prepare(cfg: PretrainConfig, device: torch.device, world: World) -> ContrastiveTask:
+    train_pairs, val_pairs = _load_pairs(cfg)
+    model, train = _train_split(cfg, train_pairs, device)
     enc = model.image_encoder
-    train = Split(train_pairs, image_source([p.image for p in train_pairs], enc, cfg.image_cache,
-                                            cfg.cache_limit_gb, cfg.workers, cfg.progress),
-                  text_table(model, [p.caption for p in train_pairs], device))
     val = None
     if val_pairs and world.is_main:  # only the main process evaluates
         val = Split(val_pairs, ImageTable([p.image for p in val_pairs], enc.image_size, enc.in_chans,
                                           cfg.workers, cfg.progress), {})
     task = ContrastiveTask(cfg, model, train, val, device, world, prompts=load_prompts(cfg.prompts))
-    if cfg.epochs and len(train_pairs) < task.global_batch:
-        raise DataError(f"{cfg.data}: {len(train_pairs)} training pairs, fewer than one global batch "
+    if cfg.epochs and task.steps_per_epoch() == 0:
+        n = (cfg.train_num_samples or len(train.images)) if train.streamed else len(train_pairs)
+        raise DataError(f"{cfg.train_data or cfg.data}: {n} training pairs per epoch, fewer than one global batch "
                         f"({task.global_batch} = batch {cfg.batch_size} x accum {cfg.accum_steps} x "
                         f"{world.size} process(es)); lower --batch-size")
     return task

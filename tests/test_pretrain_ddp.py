@@ -28,7 +28,8 @@ def test_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path)
     assert h1[0]["loss"] == pytest.approx(h2[0]["loss"], rel=1e-5)
     # the same gradients (before clipping): DDP's averaging is undone by ClipLoss.backward_scale;
     # without it this norm would be half (Adam and clipping would hide that in the weights)
-    assert h1[0]["grad_norm"] == pytest.approx(h2[0]["grad_norm"], rel=2e-2)
+    # and the logit scale's gradient counted once, not once per rank
+    assert h1[0]["grad_norm"] == pytest.approx(h2[0]["grad_norm"], rel=1e-4)
     a = load_file(str(tmp_path / "one" / "encoder" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "encoder" / "model.safetensors"))
     for key in a:  # equal up to float noise that Adam amplifies for near-zero gradients (lr = 1e-3)

@@ -121,6 +121,32 @@ def test_resume_gives_the_same_next_step(phantom_dir, tmp_path):
         pretrain(replace(part, stop_after=None, resume="latest", seed=5, epochs=3))
 
 
+def test_resume_within_an_epoch_continues_after_the_last_step_saved(phantom_dir, tmp_path, monkeypatch):
+    from pretrain import ContrastiveTask
+
+    cfg = _cfg(phantom_dir, tmp_path / "full", epochs=2, val_split="none", augment=True, batch_size=8)
+    full = pretrain(cfg)["history"]  # 42 pairs: 5 steps per epoch
+    step, calls = ContrastiveTask.training_step, {"n": 0}
+
+    def killed_in_step_8(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return step(self, *args)
+
+    part = replace(cfg, out=str(tmp_path / "part"), checkpoint_every=2)
+    monkeypatch.setattr(ContrastiveTask, "training_step", killed_in_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(part)
+    monkeypatch.undo()
+    calls["n"] = 0
+    monkeypatch.setattr(ContrastiveTask, "training_step", lambda self, *a: calls.update(n=calls["n"] + 1) or
+                        step(self, *a))
+    resumed = pretrain(replace(part, resume="latest"))["history"]
+    assert calls["n"] == 10 - 7  # from the checkpoint after epoch 2's step 2 (steps 2, 4, end of epoch 1, 7)
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6)
+
+
 def test_mlm_loss_is_finite_and_decreases(phantom_dir, tmp_path):
     cfg = _cfg(phantom_dir, tmp_path / "run", epochs=6, mlm_weight=1.0, mlm_probability=0.3, val_split="none",
                batch_size=8, lr=3e-3)

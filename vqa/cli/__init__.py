@@ -19,6 +19,7 @@ COMMANDS = {
     "phantom": ("phantom", "generate the phantom dataset in the VQA-RAD, SLAKE and PMC-VQA formats"),
     "data": ("data", "dataset statistics and majority baselines"),
     "pretrain": ("pretrain", "CLIP-pretrain an image encoder on image-caption pairs (+ optional masked-LM)"),
+    "shards": ("shards", "write image-caption pairs as WebDataset tar shards for streaming pretraining"),
     "pretrain-eval": ("pretrain_eval", "retrieval and zero-shot scores of a CLIP model on a caption split"),
     "probe": ("probe", "linear probes of an encoder's frozen features on the phantom's ground truth"),
     "classify": ("classify", "image classification with any encoder: linear probe, fine-tuning or CLIP zero-shot "

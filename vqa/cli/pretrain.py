@@ -17,6 +17,8 @@ EXAMPLE = """examples:
   medvqa pretrain --text bert-tiny --mlm-weight 1.0 ...           # PMC-CLIP: + masked-LM loss
   medvqa pretrain ... --epochs 0 --out runs/untrained             # the untrained towers: a control
   torchrun --nproc_per_node 4 -m vqa.cli pretrain --precision bf16 ...   # DDP; --batch-size is per GPU
+  medvqa shards --data path/to/pmc-oa --out shards && medvqa pretrain --train-data 'shards/{000000..000099}.tar' \\
+      --train-num-samples 100000 --workers 4 --checkpoint-every 500 ...  # streamed; resumable mid-epoch
   medvqa pretrain ... --resume latest                               # continue OUT/checkpoint.pt
 
 OUT gets run_config.json, history.json/.csv, checkpoint.pt (each epoch), metrics.json
@@ -42,6 +44,16 @@ def build_parser():
     g.add_argument("--caption-column", default=d.caption_column)
     g.add_argument("--exclude-vqa-rad", action="store_true", help="drop pairs marked also_in_vqa_rad (MedPix 2.0)")
     g.add_argument("--shuffle-captions", action="store_true", help="control: captions paired with random images")
+    g.add_argument("--train-data", default=None, metavar="SHARDS",
+                   help="stream WebDataset tar shards for training (`medvqa shards`, img2dataset): a folder, "
+                        "'dir/{000000..000009}.tar' or a glob; or Parquet files (a `datasets` folder; "
+                        "--image-column/--caption-column); --data then gives only the held-out split")
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="samples per epoch with --train-data (default: one pass over the shards)")
+    g.add_argument("--shard-mix", type=int, default=d.shard_mix,
+                   help="shards whose samples are shuffled together into batches (default: %(default)s)")
+    g.add_argument("--vocab-captions", type=int, default=d.vocab_captions,
+                   help="with --train-data: captions read for a built text tower's vocabulary (default: %(default)s)")
     g.add_argument("--prompts", default=None, help="zero-shot prompt JSON (default: the phantom's; fields whose "
                                                    "classes it does not name are skipped)")
     g = p.add_argument_group("model")
@@ -71,7 +83,11 @@ def build_parser():
     g.add_argument("--cache-limit-gb", type=float, default=d.cache_limit_gb)
     g.add_argument("--workers", type=int, default=d.workers, help="decoding processes (default: %(default)s)")
     g.add_argument("--augment", action="store_true", help="small random affine per image (no flips)")
-    g = add_engine_arguments(p, d)["optimisation"]
+    groups = add_engine_arguments(p, d)
+    groups["outputs"].add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                                   help="also checkpoint every STEPS optimizer steps within an epoch; --resume "
+                                        "continues after the last one saved (default: at epoch ends only)")
+    g = groups["optimisation"]
     g.add_argument("--accum-steps", type=int, default=d.accum_steps,
                    help="micro-batches per optimizer step; the negatives span all of them")
     g.add_argument("--text-lr", type=float, default=None, help="learning rate of a trained text tower (default: --lr)")

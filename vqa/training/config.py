@@ -24,5 +24,7 @@ class EngineConfig:
     # outputs
     out: str = "runs/run"
     resume: str | None = None  # "latest" (OUT/checkpoint.pt) or a checkpoint path
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps within an epoch (0: at epoch ends only);
+    #                            resuming continues after the last step saved (tasks that can: pretraining)
     stop_after: int | None = None  # end this run after N epochs (continue later with --resume latest)
     progress: bool = True  # progress bars

@@ -102,6 +102,11 @@ class Trainer:
         self.model = model
         self.ema = WeightAverage(task.model, self.state_keys, cfg.ema_decay) if cfg.ema_decay else None
         self.skipped_in_a_row = 0
+        self._progress: tuple[list, dict | None, dict | None] = ([], None, None)  # history, best, best state
+        if cfg.checkpoint_every and not task.resumable_mid_epoch:
+            raise DataError(f"--checkpoint-every {cfg.checkpoint_every}: this command checkpoints at epoch ends only")
+        if cfg.checkpoint_every < 0:
+            raise DataError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {cfg.checkpoint_every}")
         self.identity = json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed,
                                                         "ema_decay": cfg.ema_decay})))
 
@@ -143,14 +148,17 @@ class Trainer:
         return values, out.samples
 
     # -- one epoch -----------------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, start_step: int = 0, carry: dict | None = None) -> dict[str, float]:
+        """One epoch from `start_step` (a resumed one continues the `carry` of its checkpoint: sums, samples)."""
         self.task.model.train()
-        totals: dict[str, float] = defaultdict(float)
-        seen, skipped, started = 0, 0, time.perf_counter()
-        bar = tqdm(self.task.train_steps(epoch), total=self.task.steps_per_epoch(),
-                   desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+        totals: dict[str, float] = defaultdict(float, (carry or {}).get("totals", {}))
+        seen, skipped = (carry or {}).get("samples", 0), (carry or {}).get("skipped_steps", 0)
+        started = time.perf_counter() - (carry or {}).get("seconds", 0.0)
+        steps, every = self.task.steps_per_epoch(), self.cfg.checkpoint_every
+        items = self.task.train_steps(epoch, start_step) if start_step else self.task.train_steps(epoch)
+        bar = tqdm(items, total=steps - start_step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.world.is_main))
-        for s, item in enumerate(bar):
+        for s, item in enumerate(bar, start_step):
             values, samples = self.train_step(item, f"epoch {epoch + 1}, step {s + 1}")
             skipped += self.skipped_in_a_row > 0
             for key, value in values.items():
@@ -158,6 +166,9 @@ class Trainer:
                     totals[key] += value * samples
             seen += samples
             bar.set_postfix(loss=f"{totals['loss'] / max(seen, 1):.3f}")
+            if every and (s + 1) % every == 0 and s + 1 < steps:
+                totals, seen = self._checkpoint_within(epoch, s + 1, totals, seen, skipped,
+                                                       time.perf_counter() - started)
         seconds = time.perf_counter() - started
         totals, seen = all_reduce_sums(dict(totals), seen, self.world)  # every rank's samples count
         row = {k: v / max(seen, 1) for k, v in totals.items()}
@@ -167,17 +178,35 @@ class Trainer:
             row.update(skipped_steps=skipped, loss_scale=self.scaler.get_scale())
         return row
 
+    def _checkpoint_within(self, epoch: int, step: int, totals: dict, seen: int, skipped: int,
+                           seconds: float) -> tuple[defaultdict, int]:
+        """A checkpoint after `step` steps of `epoch`: the main process keeps the sums of every rank, the others
+        start again from zero, so the epoch's final all-reduce counts each sample once."""
+        totals, seen = all_reduce_sums(dict(totals), seen, self.world)
+        if self.world.is_main:
+            history, best, best_state = self._progress
+            self._checkpoint(epoch - 1, history, best, best_state,
+                             partial={"epoch": epoch, "step": step, "samples": seen, "totals": totals,
+                                      "skipped_steps": skipped, "seconds": seconds})
+            return defaultdict(float, totals), seen
+        return defaultdict(float, {k: 0.0 for k in totals}), 0
+
     # -- the run -------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         if self.world.is_main:
             sweep_stale_temps(self.out)  # checkpoint or bundle writes of a run that was killed
-        start, history, best, best_state = self._resume()
+        start, history, best, best_state, partial = self._resume()
         last = self.cfg.epochs if self.cfg.stop_after is None else min(self.cfg.epochs, start + self.cfg.stop_after)
         selection = self.task.selection
         if self.world.is_main:
             self.task.on_fit_start()
         for epoch in range(start, last):
-            row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            self._progress = (history, best, best_state)  # what a checkpoint within this epoch keeps
+            if partial is not None:
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch, partial["step"], partial)}
+                partial = None
+            else:
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if self.world.is_main:
                 note = ""
                 with self._averaged():  # with --ema, the average is what is scored and kept
@@ -212,7 +241,9 @@ class Trainer:
     def _averaged(self):
         return self.ema.applied(self.task.model) if self.ema is not None else contextlib.nullcontext()
 
-    def _checkpoint(self, epoch: int, history: list, best: dict | None, best_state: dict | None) -> None:
+    def _checkpoint(self, epoch: int, history: list, best: dict | None, best_state: dict | None,
+                    partial: dict | None = None) -> None:
+        """`epoch`: the last one completed (-1: none); `partial`: where within the next one the run is."""
         state = {"epoch": epoch, "identity": json.dumps(self.identity),
                  "config": json.dumps(jsonable(dataclasses.asdict(self.cfg))),
                  "model": trainable_state(self.task.model, self.state_keys), "best_state": best_state or {},
@@ -223,13 +254,16 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if partial is not None:
+            state["partial"] = json.dumps(partial)
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
 
-    def _resume(self) -> tuple[int, list, dict | None, dict | None]:
-        """(first epoch to run, history, best, best state) from `--resume`, or a fresh start."""
+    def _resume(self) -> tuple[int, list, dict | None, dict | None, dict | None]:
+        """(first epoch to run, history, best, best state, where within that epoch) from `--resume`, or a fresh
+        start."""
         path = resolve_resume(self.cfg.resume, self.out)
         if path is None:
-            return 0, [], None, None
+            return 0, [], None, None, None
         state = load_checkpoint(path)
         if "identity" not in state:
             raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
@@ -248,8 +282,16 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
         self.task.load_state_dict(json.loads(state["task"]))
-        log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
-        return state["epoch"] + 1, json.loads(state["history"]), json.loads(state["best"]), state["best_state"] or None
+        partial = json.loads(state["partial"]) if "partial" in state else None
+        if partial is not None:
+            partial["samples"] = partial["samples"] if self.world.is_main else 0  # the main process holds the sums
+            partial["totals"] = partial["totals"] if self.world.is_main else {k: 0.0 for k in partial["totals"]}
+            log.info("resumed from %s at epoch %d, step %d (%d samples seen in it)", path, partial["epoch"] + 1,
+                     partial["step"], partial["samples"])
+        else:
+            log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
+        return (state["epoch"] + 1, json.loads(state["history"]), json.loads(state["best"]),
+                state["best_state"] or None, partial)
 
     def _write_history(self, history: list[dict]) -> None:
         atomic_write_json(self.out / "history.json", history)

@@ -65,6 +65,7 @@ class TrainingTask:
 
     model: nn.Module
     selection: Selection | None = None  # None: keep the last epoch
+    resumable_mid_epoch: bool = False  # train_steps(epoch, start_step) repeats the rest of an epoch exactly
 
     # -- required ------------------------------------------------------------------------
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -73,8 +74,9 @@ class TrainingTask:
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
 
-    def train_steps(self, epoch: int) -> Iterable[Any]:
-        """One item per optimizer step of `epoch`, this rank's share (see `schedule.epoch_plan`)."""
+    def train_steps(self, epoch: int, start_step: int = 0) -> Iterable[Any]:
+        """One item per optimizer step of `epoch` from `start_step` on, this rank's share (see
+        `schedule.epoch_plan`); a task without `resumable_mid_epoch` is only called with start_step 0."""
         raise NotImplementedError
 
     def training_step(self, model: nn.Module, item: Any, step: StepContext) -> StepOutput:
