@@ -14,19 +14,22 @@ Every row is verified before it is served: its stored image hash must be the one
 asked for and its checksum must match, so an edited index or damaged features are
 found out; a cache that fails verification is rebuilt (with a warning), never trusted.
 A changed encoder fingerprint (or grid shape) rebuilds the cache from scratch.
-One writer at a time: in distributed runs let rank 0 call `ensure`, then barrier.
+One writer at a time: in distributed runs let rank 0 call `ensure`, then barrier; or let each
+rank `add` to a part cache of its own and rank 0 `merge` the parts after a barrier.
+Lookups read only the rows asked for: features.f16 is a numpy.memmap, never loaded whole.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import zlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +66,11 @@ def image_hash(src: ImageSource) -> str:
     h = hashlib.sha256(f"{img.mode}|{img.size[0]}x{img.size[1]}|".encode())
     h.update(img.tobytes())
     return h.hexdigest()
+
+
+def bytes_hash(data: bytes) -> str:
+    """`image_hash` of a file holding `data` (a shard member written from that file's own bytes)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -221,46 +229,124 @@ class FeatureCache:
         logger.info("feature cache %s: %d hits, %d to compute (%d images asked)",
                     self.folder, len(images) - sum(h in todo for h in hashes), len(todo), len(images))
         if todo:
-            self._compute_and_append(todo, batch_size, device, progress)
+            self.add(todo.items(), batch_size, device, progress, total=len(todo))
         return hashes
 
-    @torch.no_grad()
-    def _compute_and_append(self, todo: dict[str, ImageSource], batch_size: int,
-                            device: str | torch.device | None, progress: bool) -> None:
+    def add(self, items: Iterable[tuple[str, ImageSource]], batch_size: int = 32,
+            device: str | torch.device | None = None, progress: bool = True, total: int | None = None,
+            desc: str | None = None) -> int:
+        """Encode images under the hashes given with them and append them; returns how many rows were added.
+
+        For images whose hash the caller knows without a file to hash (a tar shard's member: the sha256 of
+        its bytes is `image_hash` of the file it was written from). Hashes already cached or repeated are
+        skipped; one batch of images is in memory at a time; all new rows are committed at the end."""
+        if self.encoder is None:
+            raise RuntimeError(f"feature cache {self.folder} was opened without an encoder; cannot compute")
         encoder = self.encoder
-        assert encoder is not None
         device = torch.device(device) if device is not None else next(encoder.parameters()).device
         was_training = encoder.training
         encoder.to(device).eval()  # frozen features: BatchNorm statistics, no dropout
-        items = list(todo.items())
-        features, keys = self.folder / FEATURES_NAME, self.folder / KEYS_NAME
-        bar = _progress(len(items), f"caching {encoder.name} features", progress)
+        bar = _progress(total, desc or f"caching {encoder.name} features", progress)
         try:
-            with atomic_write(features, binary=True) as out, atomic_write(keys, binary=True) as key_out:
-                for path, sink, size in ((features, out, self._index["row_size"] * 2), (keys, key_out, KEY_BYTES)):
-                    if self._index["count"] and path.exists():
-                        with open(path, "rb") as old:  # keep old rows in place: existing indices stay valid
-                            shutil.copyfileobj(old, sink)
-                    sink.truncate(self._index["count"] * size)  # drop any unindexed tail
-                    sink.seek(0, os.SEEK_END)
-                for start in range(0, len(items), batch_size):
-                    batch = items[start:start + batch_size]
-                    feats = encoder.encode([img for _, img in batch], device)
-                    rows = torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1).numpy()  # (B, N*D + D)
-                    out.write(rows.tobytes())
-                    key_out.write(b"".join(bytes.fromhex(h) + zlib.crc32(row.tobytes()).to_bytes(4, "little")
-                                           for (h, _), row in zip(batch, rows)))
-                    bar.update(len(batch))
+            added = self._append(self._encoded(items, batch_size, device, bar))
         finally:
             bar.close()
             encoder.train(was_training)
-        count = self._index["count"]
-        for offset, (h, _) in enumerate(items):
+        if added:
+            logger.info("feature cache %s: added %d images (now %d)", self.folder, added, self._index["count"])
+        return added
+
+    def _encoded(self, items: Iterable[tuple[str, ImageSource]], batch_size: int, device: torch.device,
+                 bar) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(hashes, rows (B, N*D + D) float16) for the items not cached yet, `batch_size` images at a time."""
+        assert self.encoder is not None
+        seen = set(self._rows)
+        batch: list[tuple[str, ImageSource]] = []
+        consumed = 0
+        for h, img in items:
+            consumed += 1
+            if h in seen:
+                continue
+            seen.add(h)
+            batch.append((h, img))
+            if len(batch) == batch_size:
+                yield self._encode_batch(batch, device)
+                bar.update(consumed)
+                batch, consumed = [], 0
+        if batch:
+            yield self._encode_batch(batch, device)
+        bar.update(consumed)
+
+    def _encode_batch(self, batch: list[tuple[str, ImageSource]], device: torch.device):
+        feats = self.encoder.encode([img for _, img in batch], device)  # type: ignore[union-attr]
+        return [h for h, _ in batch], torch.cat([feats["grid"].flatten(1), feats["pooled"]], dim=1).numpy()
+
+    def _append(self, chunks: Iterable[tuple[list[str], np.ndarray]]) -> int:
+        """Write the old rows and then every chunk's to temp files, rename them, then the index."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            return 0  # nothing new: the files stay untouched
+        row_size, count = self._index["row_size"], self._index["count"]
+        features, keys = self.folder / FEATURES_NAME, self.folder / KEYS_NAME
+        added: list[str] = []
+        with atomic_write(features, binary=True) as out, atomic_write(keys, binary=True) as key_out:
+            for path, sink, size in ((features, out, row_size * 2), (keys, key_out, KEY_BYTES)):
+                if count and path.exists():
+                    with open(path, "rb") as old:  # keep old rows in place: existing indices stay valid
+                        shutil.copyfileobj(old, sink)
+                sink.truncate(count * size)  # drop any unindexed tail
+                sink.seek(0, os.SEEK_END)
+            for hashes, rows in itertools.chain([first], chunks):
+                rows = np.ascontiguousarray(rows, dtype=np.float16)
+                if rows.shape != (len(hashes), row_size):
+                    raise DataError(f"feature cache {self.folder}: {len(hashes)} rows of shape {rows.shape[1:]} "
+                                    f"given, expected rows of {row_size} values")
+                out.write(rows.tobytes())
+                key_out.write(b"".join(bytes.fromhex(h) + zlib.crc32(row.tobytes()).to_bytes(4, "little")
+                                       for h, row in zip(hashes, rows)))
+                added += hashes
+        for offset, h in enumerate(added):
             self._rows[h] = count + offset
-        self._index["count"] = count + len(items)
+        self._index["count"] = count + len(added)
         atomic_write_json(self.folder / INDEX_NAME, self._index, indent=None)
         self._memmap = None  # remap at the new size on next lookup
-        logger.info("feature cache %s: added %d images (now %d)", self.folder, len(items), self._index["count"])
+        return len(added)
+
+    def merge(self, parts: Sequence[str | os.PathLike], chunk_rows: int = 1024) -> int:
+        """Append the rows of other caches of the same encoder (the parts that ranks wrote) that this one lacks,
+        in the order of `parts` and of their rows; returns how many were added.
+
+        Every row is verified as `lookup` verifies it (its stored image hash and checksum) before it is
+        copied, `chunk_rows` rows at a time (a part is never read whole into memory). Written like every
+        append, temp files then rename: a merge that fails or is killed leaves this cache as it was. A part of
+        another encoder, or a row failing verification, is a DataError naming the part and the image."""
+        opened = [FeatureCache.open(part) for part in parts]
+        for part in opened:
+            if part.fingerprint != self.fingerprint or part.grid_shape != self.grid_shape:
+                raise DataError(f"{part.folder}: features of encoder {part._index.get('encoder')} (fingerprint "
+                                f"{part.fingerprint[:12]}, grid {list(part.grid_shape)}), not of this cache's "
+                                f"{self._index['encoder']} ({self.fingerprint[:12]}, grid {list(self.grid_shape)}); "
+                                "every rank must load the same encoder weights")
+        added = self._append(self._part_rows(opened, chunk_rows))
+        logger.info("feature cache %s: merged %d part(s), %d new images (now %d)", self.folder, len(opened), added,
+                    self._index["count"])
+        return added
+
+    def _part_rows(self, parts: Sequence["FeatureCache"], chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+        seen = set(self._rows)
+        for part in parts:
+            order = sorted(part._rows, key=part._rows.__getitem__)  # row order: the order the part was written in
+            for start in range(0, len(order), chunk_rows):
+                hashes = [h for h in order[start:start + chunk_rows] if h not in seen]
+                if not hashes:
+                    continue
+                bad = part.unverified(hashes)
+                if bad:
+                    raise DataError(f"{part.folder}: row {part._rows[bad[0]]} (image {bad[0][:12]}) fails "
+                                    f"verification ({len(bad)} such row(s)): the part is damaged; encode it again")
+                seen.update(hashes)
+                yield hashes, part._features()[np.array([part._rows[h] for h in hashes], dtype=np.int64)]
 
 
 def _empty_index(encoder: ImageEncoder, fingerprint: str | None = None) -> dict[str, Any]:

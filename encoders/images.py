@@ -76,8 +76,21 @@ def _load_path(path: Path, max_side: int | None = None) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if is_dicom(path):
         return load_dicom(path)
+    return _decode(path, path, max_side)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """An image file's bytes (a tar shard's member) as `load_image` gives the same file from disk: the same
+    decode, frame and orientation, so features of a shard member equal those of its source file. Raises
+    ValueError naming `name` when the bytes are not a readable image (DICOM is not read from bytes)."""
+    import io
+
+    return _decode(io.BytesIO(data), Path(name), None)
+
+
+def _decode(source, path: Path, max_side: int | None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             check_pixels(*img.size, path)  # from the header: nothing is decoded yet
             width, height = img.size
             if max_side and img.format == "JPEG" and max(width, height) >= 2 * max_side:

@@ -185,3 +185,88 @@ def test_a_damaged_cache_is_rebuilt_never_served(tmp_path, encoder, images, dama
     features = again.lookup(hashes)
     for key in truth:
         assert torch.equal(features[key], truth[key]), key
+
+
+# -- parts written apart (one per rank) and merged; lookups read only the rows asked for ----------------------
+def _part(folder, encoder, images):
+    """A part cache holding `images` under their files' hashes, encoded from their bytes as a shard holds them."""
+    from encoders import bytes_hash
+    from encoders.images import decode_image
+
+    part = FeatureCache.open(folder, encoder)
+    items = [(bytes_hash(p.read_bytes()), decode_image(p.read_bytes(), str(p))) for p in images]
+    part.add(items, batch_size=2, progress=False)
+    return folder
+
+
+def test_images_decoded_from_bytes_give_the_features_of_their_files(tmp_path, encoder, images):
+    from encoders.images import decode_image
+
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(images[0]).save(jpeg, quality=90)
+    files = [images[1], jpeg]
+    direct = encoder.encode(files)
+    decoded = encoder.encode([decode_image(p.read_bytes(), str(p)) for p in files])
+    for key in direct:
+        assert torch.equal(direct[key], decoded[key]), key
+    with pytest.raises(ValueError, match="member.png: not a readable image"):
+        decode_image(b"not an image", "shard.tar/member.png")
+
+
+def test_merged_parts_equal_a_cache_filled_directly(tmp_path, encoder, images):
+    direct = FeatureCache.open(tmp_path / "direct", encoder)
+    hashes = direct.ensure(images, batch_size=2, progress=False)
+    merged = FeatureCache.open(tmp_path / "merged", encoder)
+    merged.ensure(images[:1], progress=False)
+    parts = [_part(tmp_path / "part0", encoder, images[:3]), _part(tmp_path / "part1", encoder, images[2:])]
+    assert merged.merge(parts) == 4  # images[0] was cached, images[2] is in both parts: each added once
+    again = FeatureCache.open(tmp_path / "merged", encoder)
+    assert len(again) == 5 and not again.unverified(hashes)
+    for key, value in direct.lookup(hashes).items():
+        assert torch.equal(again.lookup(hashes)[key], value), key
+    assert merged.merge(parts) == 0  # nothing new: nothing rewritten
+    assert (tmp_path / "direct" / "features.f16").read_bytes() == (tmp_path / "merged" / "features.f16").read_bytes()
+
+
+def test_a_damaged_part_fails_the_merge_and_leaves_the_cache_as_it_was(tmp_path, encoder, images):
+    cache = FeatureCache.open(tmp_path / "cache", encoder)
+    hashes = cache.ensure(images[:2], progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    part = _part(tmp_path / "part", encoder, images[2:])
+    features = part / "features.f16"
+    data = bytearray(features.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the second of three rows
+    features.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{part}: row 1 .*fails verification"):
+        cache.merge([part])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before  # no temp file left either
+    assert len(FeatureCache.open(tmp_path / "cache", encoder).lookup(hashes)["pooled"]) == 2
+
+    torch.manual_seed(1)
+    other = create_encoder("clip-vit-tiny").freeze()  # same architecture, other weights
+    with pytest.raises(DataError, match="every rank must load the same encoder weights"):
+        cache.merge([_part(tmp_path / "other", other, images[2:3])])
+
+
+def test_lookup_maps_the_features_and_reads_only_the_rows_asked_for(tmp_path, encoder):
+    import tracemalloc
+
+    cache = FeatureCache.open(tmp_path / "cache", encoder)
+    rows, size = 4000, cache._index["row_size"]
+    rng = np.random.default_rng(0)
+    hashes = [f"{i:064x}" for i in range(rows)]
+    cache._append((hashes[s:s + 500], rng.standard_normal((500, size)).astype(np.float16))
+                  for s in range(0, rows, 500))
+    reader = FeatureCache.open(tmp_path / "cache")
+    file_bytes = (tmp_path / "cache" / "features.f16").stat().st_size
+    assert file_bytes == rows * size * 2
+    tracemalloc.start()
+    try:
+        feats = reader.lookup(hashes[1000:1008])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(reader._features(), np.memmap)
+    assert feats["pooled"].shape == (8, 64)
+    # 8 rows as float32 and their float16 copy are ~52 kB; the file is 8.7 MB
+    assert peak < 8 * size * 4 * 4 < file_bytes // 50
