@@ -265,6 +265,22 @@ class _ShardReader:
             return f"member {key}.txt: empty caption"
         return image, text, key
 
+    def num_samples(self, j: int) -> int:
+        """The samples shard j holds (read from its tar headers): those before any damage."""
+        return len(self._shard(j)[0].samples)
+
+    def damage(self, j: int) -> str | None:
+        """Why shard j's tar could not be read to its end, or None."""
+        return self._shard(j)[0].truncated
+
+    def image_bytes(self, j: int, n: int) -> tuple[bytes, str, str]:
+        """(bytes, key, member name) of the image of sample n < num_samples(j) of shard j, undecoded and with
+        or without a caption (what the feature cache hashes and encodes)."""
+        index, f = self._shard(j)
+        key, member, (offset, size), _ = index.samples[n]
+        f.seek(offset)
+        return f.read(size), key, member
+
     def close(self) -> None:
         for _, f in self.open.values():
             f.close()

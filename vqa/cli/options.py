@@ -22,19 +22,23 @@ def command_parser(prog: str, description: str, example: str) -> argparse.Argume
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_dataset_arguments(group, *, data_default: str | None = None, data_positional: bool = False) -> None:
-    """--format (required unless defaulted by the caller), --data (or a positional ROOT), --lang."""
+def add_dataset_arguments(group, *, data_default: str | None = None, data_positional: bool = False,
+                          required: bool | None = None) -> None:
+    """--format (required unless defaulted by the caller), --data (or a positional ROOT), --lang;
+    `required=False`: the command checks itself (another flag can stand in for --data)."""
     if data_positional:
         group.add_argument("root", help="dataset folder (or a `datasets` folder / hub id with --format hf)")
     else:
-        group.add_argument("--data", default=data_default, required=data_default is None,
+        group.add_argument("--data", default=data_default,
+                           required=data_default is None if required is None else required,
                            help="dataset folder (or a `datasets` folder / hub id with --format hf)"
                            + (f" (default: {data_default})" if data_default else ""))
     group.add_argument("--lang", default="en", help="question language: en, zh (SLAKE) or all (default: en)")
 
 
-def add_format_argument(group, default: str | None = None) -> None:
-    group.add_argument("--format", default=default, required=default is None, choices=FORMAT_CHOICES,
+def add_format_argument(group, default: str | None = None, required: bool | None = None) -> None:
+    group.add_argument("--format", default=default, required=default is None if required is None else required,
+                       choices=FORMAT_CHOICES,
                        help="the dataset's on-disk format" + (f" (default: {default})" if default else ""))
 
 

@@ -79,6 +79,15 @@ def all_reduce_sums(totals: dict[str, float], count: int, world: World) -> tuple
     return dict(zip(keys, values[1:].tolist())), int(values[0])
 
 
+def all_gather_objects(obj, world: World) -> list:
+    """`obj` (picklable) of every rank, in rank order; [obj] in a single process."""
+    if not world.distributed:
+        return [obj]
+    gathered: list = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

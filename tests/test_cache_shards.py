@@ -1,0 +1,132 @@
+"""`medvqa cache-features --train-data`: every image of tar shards into the feature cache, keyed as the source
+files are, split across ranks and merged by rank 0, bad members skipped with a warning naming them."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoders import FeatureCache, create_encoder
+from pretrain.data import load_captions
+from pretrain.shard_features import ShardFeaturesConfig, cache_shard_features, shard_block
+from pretrain.shards import write_shards
+from vqa.cli import main as cli
+from vqa.errors import DataError
+
+from .conftest import spawn_ranks
+
+
+@pytest.fixture(scope="module")
+def corpus(phantom_dir, tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    """(shard folder, saved encoder, source images): 12 phantom pairs in 3 shards of 4, a clip-vit-tiny saved
+    once so that every process loads the same weights."""
+    root = tmp_path_factory.mktemp("cache-shards")
+    pairs = load_captions(phantom_dir / "captions", "train")[:12]
+    write_shards(pairs, root / "shards", shard_size=4, progress=False)
+    torch.manual_seed(0)
+    create_encoder("clip-vit-tiny").save_pretrained(root / "encoder")
+    return root / "shards", root / "encoder", [Path(p.image) for p in pairs]
+
+
+def _cache_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_shard_blocks_cover_the_shards_once_in_order():
+    for n, world in ((5, 2), (3, 4), (8, 3), (1, 1)):
+        blocks = [shard_block(n, r, world) for r in range(world)]
+        assert [j for b in blocks for j in b] == list(range(n))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_shard_features_are_the_source_files_features_under_their_keys(corpus, tmp_path, capsys):
+    shards, encoder_dir, sources = corpus
+    cache_dir = tmp_path / "cache"
+    assert cli(["cache-features", "--encoder", str(encoder_dir), "--train-data", f"{shards}/{{000000..000002}}.tar",
+                "--cache-dir", str(cache_dir), "--batch-size", "5", "--device", "cpu", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == summary["added"] == summary["cached"] == 12 and summary["bad"] == 0
+    folder = Path(summary["cache"])
+    assert folder.parent == cache_dir and not (folder / ".parts").exists()
+
+    encoder = create_encoder(str(encoder_dir)).freeze()
+    direct = FeatureCache.open(tmp_path / "direct", encoder)
+    hashes = direct.ensure(sources, batch_size=5, progress=False)
+    from_shards = FeatureCache.open(folder, encoder)
+    calls = []
+    encoder.forward_features = lambda pixels, f=encoder.forward_features: calls.append(len(pixels)) or f(pixels)
+    assert from_shards.ensure(sources, progress=False) == hashes and calls == []  # every source file is a hit
+    for key, value in direct.lookup(hashes).items():
+        assert torch.equal(from_shards.lookup(hashes)[key], value), key
+    assert _cache_files(folder) == _cache_files(tmp_path / "direct")  # the same rows in the same order
+
+    again = cache_shard_features(ShardFeaturesConfig(str(shards), str(encoder_dir), str(cache_dir), device="cpu",
+                                                     progress=False))
+    assert again["added"] == 0 and again["samples"] == 12 and again["cached"] == 12
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_cache_that_one_process_writes(corpus, tmp_path):
+    shards, encoder_dir, _ = corpus
+    one = cache_shard_features(ShardFeaturesConfig(str(shards), str(encoder_dir), str(tmp_path / "one"),
+                                                   batch_size=3, device="cpu", progress=False))
+    spawn_ranks(cache_shard_features, ShardFeaturesConfig(str(shards), str(encoder_dir), str(tmp_path / "two"),
+                                                          batch_size=3, device="cpu", progress=False))
+    folder_one = Path(one["cache"])
+    folder_two = tmp_path / "two" / folder_one.name
+    assert sorted(p.name for p in folder_two.iterdir()) == ["features.f16", "index.json", "keys.bin"]
+    assert _cache_files(folder_two) == _cache_files(folder_one)
+
+
+def _corrupt_member(shards: Path, out: Path, shard: str, member: str) -> Path:
+    shutil.copytree(shards, out)
+    with tarfile.open(out / shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(out / shard, "w") as tar:
+        for name, data in members:
+            data = data[:100] if name == member else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def test_a_corrupt_member_is_skipped_with_a_warning_naming_shard_and_member(corpus, tmp_path, caplog):
+    shards, encoder_dir, _ = corpus
+    with tarfile.open(shards / "000001.tar") as tar:
+        member = next(m.name for m in tar if m.name.endswith((".png", ".jpg")))
+    damaged = _corrupt_member(shards, tmp_path / "damaged", "000001.tar", member)
+    with caplog.at_level(logging.WARNING):
+        summary = cache_shard_features(ShardFeaturesConfig(str(damaged), str(encoder_dir), str(tmp_path / "cache"),
+                                                           device="cpu", progress=False))
+    assert summary["bad"] == 1 and summary["added"] == summary["cached"] == 11 and summary["samples"] == 12
+    assert f"{damaged / '000001.tar'}: member {member}: not a readable image" in caplog.text
+
+
+def test_a_pattern_matching_no_file_is_an_error_before_any_work(corpus, tmp_path, monkeypatch, capsys):
+    import pretrain.shard_features as shard_features
+
+    shards, encoder_dir, _ = corpus
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("an encoder was built before the shards were checked")
+
+    monkeypatch.setattr(shard_features, "create_encoder", no_work)
+    with pytest.raises(DataError, match="matches no file"):
+        cache_shard_features(ShardFeaturesConfig(f"{tmp_path}/{{000000..000003}}.tar", str(encoder_dir),
+                                                 str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+    assert cli(["cache-features", "--encoder", str(encoder_dir), "--train-data", f"{tmp_path}/*.tar"]) != 0
+    assert "matches no file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["cache-features", "--encoder", str(encoder_dir), "--train-data", str(shards), "--format", "vqa-rad"])
+    assert "replaces --format/--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["cache-features", "--encoder", str(encoder_dir)])
+    assert "--format and --data are required (or --train-data" in capsys.readouterr().err
