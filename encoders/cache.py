@@ -306,10 +306,11 @@ class FeatureCache:
                 key_out.write(b"".join(bytes.fromhex(h) + zlib.crc32(row.tobytes()).to_bytes(4, "little")
                                        for h, row in zip(hashes, rows)))
                 added += hashes
-        for offset, h in enumerate(added):
-            self._rows[h] = count + offset
-        self._index["count"] = count + len(added)
-        atomic_write_json(self.folder / INDEX_NAME, self._index, indent=None)
+        rows = dict(self._rows)
+        rows.update((h, count + offset) for offset, h in enumerate(added))
+        index = {**self._index, "rows": rows, "count": count + len(added)}
+        atomic_write_json(self.folder / INDEX_NAME, index, indent=None)
+        self._index, self._rows = index, rows  # only once on disk: a failed write leaves this object as it was
         self._memmap = None  # remap at the new size on next lookup
         return len(added)
 

@@ -109,6 +109,19 @@ def test_a_corrupt_member_is_skipped_with_a_warning_naming_shard_and_member(corp
     assert f"{damaged / '000001.tar'}: member {member}: not a readable image" in caplog.text
 
 
+def test_a_truncated_shard_keeps_the_members_before_the_damage_with_a_warning(corpus, tmp_path, caplog):
+    shards, encoder_dir, _ = corpus
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    data = (damaged / "000002.tar").read_bytes()
+    (damaged / "000002.tar").write_bytes(data[:len(data) // 2])
+    with caplog.at_level(logging.WARNING):
+        summary = cache_shard_features(ShardFeaturesConfig(str(damaged), str(encoder_dir), str(tmp_path / "cache"),
+                                                           device="cpu", progress=False))
+    assert 8 <= summary["added"] < 12 and summary["bad"] == 1
+    assert f"{damaged / '000002.tar'}: member" in caplog.text and "not cached" in caplog.text
+
+
 def test_a_pattern_matching_no_file_is_an_error_before_any_work(corpus, tmp_path, monkeypatch, capsys):
     import pretrain.shard_features as shard_features
 

@@ -270,3 +270,27 @@ def test_lookup_maps_the_features_and_reads_only_the_rows_asked_for(tmp_path, en
     assert feats["pooled"].shape == (8, 64)
     # 8 rows as float32 and their float16 copy are ~52 kB; the file is 8.7 MB
     assert peak < 8 * size * 4 * 4 < file_bytes // 50
+
+
+def test_a_merge_killed_before_its_index_is_written_leaves_the_old_cache_valid(tmp_path, encoder, images,
+                                                                                 monkeypatch):
+    import encoders.cache as cache_module
+
+    cache = FeatureCache.open(tmp_path / "cache", encoder)
+    hashes = cache.ensure(images[:2], progress=False)
+    truth = cache.lookup(hashes)
+    part = _part(tmp_path / "part", encoder, images[2:])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the features and keys are already renamed into place, the index is not
+
+    monkeypatch.setattr(cache_module, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.merge([part])
+    monkeypatch.undo()
+    assert len(cache) == 2 and torch.equal(cache.lookup(hashes)["grid"], truth["grid"])
+    reopened = FeatureCache.open(tmp_path / "cache", encoder)
+    assert len(reopened) == 2 and not reopened.unverified(hashes)
+    for key, value in truth.items():
+        assert torch.equal(reopened.lookup(hashes)[key], value), key
+    assert reopened.merge([part]) == 3 and len(FeatureCache.open(tmp_path / "cache")) == 5
