@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from encoders import FeatureCache, create_encoder
+from encoders import FeatureCache, create_encoder, image_hash
 from pretrain.data import load_captions
 from pretrain.shard_features import ShardFeaturesConfig, cache_shard_features, shard_block
 from pretrain.shards import write_shards
@@ -69,6 +69,19 @@ def test_shard_features_are_the_source_files_features_under_their_keys(corpus, t
     again = cache_shard_features(ShardFeaturesConfig(str(shards), str(encoder_dir), str(cache_dir), device="cpu",
                                                      progress=False))
     assert again["added"] == 0 and again["samples"] == 12 and again["cached"] == 12
+
+
+def test_ranks_read_disjoint_blocks_that_together_are_every_sample(corpus, tmp_path):
+    from pretrain.shard_features import _block_images
+    from pretrain.stream import expand_shards
+
+    shards, encoder_dir, sources = corpus
+    paths = expand_shards(shards)
+    empty = FeatureCache.open(tmp_path / "cache", create_encoder(str(encoder_dir)))
+    per_rank = [[h for h, _ in _block_images(paths, shard_block(len(paths), r, 2), empty, {"samples": 0, "bad": 0},
+                                             False)] for r in range(2)]
+    assert [len(h) for h in per_rank] == [8, 4]  # shards 000000-000001, then 000002
+    assert per_rank[0] + per_rank[1] == [image_hash(p) for p in sources]  # in order, each once
 
 
 @pytest.mark.slow
