@@ -401,7 +401,8 @@ def transfer_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "Frozen image side, train-only vocabulary, epoch chosen on validation (carved from train by question "
              "with each run's seed), full 451 test and MEVF's freeform 308; mean ± std over the seeds run (of "
              f"{len(SEEDS)}: {', '.join(map(str, SEEDS))}). A step whose seeds are not all run is a partial "
-             "measurement: read its spread as unknown when one seed was run.", "",
+             "measurement: read its spread as unknown when one seed was run. The gain is over the nearest step above "
+             "that was run (two changes at once where a step between them was not).", "",
              "| step | seeds run | freeform 308 overall | full open | full closed | full overall | gain (overall) |",
              "|---|---|---|---|---|---|---|"]
     previous = None
