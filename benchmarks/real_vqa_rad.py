@@ -42,6 +42,9 @@ HEADS = ("mevf-ban", "mevf-san", "qcr")
 IMAGENET_HEADS = ("mevf-ban", "qcr")  # rows d/e
 LITE0 = "efficientnet-lite0-imagenet"
 PAPER_EPOCHS = 20  # MEVF's schedule
+# Recorded by every run since the carve keeps the copies of one (image, question) pair on one side; rows without
+# it were carved before (READING, "Validation carve"), and the tables mark the rows that have it with §.
+CARVE = "by question, copies of an (image, question) pair together"
 PUBLISHED = [  # (method, freeform 308 open/closed/overall, full 451 open/closed/overall, source)
     ("MEVF-BAN (paper)", (43.9, 75.1, 62.6), None, "Nguyen et al. 2019, GPU, 20 epochs"),
     ("MEVF-SAN (paper)", (40.7, 74.1, 60.8), None, "Nguyen et al. 2019, GPU, 20 epochs"),
@@ -199,6 +202,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     report["out_of_scope"] = out_of_scope_step(bundle, rad, recipe.device)
     report["best_epoch"] = json.loads((bundle / "metrics.json").read_text())["best_epoch"]
     report["epochs"] = epochs
+    report["carve"] = CARVE
     write_outputs(report, records, preds, folder / "eval")
     return summarize(report, folder)
 
@@ -345,7 +349,7 @@ READING = """### Reading the table
   side: the same architecture and head, pretrained weights against its initial ones; (d)
   against (e) is the same question for ImageNet pretraining (EfficientNet-Lite0, 224 px, the
   7x7 grid of 1280-d regions, or the pooled vector as one region, as PubMedCLIP feeds CLIP).
-- **Validation carve.** The rows above were carved with copies of one question about one
+- **Validation carve.** The rows above without § were carved with copies of one question about one
   image split between train and validation: 30% of validation then repeats a training
   question (3% of test does), so the selected epoch and the calibration fitted there were
   flattered. The carve now keeps copies together; rerun on (b) mevf-ban, seed 0: full test
@@ -458,7 +462,7 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
             return "–" if not a else f"{100 * a['coverage']:.0f}%" + (
                 f" ({100 * a['risk']:.1f}%)" if a.get("risk") is not None else "")
         ood = r.get("out_of_scope") or {}
-        lines.append(f"| {head} | {run.name} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
+        lines.append(f"| {head} | {run.name}{_marks(r)} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
                      f"{closed['after']['aurc']:.3f} / {opened['after']['aurc']:.3f} | "
                      f"{100 * cov_c['0.05']:.0f}% / {100 * cov_c['0.1']:.0f}% | {100 * cov_o['0.2']:.0f}% | "
                      f"{answered(ab_c)} / {answered(ab_o)} | "
@@ -478,6 +482,11 @@ def _machine(recipe: HeadRecipe) -> str:
     if device.type == "cuda":
         return f"one {torch.cuda.get_device_name(device)}"
     return f"a {os.cpu_count()}-core CPU machine ({recipe.threads} threads, no GPU)"
+
+
+def _marks(r: dict) -> str:
+    """‡ for a row with a caveat, § for one made with the current validation carve."""
+    return (" ‡" if r.get("caveat") else "") + (" §" if r.get("carve") == CARVE else "")
 
 
 def _epoch_cell(r: dict) -> str:
@@ -511,7 +520,7 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
             (f", {run.epochs} epochs" if run.epochs else "")
         side = f"{ROW_NAMES[run.row]}, {run.mode}" + (", pooled vector" if run.features == "pooled" else "")
-        label += " ‡" if r.get("caveat") else ""
+        label += _marks(r)
         lines.append(f"| {label} | {side} | {run.head} | "
                      f"{'train-only' if run.vocab == 'train' else 'candidates'} | {_cell(r['freeform'])} | "
                      f"{_cell(r['all'])} | {_epoch_cell(r)} |")
@@ -519,6 +528,9 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
               "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy."]
     caveats = sorted({r["caveat"] for r in results.values() if r.get("caveat")})
     lines += ["", "‡ " + " ".join(caveats)] if caveats else []
+    if any(r.get("carve") for r in results.values()):
+        lines += ["", f"§ validation carved {CARVE} (see Reading, \"Validation carve\"); the rows without § were "
+                  "carved before that fix."]
     if any("median_epoch_seconds" not in r for r in results.values()):
         lines += ["", "† mean epoch, from a run made before medians were recorded."]
     lines += gap_steps(results, recipe)

@@ -1,6 +1,6 @@
 """The small trained bundle the predictor, CLI and demo tests share, and helpers to query it.
 
-conftest.py turns `build_test_bundle` into the session fixtures `trained_bundle`,
+conftest.py builds it once per test run (`built_once`) for the session fixtures `trained_bundle`,
 `predictor_phantom` and `predictor`.
 """
 from __future__ import annotations
@@ -10,36 +10,44 @@ from pathlib import Path
 
 import pytest
 
-_BUILT: dict[str, object] = {}
+_KNOWN: dict[str, dict] = {}  # known_answer, per question kind
 PHANTOM_IMAGES = 240
 TARGET_RISK = 0.3  # the bundle is right 60-70 % of the time on validation: an abstention target it can reach
 TEST_HEAD_ARGS = {"hidden_dim": 64, "glimpses": 1, "attention_dropout": 0.0, "classifier_dropout": 0.0,
                   "dropout": 0.0, "type_hidden": [32]}
 
 
-def build_test_bundle(base: Path) -> tuple[Path, Path]:
-    """(bundle folder, phantom folder): a QCR head on the tiny CLIP tower, trained for seconds."""
-    if "bundle" not in _BUILT:
-        import torch
+def build_test_bundle(base: Path) -> None:
+    """A QCR head on the tiny CLIP tower, trained for seconds: BASE/run/bundle, on the phantom BASE/phantom."""
+    import torch
 
-        from vqa.phantom import generate_phantom
-        from vqa.train import TrainConfig, train
+    from vqa.phantom import generate_phantom
+    from vqa.train import TrainConfig, train
 
-        phantom = base / "phantom"
-        generate_phantom(phantom, n_images=PHANTOM_IMAGES, seed=3, workers=0)
-        cfg = TrainConfig(data=str(phantom / "vqa-rad"), out=str(base / "run"), encoder="clip-vit-tiny",
-                          head="qcr", head_args=dict(TEST_HEAD_ARGS), embed_dim=64, question_dim=64, epochs=20,
-                          batch_size=32, lr=3e-3, seed=0, device="cpu", cache_dir=str(base / "features"),
-                          progress=False, target_risk=TARGET_RISK)
-        # One thread: on 2 cores shared with other processes, two OpenMP threads per process
-        # make these tiny steps 10-100x slower; one thread trains this model in ~20 s.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _BUILT["bundle"], _BUILT["phantom"] = train(cfg), phantom
-        finally:
-            torch.set_num_threads(threads)
-    return _BUILT["bundle"], _BUILT["phantom"]
+    phantom = base / "phantom"
+    generate_phantom(phantom, n_images=PHANTOM_IMAGES, seed=3, workers=0)
+    cfg = TrainConfig(data=str(phantom / "vqa-rad"), out=str(base / "run"), encoder="clip-vit-tiny",
+                      head="qcr", head_args=dict(TEST_HEAD_ARGS), embed_dim=64, question_dim=64, epochs=20,
+                      batch_size=32, lr=3e-3, seed=0, device="cpu", cache_dir=str(base / "features"),
+                      progress=False, target_risk=TARGET_RISK)
+    # One thread: on 2 cores shared with other processes, two OpenMP threads per process
+    # make these tiny steps 10-100x slower; one thread trains this model in ~20 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def built_bundle(base: Path) -> Path:
+    """The bundle `build_test_bundle(base)` wrote."""
+    return base / "run" / "bundle"
+
+
+def bundle_phantom(bundle: Path) -> Path:
+    """The phantom the bundle at `built_bundle(base)` was trained on."""
+    return bundle.parents[1] / "phantom"
 
 
 def ground_truth(phantom: Path, split: str = "test") -> list[dict]:
@@ -57,7 +65,7 @@ def ground_truth(phantom: Path, split: str = "test") -> list[dict]:
 def known_answer(predictor, phantom: Path, kind: str = "modality") -> dict:
     """A held-out question of `kind` that the test bundle answers correctly, and confidently enough not to
     abstain (for the UI tests)."""
-    cached = _BUILT.setdefault("known", {})
+    cached = _KNOWN
     if kind not in cached:
         rows = [r for r in ground_truth(phantom) if r["kind"] == kind and r["answer_type"] == "OPEN"]
         for row in rows:

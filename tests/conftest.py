@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -17,13 +18,24 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # The longest tests first (in this order), so that with two workers (`make test` runs `pytest -n 2`) both
-# finish at about the same time: each of these takes 20-170 s, everything else a few seconds.
+# finish at about the same time: each of these takes 20-100 s, everything else a few seconds. The second and
+# third keep the other worker busy while the first builds the world the learning tests share (built_once).
 RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr]",
+             "test_shards.py::test_two_processes_match_one_on_shards_and_resume_on_another_world_size",
+             "test_shipped_model.py::test_small_bundle_answers_like_the_full_one",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[minilm-question-encoder]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[fusion-transformer]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban]",
-             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[minilm-question-encoder]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san]",
              "test_vqa_learning.py::test_multiple_choice_beats_chance",
-             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san]")
+             "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
+             "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
+             "test_pretrain_ddp.py::test_two_processes_match_one_on_the_same_global_batch",
+             # the fast lane's longest (`make test-fast` deselects everything above)
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer]",
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-qcr]",
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-mc]",
+             "test_transfer.py::test_the_packaged_minilm_frozen_as_question_encoder")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,6 +74,25 @@ def spawn_ranks(fn, config, world: int = 2) -> None:
     mp.spawn(_rank, args=(world, free_port(), fn, config), nprocs=world, join=True)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per test run, by whichever xdist worker asks first (the other
+    waits for it instead of building it again); each worker gets its own copy, so tests may write into it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    done = shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_dir():
+            partial = shared / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(done)  # a build that failed leaves no folder that looks finished
+    local = tmp_path_factory.mktemp(name)
+    shutil.copytree(done, local, dirs_exist_ok=True)
+    return local
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """60 phantom images in every format (seed 0)."""
@@ -90,16 +121,16 @@ def shared_data(name: str) -> Path:
 # -- a small trained bundle, shared by the predictor, CLI and demo tests (trained once) ----------
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
-    from ._bundle import build_test_bundle
+    from ._bundle import build_test_bundle, built_bundle
 
-    return build_test_bundle(tmp_path_factory.mktemp("predictor"))[0]
+    return built_bundle(built_once(tmp_path_factory, "predictor", build_test_bundle))
 
 
 @pytest.fixture(scope="session")
 def predictor_phantom(trained_bundle) -> Path:
-    from ._bundle import _BUILT
+    from ._bundle import bundle_phantom
 
-    return _BUILT["phantom"]
+    return bundle_phantom(trained_bundle)
 
 
 @pytest.fixture(scope="session")
@@ -144,21 +175,23 @@ def phantom_clip(tmp_path_factory) -> tuple[Path, Path]:
     """(phantom folder, pretraining run): 240 phantom images (seed 1) and a small CNN + word-level text tower
     CLIP-pretrained on their 168 training captions for 10 epochs at 64 px (~10 s on one thread); the run's
     clip/ and encoder/ are what `medvqa classify` and `medvqa eval --zero-shot-clip` read."""
-    import torch
+    def build(root: Path) -> None:
+        import torch
 
-    from pretrain import PretrainConfig, pretrain
-    from vqa.phantom import generate_phantom
+        from pretrain import PretrainConfig, pretrain
+        from vqa.phantom import generate_phantom
 
-    root = tmp_path_factory.mktemp("phantom-clip")
-    generate_phantom(root / "phantom", n_images=240, seed=1, workers=0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pretrain(PretrainConfig(
-            data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
-            encoder_args={"image_size": 64, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
-            augment=True, epochs=10, lr=2e-3, batch_size=32, embed_dim=64, val_split="none",
-            out=str(root / "pretrain"), progress=False, seed=0))
-    finally:
-        torch.set_num_threads(threads)
+        generate_phantom(root / "phantom", n_images=240, seed=1, workers=0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            pretrain(PretrainConfig(
+                data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
+                encoder_args={"image_size": 64, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
+                augment=True, epochs=10, lr=2e-3, batch_size=32, embed_dim=64, val_split="none",
+                out=str(root / "pretrain"), progress=False, seed=0))
+        finally:
+            torch.set_num_threads(threads)
+
+    root = built_once(tmp_path_factory, "phantom-clip", build)
     return root / "phantom", root / "pretrain"
