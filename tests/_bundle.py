@@ -19,8 +19,6 @@ TEST_HEAD_ARGS = {"hidden_dim": 64, "glimpses": 1, "attention_dropout": 0.0, "cl
 
 def build_test_bundle(base: Path) -> None:
     """A QCR head on the tiny CLIP tower, trained for seconds: BASE/run/bundle, on the phantom BASE/phantom."""
-    import torch
-
     from vqa.phantom import generate_phantom
     from vqa.train import TrainConfig, train
 
@@ -30,14 +28,7 @@ def build_test_bundle(base: Path) -> None:
                       head="qcr", head_args=dict(TEST_HEAD_ARGS), embed_dim=64, question_dim=64, epochs=20,
                       batch_size=32, lr=3e-3, seed=0, device="cpu", cache_dir=str(base / "features"),
                       progress=False, target_risk=TARGET_RISK)
-    # One thread: on 2 cores shared with other processes, two OpenMP threads per process
-    # make these tiny steps 10-100x slower; one thread trains this model in ~20 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    train(cfg)  # ~20 s on the one thread built_once gives it
 
 
 def built_bundle(base: Path) -> Path:
@@ -65,16 +56,15 @@ def ground_truth(phantom: Path, split: str = "test") -> list[dict]:
 def known_answer(predictor, phantom: Path, kind: str = "modality") -> dict:
     """A held-out question of `kind` that the test bundle answers correctly, and confidently enough not to
     abstain (for the UI tests)."""
-    cached = _KNOWN
-    if kind not in cached:
+    if kind not in _KNOWN:
         rows = [r for r in ground_truth(phantom) if r["kind"] == kind and r["answer_type"] == "OPEN"]
         for row in rows:
             p = predictor.predict(row["image"], row["question"])
             if p.answer == row["answer"] and not p.abstained:
-                cached[kind] = row
+                _KNOWN[kind] = row
                 break
         else:
             pytest.fail(f"the test bundle answers none of {len(rows)} held-out {kind} questions correctly")
-    return cached[kind]
+    return _KNOWN[kind]
 
 

@@ -76,7 +76,10 @@ def spawn_ranks(fn, config, world: int = 2) -> None:
 
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """A folder that `build(folder)` fills once per test run, by whichever xdist worker asks first (the other
-    waits for it instead of building it again); each worker gets its own copy, so tests may write into it."""
+    waits for it instead of building it again); each worker gets its own copy, so tests may write into it.
+    The build runs on one thread: session fixtures start before `one_thread`, and on 2 cores shared with the
+    other worker two OpenMP threads make these tiny steps 10-100x slower."""
+    import torch
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
@@ -86,7 +89,12 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
         if not done.is_dir():
             partial = shared / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            build(partial)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                build(partial)
+            finally:
+                torch.set_num_threads(threads)
             partial.rename(done)  # a build that failed leaves no folder that looks finished
     local = tmp_path_factory.mktemp(name)
     shutil.copytree(done, local, dirs_exist_ok=True)
@@ -176,22 +184,15 @@ def phantom_clip(tmp_path_factory) -> tuple[Path, Path]:
     CLIP-pretrained on their 168 training captions for 10 epochs at 64 px (~10 s on one thread); the run's
     clip/ and encoder/ are what `medvqa classify` and `medvqa eval --zero-shot-clip` read."""
     def build(root: Path) -> None:
-        import torch
-
         from pretrain import PretrainConfig, pretrain
         from vqa.phantom import generate_phantom
 
         generate_phantom(root / "phantom", n_images=240, seed=1, workers=0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            pretrain(PretrainConfig(
-                data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
-                encoder_args={"image_size": 64, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
-                augment=True, epochs=10, lr=2e-3, batch_size=32, embed_dim=64, val_split="none",
-                out=str(root / "pretrain"), progress=False, seed=0))
-        finally:
-            torch.set_num_threads(threads)
+        pretrain(PretrainConfig(
+            data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
+            encoder_args={"image_size": 64, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
+            augment=True, epochs=10, lr=2e-3, batch_size=32, embed_dim=64, val_split="none",
+            out=str(root / "pretrain"), progress=False, seed=0))
 
     root = built_once(tmp_path_factory, "phantom-clip", build)
     return root / "phantom", root / "pretrain"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-import torch
 
 from vqa.data import load_vqa_rad
 from vqa.evaluate import evaluate
@@ -29,16 +28,11 @@ def world(tmp_path_factory):
         from pretrain import PretrainConfig, pretrain
         from vqa.phantom import generate_phantom
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny steps: one thread is faster, and robust to a busy machine
-        try:
-            generate_phantom(root / "phantom", 400, seed=1, workers=0)
-            pretrain(PretrainConfig(
-                data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
-                encoder_args={"image_size": 128, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
-                augment=True, epochs=15, lr=2e-3, out=str(root / "pretrain"), progress=False, seed=0))
-        finally:
-            torch.set_num_threads(threads)
+        generate_phantom(root / "phantom", 400, seed=1, workers=0)
+        pretrain(PretrainConfig(
+            data=str(root / "phantom" / "captions"), encoder="timm:resnet10t",
+            encoder_args={"image_size": 128, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}},
+            augment=True, epochs=15, lr=2e-3, out=str(root / "pretrain"), progress=False, seed=0))
 
     return built_once(tmp_path_factory, "learning", build)
 
