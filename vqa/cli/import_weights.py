@@ -34,22 +34,33 @@ def build_parser():
                                "glove6b_init_300d.npy")
     m.add_argument("out", help="output folder")
     m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(run=_import_mevf)
     for name, help_text in ENCODER_HELP.items():
         e = sub.add_parser(name, help=help_text, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
         e.add_argument("src", help=help_text)
         e.add_argument("out", help="output folder (OUT/encoder is written)")
         e.add_argument("--overwrite", action="store_true")
+        e.set_defaults(run=_import_encoder)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..importers import import_encoder, import_mevf
+def _import_mevf(args) -> dict:
+    """MEVF's release -> OUT/encoder, OUT/glove_300d.txt, OUT/dictionary.json; what was written."""
+    from ..importers import import_mevf
 
-    args = build_parser().parse_args(argv)
-    if args.source == "mevf":
-        out = import_mevf(args.src, args.out, args.overwrite)
-        print(json.dumps({"out": str(out), "encoder": str(out / "encoder"), "glove": str(out / "glove_300d.txt")}))
-        return 0
+    out = import_mevf(args.src, args.out, args.overwrite)
+    return {"out": str(out), "encoder": str(out / "encoder"), "glove": str(out / "glove_300d.txt")}
+
+
+def _import_encoder(args) -> dict:
+    """A released image tower (the subcommand names its format) -> OUT/encoder; what was written."""
+    from ..importers import import_encoder
+
     out = import_encoder(args.source, args.src, args.out, args.overwrite)
-    print(json.dumps({"out": str(out), "encoder": str(out / "encoder")}))
+    return {"out": str(out), "encoder": str(out / "encoder")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    print(json.dumps(args.run(args)))
     return 0
