@@ -132,7 +132,8 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 epochs=epochs, batch_size=32, device=recipe.device, seed=run.seed,
                                 answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
                                 out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
-                                progress=False), **extra})
+                                progress=False,
+                                resume="latest" if (folder / "checkpoint.pt").is_file() else None), **extra})
     started = time.perf_counter()
     bundle = train(cfg)
     report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
