@@ -31,8 +31,13 @@ RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[q
              "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
              "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
              "test_pretrain_ddp.py::test_two_processes_match_one_on_the_same_global_batch",
-             # the fast lane's longest (`make test-fast` deselects everything above)
+             # The fast lane (`make test-fast` deselects everything above). Its first test builds the bundle
+             # the predictor, CLI and demo tests share, and its third the phantom CLIP: each worker builds one
+             # while the other has independent work queued (xdist hands each worker two tests ahead), so that
+             # neither sits waiting on the other's build.
+             "test_demo_app.py::test_build_demo_without_launch",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer]",
+             "test_classify.py::test_probe_and_zero_shot_beat_the_majority_class",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-qcr]",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-mc]",
              "test_transfer.py::test_the_packaged_minilm_frozen_as_question_encoder")
