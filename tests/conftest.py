@@ -30,7 +30,7 @@ RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[q
              "test_vqa_learning.py::test_multiple_choice_beats_chance",
              "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
              "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
-             "test_pretrain_ddp.py::test_two_processes_match_one_on_the_same_global_batch",
+             "test_pretrain_ddp.py::test_two_nodes_of_two_processes_match_one_on_the_same_global_batch",
              # The fast lane (`make test-fast` deselects everything above). Its first test builds the bundle
              # the predictor, CLI and demo tests share, and its third the phantom CLIP: each worker builds one
              # while the other has independent work queued (xdist hands each worker two tests ahead), so that
