@@ -2,14 +2,16 @@
 (`--train-data`), side by side in one run, on generated corpora of tiny images.
 
     PYTHONPATH=. python benchmarks/pretrain_streaming.py          # 2,000 and 20,000 images, 64 px, one thread
-    PYTHONPATH=. python benchmarks/pretrain_streaming.py --sizes 2000 --workers 2
+    PYTHONPATH=. python benchmarks/pretrain_streaming.py --sizes 10000 100000   # memory against corpus size
+    PYTHONPATH=. python benchmarks/pretrain_streaming.py --sizes 10000 --workers 0 1 2   # worker scaling
 
 For each corpus size: N deterministic 64 px JPEGs (shapes on noise) with captions naming
 them are written as a JSON-lines caption file and, with `medvqa shards`' writer, as tar
 shards of 1,000. Then one epoch of `pretrain()` runs in a fresh process per mode (so each
 peak RSS is its own): `table` decodes every image into the uint8 table first, `stream`
-reads the shards. Same tiny encoder, text tower, batch and seed. Reported: peak RSS of the
-process, training images/s (the epoch's own rate) and wall seconds including decoding.
+reads the shards; each once per `--workers` count (DataLoader worker processes). Same tiny
+encoder, text tower, batch and seed. Reported: peak RSS of the process, training images/s
+(the epoch's own rate) and wall seconds including decoding.
 """
 from __future__ import annotations
 
@@ -85,13 +87,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000], help="corpus sizes (images)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers of both modes (default: 0)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0],
+                   help="DataLoader worker counts, each run in both modes (default: 0)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
     p.add_argument("--child", nargs=5, metavar=("MODE", "DATA", "SHARDS", "OUT", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         mode, data, shards, out, _ = args.child
-        child(mode, data, shards, out, args.workers, args.threads)
+        child(mode, data, shards, out, args.workers[0], args.threads)
         return
     from pretrain.data import load_captions
     from pretrain.shards import write_shards
@@ -108,23 +111,27 @@ def main() -> None:
             print(f"{n} images: corpus and {manifest['total']['shards']} shards "
                   f"({manifest['total']['bytes'] / 2**20:.1f} MB) in {time.perf_counter() - started:.0f} s",
                   flush=True)
-            for mode in ("table", "stream"):
-                cmd = [sys.executable, __file__, "--workers", str(args.workers), "--threads", str(args.threads),
-                       "--child", mode, str(data), str(root / "shards"), str(root / f"run-{mode}"), str(n)]
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-                if done.returncode:
-                    sys.exit(f"{mode} on {n} images failed:\n{done.stderr[-3000:]}")
-                row = {"images": n, **json.loads(done.stdout.strip().splitlines()[-1])}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    workers = args.workers > 0  # RUSAGE_CHILDREN is the largest DataLoader worker only when there are some
-    print("\n| images | mode | peak RSS (MB) |" + (" largest worker RSS (MB) |" if workers else "")
-          + " train images/s | wall s |")
-    print("|---|---|---|" + ("---|" if workers else "") + "---|---|")
+            for workers in args.workers:
+                for mode in ("table", "stream"):
+                    cmd = [sys.executable, __file__, "--workers", str(workers), "--threads", str(args.threads),
+                           "--child", mode, str(data), str(root / "shards"), str(root / f"run-{mode}-{workers}"),
+                           str(n)]
+                    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                    if done.returncode:
+                        sys.exit(f"{mode} with {workers} workers on {n} images failed:\n{done.stderr[-3000:]}")
+                    row = {"images": n, "workers": workers, **json.loads(done.stdout.strip().splitlines()[-1])}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    # RUSAGE_CHILDREN is the largest DataLoader worker, where there are some
+    print("\n| images | mode | workers | peak RSS (MB) | largest worker RSS (MB) | train images/s | "
+          "vs table, same workers | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    table = {(r["images"], r["workers"]): r["images_per_s"] for r in rows if r["mode"] == "table"}
     for r in rows:
-        print(f"| {r['images']:,} | {r['mode']} | {r['peak_rss_mb']:.0f} |"
-              + (f" {r['worker_peak_rss_mb']:.0f} |" if workers else "")
-              + f" {r['images_per_s']:.0f} | {r['wall_s']:.1f} |")
+        print(f"| {r['images']:,} | {r['mode']} | {r['workers']} | {r['peak_rss_mb']:.0f} | "
+              + (f"{r['worker_peak_rss_mb']:.0f}" if r["workers"] else "–")
+              + f" | {r['images_per_s']:.0f} | {r['images_per_s'] / table[r['images'], r['workers']]:.2f}x | "
+              f"{r['wall_s']:.1f} |")
 
 
 if __name__ == "__main__":
