@@ -192,6 +192,7 @@ def summarize(report: dict, folder: Path) -> dict:
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),
             "out_of_scope": report.get("out_of_scope"),
+            **({"carve": report["carve"]} if "carve" in report else {}),  # the § mark of the tables
             **{s: {m: subsets[s].get(m) for m in ("open", "closed", "overall")} for s in subsets},
             "per_question_type": {t: v for t, v in subsets["all"].get("per_question_type", {}).items()}}
 
