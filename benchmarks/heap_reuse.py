@@ -1,4 +1,4 @@
-"""CPU fine-tuning steps with glibc's default heap against `keep_freed_memory` (the engine's), side by side.
+"""CPU fine-tuning steps with glibc's default heap against `keep_freed_memory`, side by side.
 
     .venv/bin/python benchmarks/heap_reuse.py                    # timm:resnet10t at 128 px, batch 32, 1 thread
     .venv/bin/python benchmarks/heap_reuse.py --encoder clip-vit-tiny --steps 20

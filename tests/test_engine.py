@@ -139,32 +139,32 @@ def test_trainable_state_is_what_training_can_change():
 
 
 _FAULTS_PER_STEP = """
-import resource, statistics, sys, torch
+import resource, statistics, torch
 from vqa.training.runtime import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "reuse" else None
 torch.set_num_threads(1)
-faults = []
-for _ in range(15):  # what a training step does with its activations: 64 MB allocated, written, freed
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 << 20).fill_(1.0)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, statistics.median(faults[5:]))  # once the heap has settled
+
+def faults():  # what a training step does with its activations: 64 MB allocated, written, freed
+    counts = []
+    for _ in range(15):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(16 << 20).fill_(1.0)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return statistics.median(counts[5:])  # once the heap has settled
+
+default = faults()
+print(keep_freed_memory(), default, faults())
 """
 
 
-def test_the_engine_keeps_freed_activations_instead_of_faulting_them_in_again():
+def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_them_in_again():
     import subprocess
     import sys
 
-    def faults(setting: str) -> tuple[str, float]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, setting], check=True, capture_output=True,
-                             text=True).stdout.split()
-        return out[0], float(out[1])
-
-    applied, reused = faults("reuse")
+    applied, default, reused = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP], check=True,
+                                              capture_output=True, text=True).stdout.split()
     if applied != "True":
         pytest.skip("not glibc: keep_freed_memory leaves the allocator alone")
-    _, default = faults("default")
+    default, reused = float(default), float(reused)
     pages = (64 << 20) // 4096
     assert default > pages / 2, f"precondition: glibc's default heap faults a freed 64 MB block in again ({default})"
     assert reused < pages / 100, f"{reused} page faults per reallocated 64 MB block (default heap: {default})"

@@ -38,7 +38,7 @@ from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, res
 from .config import EngineConfig
 from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
 from .precision import check_precision, make_grad_scaler, resolve_device
-from .runtime import jsonable, keep_freed_memory, seed_everything
+from .runtime import jsonable, seed_everything
 from .schedule import warmup_cosine
 from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys
 
@@ -58,8 +58,7 @@ class Runtime:
 
 @contextlib.contextmanager
 def runtime(cfg: EngineConfig) -> Iterator[Runtime]:
-    """Threads, the allocator, device, precision check, the torchrun process group and the seeds of one run."""
-    keep_freed_memory()
+    """Threads, device, precision check, the torchrun process group and the seeds of one run."""
     if cfg.threads:
         if cfg.threads < 1:
             raise DataError(f"--threads must be at least 1, got {cfg.threads}")

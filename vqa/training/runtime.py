@@ -33,7 +33,9 @@ def keep_freed_memory() -> bool:
     A training step frees activations of tens of MB that the next step allocates again. glibc serves such
     blocks with mmap and returns them on free, so each step page-faults every page in afresh: measured on 2
     cores, half of a CPU fine-tuning run's time went to the kernel (benchmarks/heap_reuse.py). The memory
-    stays with the process, as PyTorch's own CUDA caching allocator keeps GPU memory.
+    stays with the process, as PyTorch's own CUDA caching allocator keeps GPU memory. Not the engine's
+    default: on the test suite's tiny models it made training 25-45% slower (measured, not yet explained), so a
+    caller whose steps allocate large activations turns it on (benchmarks/real_vqa_rad.py does).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
