@@ -31,9 +31,15 @@ def _torchrun_nodes(args: list[str], tmp_path: Path) -> None:
                "-m", "vqa.cli", *args]
         log = open(tmp_path / f"node{node}.log", "w")
         agents.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for agent, log in agents:
-        agent.wait(timeout=600)
-        log.close()
+    try:
+        for agent, _ in agents:
+            agent.wait(timeout=600)
+    finally:  # an agent that hangs (a rank that never joined) must not outlive the test
+        for agent, log in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            log.close()
     for node, (agent, _) in enumerate(agents):
         assert agent.returncode == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
 

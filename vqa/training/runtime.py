@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
     except OSError:  # not glibc (macOS, musl): their allocators behave otherwise
         return False
     ok = libc.mallopt(_M_MMAP_THRESHOLD, HEAP_REUSE_BYTES) == 1
-    ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok  # never shrink the heap back below that
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok  # return the heap's free top only beyond 2 GiB
     if not ok:
         log.debug("mallopt refused the heap thresholds; freed blocks go back to the system")
     return ok
