@@ -18,29 +18,38 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # The longest tests first (in this order), so that with two workers (`make test` runs `pytest -n 2`) both
-# finish at about the same time: each of these takes 20-100 s, everything else a few seconds. The second and
-# third keep the other worker busy while the first builds the world the learning tests share (built_once).
+# finish at about the same time: each of these takes 5-100 s, most others under a second. xdist hands each worker
+# two tests to start with, then one more each time it finishes one. So the first worker gets the first two (the
+# first builds the world the learning tests share, built_once; the second waits for it) and the other worker the
+# next four, which need no world and keep it busy for about as long as the build takes.
 RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[minilm-question-encoder]",
              "test_shards.py::test_two_processes_match_one_on_shards_and_resume_on_another_world_size",
              "test_shipped_model.py::test_small_bundle_answers_like_the_full_one",
-             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[minilm-question-encoder]",
+             "test_pretrain_ddp.py::test_two_nodes_of_two_processes_match_one_on_the_same_global_batch",
+             "test_demo_app.py::test_build_demo_without_launch",  # builds the predictor tests' bundle
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[fusion-transformer]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san]",
              "test_vqa_learning.py::test_multiple_choice_beats_chance",
-             "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
-             "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
-             "test_pretrain_ddp.py::test_two_nodes_of_two_processes_match_one_on_the_same_global_batch",
-             # The fast lane (`make test-fast` deselects everything above). Its first test builds the bundle
-             # the predictor, CLI and demo tests share, and its third the phantom CLIP: each worker builds one
-             # while the other has independent work queued (xdist hands each worker two tests ahead), so that
-             # neither sits waiting on the other's build.
-             "test_demo_app.py::test_build_demo_without_launch",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer]",
-             "test_classify.py::test_probe_and_zero_shot_beat_the_majority_class",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-qcr]",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-mc]",
-             "test_transfer.py::test_the_packaged_minilm_frozen_as_question_encoder")
+             "test_transfer.py::test_the_packaged_minilm_frozen_as_question_encoder",
+             "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
+             "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
+             # The fast lane (`make test-fast` deselects the slow tests above; the bundle build comes first):
+             # one worker builds the bundle the predictor, CLI and demo tests share, then learns a head; the
+             # other builds the phantom CLIP, then runs the rest of this list, none of which needs the bundle,
+             # so that neither sits waiting on the other's build.
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[qcr]",
+             "test_classify.py::test_probe_and_zero_shot_beat_the_majority_class",
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[mc-ban]",
+             "test_heads_learning.py::test_head_learns_a_synthetic_task[mevf-ban]",
+             "test_transfer.py::test_a_built_text_tower_as_question_encoder_travels_in_the_bundle",
+             "test_transfer.py::test_weight_averaging_is_what_is_scored_kept_and_resumed",
+             "test_transfer.py::test_augmentation_is_seeded_and_never_flips",
+             "test_engine.py::test_finetuned_bundle_keeps_the_best_epochs_encoder_and_head")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,11 +81,23 @@ def _rank(rank: int, world: int, port: int, fn, config) -> None:
     fn(config)
 
 
+# What the ranks of every spawn_ranks call import, loaded once into the forkserver they fork from: spawned fresh,
+# each rank spent ~7 s importing them again (about 1 min of the suite's 2 cores, over its 4 multi-process tests).
+_RANK_MODULES = ["torch", "timm", "transformers", "tests.conftest", "encoders", "pretrain", "vqa.train",
+                 "pretrain.shard_features"]
+
+
 def spawn_ranks(fn, config, world: int = 2) -> None:
     """Run `fn(config)` in `world` processes on this machine as torchrun would (gloo on the CPU)."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(world, free_port(), fn, config), nprocs=world, join=True)
+    # Forked from a server that has only imported modules (no threads, no torch state yet), as spawned processes
+    # start; the preload list takes effect when this worker's first call starts the server.
+    multiprocessing.set_forkserver_preload(_RANK_MODULES)
+    mp.start_processes(_rank, args=(world, free_port(), fn, config), nprocs=world, join=True,
+                       start_method="forkserver")
 
 
 def built_once(tmp_path_factory, name: str, build) -> Path:

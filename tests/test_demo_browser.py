@@ -19,6 +19,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000  # generous: the 2 shared CPU cores may be busy
 
+pytestmark = pytest.mark.slow  # a browser per module: end to end, left out of the fast lane
+
 
 @pytest.fixture(scope="module")
 def page():

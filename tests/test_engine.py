@@ -156,6 +156,7 @@ print(keep_freed_memory(), default, faults())
 """
 
 
+@pytest.mark.slow  # a fresh process of its own
 def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_them_in_again():
     import subprocess
     import sys

@@ -64,7 +64,12 @@ def targets(head, data: dict) -> torch.Tensor:
     return data["choice_target"] if head.needs_choices else data["answer"]
 
 
-@pytest.mark.parametrize("name", list_heads())
+# ~10 s each on one thread (the others take 2-7 s): end to end enough for the slow lane
+SLOW_TO_LEARN = {"fusion-transformer", "fusion-transformer-qcr", "fusion-transformer-mc"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_LEARN else n
+                                  for n in list_heads()])
 def test_head_learns_a_synthetic_task(name):
     import dataclasses
 

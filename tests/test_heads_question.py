@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -122,6 +123,40 @@ def test_hf_text_encoder_forward_and_padding(hf_folders, kind):
     again = encoder(junk, lengths)
     torch.testing.assert_close(again["pooled"], out["pooled"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again["tokens"][:, :7], out["tokens"], rtol=1e-5, atol=1e-5)
+
+
+class _TokensOf(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, tokens, lengths):
+        return self.encoder(tokens, lengths)["tokens"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "bert"])
+def test_hf_text_encoder_runs_the_tower_on_the_longest_question_only(hf_folders, kind):
+    encoder = text_encoder(hf_folders[kind]).eval()
+    widths = []
+    encoder.tower.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    tokens, lengths = torch.tensor([[3, 5, 6, 7, 2, 0, 0, 0], [3, 8, 2, 0, 0, 0, 0, 0]]), torch.tensor([5, 3])
+    with torch.no_grad():
+        out = encoder(tokens, lengths)
+        mask = (torch.arange(8) < lengths[:, None]).long()
+        full = encoder.tower(tokens, mask)  # the whole padded width, as before the cut
+    assert widths == [5, 8]
+    assert out["tokens"].shape == (2, 8, full["tokens"].shape[-1]) and not out["tokens"][0, 5:].any()
+    real = mask.bool()
+    torch.testing.assert_close(out["tokens"][real], full["tokens"][real], rtol=1e-5, atol=1e-5)
+    if kind == "bert":  # mean pooling over the real tokens; CLIP's EOS is read from the lengths
+        torch.testing.assert_close(out["pooled"], full["pooled"], rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out["pooled"], full["tokens"][torch.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated, but the ONNX export still traces
+        torch.jit.trace(_TokensOf(encoder), (tokens, lengths), check_trace=False)
+    assert widths[-1] == 8  # a trace keeps the full width, so the graph serves any question length
 
 
 def test_hf_text_encoder_tokenize(hf_folders):

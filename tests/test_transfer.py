@@ -51,6 +51,7 @@ def test_a_built_text_tower_as_question_encoder_travels_in_the_bundle(phantom_di
     _same_answers_everywhere(bundle, phantom_dir, tmp_path)
 
 
+@pytest.mark.slow  # a 22M-parameter tower over every phantom question
 def test_the_packaged_minilm_frozen_as_question_encoder(phantom_dir, tmp_path):
     from encoders.text import create_text_tower
 
