@@ -11,7 +11,8 @@ shards of 1,000. Then one epoch of `pretrain()` runs in a fresh process per mode
 peak RSS is its own): `table` decodes every image into the uint8 table first, `stream`
 reads the shards; each once per `--workers` count (DataLoader worker processes). Same tiny
 encoder, text tower, batch and seed. Reported: peak RSS of the process, training images/s
-(the epoch's own rate) and wall seconds including decoding.
+(the epoch's own rate), the share of the epoch spent waiting for batches (decoding, in
+the process itself without workers) and wall seconds including decoding.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def child(mode: str, data: str, shards: str, out: str, workers: int, threads: in
     children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker
     print(json.dumps({"mode": mode, "peak_rss_mb": round(peak_mb, 1), "worker_peak_rss_mb": round(children_mb, 1),
                       "images_per_s": round(history[0]["samples_per_s"], 1), "wall_s": round(wall, 1),
+                      "input_wait": round(history[0]["input_wait_share"], 3),
                       "loss": round(history[0]["loss"], 4)}))
 
 
@@ -124,14 +126,14 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     # RUSAGE_CHILDREN is the largest DataLoader worker, where there are some
     print("\n| images | mode | workers | peak RSS (MB) | largest worker RSS (MB) | train images/s | "
-          "vs table, same workers | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "vs table, same workers | waiting for input | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     table = {(r["images"], r["workers"]): r["images_per_s"] for r in rows if r["mode"] == "table"}
     for r in rows:
         print(f"| {r['images']:,} | {r['mode']} | {r['workers']} | {r['peak_rss_mb']:.0f} | "
               + (f"{r['worker_peak_rss_mb']:.0f}" if r["workers"] else "–")
               + f" | {r['images_per_s']:.0f} | {r['images_per_s'] / table[r['images'], r['workers']]:.2f}x | "
-              f"{r['wall_s']:.1f} |")
+              f"{r['input_wait']:.0%} | {r['wall_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/pretrain_throughput.py                      # ViT-B/32 CLIP, 224 px, batch 32, 77 tokens
     python benchmarks/pretrain_throughput.py --model rn50
     python benchmarks/pretrain_throughput.py --model tiny --steps 5   # a quick check
+    python benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --device cuda --precisions bf16
 
 Our step is `vqa.training.Trainer.train_step` over `pretrain.ContrastiveTask` (the code
 `medvqa pretrain` runs: normalisation, forward, loss, backward, clipping, AdamW) on a model
@@ -12,6 +13,13 @@ importable, its model of the same name is timed in the same run, in the same way
 (random init, its ClipLoss, AdamW, torch.autocast), interleaved with ours so that
 machine load affects both alike. Precisions: fp32 and bf16 (+ fp16 with a GPU).
 Inputs are random pixels and random tokens; timings, not accuracy.
+
+Model FLOPs utilisation (MFU): the FLOPs of one training step are counted, not
+estimated: torch's FlopCounterMode records every matmul, convolution and attention
+of the forward and the backward of one real step (optimizer arithmetic is not model
+FLOPs). MFU = those FLOPs x steps/s / the device's dense bf16 peak (a table of
+NVIDIA parts below, or --peak-tflops); for fp32 rows it is still against the bf16
+peak, so it shows what bf16 buys.
 """
 from __future__ import annotations
 
@@ -24,10 +32,33 @@ import torch
 MODELS = {
     # ours: (encoder, encoder overrides, text tower, embed dim); open_clip name
     "vit-b32": ("clip-vit-b32", {}, "clip-text-b", 512, "ViT-B-32"),
+    "vit-b16": ("clip-vit-b16", {}, "clip-text-b", 512, "ViT-B-16"),
     "rn50": ("clip-rn50", {"embed_dim": 1024}, "clip-text-b", 1024, "RN50"),
     "tiny": ("clip-vit-tiny", {}, "clip-text-tiny", 32, None),
 }
 VOCAB, CONTEXT = 49_408, 77
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; the first name found in
+# torch.cuda.get_device_name() wins, so the more specific spellings come first.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("GH200", 989.4),
+                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0))
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak from BF16_PEAK_TFLOPS, or None (a CPU, an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in BF16_PEAK_TFLOPS if part in name), None)
+
+
+def step_flops(step) -> float:
+    """The model FLOPs of one call of `step` (forward + backward), counted as it runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def _tokens(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -130,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default=None, help="comma list (default: fp32,bf16 [+fp16 on a GPU])")
     p.add_argument("--no-open-clip", action="store_true", help="time ours only")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak for MFU (default: from the GPU's name; none on a CPU)")
     args = p.parse_args(argv)
 
     from vqa.training import resolve_device
@@ -148,21 +181,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     ours = build_ours(args.model, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}: batch {args.batch}, {CONTEXT} tokens, {where}, median of {args.steps} steps")
+    peak = args.peak_tflops or bf16_peak_tflops(device)
+    print(f"{args.model}: batch {args.batch}, {CONTEXT} tokens, {where}, median of {args.steps} steps; "
+          + (f"MFU against a dense bf16 peak of {peak:g} TFLOP/s" if peak else "no bf16 peak known: MFU not shown"))
     rows = []
     for precision in precisions:
-        t_ours = time_step(step_ours(ours, precision, device, args.batch), args.steps, args.warmup, device)
+        step = step_ours(ours, precision, device, args.batch)
+        flops = step_flops(step)  # also the first warm-up step
+        t_ours = time_step(step, args.steps, args.warmup, device)
         t_oc = None
         if have_oc:
             t_oc = time_step(step_open_clip(oc_name, precision, device, args.batch), args.steps, args.warmup, device)
-        rows.append((precision, args.batch / t_ours, args.batch / t_oc if t_oc else None))
+        rows.append((precision, args.batch / t_ours, args.batch / t_oc if t_oc else None, flops / t_ours))
     base = {"ours": rows[0][1], "oc": rows[0][2]}
     vs = "vs " + rows[0][0]
-    print(f"{'precision':>9} | {'ours img/s':>10} | {vs:>8} | {'open_clip':>9} | {vs:>8} | {'ours/open_clip':>14}")
-    for precision, ours_ips, oc_ips in rows:
+    print(f"model FLOPs (forward + backward, counted in one step): {flops / args.batch:.3g} per image")
+    print(f"{'precision':>9} | {'ours img/s':>10} | {vs:>8} | {'TFLOP/s':>7} | {'MFU':>5} | {'open_clip':>9} | {vs:>8} | "
+          f"{'ours/open_clip':>14}")
+    for precision, ours_ips, oc_ips, flops_per_s in rows:
         oc = f"{oc_ips:9.1f} | {oc_ips / base['oc']:7.2f}x | {ours_ips / oc_ips:13.2f}x" if oc_ips else \
             f"{'-':>9} | {'-':>8} | {'-':>14}"
-        print(f"{precision:>9} | {ours_ips:10.1f} | {ours_ips / base['ours']:7.2f}x | {oc}")
+        mfu = f"{flops_per_s / (peak * 1e12):5.1%}" if peak else f"{'-':>5}"
+        print(f"{precision:>9} | {ours_ips:10.1f} | {ours_ips / base['ours']:7.2f}x | {flops_per_s / 1e12:7.2f} | "
+              f"{mfu} | {oc}")
     return 0
 
 

@@ -51,6 +51,28 @@ def test_finetuned_bundle_keeps_the_best_epochs_encoder_and_head(phantom_dir, tm
     assert not all(torch.equal(saved[k], last_state[k]) for k in saved)
 
 
+def test_the_epoch_reports_the_share_spent_waiting_for_input(phantom_dir, tmp_path, monkeypatch):
+    import time
+
+    from vqa.train import VQATask
+
+    def wait_share(bundle) -> float:
+        return json.loads((bundle / "metrics.json").read_text())["history"][0]["input_wait_share"]
+
+    plain = wait_share(train(_cfg(phantom_dir, tmp_path / "plain", epochs=1)))
+    steps = VQATask.train_steps
+
+    def slow_input(self, epoch):  # an input pipeline 50 ms behind every step
+        for item in steps(self, epoch):
+            time.sleep(0.05)
+            yield item
+
+    monkeypatch.setattr(VQATask, "train_steps", slow_input)
+    slowed = wait_share(train(_cfg(phantom_dir, tmp_path / "slow", epochs=1)))
+    assert 0 <= plain < slowed <= 1
+    assert slowed > 0.3  # the tiny head's step takes a few ms: most of this epoch is the 50 ms waits
+
+
 def test_pooled_bundle_answers_the_same_through_eval_predict_and_the_predictor(phantom_dir, tmp_path):
     from vqa import Predictor
     from vqa.cli import main as cli

@@ -158,7 +158,9 @@ class Trainer:
         items = self.task.train_steps(epoch, start_step) if start_step else self.task.train_steps(epoch)
         bar = tqdm(items, total=steps - start_step, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.cfg.progress and self.world.is_main))
+        waited, asked = 0.0, time.perf_counter()
         for s, item in enumerate(bar, start_step):
+            waited += time.perf_counter() - asked  # from asking for a batch to having it: the input pipeline's
             values, samples = self.train_step(item, f"epoch {epoch + 1}, step {s + 1}")
             skipped += self.skipped_in_a_row > 0
             for key, value in values.items():
@@ -169,11 +171,15 @@ class Trainer:
             if every and (s + 1) % every == 0 and s + 1 < steps:
                 totals, seen = self._checkpoint_within(epoch, s + 1, totals, seen, skipped,
                                                        time.perf_counter() - started)
+            asked = time.perf_counter()
         seconds = time.perf_counter() - started
+        elapsed = seconds - (carry or {}).get("seconds", 0.0)  # this run's part of the epoch
         totals, seen = all_reduce_sums(dict(totals), seen, self.world)  # every rank's samples count
         row = {k: v / max(seen, 1) for k, v in totals.items()}
-        row.update(lr=self.scheduler.get_last_lr()[0], seconds=seconds,
-                   samples_per_s=seen / max(seconds, 1e-9), **self.task.epoch_summary())
+        # input_wait_share: the part of the epoch spent waiting for batches. The step reads its losses back, so
+        # on a GPU as well the host cannot run ahead: what it waits for in the loop is input, not the device.
+        row.update(lr=self.scheduler.get_last_lr()[0], seconds=seconds, samples_per_s=seen / max(seconds, 1e-9),
+                   input_wait_share=min(1.0, waited / max(elapsed, 1e-9)), **self.task.epoch_summary())
         if self.scaler is not None:
             row.update(skipped_steps=skipped, loss_scale=self.scaler.get_scale())
         return row
@@ -223,8 +229,8 @@ class Trainer:
                     else:
                         note += f" (best {selection.metric} {best[selection.metric]:.4f} at epoch {best['epoch']})"
                 history.append(row)
-                log.info("epoch %d/%d: loss %.4f, %.1fs%s", epoch + 1, self.cfg.epochs, row["loss"], row["seconds"],
-                         note)
+                log.info("epoch %d/%d: loss %.4f, %.1fs (%.0f%% of it waiting for input)%s", epoch + 1,
+                         self.cfg.epochs, row["loss"], row["seconds"], 100 * row["input_wait_share"], note)
                 self._write_history(history)
                 self._checkpoint(epoch, history, best, best_state)
             barrier(self.world)
