@@ -72,7 +72,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _rank(rank: int, world: int, port: int, fn, config) -> None:
+def _rank(rank: int, world: int, port: int, fn, config, environ: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's, as now (the forkserver's copy is from when it started)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     import torch
@@ -96,7 +98,7 @@ def spawn_ranks(fn, config, world: int = 2) -> None:
     # Forked from a server that has only imported modules (no threads, no torch state yet), as spawned processes
     # start; the preload list takes effect when this worker's first call starts the server.
     multiprocessing.set_forkserver_preload(_RANK_MODULES)
-    mp.start_processes(_rank, args=(world, free_port(), fn, config), nprocs=world, join=True,
+    mp.start_processes(_rank, args=(world, free_port(), fn, config, dict(os.environ)), nprocs=world, join=True,
                        start_method="forkserver")
 
 
