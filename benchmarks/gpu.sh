@@ -30,6 +30,8 @@ speed() {
   # issue 20's MFU target: ViT-B/16 at batch 256 in bf16 (>= 25% of the dense bf16 peak)
   timeout 150 $PY benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --steps 10 --warmup 3 \
     --precisions bf16 --device $DEVICE 2>&1 | tee -a "$OUT/pretrain_throughput.txt"
+  timeout 240 $PY benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --steps 10 --warmup 3 \
+    --precisions bf16 --device $DEVICE --compile --no-open-clip 2>&1 | tee -a "$OUT/pretrain_throughput.txt"
   for head in qcr mevf-ban; do
     timeout 200 $PY benchmarks/head_precision.py --device $DEVICE --encoder $ENCODER --head "$head" \
       --epochs 10 --json "$OUT/head_precision_$head.json" 2>&1 | tee -a "$OUT/head_precision.txt"

@@ -4,6 +4,7 @@
     python benchmarks/pretrain_throughput.py --model rn50
     python benchmarks/pretrain_throughput.py --model tiny --steps 5   # a quick check
     python benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --device cuda --precisions bf16
+    python benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --device cuda --precisions bf16 --compile
 
 Our step is `vqa.training.Trainer.train_step` over `pretrain.ContrastiveTask` (the code
 `medvqa pretrain` runs: normalisation, forward, loss, backward, clipping, AdamW) on a model
@@ -12,7 +13,11 @@ of the same size (width 512, 12 layers, vocabulary 49,408). When `open_clip` is
 importable, its model of the same name is timed in the same run, in the same way
 (random init, its ClipLoss, AdamW, torch.autocast), interleaved with ours so that
 machine load affects both alike. Precisions: fp32 and bf16 (+ fp16 with a GPU).
-Inputs are random pixels and random tokens; timings, not accuracy.
+Inputs are random pixels and random tokens; timings, not accuracy. The timed steps run back
+to back with one synchronisation at each end, as training runs them (the engine reads the
+step values back every `--sync-every` steps, not each step), so a GPU's time per step
+is its steady state, with the host free to queue the next step while this one runs.
+`--compile` times ours under torch.compile (FLOPs are still counted on the eager step).
 
 Model FLOPs utilisation (MFU): the FLOPs of one training step are counted, not
 estimated: torch's FlopCounterMode records every matmul, convolution and attention
@@ -24,7 +29,6 @@ peak, so it shows what bf16 buys.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -78,13 +82,14 @@ def build_ours(model: str, device: torch.device):
     return model.to(device).channels_last_()  # as `medvqa pretrain` does
 
 
-def step_ours(model, precision: str, device: torch.device, batch: int):
+def step_ours(model, precision: str, device: torch.device, batch: int, compile: bool = False):
     from pretrain import PretrainConfig
     from pretrain.task import ContrastiveTask, Micro, Split
     from vqa.training import Runtime, Trainer, World
     from vqa.training.schedule import Shard
 
-    cfg = PretrainConfig(batch_size=batch, lr=1e-5, clip_norm=None, precision=precision, progress=False)
+    cfg = PretrainConfig(batch_size=batch, lr=1e-5, clip_norm=None, precision=precision, progress=False,
+                         compile=compile)
     g = torch.Generator().manual_seed(0)
     enc = model.image_encoder
     pixels = torch.randint(0, 256, (batch, enc.in_chans, enc.image_size, enc.image_size), generator=g,
@@ -137,18 +142,17 @@ def step_open_clip(name: str, precision: str, device: torch.device, batch: int):
 
 
 def time_step(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per step after `warmup` untimed steps."""
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    """Seconds per step of `steps` steps run back to back, after `warmup` untimed ones."""
+    for _ in range(warmup):
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-b32", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement, back to back")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--precisions", default=None, help="comma list (default: fp32,bf16 [+fp16 on a GPU])")
     p.add_argument("--no-open-clip", action="store_true", help="time ours only")
+    p.add_argument("--compile", action="store_true", help="time ours under torch.compile")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense bf16 peak for MFU (default: from the GPU's name; none on a CPU)")
     args = p.parse_args(argv)
@@ -182,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ours = build_ours(args.model, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     peak = args.peak_tflops or bf16_peak_tflops(device)
-    print(f"{args.model}: batch {args.batch}, {CONTEXT} tokens, {where}, median of {args.steps} steps; "
+    print(f"{args.model}: batch {args.batch}, {CONTEXT} tokens, {where}, {args.steps} steps back to back"
+          + (", ours compiled" if args.compile else "") + "; "
           + (f"MFU against a dense bf16 peak of {peak:g} TFLOP/s" if peak else "no bf16 peak known: MFU not shown"))
     rows = []
     for precision in precisions:
-        step = step_ours(ours, precision, device, args.batch)
-        flops = step_flops(step)  # also the first warm-up step
+        flops = step_flops(step_ours(ours, precision, device, args.batch))  # eager: what the model computes
+        step = step_ours(ours, precision, device, args.batch, compile=args.compile)
         t_ours = time_step(step, args.steps, args.warmup, device)
         t_oc = None
         if have_oc:

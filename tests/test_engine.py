@@ -121,7 +121,26 @@ def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
-def test_a_non_finite_loss_stops_training_and_writes_no_bundle(phantom_dir, tmp_path):
+def test_reading_the_step_values_in_batches_changes_no_number(phantom_dir, tmp_path):
+    # --sync-every 5: the losses and gradient norms stay on the device and are read five steps at a time
+    each = train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "each"), sync_every=1))
+    batched = train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "batched"), sync_every=5))
+    h1, h5 = (json.loads((b.parent / "history.json").read_text()) for b in (each, batched))
+    keys = ("loss", "grad_norm", "val_overall")
+    assert [[row[k] for k in keys] for row in h1] == [[row[k] for k in keys] for row in h5]
+    assert h1[0]["grad_norm"] > 0
+    wa, wb = load_file(str(each / "model.safetensors")), load_file(str(batched / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sync_every_must_not_be_negative(phantom_dir, tmp_path):
+    with pytest.raises(DataError, match="--sync-every must be 0 .* got -1"):
+        train(_cfg(phantom_dir, tmp_path, sync_every=-1))
+
+
+@pytest.mark.parametrize("sync_every,when", [(1, "stopped before any update from it"),
+                                             (5, "stopped at the next read of the step values")])
+def test_a_non_finite_loss_stops_training_and_writes_no_bundle(phantom_dir, tmp_path, sync_every, when):
     from encoders import create_encoder
 
     torch.manual_seed(0)
@@ -130,8 +149,9 @@ def test_a_non_finite_loss_stops_training_and_writes_no_bundle(phantom_dir, tmp_
         encoder.vision_model.post_layernorm.weight[0] = float("nan")  # every feature row holds a NaN
     encoder.save_pretrained(tmp_path / "nan-encoder")
     out = tmp_path / "nan-run"
-    with pytest.raises(NonFiniteError, match=r"epoch 1, step 1: loss is nan"):
-        train(_cfg(phantom_dir, tmp_path, epochs=1, encoder=str(tmp_path / "nan-encoder"), out=str(out)))
+    with pytest.raises(NonFiniteError, match=rf"epoch 1, step 1: loss is nan; {when}"):  # read late, still named
+        train(_cfg(phantom_dir, tmp_path, epochs=1, encoder=str(tmp_path / "nan-encoder"), out=str(out),
+                   sync_every=sync_every))
     assert not (out / "bundle").exists() and not (out / "checkpoint.pt").exists()
 
 

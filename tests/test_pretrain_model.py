@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
+from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from encoders import create_encoder
 from pretrain.evaluate import class_prompts, load_prompts, retrieval_metrics
@@ -228,6 +231,45 @@ def test_accumulation_equals_the_big_batch():
     assert math.isclose(s_big["loss"], s_small["loss"], rel_tol=1e-5)
     for (name, a), b in zip(big.named_parameters(), small.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value by the host (on a GPU, each one waits for the device)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__bool__, torch.Tensor.__index__}
+
+    def __init__(self, host_side: Callable[[torch.Tensor], bool]) -> None:
+        super().__init__()
+        self.host_side, self.reads = host_side, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and not self.host_side(args[0]):
+            self.reads.append(f"{func.__name__} in {traceback.format_stack(limit=2)[0].strip()}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_contrastive_step_reads_nothing_back_from_the_device():
+    # The optimizer step as `medvqa pretrain` runs it (clipping, AdamW, the logit-scale clamp, values kept for the
+    # epoch's sums) queues its work without waiting for it: a GPU step can then overlap the host's next one.
+    # BERT-style towers are left out: transformers checks their padding mask on the host (`mask.all()`).
+    from vqa.training import Runtime, Trainer
+
+    model = _model(text="clip-text-tiny").train()
+    inputs = _inputs(model, n=8)
+    task = _task(model, {k: inputs[k] for k in ("input_ids", "attention_mask")}, sync_every=8, clip_norm=1.0,
+                 lr=1e-4)
+    trainer = Trainer(task, task.cfg, Runtime(torch.device("cpu"), World()))
+    item = [Micro(Shard(torch.arange(8)), inputs["raw"], 0, 0, 0)]
+    built = task.make_batch(item[0])
+    task.make_batch = lambda micro: built  # the batch is cut and masked on the host before it is sent
+    # torch's (non-capturable) AdamW keeps its step count on the host by design: reading it waits for nothing
+    mode = _HostReads(lambda t: any(t is s.get("step") for s in trainer.optimizer.state.values()))
+    for _ in range(2):  # the first step creates the optimizer state, the second runs with it
+        with mode:
+            values, _ = trainer.train_step(item, "test")
+    assert mode.reads == []
+    assert set(values) == {"loss", "grad_norm"} and all(isinstance(v, torch.Tensor) for v in values.values())
 
 
 def test_make_batch_masks_for_mlm_and_trims_padding():

@@ -244,7 +244,7 @@ class VQATask(TrainingTask):
         if self.cfg.optimizer == "adamax":
             return torch.optim.Adamax(groups, lr=lr, weight_decay=weight_decay)
         if self.cfg.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=self.device.type == "cuda")
         raise DataError(f"--optimizer {self.cfg.optimizer!r}: expected 'adamax' or 'adamw'")
 
     def _plan(self, epoch: int) -> list[list[Shard]]:

@@ -106,6 +106,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g = groups["runtime"] = parser.add_argument_group("runtime")
     add_device_arguments(g, device=defaults.device)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-every", type=int, default=defaults.sync_every, metavar="STEPS",
+                   help="read the losses back to the host every STEPS optimizer steps, so that a GPU is not kept "
+                        "waiting for each read (default 0: every step on a CPU, every 32 on a GPU); a NaN is "
+                        "still reported with the step that made it")
     g.add_argument("--seed", type=int, default=defaults.seed)
     g = groups["outputs"] = parser.add_argument_group("outputs")
     g.add_argument("--out", default=defaults.out, help="output folder (default: %(default)s)")

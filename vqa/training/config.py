@@ -19,6 +19,9 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA, with a GradScaler)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the rank's GPU)
     compile: bool = False  # torch.compile the model
+    sync_every: int = 0  # read the step's losses and gradient norm back to the host every N optimizer steps: a
+    #                      read waits for the device to finish (0: automatic: every step on a CPU, every 32 on a
+    #                      GPU; always every step with fp16, whose GradScaler reads its overflow flag anyway)
     threads: int | None = None  # CPU threads for torch (default: torch's choice, one per core)
     seed: int = 0
     # outputs

@@ -40,6 +40,7 @@ from .distributed import World, all_reduce_sums, barrier, init_distributed, loca
 from .precision import check_precision, make_grad_scaler, resolve_device
 from .runtime import jsonable, seed_everything
 from .schedule import warmup_cosine
+from .step_log import StepLog
 from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ class Trainer:
         self.model = model
         self.ema = WeightAverage(task.model, self.state_keys, cfg.ema_decay) if cfg.ema_decay else None
         self.skipped_in_a_row = 0
+        if cfg.sync_every < 0:
+            raise DataError(f"--sync-every must be 0 (automatic) or more, got {cfg.sync_every}")
+        # a read of the step values waits for the device: on a GPU read them in batches; fp16's scaler syncs anyway
+        self.sync_every = 1 if self.scaler is not None else cfg.sync_every or (1 if self.device.type == "cpu" else 32)
         self._progress: tuple[list, dict | None, dict | None] = ([], None, None)  # history, best, best state
         if cfg.checkpoint_every and not task.resumable_mid_epoch:
             raise DataError(f"--checkpoint-every {cfg.checkpoint_every}: this command checkpoints at epoch ends only")
@@ -111,29 +116,31 @@ class Trainer:
                                                         "ema_decay": cfg.ema_decay})))
 
     # -- one optimizer step --------------------------------------------------------------------------------
-    def train_step(self, item: Any, where: str) -> tuple[dict[str, float], int]:
-        """The task's forward/backward of `item`, then the optimizer step; returns (loss values, samples)."""
+    def train_step(self, item: Any, where: str) -> tuple[dict[str, torch.Tensor], int]:
+        """The task's forward/backward of `item`, then the optimizer step; returns (the step's losses and gradient
+        norm as device scalars, samples). With `sync_every` 1 they are checked on the host before the update;
+        otherwise `StepLog.read` checks them at the next read, which stops the run there."""
         out = self.task.training_step(self.model, item, self.context)
-        values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in out.losses.items()}
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise NonFiniteError(f"{where}: {name} is {value}; stopped before any update from it "
-                                     "(a corrupt input or feature cache, or a learning rate too high)")
+        values = {k: torch.as_tensor(v, device=self.device).detach().float() for k, v in out.losses.items()}
+        if self.sync_every == 1:
+            for name, v in values.items():
+                if not math.isfinite(value := float(v)):
+                    raise self._non_finite(where, name, value)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.clip_norm if self.cfg.clip_norm else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], clip))
-        if math.isfinite(norm):
-            self.skipped_in_a_row = 0
-        elif self.scaler is None:
-            raise NonFiniteError(f"{where}: the gradient norm is {norm} (loss {values.get('loss')}); "
-                                 "stopped before the update")
-        else:  # fp16: the scaler skips this step and lowers its scale
-            self.skipped_in_a_row += 1
-            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise NonFiniteError(f"{where}: the fp16 gradients overflowed in {self.skipped_in_a_row} steps "
-                                     f"in a row (loss scale now {self.scaler.get_scale():g}): the run diverged; "
-                                     "try --precision bf16 or a lower --lr")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], clip)
+        if self.scaler is not None:  # fp16 (syncs anyway: the scaler reads its found-inf flag back every step)
+            if math.isfinite(float(norm)):
+                self.skipped_in_a_row = 0
+            else:  # the scaler skips this step and lowers its scale
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                    raise NonFiniteError(f"{where}: the fp16 gradients overflowed in {self.skipped_in_a_row} steps "
+                                         f"in a row (loss scale now {self.scaler.get_scale():g}): the run "
+                                         "diverged; try --precision bf16 or a lower --lr")
+        elif self.sync_every == 1 and not math.isfinite(value := float(norm)):
+            raise self._non_finite(where, "grad_norm", value)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -144,15 +151,24 @@ class Trainer:
         self.task.after_optimizer_step()
         if self.ema is not None:
             self.ema.update(self.task.model)
-        values["grad_norm"] = norm
+        values["grad_norm"] = norm.detach().float()
         return values, out.samples
+
+    def _non_finite(self, where: str, name: str, value: float) -> NonFiniteError:
+        what = "the gradient norm" if name == "grad_norm" else name
+        when = ("stopped before any update from it" if self.sync_every == 1 else
+                f"stopped at the next read of the step values (every {self.sync_every} steps), nothing saved after "
+                "the last checkpoint")
+        return NonFiniteError(f"{where}: {what} is {value}; {when} (a corrupt input or feature cache, or a learning "
+                              "rate too high)")
 
     # -- one epoch -----------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, start_step: int = 0, carry: dict | None = None) -> dict[str, float]:
         """One epoch from `start_step` (a resumed one continues the `carry` of its checkpoint: sums, samples)."""
         self.task.model.train()
-        totals: dict[str, float] = defaultdict(float, (carry or {}).get("totals", {}))
-        seen, skipped = (carry or {}).get("samples", 0), (carry or {}).get("skipped_steps", 0)
+        sums = StepLog((carry or {}).get("totals", {}), (carry or {}).get("samples", 0), self._non_finite,
+                       frozenset({"grad_norm"}) if self.scaler is not None else frozenset())
+        skipped = (carry or {}).get("skipped_steps", 0)
         started = time.perf_counter() - (carry or {}).get("seconds", 0.0)
         steps, every = self.task.steps_per_epoch(), self.cfg.checkpoint_every
         items = self.task.train_steps(epoch, start_step) if start_step else self.task.train_steps(epoch)
@@ -163,21 +179,24 @@ class Trainer:
             waited += time.perf_counter() - asked  # from asking for a batch to having it: the input pipeline's
             values, samples = self.train_step(item, f"epoch {epoch + 1}, step {s + 1}")
             skipped += self.skipped_in_a_row > 0
-            for key, value in values.items():
-                if math.isfinite(value):
-                    totals[key] += value * samples
-            seen += samples
-            bar.set_postfix(loss=f"{totals['loss'] / max(seen, 1):.3f}")
+            sums.add(f"epoch {epoch + 1}, step {s + 1}", values, samples)
+            if sums.pending >= self.sync_every:
+                sums.read()
+                bar.set_postfix(loss=f"{sums.mean('loss'):.3f}")
             if every and (s + 1) % every == 0 and s + 1 < steps:
-                totals, seen = self._checkpoint_within(epoch, s + 1, totals, seen, skipped,
-                                                       time.perf_counter() - started)
+                sums.read()
+                sums.totals, sums.seen = self._checkpoint_within(epoch, s + 1, sums.totals, sums.seen, skipped,
+                                                                 time.perf_counter() - started)
             asked = time.perf_counter()
+        sums.read()
         seconds = time.perf_counter() - started
         elapsed = seconds - (carry or {}).get("seconds", 0.0)  # this run's part of the epoch
-        totals, seen = all_reduce_sums(dict(totals), seen, self.world)  # every rank's samples count
+        totals, seen = all_reduce_sums(dict(sums.totals), sums.seen, self.world)  # every rank's samples count
         row = {k: v / max(seen, 1) for k, v in totals.items()}
-        # input_wait_share: the part of the epoch spent waiting for batches. The step reads its losses back, so
-        # on a GPU as well the host cannot run ahead: what it waits for in the loop is input, not the device.
+        # input_wait_share: the part of the epoch spent waiting for batches. With the step values read back
+        # every step the host cannot run ahead of the device, so what it waits for in the loop is input; with
+        # --sync-every N it can queue up to N steps ahead, and a wait for input is still a wait the device may
+        # not hide once that queue drains.
         row.update(lr=self.scheduler.get_last_lr()[0], seconds=seconds, samples_per_s=seen / max(seconds, 1e-9),
                    input_wait_share=min(1.0, waited / max(elapsed, 1e-9)), **self.task.epoch_summary())
         if self.scaler is not None:
