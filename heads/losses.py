@@ -45,14 +45,15 @@ def _bce(logits: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | None =
 
 def _soft_cross_entropy(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against scores renormalised per row; rows with no target are skipped."""
+    # Weighted over all rows rather than indexed by `mass > 0`: selecting rows, or asking whether any has a
+    # target, would read a GPU tensor back to the host each step. A batch without targets gives 0, graph intact.
     mass = scores.sum(1)
-    rows = mass > 0
-    if not rows.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP) intact on a batch without targets
-    probs = scores[rows] / mass[rows].unsqueeze(1)
-    log_probs = F.log_softmax(logits[rows], dim=1)
+    rows = (mass > 0).to(logits.dtype)
+    probs = scores / mass.clamp_min(torch.finfo(scores.dtype).tiny).unsqueeze(1)
+    log_probs = F.log_softmax(logits, dim=1)
     # Masked-out answers have -inf log-probability and zero target mass: count them as 0, not NaN.
-    return -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(1).mean()
+    per_row = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(1)
+    return (per_row * rows).sum() / rows.sum().clamp_min(1.0)
 
 
 class AnswerLoss(nn.Module):

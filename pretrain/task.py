@@ -143,17 +143,20 @@ class ContrastiveTask(TrainingTask):
         batch = {"pixels": normalize(pixels, self.model.image_encoder, self.device)
                  .contiguous(memory_format=torch.channels_last)}
         if "text_features" in text:
-            batch["text_features"] = text["text_features"][indices].to(self.device)
+            batch["text_features"] = text["text_features"][indices].to(self.device, non_blocking=True)
             return batch, None
         ids, mask = text["input_ids"][indices], text["attention_mask"][indices]
         length = int(mask.sum(1).max())
         ids, mask = ids[:, :length], mask[:, :length]  # trim padding to the longest caption of the batch
-        batch["input_ids"], batch["attention_mask"] = ids.to(self.device), mask.to(self.device)
+        # non_blocking: a blocking copy to a GPU also waits for every kernel queued before it (a host sync)
+        batch["input_ids"] = ids.to(self.device, non_blocking=True)
+        batch["attention_mask"] = mask.to(self.device, non_blocking=True)
         labels = None
         if cfg.mlm_weight > 0:
             masked, labels = mask_tokens(ids, mask, self.model.text.tokenizer, self.model.text.vocab_size,
                                          cfg.mlm_probability, g)
-            batch["mlm_input_ids"], labels = masked.to(self.device), labels.to(self.device)
+            batch["mlm_input_ids"] = masked.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
         return batch, labels
 
     @torch.no_grad()

@@ -225,6 +225,9 @@ def test_answer_loss_matches_mevf_scaling():
     unknown = torch.tensor([4, -100, 2])
     torch.testing.assert_close(ce({"logits": logits}, unknown)["loss"], F.cross_entropy(logits[[0, 2]], index[[0, 2]]))
     assert torch.isfinite(bce({"logits": logits}, unknown)["loss"])
+    none = ce({"logits": logits}, torch.full((3,), -100))["loss"]  # no row with a target: 0, and it backpropagates
+    none.backward()
+    assert none.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
     with pytest.raises(ValueError):
         AnswerLoss("mse")
 

@@ -82,7 +82,7 @@ def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images, device
 
         pixels = images.pixels[rows]
         image_in = normalize(transform(pixels) if transform else pixels, model.encoder, device)
-    kwargs = {k: batch[k].to(device) for k in CHOICE_KEYS if k in batch}
+    kwargs = {k: batch[k].to(device, non_blocking=True) for k in CHOICE_KEYS if k in batch}
     return image_in, kwargs
 
 

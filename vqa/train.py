@@ -273,9 +273,11 @@ class VQATask(TrainingTask):
         image_in, kwargs = model_inputs(self.model, batch, self.train.inputs(self.frozen_phase), self.device,
                                         transform)
         with step.autocast():
-            out = run_model(model, image_in, batch["tokens"].to(self.device), batch["lengths"].to(self.device),
+            out = run_model(model, image_in, batch["tokens"].to(self.device, non_blocking=True),
+                            batch["lengths"].to(self.device, non_blocking=True),
                             **kwargs)
-        losses = dict(self.loss_fn(out, batch["answers"].to(self.device), batch["types"].to(self.device)))
+        losses = dict(self.loss_fn(out, batch["answers"].to(self.device, non_blocking=True),
+                                   batch["types"].to(self.device, non_blocking=True)))
         total = losses["loss"]
         aux = self.model.encoder.auxiliary_loss(out["image_features"], image_in) if "image_features" in out else None
         if aux is not None:
