@@ -192,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f"MFU against a dense bf16 peak of {peak:g} TFLOP/s" if peak else "no bf16 peak known: MFU not shown"))
     rows = []
     for precision in precisions:
-        flops = step_flops(step_ours(ours, precision, device, args.batch))  # eager: what the model computes
-        step = step_ours(ours, precision, device, args.batch, compile=args.compile)
+        step = step_ours(ours, precision, device, args.batch)
+        flops = step_flops(step)  # eager, what the model computes; also the first warm-up step
+        if args.compile:
+            step = step_ours(ours, precision, device, args.batch, compile=True)
         t_ours = time_step(step, args.steps, args.warmup, device)
         t_oc = None
         if have_oc:

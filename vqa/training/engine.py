@@ -177,9 +177,10 @@ class Trainer:
         waited, asked = 0.0, time.perf_counter()
         for s, item in enumerate(bar, start_step):
             waited += time.perf_counter() - asked  # from asking for a batch to having it: the input pipeline's
-            values, samples = self.train_step(item, f"epoch {epoch + 1}, step {s + 1}")
+            where = f"epoch {epoch + 1}, step {s + 1}"
+            values, samples = self.train_step(item, where)
             skipped += self.skipped_in_a_row > 0
-            sums.add(f"epoch {epoch + 1}, step {s + 1}", values, samples)
+            sums.add(where, values, samples)
             if sums.pending >= self.sync_every:
                 sums.read()
                 bar.set_postfix(loss=f"{sums.mean('loss'):.3f}")

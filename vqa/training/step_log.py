@@ -33,8 +33,8 @@ class StepLog:
         return len(self._pending)
 
     def add(self, where: str, values: dict[str, Tensor], samples: int) -> None:
-        self._pending.append((where, list(values), [v.detach().float().reshape(()) for v in values.values()],
-                              samples))
+        """One step's values: detached float32 scalars on one device (what `Trainer.train_step` returns)."""
+        self._pending.append((where, list(values), list(values.values()), samples))
 
     def read(self) -> None:
         """The pending steps' values on the host (one device sync), checked and added to the sums."""
