@@ -50,11 +50,11 @@ medpix() {
     cp "$run/metrics.json" "$OUT/$(basename "$run").json"
   done
   for head in mevf-ban; do
-    timeout 150 $PY -m vqa.cli train --dataset vqa-rad --data "$DATA/vqa-rad" --val-by question \
+    timeout 150 $PY -m vqa.cli train --format vqa-rad --data "$DATA/vqa-rad" --val-by question \
       --encoder "$WORK/medpix-vit-b32/encoder" --head "$head" --head-arg hidden_dim=512 --question-dim 512 \
       --loss ce --lr 3e-3 --batch-size 32 --epochs $VQA_EPOCHS --device $DEVICE --no-progress --out "$WORK/vqa-rad-$head" 2>&1 \
       | tail -5 | tee -a "$OUT/vqa_rad.txt"
-    $PY -m vqa.cli eval --bundle "$WORK/vqa-rad-$head/bundle" --dataset vqa-rad --data "$DATA/vqa-rad" \
+    $PY -m vqa.cli eval --bundle "$WORK/vqa-rad-$head/bundle" --format vqa-rad --data "$DATA/vqa-rad" \
       --device $DEVICE --no-progress --out "$WORK/vqa-rad-$head/eval" 2>&1 | tee -a "$OUT/vqa_rad.txt"
     cp "$WORK/vqa-rad-$head/eval/metrics.json" "$OUT/vqa_rad_$head.json"
   done

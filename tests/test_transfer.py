@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vqa.errors import DataError
 from vqa.train import TrainConfig, VQATask, train
 
 TINY = dict(encoder="clip-vit-tiny", question_dim=32, embed_dim=16, batch_size=32, progress=False, device="cpu")
@@ -153,3 +154,37 @@ def test_weight_averaging_is_what_is_scored_kept_and_resumed(phantom_dir, tmp_pa
     resumed = train(_cfg(phantom_dir, tmp_path / "r", ema_decay=0.9, epochs=3, resume="latest"))
     wr = load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
+def test_feature_views_augment_a_frozen_encoder_through_the_cache(phantom_dir, tmp_path):
+    from vqa.train import augmented_views, build_model, load_splits, make_split, vocabularies
+
+    cfg = _cfg(phantom_dir, tmp_path, feature_views=2, epochs=1)
+    train_records, _, _ = load_splits(cfg)
+    tokenizer, answers = vocabularies(cfg, train_records)
+    model = build_model(cfg, tokenizer, answers)
+    split = make_split(cfg, model, train_records, tokenizer, answers, torch.device("cpu"), views=2)
+    images = len(split.images["pooled"])
+    assert split.views["grid"].shape == (3 * images, *split.images["grid"].shape[1:])
+    assert torch.equal(split.views["grid"][:images], split.images["grid"])  # the originals first, then each view
+    for v in (1, 2):
+        view = split.views["pooled"][v * images:(v + 1) * images].float()
+        assert (view - split.images["pooled"].float()).abs().mean() > 1e-3  # an augmented copy, not the image
+    rows = split.questions.rows[:200]
+    picked = split.view_rows(rows, torch.Generator().manual_seed(0))
+    assert torch.equal(picked % images, rows) and set((picked // images).tolist()) == {0, 1, 2}
+    # Seeded: the same views again (the cache then encodes nothing new), another seed other views.
+    first = augmented_views(model.encoder, [r.image for r in train_records[:3]], 1, seed=0, progress=False)
+    again = augmented_views(model.encoder, [r.image for r in train_records[:3]], 1, seed=0, progress=False)
+    other = augmented_views(model.encoder, [r.image for r in train_records[:3]], 1, seed=1, progress=False)
+    assert [a.tobytes() for a in first] == [b.tobytes() for b in again] != [c.tobytes() for c in other]
+
+    bundle = train(cfg)
+    plain = train(_cfg(phantom_dir, tmp_path / "plain", epochs=1))
+    wa, wp = load_file(str(bundle / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    assert not all(torch.equal(wa[k], wp[k]) for k in wa)  # trained on other inputs
+    _same_answers_everywhere(bundle, phantom_dir, tmp_path)  # inference reads the images themselves
+    with pytest.raises(DataError, match="--feature-views"):
+        train(_cfg(phantom_dir, tmp_path / "ft", feature_views=2, encoder_mode="finetune"))
+    with pytest.raises(DataError, match="--feature-views -1"):
+        train(_cfg(phantom_dir, tmp_path / "neg", feature_views=-1))

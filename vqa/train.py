@@ -43,7 +43,7 @@ MIN_OOD_IMAGES = 20
 AUGMENT_CROP, AUGMENT_INTENSITY = 0.15, 0.1  # --augment: crops keep >= 85 % of each side; +-10 % contrast, brightness
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
-            "val_by", "batch_size", "freeze_epochs", "augment")
+            "val_by", "batch_size", "freeze_epochs", "augment", "feature_views")
 WORD_ENCODER = "gru"
 
 
@@ -66,6 +66,8 @@ class TrainConfig(EngineConfig):
     encoder_lr: float | None = None  # learning rate of the image encoder when fine-tuning (default: lr)
     freeze_epochs: int = 0  # fine-tuning: train the head alone on cached features first, for this many epochs
     augment: bool = False  # fine-tuning: random affine, resized crop and intensity jitter (never a flip)
+    feature_views: int = 0  # frozen: cache this many augmented copies of each training image (as --augment makes
+    #                         them); each epoch a question reads its image or one of them, drawn at random
     image_features: str = "grid"  # grid (regions, attention maps) | pooled (one vector, as PubMedCLIP)
     head: str = "mevf-ban"
     head_args: dict = field(default_factory=dict)  # fields of the head's config dataclass
@@ -108,10 +110,17 @@ class Split:
     questions: QuestionTensors
     images: Any  # a feature table (frozen encoder) or an encoders.ImageTable of pixels (fine-tuning)
     features: Any = None  # fine-tuning after a frozen warm start: the initial encoder's feature table
+    views: Any = None  # --feature-views: `images`' rows, then each augmented view's (view-major), as one table
 
     def inputs(self, frozen_phase: bool):
         """What the model reads now: the cached features during a frozen warm start, else `images`."""
         return self.features if frozen_phase and self.features is not None else self.images
+
+    def view_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Rows of `views` for questions on image `rows`: per question, its image or one of its views at random."""
+        count = len(self.views["pooled"]) // len(self.images["pooled"])
+        pick = torch.randint(0, count, (len(rows),), generator=generator)
+        return rows + pick * len(self.images["pooled"])
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
@@ -193,15 +202,39 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, answers: AnswerVocab) ->
 
 
 def make_split(cfg: TrainConfig, model: VQAModel, records: list[Record], tokenizer: Tokenizer,
-               answers: AnswerVocab, device: torch.device) -> Split:
+               answers: AnswerVocab, device: torch.device, views: int = 0) -> Split:
+    """One split's questions and image inputs; `views` augmented copies of each image (frozen: training only)."""
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, tokenizer, answers, cfg.question_len, cfg.choice_len)
     if cfg.encoder_mode == "frozen":
-        return Split(records, questions, feature_table(model.encoder, images, cfg.cache_dir, device=device,
-                                                       progress=cfg.progress))
+        table = feature_table(model.encoder, images, cfg.cache_dir, device=device, progress=cfg.progress)
+        if not views:
+            return Split(records, questions, table)
+        augmented = feature_table(model.encoder, augmented_views(model.encoder, images, views, cfg.seed, cfg.progress),
+                                  cfg.cache_dir, device=device, progress=cfg.progress)
+        return Split(records, questions, table, views={k: torch.cat([table[k], augmented[k]]) for k in table})
     warm = (feature_table(model.encoder, images, cfg.cache_dir, device=device, progress=cfg.progress)
             if cfg.freeze_epochs else None)
     return Split(records, questions, pixel_table(model.encoder, images, progress=cfg.progress), warm)
+
+
+def augmented_views(encoder, images: list, views: int, seed: int, progress: bool = True, chunk: int = 256) -> list:
+    """`views` augmented copies of every image at the encoder's size, view-major, as PIL images (the feature cache
+    keys them by their pixels, so a rerun with the same seed encodes none of them again). The augmentation is
+    --augment's: small affine, resized crop, intensity; never a flip."""
+    from PIL import Image
+
+    table = pixel_table(encoder, images, progress=progress)
+    out = []
+    for v in range(views):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + v)
+        for start in range(0, len(table), chunk):  # bounded memory on large sets
+            moved = augment(table.pixels[start:start + chunk], generator=g, crop=AUGMENT_CROP,
+                            intensity=AUGMENT_INTENSITY)
+            out += [Image.fromarray(p[0].numpy()) if p.shape[0] == 1 else Image.fromarray(p.permute(1, 2, 0).numpy())
+                    for p in moved]
+    log.info("feature views: %d augmented copies of %d training images", views, len(images))
+    return out
 
 
 def evaluate_split(model: VQAModel, split: Split, answers: AnswerVocab, device: torch.device,
@@ -270,8 +303,11 @@ class VQATask(TrainingTask):
         if self.cfg.augment:
             g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
             transform = partial(augment, generator=g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY)
-        image_in, kwargs = model_inputs(self.model, batch, self.train.inputs(self.frozen_phase), self.device,
-                                        transform)
+        images = self.train.inputs(self.frozen_phase)
+        if self.train.views is not None:
+            g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
+            batch["rows"], images = self.train.view_rows(batch["rows"], g), self.train.views
+        image_in, kwargs = model_inputs(self.model, batch, images, self.device, transform)
         with step.autocast():
             out = run_model(model, image_in, batch["tokens"].to(self.device, non_blocking=True),
                             batch["lengths"].to(self.device, non_blocking=True),
@@ -307,7 +343,10 @@ def train(cfg: TrainConfig) -> Path:
     check_risk(cfg.target_risk)
     if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
         raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
-                        "encoder's features are computed once")
+                        "encoder's features are computed once (--feature-views augments a frozen encoder's inputs)")
+    if cfg.feature_views < 0 or (cfg.feature_views and cfg.encoder_mode != "frozen"):
+        raise DataError(f"--feature-views {cfg.feature_views}: expected a count >= 0 of augmented copies per image, "
+                        "with a frozen encoder (fine-tuning augments every batch: --augment)")
     with runtime(cfg) as rt:
         train_records, val_records, val_how = load_splits(cfg)
         tokenizer, answers = vocabularies(cfg, train_records)
@@ -348,7 +387,7 @@ def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokeniz
 
     if not rt.world.is_main:
         barrier(rt.world)  # rank 0 fills the feature cache first; the others then read it
-    train_split = make_split(cfg, model, train_records, tokenizer, answers, rt.device)
+    train_split = make_split(cfg, model, train_records, tokenizer, answers, rt.device, views=cfg.feature_views)
     val_split = make_split(cfg, model, val_records, tokenizer, answers, rt.device)
     if rt.world.is_main:
         barrier(rt.world)

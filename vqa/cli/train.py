@@ -49,6 +49,9 @@ def build_parser():
                    help="fine-tuning: a warm start of N epochs with the encoder frozen, on cached features")
     g.add_argument("--augment", action="store_true",
                    help="fine-tuning: random affine, resized crop and intensity jitter per image (never a flip)")
+    g.add_argument("--feature-views", type=int, default=d.feature_views, metavar="N",
+                   help="frozen encoder: also cache N augmented copies of each training image (--augment's changes); "
+                        "each epoch a question reads its image or one of them at random (default: %(default)s)")
     g.add_argument("--image-features", default=d.image_features, choices=["grid", "pooled"],
                    help="regions the head attends over: the encoder's grid, or its pooled vector (PubMedCLIP)")
     g.add_argument("--head", default=d.head, help="mevf-ban | mevf-san | qcr | mc-ban | fusion-transformer | "
