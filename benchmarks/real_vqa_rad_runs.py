@@ -11,6 +11,7 @@ CNN = {"image_size": 128, "model_kwargs": {"channels": [16, 32, 64, 128], "stem_
 HEADS = ("mevf-ban", "mevf-san", "qcr")
 IMAGENET_HEADS = ("mevf-ban", "qcr")  # rows d/e
 LITE0 = "efficientnet-lite0-imagenet"
+LITE2 = "efficientnet-lite2-imagenet"
 PAPER_EPOCHS = 20  # MEVF's schedule
 # Recorded by every run since the carve keeps the copies of one (image, question) pair on one side; rows without
 # it were carved before (READING, "Validation carve"), and the tables mark the rows that have it with §.
@@ -32,6 +33,10 @@ class Run:
     tag: str = ""  # names a recipe in the run's name
     seed: int = 0  # the training seed and validation carve
     step: str = ""  # a transfer row: the change it makes to the previous step (not part of its name)
+    gpu_sized: bool = False  # hours on 2 CPU cores: run only when --only names it (benchmarks/gpu.sh does)
+    kind: str = "step"  # a transfer row: a step of the recipe, a "variant" (one change from the step `base`), or a
+    #                     "control" (a step under the references' protocol: candidate list, epoch picked on test)
+    base: str = ""  # a variant: the step it changes one thing of
 
     @property
     def config(self) -> str:
@@ -90,7 +95,19 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
     if finetune:
         runs.append(Run("a", str(mevf / "encoder"), "finetune", "mevf-ban", vocabs[-1], selection="test",
                         epochs=PAPER_EPOCHS if paper_schedule else None))
+    if finetune and paper_schedule:  # the second reference head, on its published schedule (a GPU's work)
+        runs += [Run("a", str(mevf / "encoder"), "finetune", "qcr", vocab, selection=selection, epochs=QCR_EPOCHS,
+                     extra=QCR_SCHEDULE, tag="qcr-schedule", gpu_sized=True)
+                 for vocab, selection in (("train", "val"), ("candidates", "test"))]
     return runs
+
+
+# QCR's published schedule (Awenbocc/med-vqa main.py): 200 epochs of Adamax at 0.005, batch 64, hidden 1024,
+# MEVF's per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder fine-tuned end to end. About 9 h per
+# run on 2 CPU cores (its reference code: 169 s per epoch), so gpu.sh runs it.
+QCR_EPOCHS = 200
+QCR_SCHEDULE = (("lr", 0.005), ("batch_size", 64), ("loss", "bce"), ("question_dim", 1024),
+                ("head_args", (("hidden_dim", 1024),)))
 
 
 SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)
@@ -101,17 +118,29 @@ TRANSFORMER = (("head_args", (("hidden_dim", 256), ("layers", 2), ("attention_he
 
 def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]]]:
     """The transfer recipe built one change at a time, each step three seeds (frozen image side, train-only
-    vocabulary, epoch chosen on validation)."""
-    steps = [("EfficientNet-Lite0 ImageNet weights, frozen; mevf-ban; GloVe + GRU",
-              dict(encoder=str(lite0), head="mevf-ban")),
+    vocabulary, epoch chosen on validation); then other image sides under its first step's head, one change each;
+    then the references' protocol (candidate list, epoch picked on test) on its best step, as a labelled control."""
+    first = dict(encoder=str(lite0), head="mevf-ban")
+    transformer = dict(encoder=str(lite0), head="fusion-transformer", question="minilm",
+                       extra=MINILM_TUNED + TRANSFORMER, tag="tf")
+    steps = [("EfficientNet-Lite0 ImageNet weights, frozen; mevf-ban; GloVe + GRU", first),
              ("+ MiniLM as the question encoder (fine-tuned, lr 5e-5)",
               dict(encoder=str(lite0), head="mevf-ban", question="minilm", extra=MINILM_TUNED)),
-             ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)",
-              dict(encoder=str(lite0), head="fusion-transformer", question="minilm", extra=MINILM_TUNED + TRANSFORMER,
-                   tag="tf")),
-             ("+ the image side CLIP-pretrained on MedPix 2.0 from ImageNet (MiniLM frozen, LiT)",
-              dict(encoder=str(medpix_lite0), head="fusion-transformer", question="minilm",
-                   extra=MINILM_TUNED + TRANSFORMER, tag="tf-medpix"))]
-    return [(what, [Run("t", mode="frozen", vocab="train", seed=seed, step=what, **kw) for seed in SEEDS])
-            for what, kw in steps]
-
+             ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)", transformer)]
+    variants = [(steps[0][0], "EfficientNet-Lite2 ImageNet weights (260 px, a 9x9 grid)",
+                 {**first, "encoder": LITE2, "tag": "lite2"}),
+                (steps[0][0], "8 augmented views of each training image in the feature cache (--feature-views 8)",
+                 {**first, "extra": (("feature_views", 8),), "tag": "views8"}),
+                (steps[0][0], "EfficientNet-Lite0 CLIP-pretrained on MedPix 2.0 from ImageNet (MiniLM frozen, LiT)",
+                 {**first, "encoder": str(medpix_lite0), "tag": "medpix"}),
+                (steps[2][0], "QCR's closed/open router: each type its own answer classifier (fusion-transformer-qcr)",
+                 {**transformer, "head": "fusion-transformer-qcr", "tag": "tfqcr"}),
+                (steps[2][0], "an exponential moving average of the weights (--ema-decay 0.995) is scored and kept",
+                 {**transformer, "extra": transformer["extra"] + (("ema_decay", 0.995),), "tag": "tf-ema"})]
+    controls = [("+ the cross-modal transformer head: the references' protocol*",
+                 {**transformer, "vocab": "candidates", "selection": "test"})]
+    seeded = [("step", "", what, kw) for what, kw in steps] + [("variant", base, what, kw) for base, what, kw in variants]
+    seeded += [("control", "", what, kw) for what, kw in controls]
+    return [(what, [Run("t", **{"mode": "frozen", "vocab": "train", **kw}, seed=seed, step=what, kind=kind, base=base)
+                    for seed in SEEDS])
+            for kind, base, what, kw in seeded]
