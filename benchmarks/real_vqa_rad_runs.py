@@ -123,20 +123,20 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
     first = dict(encoder=str(lite0), head="mevf-ban")
     transformer = dict(encoder=str(lite0), head="fusion-transformer", question="minilm",
                        extra=MINILM_TUNED + TRANSFORMER, tag="tf")
+    routed = {**transformer, "head": "fusion-transformer-qcr", "tag": "tfqcr"}
     steps = [("EfficientNet-Lite0 ImageNet weights, frozen; mevf-ban; GloVe + GRU", first),
              ("+ MiniLM as the question encoder (fine-tuned, lr 5e-5)",
               dict(encoder=str(lite0), head="mevf-ban", question="minilm", extra=MINILM_TUNED)),
-             ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)", transformer)]
+             ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)", transformer),
+             ("+ QCR's closed/open router: each type its own answer classifier (fusion-transformer-qcr)", routed)]
     variants = [(steps[0][0], "EfficientNet-Lite2 ImageNet weights (260 px, a 9x9 grid)",
                  {**first, "encoder": LITE2, "tag": "lite2"}),
                 (steps[0][0], "8 augmented views of each training image in the feature cache (--feature-views 8)",
                  {**first, "extra": (("feature_views", 8),), "tag": "views8"}),
                 (steps[0][0], "EfficientNet-Lite0 CLIP-pretrained on MedPix 2.0 from ImageNet (MiniLM frozen, LiT)",
                  {**first, "encoder": str(medpix_lite0), "tag": "medpix"}),
-                (steps[2][0], "QCR's closed/open router: each type its own answer classifier (fusion-transformer-qcr)",
-                 {**transformer, "head": "fusion-transformer-qcr", "tag": "tfqcr"}),
-                (steps[2][0], "an exponential moving average of the weights (--ema-decay 0.995) is scored and kept",
-                 {**transformer, "extra": transformer["extra"] + (("ema_decay", 0.995),), "tag": "tf-ema"})]
+                (steps[3][0], "an exponential moving average of the weights (--ema-decay 0.995) is scored and kept",
+                 {**routed, "extra": routed["extra"] + (("ema_decay", 0.995),), "tag": "tfqcr-ema"})]
     controls = [("+ the cross-modal transformer head: the references' protocol*",
                  {**transformer, "vocab": "candidates", "selection": "test"})]
     seeded = [("step", "", what, kw) for what, kw in steps] + [("variant", base, what, kw) for base, what, kw in variants]
