@@ -80,8 +80,8 @@ READING = """### Reading the table
 - **Augmented views on VQA-RAD.** All 203 test images are also training images (the split is
   by question), so a head is rewarded on test for learning each image's exact features; copies
   that blur them cost points, most on open questions. On the phantom, whose test images are
-  new, `benchmarks/feature_views.py` measured seed 0 at 79.7 with no copies and 77.5 with 8:
-  the option is there for data whose test images are unseen, not part of the recipe.
+  new, `benchmarks/feature_views.py --threads 1` measured 8 copies against none at +1.4 (seed
+  0: 77.0 -> 78.4) and -2.8 (seed 1: 80.5 -> 77.7): no gain there either at this size.
 - **Coverage at 5% risk.** No head answers 40% of closed questions at 5% risk. With 74-77% of
   the closed test questions right, that needs the most confident 109 of 272 closed answers to
   be 95% right; in each of the three fusion-transformer-qcr seeds they are 90-91% right and
