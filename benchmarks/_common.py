@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 
@@ -28,3 +29,9 @@ def head_benchmark_parser(doc: str, encoder: str, head: str) -> argparse.Argumen
                         "recurrent GRU step then dominates the head's time)")
     p.add_argument("--batch-size", type=int, default=32)
     return p
+
+
+def percent_mean_std(values: list[float], signed: bool = False) -> str:
+    """Fractions as a percent cell: their mean, and ± their std when there are several (`signed`: +/- on the mean)."""
+    cell = f"{100 * statistics.fmean(values):{'+' if signed else ''}.1f}"
+    return cell + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")

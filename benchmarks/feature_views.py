@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import tempfile
 from pathlib import Path
 
-from _common import dataset_or_phantom, head_benchmark_parser
+from _common import dataset_or_phantom, head_benchmark_parser, percent_mean_std
 from vqa.evaluate import evaluate
 from vqa.train import TrainConfig, train
 
@@ -31,7 +30,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    tmp = Path(tempfile.mkdtemp(prefix="medvqa-feature-views-"))
+    # The phantom and N copies' features of every image run to gigabytes: the folder goes when the benchmark ends.
+    with tempfile.TemporaryDirectory(prefix="medvqa-feature-views-") as folder:
+        scores = compare(args, Path(folder))
+    print("| views | test overall (mean ± std) | paired gain over the first (mean ± std) |\n|---|---|---|")
+    first = scores[args.views[0]]
+    for views, s in scores.items():
+        gains = [a - b for a, b in zip(s, first)]
+        print(f"| {views} | {percent_mean_std(s)} | {percent_mean_std(gains, signed=True)} |")
+
+
+def compare(args, tmp: Path) -> dict[int, list[float]]:
+    """Test overall accuracy per number of views, one entry per seed."""
     data = dataset_or_phantom(args.data, tmp)
     base = TrainConfig(format=args.format, data=data, encoder=args.encoder, head=args.head, val_by=args.val_by,
                        head_args={"hidden_dim": args.hidden}, question_dim=args.hidden, loss="ce", lr=3e-3,
@@ -45,12 +55,7 @@ def main() -> None:
             scores[views].append(report["subsets"]["all"]["overall"])
             print(f"seed {seed}, {views} views: test overall {100 * scores[views][-1]:.1f}", flush=True)
     print(f"\n{args.format} ({data}): {args.head} on {args.encoder} frozen, {args.epochs} epochs, seeds {args.seeds}")
-    print("| views | test overall (mean ± std) | paired gain over the first |\n|---|---|---|")
-    first = scores[args.views[0]]
-    for views, s in scores.items():
-        gains = [a - b for a, b in zip(s, first)]
-        spread = f" ± {100 * statistics.stdev(s):.1f}" if len(s) > 1 else ""
-        print(f"| {views} | {100 * statistics.fmean(s):.1f}{spread} | {100 * statistics.fmean(gains):+.1f} |")
+    return scores
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from _common import percent_mean_std
 from real_vqa_rad_runs import CARVE, PAPER_EPOCHS, SEEDS, HeadRecipe, Run
 from vqa.io import atomic_write_text
 
@@ -86,7 +87,8 @@ READING = """### Reading the table
   the closed test questions right, that needs the most confident 109 of 272 closed answers to
   be 95% right; in each of the three fusion-transformer-qcr seeds they are 90-91% right and
   the 10 most confident 80%: its confidence does not put its errors last, and calibration, a
-  monotone map, cannot change that order. At 10% risk the validation-chosen threshold holds (49% of closed questions answered at 9.8% realised risk).
+  monotone map, cannot change that order. At 10% risk the validation-chosen threshold holds
+  (49% of closed questions answered at 9.8% realised risk).
 """
 
 
@@ -114,13 +116,6 @@ def gap_steps(results: dict[str, dict], recipe: HeadRecipe) -> list[str]:
             "| change | before | after | gain |", "|---|---|---|---|", *lines]
 
 
-def _mean_std(values: list[float]) -> str:
-    import statistics
-
-    cell = f"{100 * statistics.fmean(values):.1f}"
-    return cell + (f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "")
-
-
 def transfer_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """The transfer recipe one change at a time: each step's mean ± std over its finished seeds, and its gain in
     mean full-test overall accuracy over the step before it."""
@@ -144,9 +139,9 @@ def transfer_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         overall = [r["all"]["overall"] for r in done]
         mean = sum(overall) / len(overall)
         gain = f"{100 * (mean - previous):+.1f}" if previous is not None else ""
-        lines.append(f"| {what} | {len(done)} of {len(SEEDS)} | {_mean_std([r['freeform']['overall'] for r in done])}"
-                     f" | {_mean_std([r['all']['open'] for r in done])} | "
-                     f"{_mean_std([r['all']['closed'] for r in done])} | {_mean_std(overall)} | {gain} |")
+        lines.append(f"| {what} | {len(done)} of {len(SEEDS)} | {percent_mean_std([r['freeform']['overall'] for r in done])}"
+                     f" | {percent_mean_std([r['all']['open'] for r in done])} | "
+                     f"{percent_mean_std([r['all']['closed'] for r in done])} | {percent_mean_std(overall)} | {gain} |")
         previous = mean
     return lines
 
@@ -166,17 +161,13 @@ def _paired_gain(done: list[dict], base: list[dict]) -> str:
     """Mean (± std) over the seeds both ran of the difference in full-test overall accuracy, seed by seed."""
     by_seed = {r["seed"]: r["all"]["overall"] for r in base}
     diffs = [r["all"]["overall"] - by_seed[r["seed"]] for r in done if r["seed"] in by_seed]
-    if not diffs:
-        return ""
-    import statistics
-
-    return f"{100 * statistics.fmean(diffs):+.1f}" + (f" ± {100 * statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "")
+    return percent_mean_std(diffs, signed=True) if diffs else ""
 
 
 def _row_cells(done: list[dict]) -> str:
-    return (f"{len(done)} of {len(SEEDS)} | {_mean_std([r['freeform']['overall'] for r in done])} | "
-            f"{_mean_std([r['all']['open'] for r in done])} | {_mean_std([r['all']['closed'] for r in done])} | "
-            f"{_mean_std([r['all']['overall'] for r in done])}")
+    return (f"{len(done)} of {len(SEEDS)} | {percent_mean_std([r['freeform']['overall'] for r in done])} | "
+            f"{percent_mean_std([r['all']['open'] for r in done])} | {percent_mean_std([r['all']['closed'] for r in done])} | "
+            f"{percent_mean_std([r['all']['overall'] for r in done])}")
 
 
 def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
