@@ -136,7 +136,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 head_args=head_args, question_encoder=run.question,
                                 question_dim=recipe.hidden, loss=recipe.loss, lr=recipe.lr,
                                 glove=str(glove) if run.question == "gru" else None,
-                                epochs=epochs, batch_size=32, device=recipe.device, seed=run.seed,
+                                epochs=epochs, batch_size=32, device=recipe.device, seed=run.seed, val_seed=run.val_seed,
                                 answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
                                 out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
                                 progress=False,
@@ -151,6 +151,35 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     report["epochs"] = epochs
     if run.selection == "val":  # a test-selected run carves nothing
         report["carve"] = CARVE
+    write_outputs(report, records, preds, folder / "eval")
+    return summarize(report, folder)
+
+
+def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
+    """Build the ensemble of `run.members`' bundles (`medvqa ensemble`) and evaluate it like a run; returns its
+    summary (skipped when its evaluation exists)."""
+    from vqa.ensemble import EnsembleConfig, build_ensemble
+    from vqa.evaluate import evaluate, write_outputs
+
+    folder = out / "vqa" / run.name
+    if (folder / "eval" / "metrics.json").is_file():
+        return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
+    missing = [m for m in run.members if not (out / "vqa" / m / "bundle" / "calibration.json").is_file()]
+    if missing:
+        raise SystemExit(f"{run.name}: members not trained yet: {', '.join(missing)} (run them first with --only)")
+    rad = data / "vqa-rad"
+    # The first member records its carve's settings; the step's own run (last) was trained before bundles recorded
+    # them, so its carve is checked by the description it recorded.
+    bundle = build_ensemble(EnsembleConfig(members=[str(out / "vqa" / m / "bundle") for m in run.members],
+                                           format="vqa-rad", data=str(rad), out=str(folder), device=recipe.device,
+                                           cache_dir=str(out / "cache"), progress=False))
+    report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
+                                      cache_dir=str(out / "cache"), progress=False)
+    report["out_of_scope"] = out_of_scope_step(bundle, rad, recipe.device)
+    members = json.loads((bundle / "metrics.json").read_text())["members"]
+    report["best_epoch"] = [m["best_epoch"] for m in members]
+    report["epochs"] = None
+    report["carve"] = CARVE
     write_outputs(report, records, preds, folder / "eval")
     return summarize(report, folder)
 
@@ -191,7 +220,8 @@ def out_of_scope_step(bundle: Path, rad: Path, device: str) -> dict | None:
 def summarize(report: dict, folder: Path) -> dict:
     """What docs/results.json keeps of a run: accuracies per subset, per-type accuracy, the median epoch
     (robust to an epoch slowed by other work on the machine)."""
-    seconds = sorted(h["seconds"] for h in json.loads((folder / "history.json").read_text()))
+    history = folder / "history.json"  # an ensemble has none: it is built, not trained
+    seconds = sorted(h["seconds"] for h in json.loads(history.read_text())) if history.is_file() else [None]
     subsets = report["subsets"]
     trust = report.get("calibration", {})
     confidence = {g: {k: v[k] for k in ("before", "after") if k in v} for g, v in trust.get("groups", {}).items()}
@@ -266,7 +296,8 @@ def main() -> None:
         pretraining.update(medpix_lite0_step(args.data, args.out, args.threads))
     for i, run in enumerate(todo, 1):
         log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
-        results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")
+        results[run.name] = (ensemble_step(run, args.data, args.out, recipe) if run.kind == "ensemble" else
+                             vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt"))
         # The tables are rewritten after every run so an interrupted benchmark still leaves them.
         write_docs(results, runs, pretraining, args.docs, recipe)
     print((args.docs / "results.md").read_text())

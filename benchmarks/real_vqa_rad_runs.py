@@ -32,11 +32,14 @@ class Run:
     extra: tuple[tuple[str, object], ...] = ()  # further TrainConfig fields (a recipe's own)
     tag: str = ""  # names a recipe in the run's name
     seed: int = 0  # the training seed and validation carve
+    val_seed: int | None = None  # a validation carve other than the seed's (an ensemble member's)
     step: str = ""  # a transfer row: the change it makes to the previous step (not part of its name)
     gpu_sized: bool = False  # hours on 2 CPU cores: run only when --only names it (benchmarks/gpu.sh does)
     kind: str = "step"  # a transfer row: a step of the recipe, a "variant" (one change from the step `base`), or a
-    #                     "control" (a step under the references' protocol: candidate list, epoch picked on test)
+    #                     "control" (a step under the references' protocol: candidate list, epoch picked on test),
+    #                     a "member" of an ensemble, or an "ensemble" of members (built from their bundles, not trained)
     base: str = ""  # a variant: the step it changes one thing of
+    members: tuple[str, ...] = ()  # an "ensemble": the names of its member runs (`medvqa ensemble`)
 
     @property
     def config(self) -> str:
@@ -50,7 +53,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.config + (f"-seed{self.seed}" if self.seed else "")
+        return self.config + (f"-seed{self.seed}" if self.seed else "") + (
+            f"-val{self.val_seed}" if self.val_seed is not None else "")
 
 
 
@@ -111,6 +115,9 @@ QCR_SCHEDULE = (("lr", 0.005), ("batch_size", 64), ("loss", "bce"), ("question_d
 
 
 SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)
+MEMBER_SEEDS = (10, 20)  # an ensemble of a step: its seed's run and these training seeds on the same carve
+ENSEMBLE_STEP = ("an ensemble of 3: the step's run and two more training seeds on its validation carve "
+                 "(--val-seed), the answer distributions averaged and calibrated on that carve (medvqa ensemble)")
 MINILM_TUNED = (("question_lr", 5e-5),)  # MiniLM fine-tuned at a BERT-style rate under a fresh head
 TRANSFORMER = (("head_args", (("hidden_dim", 256), ("layers", 2), ("attention_heads", 4))), ("optimizer", "adamw"),
                ("lr", 5e-4), ("weight_decay", 0.01))
@@ -141,6 +148,18 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
                  {**transformer, "vocab": "candidates", "selection": "test"})]
     seeded = [("step", "", what, kw) for what, kw in steps] + [("variant", base, what, kw) for base, what, kw in variants]
     seeded += [("control", "", what, kw) for what, kw in controls]
-    return [(what, [Run("t", **{"mode": "frozen", "vocab": "train", **kw}, seed=seed, step=what, kind=kind, base=base)
+    rows = [(what, [Run("t", **{"mode": "frozen", "vocab": "train", **kw}, seed=seed, step=what, kind=kind, base=base)
                     for seed in SEEDS])
             for kind, base, what, kw in seeded]
+    # An ensemble of step 4 per seed: two more training seeds on that seed's validation carve, and the seed's run
+    # (last: the new members record their carve's settings, which `medvqa ensemble` reads from the first).
+    ensembles = []
+    for seed in SEEDS:
+        members = [Run("t", **{"mode": "frozen", "vocab": "train", **routed}, seed=seed + m, val_seed=seed,
+                       step=steps[3][0], kind="member", base=steps[3][0]) for m in MEMBER_SEEDS]
+        own = next(run for run in rows[3][1] if run.seed == seed)
+        ensembles += members + [Run("t", **{"mode": "frozen", "vocab": "train", **routed,
+                                            "tag": f"{routed['tag']}-ensemble{len(members) + 1}"},
+                                    seed=seed, step=ENSEMBLE_STEP, kind="ensemble", base=steps[3][0],
+                                    members=tuple(run.name for run in members) + (own.name,))]
+    return rows + [(ENSEMBLE_STEP, ensembles)]

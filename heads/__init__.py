@@ -9,8 +9,9 @@
 Imports torch and numpy only. A pretrained text model as the question side is a module built
 elsewhere (`encoders.TextQuestionEncoder`) and passed in as `question_encoder`.
 """
-from . import mevf, multiple_choice, qcr, transformer  # noqa: F401  (registers the heads)
+from . import ensemble, mevf, multiple_choice, qcr, transformer  # noqa: F401  (registers the heads)
 from ._registry import create_head, get_head_class, head_from_dict, head_to_dict, list_heads, register_head
+from .ensemble import EnsembleHead, EnsembleHeadConfig
 from .base import ANSWER_TYPES, CLOSED, OPEN, VQAHead, create_question_encoder, question_encoder_spec
 from .fusion import BilinearAttentionFusion, StackedAttentionFusion
 from .layers import MASKED_LOGIT
@@ -24,7 +25,7 @@ from .question import QuestionEncoder, QuestionEncoderConfig, load_glove
 
 __all__ = [
     "ANSWER_TYPES", "CLOSED", "MASKED_LOGIT", "OPEN",
-    "AnswerLoss", "BANHeadConfig", "BilinearAttentionFusion", "FusionTransformerHead", "MEVFBANHead",
+    "AnswerLoss", "BANHeadConfig", "EnsembleHead", "EnsembleHeadConfig", "BilinearAttentionFusion", "FusionTransformerHead", "MEVFBANHead",
     "MultipleChoiceTransformerHead", "RoutedFusionTransformerHead", "RoutedTransformerHeadConfig",
     "TransformerFusion", "TransformerHeadConfig", "MEVFSANHead", "MultipleChoiceBANHead",
     "MultipleChoiceHeadConfig", "MultipleChoiceLoss", "QCRHead", "QCRHeadConfig", "QCRLoss",

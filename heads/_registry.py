@@ -25,14 +25,14 @@ def register_head(name: str) -> Callable[[type[VQAHead]], type[VQAHead]]:
     return decorator
 
 
-def list_heads(pattern: str = "*") -> list[str]:
-    """Registered head names matching a shell-style pattern, sorted."""
-    return sorted(n for n in _HEADS if fnmatch.fnmatch(n, pattern))
+def list_heads(pattern: str = "*", trainable_only: bool = True) -> list[str]:
+    """Registered head names matching a shell-style pattern, sorted: those `medvqa train` trains, or all of them."""
+    return sorted(n for n, cls in _HEADS.items() if fnmatch.fnmatch(n, pattern) and (cls.trainable or not trainable_only))
 
 
 def get_head_class(name: str) -> type[VQAHead]:
     if name not in _HEADS:
-        raise ValueError(f"unknown head {name!r}; known heads: {', '.join(list_heads())}")
+        raise ValueError(f"unknown head {name!r}; known heads: {', '.join(list_heads(trainable_only=False))}")
     return _HEADS[name]
 
 

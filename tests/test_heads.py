@@ -80,7 +80,8 @@ EXPECTED_KEYS = {
 def test_registry_lists_every_head_and_rejects_unknown_names():
     assert list_heads() == sorted(EXPECTED_KEYS)
     assert list_heads("mevf-*") == ["mevf-ban", "mevf-san"]
-    with pytest.raises(ValueError, match="known heads: fusion-transformer, fusion-transformer-mc, "
+    assert list_heads(trainable_only=False) == sorted([*EXPECTED_KEYS, "ensemble"])  # built, not trained
+    with pytest.raises(ValueError, match="known heads: ensemble, fusion-transformer, fusion-transformer-mc, "
                                          "fusion-transformer-qcr, mc-ban, mevf-ban, mevf-san, qcr"):
         create_head("nope", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=QuestionEncoderConfig(V))
     with pytest.raises(ValueError, match="no config fields"):

@@ -176,7 +176,15 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
             lines.append(f"- the dataset's own terms apply to the weights trained on it ({terms})")
     else:
         lines.append("- not recorded in this bundle (trained before medvqa recorded its data)")
-    lines += [f"- training loss: `{loss}`; best epoch {metrics.get('best_epoch', '?')}", "", "## Evaluation", "",
+    members = metrics.get("members") or []
+    if members:  # `medvqa ensemble`: no epoch of its own
+        epochs = ", ".join(str(m.get("best_epoch", "?")) for m in members)
+        lines += [f"- an ensemble of {len(members)} members of one recipe (different training seeds, the same "
+                  f"validation split), their answer distributions averaged; training loss `{loss}`; the members' "
+                  f"best epochs {epochs}"]
+    else:
+        lines += [f"- training loss: `{loss}`; best epoch {metrics.get('best_epoch', '?')}"]
+    lines += ["", "## Evaluation", "",
               "Protocol, stated with every number:",
               f"- answer vocabulary: {answers.get('protocol', protocol.get('answers', '?'))} "
               "(from the training split only, or MEVF's train+test candidate list: reported apart)",

@@ -43,7 +43,7 @@ MIN_OOD_IMAGES = 20
 AUGMENT_CROP, AUGMENT_INTENSITY = 0.15, 0.1  # --augment: crops keep >= 85 % of each side; +-10 % contrast, brightness
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
-            "val_by", "batch_size", "freeze_epochs", "augment", "feature_views")
+            "val_by", "val_seed", "batch_size", "freeze_epochs", "augment", "feature_views")
 WORD_ENCODER = "gru"
 
 
@@ -56,6 +56,7 @@ class TrainConfig(EngineConfig):
     val_split: str = "auto"  # a split name, or "auto": SLAKE's validate, else carved from train
     val_fraction: float = 0.1  # share of train images (or questions) carved out for validation
     val_by: str = "image"  # carve by image, or by question (VQA-RAD's own split is by question)
+    val_seed: int | None = None  # the carve's seed (default: seed); an ensemble's members share one carve
     lang: str = "en"
     strict: bool = False  # refuse questions with an empty question or answer (default: skip them with a warning)
     answers: str = "train"  # "train" (train-only vocabulary) or a candidate list JSON (MEVF's)
@@ -123,6 +124,12 @@ class Split:
         return rows + pick * len(self.images["pooled"])
 
 
+def validation_spec(cfg: TrainConfig) -> dict[str, Any]:
+    """How validation was made, as the bundle records it (`medvqa ensemble` rebuilds the members' split from it)."""
+    return {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by,
+            "seed": cfg.seed if cfg.val_seed is None else cfg.val_seed}
+
+
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     """(train records, validation records, how validation was made)."""
     train = load_records(cfg.format, cfg.data, cfg.train_split, lang=cfg.lang, strict=cfg.strict)
@@ -136,8 +143,9 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     if val_split == "auto":
         val_split = dataset_format(cfg.format).validation_split or "carved"
     if val_split == "carved":
-        train, val = carve_validation(train, cfg.val_fraction, cfg.seed, by=cfg.val_by)
-        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.seed})"
+        carve_seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
+        train, val = carve_validation(train, cfg.val_fraction, carve_seed, by=cfg.val_by)
+        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {carve_seed})"
     else:
         val = load_records(cfg.format, cfg.data, val_split, lang=cfg.lang, strict=cfg.strict)
         how = f"split {val_split!r}"
@@ -337,8 +345,11 @@ class VQATask(TrainingTask):
 
 def train(cfg: TrainConfig) -> Path:
     """Train, keep the best epoch on validation, and write OUT/bundle; returns the bundle path."""
-    from heads import get_head_class
+    from heads import get_head_class, list_heads
 
+    if not get_head_class(cfg.head).trainable:
+        raise DataError(f"--head {cfg.head}: not a head to train (heads to train: {', '.join(list_heads())}); "
+                        "`medvqa ensemble` builds an ensemble from trained bundles")
     loss = cfg.loss or get_head_class(cfg.head).default_loss
     check_risk(cfg.target_risk)
     if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
@@ -368,7 +379,8 @@ def train(cfg: TrainConfig) -> Path:
         data = training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang)
         bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
                              max_len=cfg.question_len, choice_len=cfg.choice_len,
-                             extra={"training": {"loss": loss, "data": data}}, calibration=calibration, ood=ood)
+                             extra={"training": {"loss": loss, "data": data, "validation": validation_spec(cfg)}},
+                             calibration=calibration, ood=ood)
         write_card(bundle)
         return bundle
 

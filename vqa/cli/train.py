@@ -34,6 +34,9 @@ def build_parser():
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument("--val-by", default=d.val_by, choices=["image", "question"],
                    help="carve validation by image (default) or by question (as VQA-RAD splits train/test)")
+    g.add_argument("--val-seed", type=int, default=None,
+                   help="seed of the validation carve (default: --seed); the members of an ensemble share one, "
+                        "so that `medvqa ensemble` can calibrate them together on it")
     g.add_argument("--strict", action="store_true",
                    help="refuse a question with an empty question or answer (default: skip it with a warning)")
     g.add_argument("--answers", default=d.answers, help="'train' or a candidate list JSON (MEVF protocol)")

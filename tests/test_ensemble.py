@@ -1,0 +1,135 @@
+"""Deep ensembles (`medvqa ensemble`): members of one recipe on one validation split, averaged and calibrated."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vqa.errors import DataError
+from vqa.train import TrainConfig, train
+
+from .test_transfer import _same_answers_everywhere
+
+TOWER = dict(head="fusion-transformer-qcr", question_encoder="bert-tiny", question_lr=1e-3,
+             head_args={"hidden_dim": 32, "layers": 1, "attention_heads": 2}, batch_size=32, epochs=3,
+             progress=False, device="cpu", val_seed=5)
+
+
+def _encoder(tmp_path):
+    """One frozen image encoder for all members (a registered name would be initialised by each member's seed)."""
+    from encoders import create_encoder
+
+    folder = tmp_path / "encoder"
+    if not folder.is_dir():
+        torch.manual_seed(0)
+        create_encoder("clip-vit-tiny").save_pretrained(folder)
+    return str(folder)
+
+
+def _members(phantom_dir, tmp_path, seeds=(0, 1), **kw) -> list:
+    return [train(TrainConfig(**{**TOWER, "encoder": _encoder(tmp_path), "data": str(phantom_dir / "vqa-rad"), "cache_dir": str(tmp_path / "cache"),
+                                 "out": str(tmp_path / f"member{s}"), "seed": s, **kw})) for s in seeds]
+
+
+def _ensemble(members, phantom_dir, tmp_path, **kw):
+    from vqa.ensemble import EnsembleConfig, build_ensemble
+
+    return build_ensemble(EnsembleConfig(members=[str(m) for m in members], format="vqa-rad",
+                                         data=str(phantom_dir / "vqa-rad"), out=str(tmp_path / "ensemble"),
+                                         cache_dir=str(tmp_path / "cache"), device="cpu", progress=False, **kw))
+
+
+@pytest.mark.slow  # two members with their own text towers, then every answer path of the ensemble
+def test_an_ensemble_is_its_members_mean_distribution_calibrated_on_their_validation(phantom_dir, tmp_path):
+    from vqa.bundle import load
+    from vqa.data import load_vqa_rad
+    from vqa.evaluate import predict_records
+
+    members = _members(phantom_dir, tmp_path)
+    bundle = _ensemble(members, phantom_dir, tmp_path)
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
+    device = torch.device("cpu")
+    member_preds = [predict_records(load(m), records, device, progress=False) for m in members]
+    assert member_preds[0].answers != member_preds[1].answers  # two seeds: two different models
+    ensemble = load(bundle)
+    preds = predict_records(ensemble, records, device, progress=False)
+    mean = torch.stack([p.logits.softmax(-1) for p in member_preds]).mean(0)
+    assert torch.allclose(preds.logits.softmax(-1), mean, atol=1e-5)
+    routed = torch.stack([p.type_probs for p in member_preds]).mean(0)
+    assert torch.allclose(preds.type_probs, routed, atol=1e-5)
+    assert preds.answers == [ensemble.answers.answers[i] for i in mean.argmax(1).tolist()]
+    # calibrated on the members' shared validation split (the carve of --val-seed 5), not on test
+    member_protocol = json.loads((members[0] / "metrics.json").read_text())["protocol"]["validation"]
+    assert "seed 5" in member_protocol
+    assert ensemble.calibration is not None and ensemble.calibration.fitted_on == f"validation {member_protocol}"
+    assert sum(len(e["confidence"]) for e in ensemble.calibration.evidence.values()) == len(
+        json.loads((members[0] / "calibration.json").read_text())["evidence"]["CLOSED"]["confidence"]) + len(
+        json.loads((members[0] / "calibration.json").read_text())["evidence"]["OPEN"]["confidence"])
+    # each member keeps its own fine-tuned text tower inside the ensemble
+    towers = [m.question_encoder.tower.model.embeddings.word_embeddings.weight for m in ensemble.model.head.members]
+    assert not torch.equal(towers[0], towers[1])
+    assert ensemble.tokenizer is ensemble.model.head.members[0].question_encoder
+    _same_answers_everywhere(bundle, phantom_dir, tmp_path)
+
+
+def test_members_on_different_validation_splits_are_refused(phantom_dir, tmp_path):
+    members = _members(phantom_dir, tmp_path, seeds=(0,)) + _members(phantom_dir, tmp_path, seeds=(1,), val_seed=6)
+    with pytest.raises(DataError, match="member1/bundle: its validation split differs.*--val-seed"):
+        _ensemble(members, phantom_dir, tmp_path)
+    with pytest.raises(DataError, match="at least 2 member bundles"):
+        _ensemble(members[:1], phantom_dir, tmp_path)
+    with pytest.raises(DataError, match="--head ensemble: not a head to train .*`medvqa ensemble` builds"):
+        train(TrainConfig(**{**TOWER, "head": "ensemble", "data": str(phantom_dir / "vqa-rad")}))
+    assert not (tmp_path / "ensemble").exists()  # nothing half-written
+
+
+def test_a_bundle_that_does_not_record_its_split_needs_it_given_and_checked(phantom_dir, tmp_path):
+    members = _members(phantom_dir, tmp_path, seeds=(0, 1), epochs=1)
+    for member in members:  # as a bundle trained before --val-seed: no record of the carve's settings
+        config = json.loads((member / "config.json").read_text())
+        del config["training"]["validation"]
+        (member / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="pass --val-split --val-fraction --val-by --val-seed"):
+        _ensemble(members, phantom_dir, tmp_path)
+    with pytest.raises(DataError, match=r"its validation split was 'carved from train .*seed 5\)', but these settings carve .*seed 4"):
+        _ensemble(members, phantom_dir, tmp_path, val_split="auto", val_fraction=0.1, val_by="image", val_seed=4)
+    bundle = _ensemble(members, phantom_dir, tmp_path, val_split="auto", val_fraction=0.1, val_by="image", val_seed=5)
+    assert (bundle / "calibration.json").is_file()
+
+
+def test_the_ensemble_command(phantom_dir, tmp_path, capsys):
+    from vqa.cli import main as cli
+
+    members = _members(phantom_dir, tmp_path, epochs=1)
+    out = tmp_path / "cli"
+    assert cli(["ensemble", *map(str, members), "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"),
+                "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--target-risk", "0.2",
+                "--no-progress"]) == 0
+    assert "2 members" in capsys.readouterr().out
+    calibration = json.loads((out / "bundle" / "calibration.json").read_text())
+    assert calibration["target_risk"] == 0.2
+    card = (out / "bundle" / "README.md").read_text()
+    assert "an ensemble of 2 members of one recipe" in card and "best epochs 1, 1" in card
+    assert cli(["ensemble", str(members[0]), "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"),
+                "--out", str(tmp_path / "one")]) == 2
+
+
+def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vqa import Predictor
+    from vqa.onnx_export import export_onnx
+
+    from ._bundle import ground_truth
+    from .test_onnx import assert_same, assert_same_head
+
+    members = _members(phantom_dir, tmp_path, epochs=2, head="qcr", question_encoder="gru", embed_dim=16,
+                       question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
+    bundle = _ensemble(members, phantom_dir, tmp_path)
+    report = export_onnx(bundle, bundle / "onnx")
+    assert report.head_outputs == ["logits", "attention", "type_logits"]
+    rows = ground_truth(phantom_dir)[:24]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    torch_side, onnx = Predictor.from_bundle(bundle), Predictor.from_pretrained(bundle, runtime="onnx")
+    assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
+    assert_same_head(torch_side, onnx, images, questions)

@@ -1,0 +1,54 @@
+"""`medvqa ensemble`: several bundles of one recipe (different seeds) as one bundle, calibrated on their validation split."""
+from __future__ import annotations
+
+from .options import add_device_arguments, add_format_argument, apply_runtime, command_parser, config_from_args
+
+EXAMPLE = """examples:
+  for s in 0 10 20; do
+    medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --head fusion-transformer-qcr \\
+        --question-encoder minilm --seed $s --val-seed 0 --out runs/member-$s
+  done
+  medvqa ensemble runs/member-0/bundle runs/member-10/bundle runs/member-20/bundle \\
+      --format vqa-rad --data path/to/vqa-rad --out runs/ensemble
+  medvqa eval --bundle runs/ensemble/bundle --format vqa-rad --data path/to/vqa-rad
+
+The members must share the image encoder, tokenizer, answer vocabulary, training data and
+validation split (train them with one --val-seed and different --seed); the ensemble averages
+their answer distributions and fits its calibration and abstention threshold on that validation
+split, which no member trained on. Bundles trained before --val-seed existed do not record how
+their validation was carved: pass --val-split/--val-fraction/--val-by/--val-seed as they were
+trained (checked against the description each member recorded). OUT/bundle is an ordinary bundle
+for eval, predict, the demo, export and push."""
+
+
+def build_parser():
+    p = command_parser("medvqa ensemble", __doc__.split(": ", 1)[1], EXAMPLE)
+    p.add_argument("members", nargs="+", metavar="BUNDLE", help="member bundle folders (or Hub ids), at least 2")
+    g = p.add_argument_group("data (the members' training data: their validation split is rebuilt from it)")
+    add_format_argument(g)
+    g.add_argument("--data", required=True, help="dataset folder (or a `datasets` folder / hub id with --format hf)")
+    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
+    g = p.add_argument_group("validation split, for members that do not record it")
+    g.add_argument("--val-split", default=None, help="'auto', 'carved' or a split name")
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--val-by", default=None, choices=["image", "question"])
+    g.add_argument("--val-seed", type=int, default=None)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--target-risk", type=float, default=None,
+                   help="abstain where validation answers were wrong more often than this (default: the first "
+                        "member's)")
+    g = p.add_argument_group("runtime")
+    add_device_arguments(g)
+    p.add_argument("--out", required=True, help="output folder: OUT/bundle is written")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..ensemble import EnsembleConfig, build_ensemble
+
+    apply_runtime(args)
+    bundle = build_ensemble(config_from_args(EnsembleConfig, args))
+    print(f"wrote {bundle} ({len(args.members)} members)")
+    return 0

@@ -1,0 +1,176 @@
+"""Deep ensembles as bundles (`medvqa ensemble`): several trained bundles answer as one.
+
+    bundle = build_ensemble(EnsembleConfig(members=["runs/s0/bundle", "runs/s10/bundle", "runs/s20/bundle"],
+                                           format="vqa-rad", data="path/to/vqa-rad", out="runs/ensemble"))
+
+The members are bundles of one recipe trained with different seeds on the same data, image encoder,
+tokenizer, answer vocabulary and validation split (`medvqa train --seed S --val-seed V`: the seed
+changes the initialisation and the batch order, the validation carve stays put). The ensemble's
+head (`heads.EnsembleHead`) averages their answer distributions. Its calibration is fitted as for
+any bundle, on that shared validation split, which none of the members trained on: so the ensemble's
+confidence and abstention stay honest. Members with different validation splits are refused (each
+would have trained on another's validation questions). The result is an ordinary bundle: `eval`,
+`predict`, the demo, `export onnx` and `push` take it as they take any other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .bundle import Bundle, load as load_bundle, save as save_bundle
+from .calibration import Calibration, check_risk
+from .errors import DataError
+from .evaluate import predict_records
+from .metrics import vqa_metrics
+from .model import VQAModel
+from .model_card import training_data
+from .training.precision import check_precision, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EnsembleConfig:
+    members: Sequence[str]  # bundle folders (or Hub ids), at least 2
+    out: str = "runs/ensemble"  # OUT/bundle is written
+    format: str = "vqa-rad"  # the members' training data, to rebuild their validation split
+    data: str = "runs/phantom/vqa-rad"
+    # The validation split, when the members do not record it (bundles from before `--val-seed`); checked
+    # against the description every member records. None: the members' own record.
+    val_split: str | None = None  # a split name, "carved" or "auto"
+    val_fraction: float | None = None
+    val_by: str | None = None
+    val_seed: int | None = None
+    target_risk: float | None = None  # abstention target (default: the first member's)
+    device: str = "auto"
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def build_ensemble(cfg: EnsembleConfig) -> Path:
+    """Check the members agree, average them, calibrate on their validation split; returns OUT/bundle."""
+    from heads import create_head, head_to_dict
+
+    from .hub import resolve_bundle
+    from .train import write_card
+
+    if len(cfg.members) < 2:
+        raise DataError(f"an ensemble needs at least 2 member bundles, got {len(cfg.members)}")
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    paths = [Path(resolve_bundle(m)) for m in cfg.members]
+    members = [load_bundle(p, device) for p in paths]
+    check_members(paths, members)
+    first = members[0]
+    given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
+    val, how = validation_records(paths[0], first, cfg.format, cfg.data, {k: v for k, v in given.items() if v is not None})
+    heads = [m.model.head for m in members]
+    head = create_head("ensemble", feature_dim=heads[0].feature_dim, vocab_sizes=heads[0].vocab_sizes,
+                       question_encoder=heads[0].question_encoder, members=[head_to_dict(h) for h in heads],
+                       score=first.score_kind)
+    head.load_member_states([h.state_dict() for h in heads])
+    model = VQAModel(first.model.encoder, head, first.model.image_features).to(device).eval()
+    ensemble = Bundle(answers=first.answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
+    log.info("ensemble of %d members; calibrating on validation %s (%d questions)", len(members), how, len(val))
+    preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
+                      (first.calibration.target_risk if first.calibration else 0.1))
+    calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk)
+    validation = vqa_metrics(val, preds.answers, preds.types)
+    log.info("validation overall: ensemble %.4f, members %s", validation["overall"],
+             ", ".join(f"{(m.metrics.get('validation') or {}).get('overall', float('nan')):.4f}" for m in members))
+    selection = first.metrics.get("protocol", {}).get("model_selection", "unknown")
+    metrics = {"validation": validation,
+               "members": [{"bundle": str(p), "validation": m.metrics.get("validation"),
+                            "best_epoch": m.metrics.get("best_epoch")} for p, m in zip(paths, members)],
+               "protocol": {"answers": first.answers.protocol, "validation": how,
+                            "model_selection": f"each member's own: {selection}; the members' answer "
+                                               "distributions averaged"}}
+    training = {**first.config.get("training", {}), "ensemble": {"members": len(members)}}
+    bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=first.answers, tokenizer=first.tokenizer,
+                         metrics=metrics, max_len=first.max_len, choice_len=first.choice_len,
+                         extra={"training": training}, calibration=calibration, ood=first.ood)
+    write_card(bundle)
+    return bundle
+
+
+def check_members(paths: Sequence[Path], members: Sequence[Bundle]) -> None:
+    """Members must agree on everything but their weights: a DataError names the first member that differs."""
+    def facts(path: Path, bundle: Bundle) -> dict[str, Any]:
+        training = bundle.config.get("training", {})
+        return {"validation split": bundle.metrics.get("protocol", {}).get("validation"),
+                "training data": training.get("data"),
+                "image encoder": _folder_digest(path / "encoder"),
+                "image features": bundle.model.image_features,
+                "question tokenizer": (bundle.config["tokenizer"], _tokenizer_digest(path, bundle)),
+                "answer vocabulary": (bundle.answers.protocol, list(bundle.answers.answers)),
+                "training loss": bundle.loss}
+
+    expected = facts(paths[0], members[0])
+    if expected["validation split"] is None:
+        raise DataError(f"{paths[0] / 'metrics.json'}: records no validation split; an ensemble is calibrated on "
+                        "its members' shared validation split")
+    for path, bundle in zip(paths[1:], members[1:]):
+        got = facts(path, bundle)
+        for what, value in expected.items():
+            if got[what] != value:
+                hint = (" (train the members with one --val-seed and different --seed)"
+                        if what == "validation split" else "")
+                raise DataError(f"{path}: its {what} differs from {paths[0]}'s "
+                                f"({_short(got[what])} against {_short(value)}): ensemble members must share it{hint}")
+    if any(m.model.head.needs_choices for m in members):
+        raise DataError(f"{paths[0]}: multiple-choice heads cannot be ensembled over an answer vocabulary")
+
+
+def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: dict[str, Any] | None = None):
+    """The members' validation questions, rebuilt from what the bundle records (or `given`: split, fraction,
+    by, seed), and checked against the description it recorded when it trained; (records, description)."""
+    from .train import TrainConfig, load_splits
+
+    training = bundle.config.get("training", {})
+    spec, source = {**training.get("validation", {}), **(given or {})}, training.get("data") or {}
+    missing = [k for k in ("split", "fraction", "by", "seed") if k not in spec]
+    if missing:
+        raise DataError(f"{path / 'config.json'}: does not record how its validation split was made (a bundle from "
+                        f"before --val-seed): pass --val-{' --val-'.join(missing)} as it was trained "
+                        f"({bundle.metrics.get('protocol', {}).get('validation', 'unknown')})")
+    if source and training_data(fmt, data, source.get("split", "train"), source.get("lang", "en")) != source:
+        raise DataError(f"{data} (--format {fmt}): not the data {path} was trained on ({_short(source)})")
+    cfg = TrainConfig(format=fmt, data=data, train_split=source.get("split", "train"), lang=source.get("lang", "en"),
+                      val_split=spec["split"], val_fraction=spec["fraction"], val_by=spec["by"], val_seed=spec["seed"])
+    _, val, how = load_splits(cfg)
+    recorded = bundle.metrics.get("protocol", {}).get("validation")
+    if how != recorded:
+        raise DataError(f"{path}: its validation split was {recorded!r}, but these settings carve {how!r} "
+                        f"from {data}")
+    if not val:
+        raise DataError(f"{data}: the members' validation split ({how}) has no questions")
+    return val, how
+
+
+def _folder_digest(folder: Path) -> str:
+    """One digest of a folder's files (names and bytes)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _tokenizer_digest(path: Path, bundle: Bundle) -> str:
+    kind = bundle.config["tokenizer"].get("type", "words")
+    return _folder_digest(path / bundle.config["tokenizer"].get("folder", "tokenizer")) if kind == "text-tower" else \
+        hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
