@@ -168,10 +168,11 @@ def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
     if missing:
         raise SystemExit(f"{run.name}: members not trained yet: {', '.join(missing)} (run them first with --only)")
     rad = data / "vqa-rad"
-    # The first member records its carve's settings; the step's own run (last) was trained before bundles recorded
-    # them, so its carve is checked by the description it recorded.
+    # The carve is given: the step's own runs were trained before bundles recorded its settings (every member's
+    # recorded description of its validation split is checked against it).
     bundle = build_ensemble(EnsembleConfig(members=[str(out / "vqa" / m / "bundle") for m in run.members],
                                            format="vqa-rad", data=str(rad), out=str(folder), device=recipe.device,
+                                           val_split="auto", val_fraction=0.1, val_by="question", val_seed=run.seed,
                                            cache_dir=str(out / "cache"), progress=False))
     report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
                                       cache_dir=str(out / "cache"), progress=False)
