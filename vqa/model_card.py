@@ -146,6 +146,9 @@ def write_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_rep
 def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: str | None, reports: list[dict],
           bundle: Path) -> str:
     head = config["head"].get("name", "?")
+    members = config["head"].get("config", {}).get("members")  # an ensemble's heads (`medvqa ensemble`)
+    what = (f"an ensemble of {len(members)} `{'`, `'.join(sorted({m['name'] for m in members}))}` heads" if members
+            else f"a `{head}` head")
     answers = config.get("answers", {})
     loss = config.get("training", {}).get("loss", "the head's default")
     metrics = files.metrics
@@ -153,7 +156,7 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     encoder_name = encoder.get("name", config.get("encoder", {}).get("name", "?"))
     size, features = encoder.get("config", {}).get("image_size", "?"), config.get("encoder", {}).get("image_features")
     lines = [f"# {name}", "",
-             f"A medical visual question answering model trained with medvqa: a `{head}` head on the "
+             f"A medical visual question answering model trained with medvqa: {what} on the "
              f"`{encoder_name}` image encoder ({size} px, {features or 'grid'} features), answering from "
              f"{answers.get('size', len(files.answers))} answers.", "",
              "> **Not for clinical use.** A research model: it has not been validated for diagnosis, triage or any "
