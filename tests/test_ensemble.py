@@ -134,3 +134,4 @@ def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_p
     torch_side, onnx = Predictor.from_bundle(bundle), Predictor.from_pretrained(bundle, runtime="onnx")
     assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
     assert_same_head(torch_side, onnx, images, questions)
+

@@ -130,7 +130,27 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
         keep = [i for i, r in enumerate(records) if r.source_id in freeform]
         if keep and len(keep) < len(records):
             report["subsets"]["freeform"] = score(bundle, [records[i] for i in keep], preds.subset(keep))
+    repeated = training_repeats(fmt, data, split, lang, records)
+    if 0 < sum(repeated) < len(records):  # VQA-RAD: its test rephrases training questions about the same images
+        for name, flag in (("repeats_train", True), ("new_question", False)):
+            keep = [i for i, f in enumerate(repeated) if f == flag]
+            report["subsets"][name] = score(bundle, [records[i] for i in keep], preds.subset(keep))
     return report, records, preds
+
+
+def training_repeats(fmt: str, data: str, split: str, lang: str, records: Sequence[Record]) -> list[bool]:
+    """Per record, whether the train split asks about its image in nearly the same words (`vqa.stats`); all False
+    when `split` is train itself or the dataset has no train split here."""
+    from .stats import repeats_training
+
+    if split == "train":
+        return [False] * len(records)
+    try:
+        train = load_records(fmt, data, "train", lang=lang)
+    except (DataError, OSError, ValueError) as e:
+        log.info("%s: no train split to find repeated questions in (%s)", data, e)
+        return [False] * len(records)
+    return repeats_training(records, train)
 
 
 def _pct(x: float | None) -> str:
@@ -148,6 +168,9 @@ def markdown_report(report: dict) -> str:
         lines += [f"| {name} | {m['n']} | {_pct(m['overall'])} | {_pct(m['chance'])} |"
                   for name, m in report["subsets"].items()]
         return "\n".join(lines) + "\n"
+    if "repeats_train" in report["subsets"]:
+        lines += ["`repeats_train`: questions whose image the training split asks about in nearly the same words "
+                  "(content words overlap >= 50%), answerable from memory; `new_question`: the others.", ""]
     lines += ["| subset | n | open | closed | overall | open BLEU | open F1 | in vocabulary |",
               "|---|---|---|---|---|---|---|---|"]
     for name, m in report["subsets"].items():

@@ -1,6 +1,7 @@
 """Dataset statistics: counts, closed/open share, answer distribution and majority baselines."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Mapping, Sequence
 
@@ -44,6 +45,34 @@ def duplicate_records(records: Sequence[Record]) -> list[Record]:
     return extra
 
 
+# Words that carry no content in a radiology question: two phrasings of one question differ mostly in these.
+FUNCTION_WORDS = frozenset("a an the is are was were be this that these there here of in on at to for with by from "
+                           "image images seen see you do does can any evidence".split())
+REPEAT_OVERLAP = 0.5  # content-word Jaccard from which two questions about one image count as one question
+
+
+def content_words(question: str) -> frozenset[str]:
+    """A question's lower-cased words without function words."""
+    return frozenset(re.findall(r"[a-z0-9]+", question.lower())) - FUNCTION_WORDS
+
+
+def repeats_training(records: Sequence[Record], train: Sequence[Record],
+                     overlap: float = REPEAT_OVERLAP) -> list[bool]:
+    """Per record: does `train` ask about the same image in nearly the same words (content-word Jaccard >= `overlap`)?
+
+    VQA-RAD splits by question, not by image: every test image is a training image, and many test questions
+    rephrase a training question about it, which a model can answer from memory."""
+    by_image: dict[str, list[frozenset[str]]] = {}
+    for r in train:
+        by_image.setdefault(image_key(r), []).append(content_words(r.question))
+    out = []
+    for r in records:
+        words = content_words(r.question)
+        out.append(any(len(words & seen) >= overlap * max(len(words | seen), 1)
+                       for seen in by_image.get(image_key(r), ())))
+    return out
+
+
 def dataset_stats(splits: Mapping[str, Sequence[Record]], train: str = "train", test: str = "test",
                   top: int = 10, skipped: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Statistics per split and baselines of `train` on `test`, as a JSON-ready dict.
@@ -71,7 +100,16 @@ def dataset_stats(splits: Mapping[str, Sequence[Record]], train: str = "train", 
         seen = {r.answer for r in tr}
         report["baselines"] = (_choice_majority(tr, te) if all(r.choices for r in te) else _majority(tr, te))
         report["test_answers_seen_in_train"] = sum(r.answer in seen for r in te) / len(te)
+        repeated = repeats_training(te, tr)
+        report["test_repeating_train"] = {"share": sum(repeated) / len(te),
+                                          "closed_share": _share(te, repeated, CLOSED),
+                                          "open_share": _share(te, repeated, OPEN)}
     return report
+
+
+def _share(records: Sequence[Record], flags: Sequence[bool], answer_type: str) -> float | None:
+    picked = [f for r, f in zip(records, flags) if r.answer_type == answer_type]
+    return sum(picked) / len(picked) if picked else None
 
 
 def format_stats(report: dict) -> str:
@@ -94,4 +132,11 @@ def format_stats(report: dict) -> str:
     if "test_answers_seen_in_train" in report:
         lines.append(f"test answers seen in train: {100 * report['test_answers_seen_in_train']:.1f}% "
                      "(the ceiling with a train-only answer vocabulary)")
+    rep = report.get("test_repeating_train")
+    if rep and rep["share"]:
+        parts = ", ".join(f"{100 * rep[k]:.1f}% of {k.split('_')[0]}" for k in ("closed_share", "open_share")
+                          if rep.get(k) is not None)
+        lines.append(f"test questions repeating a training question about the same image (content words overlap "
+                     f">= {REPEAT_OVERLAP:.0%}): {100 * rep['share']:.1f}% ({parts}); a model can answer them from "
+                     "memory: `medvqa eval` scores them apart")
     return "\n".join(lines)
