@@ -31,10 +31,13 @@ def test_questions_repeating_training_are_found_and_scored_apart(trained_bundle,
                             progress=False)
     subsets = report["subsets"]
     assert (subsets["repeats_train"]["n"], subsets["new_question"]["n"]) == (5, len(records) - 5)
+    trust = report["calibration"]["subsets"]  # confidence measured within each type, apart
+    assert sum(trust[f"{t} {s}"]["after"]["n"] for t in ("CLOSED", "OPEN") for s in ("repeats_train", "new_question")
+               if f"{t} {s}" in trust) == len(records)
     whole = subsets["all"]["overall"] * len(records)
     assert whole == pytest.approx(subsets["repeats_train"]["overall"] * 5 + subsets["new_question"]["overall"] *
                                   (len(records) - 5))
     # the bundle's own phantom is split by image: nothing repeats, no such subsets
     report, _, _ = evaluate(trained_bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
                             cache_dir=str(tmp_path / "c"), progress=False)
-    assert "repeats_train" not in report["subsets"]
+    assert "repeats_train" not in report["subsets"] and "subsets" not in report["calibration"]

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 RISKS = {"CLOSED": (0.05, 0.10), "OPEN": (0.20,), "all": (0.05, 0.10, 0.20)}  # coverage reported at these
+# Questions the train split asks about the same image in nearly the same words (vqa.stats.repeats_training), and the
+# others: scored apart when a test split has both.
+REPEAT_SUBSETS = {"repeats_train": True, "new_question": False}
 
 
 def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str = "fp32",
@@ -53,9 +56,10 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
 
 
 def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, score_kind: str,
-                 target_risk: float | None = None) -> dict:
+                 target_risk: float | None = None, subsets: dict[str, Sequence[int]] | None = None) -> dict:
     """Calibration before (the raw score of the answer given) and after (the bundle's calibration), closed and
-    open apart (the dataset's own type), and abstention at the bundle's target risk: coverage and realised risk."""
+    open apart (the dataset's own type), and abstention at the bundle's target risk: coverage and realised risk.
+    `subsets` (name -> record indices) are measured again within each type, without reliability curves."""
     mc = bool(records) and all(r.choices for r in records)
     raw = answer_scores(preds.logits, score_kind, [len(r.choices) for r in records] if mc else None)
     raw = raw.max(-1).values.clamp(min=0.0).numpy()
@@ -74,6 +78,13 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
             entry["reliability_after"] = reliability(after[rows], correct[rows])
         entry["reliability_before"] = reliability(raw[rows], correct[rows])
         out["groups"][name] = entry
+        for subset, members in (subsets or {}).items():
+            part = sorted(set(rows) & set(members))
+            if part:
+                out.setdefault("subsets", {})[f"{name} {subset}"] = {
+                    "before": calibration_metrics(raw[part], correct[part], RISKS[name]),
+                    **({"after": calibration_metrics(after[part], correct[part], RISKS[name])}
+                       if after is not None else {})}
     if calibration is None:
         return out
     flagged = preds.out_of_scope.numpy() if preds.out_of_scope is not None else np.zeros(len(records), dtype=bool)
@@ -123,18 +134,18 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
             "validation": bundle.metrics.get("protocol", {}).get("validation", "unknown"),
         },
         "subsets": {"all": score(bundle, records, preds)},
-        "calibration": trust_report(bundle, records, preds, score_kind, target_risk),
     }
+    repeated = training_repeats(fmt, data, split, lang, records)
+    apart = {} if not 0 < sum(repeated) < len(records) else {  # VQA-RAD's test rephrases training questions
+        name: [i for i, f in enumerate(repeated) if f == flag] for name, flag in REPEAT_SUBSETS.items()}
+    report["calibration"] = trust_report(bundle, records, preds, score_kind, target_risk, apart)
     if fmt == "vqa-rad" and split == "test":
         freeform = {r.source_id for r in load_vqa_rad(data, split, freeform_only=True)}
         keep = [i for i, r in enumerate(records) if r.source_id in freeform]
         if keep and len(keep) < len(records):
             report["subsets"]["freeform"] = score(bundle, [records[i] for i in keep], preds.subset(keep))
-    repeated = training_repeats(fmt, data, split, lang, records)
-    if 0 < sum(repeated) < len(records):  # VQA-RAD: its test rephrases training questions about the same images
-        for name, flag in (("repeats_train", True), ("new_question", False)):
-            keep = [i for i, f in enumerate(repeated) if f == flag]
-            report["subsets"][name] = score(bundle, [records[i] for i in keep], preds.subset(keep))
+    for name, keep in apart.items():
+        report["subsets"][name] = score(bundle, [records[i] for i in keep], preds.subset(keep))
     return report, records, preds
 
 
@@ -203,6 +214,12 @@ def _trust_lines(trust: dict | None) -> list[str]:
         cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in (a or b)["coverage_at_risk"].items())
         lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
                      f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | {cov} |")
+    for name, g in trust.get("subsets", {}).items():
+        m = g.get("after", g["before"])
+        cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in m["coverage_at_risk"].items())
+        lines.append(f"| {name.lower()} | {m['n']} | {g['before']['ece']:.3f} | "
+                     f"{g['after']['ece'] if 'after' in g else float('nan'):.3f} | {g['before']['brier']:.3f} | "
+                     f"{g['after']['brier'] if 'after' in g else float('nan'):.3f} | {m['aurc']:.3f} | {cov} |")
     if "abstention" in trust:
         ab = trust["abstention"]
         parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "
