@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bundle import Bundle, load as load_bundle, save as save_bundle
-from .calibration import Calibration, check_risk
+from .calibration import DEFAULT_TARGET_RISK, Calibration, check_risk
 from .errors import DataError
 from .evaluate import predict_records
 from .metrics import vqa_metrics
@@ -80,7 +80,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
     risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
-                      (first.calibration.target_risk if first.calibration else 0.1))
+                      (first.calibration.target_risk if first.calibration else DEFAULT_TARGET_RISK))
     calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk)
     validation = vqa_metrics(val, preds.answers, preds.types)
     log.info("validation overall: ensemble %.4f, members %s", validation["overall"],
