@@ -184,12 +184,12 @@ def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
     if missing:
         raise SystemExit(f"{run.name}: members not trained yet: {', '.join(missing)} (run them first with --only)")
     rad = data / "vqa-rad"
-    # The carve is given: the step's own runs were trained before bundles recorded its settings (every member's
-    # recorded description of its validation split is checked against it).
+    # The step's own runs were trained before bundles recorded their carve's settings: `medvqa ensemble` carves
+    # again from the description each recorded, and checks it.
     bundle = build_ensemble(EnsembleConfig(members=[str(out / "vqa" / m / "bundle") for m in run.members],
                                            format="vqa-rad", data=str(rad), out=str(folder), device=recipe.device,
-                                           val_split="auto", val_fraction=0.1, val_by="question", val_seed=run.seed,
-                                           cache_dir=str(out / "cache"), progress=False))
+                                           bagging=run.kind == "bagging", cache_dir=str(out / "cache"),
+                                           progress=False))
     report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
                                       cache_dir=str(out / "cache"), progress=False)
     report["out_of_scope"] = out_of_scope_step(bundle, rad, recipe.device)
@@ -321,7 +321,7 @@ def main() -> None:
         log.info("VQA-RAD run %d/%d: %s", i, len(todo), run.name)
         if args.rescore and (args.out / "vqa" / run.name / "eval" / "metrics.json").is_file():
             results[run.name] = rescore_step(run, args.data, args.out, recipe)
-        elif run.kind == "ensemble":
+        elif run.members:
             results[run.name] = ensemble_step(run, args.data, args.out, recipe)
         else:
             results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")

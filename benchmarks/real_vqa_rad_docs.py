@@ -192,31 +192,41 @@ def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
 
 
 def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
-    """Ensembles of a step (`medvqa ensemble`): against the step's run of the same seed, and against their members."""
-    ensembles = [run for run in runs if run.kind == "ensemble"]
-    done = [{**results[run.name], "seed": run.seed, "members": run.members} for run in ensembles if run.name in results]
-    if not done:
+    """Ensembles of a step (`medvqa ensemble`), on one validation carve and bagging across carves: against their own
+    members, and (one carve) against the step's run of the same seed."""
+    built = [run for run in runs if run.kind in ("ensemble", "bagging")]
+    done = {kind: [{**results[run.name], "seed": run.seed, "members": run.members} for run in built
+                   if run.kind == kind and run.name in results] for kind in ("ensemble", "bagging")}
+    if not any(done.values()):
         return []
     steps = _seeded(results, runs, "step")
-    base = ensembles[0].base
+    base = built[0].base
     number = list(steps).index(base) + 1 if base in steps else "?"
-    members = [results[m] for r in done for m in r["members"] if m in results]
-    over_members = [r["all"]["overall"] - sum(results[m]["all"]["overall"] for m in r["members"]) / len(r["members"])
-                    for r in done if all(m in results for m in r["members"])]
-    lines = ["", f"### An ensemble of step {number}", "",
-             f"Each ensemble (one per seed of step {number}) averages the answer distributions of three runs of the "
-             "step trained on the same validation carve: the step's run of that seed and two more training seeds "
-             "(10 and 20 added to it, `--val-seed`); its calibration and abstention threshold are fitted on that "
-             "carve, which none of its members trained on (`medvqa ensemble`). Train-only vocabulary, each member's "
-             "epoch chosen on validation, full 451 test; mean ± std over the ensembles built. Gains: against the "
-             "step's run of the same seed (paired), and against the mean of the ensemble's own members.", "",
-             "| what | built | freeform 308 overall | full open | full closed | full overall | gain over the step "
-             "(paired) | gain over its members |", "|---|---|---|---|---|---|---|---|"]
-    if members:
-        lines.append(f"| one member: a single run (each ensemble's three) | {len(members)} runs | "
+    pool = sorted({m for run in built for m in run.members if m in results})
+    lines = ["", f"### Ensembles of step {number}", "",
+             f"Nine runs of step {number}: on each of its three validation carves (seeds 0, 1, 2) the step's run and "
+             "two more training seeds (10 and 20 added to the carve's, `--val-seed`). Grouped two ways into three "
+             "ensembles each, whose answer distributions are averaged (`medvqa ensemble`): the three runs of one "
+             "carve (calibrated on that carve, which none of them trained on), or one run of each carve (bagging: "
+             "together they trained on all of train; calibrated on each member's answers to its own carve, a "
+             "proxy). Train-only vocabulary, each member's epoch chosen on its validation carve, full 451 test; "
+             "mean ± std over the ensembles built. Gains: against the mean of the ensemble's own members, and "
+             "(one carve) against the step's run of that carve, paired.", "",
+             "| what | built | freeform 308 overall | full open | full closed | full overall | gain over its members "
+             "| gain over the step (paired) |", "|---|---|---|---|---|---|---|---|"]
+    if pool:
+        members = [results[m] for m in pool]
+        lines.append(f"| one run (the pool of members) | {len(members)} runs | "
                      f"{_row_cells(members).split(' | ', 1)[1]} | | |")
-    lines.append(f"| {ensembles[0].step} | {_row_cells(done)} | {_paired_gain(done, steps.get(base, []))} | "
-                 f"{percent_mean_std(over_members, signed=True) if over_members else ''} |")
+    for kind, rows in done.items():
+        if not rows:
+            continue
+        over = [r["all"]["overall"] - sum(results[m]["all"]["overall"] for m in r["members"]) / len(r["members"])
+                for r in rows if all(m in results for m in r["members"])]
+        paired = _paired_gain(rows, steps.get(base, [])) if kind == "ensemble" else "–"
+        what = next(run.step for run in built if run.kind == kind)
+        lines.append(f"| {what} | {_row_cells(rows)} | {percent_mean_std(over, signed=True) if over else ''} | "
+                     f"{paired} |")
     return lines
 
 
@@ -224,7 +234,7 @@ def repeat_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """The transfer steps and ensembles on the test questions that rephrase a training question about the same image,
     and on the others (`medvqa eval`'s repeats_train / new_question subsets)."""
     rows = []
-    for kind in ("step", "ensemble"):
+    for kind in ("step", "ensemble", "bagging"):
         for what, done in _seeded(results, runs, kind).items():
             done = [r for r in done if "repeats_train" in r]
             if done:
@@ -293,7 +303,7 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         # a test-selected run's "validation" is the test split: its calibration was fitted on test
         if not r or run.selection == "test" or "after" not in r.get("confidence", {}).get("CLOSED", {}):
             continue
-        head = f"ensemble of {run.head}" if run.kind == "ensemble" else run.head
+        head = {"ensemble": f"ensemble of {run.head}", "bagging": f"bagging of {run.head}"}.get(run.kind, run.head)
         if head not in best or r["all"]["overall"] > best[head][1]["all"]["overall"]:
             best[head] = (run, r)
     if not best:

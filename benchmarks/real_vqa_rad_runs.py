@@ -37,7 +37,8 @@ class Run:
     gpu_sized: bool = False  # hours on 2 CPU cores: run only when --only names it (benchmarks/gpu.sh does)
     kind: str = "step"  # a transfer row: a step of the recipe, a "variant" (one change from the step `base`), or a
     #                     "control" (a step under the references' protocol: candidate list, epoch picked on test),
-    #                     a "member" of an ensemble, or an "ensemble" of members (built from their bundles, not trained)
+    #                     a "member" of an ensemble, or an "ensemble" of members on one validation carve, or a
+    #                     "bagging" ensemble of members on different carves (built from their bundles, not trained)
     base: str = ""  # a variant: the step it changes one thing of
     members: tuple[str, ...] = ()  # an "ensemble": the names of its member runs (`medvqa ensemble`)
 
@@ -116,6 +117,9 @@ QCR_SCHEDULE = (("lr", 0.005), ("batch_size", 64), ("loss", "bce"), ("question_d
 
 SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)
 MEMBER_SEEDS = (10, 20)  # an ensemble of a step: its seed's run and these training seeds on the same carve
+BAGGING_STEP = ("bagging: an ensemble of 3 runs of the step on the 3 validation carves (seeds 0, 1, 2, plus 0, 10 or "
+                "20), which together have trained on all of train; calibrated on each member's own validation answers "
+                "(medvqa ensemble --bagging)")
 ENSEMBLE_STEP = ("an ensemble of 3: the step's run and two more training seeds on its validation carve "
                  "(--val-seed), the answer distributions averaged and calibrated on that carve (medvqa ensemble)")
 MINILM_TUNED = (("question_lr", 5e-5),)  # MiniLM fine-tuned at a BERT-style rate under a fresh head
@@ -162,4 +166,13 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
                                             "tag": f"{routed['tag']}-ensemble{len(members) + 1}"},
                                     seed=seed, step=ENSEMBLE_STEP, kind="ensemble", base=steps[3][0],
                                     members=tuple(run.name for run in members) + (own.name,))]
+    # Bagging ensembles: one run of each validation carve, from the same pool of nine (the step's seeds, then the
+    # runs of each added training seed).
+    for j, offset in enumerate((0,) + MEMBER_SEEDS):
+        pool = rows[3][1] if offset == 0 else [run for run in ensembles if run.kind == "member"
+                                                                         and run.seed - run.val_seed == offset]
+        ensembles.append(Run("t", **{"mode": "frozen", "vocab": "train", **routed,
+                                     "tag": f"{routed['tag']}-bagging{len(pool)}"},
+                             seed=j, step=BAGGING_STEP, kind="bagging", base=steps[3][0],
+                             members=tuple(run.name for run in pool)))
     return rows + [(ENSEMBLE_STEP, ensembles)]

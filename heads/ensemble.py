@@ -32,6 +32,9 @@ SCORES = ("softmax", "sigmoid")
 class EnsembleHeadConfig:
     members: list[dict[str, Any]] = field(default_factory=list)  # each member's `head_to_dict`
     score: str = "softmax"  # how each member scores answers: its training loss's ("ce": softmax, "bce": sigmoid)
+    # Per member, the ensemble's index of each of its answers, when the members' vocabularies differ (members trained
+    # on different carves of one training split); empty: every member answers over the ensemble's vocabulary.
+    columns: list[list[int]] = field(default_factory=list)
 
 
 @register_head("ensemble")
@@ -49,12 +52,19 @@ class EnsembleHead(VQAHead):
             raise ValueError(f"an ensemble needs at least 2 members, got {len(config.members)}")
         if config.score not in SCORES:
             raise ValueError(f"ensemble score must be one of {SCORES}, got {config.score!r}")
-        kinds = {(m["name"], m["feature_dim"], m["vocab_sizes"]["answers"]) for m in config.members}
-        if len({k[1:] for k in kinds}) != 1 or (feature_dim, self.num_answers) != next(iter(kinds))[1:]:
-            raise ValueError(f"ensemble members must share the feature size and answer count "
-                             f"({feature_dim}, {self.num_answers}); got (head, features, answers) {sorted(kinds)}")
+        sizes = [m["vocab_sizes"]["answers"] for m in config.members]
+        columns = config.columns or [list(range(self.num_answers))] * len(config.members)
+        if len(columns) != len(config.members) or [len(c) for c in columns] != sizes or any(
+                c and not 0 <= min(c) <= max(c) < self.num_answers for c in columns):
+            raise ValueError(f"ensemble members answer over {sizes} answers, which `columns` must map into the "
+                             f"ensemble's {self.num_answers}")
+        if {m["feature_dim"] for m in config.members} != {feature_dim}:
+            raise ValueError(f"ensemble members must all read {feature_dim}-d image features, got "
+                             f"{sorted({m['feature_dim'] for m in config.members})}")
         routers = {m["name"] for m in config.members}
         self.members = nn.ModuleList(self._member(spec, question_encoder, i) for i, spec in enumerate(config.members))
+        for i, cols in enumerate(columns):  # not weights: rebuilt from the config
+            self.register_buffer(f"columns{i}", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.has_type_router = all(m.has_type_router for m in self.members)
         if any(m.needs_choices for m in self.members):
             raise ValueError(f"multiple-choice heads cannot form an answer ensemble (members: {sorted(routers)})")
@@ -81,16 +91,27 @@ class EnsembleHead(VQAHead):
     def forward(self, features: Mapping[str, torch.Tensor], question_tokens: torch.Tensor,
                 lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = [member(features, question_tokens, lengths) for member in self.members]
-        ruled_out = torch.stack([o["logits"] <= MASKED_LOGIT / 10 for o in outs]).all(0)  # (B, A)
-        if self.config.score == "softmax":
-            probs = torch.stack([o["logits"].float().softmax(-1) for o in outs]).mean(0)
-            logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log()
-        else:
-            probs = torch.stack([o["logits"].float().sigmoid() for o in outs]).mean(0)
-            logits = torch.logit(probs, eps=1e-7)
-        result = {"logits": logits.masked_fill(ruled_out, MASKED_LOGIT),
+        columns = [getattr(self, f"columns{i}") for i in range(len(outs))]
+        result = {"logits": mean_answer_logits([o["logits"] for o in outs], columns, self.num_answers,
+                                               self.config.score),
                   "attention": torch.stack([o["attention"].float() for o in outs]).mean(0)}
         if self.has_type_router:
             routed = torch.stack([o["type_logits"].float().softmax(-1) for o in outs]).mean(0)
             result["type_logits"] = routed.clamp_min(torch.finfo(torch.float32).tiny).log()
         return result
+
+
+def mean_answer_logits(member_logits: list[torch.Tensor], columns: list[torch.Tensor], num_answers: int,
+                       score: str = "softmax") -> torch.Tensor:
+    """(B, num_answers) logits of the members' mean answer distribution: member i's (B, A_i) logits score its
+    answers, which are the ensemble's answers `columns[i]`; an answer no member allows stays MASKED_LOGIT."""
+    batch, device = member_logits[0].shape[0], member_logits[0].device
+    probs = torch.zeros(batch, num_answers, device=device)
+    allowed = torch.zeros(batch, num_answers, device=device)  # how many members allow each answer
+    for logits, cols in zip(member_logits, columns):
+        logits = logits.float()
+        probs = probs.index_add(1, cols, logits.softmax(-1) if score == "softmax" else logits.sigmoid())
+        allowed = allowed.index_add(1, cols, (logits > MASKED_LOGIT / 10).float())
+    probs = probs / len(member_logits)
+    mean = probs.clamp_min(torch.finfo(torch.float32).tiny).log() if score == "softmax" else torch.logit(probs, eps=1e-7)
+    return mean.masked_fill(allowed == 0, MASKED_LOGIT)

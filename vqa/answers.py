@@ -81,6 +81,17 @@ class AnswerVocab:
         unseen = [a for a in answers if a not in set(closed) | set(open_)]
         return cls(answers, CANDIDATES, closed + unseen, open_ + unseen)
 
+    @classmethod
+    def union(cls, vocabs: Sequence["AnswerVocab"]) -> "AnswerVocab":
+        """Every answer of `vocabs` (of one protocol), in order of first appearance; each answer group the union
+        of theirs (an ensemble of members trained on different carves of one training split)."""
+        protocols = {v.protocol for v in vocabs}
+        if len(protocols) != 1:
+            raise DataError(f"answer vocabularies of different protocols cannot be joined: {sorted(protocols)}")
+        answers = list(dict.fromkeys(a for v in vocabs for a in v.answers))
+        return cls(answers, protocols.pop(), sorted({a for v in vocabs for a in v.closed}),
+                   sorted({a for v in vocabs for a in v.open}))
+
     def coverage(self, records: Iterable[Record]) -> float:
         """Share of records whose answer is in the vocabulary (the ceiling on accuracy)."""
         records = list(records)

@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from .answers import AnswerVocab
 from .bundle import Bundle, load as load_bundle, save as save_bundle
 from .calibration import DEFAULT_TARGET_RISK, Calibration, check_risk
 from .errors import DataError
@@ -46,6 +50,9 @@ class EnsembleConfig:
     val_by: str | None = None
     val_seed: int | None = None
     target_risk: float | None = None  # abstention target (default: the first member's)
+    # Bagging: members trained on different validation carves (each on a different 90% of the training split), so
+    # that together they have trained on all of it; calibrated on each member's own validation answers.
+    bagging: bool = False
     device: str = "auto"
     precision: str = "fp32"
     cache_dir: str | None = None
@@ -65,43 +72,78 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     check_precision(cfg.precision, device)
     paths = [Path(resolve_bundle(m)) for m in cfg.members]
     members = [load_bundle(p, device) for p in paths]
-    check_members(paths, members)
-    first = members[0]
-    given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
-    val, how = validation_records(paths[0], first, cfg.format, cfg.data, {k: v for k, v in given.items() if v is not None})
-    heads = [m.model.head for m in members]
-    head = create_head("ensemble", feature_dim=heads[0].feature_dim, vocab_sizes=heads[0].vocab_sizes,
+    check_members(paths, members, same_split=not cfg.bagging)
+    first, heads = members[0], [m.model.head for m in members]
+    answers = AnswerVocab.union([m.answers for m in members])
+    columns = [[answers.index(a) for a in m.answers.answers] for m in members]
+    same = all(c == list(range(len(answers))) for c in columns)
+    head = create_head("ensemble", feature_dim=heads[0].feature_dim,
+                       vocab_sizes={**heads[0].vocab_sizes, "answers": len(answers)},
                        question_encoder=heads[0].question_encoder, members=[head_to_dict(h) for h in heads],
-                       score=first.score_kind)
+                       score=first.score_kind, columns=[] if same else columns)
     head.load_member_states([h.state_dict() for h in heads])
     model = VQAModel(first.model.encoder, head, first.model.image_features).to(device).eval()
-    ensemble = Bundle(answers=first.answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
-    log.info("ensemble of %d members; calibrating on validation %s (%d questions)", len(members), how, len(val))
-    preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
-    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    ensemble = Bundle(answers=answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
     risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
                       (first.calibration.target_risk if first.calibration else DEFAULT_TARGET_RISK))
-    calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk)
-    validation = vqa_metrics(val, preds.answers, preds.types)
+    if cfg.bagging:
+        calibration, validation, how = _cross_fitted(paths, members, answers, cfg, device, risk)
+    else:
+        given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
+        val, how = validation_records(paths[0], first, cfg.format, cfg.data,
+                                      {k: v for k, v in given.items() if v is not None})
+        log.info("ensemble of %d members; calibrating on validation %s (%d questions)", len(members), how, len(val))
+        preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        correct = [p == r.answer for p, r in zip(preds.answers, val)]
+        calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk)
+        validation = vqa_metrics(val, preds.answers, preds.types)
     log.info("validation overall: ensemble %.4f, members %s", validation["overall"],
              ", ".join(f"{(m.metrics.get('validation') or {}).get('overall', float('nan')):.4f}" for m in members))
     selection = first.metrics.get("protocol", {}).get("model_selection", "unknown")
     metrics = {"validation": validation,
                "members": [{"bundle": str(p), "validation": m.metrics.get("validation"),
                             "best_epoch": m.metrics.get("best_epoch")} for p, m in zip(paths, members)],
-               "protocol": {"answers": first.answers.protocol, "validation": how,
+               "protocol": {"answers": answers.protocol, "validation": how,
                             "model_selection": f"each member's own: {selection}; the members' answer "
                                                "distributions averaged"}}
-    training = {**first.config.get("training", {}), "ensemble": {"members": len(members)}}
-    bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=first.answers, tokenizer=first.tokenizer,
+    training = {**first.config.get("training", {}),
+                "ensemble": {"members": len(members), "bagging": cfg.bagging}}
+    bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=first.tokenizer,
                          metrics=metrics, max_len=first.max_len, choice_len=first.choice_len,
                          extra={"training": training}, calibration=calibration, ood=first.ood)
     write_card(bundle)
     return bundle
 
 
-def check_members(paths: Sequence[Path], members: Sequence[Bundle]) -> None:
-    """Members must agree on everything but their weights: a DataError names the first member that differs."""
+def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], answers: AnswerVocab, cfg: EnsembleConfig,
+                  device, risk: float) -> tuple[Calibration, dict, str]:
+    """Bagging: the ensemble has no validation question that none of its members trained on, so its calibration
+    is fitted on each member's answers to its own validation split (out of fold for that member), pooled, and
+    mapped onto the ensemble's answers: (calibration, the pooled validation metrics, the description)."""
+    from heads.ensemble import mean_answer_logits
+
+    logits, branches, correct, records, given, types, hows = [], [], [], [], [], [], []
+    for path, member in zip(paths, members):
+        val, how = validation_records(path, member, cfg.format, cfg.data)
+        preds = predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        cols = torch.tensor([answers.index(a) for a in member.answers.answers])
+        logits.append(mean_answer_logits([preds.logits], [cols], len(answers), member.score_kind))
+        branches += preds.branches()
+        correct += [p == r.answer for p, r in zip(preds.answers, val)]
+        records += val
+        given += preds.answers
+        types += preds.types or [None] * len(val)
+        hows.append(how)
+    how = "each member's own, its answers to it pooled: " + "; ".join(hows)
+    log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions)",
+             len(members), len(records))
+    calibration = Calibration.fit(torch.cat(logits), branches, correct, f"validation {how}", risk)
+    return calibration, vqa_metrics(records, given, types if None not in types else None), how
+
+
+def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: bool = True) -> None:
+    """Members must agree on everything but their weights (and, bagging, their validation split and the answers it
+    left them): a DataError names the first member that differs."""
     def facts(path: Path, bundle: Bundle) -> dict[str, Any]:
         training = bundle.config.get("training", {})
         return {"validation split": bundle.metrics.get("protocol", {}).get("validation"),
@@ -109,19 +151,21 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle]) -> None:
                 "image encoder": _folder_digest(path / "encoder"),
                 "image features": bundle.model.image_features,
                 "question tokenizer": (bundle.config["tokenizer"], _tokenizer_digest(path, bundle)),
-                "answer vocabulary": (bundle.answers.protocol, list(bundle.answers.answers)),
+                "answer vocabulary": (bundle.answers.protocol, list(bundle.answers.answers) if same_split else None),
                 "training loss": bundle.loss}
 
     expected = facts(paths[0], members[0])
-    if expected["validation split"] is None:
+    if not same_split:
+        expected.pop("validation split")
+    if expected.get("validation split", "") is None:
         raise DataError(f"{paths[0] / 'metrics.json'}: records no validation split; an ensemble is calibrated on "
                         "its members' shared validation split")
     for path, bundle in zip(paths[1:], members[1:]):
         got = facts(path, bundle)
         for what, value in expected.items():
             if got[what] != value:
-                hint = (" (train the members with one --val-seed and different --seed)"
-                        if what == "validation split" else "")
+                hint = (" (train the members with one --val-seed and different --seed, or build a bagging "
+                        "ensemble of members on different carves: --bagging)" if what == "validation split" else "")
                 raise DataError(f"{path}: its {what} differs from {paths[0]}'s "
                                 f"({_short(got[what])} against {_short(value)}): ensemble members must share it{hint}")
     if any(m.model.head.needs_choices for m in members):
@@ -134,7 +178,8 @@ def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: d
     from .train import TrainConfig, load_splits
 
     training = bundle.config.get("training", {})
-    spec, source = {**training.get("validation", {}), **(given or {})}, training.get("data") or {}
+    recorded = bundle.metrics.get("protocol", {}).get("validation")
+    spec, source = {**_parse_carve(recorded), **training.get("validation", {}), **(given or {})}, training.get("data") or {}
     missing = [k for k in ("split", "fraction", "by", "seed") if k not in spec]
     if missing:
         raise DataError(f"{path / 'config.json'}: does not record how its validation split was made (a bundle from "
@@ -145,13 +190,28 @@ def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: d
     cfg = TrainConfig(format=fmt, data=data, train_split=source.get("split", "train"), lang=source.get("lang", "en"),
                       val_split=spec["split"], val_fraction=spec["fraction"], val_by=spec["by"], val_seed=spec["seed"])
     _, val, how = load_splits(cfg)
-    recorded = bundle.metrics.get("protocol", {}).get("validation")
     if how != recorded:
         raise DataError(f"{path}: its validation split was {recorded!r}, but these settings carve {how!r} "
                         f"from {data}")
     if not val:
         raise DataError(f"{data}: the members' validation split ({how}) has no questions")
+    evidence = bundle.calibration.evidence if bundle.calibration else {}
+    fitted = sum(len(e["confidence"]) for e in evidence.values())
+    if evidence and fitted != len(val):  # the description rounds the fraction: the count pins the carve down
+        raise DataError(f"{path}: calibrated on {fitted} validation questions, but {how} holds {len(val)}")
     return val, how
+
+
+# What `vqa.train.load_splits` records of a carve (bundles from before the settings themselves were recorded).
+CARVE_DESCRIPTION = re.compile(r"carved from \S+ \((?P<percent>\d+)% of (?P<by>image|question)s, seed (?P<seed>-?\d+)\)")
+
+
+def _parse_carve(description: str | None) -> dict[str, Any]:
+    """The carve's settings from its description (checked afterwards by carving again); {} if it is not one."""
+    match = CARVE_DESCRIPTION.fullmatch(description or "")
+    if not match:
+        return {}
+    return {"split": "carved", "fraction": int(match["percent"]) / 100, "by": match["by"], "seed": int(match["seed"])}
 
 
 def _folder_digest(folder: Path) -> str:

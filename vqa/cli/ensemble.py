@@ -18,7 +18,10 @@ their answer distributions and fits its calibration and abstention threshold on 
 split, which no member trained on. Bundles trained before --val-seed existed do not record how
 their validation was carved: pass --val-split/--val-fraction/--val-by/--val-seed as they were
 trained (checked against the description each member recorded). OUT/bundle is an ordinary bundle
-for eval, predict, the demo, export and push."""
+for eval, predict, the demo, export and push.
+
+--bagging takes members trained on different validation carves instead (e.g. --seed 0, 1, 2 with
+no --val-seed): each trained on another 90% of train, so together they have seen all of it."""
 
 
 def build_parser():
@@ -33,6 +36,11 @@ def build_parser():
     g.add_argument("--val-fraction", type=float, default=None)
     g.add_argument("--val-by", default=None, choices=["image", "question"])
     g.add_argument("--val-seed", type=int, default=None)
+    g.add_argument("--bagging", action="store_true",
+                   help="members trained on different validation carves (--val-seed), so that together they have "
+                        "trained on all of the training split; the ensemble answers over all their answers and is "
+                        "calibrated on each member's answers to its own validation split, pooled (a proxy: no "
+                        "validation question is unseen by every member)")
     g = p.add_argument_group("calibration")
     g.add_argument("--target-risk", type=float, default=None,
                    help="abstain where validation answers were wrong more often than this (default: the first "
