@@ -61,13 +61,12 @@ class EnsembleHead(VQAHead):
         if {m["feature_dim"] for m in config.members} != {feature_dim}:
             raise ValueError(f"ensemble members must all read {feature_dim}-d image features, got "
                              f"{sorted({m['feature_dim'] for m in config.members})}")
-        routers = {m["name"] for m in config.members}
         self.members = nn.ModuleList(self._member(spec, question_encoder, i) for i, spec in enumerate(config.members))
         for i, cols in enumerate(columns):  # not weights: rebuilt from the config
             self.register_buffer(f"columns{i}", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.has_type_router = all(m.has_type_router for m in self.members)
         if any(m.needs_choices for m in self.members):
-            raise ValueError(f"multiple-choice heads cannot form an answer ensemble (members: {sorted(routers)})")
+            raise ValueError(f"multiple-choice heads cannot form an answer ensemble (members: {sorted({m['name'] for m in config.members})})")
         # The tokenizer's module is member 0's question encoder: registered once, under members.0, so that the
         # weights are stored once and safetensors (which refuses shared tensors) can write them.
         del self._modules["question_encoder"]

@@ -110,6 +110,7 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert sum(len(e["confidence"]) for e in calibration.evidence.values()) == sum(
         len(e["confidence"]) for m in loaded for e in m.calibration.evidence.values())
     assert json.loads((bundle / "config.json").read_text())["training"]["ensemble"]["bagging"] is True
+    assert "each its own validation split (bagging)" in (bundle / "README.md").read_text()
 
 
 def test_a_bundle_that_does_not_record_its_split_is_carved_again_from_its_description(phantom_dir, tmp_path):
@@ -153,7 +154,7 @@ def test_the_ensemble_command(phantom_dir, tmp_path, capsys):
     assert calibration["target_risk"] == 0.2
     card = (out / "bundle" / "README.md").read_text()
     assert "an ensemble of 2 `fusion-transformer-qcr` heads on the" in card
-    assert "an ensemble of 2 members of one recipe" in card and "best epochs 1, 1" in card
+    assert "an ensemble of 2 members of one recipe (different training seeds, the same validation split)" in card and "best epochs 1, 1" in card
     assert cli(["ensemble", str(members[0]), "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"),
                 "--out", str(tmp_path / "one")]) == 2
 

@@ -156,8 +156,8 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: 
 
     expected = facts(paths[0], members[0])
     if not same_split:
-        expected.pop("validation split")
-    if expected.get("validation split", "") is None:
+        del expected["validation split"]
+    elif expected["validation split"] is None:
         raise DataError(f"{paths[0] / 'metrics.json'}: records no validation split; an ensemble is calibrated on "
                         "its members' shared validation split")
     for path, bundle in zip(paths[1:], members[1:]):

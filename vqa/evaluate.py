@@ -209,17 +209,11 @@ def _trust_lines(trust: dict | None) -> list[str]:
     lines = ["", f"## Confidence ({state})", "",
              "| questions | n | ECE before | ECE after | Brier before | Brier after | AURC after | coverage at risk |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, g in trust["groups"].items():
+    for name, g in {**trust["groups"], **trust.get("subsets", {})}.items():
         b, a = g["before"], g.get("after", {})
         cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in (a or b)["coverage_at_risk"].items())
         lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
                      f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | {cov} |")
-    for name, g in trust.get("subsets", {}).items():
-        m = g.get("after", g["before"])
-        cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in m["coverage_at_risk"].items())
-        lines.append(f"| {name.lower()} | {m['n']} | {g['before']['ece']:.3f} | "
-                     f"{g['after']['ece'] if 'after' in g else float('nan'):.3f} | {g['before']['brier']:.3f} | "
-                     f"{g['after']['brier'] if 'after' in g else float('nan'):.3f} | {m['aurc']:.3f} | {cov} |")
     if "abstention" in trust:
         ab = trust["abstention"]
         parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "

@@ -182,9 +182,10 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     members = metrics.get("members") or []
     if members:  # `medvqa ensemble`: no epoch of its own
         epochs = ", ".join(str(m.get("best_epoch", "?")) for m in members)
-        lines += [f"- an ensemble of {len(members)} members of one recipe (different training seeds, the same "
-                  f"validation split), their answer distributions averaged; training loss `{loss}`; the members' "
-                  f"best epochs {epochs}"]
+        split = ("each its own validation split (bagging)" if config.get("training", {}).get("ensemble", {}).get(
+            "bagging") else "the same validation split")
+        lines += [f"- an ensemble of {len(members)} members of one recipe (different training seeds, {split}), "
+                  f"their answer distributions averaged; training loss `{loss}`; the members' best epochs {epochs}"]
     else:
         lines += [f"- training loss: `{loss}`; best epoch {metrics.get('best_epoch', '?')}"]
     lines += ["", "## Evaluation", "",

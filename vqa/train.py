@@ -97,6 +97,11 @@ class TrainConfig(EngineConfig):
         return self.question_encoder == WORD_ENCODER
 
     @property
+    def carve_seed(self) -> int:
+        """The seed of a carved validation split: --val-seed, else --seed."""
+        return self.seed if self.val_seed is None else self.val_seed
+
+    @property
     def question_len(self) -> int:
         return self.max_len or (12 if self.word_encoder else 32)
 
@@ -127,7 +132,7 @@ class Split:
 def validation_spec(cfg: TrainConfig) -> dict[str, Any]:
     """How validation was made, as the bundle records it (`medvqa ensemble` rebuilds the members' split from it)."""
     return {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by,
-            "seed": cfg.seed if cfg.val_seed is None else cfg.val_seed}
+            "seed": cfg.carve_seed}
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
@@ -143,9 +148,8 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     if val_split == "auto":
         val_split = dataset_format(cfg.format).validation_split or "carved"
     if val_split == "carved":
-        carve_seed = cfg.seed if cfg.val_seed is None else cfg.val_seed
-        train, val = carve_validation(train, cfg.val_fraction, carve_seed, by=cfg.val_by)
-        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {carve_seed})"
+        train, val = carve_validation(train, cfg.val_fraction, cfg.carve_seed, by=cfg.val_by)
+        how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.carve_seed})"
     else:
         val = load_records(cfg.format, cfg.data, val_split, lang=cfg.lang, strict=cfg.strict)
         how = f"split {val_split!r}"
