@@ -44,6 +44,8 @@ class ClassifierModel(nn.Module):
 
 
 class ClassificationTask(TrainingTask):
+    path_settings = ("data", "encoder")
+
     def __init__(self, cfg: ClassifyConfig, model: ClassifierModel, train: tuple[Any, np.ndarray],
                  val: tuple[Any, np.ndarray], task: str, device: torch.device, world: World) -> None:
         self.cfg, self.model, self.task, self.device, self.world = cfg, model, task, device, world

@@ -5,6 +5,7 @@ reads it; model weights for sharing go to a bundle (safetensors), not here.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: not a readable medvqa checkpoint ({e})") from None
 
 
+def run_identity(settings: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
+    """What a checkpoint records of its run: the settings, those of `paths` that name an existing file or folder
+    made absolute, so that resuming from another working directory finds them the same."""
+    return {k: os.path.abspath(v) if k in paths and isinstance(v, str) and v and os.path.exists(v) else v
+            for k, v in settings.items()}
+
+
+def _same_setting(saved: Any, current: Any) -> bool:
+    """Equal, or two spellings of one existing file or folder (relative and absolute, through a link): a run
+    resumed from another working directory reads the same data."""
+    if saved == current:
+        return True
+    if isinstance(saved, str) and isinstance(current, str):
+        try:
+            return os.path.samefile(saved, current)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Resuming with another model, dataset or batch order would silently train something else: refuse."""
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        if not _same_setting(saved.get(key), current.get(key)):
             raise DataError(f"{path}: checkpoint was trained with {key}={saved.get(key)!r}, "
                             f"this run has {key}={current.get(key)!r}; use another --out or drop --resume")
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..io import atomic_write_json, atomic_write_text, sweep_stale_temps
-from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, rng_state,
+from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, rng_state, run_identity,
                          save_checkpoint, set_rng_state)
 from .config import EngineConfig
 from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
@@ -112,8 +112,9 @@ class Trainer:
             raise DataError(f"--checkpoint-every {cfg.checkpoint_every}: this command checkpoints at epoch ends only")
         if cfg.checkpoint_every < 0:
             raise DataError(f"--checkpoint-every must be 0 (epoch ends only) or more, got {cfg.checkpoint_every}")
-        self.identity = json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed,
-                                                        "ema_decay": cfg.ema_decay})))
+        self.identity = run_identity(json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed,
+                                                                     "ema_decay": cfg.ema_decay}))),
+                                     task.path_settings)
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, item: Any, where: str) -> tuple[dict[str, torch.Tensor], int]:

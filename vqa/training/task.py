@@ -66,6 +66,7 @@ class TrainingTask:
     model: nn.Module
     selection: Selection | None = None  # None: keep the last epoch
     resumable_mid_epoch: bool = False  # train_steps(epoch, start_step) repeats the rest of an epoch exactly
+    path_settings: tuple[str, ...] = ()  # the identity's settings that name files or folders (made absolute)
 
     # -- required ------------------------------------------------------------------------
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
