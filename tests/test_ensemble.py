@@ -141,6 +141,27 @@ def test_a_bundle_that_does_not_record_its_split_is_carved_again_from_its_descri
         _ensemble(members, phantom_dir, tmp_path)
 
 
+def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
+    """--weights-dtype float16: half the file, and the calibration is fitted on the rounded members the bundle
+    stores (refitted here from the loaded bundle's answers on the shared validation split)."""
+    from vqa.bundle import load
+    from vqa.calibration import Calibration
+    from vqa.ensemble import validation_records
+    from vqa.evaluate import predict_records
+
+    members = _members(phantom_dir, tmp_path, epochs=1)
+    half = _ensemble(members, phantom_dir, tmp_path / "half", weights_dtype="float16")
+    full = _ensemble(members, phantom_dir, tmp_path / "full")
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    ensemble = load(half)
+    val, how = validation_records(members[0], load(members[0]), "vqa-rad", str(phantom_dir / "vqa-rad"))
+    preds = predict_records(ensemble, val, torch.device("cpu"), progress=False)
+    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    refit = Calibration.fit(preds.logits, preds.branches(), correct, how, ensemble.calibration.target_risk)
+    for branch, evidence in ensemble.calibration.evidence.items():
+        assert evidence["confidence"] == pytest.approx(refit.evidence[branch]["confidence"], abs=1e-6)
+
+
 def test_the_ensemble_command(phantom_dir, tmp_path, capsys):
     from vqa.cli import main as cli
 
@@ -148,10 +169,16 @@ def test_the_ensemble_command(phantom_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     assert cli(["ensemble", *map(str, members), "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"),
                 "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--target-risk", "0.2",
-                "--no-progress"]) == 0
+                "--weights-dtype", "float16", "--no-progress"]) == 0
     assert "2 members" in capsys.readouterr().out
+    assert "`model.safetensors` (head, stored in float16 and read back as float32)" in (
+        out / "bundle" / "README.md").read_text()
     calibration = json.loads((out / "bundle" / "calibration.json").read_text())
     assert calibration["target_risk"] == 0.2
+    from safetensors import safe_open
+
+    with safe_open(str(out / "bundle" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["dtype"] == "float16"
     card = (out / "bundle" / "README.md").read_text()
     assert "an ensemble of 2 `fusion-transformer-qcr` heads on the" in card
     assert "an ensemble of 2 members of one recipe (different training seeds, the same validation split)" in card and "best epochs 1, 1" in card

@@ -72,6 +72,52 @@ def test_resume_refuses_another_model(phantom_dir, tmp_path):
         train(_cfg(phantom_dir, tmp_path, epochs=2, head="mevf-ban", resume="latest"))
 
 
+def _stored_dtypes(bundle) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(bundle / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_a_float16_bundle_measures_and_calibrates_the_saved_copy(phantom_dir, tmp_path):
+    """--weights-dtype float16: half the file, and the validation numbers and calibration the bundle records are
+    those of the weights it stores (refitted here from the loaded bundle's own answers)."""
+    from vqa.calibration import Calibration
+    from vqa.metrics import vqa_metrics
+    from vqa.train import load_splits
+
+    cfg = _cfg(phantom_dir, tmp_path, head="qcr", weights_dtype="float16")
+    half = train(cfg)
+    full = train(_cfg(phantom_dir, tmp_path / "full", head="qcr"))
+    assert _stored_dtypes(half) <= {"F16", "I64"} and "F32" in _stored_dtypes(full)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    bundle = load_bundle(half)
+    _, val, _ = load_splits(cfg)
+    preds = predict_records(bundle, val, torch.device("cpu"), cache_dir=str(tmp_path / "cache"), progress=False)
+    recorded = json.loads((half / "metrics.json").read_text())["validation"]
+    assert recorded["overall"] == pytest.approx(vqa_metrics(val, preds.answers, preds.types)["overall"])
+    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    refit = Calibration.fit(preds.logits, preds.branches(), correct, "refit", cfg.target_risk)
+    assert refit.temperatures == pytest.approx(bundle.calibration.temperatures, rel=1e-5)
+    for branch, evidence in bundle.calibration.evidence.items():  # every validation answer's confidence
+        assert evidence["confidence"] == pytest.approx(refit.evidence[branch]["confidence"], abs=1e-6)
+    with pytest.raises(DataError, match="--weights-dtype 'bfloat16': expected one of float32, float16"):
+        train(_cfg(phantom_dir, tmp_path / "bad", weights_dtype="bfloat16"))
+
+
+def test_resume_from_another_working_directory(phantom_dir, tmp_path, monkeypatch):
+    """The data named relative to one directory and absolute from another is the same data: resuming goes on."""
+    monkeypatch.chdir(phantom_dir)
+    train(_cfg(phantom_dir, tmp_path, epochs=2, head="mevf-san", stop_after=1, data="vqa-rad"))
+    monkeypatch.chdir(tmp_path)
+    resumed = train(_cfg(phantom_dir, tmp_path, epochs=2, head="mevf-san", resume="latest"))
+    assert len(json.loads((resumed.parent / "history.json").read_text())) == 2
+    other = tmp_path / "elsewhere"
+    shutil.copytree(phantom_dir / "vqa-rad", other)  # the same files in another folder: not provably the same data
+    with pytest.raises(DataError, match="checkpoint was trained with data="):
+        train(_cfg(phantom_dir, tmp_path, epochs=3, head="mevf-san", resume="latest", data=str(other)))
+
+
 def test_eval_report_files(qcr_bundle, phantom_dir, tmp_path):
     report, records, preds = evaluate(qcr_bundle, "vqa-rad", str(phantom_dir / "vqa-rad"), device="cpu",
                                       cache_dir=str(tmp_path / "cache"), progress=False)

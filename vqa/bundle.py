@@ -87,6 +87,26 @@ def score_kind(loss: str, needs_choices: bool = False) -> str:
     return "softmax" if needs_choices or loss == "ce" else "sigmoid"
 
 
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def check_weights_dtype(weights_dtype: str) -> torch.dtype:
+    """The torch dtype of a bundle's stored head weights, or a DataError naming what is accepted."""
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise DataError(f"--weights-dtype {weights_dtype!r}: expected one of {', '.join(WEIGHTS_DTYPES)}")
+    return WEIGHTS_DTYPES[weights_dtype]
+
+
+@torch.no_grad()
+def round_weights(module: torch.nn.Module, weights_dtype: str) -> None:
+    """Round `module`'s floating-point weights in place to what a bundle saved with `weights_dtype` stores, so that
+    what is measured and calibrated before saving is the model a user loads."""
+    dtype = check_weights_dtype(weights_dtype)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+
+
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
          extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
@@ -96,16 +116,19 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
 
     `reference_encoder`: a frozen encoder that `create_encoder(its name)` rebuilds exactly (weights from an
     installed package) is stored by name and fingerprint, not copied. `weights_dtype="float16"` halves the
-    head's file (it is read back into float32; the bundle's metrics must then be measured on the saved copy)."""
+    head's file, text tower included (it is read back into float32; measure the bundle on the saved copy, or
+    `round_weights` first)."""
     from encoders import save_reference
     from heads import head_to_dict
 
-    if weights_dtype not in ("float32", "float16"):
-        raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
+    dtype = check_weights_dtype(weights_dtype)
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     _check_finite(model, state)
-    if weights_dtype == "float16":
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    beyond = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if beyond:
+        raise DataError(f"--weights-dtype {weights_dtype}: the head's {beyond[0]} holds values beyond that type's "
+                        "range; save in float32")
     with atomic_dir(path, overwrite=True) as tmp:
         if not (reference_encoder and model.encoder.frozen and save_reference(model.encoder, tmp / "encoder")):
             model.encoder.save_pretrained(tmp / "encoder")

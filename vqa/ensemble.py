@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .answers import AnswerVocab
-from .bundle import Bundle, load as load_bundle, save as save_bundle
+from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
 from .calibration import DEFAULT_TARGET_RISK, Calibration, check_risk
 from .errors import DataError
 from .evaluate import predict_records
@@ -53,6 +53,7 @@ class EnsembleConfig:
     # Bagging: members trained on different validation carves (each on a different 90% of the training split), so
     # that together they have trained on all of it; calibrated on each member's own validation answers.
     bagging: bool = False
+    weights_dtype: str = "float32"  # float16 halves the bundle; the members are rounded before calibration
     device: str = "auto"
     precision: str = "fp32"
     cache_dir: str | None = None
@@ -71,8 +72,11 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     paths = [Path(resolve_bundle(m)) for m in cfg.members]
+    check_weights_dtype(cfg.weights_dtype)
     members = [load_bundle(p, device) for p in paths]
     check_members(paths, members, same_split=not cfg.bagging)
+    for member in members:  # what is calibrated below is what the bundle will hold
+        round_weights(member.model.head, cfg.weights_dtype)
     first, heads = members[0], [m.model.head for m in members]
     answers = AnswerVocab.union([m.answers for m in members])
     columns = [[answers.index(a) for a in m.answers.answers] for m in members]
@@ -110,7 +114,8 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
                 "ensemble": {"members": len(members), "bagging": cfg.bagging}}
     bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=first.tokenizer,
                          metrics=metrics, max_len=first.max_len, choice_len=first.choice_len,
-                         extra={"training": training}, calibration=calibration, ood=first.ood)
+                         extra={"training": training}, calibration=calibration, ood=first.ood,
+                         weights_dtype=cfg.weights_dtype)
     write_card(bundle)
     return bundle
 

@@ -261,6 +261,14 @@ def _encoder_files(bundle: Path) -> str:
     return "image encoder"
 
 
+def _head_file(bundle: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(bundle / "model.safetensors"), "pt") as f:
+        dtype = (f.metadata() or {}).get("dtype", "float32")
+    return "head" if dtype == "float32" else f"head, stored in {dtype} and read back as float32"
+
+
 def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     onnx = (bundle / "onnx" / "head.onnx").is_file()
     lines = ["```python", "from vqa import Predictor", "",
@@ -272,7 +280,7 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     if onnx:
         lines.append(f'medvqa predict --bundle {name} --runtime onnx --image scan.png --question "Is there a lesion?"')
     lines += [f"medvqa demo --bundle {name}", "```", "",
-              f"Files: `config.json` (architecture), `model.safetensors` (head), `encoder/` ({_encoder_files(bundle)}), "
+              f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), `encoder/` ({_encoder_files(bundle)}), "
               "`answers.json`, `vocab.json`, `metrics.json`, `calibration.json`, `ood.safetensors`"
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     return lines

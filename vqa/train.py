@@ -19,7 +19,7 @@ import torch
 
 from .answers import AnswerVocab
 from .batches import QuestionTensors, Tokenizer, encode_questions, unique_images
-from .bundle import save as save_bundle
+from .bundle import check_weights_dtype, round_weights, save as save_bundle
 from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
@@ -84,6 +84,8 @@ class TrainConfig(EngineConfig):
     aux_weight: float = 1e-3  # weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder)
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
     target_risk: float = 0.1  # abstention: answer only where validation answers were wrong at most this often
+    weights_dtype: str = "float32"  # the bundle's head weights (text tower included): float16 halves the file; the
+    #                                 kept model is rounded first, so validation, calibration and metrics measure it
     cache_dir: str | None = None  # feature cache root (default: $MEDVQA_CACHE/features)
     # the engine's fields, with this task's defaults
     epochs: int = 20
@@ -265,6 +267,7 @@ class VQATask(TrainingTask):
     validation overall accuracy is kept."""
 
     selection = Selection("overall")
+    path_settings = ("data", "encoder", "answers", "question_encoder")
 
     def __init__(self, cfg: TrainConfig, model: VQAModel, train: Split, val: Split, answers: AnswerVocab,
                  loss: str, device: torch.device, world: World) -> None:
@@ -356,6 +359,7 @@ def train(cfg: TrainConfig) -> Path:
                         "`medvqa ensemble` builds an ensemble from trained bundles")
     loss = cfg.loss or get_head_class(cfg.head).default_loss
     check_risk(cfg.target_risk)
+    check_weights_dtype(cfg.weights_dtype)
     if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
         raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
                         "encoder's features are computed once (--feature-views augments a frozen encoder's inputs)")
@@ -373,7 +377,11 @@ def train(cfg: TrainConfig) -> Path:
         result = Trainer(task, cfg, rt).fit()
         if not result.completed or not rt.world.is_main:
             return Path(cfg.out) / "bundle"
-        metrics = {"validation": result.best, "best_epoch": (result.best or {}).get("epoch"),
+        validation = result.best
+        if cfg.weights_dtype != "float32":  # the saved copy is what validation, calibration and the card describe
+            round_weights(model.head, cfg.weights_dtype)
+            validation = {**(result.best or {}), **task.evaluate()}
+        metrics = {"validation": validation, "best_epoch": (result.best or {}).get("epoch"),
                    "history": result.history,
                    "protocol": {"answers": answers.protocol, "validation": val_how, "model_selection": selection(cfg)}}
         calibration = fit_calibration(task, f"validation {val_how}")
@@ -384,7 +392,7 @@ def train(cfg: TrainConfig) -> Path:
         bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
                              max_len=cfg.question_len, choice_len=cfg.choice_len,
                              extra={"training": {"loss": loss, "data": data, "validation": validation_spec(cfg)}},
-                             calibration=calibration, ood=ood)
+                             calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype)
         write_card(bundle)
         return bundle
 

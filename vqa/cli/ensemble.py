@@ -45,6 +45,9 @@ def build_parser():
     g.add_argument("--target-risk", type=float, default=None,
                    help="abstain where validation answers were wrong more often than this (default: the first "
                         "member's)")
+    g.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
+                   help="float16 halves the bundle (the head's weights, text tower included; read back as float32), rounded before "
+                        "calibration, so that what is measured is what is saved (default: %(default)s)")
     g = p.add_argument_group("runtime")
     add_device_arguments(g)
     p.add_argument("--out", required=True, help="output folder: OUT/bundle is written")

@@ -81,6 +81,9 @@ def build_parser():
     g.add_argument("--target-risk", type=float, default=d.target_risk,
                    help="abstention: withhold answers below the confidence at which validation answers were wrong "
                         "at most this share of the time (default: %(default)s; `predict --target-risk` overrides)")
+    g.add_argument("--weights-dtype", default=d.weights_dtype, choices=["float32", "float16"],
+                   help="float16 halves the bundle (the head's weights, text tower included; read back as float32), rounded before "
+                        "validation and calibration, so that what is measured is what is saved (default: %(default)s)")
     g = add_engine_arguments(p, d)["optimisation"]
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])
     return p
