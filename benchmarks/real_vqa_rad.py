@@ -24,6 +24,11 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
     .venv/bin/python benchmarks/real_vqa_rad.py --only '*test-selected'
     .venv/bin/python benchmarks/real_vqa_rad.py --only '[de]-*'      # the ImageNet vs untrained rows
 
+Runs in parallel processes each write their own --docs; `--merge` gathers them, e.g.
+    .venv/bin/python benchmarks/real_vqa_rad.py --threads 1 --docs runs/docs-1 --only '*-seed1' &
+    .venv/bin/python benchmarks/real_vqa_rad.py --threads 1 --docs runs/docs-2 --only '*-seed2' &
+    wait; .venv/bin/python benchmarks/real_vqa_rad.py --merge runs/docs-1/results.json runs/docs-2/results.json
+
 The runs are defined in real_vqa_rad_runs.py, the tables rendered by real_vqa_rad_docs.py; this file trains.
 """
 from __future__ import annotations
@@ -35,7 +40,7 @@ import logging
 import time
 from pathlib import Path
 
-from real_vqa_rad_docs import earlier_results, write_docs
+from real_vqa_rad_docs import earlier_results, merge_results, write_docs
 from real_vqa_rad_runs import CARVE, CNN, HEADS, LITE0, HeadRecipe, Run, all_runs, transfer_steps
 from vqa.training.runtime import keep_freed_memory
 
@@ -273,6 +278,9 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quick", action="store_true", help="2 epochs, one head, one vocabulary")
     p.add_argument("--render", action="store_true", help="only rewrite the docs from --docs/results.json")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="add the rows of other results.json files (runs made in parallel processes or on other "
+                        "machines, each with its own --docs) to --docs/results.json, later files winning, then render")
     p.add_argument("--rescore", action="store_true",
                    help="with --only: evaluate the finished runs' bundles again (after `medvqa eval` gained a "
                         "measurement), keeping their training")
@@ -293,7 +301,9 @@ def main() -> None:
     runs = all_runs(mevf, args.out / "medpix-clip", args.out / "untrained-cnn", heads, vocabs, not args.no_finetune,
                  paper_schedule=not args.quick, lite0=(args.out / "lite0-imagenet", args.out / "untrained-lite0"),
                  transfer=transfer)
-    if args.render:  # the docs again from results.json, e.g. after merging rows run on other machines
+    if args.merge:
+        merge_results(args.docs, args.merge, recipe)
+    if args.render or args.merge:  # the docs again from results.json, e.g. after merging rows run on other machines
         earlier = earlier_results(args.docs, recipe)
         pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"]
         write_docs({r.name: earlier[r.name] for r in runs if r.name in earlier}, runs, pretraining, args.docs, recipe)

@@ -485,15 +485,38 @@ def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, doc
 
 
 
+def _recipe_differences(recorded: dict, recipe: HeadRecipe) -> list[str]:
+    """The recipe fields (but the machine's threads and device) on which a results.json differs from `recipe`."""
+    ours = {k: v for k, v in recipe.__dict__.items() if k not in ("threads", "device")}
+    return sorted(k for k in ours.keys() | recorded.keys() - {"threads", "device"} if recorded.get(k) != ours.get(k))
+
+
+def merge_results(docs: Path, others: list[Path], recipe: HeadRecipe) -> None:
+    """Add the rows of other results.json files (runs made in parallel processes, or on other machines, each with
+    its own --docs) to docs/results.json; a row in a later file replaces the same run's row before it."""
+    path = docs / "results.json"
+    merged = {"recipe": recipe.__dict__, "vqa_rad": {}, "medpix_retrieval": {}}
+    for source in ([path] if path.is_file() else []) + list(others):
+        if not source.is_file():
+            raise SystemExit(f"--merge {source}: no such file (expected a results.json the benchmark wrote)")
+        data = json.loads(source.read_text())
+        differ = _recipe_differences(data.get("recipe", {}), recipe)
+        if differ:
+            raise SystemExit(f"--merge {source}: made with another recipe (differs in {', '.join(differ)}); "
+                             "its rows would not compare with these")
+        merged["vqa_rad"].update(data.get("vqa_rad", {}))
+        merged["medpix_retrieval"].update(data.get("medpix_retrieval", {}))
+        log.info("%s: %d rows", source, len(data.get("vqa_rad", {})))
+    atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
+
+
 def earlier_results(docs: Path, recipe: HeadRecipe) -> dict:
     """Run summaries from an earlier docs/results.json made with the same recipe (for --only)."""
     path = docs / "results.json"
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
-    same = {k: v for k, v in earlier.get("recipe", {}).items() if k not in ("threads", "device")} == \
-        {k: v for k, v in recipe.__dict__.items() if k not in ("threads", "device")}
-    if not same:
+    if _recipe_differences(earlier.get("recipe", {}), recipe):
         log.warning("%s was made with another recipe: its rows are not reused", path)
         return {}
     return earlier.get("vqa_rad", {})
