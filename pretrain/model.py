@@ -76,9 +76,8 @@ class CLIPPretrainModel(nn.Module):
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
     def channels_last_(self) -> "CLIPPretrainModel":
-        """NHWC weights for the image tower's convolutions: ~12 % faster ResNet-50 training steps on the CPU
-        here (oneDNN), and the layout AMP convolutions prefer on GPUs; a no-op for everything else."""
-        self.image_encoder.to(memory_format=torch.channels_last)
+        """NHWC weights for the image tower's convolutions (~12 % faster ResNet-50 training steps on the CPU here)."""
+        self.image_encoder.channels_last_()
         return self
 
     @torch.no_grad()

@@ -82,6 +82,7 @@ def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images, device
 
         pixels = images.pixels[rows]
         image_in = normalize(transform(pixels) if transform else pixels, model.encoder, device)
+        image_in = image_in.contiguous(memory_format=torch.channels_last)  # as a fine-tuned encoder's weights
     kwargs = {k: batch[k].to(device, non_blocking=True) for k in CHOICE_KEYS if k in batch}
     return image_in, kwargs
 

@@ -277,6 +277,8 @@ class VQATask(TrainingTask):
         self.loss_kind, self.device, self.world = loss, device, world
         self.loss_fn = loss_for_head(model.head, kind=loss).to(device)
         self.epoch = 0
+        if cfg.encoder_mode == "finetune":  # after the splits: the feature cache is filled by the encoder as loaded
+            model.encoder.channels_last_()  # `model_inputs` gives it channels-last pixels
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """Three parameter groups: the image encoder (`encoder_lr`), a text tower (`question_lr`), the rest (`lr`):
