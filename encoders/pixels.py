@@ -57,7 +57,11 @@ class _Decode(Dataset):
 
 
 def _loader(dataset: Dataset, workers: int, **kwargs) -> DataLoader:
-    return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
+    # Decoding draws nothing at random, but a DataLoader seeds its workers from the global RNG unless it is given a
+    # generator: that draw would move the dropout masks of the training that follows (a fine-tuning run's frozen
+    # warm start would not train as the frozen run does).
+    return DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 class ImageTable:

@@ -120,6 +120,20 @@ def test_a_frozen_warm_start_then_fine_tuning(phantom_dir, tmp_path):
     assert not all(torch.equal(tuned[k], after_warm_start[k]) for k in tuned)
 
 
+def test_a_frozen_warm_start_trains_as_the_frozen_run_does(phantom_dir, tmp_path):
+    """Decoding the pixels for fine-tuning draws nothing from the global RNG, so the warm start's dropout masks, and
+    everything it learns, are the frozen run's: a fine-tuning variant differs from its frozen run only after it."""
+    frozen = _cfg(phantom_dir, tmp_path / "frozen", epochs=3, stop_after=2)
+    warm = _cfg(phantom_dir, tmp_path / "warm", encoder_mode="finetune", freeze_epochs=2, epochs=3, stop_after=2)
+    train(frozen)
+    train(warm)
+    history = [json.loads((tmp_path / name / "run" / "history.json").read_text()) for name in ("frozen", "warm")]
+    assert [h["loss"] for h in history[0]] == [h["loss"] for h in history[1]]
+    heads = [{k: v for k, v in torch.load(tmp_path / name / "run" / "checkpoint.pt", weights_only=True)["model"].items()
+              if k.startswith("head.")} for name in ("frozen", "warm")]
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_augmentation_is_seeded_and_never_flips(phantom_dir, tmp_path):
     from vqa.training.augment import augment
 
