@@ -149,8 +149,8 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
                  {**first, "encoder": str(medpix_lite0), "tag": "medpix"}),
                 (steps[3][0], "an exponential moving average of the weights (--ema-decay 0.995) is scored and kept",
                  {**routed, "extra": routed["extra"] + (("ema_decay", 0.995),), "tag": "tfqcr-ema"}),
-                # The first 15 epochs are the step's own (the same cached features, batch order and schedule), so the
-                # pair differs only in the last 5: the image tower trained through (about 5x an epoch's time on CPU).
+                # The first 15 epochs train as the step's do (the same cached features, carve, batch order and
+                # schedule); the last 5 train the image tower through too (several times an epoch's time on CPU).
                 (steps[3][0], f"EfficientNet-Lite0 fine-tuned end to end in the last {FINETUNE_LAST} of the 20 epochs, "
                               "augmented, at the head's rate (--encoder-mode finetune --freeze-epochs "
                               f"{PAPER_EPOCHS - FINETUNE_LAST} --augment)",
