@@ -71,6 +71,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def atomic_write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Tensors as a safetensors file, atomically and with the usual modes (safetensors' own `save_file` leaves
+    0600: unreadable to the rest of a group sharing a model folder)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)

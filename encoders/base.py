@@ -22,10 +22,9 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from ._files import atomic_dir, atomic_write_bytes, atomic_write_json
+from ._files import atomic_dir, atomic_write_json, atomic_write_safetensors
 from .images import ImageSource
 
 logger = logging.getLogger(__name__)
@@ -181,13 +180,12 @@ class ImageEncoder(Freezable):
         (e.g. the rest of a bundle) are left alone."""
         directory = Path(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        weights = safetensors_bytes(state, metadata={"format": "pt"})
         if directory.exists():
-            atomic_write_bytes(directory / WEIGHTS_NAME, weights)
+            atomic_write_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
             atomic_write_json(directory / CONFIG_NAME, self.export_config())
         else:
             with atomic_dir(directory) as tmp:
-                (tmp / WEIGHTS_NAME).write_bytes(weights)
+                atomic_write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})
                 atomic_write_json(tmp / CONFIG_NAME, self.export_config())
         logger.info("saved encoder %s to %s", self.name, directory)
         return directory

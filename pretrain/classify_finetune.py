@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from encoders import normalize
 from vqa.data.classification import MULTI_LABEL, ClassificationSet
-from vqa.io import atomic_write_bytes, atomic_write_json
+from vqa.io import atomic_write_json, atomic_write_safetensors
 from vqa.training import Selection, StepContext, StepOutput, Trainer, TrainingTask, World, epoch_plan, runtime
 from vqa.training.augment import augment
 from vqa.training.schedule import Shard
@@ -120,7 +120,6 @@ class ClassificationTask(TrainingTask):
 
 def run_finetune(cfg: ClassifyConfig, splits: dict[str, ClassificationSet]) -> dict:
     """Train on train, keep the best val epoch, score test; on the main process write OUT/encoder and the head."""
-    from safetensors.torch import save
 
     from encoders import create_encoder, image_source
 
@@ -146,8 +145,8 @@ def run_finetune(cfg: ClassifyConfig, splits: dict[str, ClassificationSet]) -> d
         test_metrics = classification_metrics(test.labels, task.scores(source(test)), test.task)
         out = Path(cfg.out)
         model.encoder.save_pretrained(out / "encoder")
-        atomic_write_bytes(out / "head.safetensors", save({k: v.detach().cpu().contiguous()
-                                                           for k, v in model.classifier.state_dict().items()}))
+        atomic_write_safetensors(out / "head.safetensors", {k: v.detach().cpu().contiguous()
+                                                            for k, v in model.classifier.state_dict().items()})
         atomic_write_json(out / "labels.json", {"labels": list(train.label_names), "task": train.task,
                                                 "input": "the encoder's pooled vector"})
     return {"val": val_metrics, "test": test_metrics,

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from encoders import CLIPVisionEncoder, ImageEncoder
 from encoders.text import TextTower, load_tokenizer, save_tokenizer
 from vqa.errors import DataError
-from vqa.io import atomic_dir
+from vqa.io import atomic_dir, atomic_write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class CLIPPretrainModel(nn.Module):
                 _write_preprocessor(self.image_encoder, tmp)
             else:
                 state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-                save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+                atomic_write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})
                 (tmp / CONFIG_NAME).write_text(json.dumps(self.export_config(), indent=2) + "\n")
             save_tokenizer(self.text.tokenizer, tmp)
         log.info("saved the %s model to %s", "CLIPModel" if self.is_hf_clip else FORMAT_NAME, directory)

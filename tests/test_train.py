@@ -41,6 +41,20 @@ def test_bundle_files_and_metrics(qcr_bundle):
     assert config["head"]["name"] == "qcr" and config["answers"]["size"] > 2
 
 
+def test_bundle_files_have_the_usual_modes(qcr_bundle):
+    """Every file of a bundle (weights, detector, encoder included) is readable as the umask allows: a folder shared
+    with a group is usable by it (temp files are private until published)."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in qcr_bundle.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "ood.safetensors"} <= {p.name for p in files}
+    modes = {str(p.relative_to(qcr_bundle)): stat.S_IMODE(p.stat().st_mode) for p in files}
+    assert modes == {name: 0o666 & ~mask for name in modes}
+
+
 def test_bundle_reloads_with_identical_predictions(qcr_bundle, phantom_dir, tmp_path):
     records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
     a = load_bundle(qcr_bundle)

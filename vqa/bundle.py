@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .answers import AnswerVocab
 from .calibration import CALIBRATION_FILE, Calibration
 from .errors import DataError
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import atomic_dir, atomic_write_json, atomic_write_safetensors, read_json
 from .model import VQAModel
 from .ood import OutOfScopeDetector
 from .batches import Tokenizer
@@ -132,7 +132,7 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
     with atomic_dir(path, overwrite=True) as tmp:
         if not (reference_encoder and model.encoder.frozen and save_reference(model.encoder, tmp / "encoder")):
             model.encoder.save_pretrained(tmp / "encoder")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "dtype": weights_dtype})
+        atomic_write_safetensors(tmp / "model.safetensors", state, metadata={"format": "pt", "dtype": weights_dtype})
         answers.save(tmp / "answers.json")
         if isinstance(tokenizer, WordVocab):
             tokenizer.save(tmp / "vocab.json")

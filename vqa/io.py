@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                             atomic_write_text, sweep_stale_temps)
+                             atomic_write_safetensors, atomic_write_text, sweep_stale_temps)
 
 from .errors import DataError
 

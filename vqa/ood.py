@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import DataError
+from .io import atomic_write_safetensors
 
 OOD_FILE = "ood.safetensors"
 # scikit-image's sample photographs of everyday scenes and objects (skimage/data): the out-of-scope test set
@@ -91,11 +92,11 @@ class OutOfScopeDetector:
                    inverse_floor, float(np.quantile(oof, quantile)), quantile)
 
     def save(self, folder: Path) -> None:
-        save_file({"mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
-                   "inverse": self.inverse.double().contiguous(),
-                   "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
-                   "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
-                  str(Path(folder) / OOD_FILE), metadata={"format": "pt"})
+        atomic_write_safetensors(Path(folder) / OOD_FILE, {
+            "mean": self.mean.contiguous(), "basis": self.basis.contiguous(), "inverse": self.inverse.double().contiguous(),
+            "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
+            "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
+            metadata={"format": "pt"})
 
     @classmethod
     def load(cls, folder: Path) -> "OutOfScopeDetector | None":
