@@ -31,89 +31,8 @@ def _cell(m: dict) -> str:
     return f"{100 * (m.get('open') or 0):.1f} / {100 * (m.get('closed') or 0):.1f} / {100 * m['overall']:.1f}"
 
 
-READING = """### Reading the table
-
-- **Reproduction gap.** MEVF's own released code, rerun on this machine kind, reaches
-  52.6 on the freeform subset, not the paper's 62.6; row (a) is our implementation of the
-  same model on MEVF's released image weights. Compare (a) with that row, not with the
-  paper: the rows marked * use the reference code's protocol (all of train, the epoch
-  picked on test) and measure what that choice adds over a validation split carved from
-  train; the 20-epoch rows use the paper's schedule. The table above walks from one
-  setting to the other. MEVF's authors attribute a few points to the random seed and the
-  hardware (aioz-ai/MICCAI19-MedVQA issue 13: a user following their steps got about 59%).
-- **Vocabulary.** The candidate list holds answers that occur only in test; with it, a
-  head can in principle answer test questions that a train-only vocabulary cannot.
-- **Heads.** MEVF's image side gives one 128-d region (64 MAML + 64 autoencoder), so
-  stacked attention (SAN) has nothing to attend over and collapses on open questions, and
-  QCR's question-conditioned reasoning has little to reweight: compare the heads on the
-  CNN of (b, c), whose grid gives 16 regions of 128-d.
-- **Image side.** (b) against (c) is what MedPix pretraining is worth to a frozen image
-  side: the same architecture and head, pretrained weights against its initial ones; (d)
-  against (e) is the same question for ImageNet pretraining (EfficientNet-Lite0, 224 px, the
-  7x7 grid of 1280-d regions, or the pooled vector as one region, as PubMedCLIP feeds CLIP).
-- **Validation carve.** The rows above without § were carved with copies of one question about one
-  image split between train and validation: 30% of validation then repeats a training
-  question (3% of test does), so the selected epoch and the calibration fitted there were
-  flattered. The carve now keeps copies together; rerun on (b) mevf-ban, seed 0: full test
-  57.4 -> 55.2 overall, closed ECE after calibration 0.105 -> 0.094, open 0.113 -> 0.109,
-  best validation overall 0.630 (was 0.690; test 0.552), and at the 10% risk target the
-  bundle now answers no closed question instead of 31% of them at a realised 13.3% risk.
-- **Why closed ECE stays near 0.09.** Validation is easier than test: for (d) qcr §, 82.1% of the
-  190 closed validation questions are right against 73.2% of the 272 closed test questions, and
-  of the answers given with confidence ≥ 0.99, 94% on validation against 88% on test. A
-  calibration fitted on validation carries that optimism to test. One temperature also cannot
-  fix the shape of the miscalibration (on validation, answers below 0.5 confidence are right
-  62% of the time, those at 0.99 and above 94%): it leaves validation's own closed ECE at
-  0.126. Fitting the top confidence directly on the same validation evidence (offline, on
-  the bundle's stored calibration evidence) gives test ECE 0.070 (isotonic) or 0.085 (Platt)
-  for (d) qcr, 0.116 or 0.068 for (e): neither reaches 0.05, and neither wins on both.
-- **Transfer recipe.** The ImageNet start is the largest single gain (rows d against e); on
-  it the pretrained question encoder, the transformer head and QCR's router add about 2.2, 1.8
-  and 0.7 points, the router mostly by steadying the seeds. Under the references' protocol the
-  step-3 configuration scores about PubMedCLIP-QCR's published 72.1 (the control table): seed
-  by seed that protocol is worth about 4 points, most of the distance from our honest rows to
-  PubMedCLIP's; PMC-CLIP's 77.6 (a CLIP pretrained on 1.6M PubMed Central pairs, fine-tuned)
-  stays about 6 points above it.
-- **MedPix pretraining of the ImageNet start.** LiT on MedPix 2.0's 1,636 training pairs (10
-  epochs, lr 1e-4) makes the ImageNet Lite0 a retrieval model (dev image→text R@10 5.1 -> 30.1,
-  ahead of the same architecture pretrained from scratch, 25.0; MedPix table), yet the frozen
-  grid it leaves gives mevf-ban nothing, seed by seed (the variants table).
-- **Fine-tuning the image side.** Step 4 with EfficientNet-Lite0 trained through in its last 5 of 20
-  epochs (after 15 on cached features; augmented; AdamW at the head's 5e-4 on the cosine schedule, so
-  about 7e-5 falling to 0) never won on validation. At the first fine-tuned epoch validation overall fell
-  7 to 10 points (seed 0: 76.5 -> 69.5, seed 1: 74.0 -> 65.9, seed 2: 73.2 -> 62.9) and by epoch 20 had
-  recovered to at most 73.3, 69.2 and 67.6, while the training loss rose from 0.06 to 0.5-0.6: the
-  encoder's BatchNorm statistics, updated on augmented batches, move the features under a head fitted to
-  the cached ones. Every seed kept an epoch of its frozen phase, so the row's test numbers are frozen
-  training's and its paired gain (-0.2, +0.5, -2.4) is run-to-run spread, not fine-tuning: these runs'
-  frozen phases did not repeat the step's runs exactly (decoding the pixels drew from the global random
-  generator and moved the dropout masks; fixed since, with a test that a warm start now trains exactly as
-  the frozen run). A fine-tuned epoch took 2.5x a frozen one (about 410 s against 162 s, three runs
-  sharing the 2 cores). Fine-tuning with BatchNorm kept in eval mode, or over the whole schedule at a
-  lower rate, is the next to measure; on 2 cores each such run costs hours.
-- **Augmented views on VQA-RAD.** All 203 test images are also training images (the split is
-  by question), so a head is rewarded on test for learning each image's exact features; copies
-  that blur them cost points, most on open questions. On the phantom, whose test images are
-  new, `benchmarks/feature_views.py --threads 1` measured 8 copies against none at +1.4 (seed
-  0: 77.0 -> 78.4) and -2.8 (seed 1: 80.5 -> 77.7): no gain there either at this size.
-- **Coverage at 5% risk.** No bundle answers 40% of closed questions at 5% risk, and the table of
-  repeated and new test questions says why. On the 114 closed test questions that rephrase a training
-  question about the same image, step 4 is right 88.0 ± 4.8% of the time and answers 85 ± 9% of them
-  at 5% risk; on the 158 new ones it is right 65.6 ± 1.6% of the time and answers under 1% at 5%
-  risk: among questions it has not in effect seen, its confidence finds no subset that is 95% right,
-  and calibration, a monotone map, cannot reorder its answers. At 10% risk the validation-chosen
-  threshold holds (49% of closed questions answered at 9.8% realised risk for step 4, seed 0).
-- **Ensembles.** Three runs of step 4 on one validation carve, averaged, gain half a point to a point
-  (68.6 ± 0.3); one run of each of the three carves, bagged, gains about four over its members (71.6 ±
-  0.8). The difference is data: a run never trains on its carve's 10% of train, while bagged runs
-  together have trained on all of it, and that 10% holds near-copies of test questions (bagging lifts
-  the repeated questions to 93.5 ± 0.7% and the new ones to 57.9 ± 1.1%). Training on all of train is
-  also part of what the references' protocol adds (the control). A bagged ensemble has no validation
-  question that none of its members trained on, so it is calibrated on each member's answers to its own
-  carve: a proxy, closer on closed questions (ECE 0.137 -> 0.091 for the best) than on open ones
-  (0.123 -> 0.165), and its abstention errs safe (at the 10% target, closed answers 7.9% wrong, open
-  4.1%).
-"""
+# The prose under the tables, kept beside this file as Markdown: edit it there, then `--render`.
+READING = (Path(__file__).parent / "real_vqa_rad_reading.md").read_text(encoding="utf-8")
 
 
 def gap_steps(results: dict[str, dict], recipe: HeadRecipe) -> list[str]:
@@ -202,9 +121,10 @@ def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         return []
     base = {run.step: run.base for run in runs if run.kind == "variant"}
     lines = ["", "### One change from a step of the recipe", "",
-             "The step's configuration with one thing changed (frozen image side unless the change trains it, train-only "
-             "vocabulary, epoch chosen on validation); the gain is the mean (± std) over the seeds run of the change in full-test overall "
-             "accuracy against the step with the same seed (the same validation carve and batch order).", "",
+             "The step's configuration with one thing changed (frozen image side unless the change trains it, "
+             "train-only vocabulary, epoch chosen on validation); the gain is the mean (± std) over the seeds run of "
+             "the change in full-test overall accuracy against the step with the same seed (the same validation carve "
+             "and batch order).", "",
              "| step | change | seeds run | freeform 308 overall | full open | full closed | full overall | "
              "gain (paired) |", "|---|---|---|---|---|---|---|---|"]
     for what, done in variants.items():
@@ -501,7 +421,8 @@ def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, doc
 def _recipe_differences(recorded: dict, recipe: HeadRecipe) -> list[str]:
     """The recipe fields (but the machine's threads and device) on which a results.json differs from `recipe`."""
     ours = {k: v for k, v in recipe.__dict__.items() if k not in ("threads", "device")}
-    return sorted(k for k in ours.keys() | recorded.keys() - {"threads", "device"} if recorded.get(k) != ours.get(k))
+    keys = (ours.keys() | recorded.keys()) - {"threads", "device"}
+    return sorted(k for k in keys if recorded.get(k) != ours.get(k))
 
 
 def merge_results(docs: Path, others: list[Path], recipe: HeadRecipe) -> None:

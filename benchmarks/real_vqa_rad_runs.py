@@ -14,7 +14,8 @@ LITE0 = "efficientnet-lite0-imagenet"
 LITE2 = "efficientnet-lite2-imagenet"
 PAPER_EPOCHS = 20  # MEVF's schedule
 # Recorded by every run since the carve keeps the copies of one (image, question) pair on one side; rows without
-# it were carved before (READING, "Validation carve"), and the tables mark the rows that have it with §.
+# it were carved before (real_vqa_rad_reading.md, "Validation carve"), and the tables mark the rows that have it
+# with §.
 CARVE = "by question, copies of an (image, question) pair together"
 
 

@@ -66,7 +66,8 @@ class EnsembleHead(VQAHead):
             self.register_buffer(f"columns{i}", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.has_type_router = all(m.has_type_router for m in self.members)
         if any(m.needs_choices for m in self.members):
-            raise ValueError(f"multiple-choice heads cannot form an answer ensemble (members: {sorted({m['name'] for m in config.members})})")
+            names = sorted({m["name"] for m in config.members})
+            raise ValueError(f"multiple-choice heads cannot form an answer ensemble (members: {names})")
         # The tokenizer's module is member 0's question encoder: registered once, under members.0, so that the
         # weights are stored once and safetensors (which refuses shared tensors) can write them.
         del self._modules["question_encoder"]

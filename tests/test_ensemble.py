@@ -181,7 +181,8 @@ def test_the_ensemble_command(phantom_dir, tmp_path, capsys):
         assert f.metadata()["dtype"] == "float16"
     card = (out / "bundle" / "README.md").read_text()
     assert "an ensemble of 2 `fusion-transformer-qcr` heads on the" in card
-    assert "an ensemble of 2 members of one recipe (different training seeds, the same validation split)" in card and "best epochs 1, 1" in card
+    assert "an ensemble of 2 members of one recipe (different training seeds, the same validation split)" in card
+    assert "best epochs 1, 1" in card
     assert cli(["ensemble", str(members[0]), "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"),
                 "--out", str(tmp_path / "one")]) == 2
 

@@ -125,9 +125,9 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
     state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     _check_finite(model, state)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    beyond = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    beyond = _first_non_finite(state.items())
     if beyond:
-        raise DataError(f"--weights-dtype {weights_dtype}: the head's {beyond[0]} holds values beyond that type's "
+        raise DataError(f"--weights-dtype {weights_dtype}: the head's {beyond} holds values beyond that type's "
                         "range; save in float32")
     with atomic_dir(path, overwrite=True) as tmp:
         if not (reference_encoder and model.encoder.frozen and save_reference(model.encoder, tmp / "encoder")):
@@ -158,13 +158,18 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
     return Path(path)
 
 
+def _first_non_finite(named) -> str | None:
+    """The name of the first (name, tensor) pair holding a NaN or an infinity, or None."""
+    return next((name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def _check_finite(model: VQAModel, head_state: dict[str, torch.Tensor]) -> None:
     """A model with NaN or infinite weights is never saved: it would answer garbage with confidence."""
     named = [(f"head.{k}", v) for k, v in head_state.items()]
     named += [(f"encoder.{k}", v) for k, v in model.encoder.state_dict().items()]
-    for name, tensor in named:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DataError(f"refusing to save a bundle with non-finite weights ({name}): training diverged")
+    name = _first_non_finite(named)
+    if name:
+        raise DataError(f"refusing to save a bundle with non-finite weights ({name}): training diverged")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:

@@ -280,7 +280,8 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     if onnx:
         lines.append(f'medvqa predict --bundle {name} --runtime onnx --image scan.png --question "Is there a lesion?"')
     lines += [f"medvqa demo --bundle {name}", "```", "",
-              f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), `encoder/` ({_encoder_files(bundle)}), "
-              "`answers.json`, `vocab.json`, `metrics.json`, `calibration.json`, `ood.safetensors`"
+              f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), "
+              f"`encoder/` ({_encoder_files(bundle)}), `answers.json`, `vocab.json`, `metrics.json`, "
+              "`calibration.json`, `ood.safetensors`"
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     return lines

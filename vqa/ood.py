@@ -93,7 +93,8 @@ class OutOfScopeDetector:
 
     def save(self, folder: Path) -> None:
         atomic_write_safetensors(Path(folder) / OOD_FILE, {
-            "mean": self.mean.contiguous(), "basis": self.basis.contiguous(), "inverse": self.inverse.double().contiguous(),
+            "mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
+            "inverse": self.inverse.double().contiguous(),
             "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
             "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
             metadata={"format": "pt"})

@@ -1,7 +1,8 @@
 """`medvqa ensemble`: several bundles of one recipe (different seeds) as one bundle, calibrated on their validation split."""
 from __future__ import annotations
 
-from .options import add_device_arguments, add_format_argument, apply_runtime, command_parser, config_from_args
+from .options import (add_device_arguments, add_format_argument, add_weights_dtype_argument, apply_runtime,
+                      command_parser, config_from_args)
 
 EXAMPLE = """examples:
   for s in 0 10 20; do
@@ -45,9 +46,7 @@ def build_parser():
     g.add_argument("--target-risk", type=float, default=None,
                    help="abstain where validation answers were wrong more often than this (default: the first "
                         "member's)")
-    g.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
-                   help="float16 halves the bundle (the head's weights, text tower included; read back as float32), rounded before "
-                        "calibration, so that what is measured is what is saved (default: %(default)s)")
+    add_weights_dtype_argument(g, "calibration")
     g = p.add_argument_group("runtime")
     add_device_arguments(g)
     p.add_argument("--out", required=True, help="output folder: OUT/bundle is written")

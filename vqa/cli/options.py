@@ -55,6 +55,16 @@ def add_device_arguments(group, *, device: str | None = "auto", threads: int | N
                            help="fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling) (default: fp32)")
 
 
+def add_weights_dtype_argument(group, measured: str) -> None:
+    """--weights-dtype: the bundle's stored head weights; `measured` names what is computed on the rounded copy."""
+    from ..bundle import WEIGHTS_DTYPES
+
+    group.add_argument("--weights-dtype", default="float32", choices=list(WEIGHTS_DTYPES),
+                       help="float16 halves the bundle (the head's weights, text tower included; read back as "
+                            f"float32), rounded before {measured}, so that what is measured is what is saved "
+                            "(default: %(default)s)")
+
+
 def add_bundle_argument(parser, *, required: bool = True, help_default: str = "") -> None:
     """--bundle: a bundle folder or a Hugging Face Hub id (resolved by `vqa.hub.resolve_bundle`)."""
     parser.add_argument("--bundle", required=required, default=None,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .options import add_dataset_arguments, add_engine_arguments, add_format_argument, command_parser, config_from_args
+from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_weights_dtype_argument,
+                      command_parser, config_from_args)
 
 EXAMPLE = """examples:
   medvqa train --format vqa-rad --data runs/phantom/vqa-rad --head mevf-ban --out runs/ban
@@ -81,9 +82,7 @@ def build_parser():
     g.add_argument("--target-risk", type=float, default=d.target_risk,
                    help="abstention: withhold answers below the confidence at which validation answers were wrong "
                         "at most this share of the time (default: %(default)s; `predict --target-risk` overrides)")
-    g.add_argument("--weights-dtype", default=d.weights_dtype, choices=["float32", "float16"],
-                   help="float16 halves the bundle (the head's weights, text tower included; read back as float32), rounded before "
-                        "validation and calibration, so that what is measured is what is saved (default: %(default)s)")
+    add_weights_dtype_argument(g, "validation and calibration")
     g = add_engine_arguments(p, d)["optimisation"]
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])
     return p

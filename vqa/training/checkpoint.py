@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def run_identity(settings: dict[str, Any], paths: tuple[str, ...]) -> dict[str, Any]:
     """What a checkpoint records of its run: the settings, those of `paths` that name an existing file or folder
     made absolute, so that resuming from another working directory finds them the same."""
-    return {k: os.path.abspath(v) if k in paths and isinstance(v, str) and v and os.path.exists(v) else v
+    return {k: os.path.abspath(v) if k in paths and isinstance(v, str) and os.path.exists(v) else v
             for k, v in settings.items()}
 
 
