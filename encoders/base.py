@@ -49,6 +49,7 @@ class Freezable(nn.Module):
     statistics and dropout stay fixed, so features match cached ones); `unfreeze()` undoes it."""
 
     _frozen: bool = False
+    _norm_frozen: bool = False
 
     def freeze(self):
         for p in self.parameters():
@@ -66,8 +67,28 @@ class Freezable(nn.Module):
     def frozen(self) -> bool:
         return self._frozen
 
+    @property
+    def norm_frozen(self) -> bool:
+        return self._norm_frozen
+
+    @property
+    def batch_norms(self) -> list[nn.Module]:
+        """The BatchNorm layers (any dimension, synchronised or not): those whose statistics training moves."""
+        return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def freeze_norm_(self, frozen: bool = True):
+        """Keep BatchNorm statistics fixed while the rest trains (the layers stay in eval mode through `.train()`;
+        their scale and shift still learn). Fine-tuning a pretrained CNN on small, augmented batches otherwise
+        re-estimates the statistics the rest of the model was fitted to: the features under a head move at once."""
+        self._norm_frozen = frozen
+        return self.train(self.training)
+
     def train(self, mode: bool = True):
-        return super().train(mode and not self._frozen)
+        super().train(mode and not self._frozen)
+        if mode and self._norm_frozen:
+            for norm in self.batch_norms:
+                norm.eval()
+        return self
 
 
 class ImageEncoder(Freezable):

@@ -134,6 +134,40 @@ def test_a_frozen_warm_start_trains_as_the_frozen_run_does(phantom_dir, tmp_path
     assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
+def test_frozen_norm_keeps_the_pretrained_statistics_while_the_weights_learn(phantom_dir, tmp_path, caplog):
+    """--encoder-norm frozen: BatchNorm layers stay in eval mode through `.train()`, so fine-tuning leaves their
+    running statistics as loaded while convolutions (and the norms' scale and shift) learn; "train" moves them."""
+    from encoders import create_encoder
+
+    encoder = create_encoder("resnet-tiny").freeze_norm_()
+    encoder.train()
+    assert encoder.training and encoder.batch_norms and not any(m.training for m in encoder.batch_norms)
+    assert encoder.freeze_norm_(False).training and all(m.training for m in encoder.batch_norms)
+
+    torch.manual_seed(0)
+    initial = {k: v for k, v in create_encoder("resnet-tiny").state_dict().items()}
+    runs = {}
+    for norm in ("frozen", "train"):
+        out = tmp_path / norm
+        train(_cfg(phantom_dir, out, encoder="resnet-tiny", encoder_mode="finetune", encoder_norm=norm, epochs=1,
+                   augment=True, out=str(out / "run")))
+        runs[norm] = {k[len("encoder."):]: v for k, v in _checkpoint_encoder(out / "run").items()}
+    stats = [k for k in initial if k.endswith(("running_mean", "running_var"))]
+    learned = [k for k in initial if k.endswith(".weight") and initial[k].dim() == 4]  # convolutions
+    assert stats and learned
+    assert all(torch.equal(runs["frozen"][k], initial[k]) for k in stats)
+    assert not all(torch.equal(runs["train"][k], initial[k]) for k in stats)
+    assert not all(torch.equal(runs["frozen"][k], initial[k]) for k in learned)
+
+    with pytest.raises(DataError, match="--encoder-norm 'frozen'.*fine-tuning"):
+        train(_cfg(phantom_dir, tmp_path / "f", encoder_norm="frozen"))
+    with pytest.raises(DataError, match="--encoder-norm 'eval'"):
+        train(_cfg(phantom_dir, tmp_path / "e", encoder_mode="finetune", encoder_norm="eval"))
+    with caplog.at_level("WARNING"):  # a ViT has LayerNorms only: nothing to keep, and the user is told
+        train(_cfg(phantom_dir, tmp_path / "vit", encoder_mode="finetune", encoder_norm="frozen", epochs=1))
+    assert "no BatchNorm layer" in caplog.text
+
+
 def test_augmentation_is_seeded_and_never_flips(phantom_dir, tmp_path):
     from vqa.training.augment import augment
 

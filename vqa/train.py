@@ -43,7 +43,7 @@ MIN_OOD_IMAGES = 20
 AUGMENT_CROP, AUGMENT_INTENSITY = 0.15, 0.1  # --augment: crops keep >= 85 % of each side; +-10 % contrast, brightness
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
-            "val_by", "val_seed", "batch_size", "freeze_epochs", "augment", "feature_views")
+            "val_by", "val_seed", "batch_size", "freeze_epochs", "augment", "feature_views", "encoder_norm")
 WORD_ENCODER = "gru"
 
 
@@ -66,6 +66,8 @@ class TrainConfig(EngineConfig):
     encoder_mode: str = "frozen"  # frozen (cached features) | finetune (through the encoder)
     encoder_lr: float | None = None  # learning rate of the image encoder when fine-tuning (default: lr)
     freeze_epochs: int = 0  # fine-tuning: train the head alone on cached features first, for this many epochs
+    encoder_norm: str = "train"  # fine-tuning: "train" updates the encoder's BatchNorm statistics, "frozen" keeps
+    #                               the pretrained ones (the layers' scale and shift still learn)
     augment: bool = False  # fine-tuning: random affine, resized crop and intensity jitter (never a flip)
     feature_views: int = 0  # frozen: cache this many augmented copies of each training image (as --augment makes
     #                         them); each epoch a question reads its image or one of them, drawn at random
@@ -279,6 +281,11 @@ class VQATask(TrainingTask):
         self.epoch = 0
         if cfg.encoder_mode == "finetune":  # after the splits: the feature cache is filled by the encoder as loaded
             model.encoder.channels_last_()  # `model_inputs` gives it channels-last pixels
+            if cfg.encoder_norm == "frozen":
+                model.encoder.freeze_norm_()
+                if not model.encoder.batch_norms:
+                    log.warning("--encoder-norm frozen: encoder %s has no BatchNorm layer, so it changes nothing",
+                                model.encoder.name)
 
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         """Three parameter groups: the image encoder (`encoder_lr`), a text tower (`question_lr`), the rest (`lr`):
@@ -365,6 +372,9 @@ def train(cfg: TrainConfig) -> Path:
     if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
         raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
                         "encoder's features are computed once (--feature-views augments a frozen encoder's inputs)")
+    if cfg.encoder_norm not in ("train", "frozen") or (cfg.encoder_norm == "frozen" and cfg.encoder_mode != "finetune"):
+        raise DataError(f"--encoder-norm {cfg.encoder_norm!r}: expected 'train' or 'frozen', and 'frozen' only when "
+                        "fine-tuning (--encoder-mode finetune): a frozen encoder's statistics never move")
     if cfg.feature_views < 0 or (cfg.feature_views and cfg.encoder_mode != "frozen"):
         raise DataError(f"--feature-views {cfg.feature_views}: expected a count >= 0 of augmented copies per image, "
                         "with a frozen encoder (fine-tuning augments every batch: --augment)")

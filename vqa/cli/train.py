@@ -53,6 +53,9 @@ def build_parser():
                    help="fine-tuning: a warm start of N epochs with the encoder frozen, on cached features")
     g.add_argument("--augment", action="store_true",
                    help="fine-tuning: random affine, resized crop and intensity jitter per image (never a flip)")
+    g.add_argument("--encoder-norm", default=d.encoder_norm, choices=["train", "frozen"],
+                   help="fine-tuning: update the encoder's BatchNorm statistics on the training batches (train), or "
+                        "keep the pretrained ones while the weights learn (frozen) (default: %(default)s)")
     g.add_argument("--feature-views", type=int, default=d.feature_views, metavar="N",
                    help="frozen encoder: also cache N augmented copies of each training image (--augment's changes); "
                         "each epoch a question reads its image or one of them at random (default: %(default)s)")
