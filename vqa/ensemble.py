@@ -159,6 +159,10 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: 
                 "answer vocabulary": (bundle.answers.protocol, list(bundle.answers.answers) if same_split else None),
                 "training loss": bundle.loss}
 
+    for path, bundle in zip(paths, members):
+        if "refit" in bundle.metrics:
+            raise DataError(f"{path}: trained again on its validation split (--refit), so no question is left to "
+                            "calibrate an ensemble on; ensemble the validation runs (without --refit)")
     expected = facts(paths[0], members[0])
     if not same_split:
         del expected["validation split"]

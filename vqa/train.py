@@ -85,6 +85,8 @@ class TrainConfig(EngineConfig):
     loss: str | None = None  # bce (MEVF: sigmoid per answer) | ce (softmax); None: the head's default
     aux_weight: float = 1e-3  # weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder)
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
+    refit: bool = False  # after validation chose the epoch, train again on train + validation for that many epochs
+    #                      of the same schedule and keep that model (vqa/refit.py)
     target_risk: float = 0.1  # abstention: answer only where validation answers were wrong at most this often
     weights_dtype: str = "float32"  # the bundle's head weights (text tower included): float16 halves the file; the
     #                                 kept model is rounded first, so validation, calibration and metrics measure it
@@ -369,6 +371,9 @@ def train(cfg: TrainConfig) -> Path:
     loss = cfg.loss or get_head_class(cfg.head).default_loss
     check_risk(cfg.target_risk)
     check_weights_dtype(cfg.weights_dtype)
+    if cfg.refit and cfg.val_split == "test":
+        raise DataError("--refit trains again on train + the validation split, which here is test: choose the epoch "
+                        "on a carved or named validation split")
     if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
         raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
                         "encoder's features are computed once (--feature-views augments a frozen encoder's inputs)")
@@ -387,16 +392,30 @@ def train(cfg: TrainConfig) -> Path:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             write_run_config(cfg, cfg.out)  # after the data and model proved valid: a failed start leaves nothing
         result = Trainer(task, cfg, rt).fit()
-        if not result.completed or not rt.world.is_main:
+        if not result.completed:
             return Path(cfg.out) / "bundle"
-        validation = result.best
-        if cfg.weights_dtype != "float32":  # the saved copy is what validation, calibration and the card describe
-            round_weights(model.head, cfg.weights_dtype)
-            validation = {**(result.best or {}), **task.evaluate()}
+        validation, calibration = result.best, None
+        if rt.world.is_main:
+            if cfg.weights_dtype != "float32":  # the saved copy is what validation, calibration and the card describe
+                round_weights(model.head, cfg.weights_dtype)
+                validation = {**(result.best or {}), **task.evaluate()}
+            calibration = fit_calibration(task, f"validation {val_how}" + (
+                " (the validation run's model: the refit trained on these questions)" if cfg.refit else ""))
         metrics = {"validation": validation, "best_epoch": (result.best or {}).get("epoch"),
                    "history": result.history,
                    "protocol": {"answers": answers.protocol, "validation": val_how, "model_selection": selection(cfg)}}
-        calibration = fit_calibration(task, f"validation {val_how}")
+        if cfg.refit:
+            from .refit import refit
+
+            model, tokenizer, task, refitted = refit(cfg, rt, train_records, val_records, loss, metrics["best_epoch"])
+            if not refitted.completed:
+                return Path(cfg.out) / "bundle"
+            if cfg.weights_dtype != "float32":
+                round_weights(model.head, cfg.weights_dtype)
+            metrics["refit"] = {"epochs": metrics["best_epoch"], "questions": len(task.train.records),
+                                "history": refitted.history}
+        if not rt.world.is_main:
+            return Path(cfg.out) / "bundle"
         ood = fit_out_of_scope(model, task.train.images, rt.device)
         log.info("calibration on validation: temperatures %s", {b: round(t, 3) for b, t in
                                                                  calibration.temperatures.items()})
@@ -456,4 +475,7 @@ def selection(cfg: TrainConfig) -> str:
     """How the bundle's epoch was chosen, in words (stated in its metrics.json protocol)."""
     if cfg.val_split == "test":
         return "best overall accuracy on the test split itself (the reference code's protocol; optimistic)"
+    if cfg.refit:
+        return ("the epoch of best validation overall accuracy (never test), then trained again on train and "
+                "validation together for that many epochs, the last kept (--refit)")
     return "best validation overall accuracy (never test)"

@@ -16,6 +16,7 @@ EXAMPLE = """examples:
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder efficientnet-lite0-imagenet \
       --question-encoder minilm --question-lr 5e-5 --head fusion-transformer --loss ce --lr 3e-4
   medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
+  medvqa train ... --refit --resume latest   # a finished run: train again on train + validation for its epoch
   torchrun --nproc_per_node 2 -m vqa.cli train ...   # DDP; --batch-size is per process
 
 OUT gets run_config.json, history.json/.csv, checkpoint.pt (resumable) and bundle/
@@ -82,6 +83,9 @@ def build_parser():
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,
                    help="weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder; default: "
                         "%(default)s)")
+    g.add_argument("--refit", action="store_true",
+                   help="after validation chose the epoch, train again on train + validation for that many epochs of "
+                        "the same schedule and keep that model (calibration: the validation run's, a proxy)")
     g.add_argument("--target-risk", type=float, default=d.target_risk,
                    help="abstention: withhold answers below the confidence at which validation answers were wrong "
                         "at most this share of the time (default: %(default)s; `predict --target-risk` overrides)")

@@ -12,6 +12,8 @@ class EngineConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    schedule_epochs: int | None = None  # the schedule's length (default: epochs); longer stops the run partway down
+    #                                    its decay, where a longer run of the same recipe would be at that epoch
     clip_norm: float | None = 1.0  # gradient-norm clipping; 0 or None: none
     ema_decay: float | None = None  # keep an exponential moving average of the weights (e.g. 0.999): it is
     #                                 what validation scores, selection keeps and the run returns

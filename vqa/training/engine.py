@@ -92,7 +92,10 @@ class Trainer:
             raise DataError("nothing to train: every parameter of the model is frozen")
         self.optimizer = task.configure_optimizer(cfg.lr, cfg.weight_decay)
         steps = task.steps_per_epoch()
-        self.scheduler = warmup_cosine(self.optimizer, int(cfg.warmup_epochs * steps), cfg.epochs * steps)
+        if cfg.schedule_epochs is not None and cfg.schedule_epochs < cfg.epochs:
+            raise DataError(f"schedule_epochs {cfg.schedule_epochs}: expected at least the run's {cfg.epochs} epochs")
+        self.scheduler = warmup_cosine(self.optimizer, int(cfg.warmup_epochs * steps),
+                                       (cfg.schedule_epochs or cfg.epochs) * steps)
         self.scaler = make_grad_scaler(cfg.precision, self.device)
         self.context = StepContext(cfg.precision, self.device, self.scaler)
         self.state_keys = trainable_state_keys(task.model)
