@@ -151,6 +151,9 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
                  {**first, "encoder": str(medpix_lite0), "tag": "medpix"}),
                 (steps[3][0], "an exponential moving average of the weights (--ema-decay 0.995) is scored and kept",
                  {**routed, "extra": routed["extra"] + (("ema_decay", 0.995),), "tag": "tfqcr-ema"}),
+                (steps[3][0], "trained again from its seed on train + validation for the epochs validation chose, the "
+                              "schedule stopped there (--refit; calibration the validation run's)",
+                 {**routed, "extra": routed["extra"] + (("refit", True),), "tag": "tfqcr-refit"}),
                 # The first 15 epochs train as the step's do (the same cached features, carve, batch order and
                 # schedule); the last 5 train the image tower through too (several times an epoch's time on CPU).
                 (steps[3][0], f"EfficientNet-Lite0 fine-tuned end to end in the last {FINETUNE_LAST} of the 20 epochs, "
