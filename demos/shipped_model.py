@@ -53,8 +53,9 @@ class ShippedModelRecipe:
 def build_shipped_model(data: str | Path, glove: str | Path | None = None, recipe: ShippedModelRecipe | None = None,
                         bundle_dir: Path = SHIPPED_BUNDLE, examples_dir: Path = SHIPPED_EXAMPLES,
                         threads: int | None = None, progress: bool = True) -> dict:
-    """Train, re-save small (float16 head, referenced encoder), evaluate the saved copy on test, write its card,
-    pick the example images; returns the test report's overall numbers."""
+    """Train (the kept head rounded to float16 before validation and calibration), re-save small (referenced
+    encoder), evaluate the saved copy on test, write its card, pick the example images; returns the test report's
+    overall numbers."""
     from vqa.bundle import load, save
     from vqa.evaluate import evaluate
     from vqa.io import atomic_dir, atomic_write_json
@@ -67,7 +68,8 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
                           head=recipe.head, head_args=dict(recipe.head_args), question_dim=recipe.question_dim,
                           embed_dim=recipe.embed_dim, glove=str(glove) if glove else None, loss=recipe.loss,
                           lr=recipe.lr, epochs=recipe.epochs, batch_size=recipe.batch_size, val_by=recipe.val_by,
-                          seed=recipe.seed, target_risk=recipe.target_risk, out=str(work / "run"),
+                          seed=recipe.seed, target_risk=recipe.target_risk, weights_dtype=recipe.weights_dtype,
+                          out=str(work / "run"),
                           cache_dir=str(work / "cache"), threads=threads, progress=progress, device="cpu")
         trained = load(train(cfg))
         small = work / "bundle"
