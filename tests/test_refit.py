@@ -77,3 +77,26 @@ def test_a_refit_is_refused_where_validation_is_test_and_in_an_ensemble(phantom_
         build_ensemble(EnsembleConfig(members=[str(m) for m in members], format="vqa-rad",
                                       data=str(phantom_dir / "vqa-rad"), out=str(tmp_path / "ensemble"),
                                       cache_dir=str(tmp_path / "cache"), device="cpu", progress=False))
+
+
+@pytest.mark.slow
+def test_a_refit_in_two_processes_matches_one_on_the_same_global_batch(phantom_dir, tmp_path):
+    """Only the main process scores validation: the epoch it chose reaches every rank, whose refit then agrees
+    with one process's."""
+    import dataclasses
+
+    from .conftest import spawn_ranks
+
+    # no dropout, so the two runs differ only in how the global batch is split
+    head_args = {"hidden_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    base = _cfg(phantom_dir, tmp_path, "base", refit=True, head="mevf-ban", head_args=head_args,
+                question_encoder="gru", question_dim=32, embed_dim=16, epochs=3)
+    single = train(dataclasses.replace(base, batch_size=24, out=str(tmp_path / "one")))
+    spawn_ranks(train, dataclasses.replace(base, batch_size=12, out=str(tmp_path / "two")))
+    one, two = (json.loads((tmp_path / name / "bundle" / "metrics.json").read_text()) for name in ("one", "two"))
+    assert one["refit"]["epochs"] == two["refit"]["epochs"] == one["best_epoch"]
+    for a, b in zip(one["refit"]["history"], two["refit"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa, wb = _weights(single), _weights(tmp_path / "two" / "bundle")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)

@@ -406,8 +406,10 @@ def train(cfg: TrainConfig) -> Path:
                    "protocol": {"answers": answers.protocol, "validation": val_how, "model_selection": selection(cfg)}}
         if cfg.refit:
             from .refit import refit
+            from .training.distributed import all_gather_objects
 
-            model, tokenizer, task, refitted = refit(cfg, rt, train_records, val_records, loss, metrics["best_epoch"])
+            chosen = all_gather_objects(metrics["best_epoch"], rt.world)[0]  # only the main process validates
+            model, tokenizer, task, refitted = refit(cfg, rt, train_records, val_records, loss, chosen)
             if not refitted.completed:
                 return Path(cfg.out) / "bundle"
             if cfg.weights_dtype != "float32":
