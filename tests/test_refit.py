@@ -42,6 +42,8 @@ def test_a_refit_trains_again_on_train_and_validation_for_the_chosen_epochs(phan
     validation_history = metrics["history"]
     assert refit_history[-1]["lr"] == pytest.approx(validation_history[chosen - 1]["lr"], rel=1e-6)
     assert "trained again on train and validation" in metrics["protocol"]["model_selection"]
+    card = (bundle / "README.md").read_text()  # the validation numbers are the run's before its refit, said so
+    assert "| validation, the run before its refit / all |" in card and "(`--refit`): this model" in card
     calibration = json.loads((bundle / "calibration.json").read_text())
     assert "the refit trained on these questions" in json.dumps(calibration)
 

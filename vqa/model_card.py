@@ -121,7 +121,8 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
     encoder = read_json(bundle / "encoder" / "config.json") if (bundle / "encoder" / "config.json").is_file() else {}
     data = config.get("training", {}).get("data") or {}
     name = repo_id or bundle.resolve().name
-    results = _results(metrics.get("validation") or {}, data, "validation", "all")
+    # a refit's validation numbers are its validation run's, not this model's: they stay out of the model index
+    results = [] if "refit" in metrics else _results(metrics.get("validation") or {}, data, "validation", "all")
     for report in eval_reports:
         info = training_data(report["dataset"], report.get("data", ""), report["split"])
         for subset, m in report["subsets"].items():
@@ -188,6 +189,10 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
                   f"their answer distributions averaged; training loss `{loss}`; the members' best epochs {epochs}"]
     else:
         lines += [f"- training loss: `{loss}`; best epoch {metrics.get('best_epoch', '?')}"]
+        if "refit" in metrics:
+            lines += [f"- then trained again from its seed on train and validation together "
+                      f"({metrics['refit'].get('questions', '?')} questions) for those "
+                      f"{metrics['refit'].get('epochs', '?')} epochs (`--refit`): this model"]
     lines += ["", "## Evaluation", "",
               "Protocol, stated with every number:",
               f"- answer vocabulary: {answers.get('protocol', protocol.get('answers', '?'))} "
@@ -196,7 +201,8 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
               "- closed/open accuracy by the dataset's own `answer_type`, never the model's predicted type; "
               "exact match after answer normalisation", ""]
     val = metrics.get("validation") or {}
-    rows = [("validation / all", val)] if val else []
+    label = "validation, the run before its refit / all" if "refit" in metrics else "validation / all"
+    rows = [(label, val)] if val else []
     for report in reports:
         rows += [(f"{report['dataset']} {report['split']} / {subset}", m) for subset, m in report["subsets"].items()]
     lines += _table(rows) if rows else ["No metrics recorded."]
