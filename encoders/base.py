@@ -68,10 +68,6 @@ class Freezable(nn.Module):
         return self._frozen
 
     @property
-    def norm_frozen(self) -> bool:
-        return self._norm_frozen
-
-    @property
     def batch_norms(self) -> list[nn.Module]:
         """The BatchNorm layers (any dimension, synchronised or not): those whose statistics training moves."""
         return [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

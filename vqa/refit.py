@@ -22,6 +22,7 @@ from .data.record import Record
 from .model import VQAModel
 from .train import TrainConfig, VQATask, build_model, make_split, vocabularies
 from .training import FitResult, Runtime, Trainer, seed_everything
+from .training.distributed import main_process_first
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def refit(cfg: TrainConfig, rt: Runtime, train: list[Record], val: list[Record],
     seed_everything(cfg.seed)
     tokenizer, answers = vocabularies(rcfg, train)
     model = build_model(rcfg, tokenizer, answers).to(rt.device)
-    # every image was encoded (and cached) by the validation run: nothing is written here, on any rank
-    split = make_split(rcfg, model, records, tokenizer, answers, rt.device, views=cfg.feature_views)
+    # the validation run cached every image, but not the augmented views (--feature-views) of validation's images
+    with main_process_first(rt.world):
+        split = make_split(rcfg, model, records, tokenizer, answers, rt.device, views=cfg.feature_views)
     task = RefitTask(rcfg, model, split, None, answers, loss, rt.device, rt.world)
     return model, tokenizer, task, Trainer(task, rcfg, rt).fit()

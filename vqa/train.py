@@ -414,7 +414,7 @@ def train(cfg: TrainConfig) -> Path:
                 return Path(cfg.out) / "bundle"
             if cfg.weights_dtype != "float32":
                 round_weights(model.head, cfg.weights_dtype)
-            metrics["refit"] = {"epochs": metrics["best_epoch"], "questions": len(task.train.records),
+            metrics["refit"] = {"epochs": chosen, "questions": len(task.train.records),
                                 "history": refitted.history}
         if not rt.world.is_main:
             return Path(cfg.out) / "bundle"
@@ -440,14 +440,11 @@ def write_card(bundle: Path) -> None:
 
 def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokenizer, answers, loss: str,
           rt: Runtime) -> VQATask:
-    from .training.distributed import barrier
+    from .training.distributed import main_process_first
 
-    if not rt.world.is_main:
-        barrier(rt.world)  # rank 0 fills the feature cache first; the others then read it
-    train_split = make_split(cfg, model, train_records, tokenizer, answers, rt.device, views=cfg.feature_views)
-    val_split = make_split(cfg, model, val_records, tokenizer, answers, rt.device)
-    if rt.world.is_main:
-        barrier(rt.world)
+    with main_process_first(rt.world):  # rank 0 fills the feature cache; the others then read it
+        train_split = make_split(cfg, model, train_records, tokenizer, answers, rt.device, views=cfg.feature_views)
+        val_split = make_split(cfg, model, val_records, tokenizer, answers, rt.device)
     return VQATask(cfg, model, train_split, val_split, answers, loss, rt.device, rt.world)
 
 

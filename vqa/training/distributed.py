@@ -1,6 +1,7 @@
 """The one place for distributed training: world info from torchrun's environment, gathers."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -91,6 +92,16 @@ def all_gather_objects(obj, world: World) -> list:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(world: World):
+    """Rank 0 runs the block first (filling a shared cache, say); the other ranks then run it (reading it)."""
+    if not world.is_main:
+        barrier(world)
+    yield
+    if world.is_main:
+        barrier(world)
 
 
 def shutdown(world: World) -> None:
