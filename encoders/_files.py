@@ -1,4 +1,5 @@
-"""Atomic writing, the one implementation every package uses: a temp name beside the target, then rename.
+"""Reading JSON with clear errors, and atomic writing, the one implementation every package uses: a temp name
+beside the target, then rename.
 
 Readers see the old file (or folder) or the whole new one, never half of it. Temp names
 follow one pattern, `.NAME.<random>.tmp`, so leftovers of a killed process are recognisable.
@@ -82,6 +83,20 @@ def atomic_write_safetensors(path: str | os.PathLike, tensors: dict, metadata: d
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a missing or malformed file is a DataError naming it and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ._errors import DataError
+from ._files import read_json
 
 from .base import CONFIG_NAME, WEIGHTS_NAME, ImageEncoder
 
@@ -156,10 +156,9 @@ def load_encoder_folder(path: str | os.PathLike) -> ImageEncoder:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected an encoder saved with save_pretrained "
                                 "or a Hugging Face CLIP folder")
-    try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    meta = read_json(config_file)
+    if not isinstance(meta, dict):
+        raise DataError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") == REFERENCE_FORMAT:
         return _load_reference(config_file, meta)
     if "family" in meta:

@@ -23,7 +23,6 @@ PubMedCLIP's ViT-B/32 is on the hub in this format as `flaviagiammarino/pubmed-c
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from typing import Any
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from ._errors import DataError
+from ._files import read_json
 from ._registry import register_encoder, register_family
 from .base import ImageEncoder
 
@@ -124,7 +125,7 @@ class CLIPVisionEncoder(ImageEncoder):
                 f"cannot load {str(source)!r} from the Hugging Face hub: no network access (or HF_HUB_OFFLINE=1) "
                 f"and no copy in the local hub cache. Run once online to cache it, or pass a local folder "
                 f"written by CLIPModel.save_pretrained. ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
-        mean, std = _preprocessor_stats(Path(source)) if local else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        mean, std = preprocessor_stats(Path(source)) if local else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         config = CLIPEncoderConfig.from_hf(hf_model.config, mean=mean, std=std,
                                            hub_id=None if local else str(source))
         encoder = cls(config, name=name or str(source), vision_model=_tower(hf_model.float()))
@@ -132,14 +133,28 @@ class CLIPVisionEncoder(ImageEncoder):
         return encoder
 
 
-def _preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """image_mean/image_std from a local preprocessor_config.json, else OpenAI's."""
-    path = folder / "preprocessor_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        if "image_mean" in cfg and "image_std" in cfg:
-            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
-    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+def image_stats(cfg: dict, mean_key: str, std_key: str, where: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel normalisation (`mean_key`, `std_key`) of a preprocessing config, OpenAI's where absent;
+    anything but three numbers each (std positive) is a DataError naming `where` and the field."""
+    stats = []
+    for key, default in ((mean_key, OPENAI_CLIP_MEAN), (std_key, OPENAI_CLIP_STD)):
+        value = cfg.get(key, default)
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise DataError(f"{where}: {key!r} is {value!r}; expected three numbers, one per RGB channel")
+        stats.append(tuple(float(v) for v in value))
+    if min(stats[1]) <= 0:
+        raise DataError(f"{where}: {std_key!r} is {list(stats[1])}; a standard deviation must be positive")
+    return stats[0], stats[1]
+
+
+def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """image_mean/image_std from a Hugging Face folder's preprocessor_config.json, else OpenAI's."""
+    path = Path(folder) / "preprocessor_config.json"
+    cfg = read_json(path) if path.is_file() else {}
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return image_stats(cfg, "image_mean", "image_std", str(path))
 
 
 def _create(name: str, config: CLIPEncoderConfig, pretrained: bool, overrides: dict) -> CLIPVisionEncoder:

@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import DataError
+from ._files import read_json
 from ._registry import register_family
 from ._weights import read_weights
 from .base import ImageEncoder
-from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_stats
 
 logger = logging.getLogger(__name__)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -272,9 +273,11 @@ def _image_size(model_cfg: dict) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def _preprocess_stats(cfg: dict) -> tuple[tuple, tuple]:
+def _preprocess_stats(cfg: dict, where: str) -> tuple[tuple, tuple]:
     pre = cfg.get("preprocess_cfg", {})
-    return tuple(pre.get("mean", OPENAI_CLIP_MEAN)), tuple(pre.get("std", OPENAI_CLIP_STD))
+    if not isinstance(pre, dict):
+        raise DataError(f"{where}: 'preprocess_cfg' is {type(pre).__name__}; expected an object")
+    return image_stats(pre, "mean", "std", f"{where}: preprocess_cfg")
 
 
 def from_local_dir(folder: str | os.PathLike, source: str | None = None) -> OpenCLIPEncoder:
@@ -284,17 +287,14 @@ def from_local_dir(folder: str | os.PathLike, source: str | None = None) -> Open
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no {OPEN_CLIP_CONFIG} (an open_clip local-dir folder holds it and "
                                 "the weights, e.g. open_clip_model.safetensors)")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg})") from None
-    if "model_cfg" not in cfg:
+    cfg = read_json(config_file)
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
         raise DataError(f"{config_file}: no 'model_cfg' (open_clip writes {{'model_cfg', 'preprocess_cfg'}})")
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     weights = weights or next(iter(sorted(folder.glob("*.safetensors"))), None)
     if weights is None:
         raise DataError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES[:3])}, ...)")
-    mean, std = _preprocess_stats(cfg)
+    mean, std = _preprocess_stats(cfg, str(config_file))
     return encoder_from_weights(cfg["model_cfg"], read_weights(weights), source or f"local-dir:{folder}",
                                 mean=mean, std=std)
 
@@ -308,11 +308,14 @@ def from_hf_hub(model_id: str, cache_dir: str | None = None) -> OpenCLIPEncoder:
 
     source = f"hf-hub:{model_id}"
     try:
-        cfg = json.loads(Path(fetch(OPEN_CLIP_CONFIG)).read_text())
+        config_file = fetch(OPEN_CLIP_CONFIG)
     except Exception as e:
         raise OSError(f"cannot load {source!r}: no network access (or HF_HUB_OFFLINE=1) and no copy in the hub "
                       f"cache, or not an open_clip repository ({e.__class__.__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    cfg = read_json(config_file)
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
+        raise DataError(f"{source}: its {OPEN_CLIP_CONFIG} has no 'model_cfg' (not an open_clip repository)")
     weights, errors = None, []
     for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):  # safetensors first
         try:
@@ -322,7 +325,7 @@ def from_hf_hub(model_id: str, cache_dir: str | None = None) -> OpenCLIPEncoder:
             errors.append(f"{filename}: {e.__class__.__name__}")
     if weights is None:
         raise OSError(f"{source}: no weights file reachable ({'; '.join(errors)})")
-    mean, std = _preprocess_stats(cfg)
+    mean, std = _preprocess_stats(cfg, f"{source}: {OPEN_CLIP_CONFIG}")
     return encoder_from_weights(cfg["model_cfg"], read_weights(weights), source, mean=mean, std=std)
 
 

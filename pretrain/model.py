@@ -29,9 +29,10 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from encoders import CLIPVisionEncoder, ImageEncoder
+from encoders.clip import preprocessor_stats
 from encoders.text import TextTower, load_tokenizer, save_tokenizer
 from vqa.errors import DataError
-from vqa.io import atomic_dir, atomic_write_safetensors
+from vqa.io import atomic_dir, atomic_write_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,9 @@ def load_clip_model(source: str | os.PathLike) -> CLIPPretrainModel:
         raise DataError(f"CLIP model folder not found: {source} (nor a hub id 'org/name')")
     if path.is_dir() and not config_file.is_file():
         raise DataError(f"{path}: no {CONFIG_NAME}; expected a folder written by `medvqa pretrain` (OUT/clip)")
-    meta = json.loads(config_file.read_text()) if config_file.is_file() else {"model_type": "clip"}
+    meta = read_json(config_file) if config_file.is_file() else {"model_type": "clip"}
+    if not isinstance(meta, dict):
+        raise DataError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") == FORMAT_NAME:
         return _load_own(path, meta)
     if meta.get("model_type") != "clip":
@@ -183,7 +186,7 @@ def load_clip_model(source: str | os.PathLike) -> CLIPPretrainModel:
     except OSError as e:
         raise DataError(f"cannot load CLIP model {str(source)!r} (offline and not cached, or not a CLIP "
                         f"folder): {str(e).splitlines()[0]}") from None
-    mean, std = _preprocessor_stats(path) if path.is_dir() else (None, None)
+    mean, std = preprocessor_stats(path) if path.is_dir() else (None, None)
     return CLIPPretrainModel.from_hf_clip(clip, tokenizer, name=str(source), mean=mean, std=std)
 
 
@@ -225,12 +228,4 @@ def _write_preprocessor(encoder: ImageEncoder, folder: Path) -> None:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(encoder.mean),
         "image_std": list(encoder.std), "do_convert_rgb": True}, indent=2) + "\n")
 
-
-def _preprocessor_stats(folder: Path):
-    path = folder / "preprocessor_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        if "image_mean" in cfg and "image_std" in cfg:
-            return cfg["image_mean"], cfg["image_std"]
-    return None, None
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from encoders import (CLIPVisionEncoder, ImageEncoder, create_encoder, list_encoders, register_encoder)
+from encoders._errors import DataError
 
 TINY = ["clip-vit-tiny", "resnet-tiny", "vit-tiny", "mevf"]
 BIG = {"clip-vit-b32", "clip-vit-b16", "pubmedclip-vit-b32", "clip-rn50", "resnet18", "resnet50",
@@ -188,6 +189,20 @@ def test_local_clipvisionmodel_folder_and_preprocessor_stats(tmp_path):
     # and our own save of it round-trips as an hf_clip family encoder
     again = create_encoder(loaded.save_pretrained(tmp_path / "ours"))
     assert again.fingerprint() == loaded.fingerprint()
+
+
+@pytest.mark.parametrize("stats,message", [
+    ('{"image_mean": [0.5, 0.5, 0.5], "image_std": ', r"preprocessor_config.json: line 1: invalid JSON"),
+    ('{"image_mean": "imagenet"}', "'image_mean' is 'imagenet'; expected three numbers"),
+    ('{"image_std": [0.2, -0.2, 0.2]}', "'image_std' is .*must be positive"),
+])
+def test_hugging_face_folder_with_bad_preprocessor_stats_is_refused(stats, message, tmp_path):
+    from transformers import CLIPVisionModel
+
+    CLIPVisionModel(create_encoder("clip-vit-tiny").hf_vision_config()).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(stats)
+    with pytest.raises(DataError, match=message):
+        create_encoder(tmp_path)
 
 
 def test_tower_plugs_into_a_full_clipmodel():

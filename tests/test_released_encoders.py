@@ -4,6 +4,7 @@ folders reproduce them exactly, pickles with code are refused, full-size key lay
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -178,6 +179,22 @@ def test_local_dir_pickle_weights_load_and_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({**model.state_dict(), "extra": _RunsCode(marker)}, folder / "open_clip_pytorch_model.bin")
     _assert_refused(folder, marker)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda text: text[:-5], r"open_clip_config.json: line \d+: invalid JSON"),
+    (lambda text: text.replace('"model_cfg"', '"model"'), "no 'model_cfg'"),
+    (lambda text: json.dumps({**json.loads(text), "preprocess_cfg": {"mean": [0.5, 0.5]}}),
+     r"preprocess_cfg: 'mean' is \[0.5, 0.5\]; expected three numbers"),
+    (lambda text: json.dumps({**json.loads(text), "preprocess_cfg": {"std": [0.2, 0.0, 0.2]}}),
+     "'std' is .*must be positive"),
+])
+def test_local_dir_bad_config_names_the_file_and_field(edit, message, tmp_path):
+    folder = save_local_dir(open_clip_model(VIT), VIT, tmp_path / "oc")
+    config = folder / "open_clip_config.json"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(DataError, match=message):
+        create_encoder(f"local-dir:{folder}")
 
 
 # -- OpenAI's state-dict format (PubMedCLIP) and TorchScript archives ---------------------------------------------

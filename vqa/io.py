@@ -1,29 +1,14 @@
-"""File reading with clear errors; atomic writing (temp file, then rename) is `encoders._files`'."""
+"""File reading with clear errors; JSON reading and atomic writing (temp file, then rename) are `encoders._files`'."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                             atomic_write_safetensors, atomic_write_text, sweep_stale_temps)
+                             atomic_write_safetensors, atomic_write_text, read_json, sweep_stale_temps)
 
 from .errors import DataError
-
-
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing or malformed file is a DataError naming it and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
