@@ -1,8 +1,13 @@
 """The CLI layer: every command under `medvqa`, one flag per concept, examples in every --help."""
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import logging
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,54 @@ def test_every_command_has_help_with_an_example_and_no_outside_paths(command, ca
     text = capsys.readouterr().out
     assert f"medvqa {command}" in text and "example" in text
     assert "../" not in text  # examples point inside the repository or at path/to/...
+
+
+def _example_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(command, its arguments) of every complete `medvqa COMMAND ...` line in `text`: backslash continuations
+    joined, comments and other commands on the line (&&, |, ;) dropped, shell variables as 0 (loop indices);
+    elided examples (`...`) and --help lines are not commands to parse."""
+    found = []
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        for part in re.split(r"\s(?:&&|\||;)\s", re.split(r"\s#\s", line.strip())[0]):
+            match = re.match(r"^(?:\S*/)?medvqa (\S+)(.*)$", part.strip())
+            if match and match.group(1) in COMMANDS and "..." not in part:
+                argv = [re.sub(r"^\$\{?\w+\}?$", "0", a) for a in shlex.split(match.group(2))]
+                if not {"-h", "--help"} & set(argv):
+                    found.append((match.group(1), argv))
+    return found
+
+
+def _shell_blocks(markdown: str) -> str:
+    """The bash (or unlabelled) fenced code blocks of a Markdown text, concatenated."""
+    out, block, lang = [], None, ""
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            if block is None:
+                block, lang = [], line[3:].strip()
+            else:
+                out += block if lang in ("", "bash", "sh", "shell") else []
+                block = None
+        elif block is not None:
+            block.append(line)
+    return "\n".join(out)
+
+
+def test_every_example_in_help_and_readme_parses(capsys):
+    """An example whose flag was renamed or dropped fails here, not on the user who copies it."""
+    helps = []
+    for name, (module, _) in COMMANDS.items():
+        parser = importlib.import_module(f"vqa.cli.{module}").build_parser()
+        subparsers = [a.choices.values() for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        helps += [parser.format_help(), *(p.format_help() for group in subparsers for p in group)]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    examples = _example_commands("\n".join(helps)) + _example_commands(_shell_blocks(readme))
+    assert len({c for c, _ in examples}) == len(COMMANDS) and len(examples) >= 100
+    for command, argv in examples:
+        parser = importlib.import_module(f"vqa.cli.{COMMANDS[command][0]}").build_parser()
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"medvqa {command} {shlex.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
 
 
 def test_the_dataset_format_flag_is_one_flag_with_one_set_of_choices(capsys):

@@ -13,8 +13,11 @@ EXAMPLE = """examples:
   medvqa import mevf path/to/mevf runs/mevf       # MEVF's released image side and GloVe vectors
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder \\
       --encoder-mode finetune --glove runs/mevf/glove_300d.txt --answers path/to/vqa-rad/answer_all_list.json
-  medvqa train --format vqa-rad --data path/to/vqa-rad --encoder efficientnet-lite0-imagenet \
-      --question-encoder minilm --question-lr 5e-5 --head fusion-transformer --loss ce --lr 3e-4
+  # the README's VQA-RAD recipe, one of its three bagged runs (--seed 0, 1, 2; then `medvqa ensemble --bagging`)
+  medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --answers train \\
+      --encoder efficientnet-lite0-imagenet --question-encoder minilm --question-lr 5e-5 \\
+      --head fusion-transformer-qcr --head-arg hidden_dim=256 --head-arg layers=2 --head-arg attention_heads=4 \\
+      --optimizer adamw --lr 5e-4 --weight-decay 0.01 --loss ce --epochs 20 --seed 0 --out runs/vqa-rad-transfer-0
   medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
   medvqa train ... --refit --resume latest   # a finished run: train again on train + validation for its epoch
   torchrun --nproc_per_node 2 -m vqa.cli train ...   # DDP; --batch-size is per process
