@@ -5,7 +5,8 @@
 #   OUT=runs/gpu DATA=../shared/data TEXT=minilm bash benchmarks/gpu.sh medpix selection
 #
 # WORK (default OUT/work) holds checkpoints and bundles.
-# speed:  pretraining images/s and MFU, fp32 vs bf16 vs fp16 (ViT-B/32, RN50; ViT-B/16 bf16), and head training per
+# speed:  pretraining images/s and MFU, fp32 vs bf16 vs fp16 (ViT-B/32, RN50; ViT-B/16 bf16), gradient checkpointing
+#         of a fine-tuned ViT-B/32 (memory, step time), and head training per
 #         precision on the phantom (epoch time and the accuracy it reaches).
 # medpix: the ViT-B/32 CLIP image tower pretrained on MedPix 2.0 with bf16 (text tower TEXT frozen,
 #         LiT-style) and its shuffled-caption control, dev retrieval against the untrained tower; then
@@ -33,6 +34,9 @@ speed() {
     --precisions bf16 --device $DEVICE 2>&1 | tee -a "$OUT/pretrain_throughput.txt"
   timeout 240 $PY benchmarks/pretrain_throughput.py --model vit-b16 --batch 256 --steps 10 --warmup 3 \
     --precisions bf16 --device $DEVICE --compile --no-open-clip 2>&1 | tee -a "$OUT/pretrain_throughput.txt"
+  # activation memory and step time of a fine-tuned ViT-B/32 tower, without and with gradient checkpointing
+  timeout 120 $PY benchmarks/grad_checkpointing.py --device $DEVICE --encoder clip-vit-b32 --batch 128 \
+    2>&1 | tee "$OUT/grad_checkpointing.txt"
   for head in qcr mevf-ban; do
     timeout 200 $PY benchmarks/head_precision.py --device $DEVICE --encoder $ENCODER --head "$head" \
       --epochs 10 --json "$OUT/head_precision_$head.json" 2>&1 | tee -a "$OUT/head_precision.txt"

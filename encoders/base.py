@@ -12,6 +12,7 @@ keys the frozen-feature cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ._errors import DataError
 from ._files import atomic_dir, atomic_write_json, atomic_write_safetensors
 from .images import ImageSource
 
@@ -50,6 +52,7 @@ class Freezable(nn.Module):
 
     _frozen: bool = False
     _norm_frozen: bool = False
+    _grad_checkpointing: bool = False
 
     def freeze(self):
         for p in self.parameters():
@@ -79,12 +82,54 @@ class Freezable(nn.Module):
         self._norm_frozen = frozen
         return self.train(self.training)
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self._grad_checkpointing
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each block's activations in the backward pass instead of keeping them from the forward: a
+        trained tower's activation memory drops to about one block's, for about one more forward of compute.
+        Gradients are unchanged. Refused while BatchNorm statistics train: the recompute would update them a
+        second time each step (keep them as pretrained with `freeze_norm_()`, `--encoder-norm frozen`)."""
+        self._set_grad_checkpointing(enable)  # raises where the architecture has none
+        trained_norms = not (self._frozen or self._norm_frozen) and self.batch_norms
+        if enable and trained_norms:
+            self._set_grad_checkpointing(False)
+            raise DataError(f"{self.label}: gradient checkpointing recomputes each block in the backward pass, "
+                            f"which would update the running statistics of its {len(trained_norms)} BatchNorm "
+                            "layers a second time per step; keep them as pretrained (under a VQA head: "
+                            "--encoder-norm frozen) or train without --grad-checkpointing")
+        self._grad_checkpointing = enable
+        return self
+
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        """Switch the architecture's own block-wise checkpointing; the families that have one override this."""
+        if enable:
+            raise DataError(f"{self.label}: {type(self).__name__} has no gradient checkpointing")
+
+    @property
+    def label(self) -> str:
+        """What error messages call this tower: an image encoder's name, a text tower's source."""
+        return str(getattr(self, "name", None) or getattr(self, "source", None) or type(self).__name__)
+
     def train(self, mode: bool = True):
         super().train(mode and not self._frozen)
         if mode and self._norm_frozen:
             for norm in self.batch_norms:
                 norm.eval()
         return self
+
+
+def set_hf_grad_checkpointing(model: nn.Module, enable: bool) -> bool:
+    """Hugging Face's per-layer checkpointing on or off in `model`, a bare tower included (what
+    `PreTrainedModel.gradient_checkpointing_enable` does, non-reentrant); False when it has no such layer."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    for m in layers:
+        m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+        m.gradient_checkpointing = enable
+    return bool(layers)
 
 
 class ImageEncoder(Freezable):

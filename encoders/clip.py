@@ -35,7 +35,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from ._errors import DataError
 from ._files import read_json
 from ._registry import register_encoder, register_family
-from .base import ImageEncoder
+from .base import ImageEncoder, set_hf_grad_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ class CLIPVisionEncoder(ImageEncoder):
         tokens = out.last_hidden_state  # (B, 1 + N, D), before the final LayerNorm
         grid = self.vision_model.post_layernorm(tokens[:, 1:])  # (B, N, D)
         return {"grid": grid, "pooled": out.pooler_output}  # pooled: (B, D)
+
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        set_hf_grad_checkpointing(self.vision_model, enable)
 
     def hf_vision_config(self) -> CLIPVisionConfig:
         """The transformers config of this tower (to build a CLIPModel around it)."""

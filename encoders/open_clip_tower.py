@@ -133,6 +133,20 @@ class OpenCLIPEncoder(ImageEncoder):
             self.visual.train(was)
         return tuple(int(s) for s in feats.shape[2:]) if feats.ndim == 4 else (1, feats.shape[1])
 
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        if self.kind == "vit":
+            self.visual.set_grad_checkpointing(enable)
+        elif self.kind == "resnet":  # open_clip's ModifiedResNet accepts the call and does nothing
+            if enable:
+                raise DataError(f"{self.name}: open_clip's ModifiedResNet (the OpenAI RN towers) has no gradient "
+                                "checkpointing")
+        else:
+            try:
+                self.visual.trunk.set_grad_checkpointing(enable)
+            except (AssertionError, NotImplementedError) as e:
+                raise DataError(f"{self.name}: its timm trunk has no gradient checkpointing "
+                                f"({e or type(e).__name__})") from None
+
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:
         if self.kind == "vit":
             # open_clip's own steps (VisionTransformer._embeds/_pool, open_clip >= 3.0), so pooled is

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import DataError
-from .base import Freezable
+from .base import Freezable, set_hf_grad_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class TextTower(Freezable):
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        if not set_hf_grad_checkpointing(self.model, enable) and enable:
+            raise DataError(f"{self.source}: {type(self.model).__name__} has no gradient checkpointing")
 
     @property
     def vocab_size(self) -> int:

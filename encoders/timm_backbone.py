@@ -118,6 +118,13 @@ class TimmEncoder(ImageEncoder):
                                  f"{width}; use pool='avg'")
         return grid
 
+    def _set_grad_checkpointing(self, enable: bool) -> None:
+        try:
+            self.backbone.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError) as e:  # timm's models without it say so this way
+            raise DataError(f"{self.name}: timm's {self.config.model_name} has no gradient checkpointing "
+                            f"({e or type(e).__name__})") from None
+
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:
         feats = self.backbone.forward_features(pixels)
         grid = self._tokens(feats)  # (B, N, C)

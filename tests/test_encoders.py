@@ -232,3 +232,60 @@ def test_folder_and_hub_ids_take_no_options(tmp_path):
         create_encoder(tmp_path, image_size=64)
     with pytest.raises(FileNotFoundError, match="nope"):
         create_encoder(str(tmp_path / "nope"))
+
+
+# -- gradient checkpointing ----------------------------------------------------------------------------------------
+def _kept_for_backward(tower, *inputs) -> tuple[int, dict[str, torch.Tensor]]:
+    """(bytes the forward keeps for the backward pass, the gradients of a fixed loss) of one training step."""
+    kept = 0
+
+    def pack(t):
+        nonlocal kept
+        kept += t.numel() * t.element_size()
+        return t
+
+    tower.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = tower(*inputs)
+    sum(v.float().square().mean() for v in out.values() if v.requires_grad).backward()
+    return kept, {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+
+
+def _assert_checkpointing_keeps_less_for_the_same_gradients(tower, *inputs, at_most: float):
+    kept, grads = _kept_for_backward(tower, *inputs)
+    tower.set_grad_checkpointing()
+    assert tower.grad_checkpointing
+    kept_now, grads_now = _kept_for_backward(tower, *inputs)
+    assert kept_now < at_most * kept, (kept_now, kept)
+    assert grads_now.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_now[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    tower.set_grad_checkpointing(False)
+    assert _kept_for_backward(tower, *inputs)[0] == kept
+
+
+@pytest.mark.parametrize("name", ["clip-vit-tiny", "vit-tiny", "resnet-tiny"])
+def test_grad_checkpointing_keeps_less_for_the_same_gradients(name):
+    torch.manual_seed(0)
+    enc = create_encoder(name).train()
+    x = torch.randn(2, enc.in_chans, enc.image_size, enc.image_size)
+    if enc.batch_norms:  # the recompute would move the running statistics twice: refused, and nothing switched on
+        with pytest.raises(DataError, match="BatchNorm layers a second time"):
+            enc.set_grad_checkpointing()
+        assert not enc.grad_checkpointing
+        enc.freeze_norm_()
+    _assert_checkpointing_keeps_less_for_the_same_gradients(enc, x, at_most=0.5)
+
+
+def test_grad_checkpointing_of_a_text_tower_and_where_there_is_none():
+    from encoders.text import create_text_tower
+
+    torch.manual_seed(0)
+    tower = create_text_tower("bert-tiny", captions=["a chest x-ray with an effusion", "an axial ct of the head"])
+    batch = tower.tokenize(["a chest x-ray", "an axial ct of the head with an effusion"])
+    _assert_checkpointing_keeps_less_for_the_same_gradients(tower.train(), batch["input_ids"],
+                                                            batch["attention_mask"], at_most=0.5)
+    mevf = create_encoder("mevf").freeze_norm_()
+    with pytest.raises(DataError, match="MEVFEncoder has no gradient checkpointing"):
+        mevf.set_grad_checkpointing()
+    assert not mevf.grad_checkpointing

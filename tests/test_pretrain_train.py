@@ -156,6 +156,16 @@ def test_mlm_loss_is_finite_and_decreases(phantom_dir, tmp_path):
     assert load_clip_model(tmp_path / "run" / "clip").text.mlm_head is not None
 
 
+def test_grad_checkpointing_pretrains_the_same_towers(phantom_dir, tmp_path):
+    cfg = _cfg(phantom_dir, tmp_path / "plain", epochs=1, val_split="none")
+    plain = pretrain(cfg)
+    checkpointed = pretrain(replace(cfg, out=str(tmp_path / "ckpt"), grad_checkpointing=True))
+    assert checkpointed["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-5)
+    a, b = (load_file(str(tmp_path / run / "encoder" / "model.safetensors")) for run in ("plain", "ckpt"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_frozen_text_tower_does_not_change(phantom_dir, tmp_path):
     cfg = _cfg(phantom_dir, tmp_path / "run", epochs=1, freeze_text=True, val_split="none")
     seed_everything(cfg.seed)
@@ -177,6 +187,7 @@ def test_frozen_text_tower_does_not_change(phantom_dir, tmp_path):
     (["--batch-size", "500"], "fewer than one global batch"),
     (["--mlm-weight", "1", "--freeze-text"], "trainable text tower"),
     (["--encoder-arg", "image_size"], "KEY=VALUE"),
+    (["--encoder", "resnet-tiny", "--grad-checkpointing", "--batch-size", "16"], "BatchNorm layers a second time"),
     (["--encoder", "vit-tiny", "--encoder-arg", "image_size=128"], "img_size"),
 ])
 def test_bad_input_is_a_clear_error(phantom_dir, tmp_path, argv, message):

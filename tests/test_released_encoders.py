@@ -197,6 +197,19 @@ def test_local_dir_bad_config_names_the_file_and_field(edit, message, tmp_path):
         create_encoder(f"local-dir:{folder}")
 
 
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_grad_checkpointing_of_open_clip_towers(kind, tmp_path):
+    from .test_encoders import _assert_checkpointing_keeps_less_for_the_same_gradients
+
+    cfg = CONFIGS[kind]
+    enc = create_encoder(f"local-dir:{save_local_dir(open_clip_model(cfg), cfg, tmp_path / 'oc')}").train()
+    if kind == "resnet":  # open_clip's ModifiedResNet takes the call and does nothing: refused, not ignored
+        with pytest.raises(DataError, match="ModifiedResNet .* has no gradient checkpointing"):
+            enc.freeze_norm_().set_grad_checkpointing()
+        return
+    _assert_checkpointing_keeps_less_for_the_same_gradients(enc, pixels(enc.image_size), at_most=0.6)
+
+
 # -- OpenAI's state-dict format (PubMedCLIP) and TorchScript archives ---------------------------------------------
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])

@@ -168,6 +168,26 @@ def test_frozen_norm_keeps_the_pretrained_statistics_while_the_weights_learn(pha
     assert "no BatchNorm layer" in caplog.text
 
 
+def test_grad_checkpointing_trains_the_same_model(phantom_dir, tmp_path, caplog):
+    """--grad-checkpointing recomputes the fine-tuned towers' activations: the same losses and weights, less kept."""
+    kw = dict(encoder_mode="finetune", question_encoder="bert-tiny", question_lr=1e-3, epochs=1)
+    plain = train(_cfg(phantom_dir, tmp_path / "plain", **kw))
+    with caplog.at_level("INFO", logger="vqa.training.engine"):
+        checkpointed = train(_cfg(phantom_dir, tmp_path / "ckpt", grad_checkpointing=True, **kw))
+    assert "clip-vit-tiny, bert-tiny recompute their activations" in caplog.text
+    losses = [json.loads((b.parent / "history.json").read_text())[0]["loss"] for b in (plain, checkpointed)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    weights = [load_file(str(b / "model.safetensors")) for b in (plain, checkpointed)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+    with pytest.raises(DataError, match="--grad-checkpointing: no pretrained tower of this model trains"):
+        train(_cfg(phantom_dir, tmp_path / "frozen", grad_checkpointing=True))  # frozen encoder, GRU questions
+    with pytest.raises(DataError, match="BatchNorm layers a second time.*--encoder-norm frozen"):
+        train(_cfg(phantom_dir, tmp_path / "bn", encoder="resnet-tiny", encoder_mode="finetune", epochs=1,
+                   grad_checkpointing=True))
+
+
 def test_augmentation_is_seeded_and_never_flips(phantom_dir, tmp_path):
     from vqa.training.augment import augment
 

@@ -21,6 +21,8 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA, with a GradScaler)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the rank's GPU)
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # the trained towers recompute their activations in the backward pass: less
+    #                                   memory, about one more forward of compute; the same gradients
     sync_every: int = 0  # read the step's losses and gradient norm back to the host every N optimizer steps: a
     #                      read waits for the device to finish (0: automatic: every step on a CPU, every 32 on a
     #                      GPU; always every step with fp16, whose GradScaler reads its overflow flag anyway)

@@ -41,7 +41,7 @@ from .precision import check_precision, make_grad_scaler, resolve_device
 from .runtime import jsonable, seed_everything
 from .schedule import warmup_cosine
 from .step_log import StepLog
-from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys
+from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys, trained_towers
 
 log = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 25  # fp16: this many overflowing steps in a row is divergence, not loss-scale search
@@ -99,6 +99,8 @@ class Trainer:
         self.scaler = make_grad_scaler(cfg.precision, self.device)
         self.context = StepContext(cfg.precision, self.device, self.scaler)
         self.state_keys = trainable_state_keys(task.model)
+        if cfg.grad_checkpointing:
+            self._checkpoint_towers()
         model = torch.compile(task.model) if cfg.compile else task.model
         if self.world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -118,6 +120,16 @@ class Trainer:
         self.identity = run_identity(json.loads(json.dumps(jsonable({**task.identity(), "seed": cfg.seed,
                                                                      "ema_decay": cfg.ema_decay}))),
                                      task.path_settings)
+
+    def _checkpoint_towers(self) -> None:
+        towers = trained_towers(self.task.model)
+        if not towers:
+            raise DataError("--grad-checkpointing: no pretrained tower of this model trains, so there are no "
+                            "activations to recompute (an image encoder trains with --encoder-mode finetune)")
+        for tower in towers:
+            tower.set_grad_checkpointing(True)
+        log.info("gradient checkpointing: %s recompute their activations in the backward pass",
+                 ", ".join(tower.label for tower in towers))
 
     # -- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, item: Any, where: str) -> tuple[dict[str, torch.Tensor], int]:

@@ -13,6 +13,8 @@ from typing import Any, ContextManager, Iterable
 import torch
 from torch import Tensor, nn
 
+from encoders.base import Freezable
+
 from .precision import get_autocast
 
 
@@ -113,6 +115,20 @@ class TrainingTask:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def trained_towers(model: nn.Module) -> list[Freezable]:
+    """The pretrained towers in `model` that train (image encoders, text towers that are not frozen), outermost
+    only: what `--grad-checkpointing` applies to."""
+    towers: list[Freezable] = []
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, Freezable):
+                towers.extend([] if child.frozen else [child])
+            else:
+                visit(child)
+    visit(model)
+    return towers
 
 
 def trainable_state_keys(model: nn.Module) -> list[str]:
