@@ -125,7 +125,6 @@ def lite0_encoders(out: Path) -> tuple[Path, Path]:
 
 def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -> dict:
     """Train and evaluate one run (skipped when its evaluation exists); returns its summary."""
-    from vqa.evaluate import evaluate, write_outputs
     from vqa.train import TrainConfig, train
 
     folder = out / "vqa" / run.name
@@ -148,14 +147,22 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 resume="latest" if (folder / "checkpoint.pt").is_file() else None), **extra})
     started = time.perf_counter()
     bundle = train(cfg)
+    recorded = {"timing": {"train_seconds": time.perf_counter() - started},
+                "best_epoch": json.loads((bundle / "metrics.json").read_text())["best_epoch"], "epochs": epochs}
+    if run.selection == "val":  # a test-selected run carves nothing
+        recorded["carve"] = CARVE
+    return evaluate_step(bundle, folder, rad, out, recipe, recorded)
+
+
+def evaluate_step(bundle: Path, folder: Path, rad: Path, out: Path, recipe: HeadRecipe, recorded: dict) -> dict:
+    """Evaluate a trained run's or ensemble's bundle on the test split with its out-of-scope check, write
+    FOLDER/eval (with what training `recorded`: timing, epochs, carve) and return its summary."""
+    from vqa.evaluate import evaluate, write_outputs
+
     report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
                                       cache_dir=str(out / "cache"), progress=False)
-    report["timing"] = {"train_seconds": time.perf_counter() - started}
     report["out_of_scope"] = out_of_scope_step(bundle, rad, recipe.device)
-    report["best_epoch"] = json.loads((bundle / "metrics.json").read_text())["best_epoch"]
-    report["epochs"] = epochs
-    if run.selection == "val":  # a test-selected run carves nothing
-        report["carve"] = CARVE
+    report.update(recorded)
     write_outputs(report, records, preds, folder / "eval")
     return summarize(report, folder)
 
@@ -180,7 +187,6 @@ def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
     """Build the ensemble of `run.members`' bundles (`medvqa ensemble`) and evaluate it like a run; returns its
     summary (skipped when its evaluation exists)."""
     from vqa.ensemble import EnsembleConfig, build_ensemble
-    from vqa.evaluate import evaluate, write_outputs
 
     folder = out / "vqa" / run.name
     if (folder / "eval" / "metrics.json").is_file():
@@ -195,15 +201,9 @@ def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
                                            format="vqa-rad", data=str(rad), out=str(folder), device=recipe.device,
                                            bagging=run.kind == "bagging", cache_dir=str(out / "cache"),
                                            progress=False))
-    report, records, preds = evaluate(bundle, "vqa-rad", str(rad), device=recipe.device,
-                                      cache_dir=str(out / "cache"), progress=False)
-    report["out_of_scope"] = out_of_scope_step(bundle, rad, recipe.device)
     members = json.loads((bundle / "metrics.json").read_text())["members"]
-    report["best_epoch"] = [m["best_epoch"] for m in members]
-    report["epochs"] = None
-    report["carve"] = CARVE
-    write_outputs(report, records, preds, folder / "eval")
-    return summarize(report, folder)
+    return evaluate_step(bundle, folder, rad, out, recipe,
+                         {"best_epoch": [m["best_epoch"] for m in members], "epochs": None, "carve": CARVE})
 
 
 def out_of_scope_step(bundle: Path, rad: Path, device: str) -> dict | None:
