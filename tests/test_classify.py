@@ -53,6 +53,21 @@ def test_probe_through_the_cli_on_an_image_folder(phantom_dir, tmp_path, capsys)
     assert json.loads((out / "run_config.json").read_text())["method"] == "probe"
 
 
+def test_finetune_with_grad_checkpointing_learns_the_same_head(phantom_dir, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    kw = dict(method="finetune", encoder="vit-tiny", epochs=1, batch_size=16, lr=3e-3, select="accuracy")
+    plain = classify(_cfg(phantom_dir, tmp_path / "plain", "phantomfindingsmnist", **kw))
+    with caplog.at_level("INFO", logger="vqa.training.engine"):
+        checkpointed = classify(_cfg(phantom_dir, tmp_path / "ckpt", "phantomfindingsmnist", grad_checkpointing=True,
+                                     **kw))
+    assert "gradient checkpointing: vit-tiny recompute" in caplog.text
+    assert checkpointed["val"] == pytest.approx(plain["val"])
+    heads = [load_file(str(tmp_path / run / "finetune" / "head.safetensors")) for run in ("plain", "ckpt")]
+    for key, value in heads[0].items():
+        torch.testing.assert_close(heads[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_finetune_runs_on_the_engine_and_keeps_the_best_val_epoch(phantom_dir, tmp_path):
     cfg = _cfg(phantom_dir, tmp_path, "phantomfindingsmnist", method="finetune", encoder="resnet-tiny", epochs=2,
                batch_size=16, lr=3e-3, augment=True, select="accuracy")
