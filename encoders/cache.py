@@ -20,6 +20,7 @@ Lookups read only the rows asked for: features.f16 is a numpy.memmap, never load
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FEATURES_NAME = "features.f16"
+LOCK_NAME = ".lock"  # held by the one process deciding a rebuild or writing rows
 KEYS_NAME = "keys.bin"
 KEY_BYTES = 36  # sha256 digest (32) + crc32 (4, little-endian)
 CACHE_FORMAT_VERSION = 2
@@ -96,6 +98,7 @@ class FeatureCache:
         self._index = index
         self._rows: dict[str, int] = index["rows"]
         self._memmap: np.memmap | None = None
+        self._writing_depth = 0  # > 0 while this object holds the folder's lock
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -109,16 +112,17 @@ class FeatureCache:
                 raise FileNotFoundError(f"no feature cache in {folder} (missing {INDEX_NAME})")
             return cls(folder, index, None)
         expected = _empty_index(encoder)
-        reason = _rebuild_reason(folder, index, expected)
-        if reason:
-            logger.info("feature cache %s: rebuilding from scratch (%s)", folder, reason)
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / INDEX_NAME, expected, indent=None)  # index first: old rows are never read
-            for name in (FEATURES_NAME, KEYS_NAME):
-                (folder / name).unlink(missing_ok=True)
-            index = expected
-        else:
-            logger.info("feature cache %s: %d images cached for %s", folder, index["count"], encoder.name)
+        with _exclusive(folder):  # another process may be deciding the same, or writing rows
+            index = _read_index(folder)
+            reason = _rebuild_reason(folder, index, expected)
+            if reason:
+                logger.info("feature cache %s: rebuilding from scratch (%s)", folder, reason)
+                atomic_write_json(folder / INDEX_NAME, expected, indent=None)  # index first: old rows never read
+                for name in (FEATURES_NAME, KEYS_NAME):
+                    (folder / name).unlink(missing_ok=True)
+                index = expected
+            else:
+                logger.info("feature cache %s: %d images cached for %s", folder, index["count"], encoder.name)
         return cls(folder, index, encoder)
 
     # -- reading -------------------------------------------------------------------
@@ -204,7 +208,30 @@ class FeatureCache:
         state = self.__dict__.copy()
         state["_memmap"] = None
         state["encoder"] = None
+        state["_writing_depth"] = 0
         return state
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the folder's lock and read the index again first: rows another process added since this cache
+        was opened are hits, never encoded twice or overwritten. Re-entrant within this object."""
+        if self._writing_depth:
+            self._writing_depth += 1
+            try:
+                yield
+            finally:
+                self._writing_depth -= 1
+            return
+        with _exclusive(self.folder):
+            self._writing_depth = 1
+            try:
+                index = _read_index(self.folder)
+                if index is not None and index.get("fingerprint") == self._index["fingerprint"] and \
+                        index.get("row_size") == self._index["row_size"]:
+                    self._index, self._rows, self._memmap = index, index["rows"], None
+                yield
+            finally:
+                self._writing_depth = 0
 
     # -- writing -------------------------------------------------------------------
     def ensure(self, images: Iterable[ImageSource], batch_size: int = 32, device: str | torch.device | None = None,
@@ -217,19 +244,21 @@ class FeatureCache:
             raise RuntimeError(f"feature cache {self.folder} was opened without an encoder; cannot compute")
         images = list(images)
         hashes = [image_hash(img) for img in images]
-        bad = self.unverified(hashes)
-        if bad:
-            logger.warning("feature cache %s: %d cached row(s) fail verification (first: image %s; the index was "
-                           "edited or the features damaged): rebuilding the cache", self.folder, len(bad), bad[0][:12])
-            self._reset()
-        todo: dict[str, ImageSource] = {}
-        for h, img in zip(hashes, images):
-            if h not in self._rows and h not in todo:
-                todo[h] = img
-        logger.info("feature cache %s: %d hits, %d to compute (%d images asked)",
-                    self.folder, len(images) - sum(h in todo for h in hashes), len(todo), len(images))
-        if todo:
-            self.add(todo.items(), batch_size, device, progress, total=len(todo))
+        with self._writing():
+            bad = self.unverified(hashes)
+            if bad:
+                logger.warning("feature cache %s: %d cached row(s) fail verification (first: image %s; the index "
+                               "was edited or the features damaged): rebuilding the cache", self.folder, len(bad),
+                               bad[0][:12])
+                self._reset()
+            todo: dict[str, ImageSource] = {}
+            for h, img in zip(hashes, images):
+                if h not in self._rows and h not in todo:
+                    todo[h] = img
+            logger.info("feature cache %s: %d hits, %d to compute (%d images asked)",
+                        self.folder, len(images) - sum(h in todo for h in hashes), len(todo), len(images))
+            if todo:
+                self.add(todo.items(), batch_size, device, progress, total=len(todo))
         return hashes
 
     def add(self, items: Iterable[tuple[str, ImageSource]], batch_size: int = 32,
@@ -248,7 +277,8 @@ class FeatureCache:
         encoder.to(device).eval()  # frozen features: BatchNorm statistics, no dropout
         bar = _progress(total, desc or f"caching {encoder.name} features", progress)
         try:
-            added = self._append(self._encoded(items, batch_size, device, bar))
+            with self._writing():
+                added = self._append(self._encoded(items, batch_size, device, bar))
         finally:
             bar.close()
             encoder.train(was_training)
@@ -329,7 +359,8 @@ class FeatureCache:
                                 f"{part.fingerprint[:12]}, grid {list(part.grid_shape)}), not of this cache's "
                                 f"{self._index['encoder']} ({self.fingerprint[:12]}, grid {list(self.grid_shape)}); "
                                 "every rank must load the same encoder weights")
-        added = self._append(self._part_rows(opened, chunk_rows))
+        with self._writing():
+            added = self._append(self._part_rows(opened, chunk_rows))
         logger.info("feature cache %s: merged %d part(s), %d new images (now %d)", self.folder, len(opened), added,
                     self._index["count"])
         return added
@@ -356,6 +387,26 @@ def _empty_index(encoder: ImageEncoder, fingerprint: str | None = None) -> dict[
             "encoder": encoder.name,
             "grid": [n, d], "grid_size": list(encoder.grid_size), "row_size": n * d + d, "dtype": "float16",
             "count": 0, "rows": {}}
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock file (an advisory lock, released when the process dies): one process at a time
+    decides a rebuild or writes rows, so processes filling one cache at once (seeds run side by side) neither
+    unlink nor overwrite each other's rows. Readers take none: rows are only ever appended, by rename, so a
+    mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not serialised."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rebuild_reason(folder: Path, index: dict[str, Any] | None, expected: dict[str, Any]) -> str | None:

@@ -93,7 +93,7 @@ def test_two_processes_write_the_cache_that_one_process_writes(corpus, tmp_path)
                                                           batch_size=3, device="cpu", progress=False))
     folder_one = Path(one["cache"])
     folder_two = tmp_path / "two" / folder_one.name
-    assert sorted(p.name for p in folder_two.iterdir()) == ["features.f16", "index.json", "keys.bin"]
+    assert sorted(p.name for p in folder_two.iterdir()) == [".lock", "features.f16", "index.json", "keys.bin"]
     assert _cache_files(folder_two) == _cache_files(folder_one)
 
 

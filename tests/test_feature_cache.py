@@ -51,7 +51,7 @@ def test_first_fill_then_all_hits(tmp_path, encoder, images):
     cache = FeatureCache.open(tmp_path / "cache", encoder)
     hashes = cache.ensure(images[:3], batch_size=2, progress=False)
     assert counter.count == 3 and len(cache) == 3
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["features.f16", "index.json", "keys.bin"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", "features.f16", "index.json", "keys.bin"]
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert index["fingerprint"] == encoder.fingerprint() and index["grid"] == [16, 64]
 
@@ -294,3 +294,41 @@ def test_a_merge_killed_before_its_index_is_written_leaves_the_old_cache_valid(t
     for key, value in truth.items():
         assert torch.equal(reopened.lookup(hashes)[key], value), key
     assert reopened.merge([part]) == 3 and len(FeatureCache.open(tmp_path / "cache")) == 5
+
+
+def _fill_at_once(folder: str, paths: list[str], barrier, results) -> None:
+    """One of several processes filling one cache folder at the same moment; reports the rows it looked up."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    encoder = create_encoder("clip-vit-tiny").freeze()
+    barrier.wait()
+    try:
+        cache = FeatureCache.open(folder, encoder)
+        results.put(len(cache.lookup(cache.ensure(paths, batch_size=2, progress=False))["pooled"]))
+    except Exception as e:  # the parent asserts on what each process saw
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_filling_one_cache_at_once_keep_every_row(tmp_path, encoder, images):
+    """Seeds run side by side on a fresh cache: each process's rows survive the others' (the folder's lock
+    serialises the rebuild decision and every append), and every row is the one a lone process computes."""
+    import multiprocessing
+
+    subsets = [images[:3], images[2:], images[::2]]  # overlapping: some images asked by two or three processes
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(subsets)), ctx.Queue()
+    workers = [ctx.Process(target=_fill_at_once, args=(str(tmp_path / "shared"), [str(p) for p in subset], barrier,
+                                                       results)) for subset in subsets]
+    for worker in workers:
+        worker.start()
+    looked_up = sorted(str(results.get(timeout=300)) for _ in workers)
+    for worker in workers:
+        worker.join()
+    assert looked_up == sorted(str(len(s)) for s in subsets)
+    shared = FeatureCache.open(tmp_path / "shared", encoder)
+    hashes = [image_hash(p) for p in images]
+    assert len(shared) == len(images) and not shared.unverified(hashes)
+    alone = FeatureCache.open(tmp_path / "alone", encoder)
+    expected = alone.lookup(alone.ensure(images, progress=False))
+    got = shared.lookup(hashes)
+    assert torch.equal(got["grid"], expected["grid"]) and torch.equal(got["pooled"], expected["pooled"])
