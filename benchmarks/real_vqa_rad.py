@@ -297,7 +297,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
     mevf = import_step(args.data, args.out)
-    transfer = [] if args.quick else transfer_steps(args.out / "lite0-imagenet", args.out / "medpix-lite0" / "encoder")
+    transfer = [] if args.quick else transfer_steps(args.out / "lite0-imagenet", args.out / "medpix-lite0" / "encoder",
+                                                    args.out / "untrained-lite0")
     runs = all_runs(mevf, args.out / "medpix-clip", args.out / "untrained-cnn", heads, vocabs, not args.no_finetune,
                  paper_schedule=not args.quick, lite0=(args.out / "lite0-imagenet", args.out / "untrained-lite0"),
                  transfer=transfer)

@@ -130,7 +130,7 @@ TRANSFORMER = (("head_args", (("hidden_dim", 256), ("layers", 2), ("attention_he
                ("lr", 5e-4), ("weight_decay", 0.01))
 
 
-def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]]]:
+def transfer_steps(lite0: Path, medpix_lite0: Path, untrained_lite0: Path) -> list[tuple[str, list[Run]]]:
     """The transfer recipe built one change at a time, each step three seeds (frozen image side, train-only
     vocabulary, epoch chosen on validation); then other image sides under its first step's head, one change each;
     then the references' protocol (candidate list, epoch picked on test) on its best step, as a labelled control."""
@@ -143,7 +143,9 @@ def transfer_steps(lite0: Path, medpix_lite0: Path) -> list[tuple[str, list[Run]
               dict(encoder=str(lite0), head="mevf-ban", question="minilm", extra=MINILM_TUNED)),
              ("+ the cross-modal transformer head (fusion-transformer, AdamW 5e-4)", transformer),
              ("+ QCR's closed/open router: each type its own answer classifier (fusion-transformer-qcr)", routed)]
-    variants = [(steps[0][0], "EfficientNet-Lite2 ImageNet weights (260 px, a 9x9 grid)",
+    variants = [(steps[0][0], "EfficientNet-Lite0 without its ImageNet weights (random, seed 0): what the ImageNet "
+                              "start buys", {**first, "encoder": str(untrained_lite0), "tag": "untrained"}),
+                (steps[0][0], "EfficientNet-Lite2 ImageNet weights (260 px, a 9x9 grid)",
                  {**first, "encoder": LITE2, "tag": "lite2"}),
                 (steps[0][0], "8 augmented views of each training image in the feature cache (--feature-views 8)",
                  {**first, "extra": (("feature_views", 8),), "tag": "views8"}),

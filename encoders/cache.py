@@ -6,6 +6,7 @@ Folder layout:
                    "count", "rows": {image_hash: row}}
     features.f16  float16 rows of N*D grid values followed by the D pooled values
     keys.bin      per row, 36 bytes: the sha256 of the row's image and the crc32 of its features
+    .lock         empty; the advisory lock a process holds while it rebuilds or appends
 
 Every write goes to a temp name, then `os.replace`. Rows are only ever appended
 (the grown file is a copy of the old rows plus the new ones), and the features
@@ -14,8 +15,10 @@ Every row is verified before it is served: its stored image hash must be the one
 asked for and its checksum must match, so an edited index or damaged features are
 found out; a cache that fails verification is rebuilt (with a warning), never trusted.
 A changed encoder fingerprint (or grid shape) rebuilds the cache from scratch.
-One writer at a time: in distributed runs let rank 0 call `ensure`, then barrier; or let each
-rank `add` to a part cache of its own and rank 0 `merge` the parts after a barrier.
+One writer at a time, enforced by the lock where the platform has `fcntl`: processes filling one
+cache at once (seeds run side by side) take turns, and each sees the others' rows as hits. In
+distributed runs still let rank 0 call `ensure`, then barrier (the other ranks would wait on the
+lock anyway); or let each rank `add` to a part cache of its own and rank 0 `merge` the parts.
 Lookups read only the rows asked for: features.f16 is a numpy.memmap, never loaded whole.
 """
 from __future__ import annotations
