@@ -49,10 +49,11 @@ def build_ban(config: BANHeadConfig, feature_dim: int, question_dim: int) -> Bil
 
 @register_head("mevf-ban")
 class MEVFBANHead(VQAHead):
-    """Bilinear attention over (region, word) pairs; returns `{"logits": (B, A), "attention": (B, N)}`."""
+    """Bilinear attention over (region, word) pairs; returns `{"logits": (B, A), "attention": (B, N), "fused": (B, F)}`."""
 
     config_class = BANHeadConfig
     loss_class = AnswerLoss
+    has_fused_output = True
 
     def __init__(self, config: BANHeadConfig, **kw) -> None:
         super().__init__(config, **kw)
@@ -66,15 +67,17 @@ class MEVFBANHead(VQAHead):
     ) -> dict[str, torch.Tensor]:
         question, mask = self.encode_question(question_tokens, lengths)
         fused = self.fusion(self.grid(features), question["tokens"], mask)
-        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"]}  # (B, A), (B, N)
+        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"],  # (B, A), (B, N)
+                "fused": fused["fused"]}
 
 
 @register_head("mevf-san")
 class MEVFSANHead(VQAHead):
-    """Stacked attention from the pooled question; returns `{"logits": (B, A), "attention": (B, N)}`."""
+    """Stacked attention from the pooled question; returns `{"logits": (B, A), "attention": (B, N), "fused": (B, F)}`."""
 
     config_class = SANHeadConfig
     loss_class = AnswerLoss
+    has_fused_output = True
 
     def __init__(self, config: SANHeadConfig, **kw) -> None:
         super().__init__(config, **kw)
@@ -90,4 +93,5 @@ class MEVFSANHead(VQAHead):
     ) -> dict[str, torch.Tensor]:
         question, _ = self.encode_question(question_tokens, lengths)
         fused = self.fusion(self.grid(features), question["pooled"])
-        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"]}  # (B, A), (B, N)
+        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"],  # (B, A), (B, N)
+                "fused": fused["fused"]}

@@ -84,11 +84,12 @@ class _AnswerBranch(nn.Module):
 
     def forward(
         self, v: torch.Tensor, q_tokens: torch.Tensor, q_mask: torch.Tensor, reasoning: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = self.fusion(v, q_tokens, q_mask)
-        group_logits = self.classifier(fused["fused"] * reasoning)  # (B, A_group)
+        conditioned = fused["fused"] * reasoning  # (B, H): what the branch's classifier reads
+        group_logits = self.classifier(conditioned)  # (B, A_group)
         full = group_logits.new_full((v.shape[0], self.num_answers), MASKED_LOGIT)
-        return full.index_copy(1, self.index, group_logits), fused["attention"]  # (B, A), (B, N)
+        return full.index_copy(1, self.index, group_logits), fused["attention"], conditioned  # (B, A), (B, N), (B, H)
 
 
 @register_head("qcr")
@@ -96,15 +97,16 @@ class QCRHead(VQAHead):
     """BAN + conditional reasoning + type router.
 
     Returns `{"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A),
-    "type_logits": (B, 2), "attention": (B, N)}`. Branch logits are `MASKED_LOGIT`
-    outside their group; `logits` and `attention` come from the branch of the
-    predicted type (`type_logits` index 0 = CLOSED, 1 = OPEN).
+    "type_logits": (B, 2), "attention": (B, N), "fused": (B, H)}`. Branch logits are
+    `MASKED_LOGIT` outside their group; `logits`, `attention` and `fused` come from the
+    branch of the predicted type (`type_logits` index 0 = CLOSED, 1 = OPEN).
     """
 
     config_class = QCRHeadConfig
     has_type_router = True
     needs_answer_groups = True
     loss_class = QCRLoss
+    has_fused_output = True
 
     def __init__(self, config: QCRHeadConfig, **kw) -> None:
         super().__init__(config, **kw)
@@ -132,8 +134,8 @@ class QCRHead(VQAHead):
         v = self.grid(features)  # (B, N, D)
         reasoning = self.reasoning(self.reasoning_pool(words, mask))  # (B, H)
         type_logits = self.type_classifier(self.type_pool(words, mask))  # (B, 2)
-        closed_logits, closed_att = self.closed_branch(v, words, mask, reasoning)  # (B, A), (B, N)
-        open_logits, open_att = self.open_branch(v, words, mask, reasoning)  # (B, A), (B, N)
+        closed_logits, closed_att, closed_fused = self.closed_branch(v, words, mask, reasoning)
+        open_logits, open_att, open_fused = self.open_branch(v, words, mask, reasoning)
         is_closed = (type_logits.argmax(-1) == CLOSED).unsqueeze(-1)  # (B, 1)
         return {
             "logits": torch.where(is_closed, closed_logits, open_logits),
@@ -141,4 +143,5 @@ class QCRHead(VQAHead):
             "open_logits": open_logits,
             "type_logits": type_logits,
             "attention": torch.where(is_closed, closed_att, open_att),
+            "fused": torch.where(is_closed, closed_fused, open_fused),
         }

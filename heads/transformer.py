@@ -122,10 +122,11 @@ def _classifier(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
 
 @register_head("fusion-transformer")
 class FusionTransformerHead(VQAHead):
-    """Cross-modal transformer + answer classifier: `{"logits": (B, A), "attention": (B, N)}`."""
+    """Cross-modal transformer + answer classifier: `{"logits": (B, A), "attention": (B, N), "fused": (B, F)}`."""
 
     config_class = TransformerHeadConfig
     loss_class = AnswerLoss
+    has_fused_output = True
     default_loss = "ce"
 
     def __init__(self, config: TransformerHeadConfig, **kw) -> None:
@@ -137,7 +138,8 @@ class FusionTransformerHead(VQAHead):
                 lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         question, mask = self.encode_question(question_tokens, lengths)
         fused = self.fusion(self.grid(features), question["tokens"], mask)
-        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"]}  # (B, A), (B, N)
+        return {"logits": self.classifier(fused["fused"]), "attention": fused["attention"],  # (B, A), (B, N)
+                "fused": fused["fused"]}
 
 
 class _GroupClassifier(nn.Module):
@@ -158,12 +160,13 @@ class _GroupClassifier(nn.Module):
 class RoutedFusionTransformerHead(VQAHead):
     """Cross-modal transformer + QCR's type router: a closed/open classifier on the question alone sends each
     question to its type's answer classifier. Outputs as the `qcr` head: logits, closed_logits, open_logits,
-    type_logits, attention."""
+    type_logits, attention, fused (the one vector both classifiers read)."""
 
     config_class = RoutedTransformerHeadConfig
     has_type_router = True
     needs_answer_groups = True
     loss_class = QCRLoss
+    has_fused_output = True
     default_loss = "ce"
 
     def __init__(self, config: RoutedTransformerHeadConfig, **kw) -> None:
@@ -186,7 +189,7 @@ class RoutedFusionTransformerHead(VQAHead):
         closed, opened = self.closed(fused["fused"]), self.open(fused["fused"])  # (B, A) each
         is_closed = (type_logits.argmax(-1) == CLOSED).unsqueeze(-1)
         return {"logits": torch.where(is_closed, closed, opened), "closed_logits": closed, "open_logits": opened,
-                "type_logits": type_logits, "attention": fused["attention"]}
+                "type_logits": type_logits, "attention": fused["attention"], "fused": fused["fused"]}
 
 
 @register_head("fusion-transformer-mc")

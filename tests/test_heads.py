@@ -65,14 +65,16 @@ def run(head: heads.VQAHead, b: dict) -> dict:
     return head(b["features"], b["tokens"], b["lengths"], **extra)
 
 
+H = 32  # tiny_kwargs' hidden_dim; "fused" is the vector the answer classifier reads (trust scores)
 EXPECTED_KEYS = {
-    "mevf-ban": {"logits": (B, A), "attention": (B, N)},
-    "mevf-san": {"logits": (B, A), "attention": (B, N)},
-    "qcr": {"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A), "type_logits": (B, 2), "attention": (B, N)},
+    "mevf-ban": {"logits": (B, A), "attention": (B, N), "fused": (B, H)},
+    "mevf-san": {"logits": (B, A), "attention": (B, N), "fused": (B, H)},
+    "qcr": {"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A), "type_logits": (B, 2), "attention": (B, N),
+            "fused": (B, H)},
     "mc-ban": {"logits": (B, C), "attention": (B, N)},
-    "fusion-transformer": {"logits": (B, A), "attention": (B, N)},
+    "fusion-transformer": {"logits": (B, A), "attention": (B, N), "fused": (B, 2 * H)},
     "fusion-transformer-qcr": {"logits": (B, A), "closed_logits": (B, A), "open_logits": (B, A),
-                               "type_logits": (B, 2), "attention": (B, N)},
+                               "type_logits": (B, 2), "attention": (B, N), "fused": (B, 2 * H)},
     "fusion-transformer-mc": {"logits": (B, C), "attention": (B, N)},
 }
 
@@ -103,6 +105,7 @@ def test_forward_backward_shapes(name):
     head = tiny_head(name)
     out = run(head, batch())
     assert {k: tuple(v.shape) for k, v in out.items()} == EXPECTED_KEYS[name]
+    assert head.has_fused_output == ("fused" in out)
     torch.testing.assert_close(out["attention"].sum(-1), torch.ones(B))
     assert (out["attention"] >= 0).all()
     targets = torch.tensor([0, 1, 2, 1])

@@ -53,6 +53,9 @@ def assert_same_head(reference, onnx, images, questions, choices=None) -> float:
     n = None if choices is None else [len(c) for c in choices]
     a, b = (answer_scores(x.logits, reference.score_kind, n) for x in preds)
     worst = float(max((a - b).abs().max(), (preds[0].attention - preds[1].attention).abs().max()))
+    assert (preds[0].fused is None) == (preds[1].fused is None)  # what trust scores need travels with the graph
+    if preds[0].fused is not None:
+        worst = max(worst, float((preds[0].fused - preds[1].fused).abs().max()))
     assert worst <= GRAPH_TOLERANCE
     return worst
 
@@ -62,7 +65,8 @@ def exported(trained_bundle, tmp_path_factory):
     from vqa.onnx_export import export_onnx
 
     report = export_onnx(trained_bundle, tmp_path_factory.mktemp("onnx") / "qcr")
-    assert report.head_outputs == ["logits", "attention", "type_logits"]  # QCR's router is in the graph
+    # QCR's router is in the graph, and the fused vector the calibration's trust scores read
+    assert report.head_outputs == ["logits", "attention", "type_logits", "fused"]
     assert max(report.max_abs_diff.values()) < 1e-4, report.max_abs_diff
     return report.folder
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from vqa.errors import DataError
 from vqa.train import TrainConfig, load_splits, train
+from vqa.trust import TrustScorer
 
 TINY = dict(encoder="clip-vit-tiny", question_encoder="bert-tiny", question_lr=1e-3, head="fusion-transformer-qcr",
             head_args={"hidden_dim": 32, "layers": 1, "attention_heads": 2}, batch_size=32, epochs=4,
@@ -46,10 +47,16 @@ def test_a_refit_trains_again_on_train_and_validation_for_the_chosen_epochs(phan
     assert "| validation, the run before its refit / all |" in card and "(`--refit`): this model" in card
     calibration = json.loads((bundle / "calibration.json").read_text())
     assert "the refit trained on these questions" in json.dumps(calibration)
+    # the trust memory is the refit model's own (the questions it trained on, in its fused space)
+    memory = TrustScorer.load(bundle)
+    assert len(train_records) < len(memory.answers) <= metrics["refit"]["questions"]
 
     plain = train(_cfg(phantom_dir, tmp_path, "plain"))  # the validation run alone
     plain_metrics = json.loads((plain / "metrics.json").read_text())
     assert plain_metrics["best_epoch"] == chosen
+    # ... while the weights combining trust with confidence are the validation run's
+    assert json.loads((plain / "calibration.json").read_text())["trust_weights"] == calibration["trust_weights"]
+    assert len(TrustScorer.load(plain).answers) <= len(train_records)
     assert [r["loss"] for r in plain_metrics["history"]] == [r["loss"] for r in validation_history]
     assert not all(torch.equal(a, b) for a, b in zip(_weights(bundle).values(), _weights(plain).values()))
     _same_answers_everywhere(bundle, phantom_dir, tmp_path)

@@ -10,6 +10,7 @@
       metrics.json       validation metrics and training history
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
+      trust.safetensors  the training questions' fused vectors and answers, for trust scores (vqa.trust)
       README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
       onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)
 
@@ -33,6 +34,7 @@ from .errors import DataError
 from .io import atomic_dir, atomic_write_json, atomic_write_safetensors, read_json
 from .model import VQAModel
 from .ood import OutOfScopeDetector
+from .trust import TrustScorer
 from .batches import Tokenizer
 from .text import WordVocab
 
@@ -152,6 +154,8 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
         atomic_write_json(tmp / "metrics.json", metrics or {})
         if calibration is not None:
             atomic_write_json(tmp / CALIBRATION_FILE, calibration.to_dict())
+            if calibration.uses_trust:
+                calibration.trust.save(tmp)
         if ood is not None:
             ood.save(tmp)
     log.info("saved bundle %s", path)
@@ -228,7 +232,8 @@ def load_files(path: str | Path) -> BundleFiles:
     metrics = read_json(path / "metrics.json") if (path / "metrics.json").is_file() else {}
     calibration = None
     if (path / CALIBRATION_FILE).is_file():
-        calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE))
+        calibration = Calibration.from_dict(read_json(path / CALIBRATION_FILE), str(path / CALIBRATION_FILE),
+                                            TrustScorer.load(path))
     return BundleFiles(answers, tokenizer, config, metrics, calibration, OutOfScopeDetector.load(path))
 
 

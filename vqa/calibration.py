@@ -9,6 +9,13 @@ minimises the log-loss of the top answer's probability against whether it was ri
 the validation split (questions whose answer is outside the vocabulary count as wrong:
 the model cannot get them right, and its confidence must say so). Nothing is fitted on test.
 
+Where the head exposes its fused vector (every answer classifier; not multiple choice or ensembles),
+the temperature-scaled confidence is combined with a trust score (`vqa.trust`: is the answer backed
+by the nearest training questions in that space?) by a logistic fit per branch on validation,
+sigmoid(a * logit(confidence) + b * trust + c): still a probability that the answer is right, now
+able to rank an answer its training neighbours support above an equally confident one they
+contradict. A branch with too few right or wrong validation answers keeps temperature scaling alone.
+
 Abstention: for a target risk r (the share of wrong answers among those given), each branch
 keeps the lowest confidence threshold at which the answers above it were wrong at most r of
 the time on validation, with 90 % confidence: the one-sided Clopper-Pearson upper bound of
@@ -21,6 +28,7 @@ score, the risk-coverage curve, its area (AURC) and the coverage at given risks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -30,10 +38,12 @@ import torch
 
 from .errors import DataError
 from .inference import MASKED
+from .trust import TRUST_FILE, TrustScorer
 
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_TARGET_RISK = 0.1
 RISK_DELTA = 0.1  # abstention thresholds hold the validation error rate's 90 % upper bound to the target
+MIN_TRUST_FIT = 5  # right and wrong validation answers a branch needs before trust scores are fitted on it
 _GRID = np.exp(np.linspace(math.log(0.02), math.log(50.0), 241))  # temperatures tried, log-spaced
 
 
@@ -86,23 +96,71 @@ def risk_threshold(conf: np.ndarray, correct: np.ndarray, target_risk: float, de
     return float(conf[order][k])
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def _combined(conf: np.ndarray, trust: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    a, b, c = weights
+    return 1.0 / (1.0 + np.exp(-(a * _logit(conf) + b * trust + c)))
+
+
+def fit_trust_weights(conf: np.ndarray, trust: np.ndarray, correct: np.ndarray) -> list[float] | None:
+    """[a, b, c] of sigmoid(a * logit(conf) + b * trust + c) fitted on validation by (L2-regularised) logistic
+    regression, or None where the branch has fewer than MIN_TRUST_FIT right or wrong answers."""
+    right = int(np.sum(correct))
+    if min(right, len(correct) - right) < MIN_TRUST_FIT:
+        return None
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([_logit(conf), trust], axis=1)
+    fit = LogisticRegression(C=1.0).fit(x, np.asarray(correct, dtype=int))
+    return [float(fit.coef_[0, 0]), float(fit.coef_[0, 1]), float(fit.intercept_[0])]
+
+
 @dataclass
 class Calibration:
-    """What a bundle stores in calibration.json: temperatures per branch and the validation evidence."""
+    """What a bundle stores in calibration.json: temperatures per branch and the validation evidence, and where
+    trust scores are used, the per-branch weights combining them with the confidence (and the trust memory,
+    stored beside it as trust.safetensors)."""
 
     temperatures: dict[str, float]
     target_risk: float = DEFAULT_TARGET_RISK
     # validation: per branch, each question's calibrated confidence and whether the answer was right
     evidence: dict[str, dict[str, list]] = field(default_factory=dict)
     fitted_on: str = "validation"
+    trust_weights: dict[str, list[float]] = field(default_factory=dict)  # branch -> [a, b, c]
+    trust: TrustScorer | None = None
 
-    def confidence(self, logits: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
-        """(Q,) calibrated confidence of each question's top answer, with its branch's temperature."""
+    @property
+    def uses_trust(self) -> bool:
+        return bool(self.trust_weights) and self.trust is not None
+
+    def temperature_confidence(self, logits: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
+        """(Q,) the top answer's softmax probability at its branch's temperature (no trust scores)."""
         temps = torch.tensor([self.temperatures.get(b, 1.0) for b in branches], dtype=torch.float32)
         return top_confidence(logits, temps) if len(branches) else torch.zeros(0)
 
+    def confidence(self, logits: torch.Tensor, branches: Sequence[str],
+                   fused: torch.Tensor | None = None) -> torch.Tensor:
+        """(Q,) calibrated confidence of each question's top answer; `fused` (Q, F), the head's fused vectors, is
+        needed when the calibration uses trust scores."""
+        conf = self.temperature_confidence(logits, branches)
+        if not self.uses_trust or not len(branches):
+            return conf
+        if fused is None:
+            raise ValueError("this calibration combines confidence with trust scores: pass the head's fused vectors "
+                             "(an ONNX export made before trust scores lacks them: export again)")
+        trust = self.trust.score(fused, logits.argmax(1)).numpy()
+        out = conf.numpy().astype(np.float64)
+        for branch, weights in self.trust_weights.items():
+            rows = np.array([x == branch for x in branches])
+            out[rows] = _combined(out[rows], trust[rows], weights)
+        return torch.from_numpy(out).float()
+
     def distribution(self, logits: torch.Tensor, branches: Sequence[str]) -> torch.Tensor:
-        """(Q, A) calibrated probabilities (ruled-out answers 0)."""
+        """(Q, A) temperature-scaled probabilities (ruled-out answers 0)."""
         temps = torch.tensor([self.temperatures.get(b, 1.0) for b in branches], dtype=torch.float32)
         scaled = (logits.float() / temps.reshape(-1, 1)).masked_fill(logits <= MASKED, float("-inf"))
         return scaled.softmax(-1)
@@ -115,35 +173,58 @@ class Calibration:
             return float("inf")
         return risk_threshold(np.asarray(ev["confidence"]), np.asarray(ev["correct"], dtype=float), risk)
 
+    def with_trust(self, trust: TrustScorer | None) -> "Calibration":
+        """The same calibration over another trust memory (a refit model's: its fused space is its own)."""
+        return dataclasses.replace(self, trust=trust)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "temperature scaling of the top answer's softmax, per branch, fitted on validation",
-                "temperatures": self.temperatures, "target_risk": self.target_risk, "fitted_on": self.fitted_on,
-                "thresholds": {b: self.threshold(b) for b in self.evidence}, "evidence": self.evidence}
+        method = "temperature scaling of the top answer's softmax, per branch, fitted on validation"
+        if self.uses_trust:
+            method += ("; then sigmoid(a * logit(confidence) + b * trust + c) per branch, trust the log ratio of the "
+                       "distances to the nearest training question with another answer and with the answer given "
+                       "(trust.safetensors)")
+        return {"method": method, "temperatures": self.temperatures, "target_risk": self.target_risk,
+                "fitted_on": self.fitted_on, "thresholds": {b: self.threshold(b) for b in self.evidence},
+                **({"trust_weights": self.trust_weights} if self.uses_trust else {}), "evidence": self.evidence}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = CALIBRATION_FILE) -> "Calibration":
+    def from_dict(cls, data: dict[str, Any], where: str = CALIBRATION_FILE,
+                  trust: TrustScorer | None = None) -> "Calibration":
+        """`trust`: the bundle's trust memory; a calibration with trust weights and no memory is refused."""
         try:
             temps = {str(k): float(v) for k, v in data["temperatures"].items()}
             evidence = {str(b): {"confidence": [float(c) for c in ev["confidence"]],
                                  "correct": [bool(c) for c in ev["correct"]]} for b, ev in data["evidence"].items()}
-            return cls(temps, check_risk(data.get("target_risk", DEFAULT_TARGET_RISK)), evidence,
-                       str(data.get("fitted_on", "validation")))
+            weights = {str(b): [float(v) for v in w] for b, w in data.get("trust_weights", {}).items()}
+            if any(len(w) != 3 for w in weights.values()):
+                raise ValueError("trust_weights: expected [a, b, c] per branch")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: not a medvqa calibration ({e})") from None
+        if weights and trust is None:
+            raise DataError(f"{where}: its confidence uses trust scores, but the bundle has no {TRUST_FILE}")
+        return cls(temps, check_risk(data.get("target_risk", DEFAULT_TARGET_RISK)), evidence,
+                   str(data.get("fitted_on", "validation")), weights, trust if weights else None)
 
     @classmethod
     def fit(cls, logits: torch.Tensor, branches: Sequence[str], correct: Sequence[bool], fitted_on: str,
-            target_risk: float = DEFAULT_TARGET_RISK) -> "Calibration":
-        """Temperatures and evidence from validation predictions (`correct`: the top answer was right)."""
+            target_risk: float = DEFAULT_TARGET_RISK, trust: TrustScorer | None = None,
+            fused: torch.Tensor | None = None) -> "Calibration":
+        """Temperatures and evidence from validation predictions (`correct`: the top answer was right); with a
+        trust memory and the validation questions' fused vectors, the per-branch trust weights too."""
         right = np.asarray(correct, dtype=float)
-        temps, evidence = {}, {}
+        scores = None if trust is None or fused is None else trust.score(fused, logits.argmax(1)).numpy()
+        temps, evidence, weights = {}, {}, {}
         for branch in sorted(set(branches)):
             rows = [i for i, b in enumerate(branches) if b == branch]
             temps[branch] = fit_temperature(logits[rows], right[rows])
-            conf = top_confidence(logits[rows], temps[branch])
+            conf = top_confidence(logits[rows], temps[branch]).numpy()
+            w = None if scores is None else fit_trust_weights(conf, scores[rows], right[rows])
+            if w is not None:
+                weights[branch] = w
+                conf = _combined(conf, scores[rows], w)
             evidence[branch] = {"confidence": [round(float(c), 6) for c in conf],
                                 "correct": [bool(c) for c in right[rows]]}
-        return cls(temps, check_risk(target_risk), evidence, fitted_on)
+        return cls(temps, check_risk(target_risk), evidence, fitted_on, weights, trust if weights else None)
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
@@ -209,7 +290,7 @@ def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch
     if calibration is None:
         return
     branches = preds.branches()
-    preds.confidence = calibration.confidence(preds.logits, branches)
+    preds.confidence = calibration.confidence(preds.logits, branches, preds.fused)
     thresholds = {b: calibration.threshold(b, target_risk) for b in set(branches)}
     below = torch.tensor([float(c) < thresholds[b] for c, b in zip(preds.confidence, branches)], dtype=torch.bool)
     preds.out_of_scope = ood.out_of_scope(pooled) if ood is not None else torch.zeros_like(below)

@@ -68,23 +68,30 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
         t: [i for i, r in enumerate(records) if r.answer_type == t] for t in (CLOSED, OPEN)}
     calibration, branches = bundle.calibration, preds.branches()
     after = None if preds.confidence is None else preds.confidence.numpy()
-    out: dict = {"calibrated": calibration is not None, "bins": 15, "groups": {}}
+    # with trust scores, the temperature-scaled confidence alone too: what the trust scores add
+    plain = (calibration.temperature_confidence(preds.logits, branches).numpy()
+             if after is not None and calibration is not None and calibration.uses_trust else None)
+    out: dict = {"calibrated": calibration is not None, "trust_scores": plain is not None, "bins": 15, "groups": {}}
+
+    def measured(rows: list[int], name: str) -> dict:
+        entry = {"before": calibration_metrics(raw[rows], correct[rows], RISKS[name])}
+        for key, conf in (("after", after), ("temperature_only", plain)):
+            if conf is not None:
+                entry[key] = calibration_metrics(conf[rows], correct[rows], RISKS[name])
+        return entry
+
     for name, rows in groups.items():
         if not rows:
             continue
-        entry = {"before": calibration_metrics(raw[rows], correct[rows], RISKS[name])}
+        entry = measured(rows, name)
         if after is not None:
-            entry["after"] = calibration_metrics(after[rows], correct[rows], RISKS[name])
             entry["reliability_after"] = reliability(after[rows], correct[rows])
         entry["reliability_before"] = reliability(raw[rows], correct[rows])
         out["groups"][name] = entry
         for subset, members in (subsets or {}).items():
             part = sorted(set(rows) & set(members))
             if part:
-                out.setdefault("subsets", {})[f"{name} {subset}"] = {
-                    "before": calibration_metrics(raw[part], correct[part], RISKS[name]),
-                    **({"after": calibration_metrics(after[part], correct[part], RISKS[name])}
-                       if after is not None else {})}
+                out.setdefault("subsets", {})[f"{name} {subset}"] = measured(part, name)
     if calibration is None:
         return out
     flagged = preds.out_of_scope.numpy() if preds.out_of_scope is not None else np.zeros(len(records), dtype=bool)
@@ -206,14 +213,22 @@ def _trust_lines(trust: dict | None) -> list[str]:
     if not trust:
         return []
     state = "calibrated on validation" if trust["calibrated"] else "uncalibrated (a bundle from before calibration)"
+    plain = "| coverage, temperature scaling alone |" if trust.get("trust_scores") else "|"
     lines = ["", f"## Confidence ({state})", "",
-             "| questions | n | ECE before | ECE after | Brier before | Brier after | AURC after | coverage at risk |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| questions | n | ECE before | ECE after | Brier before | Brier after | AURC after | coverage at risk " + plain,
+             "|---|---|---|---|---|---|---|---|" + ("---|" if trust.get("trust_scores") else "")]
+
+    def coverage(m: dict) -> str:
+        return ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in m["coverage_at_risk"].items())
+
     for name, g in {**trust["groups"], **trust.get("subsets", {})}.items():
         b, a = g["before"], g.get("after", {})
-        cov = ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in (a or b)["coverage_at_risk"].items())
         lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
-                     f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | {cov} |")
+                     f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | "
+                     f"{coverage(a or b)} |" + (f" {coverage(g['temperature_only'])} |" if "temperature_only" in g else ""))
+    if trust.get("trust_scores"):
+        lines += ["", "After: temperature scaling combined with trust scores (are the nearest training questions' "
+                      "answers the one given?), fitted on validation; the last column ranks by temperature scaling alone."]
     if "abstention" in trust:
         ab = trust["abstention"]
         parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "

@@ -48,6 +48,7 @@ class Predictions:
     confidence: torch.Tensor | None = None  # (Q,) calibrated probability that the answer is right
     abstained: torch.Tensor | None = None  # (Q,) bool: withheld (below the risk threshold, or out of scope)
     out_of_scope: torch.Tensor | None = None  # (Q,) bool: the image is unlike the training images
+    fused: torch.Tensor | None = None  # (Q, F) the head's fused vectors, where it has them (trust scores)
 
     def subset(self, index: Sequence[int]) -> "Predictions":
         keep = torch.as_tensor(list(index), dtype=torch.long)
@@ -56,7 +57,7 @@ class Predictions:
         return Predictions([self.answers[i] for i in index], None if self.types is None else
                            [self.types[i] for i in index], self.logits[keep], self.attention[keep],
                            part(self.type_probs), self.multiple_choice, part(self.confidence), part(self.abstained),
-                           part(self.out_of_scope))
+                           part(self.out_of_scope), part(self.fused))
 
     def branches(self) -> list[str]:
         """The question type the model itself gives each question: "choice" for multiple choice, the type
@@ -100,7 +101,7 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
             choices: Sequence[Sequence[str]] | None = None) -> Predictions:
     """The model's answers to every question, in order (the chosen choice for multiple choice)."""
     model.eval()
-    logits, attention, routed = [], [], []
+    logits, attention, routed, fused = [], [], [], []
     for batch in questions.batches(batch_size):
         image_in, kwargs = model_inputs(model, batch, images, device)
         with get_autocast(precision, device):
@@ -109,6 +110,8 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
         attention.append(out["attention"].float().cpu())
         if "type_logits" in out:
             routed.append(out["type_logits"].float().softmax(-1).cpu())
+        if "fused" in out:
+            fused.append(out["fused"].float().cpu())
     width = len(answers) if questions.choice_tokens is None else questions.choice_tokens.shape[1]
     scores = torch.cat(logits) if logits else torch.zeros(0, width)
     best = scores.argmax(1).tolist()
@@ -119,7 +122,8 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
     type_probs = torch.cat(routed) if routed else None
     types = None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
     att = torch.cat(attention) if attention else torch.zeros(0, 1)
-    return Predictions(chosen, types, scores, att, type_probs, questions.choice_tokens is not None)
+    return Predictions(chosen, types, scores, att, type_probs, questions.choice_tokens is not None,
+                       fused=torch.cat(fused) if fused else None)
 
 
 def answer_scores(logits: torch.Tensor, score_kind: str, n_choices: Sequence[int] | None = None) -> torch.Tensor:

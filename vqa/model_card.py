@@ -224,7 +224,11 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
     thresholds = ", ".join(f"{b.lower()} {t:.2f}" if t != float("inf") else f"{b.lower()}: never answers"
                            for b, t in ((b, cal.threshold(b)) for b in sorted(cal.evidence)))
     temps = ", ".join(f"{b.lower()} {t:.2f}" for b, t in sorted(cal.temperatures.items()))
-    lines += [f"- confidence: temperature scaling per branch, fitted on {cal.fitted_on} (temperatures: {temps})",
+    lines += [f"- confidence: temperature scaling per branch, fitted on {cal.fitted_on} (temperatures: {temps})"
+              + (f", combined with a trust score (does the nearest training question, in the head's fused space, "
+                 f"have the answer given? {len(cal.trust.answers)} training questions in `trust.safetensors`) by a "
+                 f"logistic fit per branch ({', '.join(b.lower() for b in sorted(cal.trust_weights))})"
+                 if cal.uses_trust else ""),
               f"- abstention (\"not sure\"): below the confidence at which validation answers were wrong at most "
               f"{cal.target_risk:.0%} of the time (90 % Clopper-Pearson bound); thresholds: {thresholds}",
               f"- questions more than {UNKNOWN_WORDS_LIMIT:.0%} of whose words the model never saw are withheld"]
@@ -276,6 +280,8 @@ def _head_file(bundle: Path) -> str:
 
 
 def _how_to_load(name: str, bundle: Path, files) -> list[str]:
+    from .trust import TRUST_FILE
+
     onnx = (bundle / "onnx" / "head.onnx").is_file()
     lines = ["```python", "from vqa import Predictor", "",
              f'predictor = Predictor.from_pretrained("{name}")' + ("  # runtime=\"onnx\": onnxruntime" if onnx else ""),
@@ -288,6 +294,6 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     lines += [f"medvqa demo --bundle {name}", "```", "",
               f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), "
               f"`encoder/` ({_encoder_files(bundle)}), `answers.json`, `vocab.json`, `metrics.json`, "
-              "`calibration.json`, `ood.safetensors`"
+              "`calibration.json`, `ood.safetensors`" + (f", `{TRUST_FILE}`" if (bundle / TRUST_FILE).is_file() else "")
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     return lines

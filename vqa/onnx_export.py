@@ -4,8 +4,10 @@
       encoder.onnx   pixels (B, C, S, S) float32, normalised -> grid (B, N, D), pooled (B, D)
       head.onnx      grid, pooled, tokens (B, L), lengths (B,) [, choice_tokens (B, C, Lc), choice_lengths (B, C)]
                      -> logits (B, A | C), attention (B, N) [, type_logits (B, 2) when the head has a router]
+                        [, fused (B, F) when the head exposes it (trust scores)]
       config.json    the bundle's config, plus "onnx": the graphs, their inputs and the preprocessing
-      answers.json, vocab.json, metrics.json, calibration.json, ood.safetensors, README.md: copied as they are
+      answers.json, vocab.json, metrics.json, calibration.json, ood.safetensors, trust.safetensors,
+                     README.md: copied as they are
 
 The head graph is the `VQAModel` on features (its feature selection included; an input the
 graph does not read, such as `grid` for `--image-features pooled`, is left out of it), so
@@ -30,13 +32,14 @@ from .calibration import CALIBRATION_FILE
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
 from .ood import OOD_FILE
+from .trust import TRUST_FILE
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 FORMAT, FORMAT_VERSION = "medvqa-onnx", 1
 ENCODER_FILE, HEAD_FILE = "encoder.onnx", "head.onnx"
-COPIED = ("answers.json", "vocab.json", "metrics.json", CALIBRATION_FILE, OOD_FILE, "README.md")
+COPIED = ("answers.json", "vocab.json", "metrics.json", CALIBRATION_FILE, OOD_FILE, TRUST_FILE, "README.md")
 CHOICES = ("choice_tokens", "choice_lengths")
 
 
@@ -101,7 +104,8 @@ def export_onnx(bundle_path: str | Path, out: str | Path, *, overwrite: bool = F
     bundle = load(bundle_path)
     model = bundle.model.eval()
     head = model.head
-    outputs = ["logits", "attention"] + (["type_logits"] if head.has_type_router else [])
+    outputs = ["logits", "attention"] + (["type_logits"] if head.has_type_router else []) + (
+        ["fused"] if head.has_fused_output else [])  # fused: the calibration's trust scores read it
     sample = sample_inputs(bundle)
     with torch.no_grad():
         features = {k: v.float() for k, v in model.encoder(sample["pixels"]).items() if k in ("grid", "pooled")}

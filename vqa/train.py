@@ -30,6 +30,7 @@ from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .model_card import training_data, write_model_card
 from .ood import OutOfScopeDetector
+from .trust import TrustScorer
 from .stats import duplicate_records
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
@@ -418,9 +419,12 @@ def train(cfg: TrainConfig) -> Path:
                                 "history": refitted.history}
         if not rt.world.is_main:
             return Path(cfg.out) / "bundle"
+        if cfg.refit and calibration.uses_trust:  # the refit model's fused space is its own: its memory, same weights
+            calibration = calibration.with_trust(fit_trust(task))
         ood = fit_out_of_scope(model, task.train.images, rt.device)
-        log.info("calibration on validation: temperatures %s", {b: round(t, 3) for b, t in
-                                                                 calibration.temperatures.items()})
+        log.info("calibration on validation: temperatures %s%s", {b: round(t, 3) for b, t in
+                                                                   calibration.temperatures.items()},
+                 f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
         data = training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang)
         bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
                              max_len=cfg.question_len, choice_len=cfg.choice_len,
@@ -449,13 +453,24 @@ def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokeniz
 
 
 def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
-    """Temperatures and abstention evidence from the kept model's answers on the validation split."""
+    """Temperatures, trust weights and abstention evidence from the kept model's answers on the validation split."""
     val = task.val
     mc = val.questions.choice_tokens is not None
     preds = predict(task.model, val.questions, val.images, task.answers, task.device, task.cfg.precision,
                     choices=[r.choices for r in val.records] if mc else None)
     correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
-    return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk)
+    return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk,
+                           trust=fit_trust(task), fused=preds.fused)
+
+
+def fit_trust(task: VQATask) -> TrustScorer | None:
+    """The trust memory: the model's fused vectors of its training questions, with their answers (None for heads
+    without fused vectors, and for multiple choice, whose classes are positions, not answers)."""
+    train = task.train
+    if not task.model.head.has_fused_output or train.questions.choice_tokens is not None:
+        return None
+    preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
+    return TrustScorer.fit(preds.fused, train.questions.answers)
 
 
 def fit_out_of_scope(model: VQAModel, images, device: torch.device) -> OutOfScopeDetector | None:
