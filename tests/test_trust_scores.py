@@ -134,3 +134,63 @@ def test_a_bundle_calibrated_before_trust_scores_answers_with_temperature_scalin
     row = ground_truth(predictor_phantom)[0]
     p = predictor.predict(row["image"], row["question"])
     assert p.calibrated and 0.0 < p.confidence <= 1.0
+
+
+def _strip_trust(bundle, folder):
+    """A copy of `bundle` as trained before trust scores: temperature scaling only, no memory."""
+    shutil.copytree(bundle, folder)
+    (folder / TRUST_FILE).unlink()
+    stored = json.loads((folder / "calibration.json").read_text())
+    del stored["trust_weights"]
+    (folder / "calibration.json").write_text(json.dumps(stored))
+    return folder
+
+
+def test_calibrate_gives_an_older_bundle_what_training_fits_now(trained_bundle, predictor_phantom, tmp_path):
+    from vqa.cli import main as cli
+
+    old = _strip_trust(trained_bundle, tmp_path / "old")
+    (old / "README.md").unlink()
+    data = str(predictor_phantom / "vqa-rad")
+    assert cli(["calibrate", str(old), "--format", "vqa-rad", "--data", data, "--device", "cpu", "--no-progress",
+                "--cache-dir", str(tmp_path / "cache")]) == 0
+    fitted, trained = (json.loads((b / "calibration.json").read_text()) for b in (old, trained_bundle))
+    # the same model, splits and features as at the end of training: the same temperatures, weights and evidence
+    assert fitted["temperatures"] == pytest.approx(trained["temperatures"])
+    for branch, weights in trained["trust_weights"].items():
+        assert fitted["trust_weights"][branch] == pytest.approx(weights, rel=1e-3, abs=1e-4)
+        assert fitted["evidence"][branch]["correct"] == trained["evidence"][branch]["correct"]
+        assert fitted["evidence"][branch]["confidence"] == pytest.approx(trained["evidence"][branch]["confidence"],
+                                                                          abs=1e-4)
+    assert "medvqa calibrate" in fitted["fitted_on"] and (old / TRUST_FILE).is_file()
+    assert f"`{TRUST_FILE}`" in (old / "README.md").read_text()
+    memory, original = TrustScorer.load(old), TrustScorer.load(trained_bundle)
+    assert torch.equal(memory.answers, original.answers)
+    assert torch.allclose(memory.features, original.features, atol=1e-2)
+
+    # an uncalibrated bundle becomes calibrated, into a copy; the source is left as it was
+    bare = tmp_path / "bare"
+    shutil.copytree(old, bare)
+    for name in ("calibration.json", TRUST_FILE):
+        (bare / name).unlink()
+    assert cli(["calibrate", str(bare), "--format", "vqa-rad", "--data", data, "--device", "cpu", "--no-progress",
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "copy"), "--target-risk", "0.2"]) == 0
+    assert not (bare / "calibration.json").exists()
+    copy = json.loads((tmp_path / "copy" / "bundle" / "calibration.json").read_text())
+    assert copy["target_risk"] == 0.2 and copy["trust_weights"] == fitted["trust_weights"]
+
+
+def test_calibrate_refuses_a_refit_bundle_and_other_data(trained_bundle, predictor_phantom, tmp_path, capsys):
+    from vqa.cli import main as cli
+
+    refit = tmp_path / "refit"
+    shutil.copytree(trained_bundle, refit)
+    metrics = json.loads((refit / "metrics.json").read_text())
+    (refit / "metrics.json").write_text(json.dumps({**metrics, "refit": {"epochs": 3}}))
+    data = str(predictor_phantom / "vqa-rad")
+    assert cli(["calibrate", str(refit), "--format", "vqa-rad", "--data", data, "--device", "cpu"]) == 2
+    assert "--refit" in capsys.readouterr().err
+    before = (trained_bundle / "calibration.json").read_text()
+    assert cli(["calibrate", str(trained_bundle), "--format", "slake", "--data", data, "--device", "cpu"]) == 2
+    assert "not the data" in capsys.readouterr().err
+    assert (trained_bundle / "calibration.json").read_text() == before

@@ -184,6 +184,13 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: 
 def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: dict[str, Any] | None = None):
     """The members' validation questions, rebuilt from what the bundle records (or `given`: split, fraction,
     by, seed), and checked against the description it recorded when it trained; (records, description)."""
+    _, val, how = recorded_splits(path, bundle, fmt, data, given)
+    return val, how
+
+
+def recorded_splits(path: Path, bundle: Bundle, fmt: str, data: str, given: dict[str, Any] | None = None):
+    """The bundle's training and validation questions, rebuilt as `validation_records` says; (train, val,
+    description)."""
     from .train import TrainConfig, load_splits
 
     training = bundle.config.get("training", {})
@@ -198,17 +205,17 @@ def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: d
         raise DataError(f"{data} (--format {fmt}): not the data {path} was trained on ({_short(source)})")
     cfg = TrainConfig(format=fmt, data=data, train_split=source.get("split", "train"), lang=source.get("lang", "en"),
                       val_split=spec["split"], val_fraction=spec["fraction"], val_by=spec["by"], val_seed=spec["seed"])
-    _, val, how = load_splits(cfg)
+    train, val, how = load_splits(cfg)
     if how != recorded:
         raise DataError(f"{path}: its validation split was {recorded!r}, but these settings carve {how!r} "
                         f"from {data}")
     if not val:
-        raise DataError(f"{data}: the members' validation split ({how}) has no questions")
+        raise DataError(f"{data}: the validation split ({how}) has no questions")
     evidence = bundle.calibration.evidence if bundle.calibration else {}
     fitted = sum(len(e["confidence"]) for e in evidence.values())
     if evidence and fitted != len(val):  # the description rounds the fraction: the count pins the carve down
         raise DataError(f"{path}: calibrated on {fitted} validation questions, but {how} holds {len(val)}")
-    return val, how
+    return train, val, how
 
 
 # What `vqa.train.load_splits` records of a carve (bundles from before the settings themselves were recorded).

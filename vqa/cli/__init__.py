@@ -28,6 +28,8 @@ COMMANDS = {
     "train": ("train", "train a VQA head on a frozen (or fine-tuned) image encoder; writes a bundle"),
     "ensemble": ("ensemble", "several bundles of one recipe (different seeds) as one, calibrated on their "
                              "shared validation split"),
+    "calibrate": ("calibrate", "fit a trained bundle's calibration again on its validation split (trust scores "
+                               "for bundles trained before them)"),
     "eval": ("eval", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
     "predict": ("predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
     "demo": ("demo", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),

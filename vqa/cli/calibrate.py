@@ -1,0 +1,48 @@
+"""`medvqa calibrate`: fit a trained bundle's calibration again on the validation split it recorded (trust scores for bundles trained before them)."""
+from __future__ import annotations
+
+from .options import add_device_arguments, add_format_argument, apply_runtime, command_parser, config_from_args
+
+EXAMPLE = """examples:
+  medvqa calibrate runs/qcr/bundle --format vqa-rad --data path/to/vqa-rad
+  medvqa calibrate my-org/qcr-vqa-rad --format vqa-rad --data path/to/vqa-rad --out runs/qcr-calibrated
+  medvqa eval --bundle runs/qcr/bundle --format vqa-rad --data path/to/vqa-rad
+
+The bundle's answers to its own training and validation questions (rebuilt from what it
+records, and checked against it) give what `medvqa train` fits after training: temperatures per
+branch, the trust memory and its weights (heads with a fused vector), and the abstention
+evidence. The network is untouched. Use it on bundles trained before trust scores (or before
+calibration). A refit bundle (--refit) has no validation question left and is refused; an
+ensemble is calibrated by `medvqa ensemble`."""
+
+
+def build_parser():
+    p = command_parser("medvqa calibrate", __doc__.split(": ", 1)[1], EXAMPLE)
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (or a Hub id, with --out)")
+    g = p.add_argument_group("data (the bundle's training data: its splits are rebuilt from it)")
+    add_format_argument(g)
+    g.add_argument("--data", required=True, help="dataset folder (or a `datasets` folder / hub id with --format hf)")
+    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
+    g = p.add_argument_group("validation split, for bundles that do not record it")
+    g.add_argument("--val-split", default=None, help="'auto', 'carved' or a split name")
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--val-by", default=None, choices=["image", "question"])
+    g.add_argument("--val-seed", type=int, default=None)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--target-risk", type=float, default=None,
+                   help="abstain where validation answers were wrong more often than this (default: the bundle's)")
+    g = p.add_argument_group("runtime")
+    add_device_arguments(g)
+    p.add_argument("--out", default=None, help="write OUT/bundle, a calibrated copy (default: into BUNDLE itself)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..recalibrate import RecalibrateConfig, recalibrate
+
+    apply_runtime(args)
+    bundle = recalibrate(config_from_args(RecalibrateConfig, args))
+    print(f"calibrated {bundle}")
+    return 0

@@ -1,0 +1,103 @@
+"""Calibrate a trained bundle again (`medvqa calibrate`), on the validation split it recorded.
+
+    bundle = recalibrate(RecalibrateConfig(bundle="runs/qcr/bundle", format="vqa-rad", data="path/to/vqa-rad"))
+
+For bundles trained before trust scores (or before calibration): the same temperatures, trust
+memory and abstention evidence `medvqa train` fits after training, computed from the bundle's
+own answers to its training and validation questions, which are rebuilt from what the bundle
+records and checked against it (as `medvqa ensemble` does). The network is not touched. Written
+into the bundle (trust.safetensors first, then calibration.json: a stopped run leaves the old
+calibration valid) or, with `out`, into a copy. Refused for a refit bundle (its validation
+questions are training questions now) and for an ensemble (`medvqa ensemble` calibrates it).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bundle import load as load_bundle
+from .calibration import CALIBRATION_FILE, DEFAULT_TARGET_RISK, Calibration, check_risk
+from .errors import DataError
+from .io import atomic_dir, atomic_write_json
+from .trust import TRUST_FILE, TrustScorer
+from .training.precision import check_precision, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecalibrateConfig:
+    bundle: str  # a bundle folder (or a Hub id, with `out`)
+    format: str = "vqa-rad"  # the bundle's training data, to rebuild its training and validation splits
+    data: str = "runs/phantom/vqa-rad"
+    out: str | None = None  # None: the bundle itself; else OUT/bundle, a calibrated copy
+    # The validation split, where the bundle does not record it (bundles from before `--val-seed`)
+    val_split: str | None = None
+    val_fraction: float | None = None
+    val_by: str | None = None
+    val_seed: int | None = None
+    target_risk: float | None = None  # default: the bundle's (or 10 %)
+    device: str = "auto"
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def recalibrate(cfg: RecalibrateConfig) -> Path:
+    """Fit the bundle's calibration (and trust memory, where its head has one) again; returns the bundle written."""
+    from .ensemble import recorded_splits
+    from .evaluate import predict_records
+    from .hub import resolve_bundle
+    from .train import write_card
+
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    path = Path(resolve_bundle(cfg.bundle))
+    if cfg.out is None and not Path(cfg.bundle).is_dir():
+        raise DataError(f"{cfg.bundle}: a Hub bundle is calibrated into a copy: pass --out")
+    bundle = load_bundle(path, device)
+    head = bundle.model.head
+    if "refit" in bundle.metrics:
+        raise DataError(f"{path}: trained again on its validation questions (--refit): none is left to calibrate on")
+    if not head.trainable:
+        raise DataError(f"{path}: an ensemble ({head.name}); `medvqa ensemble` calibrates it on its members' split")
+    risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
+                      (bundle.calibration.target_risk if bundle.calibration else DEFAULT_TARGET_RISK))
+    given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
+    train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
+                                      {k: v for k, v in given.items() if v is not None})
+    trust = None
+    if head.has_fused_output and not head.needs_choices:
+        log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
+        fused = predict_records(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress).fused
+        trust = TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))
+    log.info("calibrating on validation %s (%d questions)", how, len(val))
+    preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how} (medvqa calibrate)",
+                                  risk, trust=trust, fused=preds.fused)
+    if cfg.out is None:
+        _write(calibration, path)
+        target = path
+    else:
+        with atomic_dir(Path(cfg.out) / "bundle", overwrite=True) as tmp:
+            shutil.copytree(path, tmp, dirs_exist_ok=True)
+            _write(calibration, tmp)
+        target = Path(cfg.out) / "bundle"
+    write_card(target)
+    log.info("%s: calibrated (temperatures %s%s)", target, {b: round(t, 3) for b, t in calibration.temperatures.items()},
+             f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
+    return target
+
+
+def _write(calibration: Calibration, folder: Path) -> None:
+    """The memory before the calibration that names it; a stale memory removed only after."""
+    if calibration.uses_trust:
+        calibration.trust.save(folder)
+    atomic_write_json(folder / CALIBRATION_FILE, calibration.to_dict())
+    if not calibration.uses_trust:
+        (folder / TRUST_FILE).unlink(missing_ok=True)
