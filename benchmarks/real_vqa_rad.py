@@ -246,7 +246,7 @@ def summarize(report: dict, folder: Path) -> dict:
     seconds = sorted(h["seconds"] for h in json.loads(history.read_text())) if history.is_file() else [None]
     subsets = report["subsets"]
     trust = report.get("calibration", {})
-    confidence = {g: {k: v[k] for k in ("before", "after") if k in v}
+    confidence = {g: {k: v[k] for k in ("before", "after", "temperature_only") if k in v}
                   for g, v in (trust.get("groups", {}) | trust.get("subsets", {})).items()}
     return {"epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
