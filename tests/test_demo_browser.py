@@ -73,7 +73,9 @@ def test_example_gallery_and_bad_upload_in_browser(page, launched_demo, tmp_path
     page.goto(launched_demo[1])
     page.locator("#examples button.thumbnail-item").first.click()
     expect(page.locator("#status textarea")).to_have_value(re.compile("ready: ask a question"))
-    _ask(page, "Is there a lesion?")
+    # a question phantom training asks (of this image too): the seconds-trained test model answers it above its threshold
+    # (an off-template one may be "not sure", which test_not_sure_in_browser covers)
+    _ask(page, "Is this a normal study?")
     expect(page.locator("#answer textarea")).to_have_value(re.compile("^(yes|no)$"))
     expect(page.locator("#qtype textarea")).to_have_value(re.compile("^closed"))
 
