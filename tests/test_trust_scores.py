@@ -77,7 +77,7 @@ def test_trust_weights_fitted_on_validation_answer_more_at_the_same_risk_on_test
     alone = cal.temperature_confidence(test[0], ["OPEN"] * len(test[2])).numpy()
     assert coverage_at_risk(with_trust, test[2], 0.05) > coverage_at_risk(alone, test[2], 0.05) + 0.3
     assert expected_calibration_error(with_trust, test[2]) < 0.08  # still a probability of being right
-    with pytest.raises(ValueError, match="fused vectors"):
+    with pytest.raises(DataError, match="fused vectors"):
         cal.confidence(test[0], ["OPEN"] * len(test[2]))
     # without a trust memory, or a branch with too few wrong answers, temperature scaling alone
     plain = Calibration.fit(val[0], ["OPEN"] * len(val[2]), val[2], "validation", 0.1)

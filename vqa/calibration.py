@@ -150,8 +150,8 @@ class Calibration:
         if not self.uses_trust or not len(branches):
             return conf
         if fused is None:
-            raise ValueError("this calibration combines confidence with trust scores: pass the head's fused vectors "
-                             "(an ONNX export made before trust scores lacks them: export again)")
+            raise DataError("this calibration combines confidence with trust scores, which need the head's fused "
+                            "vectors (an ONNX export made before trust scores lacks them: export it again)")
         trust = self.trust.score(fused, logits.argmax(1)).numpy()
         out = conf.numpy().astype(np.float64)
         for branch, weights in self.trust_weights.items():
