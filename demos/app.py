@@ -34,7 +34,10 @@ def _model_card(predictor) -> str:
     qtype = ("the model's question-type router" if info["question_type_from"] == "router"
              else "the answer (yes/no answers are closed)")
     if info["calibrated"]:
-        trust = (f" **Confidence** is calibrated on validation; the model says *not sure* below the confidence at "
+        trust = (" **Confidence** is calibrated on validation"
+                 + (" and weighs whether the training questions nearest this one had the same answer (trust scores)"
+                    if info.get("trust_scores") else "")
+                 + f"; the model says *not sure* below the confidence at "
                  f"which its validation answers were wrong more than {info['target_risk']:.0%} of the time"
                  + (", and for images unlike its training images" if info["out_of_scope_detector"] else "")
                  + ", and for questions of mostly unknown words.")

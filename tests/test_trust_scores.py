@@ -99,6 +99,11 @@ def test_a_trained_bundle_stores_its_trust_memory_and_reports_what_it_adds(train
     stored = json.loads((trained_bundle / "calibration.json").read_text())
     assert set(stored["trust_weights"]) <= set(stored["evidence"]) and "trust" in stored["method"]
     assert f"`{TRUST_FILE}`" in (trained_bundle / "README.md").read_text()
+    from demos.app import _model_card
+    from vqa import Predictor
+
+    predictor = Predictor.from_bundle(trained_bundle)
+    assert predictor.describe()["trust_scores"] and "(trust scores)" in _model_card(predictor)  # the demo says so
     report = evaluate(trained_bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
                       cache_dir=str(tmp_path / "cache"), progress=False)[0]
     assert report["calibration"]["trust_scores"]
@@ -129,7 +134,7 @@ def test_a_bundle_calibrated_before_trust_scores_answers_with_temperature_scalin
     _, _, preds = evaluate(old, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
                            cache_dir=str(tmp_path / "cache"), progress=False)
     predictor = Predictor.from_bundle(old)
-    assert not predictor.calibration.uses_trust
+    assert not predictor.calibration.uses_trust and not predictor.describe()["trust_scores"]
     assert torch.equal(preds.confidence, predictor.calibration.temperature_confidence(preds.logits, preds.branches()))
     row = ground_truth(predictor_phantom)[0]
     p = predictor.predict(row["image"], row["question"])

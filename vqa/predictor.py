@@ -262,6 +262,7 @@ class Predictor:
                 "score_kind": self.score_kind,
                 "question_type_from": "router" if self.has_router else "answer",
                 "calibrated": self.calibration is not None, "target_risk": self.target_risk,
+                "trust_scores": self.calibration is not None and self.calibration.uses_trust,
                 "out_of_scope_detector": self.ood is not None,
                 "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
 
