@@ -1,7 +1,7 @@
 """`medvqa calibrate`: fit a trained bundle's calibration again on the validation split it recorded (trust scores for bundles trained before them)."""
 from __future__ import annotations
 
-from .options import add_device_arguments, add_format_argument, apply_runtime, command_parser, config_from_args
+from .options import add_device_arguments, add_recorded_data_arguments, apply_runtime, command_parser, config_from_args
 
 EXAMPLE = """examples:
   medvqa calibrate runs/qcr/bundle --format vqa-rad --data path/to/vqa-rad
@@ -19,15 +19,7 @@ ensemble is calibrated by `medvqa ensemble`."""
 def build_parser():
     p = command_parser("medvqa calibrate", __doc__.split(": ", 1)[1], EXAMPLE)
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (or a Hub id, with --out)")
-    g = p.add_argument_group("data (the bundle's training data: its splits are rebuilt from it)")
-    add_format_argument(g)
-    g.add_argument("--data", required=True, help="dataset folder (or a `datasets` folder / hub id with --format hf)")
-    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
-    g = p.add_argument_group("validation split, for bundles that do not record it")
-    g.add_argument("--val-split", default=None, help="'auto', 'carved' or a split name")
-    g.add_argument("--val-fraction", type=float, default=None)
-    g.add_argument("--val-by", default=None, choices=["image", "question"])
-    g.add_argument("--val-seed", type=int, default=None)
+    add_recorded_data_arguments(p, "the bundle's")
     g = p.add_argument_group("calibration")
     g.add_argument("--target-risk", type=float, default=None,
                    help="abstain where validation answers were wrong more often than this (default: the bundle's)")

@@ -1,7 +1,7 @@
 """`medvqa ensemble`: several bundles of one recipe (different seeds) as one bundle, calibrated on their validation split."""
 from __future__ import annotations
 
-from .options import (add_device_arguments, add_format_argument, add_weights_dtype_argument, apply_runtime,
+from .options import (add_device_arguments, add_recorded_data_arguments, add_weights_dtype_argument, apply_runtime,
                       command_parser, config_from_args)
 
 EXAMPLE = """examples:
@@ -28,15 +28,8 @@ no --val-seed): each trained on another 90% of train, so together they have seen
 def build_parser():
     p = command_parser("medvqa ensemble", __doc__.split(": ", 1)[1], EXAMPLE)
     p.add_argument("members", nargs="+", metavar="BUNDLE", help="member bundle folders (or Hub ids), at least 2")
-    g = p.add_argument_group("data (the members' training data: their validation split is rebuilt from it)")
-    add_format_argument(g)
-    g.add_argument("--data", required=True, help="dataset folder (or a `datasets` folder / hub id with --format hf)")
-    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
-    g = p.add_argument_group("validation split, for members that do not record it")
-    g.add_argument("--val-split", default=None, help="'auto', 'carved' or a split name")
-    g.add_argument("--val-fraction", type=float, default=None)
-    g.add_argument("--val-by", default=None, choices=["image", "question"])
-    g.add_argument("--val-seed", type=int, default=None)
+    add_recorded_data_arguments(p, "the members'")
+    g = p.add_argument_group("members")
     g.add_argument("--bagging", action="store_true",
                    help="members trained on different validation carves (--val-seed), so that together they have "
                         "trained on all of the training split; the ensemble answers over all their answers and is "

@@ -55,6 +55,20 @@ def add_device_arguments(group, *, device: str | None = "auto", threads: int | N
                            help="fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling) (default: fp32)")
 
 
+def add_recorded_data_arguments(parser, whose: str) -> None:
+    """The bundle(s)' training data (--format, --data, --cache-dir) and, for bundles that do not record it, how their
+    validation split was carved (--val-split/-fraction/-by/-seed): rebuilt, then checked against the bundles."""
+    g = parser.add_argument_group(f"data ({whose} training data: the validation split is rebuilt from it)")
+    add_format_argument(g)
+    g.add_argument("--data", required=True, help="dataset folder (or a `datasets` folder / hub id with --format hf)")
+    g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
+    g = parser.add_argument_group("validation split, for bundles that do not record it")
+    g.add_argument("--val-split", default=None, help="'auto', 'carved' or a split name")
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--val-by", default=None, choices=["image", "question"])
+    g.add_argument("--val-seed", type=int, default=None)
+
+
 def add_weights_dtype_argument(group, measured: str) -> None:
     """--weights-dtype: the bundle's stored head weights; `measured` names what is computed on the rounded copy."""
     from ..bundle import WEIGHTS_DTYPES

@@ -1,7 +1,6 @@
 """`medvqa probe`: linear probes of an encoder's frozen features on the phantom's ground truth (what a head can read)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .options import apply_runtime, command_parser, parse_key_values
