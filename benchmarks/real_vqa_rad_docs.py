@@ -463,9 +463,11 @@ def _recipe_differences(recorded: dict, recipe: HeadRecipe) -> list[str]:
 
 def merge_results(docs: Path, others: list[Path], recipe: HeadRecipe) -> None:
     """Add the rows of other results.json files (runs made in parallel processes, or on other machines, each with
-    its own --docs) to docs/results.json; a row in a later file replaces the same run's row before it."""
+    its own --docs) to docs/results.json. Each file holds the rows it was started with too: only its rows that differ
+    from docs/results.json's count, a later file's replacing an earlier one's for the same run."""
     path = docs / "results.json"
     merged = {"recipe": recipe.__dict__, "vqa_rad": {}, "medpix_retrieval": {}}
+    base = json.loads(path.read_text()) if path.is_file() else {}
     for source in ([path] if path.is_file() else []) + list(others):
         if not source.is_file():
             raise SystemExit(f"--merge {source}: no such file (expected a results.json the benchmark wrote)")
@@ -474,8 +476,9 @@ def merge_results(docs: Path, others: list[Path], recipe: HeadRecipe) -> None:
         if differ:
             raise SystemExit(f"--merge {source}: made with another recipe (differs in {', '.join(differ)}); "
                              "its rows would not compare with these")
-        merged["vqa_rad"].update(data.get("vqa_rad", {}))
-        merged["medpix_retrieval"].update(data.get("medpix_retrieval", {}))
+        for table in ("vqa_rad", "medpix_retrieval"):
+            rows = data.get(table, {})
+            merged[table].update({k: v for k, v in rows.items() if source == path or v != base.get(table, {}).get(k)})
         log.info("%s: %d rows", source, len(data.get("vqa_rad", {})))
     atomic_write_text(path, json.dumps(merged, indent=1) + "\n")
 
