@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SHIPPED_BUNDLE = HERE / "models" / "vqa-rad"
 SHIPPED_EXAMPLES = HERE / "examples" / "vqa-rad"
-MAX_BUNDLE_MB = 5.0
+MAX_BUNDLE_MB = 6.0  # a rebuild holds trust.safetensors too (0.7 MB): 5.3 MB measured
 
 
 @dataclass(frozen=True)
