@@ -109,8 +109,8 @@ class FeatureCache:
         """Open (or create) the cache for `encoder`; without an encoder, open an existing
         cache read-only (lookups only)."""
         folder = Path(folder)
-        index = _read_index(folder)
         if encoder is None:
+            index = _read_index(folder)
             if index is None:
                 raise FileNotFoundError(f"no feature cache in {folder} (missing {INDEX_NAME})")
             return cls(folder, index, None)

@@ -31,7 +31,9 @@ class VQAHead(nn.Module):
     has_type_router: ClassVar[bool] = False  # outputs "type_logits" (CLOSED/OPEN) and routes on them
     needs_answer_groups: ClassVar[bool] = False  # config takes closed_mask / open_mask over the answers
     trainable: ClassVar[bool] = True  # `medvqa train` can train it (an ensemble is built from trained heads instead)
-    has_fused_output: ClassVar[bool] = False  # outputs "fused" (B, F), the vector its answer classifier reads
+    # outputs "fused" (B, F), the vector its answer classifier reads (trust scores); never a multiple-choice head,
+    # whose classes are positions, not answers
+    has_fused_output: ClassVar[bool] = False
     loss_class: ClassVar[type | None] = None  # the loss module that trains it (heads.losses), `from_head(head, kind)`
     supported_losses: ClassVar[tuple[str, ...]] = ("bce", "ce")  # kinds its loss class accepts
     default_loss: ClassVar[str] = "bce"

@@ -70,7 +70,7 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
     after = None if preds.confidence is None else preds.confidence.numpy()
     # with trust scores, the temperature-scaled confidence alone too: what the trust scores add
     plain = (calibration.temperature_confidence(preds.logits, branches).numpy()
-             if after is not None and calibration is not None and calibration.uses_trust else None)
+             if calibration is not None and calibration.uses_trust else None)
     out: dict = {"calibrated": calibration is not None, "trust_scores": plain is not None, "bins": 15, "groups": {}}
 
     def measured(rows: list[int], name: str) -> dict:

@@ -71,7 +71,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
                                       {k: v for k, v in given.items() if v is not None})
     trust = None
-    if head.has_fused_output and not head.needs_choices:
+    if head.has_fused_output:
         log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
         fused = predict_records(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress).fused
         trust = TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))

@@ -465,9 +465,9 @@ def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
 
 def fit_trust(task: VQATask) -> TrustScorer | None:
     """The trust memory: the model's fused vectors of its training questions, with their answers (None for heads
-    without fused vectors, and for multiple choice, whose classes are positions, not answers)."""
+    without fused vectors, multiple choice among them)."""
     train = task.train
-    if not task.model.head.has_fused_output or train.questions.choice_tokens is not None:
+    if not task.model.head.has_fused_output:
         return None
     preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
     return TrustScorer.fit(preds.fused, train.questions.answers)

@@ -47,9 +47,10 @@ class TrustScorer:
         for start in range(0, len(x), _CHUNK):
             dist = torch.cdist(x[start:start + _CHUNK], self.features)  # (q, N)
             same = self.answers[None, :] == predicted[start:start + _CHUNK, None].to(self.answers.device)
-            d_pred = dist.masked_fill(~same, _FAR).min(1).values if dist.shape[1] else dist.new_full((len(dist),), _FAR)
-            d_other = dist.masked_fill(same, _FAR).min(1).values if dist.shape[1] else dist.new_full((len(dist),), _FAR)
-            out.append(torch.log((d_other.clamp(max=_FAR) + _EPS) / (d_pred.clamp(max=_FAR) + _EPS)))
+            far = dist.new_full((len(dist), 1), _FAR)  # every minimum is at most _FAR, also over no neighbour
+            d_pred = torch.cat([dist.masked_fill(~same, _FAR), far], 1).min(1).values
+            d_other = torch.cat([dist.masked_fill(same, _FAR), far], 1).min(1).values
+            out.append(torch.log((d_other + _EPS) / (d_pred + _EPS)))
         return torch.cat(out) if out else torch.zeros(0)
 
     @classmethod
