@@ -38,7 +38,7 @@ def _model_card(predictor) -> str:
                  + (" and weighs whether the training questions nearest this one had the same answer (trust scores)"
                     if info.get("trust_scores") else "")
                  + f"; the model says *not sure* below the confidence at "
-                 f"which its validation answers were wrong more than {info['target_risk']:.0%} of the time"
+                 f"which its validation answers were wrong more than {info['target_risk']} of the time"
                  + (", and for images unlike its training images" if info["out_of_scope_detector"] else "")
                  + ", and for questions of mostly unknown words.")
     else:

@@ -46,7 +46,7 @@ class ShippedModelRecipe:
     batch_size: int = 32
     val_by: str = "question"  # VQA-RAD's own split is by question
     seed: int = 0
-    target_risk: float = 0.1
+    target_risk: str = "0.1"  # vqa.target_risk: one share, or per branch (closed=0.05,open=0.2)
     weights_dtype: str = "float16"
 
 

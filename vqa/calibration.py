@@ -16,11 +16,11 @@ sigmoid(a * logit(confidence) + b * trust + c): still a probability that the ans
 able to rank an answer its training neighbours support above an equally confident one they
 contradict. A branch with too few right or wrong validation answers keeps temperature scaling alone.
 
-Abstention: for a target risk r (the share of wrong answers among those given), each branch
-keeps the lowest confidence threshold at which the answers above it were wrong at most r of
-the time on validation, with 90 % confidence: the one-sided Clopper-Pearson upper bound of
-their error rate is at most r (a validation split of a few hundred questions would otherwise
-pick thresholds that hold on it and not on test). The validation confidences are stored, so a
+Abstention: for a target risk r (the share of wrong answers among those given; one per branch if
+wanted, `vqa.target_risk`), each branch keeps the lowest confidence threshold at which the answers
+above it were wrong at most r of the time on validation, with 90 % confidence: the one-sided
+Clopper-Pearson upper bound of their error rate is at most r (a validation split of a few hundred
+questions would otherwise pick thresholds that hold on it and not on test). The validation confidences are stored, so a
 threshold for any other target is computed at load time (`--target-risk` of `medvqa predict`).
 
 Metrics (`calibration_metrics`): expected calibration error (15 equal-width bins), Brier
@@ -38,19 +38,13 @@ import torch
 
 from .errors import DataError
 from .inference import MASKED
+from .target_risk import DEFAULT_TARGET_RISK, TargetRisk
 from .trust import TRUST_FILE, TrustScorer
 
 CALIBRATION_FILE = "calibration.json"
-DEFAULT_TARGET_RISK = 0.1
 RISK_DELTA = 0.1  # abstention thresholds hold the validation error rate's 90 % upper bound to the target
 MIN_TRUST_FIT = 5  # right and wrong validation answers a branch needs before trust scores are fitted on it
 _GRID = np.exp(np.linspace(math.log(0.02), math.log(50.0), 241))  # temperatures tried, log-spaced
-
-
-def check_risk(target_risk: float) -> float:
-    if not 0.0 < float(target_risk) < 1.0:
-        raise DataError(f"--target-risk {target_risk}: expected a share of wrong answers strictly between 0 and 1")
-    return float(target_risk)
 
 
 def top_confidence(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -126,7 +120,7 @@ class Calibration:
     stored beside it as trust.safetensors)."""
 
     temperatures: dict[str, float]
-    target_risk: float = DEFAULT_TARGET_RISK
+    target_risk: TargetRisk = field(default_factory=TargetRisk)
     # validation: per branch, each question's calibrated confidence and whether the answer was right
     evidence: dict[str, dict[str, list]] = field(default_factory=dict)
     fitted_on: str = "validation"
@@ -165,9 +159,9 @@ class Calibration:
         scaled = (logits.float() / temps.reshape(-1, 1)).masked_fill(logits <= MASKED, float("-inf"))
         return scaled.softmax(-1)
 
-    def threshold(self, branch: str, target_risk: float | None = None) -> float:
+    def threshold(self, branch: str, target_risk: TargetRisk | None = None) -> float:
         """The confidence below which a `branch` answer is withheld, for `target_risk` (default: the bundle's)."""
-        risk = check_risk(self.target_risk if target_risk is None else target_risk)
+        risk = (target_risk or self.target_risk).of(branch)
         ev = self.evidence.get(branch)
         if not ev or not ev["confidence"]:
             return float("inf")
@@ -183,7 +177,7 @@ class Calibration:
             method += ("; then sigmoid(a * logit(confidence) + b * trust + c) per branch, trust the log ratio of the "
                        "distances to the nearest training question with another answer and with the answer given "
                        "(trust.safetensors)")
-        return {"method": method, "temperatures": self.temperatures, "target_risk": self.target_risk,
+        return {"method": method, "temperatures": self.temperatures, "target_risk": self.target_risk.to_json(),
                 "fitted_on": self.fitted_on, "thresholds": {b: self.threshold(b) for b in self.evidence},
                 **({"trust_weights": self.trust_weights} if self.uses_trust else {}), "evidence": self.evidence}
 
@@ -202,12 +196,12 @@ class Calibration:
             raise DataError(f"{where}: not a medvqa calibration ({e})") from None
         if weights and trust is None:
             raise DataError(f"{where}: its confidence uses trust scores, but the bundle has no {TRUST_FILE}")
-        return cls(temps, check_risk(data.get("target_risk", DEFAULT_TARGET_RISK)), evidence,
+        return cls(temps, TargetRisk.from_json(data.get("target_risk", DEFAULT_TARGET_RISK), where), evidence,
                    str(data.get("fitted_on", "validation")), weights, trust if weights else None)
 
     @classmethod
     def fit(cls, logits: torch.Tensor, branches: Sequence[str], correct: Sequence[bool], fitted_on: str,
-            target_risk: float = DEFAULT_TARGET_RISK, trust: TrustScorer | None = None,
+            target_risk: TargetRisk | float | str | None = None, trust: TrustScorer | None = None,
             fused: torch.Tensor | None = None) -> "Calibration":
         """Temperatures and evidence from validation predictions (`correct`: the top answer was right); with a
         trust memory and the validation questions' fused vectors, the per-branch trust weights too."""
@@ -224,7 +218,8 @@ class Calibration:
                 conf = _combined(conf, scores[rows], w)
             evidence[branch] = {"confidence": [round(float(c), 6) for c in conf],
                                 "correct": [bool(c) for c in right[rows]]}
-        return cls(temps, check_risk(target_risk), evidence, fitted_on, weights, trust if weights else None)
+        risk = TargetRisk.parse(DEFAULT_TARGET_RISK if target_risk is None else target_risk)
+        return cls(temps, risk, evidence, fitted_on, weights, trust if weights else None)
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
@@ -283,7 +278,7 @@ def calibration_metrics(conf: np.ndarray, correct: np.ndarray, risks: Sequence[f
 
 
 def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch.Tensor,
-                      target_risk: float | None = None) -> None:
+                      target_risk: TargetRisk | None = None) -> None:
     """Fill `preds.confidence`, `preds.abstained` and `preds.out_of_scope` (nothing without a calibration):
     an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), or
     when its image is out of scope (`ood`, a `vqa.ood.OutOfScopeDetector`, on the images' pooled features)."""

@@ -26,12 +26,13 @@ import torch
 
 from .answers import AnswerVocab
 from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
-from .calibration import DEFAULT_TARGET_RISK, Calibration, check_risk
+from .calibration import Calibration
 from .errors import DataError
 from .evaluate import predict_records
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
+from .target_risk import TargetRisk
 from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class EnsembleConfig:
     val_fraction: float | None = None
     val_by: str | None = None
     val_seed: int | None = None
-    target_risk: float | None = None  # abstention target (default: the first member's)
+    target_risk: TargetRisk | float | str | None = None  # abstention target (default: the first member's)
     # Bagging: members trained on different validation carves (each on a different 90% of the training split), so
     # that together they have trained on all of it; calibrated on each member's own validation answers.
     bagging: bool = False
@@ -88,8 +89,8 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     head.load_member_states([h.state_dict() for h in heads])
     model = VQAModel(first.model.encoder, head, first.model.image_features).to(device).eval()
     ensemble = Bundle(answers=answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
-    risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
-                      (first.calibration.target_risk if first.calibration else DEFAULT_TARGET_RISK))
+    risk = (TargetRisk.parse(cfg.target_risk) if cfg.target_risk is not None else
+            first.calibration.target_risk if first.calibration else TargetRisk())
     if cfg.bagging:
         calibration, validation, how = _cross_fitted(paths, members, answers, cfg, device, risk)
     else:
@@ -121,7 +122,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
 
 
 def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], answers: AnswerVocab, cfg: EnsembleConfig,
-                  device, risk: float) -> tuple[Calibration, dict, str]:
+                  device, risk: TargetRisk) -> tuple[Calibration, dict, str]:
     """Bagging: the ensemble has no validation question that none of its members trained on, so its calibration
     is fitted on each member's answers to its own validation split (out of fold for that member), pooled, and
     mapped onto the ensemble's answers: (calibration, the pooled validation metrics, the description)."""

@@ -26,6 +26,7 @@ from .features import feature_table
 from .inference import Predictions, answer_scores, predict
 from .io import atomic_write_json, atomic_write_text
 from .metrics import choice_metrics, closed_confusion, vqa_metrics
+from .target_risk import TargetRisk, abstention_groups, reported_target
 from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
 
 
 def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, score_kind: str,
-                 target_risk: float | None = None, subsets: dict[str, Sequence[int]] | None = None) -> dict:
+                 target_risk: TargetRisk | None = None, subsets: dict[str, Sequence[int]] | None = None) -> dict:
     """Calibration before (the raw score of the answer given) and after (the bundle's calibration), closed and
     open apart (the dataset's own type), and abstention at the bundle's target risk: coverage and realised risk.
     `subsets` (name -> record indices) are measured again within each type, without reliability curves."""
@@ -96,7 +97,7 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
         return out
     flagged = preds.out_of_scope.numpy() if preds.out_of_scope is not None else np.zeros(len(records), dtype=bool)
     answered = ~preds.abstained.numpy()
-    out["abstention"] = {"target_risk": target_risk or calibration.target_risk,
+    out["abstention"] = {"target_risk": (target_risk or calibration.target_risk).to_json(),
                          "out_of_scope_share": float(flagged.mean()),
                          **{name: {"coverage": float(answered[rows].mean()),
                                    "risk": float(1 - correct[rows][answered[rows]].mean()) if answered[rows].any()
@@ -115,7 +116,8 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
 
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
              device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
-             progress: bool = True, target_risk: float | None = None) -> tuple[dict, list[Record], Predictions]:
+             progress: bool = True, target_risk: TargetRisk | float | str | None = None
+             ) -> tuple[dict, list[Record], Predictions]:
     """Score `bundle_path` (a bundle folder or a Hub id) on `split` of a dataset in format `fmt`; returns
     (report, records, predictions).
 
@@ -128,6 +130,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     records = load_records(fmt, data, split, lang=lang)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
+    target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
     preds, pooled = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
     apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk)
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
@@ -233,8 +236,8 @@ def _trust_lines(trust: dict | None) -> list[str]:
         ab = trust["abstention"]
         parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "
                  + (f"{100 * v['risk']:.1f}% of them wrong" if v["risk"] is not None else "none answered")
-                 for name, v in ab.items() if isinstance(v, dict)]
-        lines += ["", f"Abstention at the bundle's target risk {ab['target_risk']:.0%}: " + "; ".join(parts)
+                 for name, v in abstention_groups(ab).items()]
+        lines += ["", f"Abstention at target risk {reported_target(ab)}: " + "; ".join(parts)
                   + f"; {100 * ab['out_of_scope_share']:.1f}% of images flagged out of scope. ECE over 15 bins."]
     return lines
 

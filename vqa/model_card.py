@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .errors import DataError
 from .io import atomic_write_text, read_json
+from .target_risk import abstention_groups, reported_target
 
 CARD_FILE = "README.md"
 TASK = ("visual-question-answering", "Visual Question Answering")
@@ -230,7 +231,8 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
                  f"logistic fit per branch ({', '.join(b.lower() for b in sorted(cal.trust_weights))})"
                  if cal.uses_trust else ""),
               f"- abstention (\"not sure\"): below the confidence at which validation answers were wrong at most "
-              f"{cal.target_risk:.0%} of the time (90 % Clopper-Pearson bound); thresholds: {thresholds}",
+              f"{cal.target_risk.describe(cal.evidence)} of the time (90 % Clopper-Pearson bound); thresholds: "
+              f"{thresholds}",
               f"- questions more than {UNKNOWN_WORDS_LIMIT:.0%} of whose words the model never saw are withheld"]
     if files.ood is not None:
         lines.append(f"- out-of-scope images (Mahalanobis distance of the pooled features above the "
@@ -239,8 +241,8 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
         abst = (report.get("calibration") or {}).get("abstention")
         if abst:
             parts = [f"{g.lower()} coverage {_pct(v['coverage'])} %, risk {_pct(v['risk'])} %"
-                     for g, v in abst.items() if isinstance(v, dict)]
-            lines.append(f"- on {report['dataset']} {report['split']} at target risk {abst['target_risk']:.0%}: "
+                     for g, v in abstention_groups(abst).items()]
+            lines.append(f"- on {report['dataset']} {report['split']} at target risk {reported_target(abst)}: "
                          + "; ".join(parts))
     return lines
 

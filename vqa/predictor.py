@@ -38,6 +38,7 @@ from .errors import DataError
 from .calibration import apply_calibration
 from .inference import Predictions, answer_scores, predict
 from .runtimes import ModelRuntime
+from .target_risk import TargetRisk
 from .text import tokenize
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Prediction:
     calibrated: bool = False  # False for bundles trained before calibration: `confidence` is then `score`
     abstained: bool = False  # "not sure": the answer is withheld (still in `answer` and `top_k`, for reference)
     abstain_reason: str | None = None  # why: low confidence for the risk target, or an out-of-scope input
-    target_risk: float | None = None  # the share of wrong answers the abstention threshold allows
+    target_risk: float | None = None  # the share of wrong answers the abstention threshold allows (this branch's)
     out_of_scope_score: float | None = None  # the image's distance from the training images (vqa.ood)
 
     def attention_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -181,8 +182,7 @@ class Predictor:
     runs in PyTorch or, from an ONNX export, in onnxruntime (`vqa.runtimes`); the rest is shared."""
 
     def __init__(self, runtime: ModelRuntime, files: BundleFiles, path: str | Path | None = None,
-                 target_risk: float | None = None) -> None:
-        from .calibration import check_risk
+                 target_risk: TargetRisk | float | str | None = None) -> None:
 
         self.runtime, self.device = runtime, runtime.device
         self.answers, self.tokenizer, self.max_len = files.answers, files.tokenizer, files.max_len
@@ -191,21 +191,20 @@ class Predictor:
         self.has_router = runtime.has_type_router
         self.score_kind = score_kind(files.training_loss(runtime.default_loss), runtime.needs_choices)
         self.calibration, self.ood = files.calibration, files.ood
-        if target_risk is not None:
-            check_risk(target_risk)
-        self.target_risk = target_risk if target_risk is not None else (
-            self.calibration.target_risk if self.calibration else None)
+        self.target_risk = (TargetRisk.parse(target_risk) if target_risk is not None else
+                            self.calibration.target_risk if self.calibration else None)
         self._thresholds: dict[str, float] = {}
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu",
-                    threads: int | None = None, target_risk: float | None = None) -> "Predictor":
+                    threads: int | None = None, target_risk: TargetRisk | float | str | None = None) -> "Predictor":
         """Load a bundle folder (`medvqa train`'s OUT/bundle) for inference in PyTorch.
 
         `threads` sets torch's intra-op CPU threads for the whole process (None leaves them).
         Small models answer fastest with 1: on 2 cores shared with other work, 2 OpenMP
         threads made the default model ~10x slower (23 ms -> 320 ms median, measured).
-        `target_risk` overrides the bundle's abstention target (the share of wrong answers allowed)."""
+        `target_risk` overrides the bundle's abstention target (the share of wrong answers allowed: 0.1, or per
+        branch, closed=0.05,open=0.2)."""
         from .runtimes import TorchRuntime
         from .training.precision import resolve_device
 
@@ -220,7 +219,7 @@ class Predictor:
 
     @classmethod
     def from_onnx(cls, folder: str | Path, threads: int | None = None,
-                  target_risk: float | None = None) -> "Predictor":
+                  target_risk: TargetRisk | float | str | None = None) -> "Predictor":
         """Load an ONNX export (`medvqa export onnx`) to run in onnxruntime on the CPU; `threads` sets both
         onnxruntime's and torch's intra-op threads (torch still decodes the answers)."""
         from .onnx_runtime import OnnxRuntime
@@ -231,7 +230,7 @@ class Predictor:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, runtime: str = "torch", device: str | torch.device = "cpu",
-                        threads: int | None = None, target_risk: float | None = None,
+                        threads: int | None = None, target_risk: TargetRisk | float | str | None = None,
                         revision: str | None = None) -> "Predictor":
         """A bundle folder, or a Hugging Face Hub repository `org/name` (downloaded once, then read from the hub
         cache; offline, from the cache only), run in PyTorch (`runtime="torch"`) or in onnxruntime
@@ -261,7 +260,8 @@ class Predictor:
                 "encoder": self.runtime.encoder_name, "head": self.runtime.head_name, "answers": len(self.answers),
                 "score_kind": self.score_kind,
                 "question_type_from": "router" if self.has_router else "answer",
-                "calibrated": self.calibration is not None, "target_risk": self.target_risk,
+                "calibrated": self.calibration is not None,
+                "target_risk": self.target_risk.describe(self.calibration.evidence) if self.calibration else None,
                 "trust_scores": self.calibration is not None and self.calibration.uses_trust,
                 "out_of_scope_detector": self.ood is not None,
                 "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
@@ -335,7 +335,7 @@ class Predictor:
                 attention_grid=self._grid(attention[i]), image=images[i].image,
                 warnings=images[i].warnings + self._question_notes(text), confidence=float(confidence[i]),
                 calibrated=self.calibration is not None, abstained=reason is not None, abstain_reason=reason,
-                target_risk=self.target_risk, out_of_scope_score=ood))
+                target_risk=self.target_risk.of(branches[i]) if self.target_risk else None, out_of_scope_score=ood))
         return results
 
     def threshold(self, branch: str) -> float:
@@ -358,10 +358,10 @@ class Predictor:
         confidence, threshold = float(preds.confidence[i]), self.threshold(branch)
         if threshold == float("inf"):
             return (f"on validation, no confidence level kept the {branch.lower()} answers wrong at most "
-                    f"{self.target_risk:.0%} of the time")
+                    f"{self.target_risk.of(branch):.0%} of the time")
         if confidence < threshold:
             return (f"confidence {confidence:.0%} is below {threshold:.0%}, the level at which validation "
-                    f"answers ({branch.lower()}) were wrong at most {self.target_risk:.0%} of the time")
+                    f"answers ({branch.lower()}) were wrong at most {self.target_risk.of(branch):.0%} of the time")
         return None
 
     def _grid(self, weights: np.ndarray) -> np.ndarray:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from .bundle import load as load_bundle
-from .calibration import CALIBRATION_FILE, DEFAULT_TARGET_RISK, Calibration, check_risk
+from .calibration import CALIBRATION_FILE, Calibration
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
+from .target_risk import TargetRisk
 from .trust import TRUST_FILE, TrustScorer
 from .training.precision import check_precision, resolve_device
 
@@ -40,7 +41,7 @@ class RecalibrateConfig:
     val_fraction: float | None = None
     val_by: str | None = None
     val_seed: int | None = None
-    target_risk: float | None = None  # default: the bundle's (or 10 %)
+    target_risk: TargetRisk | float | str | None = None  # default: the bundle's (or 10 %)
     device: str = "auto"
     precision: str = "fp32"
     cache_dir: str | None = None
@@ -65,8 +66,8 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
         raise DataError(f"{path}: trained again on its validation questions (--refit): none is left to calibrate on")
     if not head.trainable:
         raise DataError(f"{path}: an ensemble ({head.name}); `medvqa ensemble` calibrates it on its members' split")
-    risk = check_risk(cfg.target_risk if cfg.target_risk is not None else
-                      (bundle.calibration.target_risk if bundle.calibration else DEFAULT_TARGET_RISK))
+    risk = (TargetRisk.parse(cfg.target_risk) if cfg.target_risk is not None else
+            bundle.calibration.target_risk if bundle.calibration else TargetRisk())
     given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
     train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
                                       {k: v for k, v in given.items() if v is not None})

@@ -9,6 +9,7 @@ recipe, with the encoder's own auxiliary loss when it declares one).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +24,7 @@ from .bundle import check_weights_dtype, round_weights, save as save_bundle
 from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
-from .calibration import Calibration, check_risk
+from .calibration import Calibration
 from .features import feature_table, pixel_table, pooled_features
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
@@ -32,6 +33,7 @@ from .model_card import training_data, write_model_card
 from .ood import OutOfScopeDetector
 from .trust import TrustScorer
 from .stats import duplicate_records
+from .target_risk import DEFAULT_TARGET_RISK, TargetRisk
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
                        epoch_plan, runtime, write_run_config)
@@ -88,7 +90,8 @@ class TrainConfig(EngineConfig):
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
     refit: bool = False  # after validation chose the epoch, train again on train + validation for that many epochs
     #                      of the same schedule and keep that model (vqa/refit.py)
-    target_risk: float = 0.1  # abstention: answer only where validation answers were wrong at most this often
+    # abstention: answer only where validation answers were wrong at most this often (0.1, closed=0.05,open=0.2)
+    target_risk: TargetRisk | float | str = DEFAULT_TARGET_RISK
     weights_dtype: str = "float32"  # the bundle's head weights (text tower included): float16 halves the file; the
     #                                 kept model is rounded first, so validation, calibration and metrics measure it
     cache_dir: str | None = None  # feature cache root (default: $MEDVQA_CACHE/features)
@@ -370,7 +373,7 @@ def train(cfg: TrainConfig) -> Path:
         raise DataError(f"--head {cfg.head}: not a head to train (heads to train: {', '.join(list_heads())}); "
                         "`medvqa ensemble` builds an ensemble from trained bundles")
     loss = cfg.loss or get_head_class(cfg.head).default_loss
-    check_risk(cfg.target_risk)
+    cfg = dataclasses.replace(cfg, target_risk=TargetRisk.parse(cfg.target_risk))
     check_weights_dtype(cfg.weights_dtype)
     if cfg.refit and cfg.val_split == "test":
         raise DataError("--refit trains again on train + the validation split, which here is test: choose the epoch "

@@ -1,7 +1,8 @@
 """`medvqa calibrate`: fit a trained bundle's calibration again on the validation split it recorded (trust scores for bundles trained before them)."""
 from __future__ import annotations
 
-from .options import add_device_arguments, add_recorded_data_arguments, apply_runtime, command_parser, config_from_args
+from .options import (add_device_arguments, add_recorded_data_arguments, add_target_risk_argument, apply_runtime,
+                      command_parser, config_from_args)
 
 EXAMPLE = """examples:
   medvqa calibrate runs/qcr/bundle --format vqa-rad --data path/to/vqa-rad
@@ -21,8 +22,7 @@ def build_parser():
     p.add_argument("bundle", metavar="BUNDLE", help="bundle folder (or a Hub id, with --out)")
     add_recorded_data_arguments(p, "the bundle's")
     g = p.add_argument_group("calibration")
-    g.add_argument("--target-risk", type=float, default=None,
-                   help="abstain where validation answers were wrong more often than this (default: the bundle's)")
+    add_target_risk_argument(g, "the bundle's")
     g = p.add_argument_group("runtime")
     add_device_arguments(g)
     p.add_argument("--out", default=None, help="write OUT/bundle, a calibrated copy (default: into BUNDLE itself)")

@@ -1,8 +1,8 @@
 """`medvqa ensemble`: several bundles of one recipe (different seeds) as one bundle, calibrated on their validation split."""
 from __future__ import annotations
 
-from .options import (add_device_arguments, add_recorded_data_arguments, add_weights_dtype_argument, apply_runtime,
-                      command_parser, config_from_args)
+from .options import (add_device_arguments, add_recorded_data_arguments, add_target_risk_argument,
+                      add_weights_dtype_argument, apply_runtime, command_parser, config_from_args)
 
 EXAMPLE = """examples:
   for s in 0 10 20; do
@@ -36,9 +36,7 @@ def build_parser():
                         "calibrated on each member's answers to its own validation split, pooled (a proxy: no "
                         "validation question is unseen by every member)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--target-risk", type=float, default=None,
-                   help="abstain where validation answers were wrong more often than this (default: the first "
-                        "member's)")
+    add_target_risk_argument(g, "the first member's")
     add_weights_dtype_argument(g, "calibration")
     g = p.add_argument_group("runtime")
     add_device_arguments(g)

@@ -79,6 +79,15 @@ def add_weights_dtype_argument(group, measured: str) -> None:
                             "(default: %(default)s)")
 
 
+def add_target_risk_argument(group, default_help: str, default: str | None = None) -> None:
+    """--target-risk: the abstention target, one share for every branch or per branch (`vqa.target_risk`), read
+    by the command's config (the text, or `default`)."""
+    group.add_argument("--target-risk", default=default, metavar="RISK",
+                       help="abstain below the confidence at which validation answers were wrong at most this share "
+                            "of the time: one number (0.1), or per branch (closed=0.05,open=0.2: yes/no answers are "
+                            f"right far more often than open ones) (default: {default_help})")
+
+
 def add_bundle_argument(parser, *, required: bool = True, help_default: str = "") -> None:
     """--bundle: a bundle folder or a Hugging Face Hub id (resolved by `vqa.hub.resolve_bundle`)."""
     parser.add_argument("--bundle", required=required, default=None,

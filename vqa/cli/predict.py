@@ -9,11 +9,13 @@ from typing import IO, Any, Iterator
 
 from ..errors import DataError
 from ..io import atomic_write, read_csv_numbered, read_jsonl_numbered
-from .options import add_bundle_argument, add_device_arguments, add_runtime_argument, apply_runtime, command_parser
+from .options import (add_bundle_argument, add_device_arguments, add_runtime_argument, add_target_risk_argument,
+                      apply_runtime, command_parser)
 
 EXAMPLE = """examples:
   medvqa predict --bundle runs/demo/bundle --image scan.png --question "What imaging modality was used?"
   medvqa predict --bundle runs/demo/bundle --image ct.dcm --question "Is there a lesion?" --attention
+  medvqa predict --bundle runs/demo/bundle --image ct.dcm --question "Is there a lesion?" --target-risk closed=0.05,open=0.2
   medvqa predict --bundle runs/demo/bundle --batch questions.jsonl --out answers.jsonl
   medvqa predict --bundle runs/demo/bundle --batch questions.csv --out answers.jsonl --no-progress
   medvqa predict --bundle org/name --image scan.png --question "Is there a lesion?"   # a Hub model
@@ -50,9 +52,7 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=5, help="answers to list with their scores (default: 5)")
     g.add_argument("--attention", action="store_true", help="include the attention grid in the JSON")
     g.add_argument("--heatmap", metavar="PNG", help="one question: save the image with its attention heatmap")
-    g.add_argument("--target-risk", type=float, default=None,
-                   help="abstain below the confidence at which validation answers were wrong at most this share of "
-                        "the time (default: the bundle's, set by `medvqa train --target-risk`)")
+    add_target_risk_argument(g, "the bundle's, set by `medvqa train --target-risk`")
     g.add_argument("--no-progress", action="store_true", help="no progress bar for --batch")
     g = p.add_argument_group("runtime")
     add_runtime_argument(g)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_weights_dtype_argument,
-                      command_parser, config_from_args)
+from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_target_risk_argument,
+                      add_weights_dtype_argument, command_parser, config_from_args)
 
 EXAMPLE = """examples:
   medvqa train --format vqa-rad --data runs/phantom/vqa-rad --head mevf-ban --out runs/ban
@@ -89,9 +89,7 @@ def build_parser():
     g.add_argument("--refit", action="store_true",
                    help="after validation chose the epoch, train again on train + validation for that many epochs of "
                         "the same schedule and keep that model (calibration: the validation run's, a proxy)")
-    g.add_argument("--target-risk", type=float, default=d.target_risk,
-                   help="abstention: withhold answers below the confidence at which validation answers were wrong "
-                        "at most this share of the time (default: %(default)s; `predict --target-risk` overrides)")
+    add_target_risk_argument(g, f"{d.target_risk}; `predict --target-risk` overrides", default=str(d.target_risk))
     add_weights_dtype_argument(g, "validation and calibration")
     g = add_engine_arguments(p, d)["optimisation"]
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])
