@@ -31,6 +31,11 @@ def head_benchmark_parser(doc: str, encoder: str, head: str) -> argparse.Argumen
     return p
 
 
+def mean_std(values: list[float], fmt: str = ".3f") -> str:
+    """Their mean, and ± their std when there are several."""
+    return f"{statistics.fmean(values):{fmt}}" + (f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else "")
+
+
 def percent_mean_std(values: list[float], signed: bool = False) -> str:
     """Fractions as a percent cell: their mean, and ± their std when there are several (`signed`: +/- on the mean)."""
     cell = f"{100 * statistics.fmean(values):{'+' if signed else ''}.1f}"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqa.calibration import (Calibration, coverage_at_risk, expected_calibration_error, fit_temperature,
-                             risk_threshold)
+from vqa.calibration import (Calibration, calibration_metrics, coverage_at_risk, ece_of_calibrated,
+                             expected_calibration_error, fit_temperature, risk_threshold)
 from vqa.errors import DataError
 from vqa.ood import PHOTOGRAPHS
 
@@ -44,6 +44,24 @@ def test_metrics_match_their_definitions():
     assert risk_threshold(conf, correct, 0.1) == float("inf")
     many = np.linspace(1, 0.5, 40)
     assert risk_threshold(many, np.ones(40), 0.1) == pytest.approx(0.5)
+
+
+def test_a_calibrated_models_ece_is_sampling_noise():
+    # all 400 answers at confidence 0.5, one bin: ECE = |share right - 0.5|, whose mean over draws is
+    # sqrt(0.25 / n) * sqrt(2 / pi) for a model right half of the time
+    floor = ece_of_calibrated(np.full(400, 0.5))
+    assert floor.mean() == pytest.approx(0.5 / 20 * np.sqrt(2 / np.pi), rel=0.08)
+    assert np.array_equal(floor, ece_of_calibrated(np.full(400, 0.5)))  # deterministic
+    assert ece_of_calibrated(np.ones(50)).max() == 0.0  # always right at confidence 1: nothing to miss
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 300)
+    calibrated = (rng.uniform(size=300) < conf).astype(float)
+    overconfident = (rng.uniform(size=300) < conf - 0.15).astype(float)
+    honest, off = calibration_metrics(conf, calibrated, []), calibration_metrics(conf, overconfident, [])
+    assert honest["ece_if_calibrated"]["share_at_or_above"] > 0.05  # indistinguishable from noise
+    assert off["ece_if_calibrated"]["share_at_or_above"] < 0.01 and off["ece"] > off["ece_if_calibrated"]["p90"]
+    # more questions, less noise: the floor falls as 1 / sqrt(n)
+    assert ece_of_calibrated(rng.uniform(0.5, 1.0, 30000)).mean() < ece_of_calibrated(conf).mean() / 5
 
 
 def test_temperature_fits_overconfident_logits():

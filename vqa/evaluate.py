@@ -218,17 +218,25 @@ def _trust_lines(trust: dict | None) -> list[str]:
     state = "calibrated on validation" if trust["calibrated"] else "uncalibrated (a bundle from before calibration)"
     plain = "| coverage, temperature scaling alone |" if trust.get("trust_scores") else "|"
     lines = ["", f"## Confidence ({state})", "",
-             "| questions | n | ECE before | ECE after | Brier before | Brier after | AURC after | coverage at risk " + plain,
-             "|---|---|---|---|---|---|---|---|" + ("---|" if trust.get("trust_scores") else "")]
+             "| questions | n | ECE before | ECE after | a calibrated model's ECE (90th pct) | Brier before | Brier after "
+             "| AURC after | coverage at risk " + plain,
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if trust.get("trust_scores") else "")]
 
     def coverage(m: dict) -> str:
         return ", ".join(f"{100 * c:.0f}% at {float(r):.0%}" for r, c in m["coverage_at_risk"].items())
 
+    def floor(m: dict) -> str:  # metrics.json from before the floor was measured lacks it
+        f = m.get("ece_if_calibrated")
+        return f"{f['mean']:.3f} ({f['p90']:.3f})" if f else "-"
+
     for name, g in {**trust["groups"], **trust.get("subsets", {})}.items():
         b, a = g["before"], g.get("after", {})
         lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
-                     f"{b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | {a.get('aurc', b['aurc']):.3f} | "
-                     f"{coverage(a or b)} |" + (f" {coverage(g['temperature_only'])} |" if "temperature_only" in g else ""))
+                     f"{floor(a or b)} | {b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | "
+                     f"{a.get('aurc', b['aurc']):.3f} | {coverage(a or b)} |" + (f" {coverage(g['temperature_only'])} |" if "temperature_only" in g else ""))
+    lines += ["", "A calibrated model's ECE: what a model whose confidence is exactly its probability of being right "
+                  "would show on as many questions with the same confidences (simulated), sampling noise alone: "
+                  "an ECE near it is as calibrated as this test can tell."]
     if trust.get("trust_scores"):
         lines += ["", "After: temperature scaling combined with trust scores (are the nearest training questions' "
                       "answers the one given?), fitted on validation; the last column ranks by temperature scaling alone."]
