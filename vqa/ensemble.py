@@ -11,6 +11,13 @@ any bundle, on that shared validation split, which none of the members trained o
 confidence and abstention stay honest. Members with different validation splits are refused (each
 would have trained on another's validation questions). The result is an ordinary bundle: `eval`,
 `predict`, the demo, `export onnx` and `push` take it as they take any other.
+
+Trust scores (`vqa.trust`), where the members output fused vectors: the ensemble's memory holds its own
+fused vectors (the members', side by side) of the training questions it answers over, and the weights
+combining trust with confidence are fitted on validation as for one model. A bagging ensemble has no
+validation question none of its members trained on: as its confidence is fitted on each member's own
+answers to its own validation split, its trust weights are fitted on each member's trust scores there,
+from the member's own memory (a proxy, as the pooled member answers are for the ensemble's).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from .evaluate import predict_records
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
+from .recalibrate import trust_memory
 from .target_risk import TargetRisk
 from .training.precision import check_precision, resolve_device
 
@@ -92,15 +100,17 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     risk = (TargetRisk.parse(cfg.target_risk) if cfg.target_risk is not None else
             first.calibration.target_risk if first.calibration else TargetRisk())
     if cfg.bagging:
-        calibration, validation, how = _cross_fitted(paths, members, answers, cfg, device, risk)
+        calibration, validation, how = _cross_fitted(paths, members, ensemble, cfg, device, risk)
     else:
         given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
-        val, how = validation_records(paths[0], first, cfg.format, cfg.data,
-                                      {k: v for k, v in given.items() if v is not None})
+        train, val, how = recorded_splits(paths[0], first, cfg.format, cfg.data,
+                                          {k: v for k, v in given.items() if v is not None})
+        trust = trust_memory(ensemble, train, device, cfg.precision, cfg.cache_dir, cfg.progress)
         log.info("ensemble of %d members; calibrating on validation %s (%d questions)", len(members), how, len(val))
         preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
         correct = [p == r.answer for p, r in zip(preds.answers, val)]
-        calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk)
+        calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk,
+                                      trust=trust, fused=preds.fused)
         validation = vqa_metrics(val, preds.answers, preds.types)
     log.info("validation overall: ensemble %.4f, members %s", validation["overall"],
              ", ".join(f"{(m.metrics.get('validation') or {}).get('overall', float('nan')):.4f}" for m in members))
@@ -121,17 +131,23 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     return bundle
 
 
-def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], answers: AnswerVocab, cfg: EnsembleConfig,
+def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bundle, cfg: EnsembleConfig,
                   device, risk: TargetRisk) -> tuple[Calibration, dict, str]:
     """Bagging: the ensemble has no validation question that none of its members trained on, so its calibration
     is fitted on each member's answers to its own validation split (out of fold for that member), pooled, and
-    mapped onto the ensemble's answers: (calibration, the pooled validation metrics, the description)."""
+    mapped onto the ensemble's answers, with the member's trust scores from its own memory where every member
+    has one: (calibration, the pooled validation metrics, the description)."""
     from heads.ensemble import mean_answer_logits
 
-    logits, branches, correct, records, given, types, hows = [], [], [], [], [], [], []
+    answers = ensemble.answers
+    logits, branches, correct, records, given, types, hows, scores = [], [], [], [], [], [], [], []
+    with_trust = ensemble.model.head.has_fused_output and all(m.calibration and m.calibration.uses_trust
+                                                              for m in members)
     for path, member in zip(paths, members):
-        val, how = validation_records(path, member, cfg.format, cfg.data)
+        train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
         preds = predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        if with_trust:
+            scores.append(member.calibration.trust.score(preds.fused, preds.logits.argmax(1)))
         cols = torch.tensor([answers.index(a) for a in member.answers.answers])
         logits.append(mean_answer_logits([preds.logits], [cols], len(answers), member.score_kind))
         branches += preds.branches()
@@ -143,7 +159,14 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], answers: Ans
     how = "each member's own, its answers to it pooled: " + "; ".join(hows)
     log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions)",
              len(members), len(records))
-    calibration = Calibration.fit(torch.cat(logits), branches, correct, f"validation {how}", risk)
+    trust = None
+    if with_trust:  # together the members trained on all of the training split: the last one's train + validation
+        trust = trust_memory(ensemble, train + val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    elif ensemble.model.head.has_fused_output:
+        log.warning("no trust scores: a member has no trust memory (trained before trust scores; `medvqa calibrate` "
+                    "gives it one)")
+    calibration = Calibration.fit(torch.cat(logits), branches, correct, f"validation {how}", risk, trust=trust,
+                                  scores=torch.cat(scores).numpy() if trust is not None else None)
     return calibration, vqa_metrics(records, given, types if None not in types else None), how
 
 

@@ -16,11 +16,13 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from .bundle import load as load_bundle
+from .bundle import Bundle, load as load_bundle
 from .calibration import CALIBRATION_FILE, Calibration
+from .data.record import Record
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
 from .target_risk import TargetRisk
@@ -71,11 +73,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
     train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
                                       {k: v for k, v in given.items() if v is not None})
-    trust = None
-    if head.has_fused_output:
-        log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
-        fused = predict_records(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress).fused
-        trust = TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))
+    trust = trust_memory(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress)
     log.info("calibrating on validation %s (%d questions)", how, len(val))
     preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
@@ -93,6 +91,19 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     log.info("%s: calibrated (temperatures %s%s)", target, {b: round(t, 3) for b, t in calibration.temperatures.items()},
              f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
     return target
+
+
+def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str = "fp32",
+                 cache_dir: str | None = None, progress: bool = True) -> TrustScorer | None:
+    """The bundle's trust memory: its fused vectors of its training questions, with their answers (None for a head
+    without fused vectors)."""
+    from .evaluate import predict_records
+
+    if not bundle.model.head.has_fused_output:
+        return None
+    log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
+    fused = predict_records(bundle, train, device, precision, cache_dir, progress).fused
+    return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))
 
 
 def _write(calibration: Calibration, folder: Path) -> None:

@@ -63,7 +63,8 @@ class TrustScorer:
         if len(fused) > max_rows:
             pick = torch.randperm(len(fused), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
             fused, answers = fused[pick], answers[pick]
-        return cls(torch.nn.functional.normalize(fused, dim=1), answers)
+        # rounded as `save` stores them: the calibration fitted on this memory is the one a loaded bundle applies
+        return cls(torch.nn.functional.normalize(fused, dim=1).half().float(), answers)
 
     def save(self, folder: Path) -> None:
         atomic_write_safetensors(Path(folder) / TRUST_FILE, {
