@@ -186,7 +186,6 @@ def repeat_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     if not rows:
         return []
     sizes = rows[0][1][0]["confidence"]
-
     def n(group):
         return sizes.get(group, {}).get("after", {}).get("n", "?")
     lines = ["", "### Test questions that repeat training, and new ones", "",
@@ -202,9 +201,10 @@ def repeat_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         def cells(subset):
             return " / ".join(percent_mean_std([r[subset][k] for r in done]) for k in ("open", "closed", "overall"))
 
-        def coverage(subset):
-            values = [r["confidence"].get(f"CLOSED {subset}", {}).get("after", {}).get("coverage_at_risk", {}).get(
-                "0.05") for r in done]
+        def coverage(subset):  # a row's seeds read alike: where only some had trust scores, temperature alone
+            groups = [r["confidence"].get(f"CLOSED {subset}", {}) for r in done]
+            key = "after" if len({"temperature_only" in g for g in groups}) == 1 else "temperature_only"
+            values = [g.get(key, g.get("after", {})).get("coverage_at_risk", {}).get("0.05") for g in groups]
             return percent_mean_std(values) if all(v is not None for v in values) else "–"
         lines.append(f"| {what} | {len(done)} | {cells('repeats_train')} | {cells('new_question')} | "
                      f"{coverage('repeats_train')} / {coverage('new_question')} |")
