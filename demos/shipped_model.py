@@ -47,7 +47,7 @@ class ShippedModelRecipe:
     val_by: str = "question"  # VQA-RAD's own split is by question
     seed: int = 0
     # vqa.target_risk: its open answers are right about a third of the time, so no threshold keeps them to the
-    # closed answers' 10 %; 20 % (the issue's open level) keeps a quarter of them, measured on validation
+    # closed answers' 10 %; 20 % (the open risk docs/results.md reports) keeps a quarter of them, measured on validation
     target_risk: str = "closed=0.1,open=0.2"
     weights_dtype: str = "float16"
 
