@@ -40,7 +40,8 @@ import logging
 import time
 from pathlib import Path
 
-from real_vqa_rad_docs import earlier_results, merge_results, write_docs
+from real_vqa_rad_docs import write_docs
+from real_vqa_rad_results import earlier_results, merge_results
 from real_vqa_rad_runs import CARVE, CNN, HEADS, LITE0, HeadRecipe, Run, all_runs, transfer_steps
 from vqa.training.runtime import keep_freed_memory
 
@@ -248,7 +249,8 @@ def summarize(report: dict, folder: Path) -> dict:
     trust = report.get("calibration", {})
     confidence = {g: {k: v[k] for k in ("before", "after", "temperature_only") if k in v}
                   for g, v in (trust.get("groups", {}) | trust.get("subsets", {})).items()}
-    return {"epochs": report["epochs"], "best_epoch": report["best_epoch"],
+    return {"scored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # which row wins a --merge
+            "epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),
             "out_of_scope": report.get("out_of_scope"),

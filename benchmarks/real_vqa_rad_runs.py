@@ -1,6 +1,7 @@
 """What the real-data benchmark runs: its rows as `Run`s, the recipe every head run shares, the transfer steps.
 
-benchmarks/real_vqa_rad.py trains and evaluates them; benchmarks/real_vqa_rad_docs.py renders their results.
+benchmarks/real_vqa_rad.py trains and evaluates them; benchmarks/real_vqa_rad_docs.py renders their results,
+benchmarks/real_vqa_rad_results.py keeps and merges them.
 """
 from __future__ import annotations
 

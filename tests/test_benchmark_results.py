@@ -1,0 +1,50 @@
+"""The real-data benchmark's results.json merging: runs made in parallel, each from a copy of the docs' rows."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+real_vqa_rad_results = pytest.importorskip("real_vqa_rad_results")
+from real_vqa_rad_runs import HeadRecipe  # noqa: E402
+
+
+def _write(path: Path, rows: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"recipe": HeadRecipe().__dict__, "vqa_rad": rows, "medpix_retrieval": {}}))
+    return path
+
+
+def test_a_stale_copy_never_overwrites_a_row_scored_later(tmp_path):
+    old = {"a": {"all": 1}, "b": {"all": 2}}
+    docs = _write(tmp_path / "docs" / "results.json", old)
+    # two runs started from copies of the docs: the first rescored "a", the second "b"; then the first is merged,
+    # and a third copy, taken after it (so holding the new "a"), rescores "b" again later
+    first = _write(tmp_path / "x" / "results.json", {**old, "a": {"all": 10, "scored": "2026-12-05T16:00:00Z"}})
+    second = _write(tmp_path / "y" / "results.json", {**old, "b": {"all": 20, "scored": "2026-12-05T16:05:00Z"}})
+    real_vqa_rad_results.merge_results(docs.parent, [first], HeadRecipe())
+    third = _write(tmp_path / "z" / "results.json", {**json.loads(docs.read_text())["vqa_rad"],
+                                                    "b": {"all": 30, "scored": "2026-12-05T17:00:00Z"}})
+    real_vqa_rad_results.merge_results(docs.parent, [third, second], HeadRecipe())
+    rows = json.loads(docs.read_text())["vqa_rad"]
+    assert rows["a"]["all"] == 10 and rows["b"]["all"] == 30  # second's "b" is older than third's
+    # and a copy from before the first merge, whose "a" is stale and unscored, leaves the scored "a" alone
+    stale = _write(tmp_path / "w" / "results.json", old)
+    real_vqa_rad_results.merge_results(docs.parent, [stale], HeadRecipe())
+    assert json.loads(docs.read_text())["vqa_rad"] == rows
+
+
+def test_rows_from_before_scoring_times_merge_where_they_differ(tmp_path):
+    docs = _write(tmp_path / "docs" / "results.json", {"a": {"all": 1}, "b": {"all": 2}})
+    other = _write(tmp_path / "x" / "results.json", {"a": {"all": 1}, "b": {"all": 5}, "c": {"all": 7}})
+    real_vqa_rad_results.merge_results(docs.parent, [other], HeadRecipe())
+    assert json.loads(docs.read_text())["vqa_rad"] == {"a": {"all": 1}, "b": {"all": 5}, "c": {"all": 7}}
+    made_otherwise = tmp_path / "y" / "results.json"
+    _write(made_otherwise, {})
+    made_otherwise.write_text(json.dumps({"recipe": {**HeadRecipe().__dict__, "hidden": 1024}, "vqa_rad": {}}))
+    with pytest.raises(SystemExit, match="made with another recipe.*hidden"):
+        real_vqa_rad_results.merge_results(docs.parent, [made_otherwise], HeadRecipe())
