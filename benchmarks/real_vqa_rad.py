@@ -249,8 +249,11 @@ def summarize(report: dict, folder: Path) -> dict:
     trust = report.get("calibration", {})
     confidence = {g: {k: v[k] for k in ("before", "after", "temperature_only") if k in v}
                   for g, v in (trust.get("groups", {}) | trust.get("subsets", {})).items()}
+    config = folder / "run_config.json"  # an ensemble has none either
+    # a GRU head's run reproduces only at the thread count it trained with (docs/results.md)
+    threads = json.loads(config.read_text()).get("threads") if config.is_file() else None
     return {"scored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # which row wins a --merge
-            "epochs": report["epochs"], "best_epoch": report["best_epoch"],
+            "threads": threads, "epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),
             "out_of_scope": report.get("out_of_scope"),
