@@ -185,7 +185,7 @@ def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
     stores (refitted here from the loaded bundle's answers on the shared validation split)."""
     from vqa.bundle import load
     from vqa.calibration import Calibration
-    from vqa.ensemble import validation_records
+    from vqa.ensemble import recorded_splits
     from vqa.evaluate import predict_records
 
     members = _members(phantom_dir, tmp_path, epochs=1)
@@ -193,7 +193,7 @@ def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
     full = _ensemble(members, phantom_dir, tmp_path / "full")
     assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
     ensemble = load(half)
-    val, how = validation_records(members[0], load(members[0]), "vqa-rad", str(phantom_dir / "vqa-rad"))
+    _, val, how = recorded_splits(members[0], load(members[0]), "vqa-rad", str(phantom_dir / "vqa-rad"))
     preds = predict_records(ensemble, val, torch.device("cpu"), progress=False)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
     refit = Calibration.fit(preds.logits, preds.branches(), correct, how, ensemble.calibration.target_risk,

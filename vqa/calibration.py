@@ -20,8 +20,9 @@ Abstention: for a target risk r (the share of wrong answers among those given; o
 wanted, `vqa.target_risk`), each branch keeps the lowest confidence threshold at which the answers
 above it were wrong at most r of the time on validation, with 90 % confidence: the one-sided
 Clopper-Pearson upper bound of their error rate is at most r (a validation split of a few hundred
-questions would otherwise pick thresholds that hold on it and not on test). The validation confidences are stored, so a
-threshold for any other target is computed at load time (`--target-risk` of `medvqa predict`).
+questions would otherwise pick thresholds that hold on it and not on test). The validation
+confidences are stored, so a threshold for any other target is computed at load time
+(`--target-risk` of `medvqa predict`).
 
 Metrics (`calibration_metrics`): expected calibration error (15 equal-width bins) beside the ECE a
 perfectly calibrated model would show on as many questions (`ece_of_calibrated`), Brier
@@ -210,9 +211,10 @@ class Calibration:
         elsewhere (`scores`: bagging's members score their own validation questions), the per-branch trust
         weights too."""
         right = np.asarray(correct, dtype=float)
-        if scores is None and trust is not None and fused is not None:
+        if trust is None:
+            scores = None
+        elif scores is None and fused is not None:
             scores = trust.score(fused, logits.argmax(1)).numpy()
-        scores = None if trust is None else scores
         temps, evidence, weights = {}, {}, {}
         for branch in sorted(set(branches)):
             rows = [i for i, b in enumerate(branches) if b == branch]
@@ -224,7 +226,7 @@ class Calibration:
                 conf = _combined(conf, scores[rows], w)
             evidence[branch] = {"confidence": [round(float(c), 6) for c in conf],
                                 "correct": [bool(c) for c in right[rows]]}
-        risk = TargetRisk.parse(DEFAULT_TARGET_RISK if target_risk is None else target_risk)
+        risk = TargetRisk.given_or(target_risk, None)
         return cls(temps, risk, evidence, fitted_on, weights, trust if weights else None)
 
 

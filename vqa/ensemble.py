@@ -97,8 +97,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     head.load_member_states([h.state_dict() for h in heads])
     model = VQAModel(first.model.encoder, head, first.model.image_features).to(device).eval()
     ensemble = Bundle(answers=answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
-    risk = (TargetRisk.parse(cfg.target_risk) if cfg.target_risk is not None else
-            first.calibration.target_risk if first.calibration else TargetRisk())
+    risk = TargetRisk.given_or(cfg.target_risk, first.calibration and first.calibration.target_risk)
     if cfg.bagging:
         calibration, validation, how = _cross_fitted(paths, members, ensemble, cfg, device, risk)
     else:
@@ -205,15 +204,9 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: 
         raise DataError(f"{paths[0]}: multiple-choice heads cannot be ensembled over an answer vocabulary")
 
 
-def validation_records(path: Path, bundle: Bundle, fmt: str, data: str, given: dict[str, Any] | None = None):
-    """The members' validation questions, rebuilt from what the bundle records (or `given`: split, fraction,
-    by, seed), and checked against the description it recorded when it trained; (records, description)."""
-    _, val, how = recorded_splits(path, bundle, fmt, data, given)
-    return val, how
-
-
 def recorded_splits(path: Path, bundle: Bundle, fmt: str, data: str, given: dict[str, Any] | None = None):
-    """The bundle's training and validation questions, rebuilt as `validation_records` says; (train, val,
+    """The bundle's training and validation questions, rebuilt from what the bundle records (or `given`: split,
+    fraction, by, seed), and checked against the description it recorded when it trained; (train, val,
     description)."""
     from .train import TrainConfig, load_splits
 

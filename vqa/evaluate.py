@@ -233,7 +233,8 @@ def _trust_lines(trust: dict | None) -> list[str]:
         b, a = g["before"], g.get("after", {})
         lines.append(f"| {name.lower()} | {b['n']} | {b['ece']:.3f} | {a.get('ece', float('nan')):.3f} | "
                      f"{floor(a or b)} | {b['brier']:.3f} | {a.get('brier', float('nan')):.3f} | "
-                     f"{a.get('aurc', b['aurc']):.3f} | {coverage(a or b)} |" + (f" {coverage(g['temperature_only'])} |" if "temperature_only" in g else ""))
+                     f"{a.get('aurc', b['aurc']):.3f} | {coverage(a or b)} |"
+                     + (f" {coverage(g['temperature_only'])} |" if "temperature_only" in g else ""))
     lines += ["", "A calibrated model's ECE: what a model whose confidence is exactly its probability of being right "
                   "would show on as many questions with the same confidences (simulated), sampling noise alone: "
                   "an ECE near it is as calibrated as this test can tell."]

@@ -68,8 +68,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
         raise DataError(f"{path}: trained again on its validation questions (--refit): none is left to calibrate on")
     if not head.trainable:
         raise DataError(f"{path}: an ensemble ({head.name}); `medvqa ensemble` calibrates it on its members' split")
-    risk = (TargetRisk.parse(cfg.target_risk) if cfg.target_risk is not None else
-            bundle.calibration.target_risk if bundle.calibration else TargetRisk())
+    risk = TargetRisk.given_or(cfg.target_risk, bundle.calibration and bundle.calibration.target_risk)
     given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
     train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
                                       {k: v for k, v in given.items() if v is not None})

@@ -48,6 +48,11 @@ class TargetRisk:
         for branch, risk in self.per_branch:
             check_risk(risk, branch)
 
+    @classmethod
+    def given_or(cls, given: "TargetRisk | float | str | None", stored: "TargetRisk | None") -> "TargetRisk":
+        """A command's target when it gives one, else the bundle's (`stored`), else the default."""
+        return cls.parse(given) if given is not None else stored or cls()
+
     def of(self, branch: str) -> float:
         """The risk allowed to `branch`'s answers."""
         return dict(self.per_branch).get(branch, self.default)
