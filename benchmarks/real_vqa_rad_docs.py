@@ -107,8 +107,8 @@ def _paired_gain(done: list[dict], base: list[dict]) -> str:
     return percent_mean_std(diffs, signed=True) if diffs else ""
 
 
-def _row_cells(done: list[dict]) -> str:
-    return (f"{len(done)} of {len(SEEDS)} | {percent_mean_std([r['freeform']['overall'] for r in done])} | "
+def _row_cells(done: list[dict], planned: int = len(SEEDS)) -> str:
+    return (f"{len(done)} of {planned} | {percent_mean_std([r['freeform']['overall'] for r in done])} | "
             f"{percent_mean_std([r['all']['open'] for r in done])} | {percent_mean_std([r['all']['closed'] for r in done])} | "
             f"{percent_mean_std([r['all']['overall'] for r in done])}")
 
@@ -139,8 +139,11 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """Ensembles of a step (`medvqa ensemble`), on one validation carve and bagging across carves: against their own
     members, and (one carve) against the step's run of the same seed."""
     built = [run for run in runs if run.kind in ("ensemble", "bagging")]
-    done = {kind: [{**results[run.name], "seed": run.seed, "members": run.members} for run in built
-                   if run.kind == kind and run.name in results] for kind in ("ensemble", "bagging")}
+    done: dict[tuple[str, str], list[dict]] = {}  # (kind, step) -> the ensembles built, in the runs' order
+    for run in built:
+        rows = done.setdefault((run.kind, run.step), [])
+        if run.name in results:
+            rows.append({**results[run.name], "seed": run.seed, "members": run.members})
     if not any(done.values()):
         return []
     steps = _seeded(results, runs, "step")
@@ -153,7 +156,7 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "ensembles each, whose answer distributions are averaged (`medvqa ensemble`): the three runs of one "
              "carve (calibrated on that carve, which none of them trained on), or one run of each carve (bagging: "
              "together they trained on all of train; calibrated on each member's answers to its own carve, a "
-             "proxy). Train-only vocabulary, each member's epoch chosen on its validation carve, full 451 test; "
+             "proxy); and all nine in one bagging ensemble. Train-only vocabulary, each member's epoch chosen on its validation carve, full 451 test; "
              "mean ± std over the ensembles built. Gains: against the mean of the ensemble's own members, and "
              "(one carve) against the step's run of that carve, paired.", "",
              "| what | built | freeform 308 overall | full open | full closed | full overall | gain over its members "
@@ -162,15 +165,15 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         members = [results[m] for m in pool]
         lines.append(f"| one run (the pool of members) | {len(members)} runs | "
                      f"{_row_cells(members).split(' | ', 1)[1]} | | |")
-    for kind, rows in done.items():
+    for (kind, what), rows in done.items():
         if not rows:
             continue
         over = [r["all"]["overall"] - sum(results[m]["all"]["overall"] for m in r["members"]) / len(r["members"])
                 for r in rows if all(m in results for m in r["members"])]
         paired = _paired_gain(rows, steps.get(base, [])) if kind == "ensemble" else "–"
-        what = next(run.step for run in built if run.kind == kind)
-        lines.append(f"| {what} | {_row_cells(rows)} | {percent_mean_std(over, signed=True) if over else ''} | "
-                     f"{paired} |")
+        planned = sum(run.step == what for run in built)
+        gain = percent_mean_std(over, signed=True) if over else ""
+        lines.append(f"| {what} | {_row_cells(rows, planned)} | {gain} | {paired} |")
     return lines
 
 
@@ -288,8 +291,9 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
 
 
 def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
-    """What trust scores add to temperature scaling, seed by seed, for the steps measured with them."""
-    rows = [(what, done) for what, done in _seeded(results, runs, "step").items()
+    """What trust scores add to temperature scaling, seed by seed, for the steps and ensembles measured with them."""
+    rows = [(what, done) for kind in ("step", "ensemble", "bagging")
+            for what, done in _seeded(results, runs, kind).items()
             if done and all("temperature_only" in r["confidence"].get("CLOSED", {}) for r in done)]
     if not rows:
         return []
@@ -300,8 +304,8 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "branch. Coverage on the 451 test questions' own risk-coverage curve, closed and open by the dataset's "
              "type; repeats / new as in the table of repeated test questions; a calibrated model's ECE = what one whose "
              "confidence is exactly its chance of being right shows on the same confidences (simulated test sets: "
-             "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds.",
-             "", "| step | seeds | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
+             "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds (or ensembles) measured, each with trust "
+             "scores.", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
              "closed ECE of a calibrated model (share ≥ measured) | closed at 5% with trust: repeats / new |",
              "|---|---|---|---|---|---|---|---|"]
 

@@ -122,6 +122,8 @@ MEMBER_SEEDS = (10, 20)  # an ensemble of a step: its seed's run and these train
 BAGGING_STEP = ("bagging: an ensemble of 3 runs of the step on the 3 validation carves (seeds 0, 1, 2, plus 0, 10 or "
                 "20), which together have trained on all of train; calibrated on each member's own validation answers "
                 "(medvqa ensemble --bagging)")
+BAGGING_ALL_STEP = ("bagging all nine: the three runs of each carve together, calibrated as bagging (one ensemble: "
+                    "the nine runs make no second)")
 ENSEMBLE_STEP = ("an ensemble of 3: the step's run and two more training seeds on its validation carve "
                  "(--val-seed), the answer distributions averaged and calibrated on that carve (medvqa ensemble)")
 FINETUNE_LAST = 5  # the fine-tuning variant of step 4 trains the image tower in its last epochs only
@@ -197,4 +199,10 @@ def transfer_steps(lite0: Path, medpix_lite0: Path, untrained_lite0: Path) -> li
                                      "tag": f"{routed['tag']}-bagging{len(pool)}"},
                              seed=j, step=BAGGING_STEP, kind="bagging", base=steps[3][0],
                              members=tuple(run.name for run in pool)))
+    # All nine in one bagging ensemble: does averaging three runs per carve add to one per carve?
+    nine = rows[3][1] + [run for run in ensembles if run.kind == "member"]
+    ensembles.append(Run("t", **{"mode": "frozen", "vocab": "train", **routed,
+                                 "tag": f"{routed['tag']}-bagging{len(nine)}"},
+                         step=BAGGING_ALL_STEP, kind="bagging", base=steps[3][0],
+                         members=tuple(run.name for run in nine)))
     return rows + [(ENSEMBLE_STEP, ensembles)]

@@ -48,3 +48,20 @@ def test_rows_from_before_scoring_times_merge_where_they_differ(tmp_path):
     made_otherwise.write_text(json.dumps({"recipe": {**HeadRecipe().__dict__, "hidden": 1024}, "vqa_rad": {}}))
     with pytest.raises(SystemExit, match="made with another recipe.*hidden"):
         real_vqa_rad_results.merge_results(docs.parent, [made_otherwise], HeadRecipe())
+
+
+def test_the_ensembles_table_gives_each_kind_of_ensemble_its_own_row(tmp_path):
+    from real_vqa_rad_docs import ensemble_lines
+    from real_vqa_rad_runs import transfer_steps
+
+    runs = [run for _, group in transfer_steps(tmp_path / "a", tmp_path / "b", tmp_path / "c") for run in group]
+    built = [run for run in runs if run.kind in ("ensemble", "bagging")]
+    nine = next(run for run in built if len(run.members) == 9)
+    assert len(set(nine.members)) == 9 and len({run.name for run in built}) == len(built)
+    summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6}}
+    results = {name: summary for name in nine.members}
+    results.update({run.name: {**summary, "all": {**summary["all"], "overall": 0.7}} for run in built})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in ensemble_lines(results, runs) if line.startswith("| ")}
+    assert rows[nine.step].split(" | ")[1] == "1 of 1"  # its own row, not a fourth bagging ensemble
+    bagged = next(run.step for run in built if run.kind == "bagging" and len(run.members) == 3)
+    assert rows[bagged].split(" | ")[1] == "3 of 3" and "+10.0" in rows[bagged]
