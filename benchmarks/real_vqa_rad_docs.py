@@ -267,10 +267,13 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "curve); abstention = what the bundle withholds at its validation-chosen threshold for 10% risk "
              "(Clopper-Pearson 90% bound); out-of-scope = the bundle's detector (Mahalanobis distance in the "
              "encoder's pooled space, threshold at 99% of training images out of fold) on VQA-RAD's test images "
-             "against scikit-image's 12 photographs, and pydicom's CT and MR test files (radiology: in scope).", "",
-             "| head | run | closed ECE before → after | open ECE before → after | AURC closed / open | closed "
+             "against scikit-image's 12 photographs, and pydicom's CT and MR test files (radiology: in scope). Brier "
+             "score: the mean squared gap between confidence and right (1) or wrong (0), a proper score, read beside "
+             "ECE, whose sampling noise depends on the confidences (Reading, \"How low ECE can go on this test\").", "",
+             "| head | run | closed ECE before → after | open ECE before → after | Brier closed / open: before → "
+             "after | AURC closed / open | closed "
              "coverage at 5% / 10% risk | open at 20% | abstention at 10%: closed answered (wrong) / open | "
-             "out-of-scope AUROC | photos / test images / DICOM flagged |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "out-of-scope AUROC | photos / test images / DICOM flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for head, (run, r, _) in best.items():
         closed, opened = r["confidence"]["CLOSED"], r["confidence"]["OPEN"]
         cov_c, cov_o = closed["after"]["coverage_at_risk"], opened["after"]["coverage_at_risk"]
@@ -282,7 +285,7 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
                 f" ({100 * a['risk']:.1f}%)" if a.get("risk") is not None else "")
         ood = r.get("out_of_scope") or {}
         lines.append(f"| {head} | {run.name}{_marks(r)} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
-                     f"{closed['after']['aurc']:.3f} / {opened['after']['aurc']:.3f} | "
+                     f"{_pair(closed, 'brier')} / {_pair(opened, 'brier')} | {closed['after']['aurc']:.3f} / {opened['after']['aurc']:.3f} | "
                      f"{100 * cov_c['0.05']:.0f}% / {100 * cov_c['0.1']:.0f}% | {100 * cov_o['0.2']:.0f}% | "
                      f"{answered(ab_c)} / {answered(ab_o)} | "
                      + (f"{ood['auroc_photographs']:.3f} | {100 * ood['photographs_flagged']:.0f}% / "
@@ -306,13 +309,13 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "confidence is exactly its chance of being right shows on the same confidences (simulated test sets: "
              "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds (or ensembles) measured, each with trust "
              "scores.", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
-             "closed ECE of a calibrated model (share ≥ measured) | closed at 5% with trust: repeats / new |",
-             "|---|---|---|---|---|---|---|---|"]
+             "closed ECE of a calibrated model (share ≥ measured) | Brier closed / open | closed at 5% with trust: "
+             "repeats / new |", "|---|---|---|---|---|---|---|---|---|"]
 
     def two(done, group, key, risk=None):
         values = [[r["confidence"][group][k][key] if risk is None else r["confidence"][group][k][key][risk]
                    for r in done] for k in ("temperature_only", "after")]
-        return " → ".join((mean_std if key == "ece" else percent_mean_std)(v) for v in values)
+        return " → ".join((mean_std if key in ("ece", "brier") else percent_mean_std)(v) for v in values)
     def floor(done):  # runs scored before the floor was measured lack it
         f = [r["confidence"]["CLOSED"]["after"].get("ece_if_calibrated") for r in done]
         return "–" if None in f else (f"{mean_std([x['mean'] for x in f])} "
@@ -322,7 +325,8 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
             "coverage_at_risk", {}).get("0.05", float("nan")) for r in done]) for s in ("repeats_train", "new_question"))
         lines.append(f"| {what} | {len(done)} | {two(done, 'CLOSED', 'coverage_at_risk', '0.05')} | "
                      f"{two(done, 'CLOSED', 'coverage_at_risk', '0.1')} | {two(done, 'OPEN', 'coverage_at_risk', '0.2')} "
-                     f"| {two(done, 'CLOSED', 'ece')} | {floor(done)} | {subsets} |")
+                     f"| {two(done, 'CLOSED', 'ece')} | {floor(done)} | {two(done, 'CLOSED', 'brier')} / "
+                     f"{two(done, 'OPEN', 'brier')} | {subsets} |")
     return lines
 
 
