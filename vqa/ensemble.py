@@ -33,13 +33,11 @@ from typing import Any, Sequence
 import torch
 
 from .answers import AnswerVocab
-from .batches import OPEN_ID
 from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
 from .calibration import Calibration
-from .data.record import CLOSED, OPEN
 from .errors import DataError
 from .evaluate import predict_records
-from .inference import Predictions
+from .inference import Predictions, routed_types
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
@@ -143,15 +141,15 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     validation metrics, the description)."""
     with_trust = ensemble.model.head.has_fused_output and all(m.calibration and m.calibration.uses_trust
                                                               for m in members)
-    held_out: dict[str, tuple[list, list, list]] = {}  # split description -> (its records, members' preds, members)
+    held_out: dict[str, tuple[list, list]] = {}  # split description -> (its records, [(a member's preds, member)])
     for path, member in zip(paths, members):
         train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
-        group = held_out.setdefault(how, (val, [], []))
-        group[1].append(predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress))
-        group[2].append(member)
+        everything = train + val  # any member's: together the members trained on all of the training split
+        preds = predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        held_out.setdefault(how, (val, []))[1].append((preds, member))
     logits, branches, correct, records, given, types, scores = [], [], [], [], [], [], []
-    for val, preds, group in held_out.values():
-        joint = _held_out_answers(preds, group, ensemble.answers)
+    for val, group in held_out.values():
+        joint = _held_out_answers(group, ensemble.answers)
         logits.append(joint.logits)
         branches += joint.branches()
         correct += [a == r.answer for a, r in zip(joint.answers, val)]
@@ -160,13 +158,13 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
         types += joint.types or [None] * len(val)
         if with_trust:
             scores.append(torch.stack([m.calibration.trust.score(p.fused, p.logits.argmax(1))
-                                       for p, m in zip(preds, group)]).mean(0))
+                                       for p, m in group]).mean(0))
     how = "each member's own, the answers of the members held out on it pooled: " + "; ".join(held_out)
     log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions, %d splits)",
              len(members), len(records), len(held_out))
     trust = None
-    if with_trust:  # together the members trained on all of the training split: the last one's train + validation
-        trust = trust_memory(ensemble, train + val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    if with_trust:
+        trust = trust_memory(ensemble, everything, device, cfg.precision, cfg.cache_dir, cfg.progress)
     elif ensemble.model.head.has_fused_output:
         log.warning("no trust scores: a member has no trust memory (trained before trust scores; `medvqa calibrate` "
                     "gives it one)")
@@ -175,16 +173,16 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     return calibration, vqa_metrics(records, given, types if None not in types else None), how
 
 
-def _held_out_answers(preds: Sequence[Predictions], group: Sequence[Bundle], answers: AnswerVocab) -> Predictions:
-    """The members held out on one split (their `preds` there) answering as an ensemble of them: their mean
-    answer distribution over the ensemble's `answers`, and their router's mean type where they have one."""
+def _held_out_answers(group: Sequence[tuple[Predictions, Bundle]], answers: AnswerVocab) -> Predictions:
+    """The members held out on one split (with their predictions there) answering as an ensemble of them: their
+    mean answer distribution over the ensemble's `answers`, and their router's mean type where they have one."""
     from heads.ensemble import mean_answer_logits
 
-    cols = [torch.tensor([answers.index(a) for a in m.answers.answers]) for m in group]
-    mean = mean_answer_logits([p.logits for p in preds], cols, len(answers), group[0].score_kind)
-    routed = None if any(p.type_probs is None for p in preds) else torch.stack([p.type_probs for p in preds]).mean(0)
-    return Predictions([answers.answers[i] for i in mean.argmax(1).tolist()], None if routed is None else
-                       [OPEN if t == OPEN_ID else CLOSED for t in routed.argmax(1).tolist()], mean,
+    cols = [torch.tensor([answers.index(a) for a in m.answers.answers]) for _, m in group]
+    mean = mean_answer_logits([p.logits for p, _ in group], cols, len(answers), group[0][1].score_kind)
+    routed = (None if any(p.type_probs is None for p, _ in group) else
+              torch.stack([p.type_probs for p, _ in group]).mean(0))
+    return Predictions([answers.answers[i] for i in mean.argmax(1).tolist()], routed_types(routed), mean,
                        torch.zeros(len(mean), 0), routed)
 
 

@@ -95,6 +95,11 @@ def run_model(model: VQAModel, image_in, tokens: torch.Tensor, lengths: torch.Te
     return model.forward_pixels(image_in, tokens, lengths, **kwargs)
 
 
+def routed_types(type_probs: torch.Tensor | None) -> list[str] | None:
+    """The type router's (Q, 2) softmax as each question's CLOSED/OPEN (None for a head without a router)."""
+    return None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
+
+
 @torch.no_grad()
 def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, answers: AnswerVocab,
             device: torch.device, precision: str = "fp32", batch_size: int = 256,
@@ -120,7 +125,7 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
     else:
         chosen = [answers.answers[i] for i in best]
     type_probs = torch.cat(routed) if routed else None
-    types = None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
+    types = routed_types(type_probs)
     att = torch.cat(attention) if attention else torch.zeros(0, 1)
     return Predictions(chosen, types, scores, att, type_probs, questions.choice_tokens is not None,
                        fused=torch.cat(fused) if fused else None)
