@@ -93,6 +93,12 @@ def kept(report: dict) -> dict:
             "groups": {t: {k: cal["groups"][t][k] for k in STAGES if k in cal["groups"][t]} for t in (CLOSED, OPEN)}}
 
 
+def _stages(groups: list[dict], answer_type: str, cell, stages: tuple[str, ...] = STAGES) -> str:
+    """One cell per stage every seed has, of its scores over the seeds, joined by arrows."""
+    return " → ".join(cell([g[answer_type][k] for g in groups]) for k in stages
+                      if all(k in g[answer_type] for g in groups))
+
+
 def render(measured: dict) -> str:
     """The two tables, calibration and selective answering, from `measured` (what `main` writes as .json)."""
     runs, epochs, images = measured["runs"], measured["epochs"], measured["images"]
@@ -110,20 +116,16 @@ def render(measured: dict) -> str:
              "between confidence and right (1) or wrong (0), a proper score, lower is better.", "",
              "| head | seeds | test overall | closed ECE (if calibrated) | open ECE (if calibrated) | closed Brier | "
              "open Brier |", "|---|---|---|---|---|---|---|"]
+    def ece(scores: list[dict]) -> str:
+        return f"{mean_std([s['ece'] for s in scores])} ({mean_std([s['ece_if_calibrated']['mean'] for s in scores])})"
+
+    def brier(scores: list[dict]) -> str:
+        return mean_std([s["brier"] for s in scores])
     for head, seeds in runs.items():
-        groups = [s["groups"] for s in seeds]
-
-        def stages(t: str, cell) -> str:
-            return " → ".join(cell([g[t][k] for g in groups]) for k in STAGES if all(k in g[t] for g in groups))
-
-        def ece(scores: list[dict]) -> str:
-            return (f"{mean_std([s['ece'] for s in scores])} "
-                    f"({mean_std([s['ece_if_calibrated']['mean'] for s in scores])})")
-
-        def brier(scores: list[dict]) -> str:
-            return mean_std([s["brier"] for s in scores])
+        g = [s["groups"] for s in seeds]
         lines.append(f"| {head} | {len(seeds)} | {percent_mean_std([s['overall'] for s in seeds])} | "
-                     f"{stages(CLOSED, ece)} | {stages(OPEN, ece)} | {stages(CLOSED, brier)} | {stages(OPEN, brier)} |")
+                     f"{_stages(g, CLOSED, ece)} | {_stages(g, OPEN, ece)} | {_stages(g, CLOSED, brier)} | "
+                     f"{_stages(g, OPEN, brier)} |")
     lines += ["", "## Selective answering", "",
               "AURC with trust scores. Coverage: the share of test questions answerable at that risk (the test's own "
               "risk-coverage curve), temperature scaling → with trust scores. Abstention: what the bundle answers at "
@@ -134,8 +136,8 @@ def render(measured: dict) -> str:
         groups = [s["groups"] for s in seeds]
 
         def coverage(t: str, risk: str) -> str:
-            return " → ".join(percent_mean_std([g[t][k]["coverage_at_risk"][risk] for g in groups])
-                              for k in STAGES[1:] if all(k in g[t] for g in groups))
+            return _stages(groups, t, lambda scores: percent_mean_std([s["coverage_at_risk"][risk] for s in scores]),
+                           STAGES[1:])
 
         def answered(t: str) -> str:
             ab = [s["abstention"][t] for s in seeds]
