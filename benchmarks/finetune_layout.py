@@ -65,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"| encoder | px | NCHW step (s) | channels-last step (s) | channels-last speedup |\n|---|---|---|---|---|")
+    print("| encoder | px | NCHW step (s) | channels-last step (s) | channels-last speedup |\n|---|---|---|---|---|")
     for name in args.encoders.split(","):
         r = compare(name.strip(), args.batch_size, args.steps)
         print(f"| {r['encoder']} | {r['size']} | {r['nchw']:.3f} | {r['channels_last']:.3f} | {r['speedup']:.2f}x |",
