@@ -109,13 +109,14 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
     return runs
 
 
-# QCR's published schedule (Awenbocc/med-vqa main.py): 200 epochs of Adamax at 0.005, batch 64, hidden 1024,
-# MEVF's per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder fine-tuned end to end. On 2 CPU cores
-# an epoch takes 86 s here (its reference code: 169 s), about 5 h a run: gpu.sh runs it, or --only over several
-# calls, each resuming from the run's checkpoint.
+# QCR's published schedule, as its released code (Awenbocc/med-vqa, main.py and train.py) runs it: 200 epochs of
+# Adamax at PyTorch's default rate, 0.002 (main.py's --lr 0.005 never reaches the optimizer), held constant: no
+# warmup, no decay; batch 64, hidden 1024, per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder
+# fine-tuned end to end. On 2 CPU cores an epoch takes 86 s here (its reference code: 169 s), about 5 h a run:
+# gpu.sh runs it, or --only over several calls, each resuming from the run's checkpoint.
 QCR_EPOCHS = 200
-QCR_SCHEDULE = (("lr", 0.005), ("batch_size", 64), ("loss", "bce"), ("question_dim", 1024),
-                ("head_args", (("hidden_dim", 1024),)))
+QCR_SCHEDULE = (("lr", 0.002), ("warmup_epochs", 0.0), ("lr_schedule", "constant"), ("batch_size", 64),
+                ("loss", "bce"), ("question_dim", 1024), ("head_args", (("hidden_dim", 1024),)))
 
 
 SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)

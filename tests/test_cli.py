@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from vqa.cli import COMMANDS, main as cli
-from vqa.cli.options import FORMAT_CHOICES
+from vqa.cli.options import FORMAT_CHOICES, LR_SCHEDULES
 from vqa.data import FORMATS
 
 
@@ -77,7 +77,10 @@ def test_every_example_in_help_and_readme_parses(capsys):
 
 
 def test_the_dataset_format_flag_is_one_flag_with_one_set_of_choices(capsys):
+    from vqa.training import LR_SCHEDULES as ENGINE_SCHEDULES
+
     assert FORMAT_CHOICES == tuple(FORMATS)
+    assert LR_SCHEDULES == ENGINE_SCHEDULES  # written twice so that --help needs no torch
     for argv in (["train"], ["eval"], ["cache-features"], ["data", "stats"]):
         with pytest.raises(SystemExit):
             cli([*argv, "--help"])

@@ -211,3 +211,32 @@ def test_keep_freed_memory_reuses_freed_activations_instead_of_faulting_them_in_
     pages = (64 << 20) // 4096
     assert default > pages / 2, f"precondition: glibc's default heap faults a freed 64 MB block in again ({default})"
     assert reused < pages / 100, f"{reused} page faults per reallocated 64 MB block (default heap: {default})"
+
+
+def test_a_constant_schedule_holds_the_rate_after_its_warmup_and_cosine_decays_it():
+    from vqa.training import warmup_schedule
+
+    def rates(after: str) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = warmup_schedule(opt, warmup_steps=2, total_steps=10, after=after)
+        out = []
+        for _ in range(10):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    constant, cosine = rates("constant"), rates("cosine")
+    assert constant[:2] == cosine[:2] == pytest.approx([0.05, 0.1])  # the same linear warmup
+    assert constant[2:] == pytest.approx([0.1] * 8)
+    assert cosine[2] == pytest.approx(0.1) and all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    with pytest.raises(ValueError, match="'step'"):
+        warmup_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 1, 10, after="step")
+
+
+def test_a_run_keeps_its_constant_rate_and_refuses_an_unknown_schedule(phantom_dir, tmp_path):
+    history = json.loads((train(_cfg(phantom_dir, tmp_path, lr=2e-3, warmup_epochs=0, lr_schedule="constant"))
+                          / "metrics.json").read_text())["history"]
+    assert [row["lr"] for row in history] == pytest.approx([2e-3, 2e-3])
+    with pytest.raises(DataError, match="--lr-schedule 'linear'"):
+        train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "other"), lr_schedule="linear"))

@@ -5,18 +5,18 @@
 Modules: config (EngineConfig, the shared fields), task (TrainingTask, StepContext, StepOutput,
 Selection, trainable state), engine (Trainer.fit, runtime, NonFiniteError), precision (devices,
 autocast, GradScaler), distributed (torchrun world, gathers), checkpoint (atomic save, resume,
-RNG state), schedule (warmup-cosine, the per-epoch batch plan), runtime (seeds, run config).
+RNG state), schedule (warmup, then cosine or constant; the per-epoch batch plan), runtime (seeds, run config).
 """
 from .config import EngineConfig
 from .distributed import World
 from .engine import FitResult, NonFiniteError, Runtime, Trainer, runtime
 from .precision import check_precision, get_autocast, make_grad_scaler, resolve_device
 from .runtime import seed_everything, write_run_config
-from .schedule import Shard, epoch_plan, warmup_cosine
+from .schedule import LR_SCHEDULES, Shard, epoch_plan, warmup_schedule
 from .task import Selection, StepContext, StepOutput, TrainingTask
 
 __all__ = [
-    "EngineConfig", "FitResult", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext", "StepOutput",
+    "EngineConfig", "FitResult", "LR_SCHEDULES", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext", "StepOutput",
     "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast", "make_grad_scaler",
-    "resolve_device", "runtime", "seed_everything", "warmup_cosine", "write_run_config",
+    "resolve_device", "runtime", "seed_everything", "warmup_schedule", "write_run_config",
 ]

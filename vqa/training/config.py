@@ -11,7 +11,9 @@ class EngineConfig:
     batch_size: int = 64  # per process; the global batch is batch_size x processes x accum_steps
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    warmup_epochs: float = 1.0  # linear warmup, then the schedule
+    lr_schedule: str = "cosine"  # after the warmup: "cosine" decay to 0, or "constant" (the rate of MEVF's and
+    #                              QCR's released code, which never change it)
     schedule_epochs: int | None = None  # the schedule's length (default: epochs); longer stops the run partway down
     #                                    its decay, where a longer run of the same recipe would be at that epoch
     clip_norm: float | None = 1.0  # gradient-norm clipping; 0 or None: none

@@ -10,13 +10,21 @@ from torch import Tensor
 from .distributed import World
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `total_steps` (a LambdaLR)."""
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, after: str = "cosine"):
+    """Linear warmup over `warmup_steps`, then (`after`) cosine decay to 0 at `total_steps`, or the rate held
+    constant (a LambdaLR)."""
+    if after not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {after!r}: expected one of {', '.join(LR_SCHEDULES)}")
     warmup, total = max(1, warmup_steps), max(1, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if after == "constant":
+            return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
