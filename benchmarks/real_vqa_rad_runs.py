@@ -115,6 +115,8 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
 # fine-tuned end to end. On 2 CPU cores an epoch takes 86 s here (its reference code: 169 s), about 5 h a run:
 # gpu.sh runs it, or --only over several calls, each resuming from the run's checkpoint.
 QCR_EPOCHS = 200
+QCR_SCHEDULE_NOTE = ("QCR's schedule as its released code runs it: Adamax at 0.002 held constant, batch 64, hidden "
+                     "1024, per-answer BCE, the gradient norm clipped at 0.25, the image side fine-tuned end to end")
 QCR_SCHEDULE = (("lr", 0.002), ("warmup_epochs", 0.0), ("lr_schedule", "constant"), ("batch_size", 64),
                 ("loss", "bce"), ("question_dim", 1024), ("head_args", (("hidden_dim", 1024),)))
 

@@ -65,3 +65,23 @@ def test_the_ensembles_table_gives_each_kind_of_ensemble_its_own_row(tmp_path):
     assert rows[nine.step].split(" | ")[1] == "1 of 1"  # its own row, not a fourth bagging ensemble
     bagged = next(run.step for run in built if run.kind == "bagging" and len(run.members) == 3)
     assert rows[bagged].split(" | ")[1] == "3 of 3" and "+10.0" in rows[bagged]
+
+
+def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
+    from real_vqa_rad_docs import write_results
+    from real_vqa_rad_runs import CARVE, QCR_SCHEDULE, all_runs
+
+    runs = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("qcr",), ("train", "candidates"),
+                    True, paper_schedule=True)
+    qcr = next(run for run in runs if run.tag == "qcr-schedule" and run.vocab == "train")
+    assert dict(QCR_SCHEDULE)["lr"] == 0.002 and dict(QCR_SCHEDULE)["lr_schedule"] == "constant"
+    summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6},
+               "median_epoch_seconds": 86.0, "carve": CARVE}
+    write_results({qcr.name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())
+    text = (tmp_path / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ours (a), 200 epochs"))
+    assert row.split(" | ")[0].endswith("¶ §") and " | qcr | train-only | " in row
+    assert "¶ QCR's schedule as its released code runs it: Adamax at 0.002 held constant" in text
+    # without the row, no note
+    write_results({}, runs, {}, tmp_path / "empty.md", HeadRecipe())
+    assert "¶" not in (tmp_path / "empty.md").read_text()
