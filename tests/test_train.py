@@ -86,6 +86,24 @@ def test_resume_refuses_another_model(phantom_dir, tmp_path):
         train(_cfg(phantom_dir, tmp_path, epochs=2, head="mevf-ban", resume="latest"))
 
 
+def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path):
+    train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, stop_after=1))
+    for change, message in ((dict(lr=2e-3), "lr=0.001, this run has lr=0.002"),
+                            (dict(lr_schedule="constant"), "lr_schedule='cosine', this run has lr_schedule='constant'"),
+                            (dict(epochs=3), "epochs=2, this run has epochs=3")):
+        with pytest.raises(DataError, match=message):
+            train(_cfg(phantom_dir, tmp_path, head="mevf-san", resume="latest", **{"lr": 1e-3, **change}))
+    # a checkpoint from before --lr-schedule trained with cosine decay, and resumes so
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"] = json.dumps({k: v for k, v in json.loads(state["config"]).items() if k != "lr_schedule"})
+    torch.save(state, path)
+    with pytest.raises(DataError, match="lr_schedule='cosine', this run has lr_schedule='constant'"):
+        train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest", lr_schedule="constant"))
+    resumed = train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest"))
+    assert len(json.loads((resumed / "metrics.json").read_text())["history"]) == 2
+
+
 def _stored_dtypes(bundle) -> set[str]:
     from safetensors import safe_open
 

@@ -75,6 +75,24 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
                             f"this run has {key}={current.get(key)!r}; use another --out or drop --resume")
 
 
+# The optimizer's rates and the schedule's position come back from the checkpoint, and the schedule's shape from
+# these settings: a run resumed with other values would train neither as asked nor as it began.
+SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule", "schedule_epochs", "epochs")
+_UNRECORDED = {"lr_schedule": "cosine"}  # what checkpoints from before a setting existed trained with
+
+
+def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path) -> None:
+    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`) differ from its checkpoint's."""
+    for key in SCHEDULE_SETTINGS:
+        if key not in saved_config and key not in _UNRECORDED:
+            continue
+        was, now = saved_config.get(key, _UNRECORDED.get(key)), getattr(current, key)
+        if was != now:
+            raise DataError(f"{path}: checkpoint was trained with {key}={was!r}, this run has {key}={now!r} (the "
+                            "optimizer's rates and schedule resume from the checkpoint); use another --out or drop "
+                            "--resume")
+
+
 def rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from: Python, NumPy, torch CPU and CUDA."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()

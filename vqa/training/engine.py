@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..io import atomic_write_json, atomic_write_text, sweep_stale_temps
-from .checkpoint import (CHECKPOINT_NAME, check_compatible, load_checkpoint, resolve_resume, rng_state, run_identity,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CHECKPOINT_NAME, check_compatible, check_same_schedule, load_checkpoint, resolve_resume,
+                         rng_state, run_identity, save_checkpoint, set_rng_state)
 from .config import EngineConfig
 from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
 from .precision import check_precision, make_grad_scaler, resolve_device
@@ -312,6 +312,7 @@ class Trainer:
         if "identity" not in state:
             raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
         check_compatible(json.loads(state["identity"]), self.identity, path)
+        check_same_schedule(json.loads(state["config"]) if "config" in state else {}, self.cfg, path)
         if set(state["model"]) != set(self.state_keys):
             raise DataError(f"{path}: its trainable weights do not match this model's "
                             f"(e.g. {sorted(set(state['model']) ^ set(self.state_keys))[:3]})")
