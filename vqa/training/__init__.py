@@ -16,7 +16,7 @@ from .schedule import LR_SCHEDULES, Shard, epoch_plan, warmup_schedule
 from .task import Selection, StepContext, StepOutput, TrainingTask
 
 __all__ = [
-    "EngineConfig", "FitResult", "LR_SCHEDULES", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext", "StepOutput",
-    "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast", "make_grad_scaler",
-    "resolve_device", "runtime", "seed_everything", "warmup_schedule", "write_run_config",
+    "EngineConfig", "FitResult", "LR_SCHEDULES", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext",
+    "StepOutput", "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast",
+    "make_grad_scaler", "resolve_device", "runtime", "seed_everything", "warmup_schedule", "write_run_config",
 ]
