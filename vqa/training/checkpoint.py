@@ -83,14 +83,9 @@ _UNRECORDED = {"lr_schedule": "cosine"}  # what checkpoints from before a settin
 
 def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path) -> None:
     """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`) differ from its checkpoint's."""
-    for key in SCHEDULE_SETTINGS:
-        if key not in saved_config and key not in _UNRECORDED:
-            continue
-        was, now = saved_config.get(key, _UNRECORDED.get(key)), getattr(current, key)
-        if was != now:
-            raise DataError(f"{path}: checkpoint was trained with {key}={was!r}, this run has {key}={now!r} (the "
-                            "optimizer's rates and schedule resume from the checkpoint); use another --out or drop "
-                            "--resume")
+    keys = [k for k in SCHEDULE_SETTINGS if k in saved_config or k in _UNRECORDED]
+    check_compatible({k: saved_config.get(k, _UNRECORDED.get(k)) for k in keys},
+                     {k: getattr(current, k) for k in keys}, path)
 
 
 def rng_state() -> dict[str, Any]:

@@ -39,7 +39,7 @@ from .config import EngineConfig
 from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
 from .precision import check_precision, make_grad_scaler, resolve_device
 from .runtime import jsonable, seed_everything
-from .schedule import LR_SCHEDULES, warmup_schedule
+from .schedule import warmup_schedule
 from .step_log import StepLog
 from .task import StepContext, TrainingTask, WeightAverage, trainable_state, trainable_state_keys, trained_towers
 
@@ -94,8 +94,6 @@ class Trainer:
         steps = task.steps_per_epoch()
         if cfg.schedule_epochs is not None and cfg.schedule_epochs < cfg.epochs:
             raise DataError(f"schedule_epochs {cfg.schedule_epochs}: expected at least the run's {cfg.epochs} epochs")
-        if cfg.lr_schedule not in LR_SCHEDULES:
-            raise DataError(f"--lr-schedule {cfg.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         self.scheduler = warmup_schedule(self.optimizer, int(cfg.warmup_epochs * steps),
                                          (cfg.schedule_epochs or cfg.epochs) * steps, cfg.lr_schedule)
         self.scaler = make_grad_scaler(cfg.precision, self.device)

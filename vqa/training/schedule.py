@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import DataError
 from .distributed import World
 
 
@@ -17,7 +18,7 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     """Linear warmup over `warmup_steps`, then (`after`) cosine decay to 0 at `total_steps`, or the rate held
     constant (a LambdaLR)."""
     if after not in LR_SCHEDULES:
-        raise ValueError(f"learning-rate schedule {after!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        raise DataError(f"--lr-schedule {after!r}: expected one of {', '.join(LR_SCHEDULES)}")
     warmup, total = max(1, warmup_steps), max(1, total_steps)
 
     def factor(step: int) -> float:
