@@ -65,6 +65,21 @@ def test_a_report_that_is_not_one_is_refused(trained_bundle, tmp_path):
         write_model_card(bundle, eval_reports=[tmp_path / "other.json"])
 
 
+def test_a_card_that_cannot_be_written_costs_a_warning_not_the_bundle(trained_bundle, tmp_path, caplog):
+    import logging
+
+    from vqa.model_card import write_card
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    (bundle / "README.md").unlink()
+    (bundle / "eval-vqa-rad-test").mkdir()
+    (bundle / "eval-vqa-rad-test" / "metrics.json").write_text("{not json")  # a report the card cannot read
+    with caplog.at_level(logging.WARNING, logger="vqa.model_card"):
+        write_card(bundle)
+    assert "no model card written" in caplog.text and not (bundle / "README.md").exists()
+    assert (bundle / "model.safetensors").exists()
+
+
 def test_training_data_is_named_without_local_paths(predictor_phantom, tmp_path):
     from vqa.model_card import dataset_label, training_data
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -102,6 +103,17 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
         train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest", lr_schedule="constant"))
     resumed = train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest"))
     assert len(json.loads((resumed / "metrics.json").read_text())["history"]) == 2
+
+
+def test_resume_in_another_precision_is_logged(phantom_dir, tmp_path, caplog):
+    train(_cfg(phantom_dir, tmp_path, head="mevf-san", stop_after=1))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"] = json.dumps({**json.loads(state["config"]), "precision": "bf16"})  # as if made on a GPU
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING, logger="vqa.training.engine"):
+        train(_cfg(phantom_dir, tmp_path, head="mevf-san", resume="latest"))
+    assert "trained so far with --precision bf16, continuing with fp32" in caplog.text
 
 
 def _stored_dtypes(bundle) -> set[str]:

@@ -76,7 +76,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     from heads import create_head, head_to_dict
 
     from .hub import resolve_bundle
-    from .train import write_card
+    from .model_card import write_card
 
     if len(cfg.members) < 2:
         raise DataError(f"an ensemble needs at least 2 member bundles, got {len(cfg.members)}")

@@ -13,6 +13,7 @@ bundle, `medvqa push` refreshes it before uploading.
 """
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +21,8 @@ from typing import Any, Sequence
 from .errors import DataError
 from .io import atomic_write_text, read_json
 from .target_risk import abstention_groups, reported_target
+
+log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 TASK = ("visual-question-answering", "Visual Question Answering")
@@ -143,6 +146,15 @@ def write_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_rep
     path = Path(bundle) / CARD_FILE
     atomic_write_text(path, render_model_card(bundle, repo_id=repo_id, eval_reports=reports, license_id=license_id))
     return path
+
+
+def write_card(bundle: str | Path) -> None:
+    """The card of a bundle just written (by training, ensembling, recalibrating): a failure costs a warning,
+    never the bundle."""
+    try:
+        write_model_card(bundle)
+    except (DataError, ImportError, OSError, ValueError) as e:
+        log.warning("%s: no model card written (%s); `medvqa push` writes one", bundle, e)
 
 
 def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: str | None, reports: list[dict],

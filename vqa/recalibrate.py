@@ -55,7 +55,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     from .ensemble import recorded_splits
     from .evaluate import predict_records
     from .hub import resolve_bundle
-    from .train import write_card
+    from .model_card import write_card
 
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)

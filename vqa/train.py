@@ -29,7 +29,7 @@ from .features import feature_table, pixel_table, pooled_features
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
-from .model_card import training_data, write_model_card
+from .model_card import training_data, write_card
 from .ood import OutOfScopeDetector
 from .trust import TrustScorer
 from .stats import duplicate_records
@@ -435,14 +435,6 @@ def train(cfg: TrainConfig) -> Path:
                              calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype)
         write_card(bundle)
         return bundle
-
-
-def write_card(bundle: Path) -> None:
-    """The bundle's model card (README.md); a failure costs a warning, never the trained bundle."""
-    try:
-        write_model_card(bundle)
-    except (DataError, ImportError, OSError, ValueError) as e:
-        log.warning("%s: no model card written (%s); `medvqa push` writes one", bundle, e)
 
 
 def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokenizer, answers, loss: str,

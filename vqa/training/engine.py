@@ -310,7 +310,13 @@ class Trainer:
         if "identity" not in state:
             raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
         check_compatible(json.loads(state["identity"]), self.identity, path)
-        check_same_schedule(json.loads(state["config"]) if "config" in state else {}, self.cfg, path)
+        saved_config = json.loads(state["config"]) if "config" in state else {}
+        check_same_schedule(saved_config, self.cfg, path)
+        if saved_config.get("precision", self.cfg.precision) != self.cfg.precision:
+            # allowed: a run may move between machines (a GPU's bf16, a CPU's fp32), but its numbers then differ
+            # from a run made in one precision throughout, and its run config names the last one only
+            log.warning("%s: trained so far with --precision %s, continuing with %s", path,
+                        saved_config["precision"], self.cfg.precision)
         if set(state["model"]) != set(self.state_keys):
             raise DataError(f"{path}: its trainable weights do not match this model's "
                             f"(e.g. {sorted(set(state['model']) ^ set(self.state_keys))[:3]})")
