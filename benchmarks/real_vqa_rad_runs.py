@@ -111,14 +111,21 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
 
 # QCR's published schedule, as its released code (Awenbocc/med-vqa, main.py and train.py) runs it: 200 epochs of
 # Adamax at PyTorch's default rate, 0.002 (main.py's --lr 0.005 never reaches the optimizer), held constant: no
-# warmup, no decay; batch 64, hidden 1024, per-answer BCE, the gradient norm clipped at 0.25, MAML + autoencoder
-# fine-tuned end to end. On 2 CPU cores an epoch takes 86 s here (its reference code: 169 s), about 5 h a run:
-# gpu.sh runs it, or --only over several calls, each resuming from the run's checkpoint.
+# warmup, no decay; batch 64, hidden 1024, the gradient norm clipped at 0.25, MAML + autoencoder fine-tuned end to
+# end (autoencoder loss x 0.001). Its loss is PyTorch's default BCE, averaged over every (question, answer) pair of
+# each branch, not MEVF's sum over answers: Adamax ignores the scale, but the 0.25 clip does not (under the sum it
+# clipped every step of a first start: gradient norms 4-990), nor does the weight of the autoencoder's loss beside
+# it. Its type classifier is trained apart and frozen, so here the router's loss stops at the question features.
+# On 2 CPU cores an epoch takes 86 s here (its reference code: 169 s), about 5 h a run: gpu.sh runs it, or --only
+# over several calls, each resuming from the run's checkpoint.
 QCR_EPOCHS = 200
 QCR_SCHEDULE_NOTE = ("QCR's schedule as its released code runs it: Adamax at 0.002 held constant, batch 64, hidden "
-                     "1024, per-answer BCE, the gradient norm clipped at 0.25, the image side fine-tuned end to end")
+                     "1024, per-answer BCE averaged over each branch's (question, answer) pairs, the gradient norm "
+                     "clipped at 0.25, the image side fine-tuned end to end, the type router trained apart from the "
+                     "question encoder")
 QCR_SCHEDULE = (("lr", 0.002), ("warmup_epochs", 0.0), ("lr_schedule", "constant"), ("batch_size", 64),
-                ("loss", "bce"), ("question_dim", 1024), ("head_args", (("hidden_dim", 1024),)))
+                ("loss", "bce-mean"), ("question_dim", 1024),
+                ("head_args", (("hidden_dim", 1024), ("separate_router", True))))
 
 
 SEEDS = (0, 1, 2)  # every transfer row is the mean over these seeds (training order and validation carve)

@@ -35,7 +35,7 @@ class VQAHead(nn.Module):
     # whose classes are positions, not answers
     has_fused_output: ClassVar[bool] = False
     loss_class: ClassVar[type | None] = None  # the loss module that trains it (heads.losses), `from_head(head, kind)`
-    supported_losses: ClassVar[tuple[str, ...]] = ("bce", "ce")  # kinds its loss class accepts
+    supported_losses: ClassVar[tuple[str, ...]] = ("bce", "bce-mean", "ce")  # kinds its loss class accepts
     default_loss: ClassVar[str] = "bce"
 
     def __init__(

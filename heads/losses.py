@@ -19,7 +19,10 @@ from torch import nn
 from .base import OPEN, VQAHead
 
 IGNORE_INDEX = -100
-_KINDS = ("bce", "ce")
+# bce: per-answer BCE summed over answers, averaged over questions (MEVF); bce-mean: averaged over every (question,
+# answer) pair, PyTorch's default reduction, as QCR's code trains (per answer branch); ce: softmax cross-entropy.
+# Adamax is blind to the loss's scale but gradient clipping is not: under MEVF's sum, a 0.25 clip acts at every step.
+LOSS_KINDS = ("bce", "bce-mean", "ce")
 
 
 def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -43,6 +46,14 @@ def _bce(logits: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | None =
     return per_answer.sum() / max(logits.shape[0], 1)
 
 
+def _bce_mean(logits: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """BCE averaged over the (question, answer) pairs of `rows` (B,) and the answers in `keep` (A,); 0 when no
+    question is in `rows`."""
+    per_answer = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")  # (B, A)
+    pairs = rows.float().unsqueeze(1) * keep.float()  # (B, A)
+    return (per_answer * pairs).sum() / pairs.sum().clamp_min(1.0)  # a tensor count: no host sync
+
+
 def _soft_cross_entropy(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against scores renormalised per row; rows with no target are skipped."""
     # Weighted over all rows rather than indexed by `mass > 0`: selecting rows, or asking whether any has a
@@ -61,13 +72,14 @@ class AnswerLoss(nn.Module):
 
     kind="bce" (MEVF): binary cross-entropy with logits against one-hot / soft
     scores, summed over answers and averaged over the batch, as MEVF trains.
+    kind="bce-mean": the same averaged over every (question, answer) pair.
     kind="ce": softmax cross-entropy (soft targets renormalised per row).
     """
 
     def __init__(self, kind: str = "bce") -> None:
         super().__init__()
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
         self.kind = kind
 
     @classmethod
@@ -79,7 +91,12 @@ class AnswerLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         logits = outputs["logits"].float()  # (B, A)
         scores = soft_targets(targets, logits.shape[1])  # (B, A)
-        loss = _bce(logits, scores) if self.kind == "bce" else _soft_cross_entropy(logits, scores)
+        if self.kind == "bce":
+            loss = _bce(logits, scores)
+        elif self.kind == "bce-mean":
+            loss = F.binary_cross_entropy_with_logits(logits, scores)
+        else:
+            loss = _soft_cross_entropy(logits, scores)
         return {"loss": loss, "answer_loss": loss}
 
 
@@ -90,14 +107,16 @@ class QCRLoss(nn.Module):
     an open one by `open_logits` over the open group (the ground-truth type picks
     the branch, as QCR trains). Target mass outside the sample's group is
     dropped. total = answer_loss + type_weight * cross_entropy(type_logits, answer_type).
+    kind="bce-mean" (QCR's code): each branch's BCE averaged over its questions' (question, answer-of-the-group)
+    pairs, the two branches' averages added.
     """
 
     def __init__(
         self, closed_mask: Sequence[bool], open_mask: Sequence[bool], type_weight: float = 1.0, kind: str = "bce"
     ) -> None:
         super().__init__()
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
         self.kind = kind
         self.type_weight = type_weight
         self.register_buffer("closed_mask", torch.as_tensor(list(closed_mask), dtype=torch.bool), persistent=False)
@@ -118,6 +137,10 @@ class QCRLoss(nn.Module):
         scores = soft_targets(targets, logits.shape[1]) * group  # (B, A)
         if self.kind == "bce":
             answer_loss = _bce(logits, scores, keep=group)
+        elif self.kind == "bce-mean":
+            open_rows = is_open.squeeze(1)
+            answer_loss = (_bce_mean(logits, scores, ~open_rows, self.closed_mask)
+                           + _bce_mean(logits, scores, open_rows, self.open_mask))
         else:
             answer_loss = _soft_cross_entropy(logits.masked_fill(~group, float("-inf")), scores)
         type_loss = F.cross_entropy(outputs["type_logits"].float(), answer_type.long())

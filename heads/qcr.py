@@ -44,6 +44,9 @@ class QCRHeadConfig:
     attention_dropout: float = 0.5
     classifier_dropout: float = 0.5
     type_hidden: list[int] = field(default_factory=lambda: [256, 64])  # QCR's type MLP: H -> 256 -> 64 -> 2
+    # True: the type router's loss stops at the question features, training the router alone, as QCR's code
+    # trains its type classifier apart from the answer model; False: it trains the shared question encoder too.
+    separate_router: bool = False
 
     def __post_init__(self) -> None:
         # Plain bools whatever came in (tensor, numpy, 0/1), so the config stays JSON.
@@ -133,7 +136,8 @@ class QCRHead(VQAHead):
         words = question["tokens"]  # (B, L, Hq)
         v = self.grid(features)  # (B, N, D)
         reasoning = self.reasoning(self.reasoning_pool(words, mask))  # (B, H)
-        type_logits = self.type_classifier(self.type_pool(words, mask))  # (B, 2)
+        routed = words.detach() if self.config.separate_router else words
+        type_logits = self.type_classifier(self.type_pool(routed, mask))  # (B, 2)
         closed_logits, closed_att, closed_fused = self.closed_branch(v, words, mask, reasoning)
         open_logits, open_att, open_fused = self.open_branch(v, words, mask, reasoning)
         is_closed = (type_logits.argmax(-1) == CLOSED).unsqueeze(-1)  # (B, 1)

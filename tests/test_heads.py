@@ -223,6 +223,8 @@ def test_answer_loss_matches_mevf_scaling():
     expected = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="sum") / 3
     torch.testing.assert_close(bce({"logits": logits}, index)["loss"], expected)
     torch.testing.assert_close(bce({"logits": logits}, one_hot)["loss"], expected)
+    mean = AnswerLoss("bce-mean")  # QCR's code: PyTorch's default reduction, over every (question, answer) pair
+    torch.testing.assert_close(mean({"logits": logits}, index)["loss"], expected * 3 / 15)
     ce = AnswerLoss("ce")
     torch.testing.assert_close(ce({"logits": logits}, one_hot)["loss"], F.cross_entropy(logits, index))
     # An answer outside the vocabulary (-100): zero target row for BCE, skipped by CE.
@@ -236,7 +238,7 @@ def test_answer_loss_matches_mevf_scaling():
         AnswerLoss("mse")
 
 
-@pytest.mark.parametrize("kind", ["bce", "ce"])
+@pytest.mark.parametrize("kind", ["bce", "bce-mean", "ce"])
 def test_qcr_loss_trains_only_the_true_type_branch_within_its_group(kind):
     closed, opened = torch.tensor(CLOSED_MASK), torch.tensor(OPEN_MASK)
     closed_logits = torch.randn(4, A).masked_fill(~closed, MASKED_LOGIT).requires_grad_()
@@ -256,6 +258,31 @@ def test_qcr_loss_trains_only_the_true_type_branch_within_its_group(kind):
         expected = F.cross_entropy(closed_logits[[0, 2]][:, closed], torch.tensor([0, 1]))
         opened_part = F.cross_entropy(open_logits[[1, 3]][:, opened], torch.tensor([3, 8]))
         torch.testing.assert_close(parts["answer_loss"], (expected * 2 + opened_part * 2) / 4)
+    if kind == "bce-mean":  # each branch's BCE averaged over its 2 questions x its group, the two averages added
+        closed_part = F.binary_cross_entropy_with_logits(closed_logits[[0, 2]][:, closed], torch.eye(3)[[0, 1]])
+        opened_part = F.binary_cross_entropy_with_logits(open_logits[[1, 3]][:, opened], torch.eye(9)[[3, 8]])
+        torch.testing.assert_close(parts["answer_loss"], closed_part + opened_part)
+
+
+def test_qcr_loss_averaged_over_pairs_takes_a_batch_of_one_type():
+    closed = torch.tensor(CLOSED_MASK)
+    outputs = {"closed_logits": torch.randn(2, A).masked_fill(~closed, MASKED_LOGIT),
+               "open_logits": torch.randn(2, A), "type_logits": torch.randn(2, 2)}
+    parts = QCRLoss(CLOSED_MASK, OPEN_MASK, kind="bce-mean")(outputs, torch.tensor([0, 2]), torch.tensor([CLOSED] * 2))
+    expected = F.binary_cross_entropy_with_logits(outputs["closed_logits"][:, closed], torch.eye(3)[[0, 2]])
+    torch.testing.assert_close(parts["answer_loss"], expected)  # no open question: that branch adds 0, not NaN
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_separate_qcr_router_does_not_train_the_question_encoder(separate):
+    torch.manual_seed(0)
+    encoder = QuestionEncoderConfig(vocab_size=V, embed_dim=16, hidden_dim=32)
+    head = create_head("qcr", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=encoder,
+                       separate_router=separate, **tiny_kwargs("qcr"))
+    F.cross_entropy(run(head, batch())["type_logits"], torch.tensor([CLOSED, OPEN, CLOSED, OPEN])).backward()
+    reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in head.question_encoder.parameters()]
+    assert any(reached) != separate
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.type_classifier.parameters())
 
 
 def test_multiple_choice_loss_is_cross_entropy():

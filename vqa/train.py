@@ -85,7 +85,7 @@ class TrainConfig(EngineConfig):
     question_dim: int = 1024  # question GRU hidden size
     glove: str | None = None  # GloVe text file, or a .npy aligned with the vocabulary
     max_len: int | None = None  # question tokens; None: 12 words (MEVF) for the GRU, 32 tokens for a text tower
-    loss: str | None = None  # bce (MEVF: sigmoid per answer) | ce (softmax); None: the head's default
+    loss: str | None = None  # bce (MEVF: sigmoid per answer) | bce-mean (QCR) | ce (softmax); None: the head's own
     aux_weight: float = 1e-3  # weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder)
     optimizer: str = "adamax"  # adamax (MEVF, QCR) | adamw
     refit: bool = False  # after validation chose the epoch, train again on train + validation for that many epochs

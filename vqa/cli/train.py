@@ -27,6 +27,8 @@ OUT gets run_config.json, history.json/.csv, checkpoint.pt (resumable) and bundl
 
 
 def build_parser():
+    from heads.losses import LOSS_KINDS
+
     from ..train import TrainConfig
 
     d = TrainConfig()
@@ -81,8 +83,10 @@ def build_parser():
                                                  "or a .npy aligned with the vocabulary")
     g.add_argument("--max-len", type=int, default=None,
                    help="question tokens read (default: 12 words for the GRU, 32 tokens for a text tower)")
-    g.add_argument("--loss", default=None, choices=["bce", "ce"],
-                   help="bce: MEVF's per-answer sigmoid loss; ce: softmax cross-entropy (default: the head's own)")
+    g.add_argument("--loss", default=None, choices=LOSS_KINDS,
+                   help="bce: MEVF's per-answer sigmoid loss, summed over answers; bce-mean: the same averaged over "
+                        "(question, answer) pairs, per answer branch (QCR's code); ce: softmax cross-entropy "
+                        "(default: the head's own)")
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,
                    help="weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder; default: "
                         "%(default)s)")
