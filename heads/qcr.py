@@ -53,6 +53,8 @@ class QCRHeadConfig:
         self.closed_mask = [bool(x) for x in list(self.closed_mask)]
         self.open_mask = [bool(x) for x in list(self.open_mask)]
         self.type_hidden = [int(x) for x in self.type_hidden]
+        if not isinstance(self.separate_router, bool):  # `--head-arg separate_router=yes` would read as true
+            raise ValueError(f"qcr: separate_router must be true or false, got {self.separate_router!r}")
 
     def ban(self) -> BANHeadConfig:
         return BANHeadConfig(

@@ -192,6 +192,9 @@ def test_qcr_rejects_bad_masks():
     enc = QuestionEncoderConfig(V, embed_dim=8, hidden_dim=16)
     with pytest.raises(ValueError, match="11"):
         create_head("qcr", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=enc, closed_mask=[1, 0], open_mask=OPEN_MASK)
+    with pytest.raises(ValueError, match="separate_router must be true or false, got 'yes'"):
+        create_head("qcr", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=enc, closed_mask=CLOSED_MASK,
+                    open_mask=OPEN_MASK, separate_router="yes")
     with pytest.raises(ValueError, match="selects no answer"):
         create_head("qcr", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=enc, closed_mask=[0] * A, open_mask=OPEN_MASK)
 
