@@ -46,10 +46,9 @@ def _bce(logits: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | None =
     return per_answer.sum() / max(logits.shape[0], 1)
 
 
-def _bce_mean(logits: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """BCE averaged over the (question, answer) pairs of `rows` (B,) and the answers in `keep` (A,); 0 when no
-    question is in `rows`."""
-    per_answer = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")  # (B, A)
+def _mean_over_pairs(per_answer: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`per_answer` (B, A) averaged over the (question, answer) pairs of `rows` (B,) and the answers in `keep` (A,);
+    0 when no question is in `rows`."""
     pairs = rows.float().unsqueeze(1) * keep.float()  # (B, A)
     return (per_answer * pairs).sum() / pairs.sum().clamp_min(1.0)  # a tensor count: no host sync
 
@@ -138,9 +137,10 @@ class QCRLoss(nn.Module):
         if self.kind == "bce":
             answer_loss = _bce(logits, scores, keep=group)
         elif self.kind == "bce-mean":
+            per_answer = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")  # (B, A)
             open_rows = is_open.squeeze(1)
-            answer_loss = (_bce_mean(logits, scores, ~open_rows, self.closed_mask)
-                           + _bce_mean(logits, scores, open_rows, self.open_mask))
+            answer_loss = (_mean_over_pairs(per_answer, ~open_rows, self.closed_mask)
+                           + _mean_over_pairs(per_answer, open_rows, self.open_mask))
         else:
             answer_loss = _soft_cross_entropy(logits.masked_fill(~group, float("-inf")), scores)
         type_loss = F.cross_entropy(outputs["type_logits"].float(), answer_type.long())

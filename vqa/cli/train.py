@@ -14,10 +14,10 @@ EXAMPLE = """examples:
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder \\
       --encoder-mode finetune --glove runs/mevf/glove_300d.txt --answers path/to/vqa-rad/answer_all_list.json
   # QCR's released code's recipe on MEVF's image side: its loss, Adamax at 0.002 held for 200 epochs, batch 64
-  medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --encoder runs/mevf/encoder \
-      --encoder-mode finetune --glove runs/mevf/glove_300d.txt --head qcr --head-arg hidden_dim=1024 --head-arg separate_router=true \
-      --question-dim 1024 --loss bce-mean --optimizer adamax --lr 0.002 --lr-schedule constant \
-      --warmup-epochs 0 --batch-size 64 --epochs 200 --out runs/qcr-code
+  medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --encoder runs/mevf/encoder \\
+      --encoder-mode finetune --glove runs/mevf/glove_300d.txt --head qcr --head-arg hidden_dim=1024 \\
+      --head-arg separate_router=true --question-dim 1024 --loss bce-mean --optimizer adamax --lr 0.002 \\
+      --lr-schedule constant --warmup-epochs 0 --batch-size 64 --epochs 200 --out runs/qcr-code
   # the README's VQA-RAD recipe, one of its three bagged runs (--seed 0, 1, 2; then `medvqa ensemble --bagging`)
   medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --answers train \\
       --encoder efficientnet-lite0-imagenet --question-encoder minilm --question-lr 5e-5 \\
