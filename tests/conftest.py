@@ -37,6 +37,8 @@ RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[q
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-mc]",
              "test_transfer.py::test_the_packaged_minilm_frozen_as_question_encoder",
              "test_ensemble.py::test_an_ensemble_is_its_members_mean_distribution_calibrated_on_their_validation",
+             "test_ensemble.py::test_bagging_calibrates_each_carve_on_the_members_held_out_on_it_together",
+             "test_ensemble.py::test_a_bagging_ensemble_joins_members_of_different_carves",
              "test_engine.py::test_head_training_two_processes_match_one_on_the_same_global_batch",
              "test_cache_shards.py::test_two_processes_write_the_cache_that_one_process_writes",
              # The fast lane (`make test-fast` deselects the slow tests above; the bundle build comes first):

@@ -137,9 +137,10 @@ def test_bagging_calibrates_each_carve_on_the_members_held_out_on_it_together(ph
     loaded = [load(m) for m in members]
     splits = [recorded_splits(m, b, "vqa-rad", str(phantom_dir / "vqa-rad")) for m, b in zip(members, loaded)]
     assert splits[0][2] == splits[1][2] != splits[2][2]
-    calibration = load(bundle).calibration
+    ensemble = load(bundle)
+    calibration = ensemble.calibration
     # its trust memory: the whole training split, which together the members trained on
-    ids = [load(bundle).answers.index(r.answer) for r in splits[0][0] + splits[0][1]]
+    ids = [ensemble.answers.index(r.answer) for r in splits[0][0] + splits[0][1]]
     assert calibration.uses_trust and sorted(calibration.trust.answers.tolist()) == sorted(i for i in ids if i >= 0)
     # one answer per question of each carve (not one per member): the two members of carve 5 answer together
     assert sum(len(e["correct"]) for e in calibration.evidence.values()) == len(splits[0][1]) + len(splits[2][1])
