@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from vqa.errors import DataError
 from vqa.training import EngineConfig
+from vqa.training.schedule import check_schedule
 
 
 @dataclass
@@ -56,6 +57,7 @@ class PretrainConfig(EngineConfig):
 
     def validate(self) -> None:
         """Values no run could use are DataErrors naming the flag."""
+        check_schedule(self.lr_schedule, self.warmup_epochs)
         for name in ("batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -234,6 +234,39 @@ def test_a_constant_schedule_holds_the_rate_after_its_warmup_and_cosine_decays_i
         warmup_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 1, 10, after="step")
 
 
+def test_mevf_step_is_the_schedule_mevfs_released_code_runs(phantom_dir, tmp_path):
+    from vqa.training import warmup_schedule
+
+    base, per_epoch = 0.005, 3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = warmup_schedule(opt, 0, 20 * per_epoch, "mevf-step", per_epoch)
+    ours = []
+    for _ in range(20 * per_epoch):
+        ours.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    theirs, rate = [], base  # MEVF's train.py: the rate set at the start of each epoch, then held through it
+    for epoch in range(20):
+        if epoch < 4:
+            rate = (0.5, 1.0, 1.5, 2.0)[epoch] * base
+        elif epoch in range(10, 20, 2):
+            rate *= 0.75
+        theirs += [rate] * per_epoch
+    assert ours == pytest.approx(theirs)
+    assert max(ours) == pytest.approx(0.01) and ours[-1] == pytest.approx(0.01 * 0.75 ** 5)
+    # in a run: each epoch's row has the rate where the schedule stands at its end, the next epoch's
+    history = json.loads((train(_cfg(phantom_dir, tmp_path, lr=base, warmup_epochs=0, lr_schedule="mevf-step"))
+                          / "metrics.json").read_text())["history"]
+    assert [row["lr"] for row in history] == pytest.approx([base, 1.5 * base])
+    # its own warmup and --warmup-epochs would compound: refused before any work
+    with pytest.raises(DataError, match="pass --warmup-epochs 0, not 1"):
+        train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "warm"), lr_schedule="mevf-step"))
+    assert not (tmp_path / "warm").exists()
+    from pretrain import PretrainConfig
+    with pytest.raises(DataError, match="pass --warmup-epochs 0, not 0.5"):
+        PretrainConfig(lr_schedule="mevf-step", warmup_epochs=0.5).validate()
+
+
 def test_a_run_keeps_its_constant_rate_and_refuses_an_unknown_schedule(phantom_dir, tmp_path):
     history = json.loads((train(_cfg(phantom_dir, tmp_path, lr=2e-3, warmup_epochs=0, lr_schedule="constant"))
                           / "metrics.json").read_text())["history"]

@@ -53,7 +53,6 @@ def test_small_bundle_answers_like_the_full_one(tmp_path):
     from safetensors import safe_open
 
     from vqa.bundle import load, save
-    from vqa.inference import answer_scores
     from vqa.phantom import generate_phantom
     from vqa.train import TrainConfig, train
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vqa.calibration import (Calibration, calibration_metrics, coverage_at_risk, ece_of_calibrated,
                              expected_calibration_error, fit_temperature, risk_threshold)

@@ -38,7 +38,7 @@ from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
                        epoch_plan, runtime, write_run_config)
 from .training.augment import augment
-from .training.schedule import Shard
+from .training.schedule import Shard, check_schedule
 
 log = logging.getLogger(__name__)
 # What must match to resume: the data, the model and the batch order (the engine adds the seed).
@@ -375,6 +375,7 @@ def train(cfg: TrainConfig) -> Path:
     loss = cfg.loss or get_head_class(cfg.head).default_loss
     cfg = dataclasses.replace(cfg, target_risk=TargetRisk.parse(cfg.target_risk))
     check_weights_dtype(cfg.weights_dtype)
+    check_schedule(cfg.lr_schedule, cfg.warmup_epochs)
     if cfg.refit and cfg.val_split == "test":
         raise DataError("--refit trains again on train + the validation split, which here is test: choose the epoch "
                         "on a carved or named validation split")

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import DataError
 
 FORMAT_CHOICES = ("vqa-rad", "slake", "pmc-vqa", "pathvqa", "hf")  # vqa.data.FORMATS (not imported: fast --help)
-LR_SCHEDULES = ("cosine", "constant")  # vqa.training.LR_SCHEDULES (not imported: fast --help)
+LR_SCHEDULES = ("cosine", "constant", "mevf-step")  # vqa.training.LR_SCHEDULES (not imported: fast --help)
 
 
 def command_parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -135,7 +135,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     g.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
-                   help="after the warmup: cosine decay to 0, or constant (default: %(default)s)")
+                   help="after the warmup: cosine decay to 0, or constant; mevf-step: MEVF's released schedule, "
+                        "its own warmup (x0.5 to x2 over 4 epochs; --warmup-epochs 0) then x0.75 at epochs 11, 13, "
+                        "15, 17 and 19 (default: %(default)s)")
     g.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help="0 = no clipping (default: %(default)s)")
     g.add_argument("--ema-decay", type=float, default=None,
                    help="score, select and keep an exponential moving average of the weights, e.g. 0.999")

@@ -5,7 +5,7 @@
 Modules: config (EngineConfig, the shared fields), task (TrainingTask, StepContext, StepOutput,
 Selection, trainable state), engine (Trainer.fit, runtime, NonFiniteError), precision (devices,
 autocast, GradScaler), distributed (torchrun world, gathers), checkpoint (atomic save, resume,
-RNG state), schedule (warmup, then cosine or constant; the per-epoch batch plan), runtime (seeds, run config).
+RNG state), schedule (warmup, then cosine or constant, or MEVF's steps; the per-epoch batch plan), runtime (seeds, run config).
 """
 from .config import EngineConfig
 from .distributed import World

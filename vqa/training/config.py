@@ -13,7 +13,7 @@ class EngineConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 1.0  # linear warmup, then the schedule
     lr_schedule: str = "cosine"  # after the warmup: "cosine" decay to 0, or "constant" (QCR's released code never
-    #                              changes its rate)
+    #                              changes its rate); "mevf-step": MEVF's released schedule, its own warmup included
     schedule_epochs: int | None = None  # the schedule's length (default: epochs); longer stops the run partway down
     #                                    its decay, where a longer run of the same recipe would be at that epoch
     clip_norm: float | None = 1.0  # gradient-norm clipping; 0 or None: none

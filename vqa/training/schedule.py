@@ -11,14 +11,37 @@ from ..errors import DataError
 from .distributed import World
 
 
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "constant", "mevf-step")
+# MEVF's released train.py (from BAN's): the rate x 0.5, 1, 1.5, 2 over the first four epochs, then held at 2x and
+# cut by 0.75 at epochs 10, 12, 14, 16 and 18 (counted from 0), whatever the run's length.
+MEVF_WARMUP = (0.5, 1.0, 1.5, 2.0)
+MEVF_DECAY_EPOCHS, MEVF_DECAY_RATE = range(10, 20, 2), 0.75
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, after: str = "cosine"):
+def mevf_step_factor(epoch: int) -> float:
+    """The multiple of the base rate that MEVF's schedule trains `epoch` (0-based) at."""
+    if epoch < len(MEVF_WARMUP):
+        return MEVF_WARMUP[epoch]
+    return MEVF_WARMUP[-1] * MEVF_DECAY_RATE ** sum(e <= epoch for e in MEVF_DECAY_EPOCHS)
+
+
+def check_schedule(lr_schedule: str, warmup: float) -> None:
+    """A DataError for a schedule no run can use (checked before any work, and again where it is built)."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise DataError(f"--lr-schedule {lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if lr_schedule == "mevf-step" and warmup > 0:  # two warmups would compound: say so rather than pick one
+        raise DataError(f"--lr-schedule mevf-step warms up on its own (the rate x 0.5, 1, 1.5, 2 over the first four "
+                        f"epochs): pass --warmup-epochs 0, not {warmup:g}")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, after: str = "cosine",
+                    steps_per_epoch: int = 1):
     """Linear warmup over `warmup_steps`, then (`after`) cosine decay to 0 at `total_steps`, or the rate held
-    constant (a LambdaLR)."""
-    if after not in LR_SCHEDULES:
-        raise DataError(f"--lr-schedule {after!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    constant (a LambdaLR); "mevf-step" is MEVF's epoch-wise schedule, its own warmup included."""
+    check_schedule(after, warmup_steps)
+    if after == "mevf-step":
+        per_epoch = max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: mevf_step_factor(step // per_epoch))
     warmup, total = max(1, warmup_steps), max(1, total_steps)
 
     def factor(step: int) -> float:
