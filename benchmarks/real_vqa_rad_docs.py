@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from _common import mean_std, percent_mean_std
-from real_vqa_rad_runs import CARVE, PAPER_EPOCHS, QCR_SCHEDULE_NOTE, SEEDS, HeadRecipe, Run
+from real_vqa_rad_runs import CARVE, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
 from vqa.io import atomic_write_text
 
 log = logging.getLogger("real_vqa_rad")
@@ -377,7 +377,8 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
         if not r or run.row == "t":  # the transfer rows have their own table, with their seeds
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
-            (f", {run.epochs} epochs" if run.epochs else "") + (" ¶" if run.tag == "qcr-schedule" else "")
+            (f", {run.epochs} epochs" if run.epochs else "") + \
+            (f" {RELEASED_SCHEDULES[run.tag][0]}" if run.tag in RELEASED_SCHEDULES else "")
         side = f"{ROW_NAMES[run.row]}, {run.mode}" + (", pooled vector" if run.features == "pooled" else "")
         label += _marks(r)
         lines.append(f"| {label} | {side} | {run.head} | "
@@ -385,8 +386,9 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
                      f"{_cell(r['all'])} | {_epoch_cell(r)} |")
     lines += ["", "\\* MEVF/QCR's protocol, shown only to measure it: trained on all of train, the epoch with the "
               "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy."]
-    if any(run.tag == "qcr-schedule" and run.name in results for run in runs):
-        lines += ["", f"¶ {QCR_SCHEDULE_NOTE}."]
+    for tag, (mark, note) in RELEASED_SCHEDULES.items():
+        if any(run.tag == tag and run.name in results for run in runs):
+            lines += ["", f"{mark} {note}."]
     caveats = sorted({r["caveat"] for r in results.values() if r.get("caveat")})
     lines += ["", "‡ " + " ".join(caveats)] if caveats else []
     if any(r.get("carve") == CARVE for r in results.values()):

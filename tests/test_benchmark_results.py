@@ -87,3 +87,30 @@ def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
     # without the row, no note
     write_results({}, runs, {}, tmp_path / "empty.md", HeadRecipe())
     assert "¶" not in (tmp_path / "empty.md").read_text()
+
+
+def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
+    from real_vqa_rad_docs import write_results
+    from real_vqa_rad_runs import CARVE, MEVF_SCHEDULE, all_runs
+
+    from vqa.train import TrainConfig
+    from vqa.training.schedule import check_schedule
+
+    runs = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("mevf-ban",),
+                    ("train", "candidates"), True, paper_schedule=True)
+    mevf = [run for run in runs if run.tag == "mevf-schedule"]
+    assert [(r.vocab, r.selection, r.epochs, r.gpu_sized) for r in mevf] == [("train", "val", 20, True),
+                                                                            ("candidates", "test", 20, True)]
+    schedule = dict(MEVF_SCHEDULE)  # MEVF's main.py and train.py: --lr 0.005 on BAN's epoch-wise steps, batch 32
+    assert schedule["lr"] == 0.005 and schedule["batch_size"] == 32 and schedule["loss"] == "bce"
+    assert schedule["aux_weight"] == pytest.approx(0.001 / 32) and schedule["clip_norm"] == 0.25
+    check_schedule(schedule["lr_schedule"], schedule["warmup_epochs"])  # a run would not refuse it
+    TrainConfig(**{k: v for k, v in MEVF_SCHEDULE if k != "head_args"})  # every setting is a training field
+    summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6},
+               "median_epoch_seconds": 150.0, "carve": CARVE}
+    write_results({mevf[0].name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())
+    text = (tmp_path / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ours (a), 20 epochs ‖"))
+    assert " | mevf-ban | train-only | " in row and "¶" not in text
+    assert "‖ MEVF's schedule as its released code runs it: Adamax from 0.005" in text
+
