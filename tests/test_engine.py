@@ -254,16 +254,18 @@ def test_mevf_step_is_the_schedule_mevfs_released_code_runs(phantom_dir, tmp_pat
         theirs += [rate] * per_epoch
     assert ours == pytest.approx(theirs)
     assert max(ours) == pytest.approx(0.01) and ours[-1] == pytest.approx(0.01 * 0.75 ** 5)
+    with pytest.raises(DataError, match=r"got a warmup of 6 steps"):
+        warmup_schedule(opt, 6, 20 * per_epoch, "mevf-step", per_epoch)
     # in a run: each epoch's row has the rate where the schedule stands at its end, the next epoch's
     history = json.loads((train(_cfg(phantom_dir, tmp_path, lr=base, warmup_epochs=0, lr_schedule="mevf-step"))
                           / "metrics.json").read_text())["history"]
     assert [row["lr"] for row in history] == pytest.approx([base, 1.5 * base])
     # its own warmup and --warmup-epochs would compound: refused before any work
-    with pytest.raises(DataError, match="pass --warmup-epochs 0, not 1"):
+    with pytest.raises(DataError, match=r"pass --warmup-epochs 0 \(got a warmup of 1 epochs\)"):
         train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "warm"), lr_schedule="mevf-step"))
     assert not (tmp_path / "warm").exists()
     from pretrain import PretrainConfig
-    with pytest.raises(DataError, match="pass --warmup-epochs 0, not 0.5"):
+    with pytest.raises(DataError, match=r"pass --warmup-epochs 0 \(got a warmup of 0.5 epochs\)"):
         PretrainConfig(lr_schedule="mevf-step", warmup_epochs=0.5).validate()
 
 

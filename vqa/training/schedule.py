@@ -25,20 +25,20 @@ def mevf_step_factor(epoch: int) -> float:
     return MEVF_WARMUP[-1] * MEVF_DECAY_RATE ** sum(e <= epoch for e in MEVF_DECAY_EPOCHS)
 
 
-def check_schedule(lr_schedule: str, warmup: float) -> None:
+def check_schedule(lr_schedule: str, warmup: float, unit: str = "epochs") -> None:
     """A DataError for a schedule no run can use (checked before any work, and again where it is built)."""
     if lr_schedule not in LR_SCHEDULES:
         raise DataError(f"--lr-schedule {lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if lr_schedule == "mevf-step" and warmup > 0:  # two warmups would compound: say so rather than pick one
         raise DataError(f"--lr-schedule mevf-step warms up on its own (the rate x 0.5, 1, 1.5, 2 over the first four "
-                        f"epochs): pass --warmup-epochs 0, not {warmup:g}")
+                        f"epochs): pass --warmup-epochs 0 (got a warmup of {warmup:g} {unit})")
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, after: str = "cosine",
                     steps_per_epoch: int = 1):
     """Linear warmup over `warmup_steps`, then (`after`) cosine decay to 0 at `total_steps`, or the rate held
     constant (a LambdaLR); "mevf-step" is MEVF's epoch-wise schedule, its own warmup included."""
-    check_schedule(after, warmup_steps)
+    check_schedule(after, warmup_steps, "steps")
     if after == "mevf-step":
         per_epoch = max(1, steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: mevf_step_factor(step // per_epoch))
