@@ -51,10 +51,12 @@ log = logging.getLogger("real_vqa_rad")
 
 
 def import_step(data: Path, out: Path) -> Path:
-    from vqa.importers import import_mevf
+    from vqa.importers import TFIDF, import_mevf
 
-    if not (out / "mevf" / "encoder" / "model.safetensors").is_file():
-        import_mevf(data / "mevf", out / "mevf", overwrite=True)
+    imported = out / "mevf"
+    if not (imported / "encoder" / "model.safetensors").is_file() or (
+            (data / "mevf" / TFIDF).is_file() and not (imported / "glove_tfidf_600d.txt").is_file()):
+        import_mevf(data / "mevf", imported, overwrite=True)  # deterministic: the same encoder every time
     return out / "mevf"
 
 
@@ -137,6 +139,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     epochs = run.epochs or (recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs)
     extra = dict(run.extra)
     head_args = {"hidden_dim": recipe.hidden, **dict(extra.pop("head_args", ()))}
+    glove = glove.parent / extra.pop("word_vectors", glove.name)  # another file of the imported MEVF folder
     cfg = TrainConfig(**{**dict(format="vqa-rad", data=str(rad), val_by="question", encoder=run.encoder,
                                 val_split="test" if run.selection == "test" else "auto",
                                 encoder_mode=run.mode, image_features=run.features, head=run.head,

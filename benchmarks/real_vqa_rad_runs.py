@@ -132,14 +132,16 @@ QCR_SCHEDULE = (("lr", 0.002), ("warmup_epochs", 0.0), ("lr_schedule", "constant
 # MEVF's, as its released code (aioz-ai/MICCAI19-MedVQA, main.py, train.py, trainer.py) runs it: 20 epochs of Adamax
 # from --lr 0.005 on BAN's epoch-wise schedule (--lr-schedule mevf-step), batch 32, hidden 1024, the gradient norm
 # clipped at 0.25; its loss is BCE summed over answers and divided by the batch (our bce), and that division takes
-# the autoencoder's loss (x 0.001) with it, so the autoencoder weighs 0.001 / 32. About 50 min a run on 2 CPU cores.
+# the autoencoder's loss (x 0.001) with it, so the autoencoder weighs 0.001 / 32. Its questions are read through
+# BAN's 600-d word embedding, released beside the weights (GloVe beside tf-idf-weighted GloVe, both halves trained;
+# `medvqa import mevf` writes it as glove_tfidf_600d.txt). About 50 min a run on 2 CPU cores.
 MEVF_SCHEDULE_NOTE = ("MEVF's schedule as its released code runs it: Adamax from 0.005, the rate x0.5, 1, 1.5 and 2 over "
                       "the first four epochs, then x0.75 at epochs 11, 13, 15, 17 and 19, batch 32, hidden 1024, "
                       "per-answer BCE summed over answers, the gradient norm clipped at 0.25, the autoencoder's loss "
-                      "x 0.001 / 32")
+                      "x 0.001 / 32, and its released 600-d word embedding (GloVe beside tf-idf-weighted GloVe)")
 MEVF_SCHEDULE = (("lr", 0.005), ("warmup_epochs", 0.0), ("lr_schedule", "mevf-step"), ("batch_size", 32),
                  ("loss", "bce"), ("question_dim", 1024), ("clip_norm", 0.25), ("aux_weight", 0.001 / 32),
-                 ("head_args", (("hidden_dim", 1024),)))
+                 ("word_vectors", "glove_tfidf_600d.txt"), ("embed_dim", 600), ("head_args", (("hidden_dim", 1024),)))
 # a run's tag -> the mark its row carries in the table and the note the mark points to
 RELEASED_SCHEDULES = {"qcr-schedule": ("¶", QCR_SCHEDULE_NOTE), "mevf-schedule": ("‖", MEVF_SCHEDULE_NOTE)}
 

@@ -18,6 +18,7 @@ question files), and refuses every other global by name.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import os
@@ -80,13 +81,14 @@ def _numpy_multiarray():
         return importlib.import_module("numpy.core.multiarray")
 
 
-def safe_unpickle(path: str | os.PathLike, builtins_only: bool = False) -> Any:
-    """Unpickle `path` allowing only plain data and numpy arrays (`builtins_only`: plain data alone).
+def safe_unpickle(path: str | os.PathLike, builtins_only: bool = False, stream=None) -> Any:
+    """Unpickle `path` allowing only plain data and numpy arrays (`builtins_only`: plain data alone); with
+    `stream` (an open binary file of `path`), the next pickle in it.
 
     Raises UnsafePickleError naming the file and the refused global, and
     ValueError naming the file when it is not a valid pickle."""
     path = Path(path)
-    with open(path, "rb") as f:
+    with open(path, "rb") if stream is None else contextlib.nullcontext(stream) as f:
         try:
             return _RestrictedUnpickler(f, path, builtins_only).load()
         except UnsafePickleError:

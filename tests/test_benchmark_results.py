@@ -105,7 +105,9 @@ def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
     assert schedule["lr"] == 0.005 and schedule["batch_size"] == 32 and schedule["loss"] == "bce"
     assert schedule["aux_weight"] == pytest.approx(0.001 / 32) and schedule["clip_norm"] == 0.25
     check_schedule(schedule["lr_schedule"], schedule["warmup_epochs"])  # a run would not refuse it
-    TrainConfig(**{k: v for k, v in MEVF_SCHEDULE if k != "head_args"})  # every setting is a training field
+    # its released 600-d word embedding, a file of the imported MEVF folder; every other setting a training field
+    assert schedule["word_vectors"] == "glove_tfidf_600d.txt" and schedule["embed_dim"] == 600
+    TrainConfig(**{k: v for k, v in MEVF_SCHEDULE if k not in ("head_args", "word_vectors")})
     summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6},
                "median_epoch_seconds": 150.0, "carve": CARVE}
     write_results({mevf[0].name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())

@@ -16,7 +16,9 @@ EXAMPLE = """examples:
 
 mevf: SRC holds MEVF's release: pretrained_maml.weights, pretrained_ae.pth, dictionary.pkl and
 glove6b_init_300d.npy, read with a restricted unpickler (plain data and numpy arrays only); OUT gets
-encoder/ (safetensors), glove_300d.txt and dictionary.json.
+encoder/ (safetensors), glove_300d.txt and dictionary.json; with embed_tfidf_weights.pkl (MEVF's and QCR's
+600-d word embedding, a torch 0.4 module pickle read without running it) also glove_tfidf_600d.txt, for
+--glove OUT/glove_tfidf_600d.txt --embed-dim 600.
 openai-clip, pmc-clip, encoder: OUT/encoder is the image tower as config.json + model.safetensors, giving
 the same features as the source; pickles are read with torch.load(weights_only=True) or refused."""
 
@@ -49,7 +51,10 @@ def _import_mevf(args) -> dict:
     from ..importers import import_mevf
 
     out = import_mevf(args.src, args.out, args.overwrite)
-    return {"out": str(out), "encoder": str(out / "encoder"), "glove": str(out / "glove_300d.txt")}
+    written = {"out": str(out), "encoder": str(out / "encoder"), "glove": str(out / "glove_300d.txt")}
+    if (out / "glove_tfidf_600d.txt").is_file():
+        written["glove_tfidf"] = str(out / "glove_tfidf_600d.txt")
+    return written
 
 
 def _import_encoder(args) -> dict:

@@ -18,12 +18,12 @@ EXAMPLE = """examples:
       --encoder-mode finetune --glove runs/mevf/glove_300d.txt --head qcr --head-arg hidden_dim=1024 \\
       --head-arg separate_router=true --question-dim 1024 --loss bce-mean --optimizer adamax --lr 0.002 \\
       --lr-schedule constant --warmup-epochs 0 --batch-size 64 --epochs 200 --out runs/qcr-code
-  # MEVF's released schedule: Adamax from 0.005 (x0.5 to x2 over 4 epochs, x0.75 at epochs 11-19), clipped at
-  # 0.25, batch 32; its code divides the autoencoder's loss (x 0.001) by the batch as well
+  # MEVF's released code's recipe: its 600-d word embedding, Adamax from 0.005 (x0.5 to x2 over 4 epochs, x0.75
+  # at epochs 11-19), clipped at 0.25, batch 32; its code divides the autoencoder's loss (x 0.001) by the batch too
   medvqa train --format vqa-rad --data path/to/vqa-rad --encoder runs/mevf/encoder --encoder-mode finetune \\
-      --glove runs/mevf/glove_300d.txt --head mevf-ban --head-arg hidden_dim=1024 --question-dim 1024 \\
-      --loss bce --optimizer adamax --lr 0.005 --lr-schedule mevf-step --warmup-epochs 0 --clip-norm 0.25 \\
-      --batch-size 32 --aux-weight 3.125e-5 --epochs 20 --out runs/mevf-code
+      --glove runs/mevf/glove_tfidf_600d.txt --embed-dim 600 --head mevf-ban --head-arg hidden_dim=1024 \\
+      --question-dim 1024 --loss bce --optimizer adamax --lr 0.005 --lr-schedule mevf-step --warmup-epochs 0 \\
+      --clip-norm 0.25 --batch-size 32 --aux-weight 3.125e-5 --epochs 20 --out runs/mevf-code
   # the README's VQA-RAD recipe, one of its three bagged runs (--seed 0, 1, 2; then `medvqa ensemble --bagging`)
   medvqa train --format vqa-rad --data path/to/vqa-rad --val-by question --answers train \\
       --encoder efficientnet-lite0-imagenet --question-encoder minilm --question-lr 5e-5 \\
