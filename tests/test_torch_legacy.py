@@ -18,6 +18,7 @@ from vqa.errors import DataError
 from vqa.importers import import_mevf
 
 from .conftest import shared_data
+from .test_import_mevf import _Evil
 
 CLASS = ("language_model", "WordEmbedding")
 
@@ -46,6 +47,15 @@ def _save_legacy(obj, path) -> None:
         torch.save(obj, path, _use_new_zipfile_serialization=False)
 
 
+def _evil_legacy_file(path):
+    """The legacy format's headers, then an object that would run a command when unpickled."""
+    with open(path, "wb") as f:
+        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        pickle.dump(_Evil(), f, protocol=2)
+    return path
+
+
 def test_a_legacy_module_pickle_gives_its_tensors(word_embedding, tmp_path):
     torch.manual_seed(0)
     module = word_embedding(7, 300)
@@ -64,13 +74,8 @@ def test_a_class_not_named_by_the_caller_or_any_other_global_is_refused(word_emb
     _save_legacy(word_embedding(3, 4), tmp_path / "embed.pkl")
     with pytest.raises(UnsafePickleError, match="embed.pkl.*'language_model.WordEmbedding'"):
         read_legacy_module(tmp_path / "embed.pkl")
-    evil = tmp_path / "evil.pkl"
-    with open(evil, "wb") as f:  # the legacy headers, then an object that would run a command
-        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
-            pickle.dump(header, f, protocol=2)
-        pickle.dump(_Evil(), f, protocol=2)
     with pytest.raises(UnsafePickleError, match=r"evil.pkl.*(posix|os|nt)\.system"):
-        read_legacy_module(evil, (CLASS,))
+        read_legacy_module(_evil_legacy_file(tmp_path / "evil.pkl"), (CLASS,))
     whole = (tmp_path / "embed.pkl").read_bytes()
     (tmp_path / "cut.pkl").write_bytes(whole[:-10])  # its last storage's data cut short
     with pytest.raises(ValueError, match="cut.pkl: not a readable legacy torch file.*bytes for"):
@@ -78,13 +83,6 @@ def test_a_class_not_named_by_the_caller_or_any_other_global_is_refused(word_emb
     (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04" + bytes(60))
     with pytest.raises(ValueError, match="zip.pt: not a readable legacy torch file"):
         read_legacy_module(tmp_path / "zip.pt")
-
-
-class _Evil:
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo pwned",))
 
 
 def test_mevf_import_writes_the_600d_tfidf_embedding_from_its_pickle(tmp_path):
@@ -103,10 +101,7 @@ def test_mevf_import_writes_the_600d_tfidf_embedding_from_its_pickle(tmp_path):
     bad.mkdir()
     for name in ("pretrained_maml.weights", "pretrained_ae.pth", "dictionary.pkl", "glove6b_init_300d.npy"):
         (bad / name).write_bytes((src / name).read_bytes())
-    with open(bad / "embed_tfidf_weights.pkl", "wb") as f:
-        for header in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
-            pickle.dump(header, f, protocol=2)
-        pickle.dump(_Evil(), f, protocol=2)
+    _evil_legacy_file(bad / "embed_tfidf_weights.pkl")
     with pytest.raises(DataError, match=r"embed_tfidf_weights.pkl.*(posix|os|nt)\.system"):
         import_mevf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
