@@ -31,6 +31,7 @@ RUN_FIRST = ("test_vqa_learning.py::test_each_head_beats_the_majority_baseline[q
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[fusion-transformer]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-ban]",
              "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[mevf-san]",
+             "test_vqa_learning.py::test_each_head_beats_the_majority_baseline[qcr-code-loss]",
              "test_vqa_learning.py::test_multiple_choice_beats_chance",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer]",
              "test_heads_learning.py::test_head_learns_a_synthetic_task[fusion-transformer-qcr]",
