@@ -57,7 +57,7 @@ def import_step(data: Path, out: Path) -> Path:
     if not (imported / "encoder" / "model.safetensors").is_file() or (
             (data / "mevf" / TFIDF).is_file() and not (imported / "glove_tfidf_600d.txt").is_file()):
         import_mevf(data / "mevf", imported, overwrite=True)  # deterministic: the same encoder every time
-    return out / "mevf"
+    return imported
 
 
 def pretrain_step(data: Path, out: Path, epochs: int, threads: int) -> dict:

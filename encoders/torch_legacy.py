@@ -125,7 +125,7 @@ def read_legacy_module(path: str | os.PathLike, classes: tuple[tuple[str, str], 
             for key in keys:
                 storage = unpickler.storages[str(key)]
                 count = int.from_bytes(f.read(8), "little", signed=True)
-                width = torch.empty((), dtype=storage.dtype).element_size()
+                width = storage.dtype.itemsize
                 raw = f.read(count * width)
                 if count != storage.numel or len(raw) != count * width:
                     raise ValueError(f"storage {key}: {len(raw)} bytes for {storage.numel} elements")
