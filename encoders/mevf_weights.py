@@ -17,6 +17,7 @@ question files), and refuses every other global by name.
 """
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import importlib
@@ -52,14 +53,23 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle asked for a global outside the allow-list."""
 
 
+def safe_builtin(module: str, name: str) -> Any:
+    """The builtin a pickle names when it only builds plain data, else None. Protocol 0-2 pickles written
+    by Python 2 name the module `__builtin__`; an overridden find_class sees that name unmapped."""
+    if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+        return getattr(builtins, name)
+    return None
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, path: Path, builtins_only: bool = False):
         super().__init__(file)
         self.path, self.builtins_only = path, builtins_only
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "builtins" and name in _SAFE_BUILTINS:
-            return getattr(__import__("builtins"), name)
+        builtin = safe_builtin(module, name)
+        if builtin is not None:
+            return builtin
         if self.builtins_only:
             raise UnsafePickleError(f"{self.path}: refusing to unpickle global '{module}.{name}' "
                                     "(only builtin containers and scalars are allowed in this file)")

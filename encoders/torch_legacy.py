@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .mevf_weights import UnsafePickleError, safe_unpickle
+from .mevf_weights import UnsafePickleError, safe_builtin, safe_unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -80,8 +80,9 @@ class _LegacyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):  # protocol 2 names Python 2's
-            return {"set": set, "frozenset": frozenset}[name]
+        builtin = safe_builtin(module, name)
+        if builtin is not None:
+            return builtin
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):

@@ -46,6 +46,16 @@ def test_dangerous_builtins_are_refused(tmp_path):
         safe_unpickle(path)
 
 
+def test_python2_pickles_name_builtins_as_builtin(tmp_path):
+    """Python 2's protocol-2 pickles call the module `__builtin__`: its plain data loads, its eval does not."""
+    ok, evil = tmp_path / "py2.pkl", tmp_path / "py2-eval.pkl"
+    ok.write_bytes(b"\x80\x02}q\x00U\x05wordsq\x01c__builtin__\nset\nq\x02]q\x03(K\x01K\x02e\x85q\x04Rq\x05s.")
+    evil.write_bytes(b"\x80\x02c__builtin__\neval\nq\x00U\x031+1q\x01\x85q\x02Rq\x03.")
+    assert safe_unpickle(ok, builtins_only=True) == {"words": {1, 2}}
+    with pytest.raises(UnsafePickleError, match="__builtin__.eval"):
+        safe_unpickle(evil)
+
+
 def test_plain_data_and_numpy_arrays_load(tmp_path):
     data = collections.OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), names=["a", "b"], n=(1, 2.5))
     path = tmp_path / "ok.pkl"
