@@ -59,9 +59,11 @@ class TargetRisk:
 
     @classmethod
     def parse(cls, value: "TargetRisk | float | str") -> "TargetRisk":
-        """From a number, or text: `0.1`, `closed=0.05,open=0.2`, `0.1,closed=0.05`."""
+        """From a number, text (`0.1`, `closed=0.05,open=0.2`, `0.1,closed=0.05`) or a stored form (`from_json`)."""
         if isinstance(value, TargetRisk):
             return value
+        if isinstance(value, dict):
+            return cls.from_json(value, "target_risk")
         if isinstance(value, (int, float)):
             return cls(check_risk(value))
         spec, default, pairs = str(value), DEFAULT_TARGET_RISK, {}
@@ -101,8 +103,11 @@ class TargetRisk:
 
     @classmethod
     def from_json(cls, value: Any, where: str) -> "TargetRisk":
-        """A stored target: a number (every branch; bundles before per-branch targets) or {"default", BRANCH...}."""
+        """A stored target: a number (every branch; bundles before per-branch targets), {"default", BRANCH...}, or
+        the dataclass's own fields as a run_config.json records them ({"default", "per_branch": [[BRANCH, RISK]]})."""
         try:
+            if isinstance(value, dict) and "per_branch" in value:
+                value = {"default": value.get("default", DEFAULT_TARGET_RISK), **dict(value["per_branch"])}
             if isinstance(value, dict):
                 pairs = {_branch(k, str(value)): float(v) for k, v in value.items() if k != "default"}
                 return cls(float(value.get("default", DEFAULT_TARGET_RISK)), tuple(sorted(pairs.items())))

@@ -1,7 +1,7 @@
 """`medvqa classify`: image classification with any encoder: linear probe, fine-tuning, or CLIP zero-shot."""
 from __future__ import annotations
 
-from .options import add_engine_arguments, command_parser, config_from_args
+from .options import add_engine_arguments, command_parser, config_from_command_line
 
 CLASSIFY_FORMATS = ("medmnist", "imagefolder", "hf")  # vqa.data.classification.CLASSIFICATION_FORMATS
 
@@ -68,7 +68,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     from pretrain.classify import ClassifyConfig, classify, markdown
 
-    cfg = config_from_args(ClassifyConfig, build_parser().parse_args(argv))
+    cfg = config_from_command_line(ClassifyConfig, build_parser(), argv)
     report = classify(cfg)
     if "test" not in report:  # --stop-after, or not the main process
         return 0

@@ -158,6 +158,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--resume", default=None, help="'latest' (OUT/checkpoint.pt) or a checkpoint path")
     g.add_argument("--stop-after", type=int, default=None, help="end this run after N epochs (resume later)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--config", metavar="FILE",
+                   help="rerun a recorded run: its run_config.json gives every value the command line does not "
+                        "(needs --out; --resume, --stop-after and --no-progress are not taken from it), e.g. "
+                        "--config runs/ban/run_config.json --seed 1 --out runs/ban-seed1")
     return groups
 
 
@@ -175,15 +179,57 @@ def parse_key_values(items: list[str], flag: str) -> dict:
     return out
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+def config_from_args(cls: type, args: argparse.Namespace, recorded: dict | None = None) -> Any:
     """The dataclass `cls` from parsed arguments: same-named fields copied, each repeatable `--x-arg KEY=VALUE`
-    into the dict field `x_args`, `--no-progress` into `progress`."""
+    into the dict field `x_args`, `--no-progress` into `progress`; `recorded` (fields of a recorded run) under them,
+    its `x_args` updated key by key."""
     values = vars(args)
     fields = {f.name for f in dataclasses.fields(cls)}
-    config = {k: v for k, v in values.items() if k in fields}
+    config = dict(recorded or {})
+    config.update({k: v for k, v in values.items() if k in fields})
     for key, items in values.items():
         if key.endswith("_arg") and f"{key}s" in fields:
-            config[f"{key}s"] = parse_key_values(items, f"--{key.replace('_', '-')}")
+            config[f"{key}s"] = {**config.get(f"{key}s", {}),
+                                 **parse_key_values(items, f"--{key.replace('_', '-')}")}
     if "progress" in fields and "no_progress" in values:
         config["progress"] = not values["no_progress"]
     return cls(**config)
+
+
+def config_from_command_line(cls: type, parser: argparse.ArgumentParser, argv: list[str] | None) -> Any:
+    """The training config `cls` from `argv`; with --config FILE, FILE's recorded values (a run_config.json) stand
+    where `argv` gives no flag."""
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return config_from_args(cls, args)
+    recorded = read_recorded_config(cls, args.config)
+    # Parse again with no defaults, so that only the flags actually given override the recorded run.
+    actions = [(a, a.default, a.required) for a in parser._actions]
+    try:
+        for action, _, _ in actions:
+            action.default, action.required = argparse.SUPPRESS, False
+        given = parser.parse_args(argv)
+    finally:
+        for action, default, required in actions:
+            action.default, action.required = default, required
+    if "out" not in vars(given):
+        raise DataError(f"--config {args.config}: give the rerun its own --out (the recorded run's is "
+                        f"{recorded.get('out', cls.out)!r}; to continue that run, use --out with it and --resume latest)")
+    invocation = set(cls.INVOCATION_FIELDS)
+    return config_from_args(cls, given, {k: v for k, v in recorded.items() if k not in invocation})
+
+
+def read_recorded_config(cls: type, path: str) -> dict:
+    """The fields of a recorded run_config.json, checked against `cls` (a file of another command is refused)."""
+    from encoders._files import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object of a run's settings (a run_config.json), got "
+                        f"{type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise DataError(f"{path}: {', '.join(unknown)}: not settings of this command (a run_config.json written by "
+                        "another command, or by another version of medvqa?)")
+    return data

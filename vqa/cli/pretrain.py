@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_engine_arguments, command_parser, config_from_args
+from .options import add_engine_arguments, command_parser, config_from_command_line
 
 EXAMPLE = """examples:
   medvqa pretrain                                          # phantom captions, clip-vit-tiny + bert-tiny
@@ -97,7 +97,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     from pretrain import PretrainConfig, pretrain
 
-    cfg = config_from_args(PretrainConfig, build_parser().parse_args(argv))
+    cfg = config_from_command_line(PretrainConfig, build_parser(), argv)
     metrics = pretrain(cfg)
     if metrics.get("after"):
         print(json.dumps({"out": cfg.out, "before": metrics["before"]["retrieval"],

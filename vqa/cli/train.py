@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_target_risk_argument,
-                      add_weights_dtype_argument, command_parser, config_from_args)
+                      add_weights_dtype_argument, command_parser, config_from_command_line)
 
 EXAMPLE = """examples:
   medvqa train --format vqa-rad --data runs/phantom/vqa-rad --head mevf-ban --out runs/ban
@@ -30,6 +30,7 @@ EXAMPLE = """examples:
       --head fusion-transformer-qcr --head-arg hidden_dim=256 --head-arg layers=2 --head-arg attention_heads=4 \\
       --optimizer adamw --lr 5e-4 --weight-decay 0.01 --loss ce --epochs 20 --seed 0 --out runs/vqa-rad-transfer-0
   medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
+  medvqa train --config runs/ban/run_config.json --seed 1 --out runs/ban-seed1   # rerun a recorded run, one change
   medvqa train ... --refit --resume latest   # a finished run: train again on train + validation for its epoch
   torchrun --nproc_per_node 2 -m vqa.cli train ...   # DDP; --batch-size is per process
 
@@ -114,7 +115,7 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     from ..train import TrainConfig, train
 
-    cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
+    cfg = config_from_command_line(TrainConfig, build_parser(), argv)
     bundle = train(cfg)
     if not (bundle / "metrics.json").is_file():  # --stop-after, or not the main process
         return 0

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass
 class EngineConfig:
+    # How one invocation runs, not what it trains: a rerun from a recorded run_config.json (--config) takes these
+    # from its own command line (the recorded run's folder, its resume and its stop are not the rerun's).
+    INVOCATION_FIELDS: ClassVar[tuple[str, ...]] = ("out", "resume", "stop_after", "progress")
+
     # optimisation
     epochs: int = 20
     batch_size: int = 64  # per process; the global batch is batch_size x processes x accum_steps

@@ -1,0 +1,92 @@
+"""Rerunning a recorded run: `--config OUT/run_config.json` gives every value the command line does not."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain import PretrainConfig
+from vqa.cli import main as cli
+from vqa.cli.options import config_from_command_line
+from vqa.cli.pretrain import build_parser as pretrain_parser
+from vqa.cli.train import build_parser as train_parser
+from vqa.errors import DataError
+from vqa.target_risk import TargetRisk
+from vqa.train import TrainConfig
+from vqa.training import write_run_config
+
+RECORDED = ["--format", "slake", "--data", "data/slake", "--head", "qcr", "--head-arg", "hidden_dim=96",
+            "--head-arg", "glimpses=1", "--encoder-arg", "image_size=64", "--target-risk", "closed=0.05,open=0.2",
+            "--lr", "0.004", "--epochs", "7", "--seed", "3", "--threads", "1", "--out", "runs/first",
+            "--resume", "latest", "--stop-after", "2", "--no-progress"]
+
+
+def _recorded(tmp_path, argv=RECORDED, parser=train_parser, cls=TrainConfig):
+    cfg = config_from_command_line(cls, parser(), argv)
+    if cls is TrainConfig:  # as `train` records it: the target resolved (a dataclass in the file)
+        cfg = dataclasses.replace(cfg, target_risk=TargetRisk.parse(cfg.target_risk))
+    write_run_config(cfg, tmp_path)
+    return cfg, str(tmp_path / "run_config.json")
+
+
+def test_a_rerun_is_the_recorded_run_but_for_how_it_is_invoked(tmp_path):
+    first, path = _recorded(tmp_path)
+    again = config_from_command_line(TrainConfig, train_parser(), ["--config", path, "--out", "runs/again"])
+    assert TargetRisk.parse(again.target_risk) == first.target_risk and first.target_risk.of("CLOSED") == 0.05
+    assert dataclasses.replace(again, target_risk=first.target_risk) == \
+        dataclasses.replace(first, out="runs/again", resume=None, stop_after=None, progress=True)
+
+
+def test_flags_given_override_the_recorded_values_and_head_args_key_by_key(tmp_path):
+    _, path = _recorded(tmp_path)
+    again = config_from_command_line(TrainConfig, train_parser(),
+                                     ["--config", path, "--out", "o", "--seed", "4", "--head-arg", "glimpses=2",
+                                      "--lr", "0.001"])
+    assert (again.seed, again.lr, again.epochs, again.format) == (4, 0.001, 7, "slake")
+    assert again.head_args == {"hidden_dim": 96, "glimpses": 2}
+    assert again.encoder_args == {"image_size": 64}
+
+
+def test_a_rerun_needs_its_own_out(tmp_path):
+    _, path = _recorded(tmp_path)
+    with pytest.raises(DataError, match=r"--out.*runs/first"):
+        config_from_command_line(TrainConfig, train_parser(), ["--config", path, "--seed", "1"])
+
+
+def test_a_config_of_another_command_names_the_settings_it_does_not_have(tmp_path):
+    _, path = _recorded(tmp_path, ["--data", "captions", "--text-lr", "1e-5", "--out", "p"], pretrain_parser,
+                        PretrainConfig)
+    with pytest.raises(DataError, match=r"run_config\.json: .*text_lr.*another command"):
+        config_from_command_line(TrainConfig, train_parser(), ["--config", path, "--out", "o"])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"list\.json: expected a JSON object"):
+        config_from_command_line(TrainConfig, train_parser(), ["--config", str(tmp_path / "list.json"), "--out", "o"])
+    with pytest.raises(DataError, match="missing.json: file not found"):
+        config_from_command_line(TrainConfig, train_parser(), ["--config", str(tmp_path / "missing.json"), "--out", "o"])
+
+
+def test_pretraining_reruns_from_its_record_too(tmp_path):
+    first, path = _recorded(tmp_path, ["--data", "captions", "--text-lr", "1e-5", "--epochs", "3", "--out", "p"],
+                            pretrain_parser, PretrainConfig)
+    again = config_from_command_line(PretrainConfig, pretrain_parser(), ["--config", path, "--out", "q"])
+    assert again == dataclasses.replace(first, out="q")
+
+
+def test_a_recorded_training_run_reruns_to_the_same_model(phantom_dir, tmp_path):
+    """End to end: the rerun from the first run's record trains the same weights, epoch for epoch."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert cli(["train", "--format", "vqa-rad", "--data", str(phantom_dir / "vqa-rad"), "--head", "mevf-san",
+                "--embed-dim", "32", "--question-dim", "32", "--head-arg", "hidden_dim=32", "--epochs", "3",
+                "--batch-size", "16", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(first),
+                "--no-progress"]) == 0
+    assert cli(["train", "--config", str(first / "run_config.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "run_config.json").read_text()) == \
+        {**json.loads((first / "run_config.json").read_text()), "out": str(again), "progress": True}
+    loss = [[row["loss"] for row in json.loads((run / "history.json").read_text())] for run in (first, again)]
+    assert loss[0] == loss[1] and len(loss[0]) == 3
+    weights = [load_file(str(run / "bundle" / "model.safetensors")) for run in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
