@@ -75,6 +75,7 @@ def test_pretraining_reruns_from_its_record_too(tmp_path):
     assert again == dataclasses.replace(first, out="q")
 
 
+@pytest.mark.slow  # two training runs: end to end, left out of the fast lane
 def test_a_recorded_training_run_reruns_to_the_same_model(phantom_dir, tmp_path):
     """End to end: the rerun from the first run's record trains the same weights, epoch for epoch."""
     first, again = tmp_path / "first", tmp_path / "again"
