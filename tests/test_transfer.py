@@ -94,6 +94,11 @@ def test_the_fusion_transformer_bundle_answers_the_same_everywhere(phantom_dir, 
                         head_args={"hidden_dim": 32, "layers": 1, "attention_heads": 2}))
     report = _same_answers_everywhere(bundle, phantom_dir, tmp_path)
     assert "type_accuracy" in report["subsets"]["all"]
+    from vqa.evaluate import markdown_report
+
+    routed = report["subsets"]["all"]["routed"]
+    assert routed["n_closed"] + routed["n_open"] == report["subsets"]["all"]["n"]
+    assert "As QCR's code scores open and closed" in markdown_report(report)
     from vqa import Predictor
 
     p = Predictor.from_bundle(bundle).predict(next((phantom_dir / "vqa-rad" / "images").iterdir()), "Is there a mass?")

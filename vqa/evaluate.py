@@ -208,6 +208,11 @@ def markdown_report(report: dict) -> str:
         lines += [f"| {t} | {v['n']} | {_pct(v['accuracy'])} |" for t, v in per_type.items()]
     if "type_accuracy" in report["subsets"]["all"]:
         lines += ["", f"QCR type router accuracy: {_pct(report['subsets']['all']['type_accuracy'])}"]
+    if "routed" in report["subsets"]["all"]:
+        lines += ["", "As QCR's code scores open and closed (over the questions the router sends to each branch): " +
+                  ", ".join(f"{name} {_pct(r['open'])} open ({r['n_open']}) / {_pct(r['closed'])} closed "
+                            f"({r['n_closed']})" for name, m in report["subsets"].items()
+                            if (r := m.get("routed"))) + "."]
     return "\n".join(lines + _trust_lines(report.get("calibration"))) + "\n"
 
 

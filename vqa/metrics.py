@@ -58,8 +58,8 @@ def vqa_metrics(records: Sequence[Record], predictions: Sequence[str],
                 predicted_types: Sequence[str] | None = None) -> dict:
     """Accuracy (overall, closed, open, per question type) and open BLEU/F1 for `predictions`.
 
-    `predicted_types` (QCR's router) is reported as its own accuracy; it never decides
-    which bucket a question is scored in.
+    `predicted_types` (QCR's router) is reported as its own accuracy, and as QCR's code scores (`routed`: open and
+    closed over the questions the router sends to each branch); it never decides the main buckets.
     """
     if len(records) != len(predictions):
         raise ValueError(f"{len(records)} records but {len(predictions)} predictions")
@@ -83,6 +83,11 @@ def vqa_metrics(records: Sequence[Record], predictions: Sequence[str],
         out["open_token_recall"] = sum(token_recall(p, g) for p, g in open_pairs) / len(open_pairs)
     if predicted_types is not None:
         out["type_accuracy"] = _accuracy([t == r.answer_type for r, t in zip(records, predicted_types)])
+        # QCR's code counts its open and closed accuracies over the questions its router sends to each branch,
+        # not over the dataset's types: its published pair compares with this one (overall is the same).
+        routed = {kind: [h for t, h in zip(predicted_types, hits) if t == kind] for kind in (CLOSED, OPEN)}
+        out["routed"] = {"n_closed": len(routed[CLOSED]), "n_open": len(routed[OPEN]),
+                         "closed": _accuracy(routed[CLOSED]), "open": _accuracy(routed[OPEN])}
     return out
 
 
