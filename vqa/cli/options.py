@@ -221,7 +221,7 @@ def config_from_command_line(cls: type, parser: argparse.ArgumentParser, argv: l
 
 def read_recorded_config(cls: type, path: str) -> dict:
     """The fields of a recorded run_config.json, checked against `cls` (a file of another command is refused)."""
-    from encoders._files import read_json
+    from ..io import read_json
 
     data = read_json(path)
     if not isinstance(data, dict):
