@@ -216,22 +216,19 @@ def ensemble_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
 def out_of_scope_step(bundle: Path, rad: Path, device: str) -> dict | None:
     """The bundle's out-of-scope detector on VQA-RAD's test images against scikit-image's photographs (AUROC),
     and how many of pydicom's radiology test files (CT, MR, a radiograph) it flags."""
-    from pathlib import Path as P
-
     from sklearn.metrics import roc_auc_score
 
     from vqa import Predictor
     from vqa.data import load_vqa_rad
-    from vqa.ood import PHOTOGRAPHS
+    from vqa.ood import photographs
 
     predictor = Predictor.from_bundle(bundle, device=device)
     if predictor.ood is None:
         return None
     import pydicom.data
-    import skimage
 
     test = list(dict.fromkeys(r.image for r in load_vqa_rad(rad, "test")))
-    photos = [p for p in (P(skimage.__file__).parent / "data" / n for n in PHOTOGRAPHS) if p.is_file()]
+    photos = photographs()
     dicom = [pydicom.data.get_testdata_file(n) for n in ("CT_small.dcm", "MR_small.dcm")]
     dicom = [d for d in dicom if d]
 

@@ -12,7 +12,7 @@ import torch
 from vqa.calibration import (Calibration, calibration_metrics, coverage_at_risk, ece_of_calibrated,
                              expected_calibration_error, fit_temperature, risk_threshold)
 from vqa.errors import DataError
-from vqa.ood import PHOTOGRAPHS
+from vqa.ood import photographs
 
 RISK_TOLERANCE = 0.08  # realised test risk may exceed the validation target by this much (a few hundred answers)
 
@@ -136,9 +136,8 @@ def test_predictions_carry_confidence_and_abstain_on_an_unknown_question(predict
 
 
 def _photographs() -> list[Path]:
-    skimage = pytest.importorskip("skimage")
-    folder = Path(skimage.__file__).parent / "data"
-    return [p for p in (folder / name for name in PHOTOGRAPHS) if p.is_file()]
+    pytest.importorskip("skimage")
+    return photographs()
 
 
 def test_out_of_scope_detector_separates_photographs_from_the_training_kind(predictor, predictor_phantom):

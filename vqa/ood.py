@@ -26,6 +26,14 @@ PHOTOGRAPHS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffe
                "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "rocket.jpg")
 
 
+def photographs() -> list[Path]:
+    """The PHOTOGRAPHS the installed scikit-image ships (its data folder; ImportError without it)."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return [p for p in (folder / name for name in PHOTOGRAPHS) if p.is_file()]
+
+
 def _fit_gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(mean, basis, inverse eigenvalues, inverse floor) of the Ledoit-Wolf covariance.
 
