@@ -21,19 +21,19 @@ import torch
 
 def _scores(encoder, images: list, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pooled features, reconstruction error or None) of `images`."""
+    from encoders.mevf import AutoencoderReconstructionLoss
     from encoders.pixels import preprocess
 
-    pooled, errors = [], []
+    pooled, errors, reconstruction_error = [], [], AutoencoderReconstructionLoss()
     with torch.no_grad():
         for s in range(0, len(images), batch):
             pixels = preprocess(images[s:s + batch], encoder)
             out = encoder(pixels)
             pooled.append(out["pooled"].float())
-            if "reconstruction" in out:
-                target = torch.nn.functional.interpolate(pixels, size=out["reconstruction"].shape[-2:],
-                                                         mode="bilinear", antialias=True)
-                errors.append(((out["reconstruction"].float() - target) ** 2).mean((1, 2, 3)))
-    return torch.cat(pooled), torch.cat(errors) if errors else None
+            if "reconstruction" in out:  # MEVF's own loss, image by image
+                errors += [reconstruction_error(r[None].float(), x[None])
+                           for r, x in zip(out["reconstruction"], pixels)]
+    return torch.cat(pooled), torch.stack(errors) if errors else None
 
 
 def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -50,16 +50,15 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import skimage
-
     from encoders import create_encoder
     from vqa.data import load_vqa_rad
-    from vqa.ood import PHOTOGRAPHS, OutOfScopeDetector
+    from vqa.ood import OutOfScopeDetector, photographs
 
     train = list(dict.fromkeys(r.image for r in load_vqa_rad(args.data, "train")))
     test = list(dict.fromkeys(r.image for r in load_vqa_rad(args.data, "test")))
-    photos = [q for q in (Path(skimage.__file__).parent / "data" / n for n in PHOTOGRAPHS) if q.is_file()]
-    print(f"{len(train)} training images fit each detector; {len(test)} test images against {len(photos)} photographs\n")
+    photos = photographs()
+    print(f"{len(train)} training images fit each detector; {len(test)} test images against "
+          f"{len(photos)} photographs\n")
     print("| encoder | score | AUROC | photographs flagged | test images flagged |")
     print("|---|---|---|---|---|")
     for name in args.encoders:
