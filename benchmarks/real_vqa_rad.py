@@ -26,6 +26,10 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
     .venv/bin/python benchmarks/real_vqa_rad.py --only '[de]-*'      # the ImageNet vs untrained rows
     .venv/bin/python benchmarks/real_vqa_rad.py --only 'a-*-finetune-*' --skip '*-schedule'
 
+Every run's out-of-scope detector reads ImageNet EfficientNet-Lite0's features (`--ood-encoder`); a run
+trained before that gets one with `medvqa calibrate BUNDLE --format vqa-rad --data DATA/vqa-rad
+--ood-encoder efficientnet-lite0-imagenet`, and `--rescore --only NAME` measures it again.
+
 Runs in parallel processes each write their own --docs; `--merge` gathers them, e.g.
     .venv/bin/python benchmarks/real_vqa_rad.py --threads 1 --docs runs/docs-1 --only '*-seed1' &
     .venv/bin/python benchmarks/real_vqa_rad.py --threads 1 --docs runs/docs-2 --only '*-seed2' &
@@ -149,6 +153,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 epochs=epochs, batch_size=32, device=recipe.device, seed=run.seed, val_seed=run.val_seed,
                                 answers="train" if run.vocab == "train" else str(rad / "answer_all_list.json"),
                                 out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
+                                ood_encoder=LITE0,  # MEVF's fine-tuned encoder cannot tell photographs (README)
                                 progress=False,
                                 resume="latest" if (folder / "checkpoint.pt").is_file() else None), **extra})
     bundle = train(cfg)
@@ -185,7 +190,8 @@ def rescore_step(run: Run, data: Path, out: Path, recipe: HeadRecipe) -> dict:
     report, records, preds = evaluate(folder / "bundle", "vqa-rad", str(rad), device=recipe.device,
                                       cache_dir=str(out / "cache"), progress=False)
     report["bundle"] = earlier.get("bundle", report["bundle"])
-    report.update({k: earlier[k] for k in ("timing", "out_of_scope", "best_epoch", "epochs", "carve") if k in earlier})
+    report["out_of_scope"] = out_of_scope_step(folder / "bundle", rad, recipe.device)  # its detector may be refitted
+    report.update({k: earlier[k] for k in ("timing", "best_epoch", "epochs", "carve") if k in earlier})
     write_outputs(report, records, preds, folder / "eval")
     return summarize(report, folder)
 
@@ -236,7 +242,8 @@ def out_of_scope_step(bundle: Path, rad: Path, device: str) -> dict | None:
         return [p.out_of_scope_score for p in predictor.predict_batch(images, ["Is there a mass?"] * len(images))]
     inside, outside, radiology = scores(test), scores(photos), scores(dicom)
     threshold = predictor.ood.threshold
-    return {"auroc_photographs": float(roc_auc_score([0] * len(inside) + [1] * len(outside), inside + outside)),
+    return {"space": predictor.ood.space,
+            "auroc_photographs": float(roc_auc_score([0] * len(inside) + [1] * len(outside), inside + outside)),
             "photographs": len(photos), "test_images": len(test),
             "photographs_flagged": sum(s > threshold for s in outside) / len(outside),
             "test_images_flagged": sum(s > threshold for s in inside) / len(inside),

@@ -10,6 +10,7 @@
       metrics.json       validation metrics and training history
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
+      ood_encoder/       its own image encoder, where it does not read the model's (usually a reference)
       trust.safetensors  the training questions' fused vectors and answers, for trust scores (vqa.trust)
       README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
       onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)

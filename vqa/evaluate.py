@@ -41,18 +41,22 @@ REPEAT_SUBSETS = {"repeats_train": True, "new_question": False}
 def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str = "fp32",
                     cache_dir: str | None = None, progress: bool = True) -> Predictions:
     """The bundle's answers to `records`, encoding each image once through the feature cache."""
-    return _predict_with_features(bundle, records, device, precision, cache_dir, progress)[0]
+    return _predict_with_features(bundle, records, device, precision, cache_dir, progress, detector=False)[0]
 
 
 def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str,
-                           cache_dir: str | None, progress: bool) -> tuple[Predictions, torch.Tensor]:
-    """(predictions, each record's image pooled features (Q, D))."""
+                           cache_dir: str | None, progress: bool, detector: bool = True
+                           ) -> tuple[Predictions, torch.Tensor]:
+    """(predictions, each record's image pooled features (Q, D) in the out-of-scope detector's space: the model's, or
+    with `detector` the detector's own encoder's where it has one)."""
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
                     choices=[r.choices for r in records] if mc else None)
+    if detector and bundle.ood is not None and not bundle.ood.reads_model_features:
+        table = feature_table(bundle.ood.own_encoder(), images, cache_dir, device=device, progress=progress)
     return preds, table["pooled"].float()[questions.rows]
 
 

@@ -247,8 +247,9 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
               f"{thresholds}",
               f"- questions more than {UNKNOWN_WORDS_LIMIT:.0%} of whose words the model never saw are withheld"]
     if files.ood is not None:
-        lines.append(f"- out-of-scope images (Mahalanobis distance of the pooled features above the "
-                     f"{100 * files.ood.quantile:.0f}th percentile of out-of-fold training images) are withheld")
+        lines.append(f"- out-of-scope images (Mahalanobis distance of the pooled features of "
+                     f"{files.ood.describe_space()} above the {100 * files.ood.quantile:.0f}th percentile of "
+                     "out-of-fold training images) are withheld")
     for report in reports:
         abst = (report.get("calibration") or {}).get("abstention")
         if abst:
@@ -294,6 +295,7 @@ def _head_file(bundle: Path) -> str:
 
 
 def _how_to_load(name: str, bundle: Path, files) -> list[str]:
+    from .ood import ENCODER_FOLDER as OOD_ENCODER
     from .trust import TRUST_FILE
 
     onnx = (bundle / "onnx" / "head.onnx").is_file()
@@ -309,5 +311,6 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
               f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), "
               f"`encoder/` ({_encoder_files(bundle)}), `answers.json`, `vocab.json`, `metrics.json`, "
               "`calibration.json`, `ood.safetensors`" + (f", `{TRUST_FILE}`" if (bundle / TRUST_FILE).is_file() else "")
+              + (f", `{OOD_ENCODER}/` (the out-of-scope detector's encoder)" if (bundle / OOD_ENCODER).is_dir() else "")
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     return lines

@@ -2,6 +2,8 @@
 
     OUT/
       encoder.onnx   pixels (B, C, S, S) float32, normalised -> grid (B, N, D), pooled (B, D)
+      ood_encoder.onnx  where the out-of-scope detector has an encoder of its own (vqa.ood): pixels at its size
+                     -> pooled (B, D')
       head.onnx      grid, pooled, tokens (B, L), lengths (B,) [, choice_tokens (B, C, Lc), choice_lengths (B, C)]
                      -> logits (B, A | C), attention (B, N) [, type_logits (B, 2) when the head has a router]
                         [, fused (B, F) when the head exposes it (trust scores)]
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 FORMAT, FORMAT_VERSION = "medvqa-onnx", 1
-ENCODER_FILE, HEAD_FILE = "encoder.onnx", "head.onnx"
+ENCODER_FILE, HEAD_FILE, OOD_ENCODER_FILE = "encoder.onnx", "head.onnx", "ood_encoder.onnx"
 COPIED = ("answers.json", "vocab.json", "metrics.json", CALIBRATION_FILE, OOD_FILE, TRUST_FILE, "README.md")
 CHOICES = ("choice_tokens", "choice_lengths")
 
@@ -62,6 +64,17 @@ class _EncoderGraph(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(pixels)
         return features["grid"], features["pooled"]  # (B, N, D), (B, D)
+
+
+class _PooledGraph(nn.Module):
+    """pixels -> pooled: the out-of-scope detector's own encoder, for the exporter."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixels)["pooled"]  # (B, D)
 
 
 class _HeadGraph(nn.Module):
@@ -122,7 +135,13 @@ def export_onnx(bundle_path: str | Path, out: str | Path, *, overwrite: bool = F
                 ["grid", "pooled"], {n: dict(batch) for n in ("pixels", "grid", "pooled")}, opset, "image encoder")
         _export(_HeadGraph(model, outputs).eval(), head_args, tmp / HEAD_FILE, head_names, outputs, head_axes, opset,
                 "head")
+        detector = _detector_encoder(bundle)
+        if detector is not None:
+            _export(_PooledGraph(detector).eval(), (_pixels(detector),), tmp / OOD_ENCODER_FILE, ["pixels"],
+                    ["pooled"], {n: dict(batch) for n in ("pixels", "pooled")}, opset, "out-of-scope detector's encoder")
         encoder_inputs, head_inputs = _graph_inputs(tmp / ENCODER_FILE), _graph_inputs(tmp / HEAD_FILE)
+        if detector is not None:
+            _graph_inputs(tmp / OOD_ENCODER_FILE)
         atomic_write_json(tmp / "config.json", _config(bundle, head_inputs, outputs, opset))
         for name in COPIED:
             if (Path(bundle_path) / name).is_file():
@@ -131,7 +150,7 @@ def export_onnx(bundle_path: str | Path, out: str | Path, *, overwrite: bool = F
             shutil.copytree(Path(bundle_path) / TOKENIZER_FOLDER, tmp / TOKENIZER_FOLDER)
         report = ExportReport(Path(out), encoder_inputs, head_inputs, outputs)
         if verify:
-            report.max_abs_diff = _verify(tmp, model, sample, features, head_args, head_names, outputs)
+            report.max_abs_diff = _verify(tmp, model, sample, features, head_args, head_names, outputs, detector)
     log.info("exported %s to %s (max |onnxruntime - torch| %s)", bundle_path, out, report.max_abs_diff or "not checked")
     return report
 
@@ -149,6 +168,24 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         raise DataError(f"cannot export the {what} to ONNX: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def _detector_encoder(bundle: Bundle) -> nn.Module | None:
+    """The out-of-scope detector's own encoder (eval mode), or None where it reads the model's features."""
+    ood = bundle.ood
+    return None if ood is None or ood.reads_model_features else ood.own_encoder().eval()
+
+
+def _pixels(encoder, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, encoder.in_chans, encoder.image_size, encoder.image_size,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def _encoder_spec(encoder, file: str) -> dict:
+    """What the ONNX runtime needs to prepare an encoder graph's pixels, and what the graph gives."""
+    return {"file": file, "name": encoder.name, "image_size": encoder.image_size, "in_chans": encoder.in_chans,
+            "mean": list(encoder.mean), "std": list(encoder.std), "grid_size": list(encoder.grid_size),
+            "feature_dim": encoder.feature_dim}
+
+
 def _graph_inputs(path: Path) -> list[str]:
     """The graph's input names, after checking it is a valid ONNX model."""
     try:
@@ -161,20 +198,20 @@ def _graph_inputs(path: Path) -> list[str]:
 
 
 def _config(bundle: Bundle, head_inputs: list[str], outputs: list[str], opset: int) -> dict:
-    encoder, head = bundle.model.encoder, bundle.model.head
+    head, detector = bundle.model.head, _detector_encoder(bundle)
     training = {"loss": bundle.loss, **bundle.config.get("training", {})}
-    return {**bundle.config, "training": training, "onnx": {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset, "torch": torch.__version__,
-        "encoder": {"file": ENCODER_FILE, "name": encoder.name, "image_size": encoder.image_size,
-                    "in_chans": encoder.in_chans, "mean": list(encoder.mean), "std": list(encoder.std),
-                    "grid_size": list(encoder.grid_size), "feature_dim": encoder.feature_dim},
-        "head": {"file": HEAD_FILE, "name": head.name, "inputs": head_inputs, "outputs": outputs,
-                 "has_type_router": head.has_type_router, "needs_choices": head.needs_choices,
-                 "default_loss": head.default_loss}}}
+    spec = {"format": FORMAT, "format_version": FORMAT_VERSION, "opset": opset, "torch": torch.__version__,
+            "encoder": _encoder_spec(bundle.model.encoder, ENCODER_FILE),
+            "head": {"file": HEAD_FILE, "name": head.name, "inputs": head_inputs, "outputs": outputs,
+                     "has_type_router": head.has_type_router, "needs_choices": head.needs_choices,
+                     "default_loss": head.default_loss}}
+    if detector is not None:
+        spec["ood_encoder"] = _encoder_spec(detector, OOD_ENCODER_FILE)
+    return {**bundle.config, "training": training, "onnx": spec}
 
 
 def _verify(folder: Path, model, sample: dict, features: dict, head_args: tuple, head_names: list[str],
-            outputs: list[str]) -> dict[str, float]:
+            outputs: list[str], detector: nn.Module | None = None) -> dict[str, float]:
     """max |onnxruntime - torch| per output on the export's sample inputs (empty without onnxruntime)."""
     try:
         import onnxruntime  # noqa: F401
@@ -194,4 +231,10 @@ def _verify(folder: Path, model, sample: dict, features: dict, head_args: tuple,
     feed = {n: a.numpy() for n, a in zip(head_names, head_args) if n in wanted}
     for name, value in zip(outputs, head_session.run(outputs, feed)):
         diffs[name] = float((torch.from_numpy(value) - ref[name]).abs().max())
+    if detector is not None:
+        pixels = _pixels(detector)
+        with torch.no_grad():
+            expected = detector(pixels)["pooled"].float()
+        got = session(folder / OOD_ENCODER_FILE).run(["pooled"], {"pixels": pixels.numpy()})[0]
+        diffs["ood_pooled"] = float((torch.from_numpy(got) - expected).abs().max())
     return diffs

@@ -3,8 +3,9 @@
     predictor = Predictor.from_onnx("runs/qcr/bundle/onnx")
     predictor = Predictor.from_pretrained("runs/qcr/bundle", runtime="onnx")   # the bundle's onnx/ subfolder
 
-Only the two graphs run here; pixels are prepared by `encoders.pixels.preprocess` from the
-export's description of its encoder, and the features are rounded to float16 as the
+Only the graphs run here (the encoder, the head, and the out-of-scope detector's own encoder
+where it has one); pixels are prepared by `encoders.pixels.preprocess` from the export's
+description of each encoder, and the features are rounded to float16 as the
 PyTorch runtime gives them (`ImageEncoder.encode`), so both runtimes feed the head the same
 numbers and share every step before and after (`vqa.runtimes`).
 """
@@ -29,6 +30,11 @@ class PixelSpec:
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> "PixelSpec":
+        """From an encoder graph's description in the export's config.json."""
+        return cls(int(spec["image_size"]), int(spec["in_chans"]), tuple(spec["mean"]), tuple(spec["std"]))
 
 
 def session(path: str | Path, threads: int | None = None):
@@ -90,8 +96,9 @@ class OnnxRuntime:
         if not isinstance(spec, dict) or spec.get("format") != FORMAT:
             raise DataError(f"{folder / 'config.json'}: not an ONNX export (write one with `medvqa export onnx`)")
         try:
-            enc, head = spec["encoder"], spec["head"]
-            self.pixels = PixelSpec(int(enc["image_size"]), int(enc["in_chans"]), tuple(enc["mean"]), tuple(enc["std"]))
+            enc, head, ood = spec["encoder"], spec["head"], spec.get("ood_encoder")
+            self.pixels = PixelSpec.of(enc)
+            self.detector_pixels = None if ood is None else PixelSpec.of(ood)
             self.encoder_name, self.head_name = str(enc["name"]), str(head["name"])
             self.grid_size = tuple(int(x) for x in enc["grid_size"])
             self.has_type_router, self.needs_choices = bool(head["has_type_router"]), bool(head["needs_choices"])
@@ -103,22 +110,33 @@ class OnnxRuntime:
         self.device = torch.device("cpu")
         self.encoder = session(folder / encoder_file, threads)
         self._head = OnnxHead(session(folder / head_file, threads), outputs)
+        self.detector_encoder = None if ood is None else session(folder / str(ood.get("file")), threads)
 
     def encode(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
-        from encoders.pixels import preprocess
+        return _run_encoder(self.encoder, self.pixels, ("grid", "pooled"), images, batch_size)
 
-        parts = []
-        for start in range(0, len(images), batch_size):
-            pixels = preprocess(images[start:start + batch_size], self.pixels)  # (B, C, S, S)
-            grid, pooled = self.encoder.run(["grid", "pooled"], {"pixels": pixels.numpy()})
-            # float16, as ImageEncoder.encode and the feature cache give the head its features
-            parts.append({"grid": torch.from_numpy(grid).to(torch.float16),
-                          "pooled": torch.from_numpy(pooled).to(torch.float16)})
-        return {key: torch.cat([p[key] for p in parts]) for key in ("grid", "pooled")}
+    def encode_for_detector(self, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
+        if self.detector_encoder is None:
+            raise DataError("this ONNX export has no graph of the out-of-scope detector's encoder: export the "
+                            "bundle again with this version of medvqa")
+        return _run_encoder(self.detector_encoder, self.detector_pixels, ("pooled",), images, batch_size)["pooled"]
 
     @property
     def head(self) -> OnnxHead:
         return self._head
+
+
+def _run_encoder(graph, pixels: PixelSpec, outputs: Sequence[str], images: Sequence[Image.Image],
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """An encoder graph's `outputs` for 8-bit images, in float16, as ImageEncoder.encode and the feature cache give
+    them."""
+    from encoders.pixels import preprocess
+
+    parts = []
+    for start in range(0, len(images), batch_size):
+        feed = {"pixels": preprocess(images[start:start + batch_size], pixels).numpy()}  # (B, C, S, S)
+        parts.append(dict(zip(outputs, (torch.from_numpy(a).to(torch.float16) for a in graph.run(list(outputs), feed)))))
+    return {key: torch.cat([p[key] for p in parts]) for key in outputs}
 
 
 def _numpy(value: torch.Tensor) -> np.ndarray:

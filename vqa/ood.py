@@ -6,11 +6,21 @@ threshold is a high quantile (default 99 %) of *out-of-fold* scores: each traini
 scored by a detector fitted on the other folds, so that in-distribution images the model
 never saw are flagged about 1 % of the time; the detector kept is then fitted on all of
 them. Stored in the bundle as `ood.safetensors` (mean, the covariance in low-rank form, threshold).
+
+The space is the model's own image encoder by default. An encoder trained on a few hundred
+small grayscale scans may not tell a photograph from a scan there (MEVF's, fine-tuned by QCR:
+AUROC 0.56, `benchmarks/ood_spaces.py`), so the detector can read a frozen encoder of its own
+instead (`--ood-encoder efficientnet-lite0-imagenet`: AUROC 1.000 there). That encoder travels
+in `ood_encoder/` (by reference when an installed package rebuilds it), and as
+`ood_encoder.onnx` in an ONNX export.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,7 +30,11 @@ from safetensors.torch import load_file
 from .errors import DataError
 from .io import atomic_write_safetensors
 
+log = logging.getLogger(__name__)
 OOD_FILE = "ood.safetensors"
+ENCODER_FOLDER = "ood_encoder"  # the detector's own encoder, when it does not read the model's
+MODEL_SPACE = "same"  # --ood-encoder's value for the model's own image encoder
+MIN_IMAGES = 20  # fewer training images than this: no detector (its covariance would be mostly shrinkage)
 # scikit-image's sample photographs of everyday scenes and objects (skimage/data): the out-of-scope test set
 PHOTOGRAPHS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
                "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "rocket.jpg")
@@ -74,6 +88,24 @@ class OutOfScopeDetector:
     inverse_floor: float  # 1 / the covariance's eigenvalue on every other direction
     threshold: float  # a score above it is out of scope
     quantile: float = 0.99
+    space: str = MODEL_SPACE  # whose pooled features it reads: the model's encoder, or this encoder's name
+    encoder: object | None = None  # that encoder (an encoders.ImageEncoder, frozen), where `space` names one; an
+    #                                ONNX export runs it as a graph instead (vqa.onnx_runtime), and has none
+
+    @property
+    def reads_model_features(self) -> bool:
+        """True: it scores the model's own pooled features; False: those of its own `encoder`."""
+        return self.space == MODEL_SPACE
+
+    def describe_space(self) -> str:
+        return "the model's image encoder" if self.reads_model_features else f"{self.space} (its own, frozen)"
+
+    def own_encoder(self, where: str | Path = "the detector"):
+        """The encoder whose space it reads, where that is not the model's (a DataError if it was not loaded)."""
+        if self.encoder is None:
+            raise DataError(f"{where}: the out-of-scope detector reads {self.space}'s features, but its encoder "
+                            f"({ENCODER_FOLDER}/) is missing")
+        return self.encoder
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled features -> (B,) distances (larger: less like the training images)."""
@@ -85,8 +117,10 @@ class OutOfScopeDetector:
         return self.score(pooled) > self.threshold
 
     @classmethod
-    def fit(cls, pooled: torch.Tensor, quantile: float = 0.99, folds: int = 5, seed: int = 0) -> "OutOfScopeDetector":
-        """Fit on the training images' pooled features (I, D); the threshold from out-of-fold scores."""
+    def fit(cls, pooled: torch.Tensor, quantile: float = 0.99, folds: int = 5, seed: int = 0,
+            encoder=None) -> "OutOfScopeDetector":
+        """Fit on the training images' pooled features (I, D), in `encoder`'s space (None: the model's encoder's);
+        the threshold from out-of-fold scores."""
         x = pooled.double().cpu().numpy()
         if len(x) < 2 * folds:
             raise DataError(f"the out-of-scope detector needs at least {2 * folds} training images, got {len(x)}")
@@ -97,26 +131,91 @@ class OutOfScopeDetector:
             oof[part] = _distance(x[part], *_fit_gaussian(x[rest]))
         mean, basis, inverse, inverse_floor = _fit_gaussian(x)
         return cls(torch.from_numpy(mean).float(), torch.from_numpy(basis).float(), torch.from_numpy(inverse),
-                   inverse_floor, float(np.quantile(oof, quantile)), quantile)
+                   inverse_floor, float(np.quantile(oof, quantile)), quantile,
+                   MODEL_SPACE if encoder is None else encoder.name, encoder)
 
     def save(self, folder: Path) -> None:
+        """`ood.safetensors` and, for a space of its own, its encoder in `ood_encoder/` (by reference where it can)."""
+        from encoders import save_reference
+
+        if not self.reads_model_features:
+            encoder = self.own_encoder()
+            if not save_reference(encoder, Path(folder) / ENCODER_FOLDER):
+                encoder.save_pretrained(Path(folder) / ENCODER_FOLDER)
         atomic_write_safetensors(Path(folder) / OOD_FILE, {
             "mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
             "inverse": self.inverse.double().contiguous(),
             "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
             "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
-            metadata={"format": "pt"})
+            metadata={"format": "pt", "space": self.space})
+        if self.reads_model_features and (Path(folder) / ENCODER_FOLDER).is_dir():  # a refit replaced an own space
+            shutil.rmtree(Path(folder) / ENCODER_FOLDER)
 
     @classmethod
     def load(cls, folder: Path) -> "OutOfScopeDetector | None":
+        """The detector of a bundle (or ONNX export) folder; None where it has none. Its own encoder is loaded from
+        `ood_encoder/` where the folder has one (an ONNX export has its graph instead)."""
+        from safetensors import safe_open
+
         path = Path(folder) / OOD_FILE
         if not path.is_file():
             return None
         try:
             t = load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                space = (f.metadata() or {}).get("space", MODEL_SPACE)  # detectors from before spaces: the model's
             if "precision" in t:  # bundles from before the low-rank form: the full D x D precision
                 t.update(_from_precision(t["precision"].double().numpy()))
-            return cls(t["mean"], t["basis"], t["inverse"], float(t["inverse_floor"][0]), float(t["threshold"][0]),
-                       float(t["quantile"][0]))
+            detector = cls(t["mean"], t["basis"], t["inverse"], float(t["inverse_floor"][0]),
+                           float(t["threshold"][0]), float(t["quantile"][0]), space)
         except (SafetensorError, OSError, KeyError) as e:
             raise DataError(f"{path}: not a readable out-of-scope detector ({e})") from None
+        if not detector.reads_model_features and (Path(folder) / ENCODER_FOLDER).is_dir():
+            from encoders import load_encoder_folder
+
+            detector.encoder = load_encoder_folder(Path(folder) / ENCODER_FOLDER)
+            detector.encoder.freeze()
+            if detector.encoder.feature_dim != detector.mean.shape[0]:
+                raise DataError(f"{Path(folder) / ENCODER_FOLDER}: its features have {detector.encoder.feature_dim} "
+                                f"dimensions, but {path} was fitted on {detector.mean.shape[0]}")
+        return detector
+
+
+def detector_encoder(name: str, model_encoder):
+    """The frozen encoder named by --ood-encoder, or None for the model's own: `same`, or a name that rebuilds the
+    model's encoder exactly (frozen, same weights), whose pooled features the model computes anyway."""
+    from encoders import create_encoder
+
+    if name == MODEL_SPACE:
+        return None
+    try:
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training seed
+            encoder = create_encoder(name)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(f"--ood-encoder {name!r}: {e}") from None
+    if model_encoder.frozen and encoder.fingerprint() == model_encoder.fingerprint():
+        log.info("out-of-scope detector: %s is the model's own encoder; it reads the model's features", name)
+        return None
+    encoder.freeze()
+    return encoder
+
+
+def fit_detector(model_encoder, images: Sequence, model_features, encoder=None, device: torch.device | str = "cpu",
+                 cache_dir: str | None = None, progress: bool = True) -> OutOfScopeDetector | None:
+    """The detector on the training images, in `encoder`'s space (`detector_encoder`; None: the model's), or None,
+    with a warning, for very few images. `images` are the distinct training images; `model_features` the rows the
+    model reads for them (a feature table, or an encoders.ImageTable of pixels), for the model's own space."""
+    from .features import feature_table, pooled_features
+
+    if len(images) < MIN_IMAGES:
+        log.warning("only %d training images: no out-of-scope detector (needs %d)", len(images), MIN_IMAGES)
+        return None
+    if encoder is None:
+        pooled = pooled_features(model_encoder, model_features, device)
+    else:
+        log.info("out-of-scope detector: %d training images through %s", len(images), encoder.name)
+        pooled = feature_table(encoder, images, cache_dir, device=device, progress=progress)["pooled"].float()
+    detector = OutOfScopeDetector.fit(pooled, encoder=encoder)
+    log.info("out-of-scope detector in %s: threshold %.2f (%.0f%% of training images, scored out of fold)",
+             detector.describe_space(), detector.threshold, 100 * detector.quantile)
+    return detector

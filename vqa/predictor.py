@@ -211,7 +211,8 @@ class Predictor:
         _set_threads(threads)
         started = time.perf_counter()
         bundle = load(path, device="cpu")
-        predictor = cls(TorchRuntime(bundle.model, resolve_device(str(device))), bundle, path=path,
+        own = bundle.ood.own_encoder(path) if bundle.ood is not None and not bundle.ood.reads_model_features else None
+        predictor = cls(TorchRuntime(bundle.model, resolve_device(str(device)), own), bundle, path=path,
                         target_risk=target_risk)
         log.info("loaded %s (%s + %s, %d answers) in %.1fs", path, predictor.runtime.encoder_name,
                  predictor.runtime.head_name, len(predictor.answers), time.perf_counter() - started)
@@ -264,6 +265,7 @@ class Predictor:
                 "target_risk": self.target_risk.describe(self.calibration.evidence) if self.calibration else None,
                 "trust_scores": self.calibration is not None and self.calibration.uses_trust,
                 "out_of_scope_detector": self.ood is not None,
+                "out_of_scope_space": self.ood.describe_space() if self.ood is not None else None,
                 "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
 
     def predict(self, image: Any, question: str, top_k: int = 5,
@@ -298,6 +300,8 @@ class Predictor:
             table = self.runtime.encode([item.image for item in loaded], batch_size)
             preds = predict(self.runtime.head, queries, table, self.answers, self.device, batch_size=batch_size,
                             choices=choices)
+            if self.ood is not None and not self.ood.reads_model_features:  # the detector's own space
+                table = {"pooled": self.runtime.encode_for_detector([item.image for item in loaded], batch_size)}
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
             apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk)
         image_scores = self.ood.score(pooled) if self.ood is not None else None

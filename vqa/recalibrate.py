@@ -25,6 +25,7 @@ from .calibration import CALIBRATION_FILE, Calibration
 from .data.record import Record
 from .errors import DataError
 from .io import atomic_dir, atomic_write_json
+from .ood import OutOfScopeDetector, detector_encoder, fit_detector
 from .target_risk import TargetRisk
 from .trust import TRUST_FILE, TrustScorer
 from .training.precision import check_precision, resolve_device
@@ -44,6 +45,9 @@ class RecalibrateConfig:
     val_by: str | None = None
     val_seed: int | None = None
     target_risk: TargetRisk | float | str | None = None  # default: the bundle's (or 10 %)
+    # fit the out-of-scope detector again, on the training images, in this space ("same": the model's image encoder;
+    # or an encoder name, vqa.ood); None keeps the bundle's detector
+    ood_encoder: str | None = None
     device: str = "auto"
     precision: str = "fp32"
     cache_dir: str | None = None
@@ -72,6 +76,9 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
     train, val, how = recorded_splits(path, bundle, cfg.format, cfg.data,
                                       {k: v for k, v in given.items() if v is not None})
+    detector = None
+    if cfg.ood_encoder is not None:
+        detector = refit_detector(bundle, train, cfg.ood_encoder, device, cfg.cache_dir, cfg.progress)
     trust = trust_memory(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress)
     log.info("calibrating on validation %s (%d questions)", how, len(val))
     preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
@@ -79,12 +86,12 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how} (medvqa calibrate)",
                                   risk, trust=trust, fused=preds.fused)
     if cfg.out is None:
-        _write(calibration, path)
+        _write(calibration, detector, path)
         target = path
     else:
         with atomic_dir(Path(cfg.out) / "bundle", overwrite=True) as tmp:
             shutil.copytree(path, tmp, dirs_exist_ok=True)
-            _write(calibration, tmp)
+            _write(calibration, detector, tmp)
         target = Path(cfg.out) / "bundle"
     write_card(target)
     log.info("%s: calibrated (temperatures %s%s)", target, {b: round(t, 3) for b, t in calibration.temperatures.items()},
@@ -105,10 +112,26 @@ def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str
     return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))
 
 
-def _write(calibration: Calibration, folder: Path) -> None:
-    """The memory before the calibration that names it; a stale memory removed only after."""
+def refit_detector(bundle: Bundle, train: Sequence[Record], space: str, device, cache_dir: str | None = None,
+                   progress: bool = True) -> OutOfScopeDetector | None:
+    """The bundle's out-of-scope detector fitted again on its training images, in `space` (--ood-encoder)."""
+    from .batches import unique_images
+    from .features import feature_table
+
+    images = unique_images([r.image for r in train])[0]
+    model_features = None
+    encoder = detector_encoder(space, bundle.model.encoder)
+    if encoder is None:
+        model_features = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
+    return fit_detector(bundle.model.encoder, images, model_features, encoder, device, cache_dir, progress)
+
+
+def _write(calibration: Calibration, detector: OutOfScopeDetector | None, folder: Path) -> None:
+    """The memory before the calibration that names it; a stale memory removed only after; then the detector."""
     if calibration.uses_trust:
         calibration.trust.save(folder)
     atomic_write_json(folder / CALIBRATION_FILE, calibration.to_dict())
     if not calibration.uses_trust:
         (folder / TRUST_FILE).unlink(missing_ok=True)
+    if detector is not None:
+        detector.save(folder)

@@ -1,9 +1,11 @@
 """What runs the network behind a `Predictor`: PyTorch, or onnxruntime on an ONNX export.
 
-A runtime does two things, and only these differ between runtimes:
+A runtime does these things, and only these differ between runtimes:
 
     table = runtime.encode(images, batch_size)    # 8-bit PIL images -> {"grid": (I, N, D), "pooled": (I, D)} float16
     out = runtime.head(features, tokens, lengths)  # -> {"logits", "attention"[, "type_logits"]}, via vqa.inference
+    pooled = runtime.encode_for_detector(images, batch_size)  # (I, D') float16 in the out-of-scope detector's own
+                                                               # space, where it has one (vqa.ood)
 
 Everything around them is shared: reading and checking inputs, tokenisation (`vqa.batches`),
 the batching and decoding of `vqa.inference.predict`, calibration and abstention
@@ -16,6 +18,7 @@ from typing import Protocol, Sequence
 import torch
 from PIL import Image
 
+from .errors import DataError
 from .features import encode_features
 from .inference import HeadRunner
 from .model import VQAModel
@@ -39,6 +42,10 @@ class ModelRuntime(Protocol):
         """Features of 8-bit images as the feature cache stores them: float16 on the CPU."""
         ...
 
+    def encode_for_detector(self, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
+        """Pooled features of 8-bit images through the out-of-scope detector's own encoder (float16, CPU)."""
+        ...
+
     @property
     def head(self) -> HeadRunner:
         """What `vqa.inference.predict` runs on those features and the question tensors."""
@@ -46,13 +53,14 @@ class ModelRuntime(Protocol):
 
 
 class TorchRuntime:
-    """A bundle's `VQAModel` in eval mode on `device`."""
+    """A bundle's `VQAModel` in eval mode on `device` (and the out-of-scope detector's own encoder, if any)."""
 
     kind = "torch"
 
-    def __init__(self, model: VQAModel, device: torch.device) -> None:
+    def __init__(self, model: VQAModel, device: torch.device, detector_encoder: torch.nn.Module | None = None) -> None:
         self.device = device
         self.model = model.to(device).eval()
+        self.detector_encoder = None if detector_encoder is None else detector_encoder.to(device).eval()
         encoder, head = model.encoder, model.head
         self.encoder_name, self.head_name, self.grid_size = encoder.name, head.name, tuple(encoder.grid_size)
         self.has_type_router, self.needs_choices = head.has_type_router, head.needs_choices
@@ -60,6 +68,11 @@ class TorchRuntime:
 
     def encode(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
         return encode_features(self.model.encoder, images, batch_size, self.device)
+
+    def encode_for_detector(self, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
+        if self.detector_encoder is None:
+            raise DataError("this runtime was built without the out-of-scope detector's encoder")
+        return encode_features(self.detector_encoder, images, batch_size, self.device)["pooled"]
 
     @property
     def head(self) -> VQAModel:

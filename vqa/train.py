@@ -25,12 +25,12 @@ from .data import carve_validation, dataset_format, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .calibration import Calibration
-from .features import feature_table, pixel_table, pooled_features
+from .features import feature_table, pixel_table
 from .inference import model_inputs, predict, run_model
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .model_card import training_data, write_card
-from .ood import OutOfScopeDetector
+from .ood import MODEL_SPACE, detector_encoder, fit_detector
 from .trust import TrustScorer
 from .stats import duplicate_records
 from .target_risk import DEFAULT_TARGET_RISK, TargetRisk
@@ -42,7 +42,6 @@ from .training.schedule import Shard, check_schedule
 
 log = logging.getLogger(__name__)
 # What must match to resume: the data, the model and the batch order (the engine adds the seed).
-MIN_OOD_IMAGES = 20
 AUGMENT_CROP, AUGMENT_INTENSITY = 0.15, 0.1  # --augment: crops keep >= 85 % of each side; +-10 % contrast, brightness
 IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", "encoder_mode", "image_features",
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
@@ -92,6 +91,8 @@ class TrainConfig(EngineConfig):
     #                      of the same schedule and keep that model (vqa/refit.py)
     # abstention: answer only where validation answers were wrong at most this often (0.1, closed=0.05,open=0.2)
     target_risk: TargetRisk | float | str = DEFAULT_TARGET_RISK
+    ood_encoder: str = MODEL_SPACE  # the out-of-scope detector's space: "same" (the model's image encoder) or a
+    #                                 frozen encoder of its own, e.g. efficientnet-lite0-imagenet (vqa/ood.py)
     weights_dtype: str = "float32"  # the bundle's head weights (text tower included): float16 halves the file; the
     #                                 kept model is rounded first, so validation, calibration and metrics measure it
     cache_dir: str | None = None  # feature cache root (default: $MEDVQA_CACHE/features)
@@ -392,6 +393,7 @@ def train(cfg: TrainConfig) -> Path:
         train_records, val_records, val_how = load_splits(cfg)
         tokenizer, answers = vocabularies(cfg, train_records)
         model = build_model(cfg, tokenizer, answers).to(rt.device)
+        ood_encoder = detector_encoder(cfg.ood_encoder, model.encoder)  # an unknown name fails before training
         task = _task(cfg, model, train_records, val_records, tokenizer, answers, loss, rt)
         if rt.world.is_main:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -425,7 +427,8 @@ def train(cfg: TrainConfig) -> Path:
             return Path(cfg.out) / "bundle"
         if cfg.refit and calibration.uses_trust:  # the refit model's fused space is its own: its memory, same weights
             calibration = calibration.with_trust(fit_trust(task))
-        ood = fit_out_of_scope(model, task.train.images, rt.device)
+        ood = fit_detector(model.encoder, unique_images([r.image for r in task.train.records])[0],
+                           task.train.images, ood_encoder, rt.device, cfg.cache_dir, cfg.progress)
         log.info("calibration on validation: temperatures %s%s", {b: round(t, 3) for b, t in
                                                                    calibration.temperatures.items()},
                  f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
@@ -467,18 +470,6 @@ def fit_trust(task: VQATask) -> TrustScorer | None:
         return None
     preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
     return TrustScorer.fit(preds.fused, train.questions.answers)
-
-
-def fit_out_of_scope(model: VQAModel, images, device: torch.device) -> OutOfScopeDetector | None:
-    """The out-of-scope detector on the training images' pooled features (None, with a warning, for very few)."""
-    pooled = pooled_features(model.encoder, images, device)
-    if len(pooled) < MIN_OOD_IMAGES:
-        log.warning("only %d training images: no out-of-scope detector (needs %d)", len(pooled), MIN_OOD_IMAGES)
-        return None
-    ood = OutOfScopeDetector.fit(pooled)
-    log.info("out-of-scope detector: threshold %.2f (%.0f%% of training images, scored out of fold)", ood.threshold,
-             100 * ood.quantile)
-    return ood
 
 
 def selection(cfg: TrainConfig) -> str:

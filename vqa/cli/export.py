@@ -14,7 +14,8 @@ EXAMPLE = """examples:
 
 OUT gets encoder.onnx (pixels -> grid, pooled), head.onnx (features + question tokens + lengths
 [+ choices] -> logits, attention[, type_logits]), config.json with the preprocessing, and the
-bundle's answers, vocabulary, metrics, calibration and out-of-scope detector. The graphs are
+bundle's answers, vocabulary, metrics, calibration and out-of-scope detector (with
+ood_encoder.onnx where the detector reads an encoder of its own, --ood-encoder). The graphs are
 checked against PyTorch on sample inputs (the largest difference is printed). Exported inside
 the bundle (the default OUT), `medvqa push` uploads it with the bundle and `--runtime onnx`
 finds it. Needs `pip install 'medvqa[onnx]'` (onnx, onnxruntime)."""

@@ -89,6 +89,15 @@ def add_target_risk_argument(group, default_help: str, default: str | None = Non
                             f"right far more often than open ones) (default: {default_help})")
 
 
+def add_ood_encoder_argument(group, default_help: str, default: str | None = None) -> None:
+    """--ood-encoder: the feature space of the out-of-scope image detector (`vqa.ood`)."""
+    group.add_argument("--ood-encoder", default=default, metavar="ENCODER",
+                       help="judge whether an image is out of scope in the pooled features of this frozen encoder "
+                            "(a registered name, folder or hub id; efficientnet-lite0-imagenet: ImageNet features, "
+                            "which tell photographs from scans where MEVF's small grayscale encoders cannot), or "
+                            f"'same': the model's own image encoder (default: {default_help})")
+
+
 def add_bundle_argument(parser, *, required: bool = True, help_default: str = "") -> None:
     """--bundle: a bundle folder or a Hugging Face Hub id (resolved by `vqa.hub.resolve_bundle`)."""
     parser.add_argument("--bundle", required=required, default=None,

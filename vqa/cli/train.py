@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_target_risk_argument,
-                      add_weights_dtype_argument, command_parser, config_from_command_line)
+from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_ood_encoder_argument,
+                      add_target_risk_argument, add_weights_dtype_argument, command_parser, config_from_command_line)
 
 EXAMPLE = """examples:
   medvqa train --format vqa-rad --data runs/phantom/vqa-rad --head mevf-ban --out runs/ban
@@ -29,6 +29,7 @@ EXAMPLE = """examples:
       --encoder efficientnet-lite0-imagenet --question-encoder minilm --question-lr 5e-5 \\
       --head fusion-transformer-qcr --head-arg hidden_dim=256 --head-arg layers=2 --head-arg attention_heads=4 \\
       --optimizer adamw --lr 5e-4 --weight-decay 0.01 --loss ce --epochs 20 --seed 0 --out runs/vqa-rad-transfer-0
+  medvqa train ... --ood-encoder efficientnet-lite0-imagenet   # out-of-scope images judged in ImageNet features
   medvqa train ... --resume latest        # continue OUT/checkpoint.pt after a stop
   medvqa train --config runs/ban/run_config.json --seed 1 --out runs/ban-seed1   # rerun a recorded run, one change
   medvqa train ... --refit --resume latest   # a finished run: train again on train + validation for its epoch
@@ -106,6 +107,7 @@ def build_parser():
                    help="after validation chose the epoch, train again on train + validation for that many epochs of "
                         "the same schedule and keep that model (calibration: the validation run's, a proxy)")
     add_target_risk_argument(g, f"{d.target_risk}; `predict --target-risk` overrides", default=str(d.target_risk))
+    add_ood_encoder_argument(g, "%(default)s", default=d.ood_encoder)
     add_weights_dtype_argument(g, "validation and calibration")
     g = add_engine_arguments(p, d)["optimisation"]
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamax", "adamw"])

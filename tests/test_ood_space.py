@@ -1,0 +1,139 @@
+"""The out-of-scope detector in a feature space of its own (--ood-encoder): fitted by train and calibrate, stored in
+the bundle, scored alike by eval, the Predictor and the ONNX runtime."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vqa.errors import DataError
+from vqa.ood import ENCODER_FOLDER, MODEL_SPACE, OOD_FILE, OutOfScopeDetector, detector_encoder
+
+from ._bundle import ground_truth
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    """A frozen encoder other than the test bundle's, saved as a folder (stored in the bundle by copy, not by name)."""
+    from encoders import create_encoder
+
+    torch.manual_seed(11)
+    folder = tmp_path_factory.mktemp("space") / "tiny-space"
+    create_encoder("clip-vit-tiny", image_size=48).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def refitted(trained_bundle, predictor_phantom, space, tmp_path_factory):
+    """A copy of the test bundle whose detector `medvqa calibrate --ood-encoder` fitted again in `space`."""
+    from vqa.cli import main as cli
+
+    tmp = tmp_path_factory.mktemp("refitted")
+    assert cli(["calibrate", str(trained_bundle), "--format", "vqa-rad", "--data", str(predictor_phantom / "vqa-rad"),
+                "--device", "cpu", "--no-progress", "--cache-dir", str(tmp / "cache"), "--ood-encoder", str(space),
+                "--out", str(tmp / "copy")]) == 0
+    return tmp / "copy" / "bundle"
+
+
+def _space_of(bundle) -> str:
+    with safe_open(str(bundle / OOD_FILE), "pt") as f:
+        return f.metadata()["space"]
+
+
+def test_calibrate_fits_the_detector_in_the_named_space_and_the_predictor_scores_there(
+        refitted, trained_bundle, predictor, predictor_phantom, space):
+    from encoders import load_encoder_folder
+    from vqa import Predictor
+
+    # a folder's encoder is copied in (a registered one with packaged weights would be stored by name)
+    assert (refitted / ENCODER_FOLDER / "model.safetensors").is_file() and _space_of(refitted) == "clip-vit-tiny"
+    assert _space_of(trained_bundle) == MODEL_SPACE and f"`{ENCODER_FOLDER}/`" in (refitted / "README.md").read_text()
+    moved = Predictor.from_bundle(refitted)
+    assert moved.describe()["out_of_scope_space"] == "clip-vit-tiny (its own, frozen)"
+    images = list(dict.fromkeys(r["image"] for r in ground_truth(predictor_phantom)))[:6]
+    questions = ["Is there a lesion?"] * len(images)
+    got, before = moved.predict_batch(images, questions), predictor.predict_batch(images, questions)
+    assert [p.answer for p in got] == [p.answer for p in before]  # the network is untouched
+    # the scores are the detector's distances in the named encoder's space, not in the model's
+    pooled = load_encoder_folder(space).eval().encode(images)["pooled"].float()
+    expected = OutOfScopeDetector.load(refitted).score(pooled)
+    assert [p.out_of_scope_score for p in got] == pytest.approx(expected.tolist(), rel=1e-5)
+    assert [p.out_of_scope_score for p in got] != pytest.approx([p.out_of_scope_score for p in before], rel=1e-2)
+
+
+def test_eval_and_onnx_flag_what_the_predictor_flags(refitted, predictor_phantom, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vqa import Predictor
+    from vqa.evaluate import evaluate
+    from vqa.onnx_export import OOD_ENCODER_FILE, export_onnx
+
+    _, records, preds = evaluate(refitted, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
+                                 cache_dir=str(tmp_path / "cache"), progress=False)
+    torch_predictor = Predictor.from_bundle(refitted)
+    threshold = torch_predictor.ood.threshold
+    records = records[:40]
+    scores = [p.out_of_scope_score for p in torch_predictor.predict_batch([r.image for r in records],
+                                                                         [r.question for r in records])]
+    assert preds.out_of_scope[:40].tolist() == [s > threshold for s in scores]
+
+    report = export_onnx(refitted, tmp_path / "onnx")
+    assert (tmp_path / "onnx" / OOD_ENCODER_FILE).is_file() and report.max_abs_diff["ood_pooled"] < 1e-4
+    assert not (tmp_path / "onnx" / ENCODER_FOLDER).exists()  # the graph runs it, not PyTorch
+    onnx = Predictor.from_onnx(tmp_path / "onnx")
+    got = [p.out_of_scope_score for p in onnx.predict_batch([r.image for r in records[:8]],
+                                                            [r.question for r in records[:8]])]
+    assert got == pytest.approx(scores[:8], rel=1e-3)
+
+
+def test_calibrate_back_to_the_models_space_removes_the_encoder(refitted, trained_bundle, predictor_phantom,
+                                                                  tmp_path):
+    from vqa.cli import main as cli
+
+    back = tmp_path / "back"
+    shutil.copytree(refitted, back)
+    assert cli(["calibrate", str(back), "--format", "vqa-rad", "--data", str(predictor_phantom / "vqa-rad"),
+                "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                "--ood-encoder", MODEL_SPACE]) == 0
+    assert not (back / ENCODER_FOLDER).exists() and _space_of(back) == MODEL_SPACE
+    again, trained = OutOfScopeDetector.load(back), OutOfScopeDetector.load(trained_bundle)
+    assert again.threshold == pytest.approx(trained.threshold, rel=1e-4)  # the detector training fitted
+
+
+def test_a_bundle_missing_its_detectors_encoder_is_named(refitted, tmp_path):
+    from vqa import Predictor
+
+    broken = tmp_path / "broken"
+    shutil.copytree(refitted, broken)
+    shutil.rmtree(broken / ENCODER_FOLDER)
+    with pytest.raises(DataError, match=f"{ENCODER_FOLDER}/\\) is missing"):
+        Predictor.from_bundle(broken)
+
+
+def test_the_models_own_encoder_by_name_reads_the_models_features(space):
+    from encoders import load_encoder_folder
+
+    own = load_encoder_folder(space)
+    own.freeze()
+    assert detector_encoder(str(space), own) is None and detector_encoder(MODEL_SPACE, own) is None
+    assert detector_encoder(str(space), load_encoder_folder(space)) is not None  # not frozen: it will change
+    with pytest.raises(DataError, match="--ood-encoder 'no-such-encoder'"):
+        detector_encoder("no-such-encoder", own)
+
+
+def test_train_fits_the_detector_in_the_named_space(predictor_phantom, space, tmp_path, capsys):
+    from vqa.cli import main as cli
+
+    common = ["train", "--data", str(predictor_phantom / "vqa-rad"), "--head", "mevf-san", "--embed-dim", "32",
+              "--question-dim", "32", "--epochs", "1", "--device", "cpu", "--no-progress",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert cli(common + ["--ood-encoder", "no-such-encoder", "--out", str(tmp_path / "bad")]) == 2
+    assert "--ood-encoder 'no-such-encoder'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert cli(common + ["--ood-encoder", str(space), "--out", str(tmp_path / "run")]) == 0
+    bundle = tmp_path / "run" / "bundle"
+    assert _space_of(bundle) == "clip-vit-tiny" and (bundle / ENCODER_FOLDER / "config.json").is_file()
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert recorded["ood_encoder"] == str(space)
