@@ -39,7 +39,8 @@ def _model_card(predictor) -> str:
                     if info.get("trust_scores") else "")
                  + f"; the model says *not sure* below the confidence at "
                  f"which its validation answers were wrong more than {info['target_risk']} of the time"
-                 + (", and for images unlike its training images" if info["out_of_scope_detector"] else "")
+                 + (f", and for images unlike its training images (judged in the features of "
+                    f"{info.get('out_of_scope_space') or 'its image encoder'})" if info["out_of_scope_detector"] else "")
                  + ", and for questions of mostly unknown words.")
     else:
         trust = " **Confidence**: uncalibrated (a bundle from before calibration); it never abstains."

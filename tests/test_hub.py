@@ -54,6 +54,18 @@ def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, pr
     snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
     assert (snapshot / "model.safetensors").is_file() and (snapshot / "encoder" / "config.json").is_file()
     assert ModelCard.load(snapshot / "README.md").data.model_name == REPO
+    # the recipe travels too: `train --config` takes the Hub id, and asks for the data folder it recorded by name
+    from vqa.cli.options import config_from_command_line
+    from vqa.cli.train import build_parser
+    from vqa.target_risk import TargetRisk
+    from vqa.train import TrainConfig
+
+    assert f"medvqa train --config {REPO} --data" in (snapshot / "README.md").read_text()
+    with pytest.raises(DataError, match=r"--data \(it was 'vqa-rad'\)"):
+        config_from_command_line(TrainConfig, build_parser(), ["--config", REPO, "--out", "o"])
+    again = config_from_command_line(TrainConfig, build_parser(), ["--config", REPO, "--out", "o", "--data", "d"])
+    assert (again.head, again.epochs, again.data) == ("qcr", 20, "d")
+    assert TargetRisk.parse(again.target_risk).of("CLOSED") == 0.3
 
     rows = ground_truth(predictor_phantom)[:12]
     images, questions = [r["image"] for r in rows], [r["question"] for r in rows]

@@ -75,6 +75,30 @@ def test_pretraining_reruns_from_its_record_too(tmp_path):
     assert again == dataclasses.replace(first, out="q")
 
 
+def test_the_bundles_record_names_no_local_folder_and_a_rerun_gives_them_again(tmp_path):
+    """A bundle is shared: its run_config.json reduces this machine's paths to their names, and a rerun from it is
+    refused until each is given again."""
+    from vqa.training import shareable_config
+
+    (tmp_path / "vqa-rad").mkdir()
+    (tmp_path / "glove_300d.txt").write_text("the 0.1\n")
+    first = TrainConfig(data=str(tmp_path / "vqa-rad"), glove=str(tmp_path / "glove_300d.txt"), answers="train",
+                        encoder="clip-vit-tiny", cache_dir=str(tmp_path / "cache"), lr=0.004, out=str(tmp_path / "o"),
+                        resume="latest")
+    shared = shareable_config(first)
+    assert (shared["data"], shared["glove"], shared["answers"], shared["encoder"]) == \
+        ("local:vqa-rad", "local:glove_300d.txt", "train", "clip-vit-tiny")
+    assert shared["cache_dir"] is None and not {"out", "resume", "stop_after", "progress"} & set(shared)
+    assert str(tmp_path) not in json.dumps(shared)
+    write_run_config(shared, tmp_path / "bundle")
+    path = str(tmp_path / "bundle" / "run_config.json")
+    with pytest.raises(DataError, match=r"--data \(it was 'vqa-rad'\), --glove \(it was 'glove_300d.txt'\)"):
+        config_from_command_line(TrainConfig, train_parser(), ["--config", path, "--out", "mine"])
+    again = config_from_command_line(TrainConfig, train_parser(), ["--config", str(tmp_path / "bundle"),  # its folder
+                                                                   "--out", "mine", "--data", "d", "--glove", "g.txt"])
+    assert again == dataclasses.replace(first, data="d", glove="g.txt", cache_dir=None, out="mine", resume=None)
+
+
 @pytest.mark.slow  # two training runs: end to end, left out of the fast lane
 def test_a_recorded_training_run_reruns_to_the_same_model(phantom_dir, tmp_path):
     """End to end: the rerun from the first run's record trains the same weights, epoch for epoch."""
@@ -86,6 +110,8 @@ def test_a_recorded_training_run_reruns_to_the_same_model(phantom_dir, tmp_path)
     assert cli(["train", "--config", str(first / "run_config.json"), "--out", str(again)]) == 0
     assert json.loads((again / "run_config.json").read_text()) == \
         {**json.loads((first / "run_config.json").read_text()), "out": str(again), "progress": True}
+    shared = json.loads((first / "bundle" / "run_config.json").read_text())  # the recipe travels with the model
+    assert shared["data"] == "local:vqa-rad" and shared["head"] == "mevf-san" and "out" not in shared
     loss = [[row["loss"] for row in json.loads((run / "history.json").read_text())] for run in (first, again)]
     assert loss[0] == loss[1] and len(loss[0]) == 3
     weights = [load_file(str(run / "bundle" / "model.safetensors")) for run in (first, again)]

@@ -13,6 +13,7 @@
       ood_encoder/       its own image encoder, where it does not read the model's (usually a reference)
       trust.safetensors  the training questions' fused vectors and answers, for trust scores (vqa.trust)
       README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
+      run_config.json    the training recipe, local paths reduced to "local:NAME" (`medvqa train --config BUNDLE`)
       onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)
 
 Bundles written before calibration existed load too: they answer uncalibrated and never abstain.

@@ -313,4 +313,8 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
               "`calibration.json`, `ood.safetensors`" + (f", `{TRUST_FILE}`" if (bundle / TRUST_FILE).is_file() else "")
               + (f", `{OOD_ENCODER}/` (the out-of-scope detector's encoder)" if (bundle / OOD_ENCODER).is_dir() else "")
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
+    if (bundle / "run_config.json").is_file():  # the recipe; its local paths are reduced to "local:NAME"
+        lines += ["", "Train it again, or with one change, from its recorded settings (`run_config.json`; give your "
+                  "own copy of each setting recorded as `local:NAME`, such as the data folder):", "", "```bash",
+                  f"medvqa train --config {name} --data path/to/data --out runs/again", "```"]
     return lines

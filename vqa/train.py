@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,7 +36,7 @@ from .stats import duplicate_records
 from .target_risk import DEFAULT_TARGET_RISK, TargetRisk
 from .text import WordVocab
 from .training import (EngineConfig, Runtime, Selection, StepContext, StepOutput, Trainer, TrainingTask, World,
-                       epoch_plan, runtime, write_run_config)
+                       epoch_plan, runtime, shareable_config, write_run_config)
 from .training.augment import augment
 from .training.schedule import Shard, check_schedule
 
@@ -102,6 +102,9 @@ class TrainConfig(EngineConfig):
     lr: float = 2e-3
     clip_norm: float | None = 0.25  # MEVF clips the gradient norm at 0.25
     out: str = "runs/vqa"
+    # settings that may name a file or folder of this machine: the bundle's run_config.json names them "local:NAME"
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "answers", "encoder", "question_encoder", "glove", "ood_encoder",
+                                              "cache_dir")
 
     @property
     def word_encoder(self) -> bool:
@@ -437,6 +440,8 @@ def train(cfg: TrainConfig) -> Path:
                              max_len=cfg.question_len, choice_len=cfg.choice_len,
                              extra={"training": {"loss": loss, "data": data, "validation": validation_spec(cfg)}},
                              calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype)
+        # the recipe travels with the model: `medvqa train --config BUNDLE/run_config.json --data ... --out ...`
+        write_run_config(shareable_config(cfg), bundle)
         write_card(bundle)
         return bundle
 

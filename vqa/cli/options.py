@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
@@ -168,9 +169,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     g.add_argument("--stop-after", type=int, default=None, help="end this run after N epochs (resume later)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--config", metavar="FILE",
-                   help="rerun a recorded run: its run_config.json gives every value the command line does not "
-                        "(needs --out; --resume, --stop-after and --no-progress are not taken from it), e.g. "
-                        "--config runs/ban/run_config.json --seed 1 --out runs/ban-seed1")
+                   help="rerun a recorded run: its run_config.json (or a bundle's, given the bundle folder or Hub "
+                        "id) gives every value the command line does not (needs --out; --resume, --stop-after and "
+                        "--no-progress are not taken from it), e.g. --config runs/ban/run_config.json --seed 1 "
+                        "--out runs/ban-seed1")
     return groups
 
 
@@ -224,14 +226,24 @@ def config_from_command_line(cls: type, parser: argparse.ArgumentParser, argv: l
     if "out" not in vars(given):
         raise DataError(f"--config {args.config}: give the rerun its own --out (the recorded run's is "
                         f"{recorded.get('out', cls.out)!r}; to continue that run, use --out with it and --resume latest)")
+    from ..training.runtime import LOCAL_PATH
+
     invocation = set(cls.INVOCATION_FIELDS)
+    missing = [k for k, v in recorded.items() if isinstance(v, str) and v.startswith(LOCAL_PATH) and k not in given]
+    if missing:
+        flags = ", ".join(f"--{k.replace('_', '-')} (it was {recorded[k][len(LOCAL_PATH):]!r})" for k in missing)
+        raise DataError(f"--config {args.config}: recorded on another machine, it names local files or folders you "
+                        f"give again here: {flags}")
     return config_from_args(cls, given, {k: v for k, v in recorded.items() if k not in invocation})
 
 
 def read_recorded_config(cls: type, path: str) -> dict:
     """The fields of a recorded run_config.json, checked against `cls` (a file of another command is refused)."""
+    from ..hub import is_repo_id, resolve_bundle
     from ..io import read_json
 
+    if is_repo_id(path) or Path(path).is_dir():  # a bundle (shared on the Hub, or a folder): its recipe
+        path = str(resolve_bundle(path) / "run_config.json")
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object of a run's settings (a run_config.json), got "

@@ -11,12 +11,13 @@ from .config import EngineConfig
 from .distributed import World
 from .engine import FitResult, NonFiniteError, Runtime, Trainer, runtime
 from .precision import check_precision, get_autocast, make_grad_scaler, resolve_device
-from .runtime import seed_everything, write_run_config
+from .runtime import LOCAL_PATH, seed_everything, shareable_config, write_run_config
 from .schedule import LR_SCHEDULES, Shard, epoch_plan, warmup_schedule
 from .task import Selection, StepContext, StepOutput, TrainingTask
 
 __all__ = [
-    "EngineConfig", "FitResult", "LR_SCHEDULES", "NonFiniteError", "Runtime", "Selection", "Shard", "StepContext",
-    "StepOutput", "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast",
-    "make_grad_scaler", "resolve_device", "runtime", "seed_everything", "warmup_schedule", "write_run_config",
+    "EngineConfig", "FitResult", "LOCAL_PATH", "LR_SCHEDULES", "NonFiniteError", "Runtime", "Selection", "Shard",
+    "StepContext", "StepOutput", "Trainer", "TrainingTask", "World", "check_precision", "epoch_plan", "get_autocast",
+    "make_grad_scaler", "resolve_device", "runtime", "seed_everything", "shareable_config", "warmup_schedule",
+    "write_run_config",
 ]

@@ -54,6 +54,25 @@ def write_run_config(config: Any, out_dir: str | Path, name: str = "run_config.j
     atomic_write_json(Path(out_dir) / name, jsonable(data))
 
 
+LOCAL_PATH = "local:"  # a recorded path of the machine that ran it, reduced to its name (`shareable_config`)
+
+
+def shareable_config(config: Any) -> dict:
+    """The run config as a bundle shares it: the invocation's fields left out, and each of `PATH_FIELDS` that names
+    a file or folder of this machine reduced to "local:NAME" (a shared file names no one's folders), which a rerun
+    from it (`--config`) must give again; the feature cache's folder reset to the default."""
+    data = jsonable(dataclasses.asdict(config))
+    for name in getattr(config, "INVOCATION_FIELDS", ()):
+        data.pop(name, None)
+    for name in getattr(config, "PATH_FIELDS", ()):
+        value = data.get(name)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            data[name] = LOCAL_PATH + Path(value).expanduser().resolve().name
+    if "cache_dir" in data:
+        data["cache_dir"] = None
+    return data
+
+
 def jsonable(obj: Any) -> Any:
     """`obj` with paths as strings and tuples as lists, so it survives a JSON round trip unchanged."""
     if isinstance(obj, dict):
