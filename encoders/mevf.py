@@ -102,10 +102,13 @@ class MEVFEncoder(ImageEncoder):
         self.ae_proj = nn.Linear(code_size, config.ae_dim)
         self.feature_dim = config.maml_width + config.ae_dim
         self.grid_size = (1, 1)
+        # the MAML branch's antialiased resize as a matrix, for ONNX export only (not a weight: never saved)
+        self.register_buffer("maml_resize", _resize_matrix(config.image_size, config.maml_image_size),
+                             persistent=False)
 
     def forward_features(self, pixels: Tensor) -> dict[str, Tensor]:
         ae_in = _resize(pixels, self.config.image_size)  # (B, 1, 128, 128)
-        maml_in = _resize(pixels, self.config.maml_image_size)  # (B, 1, 84, 84)
+        maml_in = self._maml_input(pixels)  # (B, 1, 84, 84)
         maml = self.maml(maml_in).flatten(2).mean(dim=2)  # (B, 64)
         code = self.autoencoder.encode(ae_in)  # (B, 16, 32, 32)
         ae = self.ae_proj(code.flatten(1))  # (B, 64)
@@ -115,6 +118,13 @@ class MEVFEncoder(ImageEncoder):
             "pooled": pooled,
             "reconstruction": self.autoencoder.decode(code),  # (B, 1, 128, 128)
         }
+
+    def _maml_input(self, pixels: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export() and pixels.shape[-1] == pixels.shape[-2] == self.maml_resize.shape[1]:
+            # ONNX (opset 17) has no antialiased resize: the same separable weights, as two matrix products
+            m = self.maml_resize.to(pixels.dtype)
+            return m @ pixels @ m.T
+        return _resize(pixels, self.config.maml_image_size)
 
     def auxiliary_loss(self, features: dict[str, Tensor], pixels: Tensor) -> Tensor:
         """MEVF trains its autoencoder with the VQA head: the reconstruction error of the input."""
@@ -126,6 +136,15 @@ def _resize(pixels: Tensor, side: int) -> Tensor:
         return pixels
     # antialiased, like the PIL resize MEVF used to make its 84x84 and 128x128 images
     return F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _resize_matrix(size: int, side: int) -> Tensor:
+    """(side, size): `_resize` along one axis as a matrix (the resize is separable), from resizing the unit vectors."""
+    # image k: 1 on row k; two columns, since torch 2.14's antialiased kernel returns zeros for a one-column image
+    unit = torch.eye(size).view(size, 1, size, 1).expand(size, 1, size, 2).contiguous()
+    with torch.no_grad():
+        resized = F.interpolate(unit, size=(side, 2), mode="bilinear", align_corners=False, antialias=True)
+    return resized[:, 0, :, 0].T.contiguous()
 
 
 class AutoencoderReconstructionLoss(nn.Module):
