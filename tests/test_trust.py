@@ -159,6 +159,36 @@ def test_out_of_scope_detector_separates_photographs_from_the_training_kind(pred
     assert photo.abstained and "unlike the training images" in photo.abstain_reason
 
 
+def test_a_blank_frame_is_out_of_scope_whatever_its_features(predictor, predictor_phantom, tmp_path):
+    """Uniform frames (black, grey, white; one with a small label) are withheld as blank, by the Predictor and by
+    eval alike; a scan is not."""
+    from PIL import Image
+
+    from vqa.data import load_vqa_rad
+    from vqa.evaluate import evaluate
+
+    from ._bundle import known_answer
+
+    labelled = Image.new("L", (160, 160), 0)
+    labelled.paste(255, (4, 4, 14, 12))  # a burnt-in label on a blank frame: 0.3 % of the pixels
+    frames = [Image.new("L", (128, 128), v) for v in (0, 128, 255)] + [labelled, Image.new("RGB", (96, 64), "navy")]
+    got = predictor.predict_batch(frames, ["Is there a lesion?"] * len(frames))
+    assert all(p.abstained and p.abstain_reason.startswith("the image is blank") for p in got)
+    row = known_answer(predictor, predictor_phantom)
+    assert not predictor.predict(row["image"], row["question"]).abstained
+
+    data = shutil.copytree(predictor_phantom / "vqa-rad", tmp_path / "vqa-rad")
+    records = load_vqa_rad(data, "test")
+    Image.new("L", (256, 256), 0).save(records[0].image, format="JPEG")  # one test image blanked out
+    _, scored, preds = evaluate(predictor.path, "vqa-rad", str(data), device="cpu", cache_dir=str(tmp_path / "cache"),
+                                progress=False)
+    blanked = [r.image == records[0].image for r in scored]
+    assert any(blanked) and all(preds.out_of_scope[i] and preds.abstained[i] for i, b in enumerate(blanked) if b)
+    again = predictor.predict_batch([r.image for r in scored], [r.question for r in scored])
+    assert [p.abstain_reason is not None and p.abstain_reason.startswith("the image is blank") for p in again] == \
+        blanked
+
+
 def test_a_bundle_from_before_calibration_still_answers(trained_bundle, tmp_path, predictor_phantom):
     from vqa import Predictor
 

@@ -306,10 +306,11 @@ def calibration_metrics(conf: np.ndarray, correct: np.ndarray, risks: Sequence[f
 
 
 def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch.Tensor,
-                      target_risk: TargetRisk | None = None) -> None:
+                      target_risk: TargetRisk | None = None, blank: torch.Tensor | None = None) -> None:
     """Fill `preds.confidence`, `preds.abstained` and `preds.out_of_scope` (nothing without a calibration):
     an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), or
-    when its image is out of scope (`ood`, a `vqa.ood.OutOfScopeDetector`, on the images' pooled features)."""
+    when its image is out of scope: far from the training images (`ood`, a `vqa.ood.OutOfScopeDetector`, on the
+    images' pooled features) or blank (`blank`, (Q,) bool, `vqa.ood.blank_images`)."""
     if calibration is None:
         return
     branches = preds.branches()
@@ -317,4 +318,6 @@ def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch
     thresholds = {b: calibration.threshold(b, target_risk) for b in set(branches)}
     below = torch.tensor([float(c) < thresholds[b] for c, b in zip(preds.confidence, branches)], dtype=torch.bool)
     preds.out_of_scope = ood.out_of_scope(pooled) if ood is not None else torch.zeros_like(below)
+    if blank is not None:
+        preds.out_of_scope = preds.out_of_scope | blank
     preds.abstained = below | preds.out_of_scope

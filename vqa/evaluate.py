@@ -26,6 +26,7 @@ from .features import feature_table
 from .inference import Predictions, answer_scores, predict
 from .io import atomic_write_json, atomic_write_text
 from .metrics import choice_metrics, closed_confusion, vqa_metrics
+from .ood import blank_images
 from .target_risk import TargetRisk, abstention_groups, reported_target
 from .training.precision import check_precision, resolve_device
 
@@ -46,18 +47,21 @@ def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.dev
 
 def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str,
                            cache_dir: str | None, progress: bool, detector: bool = True
-                           ) -> tuple[Predictions, torch.Tensor]:
+                           ) -> tuple[Predictions, torch.Tensor, torch.Tensor | None]:
     """(predictions, each record's image pooled features (Q, D) in the out-of-scope detector's space: the model's, or
-    with `detector` the detector's own encoder's where it has one)."""
+    with `detector` the detector's own encoder's where it has one; with `detector`, whether each image is blank)."""
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
                     choices=[r.choices for r in records] if mc else None)
-    if detector and bundle.ood is not None and not bundle.ood.reads_model_features:
+    if not detector:
+        return preds, table["pooled"].float()[questions.rows], None
+    if bundle.ood is not None and not bundle.ood.reads_model_features:
         table = feature_table(bundle.ood.own_encoder(), images, cache_dir, device=device, progress=progress)
-    return preds, table["pooled"].float()[questions.rows]
+    blank = blank_images(images) if bundle.calibration is not None else torch.zeros(len(images), dtype=torch.bool)
+    return preds, table["pooled"].float()[questions.rows], blank[questions.rows]
 
 
 def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, score_kind: str,
@@ -135,8 +139,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
-    preds, pooled = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
-    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk)
+    preds, pooled, blank = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
+    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank)
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,

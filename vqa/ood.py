@@ -35,9 +35,28 @@ OOD_FILE = "ood.safetensors"
 ENCODER_FOLDER = "ood_encoder"  # the detector's own encoder, when it does not read the model's
 MODEL_SPACE = "same"  # --ood-encoder's value for the model's own image encoder
 MIN_IMAGES = 20  # fewer training images than this: no detector (its covariance would be mostly shrinkage)
+# A blank frame's features can lie among the training images' (a uniform image measured 68-95 in Lite0's space, under
+# the QCR bundle's threshold of 120), so blankness is judged on the pixels: 98 % of them within this many gray
+# levels. VQA-RAD's 315 images span at least 115.
+BLANK_LEVELS = 8
 # scikit-image's sample photographs of everyday scenes and objects (skimage/data): the out-of-scope test set
 PHOTOGRAPHS = ("astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
                "gravel.png", "hubble_deep_field.jpg", "moon.png", "motorcycle_left.png", "rocket.jpg")
+
+
+def blank_levels(image) -> float:
+    """How many gray levels the middle 98 % of an image's pixels span (a PIL image)."""
+    counts = np.bincount(np.asarray(image.convert("L"), dtype=np.uint8).ravel(), minlength=256)
+    share = np.cumsum(counts) / counts.sum()  # a histogram: 8-bit images need no sort
+    return float(np.searchsorted(share, 0.99) - np.searchsorted(share, 0.01, side="right"))
+
+
+def blank_images(images: Sequence) -> torch.Tensor:
+    """(I,) bool: which of `images` (PIL images, or files the feature cache reads) are blank frames."""
+    from encoders import load_image
+
+    return torch.tensor([blank_levels(im if hasattr(im, "convert") else load_image(im)) <= BLANK_LEVELS
+                         for im in images], dtype=torch.bool)
 
 
 def photographs() -> list[Path]:

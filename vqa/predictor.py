@@ -37,6 +37,7 @@ from .data.record import CLOSED, OPEN, YES_NO
 from .errors import DataError
 from .calibration import apply_calibration
 from .inference import Predictions, answer_scores, predict
+from .ood import BLANK_LEVELS, blank_images
 from .runtimes import ModelRuntime
 from .target_risk import TargetRisk
 from .text import tokenize
@@ -303,9 +304,10 @@ class Predictor:
             if self.ood is not None and not self.ood.reads_model_features:  # the detector's own space
                 table = {"pooled": self.runtime.encode_for_detector([item.image for item in loaded], batch_size)}
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
-            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk)
+            blank = blank_images([item.image for item in loaded])[torch.as_tensor(rows)]
+            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank)
         image_scores = self.ood.score(pooled) if self.ood is not None else None
-        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores)
+        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank)
         per_question = (time.perf_counter() - started) / max(len(results), 1)
         for p in results:
             p.seconds = per_question
@@ -313,7 +315,8 @@ class Predictor:
 
     # -- steps ---------------------------------------------------------------------
     def _decode(self, preds: Predictions, texts: list[str], images: list[LoadedImage], top_k: int,
-                choices: Sequence[Sequence[str]] | None, image_scores: torch.Tensor | None) -> list[Prediction]:
+                choices: Sequence[Sequence[str]] | None, image_scores: torch.Tensor | None,
+                blank: torch.Tensor) -> list[Prediction]:
         scores = answer_scores(preds.logits, self.score_kind, None if choices is None else [len(c) for c in choices])
         branches = preds.branches()
         confidence = preds.confidence if preds.confidence is not None else scores.max(-1).values.clamp(min=0.0)
@@ -332,7 +335,7 @@ class Predictor:
             else:
                 qtype, source, qscore = (CLOSED if answer in YES_NO else OPEN), "answer", None
             ood = None if image_scores is None else float(image_scores[i])
-            reason = self._abstain_reason(preds, i, text, branches[i], ood)
+            reason = self._abstain_reason(preds, i, text, branches[i], ood, bool(blank[i]))
             results.append(Prediction(
                 question=text, answer=answer, score=score, top_k=top, score_kind=self.score_kind,
                 question_type=qtype, question_type_source=source, question_type_score=qscore,
@@ -348,8 +351,11 @@ class Predictor:
             self._thresholds[branch] = self.calibration.threshold(branch, self.target_risk)
         return self._thresholds[branch]
 
-    def _abstain_reason(self, preds: Predictions, i: int, text: str, branch: str, ood: float | None) -> str | None:
+    def _abstain_reason(self, preds: Predictions, i: int, text: str, branch: str, ood: float | None,
+                        blank: bool) -> str | None:
         """Why answer `i` is withheld, or None: an out-of-scope image or question first, then low confidence."""
+        if blank and preds.out_of_scope is not None:  # a calibrated bundle withholds it (apply_calibration)
+            return f"the image is blank (its pixels span at most {BLANK_LEVELS} gray levels)"
         if preds.out_of_scope is not None and bool(preds.out_of_scope[i]):
             return (f"the image is unlike the training images (distance {ood:.1f}, above "
                     f"{self.ood.threshold:.1f}, which {100 * self.ood.quantile:.0f}% of training images stay under)")
