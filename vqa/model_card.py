@@ -249,7 +249,7 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
     if files.ood is not None:
         lines.append(f"- out-of-scope images (Mahalanobis distance of the pooled features of "
                      f"{files.ood.describe_space()} above the {100 * files.ood.quantile:.0f}th percentile of "
-                     "out-of-fold training images) are withheld")
+                     "out-of-fold training images) are withheld, and blank frames")
     for report in reports:
         abst = (report.get("calibration") or {}).get("abstention")
         if abst:
