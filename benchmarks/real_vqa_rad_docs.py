@@ -270,7 +270,8 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "encoder (own), or ImageNet EfficientNet-Lite0's, frozen (`--ood-encoder efficientnet-lite0-imagenet`, "
              "Lite0), which the benchmark's runs use since MEVF's fine-tuned encoder proved unable to tell "
              "photographs; a frozen Lite0 model's own space is that one) on VQA-RAD's test images "
-             "against scikit-image's 12 photographs, and pydicom's CT and MR test files (radiology: in scope). Brier "
+             "against scikit-image's 12 photographs, and how many of pydicom's CT and MR test files it flags (radiology, "
+             "but tight crops at 128 and 64 px, a vertebra and an MR patch, unlike VQA-RAD's whole views). Brier "
              "score: the mean squared gap between confidence and right (1) or wrong (0), a proper score, read beside "
              "ECE, whose sampling noise depends on the confidences (Reading, \"How low ECE can go on this test\").", "",
              "| head | run | closed ECE before → after | open ECE before → after | Brier closed / open: before → "
