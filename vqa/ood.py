@@ -1,4 +1,4 @@
-"""Out-of-scope images: how far an image's features lie from the training images', in the encoder's pooled space.
+"""Out-of-scope images: how far an image's features lie from the training images' in a pooled space; blank frames.
 
 The score is the Mahalanobis distance to the training images' mean under a Ledoit-Wolf
 shrunk covariance (a few hundred images cannot estimate a full D x D covariance). The
@@ -20,7 +20,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from safetensors.torch import load_file
 
 from .errors import DataError
 from .io import atomic_write_safetensors
+
+if TYPE_CHECKING:
+    from encoders import ImageEncoder
 
 log = logging.getLogger(__name__)
 OOD_FILE = "ood.safetensors"
@@ -108,8 +111,8 @@ class OutOfScopeDetector:
     threshold: float  # a score above it is out of scope
     quantile: float = 0.99
     space: str = MODEL_SPACE  # whose pooled features it reads: the model's encoder, or this encoder's name
-    encoder: object | None = None  # that encoder (an encoders.ImageEncoder, frozen), where `space` names one; an
-    #                                ONNX export runs it as a graph instead (vqa.onnx_runtime), and has none
+    encoder: "ImageEncoder | None" = None  # that encoder, frozen, where `space` names one; an ONNX export runs it
+    #                                        as a graph instead (vqa.onnx_runtime), and has none
 
     @property
     def reads_model_features(self) -> bool:
@@ -119,7 +122,7 @@ class OutOfScopeDetector:
     def describe_space(self) -> str:
         return "the model's image encoder" if self.reads_model_features else f"{self.space} (its own, frozen)"
 
-    def own_encoder(self, where: str | Path = "the detector"):
+    def own_encoder(self, where: str | Path = "the detector") -> "ImageEncoder":
         """The encoder whose space it reads, where that is not the model's (a DataError if it was not loaded)."""
         if self.encoder is None:
             raise DataError(f"{where}: the out-of-scope detector reads {self.space}'s features, but its encoder "
@@ -137,7 +140,7 @@ class OutOfScopeDetector:
 
     @classmethod
     def fit(cls, pooled: torch.Tensor, quantile: float = 0.99, folds: int = 5, seed: int = 0,
-            encoder=None) -> "OutOfScopeDetector":
+            encoder: "ImageEncoder | None" = None) -> "OutOfScopeDetector":
         """Fit on the training images' pooled features (I, D), in `encoder`'s space (None: the model's encoder's);
         the threshold from out-of-fold scores."""
         x = pooled.double().cpu().numpy()
@@ -200,7 +203,7 @@ class OutOfScopeDetector:
         return detector
 
 
-def detector_encoder(name: str, model_encoder):
+def detector_encoder(name: str, model_encoder: "ImageEncoder") -> "ImageEncoder | None":
     """The frozen encoder named by --ood-encoder, or None for the model's own: `same`, or a name that rebuilds the
     model's encoder exactly (frozen, same weights), whose pooled features the model computes anyway."""
     from encoders import create_encoder
@@ -219,7 +222,8 @@ def detector_encoder(name: str, model_encoder):
     return encoder
 
 
-def fit_detector(model_encoder, images: Sequence, model_features, encoder=None, device: torch.device | str = "cpu",
+def fit_detector(model_encoder: "ImageEncoder", images: Sequence, model_features,
+                 encoder: "ImageEncoder | None" = None, device: torch.device | str = "cpu",
                  cache_dir: str | None = None, progress: bool = True) -> OutOfScopeDetector | None:
     """The detector on the training images, in `encoder`'s space (`detector_encoder`; None: the model's), or None,
     with a warning, for very few images. `images` are the distinct training images; `model_features` the rows the
