@@ -234,6 +234,10 @@ def fit_detector(model_encoder: "ImageEncoder", images: Sequence, model_features
         log.warning("only %d training images: no out-of-scope detector (needs %d)", len(images), MIN_IMAGES)
         return None
     if encoder is None:
+        if model_encoder.in_chans == 1:  # a grayscale encoder never saw colour, nor much of the world
+            log.warning("the out-of-scope detector reads a grayscale encoder's features, where photographs may pass "
+                        "as scans (MEVF's, fine-tuned by QCR: AUROC 0.56); --ood-encoder efficientnet-lite0-imagenet "
+                        "judges them in ImageNet features (1.000)")
         pooled = pooled_features(model_encoder, model_features, device)
     else:
         log.info("out-of-scope detector: %d training images through %s", len(images), encoder.name)
