@@ -14,7 +14,8 @@
 # selection: MEVF's image side (imported) + mevf-ban, frozen and fine-tuned end to end, with the epoch
 #         picked on a validation split carved from train vs on test (MEVF's code): what that choice is worth.
 # qcr:    QCR on MEVF's image side, fine-tuned on its published 200-epoch schedule, honest and reference protocols.
-# mevf:   MEVF-BAN fine-tuned on its released code's 20-epoch schedule (--lr-schedule mevf-step), both protocols.
+# mevf:   MEVF-BAN fine-tuned on its released code's 20-epoch schedule (--lr-schedule mevf-step), both protocols
+#         (already in docs/results.md from 2 CPU cores: a GPU rerun adds its timing only).
 set -uo pipefail
 : "${OUT:?set OUT to an output folder}"
 WORK=${WORK:-$OUT/work}  # checkpoints and bundles; $OUT gets the logs and metrics
