@@ -36,6 +36,14 @@ def built_bundle(base: Path) -> Path:
     return base / "run" / "bundle"
 
 
+def feature_cache_copy(bundle: Path, to: Path) -> Path:
+    """A copy of the feature cache the bundle at `built_bundle(base)` was trained with: a test reading the phantom's
+    images through that encoder computes only the images it adds (the shared cache itself is never written)."""
+    import shutil
+
+    return shutil.copytree(bundle.parents[1] / "features", to)
+
+
 def bundle_phantom(bundle: Path) -> Path:
     """The phantom the bundle at `built_bundle(base)` was trained on."""
     return bundle.parents[1] / "phantom"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from vqa.errors import DataError
 from vqa.ood import ENCODER_FOLDER, MODEL_SPACE, OOD_FILE, OutOfScopeDetector, detector_encoder
 
-from ._bundle import ground_truth
+from ._bundle import feature_cache_copy, ground_truth
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def refitted(trained_bundle, predictor_phantom, space, tmp_path_factory):
     from vqa.cli import main as cli
 
     tmp = tmp_path_factory.mktemp("refitted")
+    cache = feature_cache_copy(trained_bundle, tmp / "cache")
     assert cli(["calibrate", str(trained_bundle), "--format", "vqa-rad", "--data", str(predictor_phantom / "vqa-rad"),
-                "--device", "cpu", "--no-progress", "--cache-dir", str(tmp / "cache"), "--ood-encoder", str(space),
+                "--device", "cpu", "--no-progress", "--cache-dir", str(cache), "--ood-encoder", str(space),
                 "--out", str(tmp / "copy")]) == 0
     return tmp / "copy" / "bundle"
 
@@ -64,14 +65,14 @@ def test_calibrate_fits_the_detector_in_the_named_space_and_the_predictor_scores
     assert [p.out_of_scope_score for p in got] != pytest.approx([p.out_of_scope_score for p in before], rel=1e-2)
 
 
-def test_eval_and_onnx_flag_what_the_predictor_flags(refitted, predictor_phantom, tmp_path):
+def test_eval_and_onnx_flag_what_the_predictor_flags(refitted, trained_bundle, predictor_phantom, tmp_path):
     pytest.importorskip("onnxruntime")
     from vqa import Predictor
     from vqa.evaluate import evaluate
     from vqa.onnx_export import OOD_ENCODER_FILE, export_onnx
 
     _, records, preds = evaluate(refitted, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
-                                 cache_dir=str(tmp_path / "cache"), progress=False)
+                                 cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")), progress=False)
     torch_predictor = Predictor.from_bundle(refitted)
     threshold = torch_predictor.ood.threshold
     records = records[:40]
@@ -95,7 +96,8 @@ def test_calibrate_back_to_the_models_space_removes_the_encoder(refitted, traine
     back = tmp_path / "back"
     shutil.copytree(refitted, back)
     assert cli(["calibrate", str(back), "--format", "vqa-rad", "--data", str(predictor_phantom / "vqa-rad"),
-                "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                "--device", "cpu", "--no-progress",
+                "--cache-dir", str(feature_cache_copy(trained_bundle, tmp_path / "cache")),
                 "--ood-encoder", MODEL_SPACE]) == 0
     assert not (back / ENCODER_FOLDER).exists() and _space_of(back) == MODEL_SPACE
     again, trained = OutOfScopeDetector.load(back), OutOfScopeDetector.load(trained_bundle)
@@ -123,12 +125,12 @@ def test_the_models_own_encoder_by_name_reads_the_models_features(space):
         detector_encoder("no-such-encoder", own)
 
 
-def test_train_fits_the_detector_in_the_named_space(predictor_phantom, space, tmp_path, capsys):
+def test_train_fits_the_detector_in_the_named_space(trained_bundle, predictor_phantom, space, tmp_path, capsys):
     from vqa.cli import main as cli
 
-    common = ["train", "--data", str(predictor_phantom / "vqa-rad"), "--head", "mevf-san", "--embed-dim", "32",
-              "--question-dim", "32", "--epochs", "1", "--device", "cpu", "--no-progress",
-              "--cache-dir", str(tmp_path / "cache")]
+    common = ["train", "--data", str(predictor_phantom / "vqa-rad"), "--head", "mevf-san", "--head-arg", "hidden_dim=32",
+              "--embed-dim", "32", "--question-dim", "32", "--epochs", "1", "--device", "cpu", "--no-progress",
+              "--cache-dir", str(feature_cache_copy(trained_bundle, tmp_path / "cache"))]
     assert cli(common + ["--ood-encoder", "no-such-encoder", "--out", str(tmp_path / "bad")]) == 2
     assert "--ood-encoder 'no-such-encoder'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything was written

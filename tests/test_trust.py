@@ -24,9 +24,12 @@ from ._bundle import TARGET_RISK as TARGET
 def report(trained_bundle, predictor_phantom, tmp_path_factory):
     from vqa.evaluate import evaluate, write_outputs
 
+    from ._bundle import feature_cache_copy
+
     tmp = tmp_path_factory.mktemp("trust")
     result = evaluate(trained_bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
-                      cache_dir=str(tmp / "cache"), progress=False, target_risk=TARGET)
+                      cache_dir=str(feature_cache_copy(trained_bundle, tmp / "cache")), progress=False,
+                      target_risk=TARGET)
     write_outputs(*result, tmp / "eval")
     return result[0], tmp / "eval"
 
@@ -167,7 +170,7 @@ def test_a_blank_frame_is_out_of_scope_whatever_its_features(predictor, predicto
     from vqa.data import load_vqa_rad
     from vqa.evaluate import evaluate
 
-    from ._bundle import known_answer
+    from ._bundle import feature_cache_copy, known_answer
 
     labelled = Image.new("L", (160, 160), 0)
     labelled.paste(255, (4, 4, 14, 12))  # a burnt-in label on a blank frame: 0.3 % of the pixels
@@ -180,7 +183,8 @@ def test_a_blank_frame_is_out_of_scope_whatever_its_features(predictor, predicto
     data = shutil.copytree(predictor_phantom / "vqa-rad", tmp_path / "vqa-rad")
     records = load_vqa_rad(data, "test")
     Image.new("L", (256, 256), 0).save(records[0].image, format="JPEG")  # one test image blanked out
-    _, scored, preds = evaluate(predictor.path, "vqa-rad", str(data), device="cpu", cache_dir=str(tmp_path / "cache"),
+    cache = feature_cache_copy(predictor.path, tmp_path / "cache")  # the blanked image is the only new one
+    _, scored, preds = evaluate(predictor.path, "vqa-rad", str(data), device="cpu", cache_dir=str(cache),
                                 progress=False)
     blanked = [r.image == records[0].image for r in scored]
     assert any(blanked) and all(preds.out_of_scope[i] and preds.abstained[i] for i, b in enumerate(blanked) if b)
