@@ -55,26 +55,15 @@ class ExportReport:
 
 
 class _EncoderGraph(nn.Module):
-    """pixels -> (grid, pooled): the encoder's two stable outputs as a tuple, for the exporter."""
+    """pixels -> the encoder's stable outputs (grid and pooled, or pooled alone) as a tuple, for the exporter."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, outputs: tuple[str, ...] = ("grid", "pooled")) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.outputs = encoder, outputs
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.encoder(pixels)
-        return features["grid"], features["pooled"]  # (B, N, D), (B, D)
-
-
-class _PooledGraph(nn.Module):
-    """pixels -> pooled: the out-of-scope detector's own encoder, for the exporter."""
-
-    def __init__(self, encoder: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixels)["pooled"]  # (B, D)
+        return tuple(features[k] for k in self.outputs)  # (B, N, D), (B, D)
 
 
 class _HeadGraph(nn.Module):
@@ -137,8 +126,9 @@ def export_onnx(bundle_path: str | Path, out: str | Path, *, overwrite: bool = F
                 "head")
         detector = _detector_encoder(bundle)
         if detector is not None:
-            _export(_PooledGraph(detector).eval(), (_pixels(detector),), tmp / OOD_ENCODER_FILE, ["pixels"],
-                    ["pooled"], {n: dict(batch) for n in ("pixels", "pooled")}, opset, "out-of-scope detector's encoder")
+            _export(_EncoderGraph(detector, ("pooled",)).eval(), (_pixels(detector),), tmp / OOD_ENCODER_FILE,
+                    ["pixels"], ["pooled"], {n: dict(batch) for n in ("pixels", "pooled")}, opset,
+                    "out-of-scope detector's encoder")
         encoder_inputs, head_inputs = _graph_inputs(tmp / ENCODER_FILE), _graph_inputs(tmp / HEAD_FILE)
         if detector is not None:
             _graph_inputs(tmp / OOD_ENCODER_FILE)

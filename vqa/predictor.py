@@ -304,7 +304,8 @@ class Predictor:
             if self.ood is not None and not self.ood.reads_model_features:  # the detector's own space
                 table = {"pooled": self.runtime.encode_for_detector([item.image for item in loaded], batch_size)}
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
-            blank = blank_images([item.image for item in loaded])[torch.as_tensor(rows)]
+            blank = (blank_images([item.image for item in loaded])[torch.as_tensor(rows)] if self.calibration
+                     else torch.zeros(len(rows), dtype=torch.bool))  # only a calibrated bundle withholds answers
             apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank)
         image_scores = self.ood.score(pooled) if self.ood is not None else None
         results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank)
