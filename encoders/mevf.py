@@ -76,14 +76,17 @@ class ConvAutoencoder(nn.Module):
         self.dec4 = nn.Conv2d(64, in_chans, kernel_size=3, padding=1)
 
     def encode(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.enc1(x)), 2)  # (B, 64, S/2, S/2)
-        x = F.max_pool2d(F.relu(self.enc2(x)), 2)  # (B, 32, S/4, S/4)
+        # MEVF pools after the ReLU; ReLU commutes with max-pooling (values and gradients alike), and after the pool it
+        # reads a quarter of the values: the full-size (B, 64, S, S) activation is the step's costliest memory traffic
+        x = F.relu(F.max_pool2d(self.enc1(x), 2))  # (B, 64, S/2, S/2)
+        x = F.relu(F.max_pool2d(self.enc2(x), 2))  # (B, 32, S/4, S/4)
         return F.relu(self.enc3(x))  # (B, 16, S/4, S/4)
 
     def decode(self, code: Tensor) -> Tensor:
-        x = F.relu(self.dec1(code))  # (B, 32, S/2, S/2)
-        x = F.relu(self.dec2(x))
-        x = F.relu(self.dec3(x))  # (B, 64, S, S)
+        # in place: a convolution's backward reads its input, not its output, so no second full-size copy is needed
+        x = F.relu(self.dec1(code), inplace=True)  # (B, 32, S/2, S/2)
+        x = F.relu(self.dec2(x), inplace=True)
+        x = F.relu(self.dec3(x), inplace=True)  # (B, 64, S, S)
         return self.dec4(x).sigmoid()  # (B, 1, S, S) in [0, 1]
 
 

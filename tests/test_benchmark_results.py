@@ -87,6 +87,15 @@ def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
     # without the row, no note
     write_results({}, runs, {}, tmp_path / "empty.md", HeadRecipe())
     assert "¶" not in (tmp_path / "empty.md").read_text()
+    # the control's first epochs alone: the same schedule (its length included), its row says how far it went
+    first = next(run for run in runs if run.schedule_epochs)
+    full = next(run for run in runs if run.tag == "qcr-schedule" and run.selection == "test" and run is not first)
+    assert dict(first.extra) == {**dict(full.extra), "schedule_epochs": full.epochs} and first.epochs < full.epochs
+    assert first.name != full.name and first.gpu_sized
+    write_results({first.name: {k: v for k, v in summary.items() if k != "carve"}}, runs, {}, tmp_path / "first.md",
+                  HeadRecipe())
+    text = (tmp_path / "first.md").read_text()
+    assert f"| ours (a), epoch picked on test*, the first {first.epochs} of 200 epochs ¶ | " in text
 
 
 def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):

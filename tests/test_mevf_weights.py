@@ -155,6 +155,30 @@ def test_trained_mevf_checkpoint_overrides_image_weights(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in ours.items())
 
 
+def test_autoencoder_trains_with_mevfs_gradients(tmp_path):
+    """Fine-tuning: the autoencoder's layers (ReLU and pooling reordered, ReLUs in place) get the gradients of
+    MEVF's own order of operations, through the features and the reconstruction alike."""
+    raw = _fake_mevf_folder(tmp_path)
+    encoder = create_encoder("mevf", pretrained=tmp_path).eval()
+    own = {f"{old}.{p}": param for old, new in AE_NAMES.items()
+           for p, param in getattr(encoder.autoencoder, new).named_parameters()}
+    pixels = torch.rand(3, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(3, 128, generator=torch.Generator().manual_seed(1))
+
+    def gradients(features, recon):
+        ((features - target).square().mean() + (recon - pixels).square().mean()).backward()
+        grads = {k: p.grad.clone() for k, p in own.items()}
+        encoder.zero_grad(set_to_none=True)
+        return grads
+
+    out = encoder(pixels)
+    ours = gradients(out["pooled"], out["reconstruction"])
+    theirs = gradients(*_reference_mevf(raw["maml"], own, encoder.ae_proj.weight, encoder.ae_proj.bias, pixels))
+    for name, grad in theirs.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(ours[name], grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_pretrained_true_explains_where_weights_are():
     with pytest.raises(ValueError, match="pretrained_maml.weights"):
         create_encoder("mevf", pretrained=True)
