@@ -388,8 +388,8 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
         if not r or run.row == "t":  # the transfer rows have their own table, with their seeds
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
-            (f", {run.epochs} epochs" if run.epochs and not run.schedule_epochs else "") + \
-            (f", the first {run.epochs} of {run.schedule_epochs} epochs" if run.schedule_epochs else "") + \
+            (f", the first {run.epochs} of {run.schedule_epochs} epochs" if run.schedule_epochs
+             else f", {run.epochs} epochs" if run.epochs else "") + \
             (f" {RELEASED_SCHEDULES[run.tag][0]}" if run.tag in RELEASED_SCHEDULES else "")
         side = f"{ROW_NAMES[run.row]}, {run.mode}" + (", pooled vector" if run.features == "pooled" else "")
         label += _marks(r)

@@ -63,7 +63,7 @@ class _EncoderGraph(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.encoder(pixels)
-        return tuple(features[k] for k in self.outputs)  # (B, N, D), (B, D)
+        return tuple(features[k] for k in self.outputs)  # grid (B, N, D), pooled (B, D)
 
 
 class _HeadGraph(nn.Module):
