@@ -17,7 +17,8 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
    on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP); runs sized for a
    GPU or hours of CPU (QCR's released 200-epoch schedule: about 5 h a run on 2 cores, resumable, and the control's
-   first 60 epochs alone in about 100 min; MEVF's released schedule: about 50 min) only when --only names them
+   first 60 epochs alone in about 100 min, its first 100 continuing them in about 65 more, the full run continuing
+   those; MEVF's released schedule: about 50 min) only when --only names them
    (benchmarks/gpu.sh, or here over several calls);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
@@ -156,7 +157,7 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 out=str(folder), cache_dir=str(out / "cache"), threads=recipe.threads,
                                 ood_encoder=LITE0,  # MEVF's fine-tuned encoder cannot tell photographs (README)
                                 progress=False,
-                                resume="latest" if (folder / "checkpoint.pt").is_file() else None), **extra})
+                                resume=resume_point(run, out)), **extra})
     bundle = train(cfg)
     trained = json.loads((bundle / "metrics.json").read_text())
     # the epochs' own times: a run resumed over several calls trained in all of them
@@ -165,6 +166,18 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     if run.selection == "val":  # a test-selected run carves nothing
         recorded["carve"] = CARVE
     return evaluate_step(bundle, folder, rad, out, recipe, recorded)
+
+
+def resume_point(run: Run, out: Path) -> str | None:
+    """--resume for a run: its own checkpoint (an interrupted run), else that of the shorter run down the same schedule
+    that it continues, else none."""
+    if (out / "vqa" / run.name / "checkpoint.pt").is_file():
+        return "latest"
+    earlier = out / "vqa" / run.continues / "checkpoint.pt"
+    if run.continues and earlier.is_file():
+        log.info("%s continues %s from its checkpoint", run.name, run.continues)
+        return str(earlier)
+    return None
 
 
 def evaluate_step(bundle: Path, folder: Path, rad: Path, out: Path, recipe: HeadRecipe, recorded: dict) -> dict:
@@ -263,12 +276,18 @@ def summarize(report: dict, folder: Path) -> dict:
     config = folder / "run_config.json"  # an ensemble has none either
     # a GRU head's run reproduces only at the thread count it trained with (docs/results.md)
     threads = json.loads(config.read_text()).get("threads") if config.is_file() else None
+    # the chosen epoch's accuracy on the carved validation split (where the calibration was fitted)
+    metrics = folder / "bundle" / "metrics.json"
+    trained = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    carved = trained.get("protocol", {}).get("validation", "").startswith("carved")
+    validation = {k: trained["validation"].get(k) for k in ("open", "closed", "overall")} if carved else None
     return {"scored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # which row wins a --merge
             "threads": threads, "epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),
             "out_of_scope": report.get("out_of_scope"),
             **({"carve": report["carve"]} if "carve" in report else {}),  # the § mark of the tables
+            **({"validation": validation} if validation else {}),
             **{s: {m: subsets[s].get(m) for m in ("open", "closed", "overall")} for s in subsets},
             "per_question_type": {t: v for t, v in subsets["all"].get("per_question_type", {}).items()}}
 

@@ -88,10 +88,15 @@ def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
     write_results({}, runs, {}, tmp_path / "empty.md", HeadRecipe())
     assert "¶" not in (tmp_path / "empty.md").read_text()
     # the control's first epochs alone: the same schedule (its length included), its row says how far it went
-    first = next(run for run in runs if run.schedule_epochs)
-    full = next(run for run in runs if run.tag == "qcr-schedule" and run.selection == "test" and run is not first)
-    assert dict(first.extra) == {**dict(full.extra), "schedule_epochs": full.epochs} and first.epochs < full.epochs
-    assert first.name != full.name and first.gpu_sized
+    partial = [run for run in runs if run.schedule_epochs]
+    first = partial[0]
+    full = next(run for run in runs if run.tag == "qcr-schedule" and run.selection == "test" and not run.schedule_epochs)
+    assert len(partial) == 2 and partial[0].epochs < partial[1].epochs < full.epochs
+    for run in partial:
+        assert dict(run.extra) == {**dict(full.extra), "schedule_epochs": full.epochs}
+        assert run.name != full.name and run.gpu_sized
+    # each stretch continues the one before, the full run the last; the first starts afresh
+    assert [run.continues for run in partial + [full]] == ["", partial[0].name, partial[1].name]
     write_results({first.name: {k: v for k, v in summary.items() if k != "carve"}}, runs, {}, tmp_path / "first.md",
                   HeadRecipe())
     text = (tmp_path / "first.md").read_text()
@@ -125,3 +130,69 @@ def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
     assert " | mevf-ban | train-only | " in row and "¶" not in text
     assert "‖ MEVF's schedule as its released code runs it: Adamax from 0.005" in text
 
+
+
+def _transfer_runs(tmp_path):
+    from real_vqa_rad_runs import transfer_steps
+
+    return [run for _, group in transfer_steps(tmp_path / "a", tmp_path / "b", tmp_path / "c") for run in group]
+
+
+def _calibrated(overall: float, trust: bool) -> dict:
+    closed = {"after": {"ece": 0.1, "brier": 0.2, "aurc": 0.1, "coverage_at_risk": {"0.05": 0.3, "0.1": 0.5}},
+              "before": {"ece": 0.2, "brier": 0.3}}
+    closed.update({"temperature_only": closed["after"]} if trust else {})
+    opened = {"after": {"ece": 0.1, "brier": 0.2, "aurc": 0.2, "coverage_at_risk": {"0.2": 0.4}}, "before": {}}
+    return {"all": {"open": 0.5, "closed": 0.7, "overall": overall}, "freeform": {"overall": overall},
+            "confidence": {"CLOSED": closed, "OPEN": opened}}
+
+
+def test_each_heads_best_bundle_is_one_made_with_trust_scores_never_an_ensembles_extra_member(tmp_path):
+    from real_vqa_rad_docs import confidence_lines
+
+    runs = _transfer_runs(tmp_path)
+    step4 = next(run for run in runs if run.kind == "step" and run.head == "fusion-transformer-qcr")
+    member = next(run for run in runs if run.kind == "member")
+    san = [run for run in runs if run.kind == "variant" and run.head == "mevf-san"]
+    assert len(san) == 3 and all(run.base.startswith("EfficientNet-Lite0 ImageNet") for run in san)
+    results = {step4.name: _calibrated(0.68, trust=True), member.name: _calibrated(0.71, trust=True),
+               san[0].name: _calibrated(0.55, trust=True), san[1].name: _calibrated(0.58, trust=False)}
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1] for line in confidence_lines(results, runs)
+            if line.startswith("| ") and not line.startswith("| head")}
+    # the member scored higher on test, but choosing it among the step's seeds would choose on test
+    assert rows["fusion-transformer-qcr"].startswith(step4.name)
+    assert rows["mevf-san"].startswith(san[0].name)  # made with trust scores, though less accurate
+
+
+def test_validation_against_test_is_tabled_for_the_rows_that_recorded_it(tmp_path):
+    from real_vqa_rad_docs import validation_lines
+
+    runs = _transfer_runs(tmp_path)
+    san = [run for run in runs if run.kind == "variant" and run.head == "mevf-san"]
+    results = {run.name: {**_calibrated(0.55, trust=True),
+                          "validation": {"open": 0.4, "closed": closed, "overall": 0.65}}
+               for run, closed in zip(san, (0.80, 0.84, 0.88))}
+    assert validation_lines({}, runs) == []
+    rows = [line for line in validation_lines(results, runs) if line.startswith(f"| {san[0].step}")]
+    assert len(rows) == 1
+    cells = rows[0].split(" | ")
+    assert cells[1] == "3" and cells[2].startswith("40.0 ± 0.0 / 84.0 ± 4.0") and cells[3].startswith("50.0")
+    assert cells[4].startswith("-14.0 ± 4.0")  # test closed 70% against validation's 84% mean
+
+
+def test_a_run_resumes_its_own_checkpoint_else_the_one_it_continues(tmp_path):
+    from real_vqa_rad import resume_point
+    from real_vqa_rad_runs import all_runs
+
+    runs = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("qcr",), ("candidates",),
+                    True, paper_schedule=True)
+    first, second = [run for run in runs if run.schedule_epochs]
+    out = tmp_path / "real"
+    assert resume_point(first, out) is None and resume_point(second, out) is None
+    (out / "vqa" / first.name).mkdir(parents=True)
+    (out / "vqa" / first.name / "checkpoint.pt").write_bytes(b"")
+    assert resume_point(first, out) == "latest"
+    assert resume_point(second, out) == str(out / "vqa" / first.name / "checkpoint.pt")
+    (out / "vqa" / second.name).mkdir()
+    (out / "vqa" / second.name / "checkpoint.pt").write_bytes(b"")
+    assert resume_point(second, out) == "latest"  # interrupted, it continues itself

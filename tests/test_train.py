@@ -91,7 +91,8 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
     train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, stop_after=1))
     for change, message in ((dict(lr=2e-3), "lr=0.001, this run has lr=0.002"),
                             (dict(lr_schedule="constant"), "lr_schedule='cosine', this run has lr_schedule='constant'"),
-                            (dict(epochs=3), "epochs=2, this run has epochs=3")):
+                            (dict(epochs=3), "schedule runs 2 epochs .*this run's 3"),
+                            (dict(epochs=1, schedule_epochs=3), "schedule runs 2 epochs .*this run's 3")):
         with pytest.raises(DataError, match=message):
             train(_cfg(phantom_dir, tmp_path, head="mevf-san", resume="latest", **{"lr": 1e-3, **change}))
     # a checkpoint from before --lr-schedule trained with cosine decay, and resumes so
@@ -103,6 +104,20 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
         train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest", lr_schedule="constant"))
     resumed = train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest"))
     assert len(json.loads((resumed / "metrics.json").read_text())["history"]) == 2
+
+
+def test_a_run_stopped_partway_down_a_longer_schedule_continues_down_it(phantom_dir, tmp_path):
+    straight = train(_cfg(phantom_dir, tmp_path / "a", epochs=3, head="mevf-san"))
+    # the first epoch of the 3-epoch schedule as a finished run of its own, then the rest from its checkpoint
+    first = train(_cfg(phantom_dir, tmp_path / "b", epochs=1, schedule_epochs=3, head="mevf-san"))
+    assert len(json.loads((first / "metrics.json").read_text())["history"]) == 1
+    rest = train(_cfg(phantom_dir, tmp_path / "c", epochs=3, head="mevf-san",
+                      resume=str(first.parent / "checkpoint.pt")))
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(rest / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ha = json.loads((straight.parent / "history.json").read_text())
+    hb = json.loads((rest.parent / "history.json").read_text())
+    assert [r["lr"] for r in ha] == [r["lr"] for r in hb] and [r["loss"] for r in ha] == [r["loss"] for r in hb]
 
 
 def test_resume_in_another_precision_is_logged(phantom_dir, tmp_path, caplog):

@@ -139,6 +139,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
     groups = {}
     g = groups["optimisation"] = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=defaults.epochs)
+    g.add_argument("--schedule-epochs", type=int, default=defaults.schedule_epochs, metavar="N",
+                   help="the learning-rate schedule's length in epochs (default: --epochs); longer, the run stops "
+                        "partway down it with a bundle of its own, and a run resumed from its checkpoint (--resume "
+                        "PATH --epochs M) continues down it, e.g. the first 60 of 200 epochs, then the rest")
     g.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="per process (default: %(default)s)")
     g.add_argument("--lr", type=float, default=defaults.lr)

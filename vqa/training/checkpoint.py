@@ -76,16 +76,24 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 # The optimizer's rates and the schedule's position come back from the checkpoint, and the schedule's shape from
-# these settings: a run resumed with other values would train neither as asked nor as it began.
-SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule", "schedule_epochs", "epochs")
+# these settings and its length: a run resumed with other values would train neither as asked nor as it began.
+SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule")
 _UNRECORDED = {"lr_schedule": "cosine"}  # what checkpoints from before a setting existed trained with
 
 
 def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path) -> None:
-    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`) differ from its checkpoint's."""
+    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`) or schedule length differ from its
+    checkpoint's. The run's own epochs may differ where the schedule's length does not: a run that stopped partway
+    down a longer schedule (`schedule_epochs`) continues down it, to a later epoch or to its end."""
     keys = [k for k in SCHEDULE_SETTINGS if k in saved_config or k in _UNRECORDED]
     check_compatible({k: saved_config.get(k, _UNRECORDED.get(k)) for k in keys},
                      {k: getattr(current, k) for k in keys}, path)
+    if "epochs" in saved_config:
+        saved = saved_config.get("schedule_epochs") or saved_config["epochs"]
+        length = current.schedule_epochs or current.epochs
+        if saved != length:
+            raise DataError(f"{path}: checkpoint's learning-rate schedule runs {saved} epochs (its --epochs, or "
+                            f"--schedule-epochs where longer), this run's {length}; use another --out or drop --resume")
 
 
 def rng_state() -> dict[str, Any]:
