@@ -343,7 +343,7 @@ def validation_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     lines = ["", "### Validation against test", "", "What the calibration was fitted on: each run's validation split "
              "(carved from train) at the epoch it chose, against the test split; mean ± std over the seeds measured "
              "(the runs that recorded it). A calibration fitted where the model is right more often than on test is "
-             "overconfident there (Reading, \"Validation is easier than test\").", "",
+             "overconfident there (Reading, \"Where validation's optimism comes from\").", "",
              "| row | measured | validation open / closed / overall | test open / closed / overall | closed: test − "
              "validation |", "|---|---|---|---|---|"]
     for what, done in rows:
