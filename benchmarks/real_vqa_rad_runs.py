@@ -44,7 +44,7 @@ class Run:
     #                     "bagging" ensemble of members on different carves (built from their bundles, not trained)
     base: str = ""  # a variant: the step it changes one thing of
     members: tuple[str, ...] = ()  # an "ensemble": the names of its member runs (`medvqa ensemble`)
-    continues: str = ""  # the shorter run down the same schedule whose checkpoint this one starts from, where it has one
+    continues: str = ""  # the shorter run down the same schedule whose checkpoint this one starts from, if made
 
     @property
     def config(self) -> str:

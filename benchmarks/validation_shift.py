@@ -46,7 +46,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path)
-    p.add_argument("--data", type=Path, required=True, help="VQA-RAD: trainset.json, testset.json and the official JSON")
+    p.add_argument("--data", type=Path, required=True,
+                   help="VQA-RAD: trainset.json, testset.json and the official JSON")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,7 +80,8 @@ def main() -> None:
 
             def share(mask) -> str:
                 return f"{100 * right[mask].mean():.1f}% of {mask.sum()}" if mask.any() else "–"
-            phrased = ", ".join(f"{k} {share(m & (kind == k))}" for k in ("freeform", "frame", "para") if (m & (kind == k)).any())
+            phrased = ", ".join(f"{k} {share(m & (kind == k))}" for k in ("freeform", "frame", "para")
+                                if (m & (kind == k)).any())
             print(f"| {name} | {answer_type.lower()} | {m.sum()} | {100 * right[m].mean():.1f}% | "
                   f"{100 * restates[m].mean():.0f}%, {share(m & restates)} | {share(m & ~restates)} | {phrased} |")
 

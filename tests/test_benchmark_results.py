@@ -90,7 +90,8 @@ def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
     # the control's first epochs alone: the same schedule (its length included), its row says how far it went
     partial = [run for run in runs if run.schedule_epochs]
     first = partial[0]
-    full = next(run for run in runs if run.tag == "qcr-schedule" and run.selection == "test" and not run.schedule_epochs)
+    full = next(run for run in runs
+                if run.tag == "qcr-schedule" and run.selection == "test" and not run.schedule_epochs)
     assert len(partial) == 2 and partial[0].epochs < partial[1].epochs < full.epochs
     for run in partial:
         assert dict(run.extra) == {**dict(full.extra), "schedule_epochs": full.epochs}
