@@ -57,8 +57,8 @@ def main() -> None:
     from vqa.evaluate import predict_records
 
     source = source_questions(args.data / "VQA_RAD_Dataset_Public.json")
-    phrasing = {split: {str(x["qid"]): x["phrase_type"] for x in json.loads((args.data / f"{split}set.json").read_text())}
-                for split in ("train", "test")}
+    phrasing = {split: {str(x["qid"]): x["phrase_type"] for x in json.loads(path.read_text())}
+                for split, path in (("train", args.data / "trainset.json"), ("test", args.data / "testset.json"))}
 
     def source_of(record) -> int | None:
         return source.get((Path(str(record.image)).name, " ".join(record.question.lower().split())))
