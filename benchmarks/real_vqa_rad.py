@@ -173,10 +173,9 @@ def resume_point(run: Run, out: Path) -> str | None:
     that it continues, else none."""
     if (out / "vqa" / run.name / "checkpoint.pt").is_file():
         return "latest"
-    earlier = out / "vqa" / run.continues / "checkpoint.pt"
-    if run.continues and earlier.is_file():
+    if run.continues and (out / "vqa" / run.continues / "checkpoint.pt").is_file():
         log.info("%s continues %s from its checkpoint", run.name, run.continues)
-        return str(earlier)
+        return str(out / "vqa" / run.continues / "checkpoint.pt")
     return None
 
 

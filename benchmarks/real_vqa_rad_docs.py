@@ -251,7 +251,7 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         if not r or run.selection == "test" or "after" not in r.get("confidence", {}).get("CLOSED", {}):
             continue
         head = {"ensemble": f"ensemble of {run.head}", "bagging": f"bagging of {run.head}"}.get(run.kind, run.head)
-        # made with trust scores first (not an ensemble's members: choosing among seeds is choosing on test), then accuracy
+        # made with trust scores first (not an ensemble's members: choosing among seeds is on test), then accuracy
         rank = (run.kind in ("step", "variant") and "temperature_only" in r["confidence"]["CLOSED"], r["all"]["overall"])
         if head not in best or rank > best[head][2]:
             best[head] = (run, r, rank)

@@ -41,7 +41,7 @@ class RefitTask(VQATask):
 
 def refit_config(cfg: TrainConfig, epochs: int) -> TrainConfig:
     """The validation run's configuration, `epochs` long on its schedule, written under OUT/refit."""
-    return dataclasses.replace(cfg, epochs=epochs, schedule_epochs=cfg.schedule_epochs or cfg.epochs,
+    return dataclasses.replace(cfg, epochs=epochs, schedule_epochs=cfg.schedule_length,
                                freeze_epochs=min(cfg.freeze_epochs, epochs), out=str(Path(cfg.out) / "refit"),
                                resume="latest" if cfg.resume else None)
 

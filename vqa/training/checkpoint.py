@@ -89,11 +89,11 @@ def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path) 
     check_compatible({k: saved_config.get(k, _UNRECORDED.get(k)) for k in keys},
                      {k: getattr(current, k) for k in keys}, path)
     if "epochs" in saved_config:
-        saved = saved_config.get("schedule_epochs") or saved_config["epochs"]
-        length = current.schedule_epochs or current.epochs
-        if saved != length:
+        saved = saved_config.get("schedule_epochs") or saved_config["epochs"]  # a recorded config's schedule_length
+        if saved != current.schedule_length:
             raise DataError(f"{path}: checkpoint's learning-rate schedule runs {saved} epochs (its --epochs, or "
-                            f"--schedule-epochs where longer), this run's {length}; use another --out or drop --resume")
+                            f"--schedule-epochs where longer), this run's {current.schedule_length}; use another --out "
+                            "or drop --resume")
 
 
 def rng_state() -> dict[str, Any]:

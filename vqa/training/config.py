@@ -42,3 +42,8 @@ class EngineConfig:
     #                            resuming continues after the last step saved (tasks that can: pretraining)
     stop_after: int | None = None  # end this run after N epochs (continue later with --resume latest)
     progress: bool = True  # progress bars
+
+    @property
+    def schedule_length(self) -> int:
+        """The learning-rate schedule's length in epochs: `schedule_epochs`, else the run's own `epochs`."""
+        return self.schedule_epochs or self.epochs

@@ -95,7 +95,7 @@ class Trainer:
         if cfg.schedule_epochs is not None and cfg.schedule_epochs < cfg.epochs:
             raise DataError(f"schedule_epochs {cfg.schedule_epochs}: expected at least the run's {cfg.epochs} epochs")
         self.scheduler = warmup_schedule(self.optimizer, int(cfg.warmup_epochs * steps),
-                                         (cfg.schedule_epochs or cfg.epochs) * steps, cfg.lr_schedule, steps)
+                                         cfg.schedule_length * steps, cfg.lr_schedule, steps)
         self.scaler = make_grad_scaler(cfg.precision, self.device)
         self.context = StepContext(cfg.precision, self.device, self.scaler)
         self.state_keys = trainable_state_keys(task.model)
