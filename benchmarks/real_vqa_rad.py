@@ -284,6 +284,7 @@ def summarize(report: dict, folder: Path) -> dict:
             "threads": threads, "epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),
+            **({"familiarity": True} if trust.get("familiarity") else {}),  # the [familiarity] mark of the tables
             "out_of_scope": report.get("out_of_scope"),
             **({"carve": report["carve"]} if "carve" in report else {}),  # the § mark of the tables
             **({"validation": validation} if validation else {}),

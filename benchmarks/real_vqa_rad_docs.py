@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from _common import mean_std, percent_mean_std
+from real_vqa_rad_plot import plot_per_type
 from real_vqa_rad_runs import CARVE, LITE0, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
 from vqa.io import atomic_write_text
 
@@ -261,7 +262,7 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "For the best bundle of each head (by full-test overall accuracy, among validation-selected runs made with "
              "calibration, the recipe's steps and variants made with trust scores first): "
              "temperature scaling per branch fitted on the run's validation split, never on test (combined with "
-             "trust scores for the runs made with them, as the next table measures); ECE over 15 "
+             "trust scores for the runs made with them, as the next table measures, and [familiarity]); ECE over 15 "
              "bins and AURC on the 451 test questions, closed and open apart (the dataset's own type); coverage = "
              "the share of test questions that can be answered at that risk (the test's own risk-coverage "
              "curve); abstention = what the bundle withholds at its validation-chosen threshold for 10% risk "
@@ -288,7 +289,8 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
             return "–" if not a else f"{100 * a['coverage']:.0f}%" + (
                 f" ({100 * a['risk']:.1f}%)" if a.get("risk") is not None else "")
         ood = r.get("out_of_scope") or {}
-        lines.append(f"| {head} | {run.name}{_marks(r)} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
+        familiar = " [familiarity]" * bool(r.get("familiarity"))
+        lines.append(f"| {head} | {run.name}{_marks(r)}{familiar} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
                      f"{_pair(closed, 'brier')} / {_pair(opened, 'brier')} | {closed['after']['aurc']:.3f} / {opened['after']['aurc']:.3f} | "
                      f"{100 * cov_c['0.05']:.0f}% / {100 * cov_c['0.1']:.0f}% | {100 * cov_o['0.2']:.0f}% | "
                      f"{answered(ab_c)} / {answered(ab_o)} | "
@@ -312,7 +314,9 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "type; repeats / new as in the table of repeated test questions; a calibrated model's ECE = what one whose "
              "confidence is exactly its chance of being right shows on the same confidences (simulated test sets: "
              "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds (or ensembles) measured, each with trust "
-             "scores.", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
+             "scores. [familiarity]: the fit also reads the question's familiarity, its largest content-word overlap "
+             "with a training question about the same image (`vqa.trust`; bundles calibrated again with `medvqa "
+             "calibrate`: the others were made before it).", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
              "closed ECE of a calibrated model (share ≥ measured) | Brier closed / open | closed at 5% with trust: "
              "repeats / new |", "|---|---|---|---|---|---|---|---|---|"]
 
@@ -327,6 +331,7 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     for what, done in rows:
         subsets = " / ".join(percent_mean_std([r["confidence"].get(f"CLOSED {s}", {}).get("after", {}).get(
             "coverage_at_risk", {}).get("0.05", float("nan")) for r in done]) for s in ("repeats_train", "new_question"))
+        what += " [familiarity]" * all(r.get("familiarity") for r in done)
         lines.append(f"| {what} | {len(done)} | {two(done, 'CLOSED', 'coverage_at_risk', '0.05')} | "
                      f"{two(done, 'CLOSED', 'coverage_at_risk', '0.1')} | {two(done, 'OPEN', 'coverage_at_risk', '0.2')} "
                      f"| {two(done, 'CLOSED', 'ece')} | {floor(done)} | {two(done, 'CLOSED', 'brier')} / "
@@ -460,36 +465,6 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
             lines.append(f"| {label} | " + " | ".join(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i")
                                                         for k in (1, 5, 10)) + " |")
     atomic_write_text(out_md, "\n".join(lines) + "\n")
-
-
-def plot_per_type(results: dict[str, dict], runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = [r for r in runs if r.vocab == "train" and r.mode == "frozen" and r.selection == "val" and r.kind == "step"
-              and r.name in results]
-    if not chosen:
-        return
-    if not all(results[r.name].get("per_question_type") for r in chosen):
-        log.warning("%s kept: some rows come from a results.json without per-type accuracy", path)
-        return
-    types = sorted({t for r in chosen for t, v in results[r.name]["per_question_type"].items() if v["n"] >= 5})
-    fig, ax = plt.subplots(figsize=(12, 4))
-    width = 0.8 / max(len(chosen), 1)
-    for i, run in enumerate(chosen):
-        per = results[run.name]["per_question_type"]
-        ax.bar([j + i * width for j in range(len(types))], [100 * (per.get(t, {}).get("accuracy") or 0)
-                                                             for t in types], width,
-               label=f"({run.row}) {run.head}" + (" pooled" if run.features == "pooled" else ""))
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=30)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("VQA-RAD test (451), per question type, frozen image side, train-only vocabulary")
-    ax.legend(ncol=3, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, docs: Path, recipe: HeadRecipe) -> None:

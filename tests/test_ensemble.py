@@ -159,6 +159,7 @@ def test_an_ensemble_scores_trust_in_its_members_joint_space(phantom_dir, tmp_pa
     from vqa.data import load_vqa_rad
     from vqa.ensemble import recorded_splits
     from vqa.evaluate import predict_records
+    from vqa.trust import asked_about
 
     members = _members(phantom_dir, tmp_path, epochs=3, head="qcr", question_encoder="gru", embed_dim=16,
                        question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
@@ -178,11 +179,13 @@ def test_an_ensemble_scores_trust_in_its_members_joint_space(phantom_dir, tmp_pa
     # the stored validation evidence is what the loaded bundle's confidence gives its validation answers
     val_preds = predict_records(ensemble, val, cpu, progress=False)
     branches = val_preds.branches()
-    confidence = calibration.confidence(val_preds.logits, branches, val_preds.fused).numpy()
+    assert calibration.reads_familiarity  # and what was asked about each training image
+    asked = asked_about(calibration.trust, val)
+    confidence = calibration.confidence(val_preds.logits, branches, val_preds.fused, **asked).numpy()
     for branch, evidence in calibration.evidence.items():
         rows = [i for i, b in enumerate(branches) if b == branch]
         assert evidence["confidence"] == pytest.approx(confidence[rows].tolist(), abs=1e-5)
-    assert calibration.confidence(val_preds.logits, branches, val_preds.fused).tolist() != \
+    assert calibration.confidence(val_preds.logits, branches, val_preds.fused, **asked).tolist() != \
         calibration.temperature_confidence(val_preds.logits, branches).tolist()  # the trust scores weigh in
 
 
@@ -221,6 +224,7 @@ def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
     from vqa.calibration import Calibration
     from vqa.ensemble import recorded_splits
     from vqa.evaluate import predict_records
+    from vqa.trust import asked_about
 
     members = _members(phantom_dir, tmp_path, epochs=1)
     half = _ensemble(members, phantom_dir, tmp_path / "half", weights_dtype="float16")
@@ -230,8 +234,9 @@ def test_a_float16_ensemble_is_calibrated_as_it_is_saved(phantom_dir, tmp_path):
     _, val, how = recorded_splits(members[0], load(members[0]), "vqa-rad", str(phantom_dir / "vqa-rad"))
     preds = predict_records(ensemble, val, torch.device("cpu"), progress=False)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    trust = ensemble.calibration.trust
     refit = Calibration.fit(preds.logits, preds.branches(), correct, how, ensemble.calibration.target_risk,
-                            trust=ensemble.calibration.trust, fused=preds.fused)
+                            trust=trust, fused=preds.fused, **asked_about(trust, val))
     for branch, evidence in ensemble.calibration.evidence.items():
         assert evidence["confidence"] == pytest.approx(refit.evidence[branch]["confidence"], abs=1e-6)
 

@@ -11,7 +11,8 @@
       calibration.json   temperatures and abstention evidence, fitted on validation (vqa.calibration)
       ood.safetensors    the out-of-scope image detector, fitted on the training images (vqa.ood)
       ood_encoder/       its own image encoder, where it does not read the model's (usually a reference)
-      trust.safetensors  the training questions' fused vectors and answers, for trust scores (vqa.trust)
+      trust.safetensors  the training questions' fused vectors and answers, for trust scores, and the words
+                         asked about each training image, for familiarity (vqa.trust)
       README.md          the model card, in the Hugging Face Hub's conventions (vqa.model_card)
       run_config.json    the training recipe, local paths reduced to "local:NAME" (`medvqa train --config BUNDLE`)
       onnx/              optional: the ONNX export for onnxruntime (`medvqa export onnx`, vqa.onnx_export)

@@ -11,10 +11,12 @@ the model cannot get them right, and its confidence must say so). Nothing is fit
 
 Where the head exposes its fused vector (every answer classifier and their ensembles; not multiple choice),
 the temperature-scaled confidence is combined with a trust score (`vqa.trust`: is the answer backed
-by the nearest training questions in that space?) by a logistic fit per branch on validation,
-sigmoid(a * logit(confidence) + b * trust + c): still a probability that the answer is right, now
-able to rank an answer its training neighbours support above an equally confident one they
-contradict. A branch with too few right or wrong validation answers keeps temperature scaling alone.
+by the nearest training questions in that space?) and the question's familiarity (was it asked
+about this image in training, in nearly the same words?) by a logistic fit per branch on validation,
+sigmoid(a * logit(confidence) + b * trust + d * familiarity + c), stored as [a, b, c, d] ([a, b, c]
+in bundles from before familiarity): still a probability that the answer is right, now able to
+rank an answer its training neighbours support above an equally confident one they contradict. A
+branch with too few right or wrong validation answers keeps temperature scaling alone.
 
 Abstention: for a target risk r (the share of wrong answers among those given; one per branch if
 wanted, `vqa.target_risk`), each branch keeps the lowest confidence threshold at which the answers
@@ -99,21 +101,27 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def _combined(conf: np.ndarray, trust: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    a, b, c = weights
-    return 1.0 / (1.0 + np.exp(-(a * _logit(conf) + b * trust + c)))
+    """sigmoid(a * logit(conf) + b * trust + c [+ d * familiarity]); `trust`: (Q,) or (Q, len(weights) - 2)."""
+    a, b, c, *more = weights
+    scores = np.asarray(trust, dtype=float).reshape(len(conf), len(weights) - 2)
+    z = a * _logit(conf) + scores @ np.array([b, *more]) + c
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def fit_trust_weights(conf: np.ndarray, trust: np.ndarray, correct: np.ndarray) -> list[float] | None:
-    """[a, b, c] of sigmoid(a * logit(conf) + b * trust + c) fitted on validation by (L2-regularised) logistic
-    regression, or None where the branch has fewer than MIN_TRUST_FIT right or wrong answers."""
+    """[a, b, c, (d)] of sigmoid(a * logit(conf) + b * trust + c (+ d * familiarity)) fitted on validation by
+    (L2-regularised) logistic regression (`trust`: (Q,) or (Q, 2), familiarity its second column), or None where
+    the branch has fewer than MIN_TRUST_FIT right or wrong answers."""
     right = int(np.sum(correct))
     if min(right, len(correct) - right) < MIN_TRUST_FIT:
         return None
     from sklearn.linear_model import LogisticRegression
 
-    x = np.stack([_logit(conf), trust], axis=1)
+    scores = np.asarray(trust, dtype=float).reshape(len(conf), -1)
+    x = np.concatenate([_logit(conf)[:, None], scores], axis=1)
     fit = LogisticRegression(C=1.0).fit(x, np.asarray(correct, dtype=int))
-    return [float(fit.coef_[0, 0]), float(fit.coef_[0, 1]), float(fit.intercept_[0])]
+    a, b, *more = (float(w) for w in fit.coef_[0])
+    return [a, b, float(fit.intercept_[0]), *more]
 
 
 @dataclass
@@ -139,17 +147,23 @@ class Calibration:
         temps = torch.tensor([self.temperatures.get(b, 1.0) for b in branches], dtype=torch.float32)
         return top_confidence(logits, temps) if len(branches) else torch.zeros(0)
 
-    def confidence(self, logits: torch.Tensor, branches: Sequence[str],
-                   fused: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def reads_familiarity(self) -> bool:
+        """Whether its confidence needs each question's text and image (`confidence`'s questions and image_ids)."""
+        return self.uses_trust and self.trust.asked is not None
+
+    def confidence(self, logits: torch.Tensor, branches: Sequence[str], fused: torch.Tensor | None = None,
+                   questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None) -> torch.Tensor:
         """(Q,) calibrated confidence of each question's top answer; `fused` (Q, F), the head's fused vectors, is
-        needed when the calibration uses trust scores."""
+        needed when the calibration uses trust scores, and the `questions` with their images' ids
+        (`vqa.trust.image_id`) when it reads familiarity."""
         conf = self.temperature_confidence(logits, branches)
         if not self.uses_trust or not len(branches):
             return conf
         if fused is None:
             raise DataError("this calibration combines confidence with trust scores, which need the head's fused "
                             "vectors (an ONNX export made before trust scores lacks them: export it again)")
-        trust = self.trust.score(fused, logits.argmax(1)).numpy()
+        trust = self.trust.features_of(fused, logits.argmax(1), questions, image_ids)
         out = conf.numpy().astype(np.float64)
         for branch, weights in self.trust_weights.items():
             rows = np.array([x == branch for x in branches])
@@ -177,9 +191,12 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         method = "temperature scaling of the top answer's softmax, per branch, fitted on validation"
         if self.uses_trust:
-            method += ("; then sigmoid(a * logit(confidence) + b * trust + c) per branch, trust the log ratio of the "
-                       "distances to the nearest training question with another answer and with the answer given "
-                       "(trust.safetensors)")
+            method += ("; then sigmoid(a * logit(confidence) + b * trust + c" +
+                       (" + d * familiarity" if self.reads_familiarity else "") +
+                       ") per branch, trust the log ratio of the distances to the nearest training question with "
+                       "another answer and with the answer given (trust.safetensors)" +
+                       (", familiarity the largest content-word overlap with a training question about the same "
+                        "image" if self.reads_familiarity else ""))
         return {"method": method, "temperatures": self.temperatures, "target_risk": self.target_risk.to_json(),
                 "fitted_on": self.fitted_on, "thresholds": {b: self.threshold(b) for b in self.evidence},
                 **({"trust_weights": self.trust_weights} if self.uses_trust else {}), "evidence": self.evidence}
@@ -193,28 +210,33 @@ class Calibration:
             evidence = {str(b): {"confidence": [float(c) for c in ev["confidence"]],
                                  "correct": [bool(c) for c in ev["correct"]]} for b, ev in data["evidence"].items()}
             weights = {str(b): [float(v) for v in w] for b, w in data.get("trust_weights", {}).items()}
-            if any(len(w) != 3 for w in weights.values()):
-                raise ValueError("trust_weights: expected [a, b, c] per branch")
+            if any(len(w) not in (3, 4) for w in weights.values()):
+                raise ValueError("trust_weights: expected [a, b, c] or [a, b, c, d] per branch")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: not a medvqa calibration ({e})") from None
         if weights and trust is None:
             raise DataError(f"{where}: its confidence uses trust scores, but the bundle has no {TRUST_FILE}")
+        if any(len(w) - 2 != trust.feature_count for w in weights.values()):
+            raise DataError(f"{where}: its trust weights expect {len(next(iter(weights.values()))) - 2} score(s) per "
+                            f"question, but {TRUST_FILE} gives {trust.feature_count}: calibrate the bundle again "
+                            "(`medvqa calibrate`)")
         return cls(temps, TargetRisk.from_json(data.get("target_risk", DEFAULT_TARGET_RISK), where), evidence,
                    str(data.get("fitted_on", "validation")), weights, trust if weights else None)
 
     @classmethod
     def fit(cls, logits: torch.Tensor, branches: Sequence[str], correct: Sequence[bool], fitted_on: str,
             target_risk: TargetRisk | float | str | None = None, trust: TrustScorer | None = None,
-            fused: torch.Tensor | None = None, scores: np.ndarray | None = None) -> "Calibration":
+            fused: torch.Tensor | None = None, scores: np.ndarray | None = None,
+            questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None) -> "Calibration":
         """Temperatures and evidence from validation predictions (`correct`: the top answer was right); with a
-        trust memory (the one stored) and the validation questions' fused vectors, or their trust scores computed
-        elsewhere (`scores`: bagging's members score their own validation questions), the per-branch trust
-        weights too."""
+        trust memory (the one stored) and the validation questions' fused vectors (with their texts and image ids
+        where the memory reads familiarity), or their scores computed elsewhere (`scores`, (Q, feature_count):
+        bagging's members score their own validation questions), the per-branch trust weights too."""
         right = np.asarray(correct, dtype=float)
         if trust is None:
             scores = None
         elif scores is None and fused is not None:
-            scores = trust.score(fused, logits.argmax(1)).numpy()
+            scores = trust.features_of(fused, logits.argmax(1), questions, image_ids)
         temps, evidence, weights = {}, {}, {}
         for branch in sorted(set(branches)):
             rows = [i for i, b in enumerate(branches) if b == branch]
@@ -306,15 +328,17 @@ def calibration_metrics(conf: np.ndarray, correct: np.ndarray, risks: Sequence[f
 
 
 def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch.Tensor,
-                      target_risk: TargetRisk | None = None, blank: torch.Tensor | None = None) -> None:
+                      target_risk: TargetRisk | None = None, blank: torch.Tensor | None = None,
+                      questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None) -> None:
     """Fill `preds.confidence`, `preds.abstained` and `preds.out_of_scope` (nothing without a calibration):
     an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), or
     when its image is out of scope: far from the training images (`ood`, a `vqa.ood.OutOfScopeDetector`, on the
-    images' pooled features) or blank (`blank`, (Q,) bool, `vqa.ood.blank_images`)."""
+    images' pooled features) or blank (`blank`, (Q,) bool, `vqa.ood.blank_images`). `questions` and their images'
+    `image_ids`: for a calibration that reads familiarity."""
     if calibration is None:
         return
     branches = preds.branches()
-    preds.confidence = calibration.confidence(preds.logits, branches, preds.fused)
+    preds.confidence = calibration.confidence(preds.logits, branches, preds.fused, questions, image_ids)
     thresholds = {b: calibration.threshold(b, target_risk) for b in set(branches)}
     below = torch.tensor([float(c) < thresholds[b] for c, b in zip(preds.confidence, branches)], dtype=torch.bool)
     preds.out_of_scope = ood.out_of_scope(pooled) if ood is not None else torch.zeros_like(below)

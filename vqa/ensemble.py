@@ -22,6 +22,7 @@ held-out members' answers are for the ensemble's).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .answers import AnswerVocab
@@ -43,6 +45,7 @@ from .model import VQAModel
 from .model_card import training_data
 from .recalibrate import trust_memory
 from .target_risk import TargetRisk
+from .trust import asked_about, image_ids
 from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
         preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
         correct = [p == r.answer for p, r in zip(preds.answers, val)]
         calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk,
-                                      trust=trust, fused=preds.fused)
+                                      trust=trust, fused=preds.fused, **asked_about(trust, val))
         validation = vqa_metrics(val, preds.answers, preds.types)
     log.info("validation overall: ensemble %.4f, members %s", validation["overall"],
              ", ".join(f"{(m.metrics.get('validation') or {}).get('overall', float('nan')):.4f}" for m in members))
@@ -141,6 +144,8 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     validation metrics, the description)."""
     with_trust = ensemble.model.head.has_fused_output and all(m.calibration and m.calibration.uses_trust
                                                               for m in members)
+    # familiarity only where every member's memory has it (members trained before it score trust alone)
+    familiar = with_trust and all(m.calibration.reads_familiarity for m in members)
     held_out: dict[str, tuple[list, list]] = {}  # split description -> (its records, [(a member's preds, member)])
     for path, member in zip(paths, members):
         train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
@@ -157,19 +162,22 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
         given += joint.answers
         types += joint.types or [None] * len(val)
         if with_trust:
-            scores.append(torch.stack([m.calibration.trust.score(p.fused, p.logits.argmax(1))
-                                       for p, m in group]).mean(0))
+            asked = {"questions": [r.question for r in val], "image_ids": image_ids([r.image for r in val])}
+            member_scores = [m.calibration.trust.features_of(p.fused, p.logits.argmax(1), **asked)
+                             for p, m in group]
+            scores.append(np.stack([x[:, :1 + familiar] for x in member_scores]).mean(0))
     how = "each member's own, the answers of the members held out on it pooled: " + "; ".join(held_out)
     log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions, %d splits)",
              len(members), len(records), len(held_out))
     trust = None
     if with_trust:
         trust = trust_memory(ensemble, everything, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        trust = trust if familiar else dataclasses.replace(trust, asked=None)
     elif ensemble.model.head.has_fused_output:
         log.warning("no trust scores: a member has no trust memory (trained before trust scores; `medvqa calibrate` "
                     "gives it one)")
     calibration = Calibration.fit(torch.cat(logits), branches, correct, f"validation {how}", risk, trust=trust,
-                                  scores=torch.cat(scores).numpy() if trust is not None else None)
+                                  scores=np.concatenate(scores) if trust is not None else None)
     return calibration, vqa_metrics(records, given, types if None not in types else None), how
 
 

@@ -29,6 +29,7 @@ from .metrics import choice_metrics, closed_confusion, vqa_metrics
 from .ood import blank_images
 from .target_risk import TargetRisk, abstention_groups, reported_target
 from .training.precision import check_precision, resolve_device
+from .trust import asked_about
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
     # with trust scores, the temperature-scaled confidence alone too: what the trust scores add
     plain = (calibration.temperature_confidence(preds.logits, branches).numpy()
              if calibration is not None and calibration.uses_trust else None)
-    out: dict = {"calibrated": calibration is not None, "trust_scores": plain is not None, "bins": 15, "groups": {}}
+    out: dict = {"calibrated": calibration is not None, "trust_scores": plain is not None,
+                 "familiarity": calibration is not None and calibration.reads_familiarity, "bins": 15, "groups": {}}
 
     def measured(rows: list[int], name: str) -> dict:
         entry = {"before": calibration_metrics(raw[rows], correct[rows], RISKS[name])}
@@ -140,7 +142,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
         raise DataError(f"{data}: split {split!r} has no questions")
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
     preds, pooled, blank = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
-    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank)
+    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank,
+                      **asked_about(bundle.calibration and bundle.calibration.trust, records))
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,
@@ -253,7 +256,10 @@ def _trust_lines(trust: dict | None) -> list[str]:
                   "an ECE near it is as calibrated as this test can tell."]
     if trust.get("trust_scores"):
         lines += ["", "After: temperature scaling combined with trust scores (are the nearest training questions' "
-                      "answers the one given?), fitted on validation; the last column ranks by temperature scaling alone."]
+                      "answers the one given?)" + (" and familiarity (was the question asked about this image in "
+                                                   "training, in nearly the same words?)" if trust.get("familiarity")
+                                                   else "") +
+                  ", fitted on validation; the last column ranks by temperature scaling alone."]
     if "abstention" in trust:
         ab = trust["abstention"]
         parts = [f"{name.lower()} {100 * v['coverage']:.0f}% answered, "

@@ -241,6 +241,8 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
               + (f", combined with a trust score (does the nearest training question, in the head's fused space, "
                  f"have the answer given? {len(cal.trust.answers)} training questions in `trust.safetensors`) by a "
                  f"logistic fit per branch ({', '.join(b.lower() for b in sorted(cal.trust_weights))})"
+                 + (" with the question's familiarity (its largest content-word overlap with a training question "
+                    "about the same image, by its pixels)" if cal.reads_familiarity else "")
                  if cal.uses_trust else ""),
               f"- abstention (\"not sure\"): below the confidence at which validation answers were wrong at most "
               f"{cal.target_risk.describe(cal.evidence)} of the time (90 % Clopper-Pearson bound); thresholds: "

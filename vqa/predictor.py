@@ -41,6 +41,7 @@ from .ood import BLANK_LEVELS, blank_images
 from .runtimes import ModelRuntime
 from .target_risk import TargetRisk
 from .text import tokenize
+from .trust import image_ids
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ class Predictor:
                 "calibrated": self.calibration is not None,
                 "target_risk": self.target_risk.describe(self.calibration.evidence) if self.calibration else None,
                 "trust_scores": self.calibration is not None and self.calibration.uses_trust,
+                "familiarity": self.calibration is not None and self.calibration.reads_familiarity,
                 "out_of_scope_detector": self.ood is not None,
                 "out_of_scope_space": self.ood.describe_space() if self.ood is not None else None,
                 "validation": {k: val.get(k) for k in ("overall", "closed", "open") if k in val}}
@@ -306,7 +308,11 @@ class Predictor:
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
             blank = (blank_images([item.image for item in loaded])[torch.as_tensor(rows)] if self.calibration
                      else torch.zeros(len(rows), dtype=torch.bool))  # only a calibrated bundle withholds answers
-            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank)
+            asked = {}
+            if self.calibration is not None and self.calibration.reads_familiarity:
+                ids = image_ids([item.image for item in loaded])
+                asked = {"questions": texts, "image_ids": [ids[r] for r in rows]}
+            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank, **asked)
         image_scores = self.ood.score(pooled) if self.ood is not None else None
         results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank)
         per_question = (time.perf_counter() - started) / max(len(results), 1)

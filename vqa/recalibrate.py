@@ -27,7 +27,7 @@ from .errors import DataError
 from .io import atomic_dir, atomic_write_json
 from .ood import OutOfScopeDetector, detector_encoder, fit_detector
 from .target_risk import TargetRisk
-from .trust import TRUST_FILE, TrustScorer
+from .trust import TRUST_FILE, TrustScorer, asked_about, image_ids
 from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
     calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how} (medvqa calibrate)",
-                                  risk, trust=trust, fused=preds.fused)
+                                  risk, trust=trust, fused=preds.fused, **asked_about(trust, val))
     if cfg.out is None:
         _write(calibration, detector, path)
         target = path
@@ -109,7 +109,9 @@ def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str
         return None
     log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
     fused = predict_records(bundle, train, device, precision, cache_dir, progress).fused
-    return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]))
+    return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]),
+                           questions=[r.question for r in train], image_ids=image_ids([r.image for r in train]))
+
 
 
 def refit_detector(bundle: Bundle, train: Sequence[Record], space: str, device, cache_dir: str | None = None,

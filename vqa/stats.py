@@ -56,6 +56,11 @@ def content_words(question: str) -> frozenset[str]:
     return frozenset(re.findall(r"[a-z0-9]+", question.lower())) - FUNCTION_WORDS
 
 
+def word_overlap(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard overlap of two questions' content words (0 when both have none)."""
+    return len(a & b) / max(len(a | b), 1)
+
+
 def repeats_training(records: Sequence[Record], train: Sequence[Record],
                      overlap: float = REPEAT_OVERLAP) -> list[bool]:
     """Per record: does `train` ask about the same image in nearly the same words (content-word Jaccard >= `overlap`)?
@@ -68,8 +73,7 @@ def repeats_training(records: Sequence[Record], train: Sequence[Record],
     out = []
     for r in records:
         words = content_words(r.question)
-        out.append(any(len(words & seen) >= overlap * max(len(words | seen), 1)
-                       for seen in by_image.get(image_key(r), ())))
+        out.append(any(word_overlap(words, seen) >= overlap for seen in by_image.get(image_key(r), ())))
     return out
 
 

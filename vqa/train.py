@@ -31,7 +31,7 @@ from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .model_card import training_data, write_card
 from .ood import MODEL_SPACE, detector_encoder, fit_detector
-from .trust import TrustScorer
+from .trust import TrustScorer, asked_about, image_ids
 from .stats import duplicate_records
 from .target_risk import DEFAULT_TARGET_RISK, TargetRisk
 from .text import WordVocab
@@ -463,18 +463,20 @@ def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
     preds = predict(task.model, val.questions, val.images, task.answers, task.device, task.cfg.precision,
                     choices=[r.choices for r in val.records] if mc else None)
     correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
+    trust = fit_trust(task)
     return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk,
-                           trust=fit_trust(task), fused=preds.fused)
+                           trust=trust, fused=preds.fused, **asked_about(trust, val.records))
 
 
 def fit_trust(task: VQATask) -> TrustScorer | None:
-    """The trust memory: the model's fused vectors of its training questions, with their answers (None for heads
-    without fused vectors, multiple choice among them)."""
+    """The trust memory: the model's fused vectors of its training questions, with their answers, and what was asked
+    about each training image (None for heads without fused vectors, multiple choice among them)."""
     train = task.train
     if not task.model.head.has_fused_output:
         return None
     preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
-    return TrustScorer.fit(preds.fused, train.questions.answers)
+    return TrustScorer.fit(preds.fused, train.questions.answers, questions=[r.question for r in train.records],
+                           image_ids=image_ids([r.image for r in train.records]))
 
 
 def selection(cfg: TrainConfig) -> str:

@@ -9,22 +9,38 @@ answer is the predicted one lies than the nearest training question with any oth
     trust = log(d_other / d_predicted),   d: Euclidean distance between L2-normalised vectors.
 
 Positive: the neighbourhood agrees with the answer. Distances on the unit sphere are at most 2, so
-an answer no training question had (or a vocabulary of one answer) counts as 2 away. The
-calibration (`vqa.calibration`) turns (temperature-scaled confidence, trust) into the probability
-that the answer is right with a logistic fit per branch on validation. Stored in the bundle as
-`trust.safetensors`: the training questions' fused vectors (float16) and their answer ids.
+an answer no training question had (or a vocabulary of one answer) counts as 2 away.
+
+Familiarity, a second score: did training ask about this very image in nearly the same words? The
+largest content-word overlap (Jaccard, `vqa.stats.word_overlap`) between the question and the training
+questions about the same image (identical pixels, `image_id`), 0 for an image training never saw.
+A model answers a restated training question from memory, right far more often than a new one
+(VQA-RAD: 82 against 52 % of closed test questions, `benchmarks/validation_shift.py`), which
+neither its logits nor the fused space tell apart: on six VQA-RAD bundles it raised the closed
+coverage at 5 % risk from 19 to 29 % (docs/results.md).
+
+The calibration (`vqa.calibration`) turns (temperature-scaled confidence, trust, familiarity) into
+the probability that the answer is right with a logistic fit per branch on validation. Stored in
+the bundle as `trust.safetensors`: the training questions' fused vectors (float16), their answer
+ids, and in its metadata the content words asked about each training image (memories written
+before familiarity lack them: their calibration reads trust alone).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import DataError
 from .io import atomic_write_safetensors
+from .stats import content_words, word_overlap
 
 TRUST_FILE = "trust.safetensors"
 MAX_TRUST_ROWS = 50_000  # 50k x 256 float16 = 25 MB in the bundle; beyond, a fixed random subset
@@ -33,10 +49,69 @@ _EPS = 1e-4  # two identical questions: a finite ratio
 _CHUNK = 1024  # test questions scored at once (a chunk x rows distance matrix)
 
 
+def image_id(image) -> str:
+    """An image's identity for familiarity: a hash of its 8-bit gray pixels and size (a PIL image, or a file that
+    `encoders.load_image` reads). The same file, or the same pixels uploaded, give the same id; a re-encoded
+    JPEG does not (its question then counts as one about a new image: less familiar, never more)."""
+    from encoders import load_image
+
+    gray = (image if hasattr(image, "convert") else load_image(image)).convert("L")
+    digest = hashlib.blake2b(f"{gray.size[0]}x{gray.size[1]}".encode(), digest_size=10)
+    digest.update(gray.tobytes())
+    return digest.hexdigest()
+
+
+def image_ids(images: Sequence) -> list[str]:
+    """`image_id` of each of `images` (PIL images or files), each distinct one read once."""
+    from .batches import unique_images
+
+    distinct, rows = unique_images(images)
+    ids = [image_id(im) for im in distinct]
+    return [ids[r] for r in rows]
+
+
+def asked_about(trust: "TrustScorer | None", records: Sequence) -> dict:
+    """The questions and image_ids of `records` (`vqa.data.Record`s) as `Calibration.fit` and `.confidence` take
+    them, where the `trust` memory reads familiarity; else nothing (no image is read)."""
+    if trust is None or trust.asked is None:
+        return {}
+    return {"questions": [r.question for r in records], "image_ids": image_ids([r.image for r in records])}
+
+
 @dataclass
 class TrustScorer:
     features: torch.Tensor  # (N, F) training questions' fused vectors, L2-normalised, float32 in memory
     answers: torch.Tensor  # (N,) their answer ids
+    # image_id -> the content words of each distinct training question about that image; None: a memory from
+    # before familiarity (trust scores only)
+    asked: dict[str, list[frozenset[str]]] | None = None
+
+    @property
+    def feature_count(self) -> int:
+        """How many scores `features` gives per question: trust, and familiarity where the memory has it."""
+        return 1 if self.asked is None else 2
+
+    def familiarity(self, questions: Sequence[str], image_ids: Sequence[str]) -> torch.Tensor:
+        """(Q,) the largest word overlap of each question with a training question about the same image (0: none)."""
+        if self.asked is None:
+            raise ValueError("this trust memory was written before familiarity: it has no training questions")
+        out = []
+        for question, image in zip(questions, image_ids, strict=True):
+            words = content_words(question)
+            out.append(max((word_overlap(words, seen) for seen in self.asked.get(image, ())), default=0.0))
+        return torch.tensor(out, dtype=torch.float32)
+
+    def features_of(self, fused: torch.Tensor, predicted: torch.Tensor, questions: Sequence[str] | None = None,
+                    image_ids: Sequence[str] | None = None) -> np.ndarray:
+        """(Q, feature_count): the trust score of each predicted answer, then (with `asked`) each question's
+        familiarity, which needs the `questions` and their images' `image_ids`."""
+        cols = [self.score(fused, predicted)]
+        if self.asked is not None:
+            if questions is None or image_ids is None:
+                raise DataError("this calibration reads familiarity (was the question asked about this image in "
+                                "training?), which needs the questions and their images")
+            cols.append(self.familiarity(questions, image_ids))
+        return torch.stack(cols, 1).numpy().astype(np.float64)
 
     def score(self, fused: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
         """(Q, F) fused vectors and (Q,) predicted answer ids -> (Q,) trust scores (higher: more trusted)."""
@@ -54,22 +129,35 @@ class TrustScorer:
         return torch.cat(out) if out else torch.zeros(0)
 
     @classmethod
-    def fit(cls, fused: torch.Tensor, answers: torch.Tensor, max_rows: int = MAX_TRUST_ROWS,
-            seed: int = 0) -> "TrustScorer":
+    def fit(cls, fused: torch.Tensor, answers: torch.Tensor, max_rows: int = MAX_TRUST_ROWS, seed: int = 0,
+            questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None) -> "TrustScorer":
         """From the training questions' fused vectors (N, F) and answer ids (N,); ids < 0 (answers outside the
-        vocabulary) are left out, and beyond `max_rows` a fixed random subset is kept."""
+        vocabulary) are left out, and beyond `max_rows` a fixed random subset is kept. With the `questions` and
+        their images' `image_ids`, the familiarity memory too (every question: words are cheap to keep)."""
+        asked = None
+        if questions is not None and image_ids is not None:
+            if not len(questions) == len(image_ids) == len(answers):
+                raise ValueError(f"{len(answers)} answers but {len(questions)} questions and {len(image_ids)} images")
+            distinct: dict[str, set[frozenset[str]]] = {}
+            for question, image in zip(questions, image_ids):
+                distinct.setdefault(image, set()).add(content_words(question))
+            asked = {image: sorted(sets, key=sorted) for image, sets in distinct.items()}
         keep = answers >= 0
         fused, answers = fused[keep].float(), answers[keep].long()
         if len(fused) > max_rows:
             pick = torch.randperm(len(fused), generator=torch.Generator().manual_seed(seed))[:max_rows].sort().values
             fused, answers = fused[pick], answers[pick]
         # rounded as `save` stores them: the calibration fitted on this memory is the one a loaded bundle applies
-        return cls(torch.nn.functional.normalize(fused, dim=1).half().float(), answers)
+        return cls(torch.nn.functional.normalize(fused, dim=1).half().float(), answers, asked)
 
     def save(self, folder: Path) -> None:
+        metadata = {"format": "pt"}
+        if self.asked is not None:
+            metadata["asked"] = json.dumps({image: [" ".join(sorted(words)) for words in sets]
+                                            for image, sets in self.asked.items()}, sort_keys=True)
         atomic_write_safetensors(Path(folder) / TRUST_FILE, {
             "features": self.features.half().contiguous(), "answers": self.answers.to(torch.int32).contiguous()},
-            metadata={"format": "pt"})
+            metadata=metadata)
 
     @classmethod
     def load(cls, folder: Path) -> "TrustScorer | None":
@@ -79,9 +167,13 @@ class TrustScorer:
         try:
             t = load_file(str(path))
             features, answers = t["features"].float(), t["answers"].long()
-        except (SafetensorError, OSError, KeyError) as e:
+            with safe_open(str(path), "pt") as f:
+                stored = (f.metadata() or {}).get("asked")
+            asked = None if stored is None else {str(image): [frozenset(str(words).split()) for words in sets]
+                                                 for image, sets in json.loads(stored).items()}
+        except (SafetensorError, OSError, KeyError, ValueError, AttributeError, TypeError) as e:
             raise DataError(f"{path}: not a readable trust-score memory ({e})") from None
         if features.dim() != 2 or answers.shape != (features.shape[0],):
             raise DataError(f"{path}: expected features (N, F) and answers (N,), got {tuple(features.shape)} and "
                             f"{tuple(answers.shape)}")
-        return cls(features, answers)
+        return cls(features, answers, asked)

@@ -1,0 +1,137 @@
+"""Familiarity (vqa.trust): was the question asked about this very image in training, in nearly the same words?
+A second score beside trust, fitted into the calibrated confidence on validation and stored in the bundle."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqa.calibration import Calibration, coverage_at_risk, expected_calibration_error
+from vqa.errors import DataError
+from vqa.trust import TRUST_FILE, TrustScorer, image_id, image_ids
+
+WORDS = ("lung liver kidney spleen heart brain femur rib aorta bowel bladder spine skull pelvis colon stomach "
+         "trachea uterus ovary prostate").split()
+
+
+def _memory(images: int = 60, seed: int = 0) -> tuple[TrustScorer, list[list[str]]]:
+    """Two training questions about each of `images` images, on two organs of its own."""
+    rng = np.random.default_rng(seed)
+    organs = [list(rng.choice(WORDS, 2, replace=False)) for _ in range(images)]
+    questions = [f"is the {o} enlarged?" for pair in organs for o in pair]
+    ids = [f"img{i}" for i in range(images) for _ in range(2)]
+    fused = torch.randn(len(ids), 8, generator=torch.Generator().manual_seed(seed))
+    return TrustScorer.fit(fused, torch.arange(len(ids)) % 3, questions=questions, image_ids=ids), organs
+
+
+def test_familiarity_is_the_word_overlap_with_what_training_asked_about_the_same_image(tmp_path):
+    memory = TrustScorer.fit(torch.randn(3, 4), torch.tensor([0, 1, 1]),
+                             questions=["Is there a fracture of the left femur?", "What organ is shown?",
+                                        "Is the liver enlarged?"], image_ids=["a", "a", "b"])
+    asked = ["Is there a fracture of the left femur?", "Is the left femur fractured?", "Is there a fracture of the "
+             "left femur?", "Is the liver enlarged?"]
+    got = memory.familiarity(asked, ["a", "a", "c", "a"]).tolist()
+    assert got[0] == 1.0 and 0.0 < got[1] < 1.0  # {left, femur} of {fracture, left, femur, fractured}
+    assert got[1] == pytest.approx(2 / 4)
+    assert got[2] == 0.0 and got[3] == 0.0  # an image training never saw; a question asked about another image
+    assert memory.feature_count == 2
+    features = memory.features_of(torch.randn(4, 4), torch.tensor([0, 1, 1, 0]), asked, ["a", "a", "c", "a"])
+    assert features.shape == (4, 2) and features[:, 1].tolist() == got
+    with pytest.raises(DataError, match="familiarity"):
+        memory.features_of(torch.randn(4, 4), torch.tensor([0, 1, 1, 0]))
+    memory.save(tmp_path)
+    loaded = TrustScorer.load(tmp_path)
+    assert loaded.asked == memory.asked and loaded.familiarity(asked, ["a", "a", "c", "a"]).tolist() == got
+    # a memory written before familiarity: trust scores alone
+    TrustScorer(memory.features, memory.answers).save(tmp_path / "old")
+    old = TrustScorer.load(tmp_path / "old")
+    assert old.asked is None and old.feature_count == 1
+    assert old.features_of(torch.randn(4, 4), torch.tensor([0, 1, 1, 0])).shape == (4, 1)
+
+
+def test_an_image_is_the_same_by_its_pixels_whatever_it_arrives_as(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    path = tmp_path / "scan.png"
+    Image.fromarray(pixels).save(path)
+    same = image_id(path)
+    assert image_id(Image.open(path)) == same == image_id(Image.fromarray(pixels).convert("RGB"))
+    changed = pixels.copy()
+    changed[0, 0] ^= 1
+    assert image_id(Image.fromarray(changed)) != same
+    assert image_id(Image.fromarray(pixels.T.copy())) != same  # the same bytes in another shape
+    assert image_ids([path, Image.fromarray(changed), path]) == [same, image_id(Image.fromarray(changed)), same]
+
+
+def _split(memory_organs: list[list[str]], n: int, seed: int):
+    """Questions whose logits and fused vectors say nothing about being right, but which are right 95 % of the time
+    when they restate a training question about their image and half of the time otherwise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, len(memory_organs), n)
+    familiar = rng.uniform(size=n) < 0.5
+    questions = [f"is the {memory_organs[i][0]} enlarged?" if f else f"is the {rng.choice(WORDS)} calcified?"
+                 for i, f in zip(images, familiar)]
+    correct = rng.uniform(size=n) < np.where(familiar, 0.95, 0.5)
+    logits = torch.from_numpy(rng.normal(size=(n, 3))).float()
+    fused = torch.from_numpy(rng.normal(size=(n, 8))).float()
+    return logits, fused, correct, questions, [f"img{i}" for i in images]
+
+
+def test_familiarity_fitted_on_validation_answers_more_at_the_same_risk_on_test():
+    memory, organs = _memory()
+    val, test = _split(organs, 800, 1), _split(organs, 800, 2)
+    branches = ["CLOSED"] * 800
+    cal = Calibration.fit(val[0], branches, val[2], "validation", 0.1, trust=memory, fused=val[1],
+                          questions=val[3], image_ids=val[4])
+    weights = cal.trust_weights["CLOSED"]
+    assert len(weights) == 4 and weights[3] > 1.0 and cal.reads_familiarity  # more familiar, more confident
+    familiar = cal.confidence(test[0], branches, test[1], test[3], test[4]).numpy()
+    alone = cal.temperature_confidence(test[0], branches).numpy()
+    assert coverage_at_risk(familiar, test[2], 0.1) > coverage_at_risk(alone, test[2], 0.1) + 0.25
+    assert expected_calibration_error(familiar, test[2]) < 0.06  # still a probability of being right
+    assert "familiarity" in cal.to_dict()["method"]
+    with pytest.raises(DataError, match="familiarity"):
+        cal.confidence(test[0], branches, test[1])
+
+
+def test_a_calibration_and_a_memory_that_disagree_on_familiarity_are_a_clear_error(tmp_path):
+    memory, organs = _memory()
+    val = _split(organs, 300, 3)
+    cal = Calibration.fit(val[0], ["OPEN"] * 300, val[2], "validation", 0.1, trust=memory, fused=val[1],
+                          questions=val[3], image_ids=val[4])
+    stored = json.loads(json.dumps(cal.to_dict()))
+    assert Calibration.from_dict(stored, trust=memory).trust_weights == cal.trust_weights
+    old_memory = TrustScorer(memory.features, memory.answers)
+    with pytest.raises(DataError, match=f"{TRUST_FILE} gives 1.*medvqa calibrate"):
+        Calibration.from_dict(stored, trust=old_memory)
+    # a bundle from before familiarity: three weights, a memory without questions; it loads and answers
+    old = {**stored, "trust_weights": {b: w[:3] for b, w in stored["trust_weights"].items()}}
+    loaded = Calibration.from_dict(old, trust=old_memory)
+    assert not loaded.reads_familiarity and loaded.confidence(val[0], ["OPEN"] * 300, val[1]).shape == (300,)
+    with pytest.raises(DataError, match=f"{TRUST_FILE} gives 2"):
+        Calibration.from_dict(old, trust=memory)
+
+
+def test_a_trained_bundle_reads_familiarity_from_the_question_and_the_image_it_is_given(trained_bundle,
+                                                                                      predictor_phantom):
+    from vqa import Predictor
+    from vqa.data import load_records
+
+    memory = TrustScorer.load(trained_bundle)
+    assert memory.asked, "training stores what it asked about each image"
+    weights = json.loads((trained_bundle / "calibration.json").read_text())["trust_weights"]
+    assert all(len(w) == 4 for w in weights.values())
+    predictor = Predictor.from_bundle(trained_bundle)
+    assert predictor.describe()["familiarity"]
+    assert "familiarity" in (trained_bundle / "README.md").read_text()  # the model card says what it reads
+    record = load_records("vqa-rad", str(predictor_phantom / "vqa-rad"), "train")[0]
+    image = Image.open(record.image)
+    asked, new = (predictor.predict(im, q) for im, q in ((record.image, record.question),
+                                                          (image, "zebra giraffe okapi?")))
+    assert memory.familiarity([record.question], [image_id(record.image)]).item() == 1.0
+    # the same pixels as a file or an uploaded image; the words make the difference, as the fit weighs them
+    preds = predictor.predict(image, record.question)
+    assert preds.confidence == pytest.approx(asked.confidence, abs=1e-6)
+    assert 0.0 < new.confidence <= 1.0
