@@ -248,19 +248,23 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     best: dict[str, tuple[Run, dict, tuple]] = {}
     for run in runs:
         r = results.get(run.name)
-        # a test-selected run's "validation" is the test split: its calibration was fitted on test
-        if not r or run.selection == "test" or "after" not in r.get("confidence", {}).get("CLOSED", {}):
+        # a test-selected run's "validation" is the test split: its calibration was fitted on test; a row's other
+        # seeds are its mean's (choosing among seeds is choosing on test)
+        if not r or run.selection == "test" or run.seed or "after" not in r.get("confidence", {}).get("CLOSED", {}):
             continue
         head = {"ensemble": f"ensemble of {run.head}", "bagging": f"bagging of {run.head}"}.get(run.kind, run.head)
-        # made with trust scores first (not an ensemble's members: choosing among seeds is on test), then accuracy
-        rank = (run.kind in ("step", "variant") and "temperature_only" in r["confidence"]["CLOSED"], r["all"]["overall"])
+        # made with trust scores first (not an ensemble's members: choosing among seeds is on test), then with
+        # familiarity (the current calibration), then accuracy
+        made = run.kind in ("step", "variant") and "temperature_only" in r["confidence"]["CLOSED"]
+        rank = (made, made and bool(r.get("familiarity")), r["all"]["overall"])
         if head not in best or rank > best[head][2]:
             best[head] = (run, r, rank)
     if not best:
         return []
     lines = ["", "## Confidence, abstention, out-of-scope images", "",
              "For the best bundle of each head (by full-test overall accuracy, among validation-selected runs made with "
-             "calibration, the recipe's steps and variants made with trust scores first): "
+             "calibration, the recipe's steps and variants made with trust scores first, of those the ones calibrated "
+             "with [familiarity] first): "
              "temperature scaling per branch fitted on the run's validation split, never on test (combined with "
              "trust scores for the runs made with them, as the next table measures, and [familiarity]); ECE over 15 "
              "bins and AURC on the 451 test questions, closed and open apart (the dataset's own type); coverage = "
@@ -315,7 +319,8 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "confidence is exactly its chance of being right shows on the same confidences (simulated test sets: "
              "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds (or ensembles) measured, each with trust "
              "scores. [familiarity]: the fit also reads the question's familiarity, its largest content-word overlap "
-             "with a training question about the same image (`vqa.trust`; bundles calibrated again with `medvqa "
+             "with a training question about the same image, and agreement, that overlap among the ones training "
+             "answered as the model does less among the others (`vqa.trust`; bundles calibrated again with `medvqa "
              "calibrate`: the others were made before it).", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
              "closed ECE of a calibrated model (share ≥ measured) | Brier closed / open | closed at 5% with trust: "
              "repeats / new |", "|---|---|---|---|---|---|---|---|---|"]

@@ -83,6 +83,11 @@ def answer_question(predictor, image: Any, question: str, reference: str | None 
     chart = pd.DataFrame({"answer": [a for a, _ in p.top_k], "score": [s for _, s in p.top_k],
                           "state": [state] * len(p.top_k)})  # greyed bars when the model is not sure
     notes = "".join(f" Note: {w}." for w in p.warnings)
+    if p.familiarity is not None:  # what the calibrated confidence read besides the model's scores
+        notes += (f" Familiarity {p.familiarity:.0%}: the share of content words this question shares with the "
+                  "closest one asked about this image in training" + (
+                      ", which training answered as the model does" if p.agreement > 0 else
+                      ", which training answered otherwise" if p.agreement < 0 else "") + ".")
     kind = "calibrated confidence" if p.calibrated else "uncalibrated score"
     if p.abstained:
         status = (f"Not sure (answered in {p.seconds * 1e3:.0f} ms): {p.abstain_reason}. The best guess, not to be "

@@ -1,5 +1,6 @@
-"""Familiarity (vqa.trust): was the question asked about this very image in training, in nearly the same words?
-A second score beside trust, fitted into the calibrated confidence on validation and stored in the bundle."""
+"""Familiarity and agreement (vqa.trust): was the question asked about this very image in training, in nearly the
+same words, and answered as the model does? Scores beside trust, fitted into the calibrated confidence on validation
+and stored in the bundle."""
 from __future__ import annotations
 
 import json
@@ -28,23 +29,32 @@ def _memory(images: int = 60, seed: int = 0) -> tuple[TrustScorer, list[list[str
 
 
 def test_familiarity_is_the_word_overlap_with_what_training_asked_about_the_same_image(tmp_path):
-    memory = TrustScorer.fit(torch.randn(3, 4), torch.tensor([0, 1, 1]),
+    memory = TrustScorer.fit(torch.randn(4, 4), torch.tensor([0, 1, 1, -100]),
                              questions=["Is there a fracture of the left femur?", "What organ is shown?",
-                                        "Is the liver enlarged?"], image_ids=["a", "a", "b"])
+                                        "Is the liver enlarged?", "Is the left femur broken?"],
+                             image_ids=["a", "a", "b", "a"])
     asked = ["Is there a fracture of the left femur?", "Is the left femur fractured?", "Is there a fracture of the "
              "left femur?", "Is the liver enlarged?"]
     got = memory.familiarity(asked, ["a", "a", "c", "a"]).tolist()
     assert got[0] == 1.0 and 0.0 < got[1] < 1.0  # {left, femur} of {fracture, left, femur, fractured}
     assert got[1] == pytest.approx(2 / 4)
     assert got[2] == 0.0 and got[3] == 0.0  # an image training never saw; a question asked about another image
-    assert memory.feature_count == 2
+    assert memory.feature_count == 3
     features = memory.features_of(torch.randn(4, 4), torch.tensor([0, 1, 1, 0]), asked, ["a", "a", "c", "a"])
-    assert features.shape == (4, 2) and features[:, 1].tolist() == got
+    assert features.shape == (4, 3) and features[:, 1].tolist() == got
+    # agreement: the overlap with those answered as predicted less with those answered otherwise
+    # asked in these words and answered 0 in training, as predicted, less "...broken?" (answered outside the
+    # vocabulary: otherwise), which shares 2 of their 4 words
+    assert features[0, 2] == pytest.approx(1 - 2 / 4)
+    assert features[1, 2] == pytest.approx(0 - 2 / 4)  # predicted 1: the one question so answered shares no word
+    again = memory.familiarity_and_agreement(asked[:1], ["a"], predicted=[1])
+    assert again.tolist() == [[1.0, -1.0]]  # the same question, answered otherwise in training
     with pytest.raises(DataError, match="familiarity"):
         memory.features_of(torch.randn(4, 4), torch.tensor([0, 1, 1, 0]))
     memory.save(tmp_path)
     loaded = TrustScorer.load(tmp_path)
     assert loaded.asked == memory.asked and loaded.familiarity(asked, ["a", "a", "c", "a"]).tolist() == got
+    assert (frozenset({"left", "femur", "broken"}), -1) in loaded.asked["a"]  # an answer outside the vocabulary
     # a memory written before familiarity: trust scores alone
     TrustScorer(memory.features, memory.answers).save(tmp_path / "old")
     old = TrustScorer.load(tmp_path / "old")
@@ -86,7 +96,7 @@ def test_familiarity_fitted_on_validation_answers_more_at_the_same_risk_on_test(
     cal = Calibration.fit(val[0], branches, val[2], "validation", 0.1, trust=memory, fused=val[1],
                           questions=val[3], image_ids=val[4])
     weights = cal.trust_weights["CLOSED"]
-    assert len(weights) == 4 and weights[3] > 1.0 and cal.reads_familiarity  # more familiar, more confident
+    assert len(weights) == 5 and weights[3] > 1.0 and cal.reads_familiarity  # more familiar, more confident
     familiar = cal.confidence(test[0], branches, test[1], test[3], test[4]).numpy()
     alone = cal.temperature_confidence(test[0], branches).numpy()
     assert coverage_at_risk(familiar, test[2], 0.1) > coverage_at_risk(alone, test[2], 0.1) + 0.25
@@ -110,7 +120,7 @@ def test_a_calibration_and_a_memory_that_disagree_on_familiarity_are_a_clear_err
     old = {**stored, "trust_weights": {b: w[:3] for b, w in stored["trust_weights"].items()}}
     loaded = Calibration.from_dict(old, trust=old_memory)
     assert not loaded.reads_familiarity and loaded.confidence(val[0], ["OPEN"] * 300, val[1]).shape == (300,)
-    with pytest.raises(DataError, match=f"{TRUST_FILE} gives 2"):
+    with pytest.raises(DataError, match=f"{TRUST_FILE} gives 3"):
         Calibration.from_dict(old, trust=memory)
 
 
@@ -122,7 +132,7 @@ def test_a_trained_bundle_reads_familiarity_from_the_question_and_the_image_it_i
     memory = TrustScorer.load(trained_bundle)
     assert memory.asked, "training stores what it asked about each image"
     weights = json.loads((trained_bundle / "calibration.json").read_text())["trust_weights"]
-    assert all(len(w) == 4 for w in weights.values())
+    assert all(len(w) == 5 for w in weights.values())
     predictor = Predictor.from_bundle(trained_bundle)
     assert predictor.describe()["familiarity"]
     assert "familiarity" in (trained_bundle / "README.md").read_text()  # the model card says what it reads
@@ -131,7 +141,19 @@ def test_a_trained_bundle_reads_familiarity_from_the_question_and_the_image_it_i
     asked, new = (predictor.predict(im, q) for im, q in ((record.image, record.question),
                                                           (image, "zebra giraffe okapi?")))
     assert memory.familiarity([record.question], [image_id(record.image)]).item() == 1.0
+    assert asked.familiarity == 1.0 and new.familiarity == 0.0 and asked.to_dict()["familiarity"] == 1.0
+    assert (asked.agreement > 0) == (asked.answer == record.answer) and new.agreement == 0.0
     # the same pixels as a file or an uploaded image; the words make the difference, as the fit weighs them
     preds = predictor.predict(image, record.question)
     assert preds.confidence == pytest.approx(asked.confidence, abs=1e-6)
     assert 0.0 < new.confidence <= 1.0
+
+
+def test_the_demo_says_how_familiar_the_question_is(predictor, predictor_phantom):
+    from demos.app import answer_question
+    from vqa.data import load_records
+
+    record = load_records("vqa-rad", str(predictor_phantom / "vqa-rad"), "train")[0]
+    status = answer_question(predictor, str(record.image), record.question)[-1]
+    assert "Familiarity 100%" in status
+    assert "Familiarity 0%" in answer_question(predictor, str(record.image), "zebra giraffe okapi?")[-1]

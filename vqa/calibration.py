@@ -11,12 +11,13 @@ the model cannot get them right, and its confidence must say so). Nothing is fit
 
 Where the head exposes its fused vector (every answer classifier and their ensembles; not multiple choice),
 the temperature-scaled confidence is combined with a trust score (`vqa.trust`: is the answer backed
-by the nearest training questions in that space?) and the question's familiarity (was it asked
-about this image in training, in nearly the same words?) by a logistic fit per branch on validation,
-sigmoid(a * logit(confidence) + b * trust + d * familiarity + c), stored as [a, b, c, d] ([a, b, c]
-in bundles from before familiarity): still a probability that the answer is right, now able to
-rank an answer its training neighbours support above an equally confident one they contradict. A
-branch with too few right or wrong validation answers keeps temperature scaling alone.
+by the nearest training questions in that space?), the question's familiarity (was it asked about
+this image in training, in nearly the same words?) and agreement (was it answered so there?) by a
+logistic fit per branch on validation, sigmoid(a * logit(confidence) + b * trust + c + d *
+familiarity + e * agreement), stored as [a, b, c, d, e] ([a, b, c] in bundles from before
+familiarity): still a probability that the answer is right, now able to rank an answer its
+training neighbours support above an equally confident one they contradict. A branch with too few
+right or wrong validation answers keeps temperature scaling alone.
 
 Abstention: for a target risk r (the share of wrong answers among those given; one per branch if
 wanted, `vqa.target_risk`), each branch keeps the lowest confidence threshold at which the answers
@@ -101,7 +102,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def _combined(conf: np.ndarray, trust: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """sigmoid(a * logit(conf) + b * trust + c [+ d * familiarity]); `trust`: (Q,) or (Q, len(weights) - 2)."""
+    """sigmoid(a * logit(conf) + b * trust + c [+ d * familiarity + e * agreement]); `trust`: (Q,) or
+    (Q, len(weights) - 2)."""
     a, b, c, *more = weights
     scores = np.asarray(trust, dtype=float).reshape(len(conf), len(weights) - 2)
     z = a * _logit(conf) + scores @ np.array([b, *more]) + c
@@ -109,9 +111,9 @@ def _combined(conf: np.ndarray, trust: np.ndarray, weights: Sequence[float]) -> 
 
 
 def fit_trust_weights(conf: np.ndarray, trust: np.ndarray, correct: np.ndarray) -> list[float] | None:
-    """[a, b, c, (d)] of sigmoid(a * logit(conf) + b * trust + c (+ d * familiarity)) fitted on validation by
-    (L2-regularised) logistic regression (`trust`: (Q,) or (Q, 2), familiarity its second column), or None where
-    the branch has fewer than MIN_TRUST_FIT right or wrong answers."""
+    """[a, b, c, (d, e)] of sigmoid(a * logit(conf) + b * trust + c (+ d * familiarity + e * agreement)) fitted on
+    validation by (L2-regularised) logistic regression (`trust`: (Q,) or (Q, 3), `TrustScorer.features_of`'s
+    columns), or None where the branch has fewer than MIN_TRUST_FIT right or wrong answers."""
     right = int(np.sum(correct))
     if min(right, len(correct) - right) < MIN_TRUST_FIT:
         return None
@@ -192,11 +194,12 @@ class Calibration:
         method = "temperature scaling of the top answer's softmax, per branch, fitted on validation"
         if self.uses_trust:
             method += ("; then sigmoid(a * logit(confidence) + b * trust + c" +
-                       (" + d * familiarity" if self.reads_familiarity else "") +
+                       (" + d * familiarity + e * agreement" if self.reads_familiarity else "") +
                        ") per branch, trust the log ratio of the distances to the nearest training question with "
                        "another answer and with the answer given (trust.safetensors)" +
                        (", familiarity the largest content-word overlap with a training question about the same "
-                        "image" if self.reads_familiarity else ""))
+                        "image, agreement that overlap among those answered as given less among those answered "
+                        "otherwise" if self.reads_familiarity else ""))
         return {"method": method, "temperatures": self.temperatures, "target_risk": self.target_risk.to_json(),
                 "fitted_on": self.fitted_on, "thresholds": {b: self.threshold(b) for b in self.evidence},
                 **({"trust_weights": self.trust_weights} if self.uses_trust else {}), "evidence": self.evidence}
@@ -210,8 +213,8 @@ class Calibration:
             evidence = {str(b): {"confidence": [float(c) for c in ev["confidence"]],
                                  "correct": [bool(c) for c in ev["correct"]]} for b, ev in data["evidence"].items()}
             weights = {str(b): [float(v) for v in w] for b, w in data.get("trust_weights", {}).items()}
-            if any(len(w) not in (3, 4) for w in weights.values()):
-                raise ValueError("trust_weights: expected [a, b, c] or [a, b, c, d] per branch")
+            if any(len(w) not in (3, 5) for w in weights.values()):
+                raise ValueError("trust_weights: expected [a, b, c] or [a, b, c, d, e] per branch")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DataError(f"{where}: not a medvqa calibration ({e})") from None
         if weights and trust is None:

@@ -165,7 +165,7 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
             asked = {"questions": [r.question for r in val], "image_ids": image_ids([r.image for r in val])}
             member_scores = [m.calibration.trust.features_of(p.fused, p.logits.argmax(1), **asked)
                              for p, m in group]
-            scores.append(np.stack([x[:, :1 + familiar] for x in member_scores]).mean(0))
+            scores.append(np.stack([x[:, :3 if familiar else 1] for x in member_scores]).mean(0))
     how = "each member's own, the answers of the members held out on it pooled: " + "; ".join(held_out)
     log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions, %d splits)",
              len(members), len(records), len(held_out))

@@ -143,7 +143,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
     preds, pooled, blank = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
     apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank,
-                      **asked_about(bundle.calibration and bundle.calibration.trust, records))
+                      **asked_about(bundle.calibration and bundle.calibration.trust, records, progress))
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,

@@ -242,7 +242,8 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
                  f"have the answer given? {len(cal.trust.answers)} training questions in `trust.safetensors`) by a "
                  f"logistic fit per branch ({', '.join(b.lower() for b in sorted(cal.trust_weights))})"
                  + (" with the question's familiarity (its largest content-word overlap with a training question "
-                    "about the same image, by its pixels)" if cal.reads_familiarity else "")
+                    "about the same image, by its pixels) and agreement (did training answer it as the model does?)"
+                    if cal.reads_familiarity else "")
                  if cal.uses_trust else ""),
               f"- abstention (\"not sure\"): below the confidence at which validation answers were wrong at most "
               f"{cal.target_risk.describe(cal.evidence)} of the time (90 % Clopper-Pearson bound); thresholds: "

@@ -72,6 +72,11 @@ class Prediction:
     abstain_reason: str | None = None  # why: low confidence for the risk target, or an out-of-scope input
     target_risk: float | None = None  # the share of wrong answers the abstention threshold allows (this branch's)
     out_of_scope_score: float | None = None  # the image's distance from the training images (vqa.ood)
+    # the word overlap (0-1) with the closest question training asked about this image, and the agreement (-1-1:
+    # that overlap among the questions training answered as here, less among those answered otherwise; vqa.trust);
+    # None where the bundle's calibration does not read them
+    familiarity: float | None = None
+    agreement: float | None = None
 
     def attention_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """The attention grid upsampled (bilinear) to `size` = (width, height), default the image's:
@@ -98,6 +103,8 @@ class Prediction:
             "confidence": round(self.confidence, 6), "calibrated": self.calibrated, "abstained": self.abstained,
             "abstain_reason": self.abstain_reason, "target_risk": self.target_risk,
             "out_of_scope_score": None if self.out_of_scope_score is None else round(self.out_of_scope_score, 4),
+            "familiarity": None if self.familiarity is None else round(self.familiarity, 4),
+            "agreement": None if self.agreement is None else round(self.agreement, 4),
             "image_size": list(self.image.size), "warnings": list(self.warnings), "ms": round(self.seconds * 1e3, 2),
         }
         if attention:
@@ -308,13 +315,17 @@ class Predictor:
             pooled = table["pooled"].float()[torch.as_tensor(rows)]  # (Q, D): each question's image
             blank = (blank_images([item.image for item in loaded])[torch.as_tensor(rows)] if self.calibration
                      else torch.zeros(len(rows), dtype=torch.bool))  # only a calibrated bundle withholds answers
-            asked = {}
+            asked, familiarity = {}, [(None, None)] * len(texts)
             if self.calibration is not None and self.calibration.reads_familiarity:
                 ids = image_ids([item.image for item in loaded])
                 asked = {"questions": texts, "image_ids": [ids[r] for r in rows]}
+                familiarity = self.calibration.trust.familiarity_and_agreement(
+                    **asked, predicted=preds.logits.argmax(1).tolist()).tolist()
             apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank, **asked)
         image_scores = self.ood.score(pooled) if self.ood is not None else None
         results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank)
+        for p, (familiar, agreement) in zip(results, familiarity):
+            p.familiarity, p.agreement = familiar, agreement
         per_question = (time.perf_counter() - started) / max(len(results), 1)
         for p in results:
             p.seconds = per_question

@@ -84,7 +84,7 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
     calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how} (medvqa calibrate)",
-                                  risk, trust=trust, fused=preds.fused, **asked_about(trust, val))
+                                  risk, trust=trust, fused=preds.fused, **asked_about(trust, val, cfg.progress))
     if cfg.out is None:
         _write(calibration, detector, path)
         target = path
@@ -110,7 +110,8 @@ def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str
     log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
     fused = predict_records(bundle, train, device, precision, cache_dir, progress).fused
     return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]),
-                           questions=[r.question for r in train], image_ids=image_ids([r.image for r in train]))
+                           questions=[r.question for r in train],
+                           image_ids=image_ids([r.image for r in train], progress))
 
 
 

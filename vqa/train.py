@@ -465,7 +465,7 @@ def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
     correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
     trust = fit_trust(task)
     return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk,
-                           trust=trust, fused=preds.fused, **asked_about(trust, val.records))
+                           trust=trust, fused=preds.fused, **asked_about(trust, val.records, task.cfg.progress))
 
 
 def fit_trust(task: VQATask) -> TrustScorer | None:
@@ -476,7 +476,7 @@ def fit_trust(task: VQATask) -> TrustScorer | None:
         return None
     preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
     return TrustScorer.fit(preds.fused, train.questions.answers, questions=[r.question for r in train.records],
-                           image_ids=image_ids([r.image for r in train.records]))
+                           image_ids=image_ids([r.image for r in train.records], task.cfg.progress))
 
 
 def selection(cfg: TrainConfig) -> str:
