@@ -263,7 +263,8 @@ def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
         return []
     lines = ["", "## Confidence, abstention, out-of-scope images", "",
              "For the best bundle of each head (by full-test overall accuracy, among validation-selected runs made with "
-             "calibration, the recipe's steps and variants made with trust scores first, of those the ones calibrated "
+             "calibration, each row's seed-0 run, the recipe's steps and variants made with trust scores first, of "
+             "those the ones calibrated "
              "with [familiarity] first): "
              "temperature scaling per branch fitted on the run's validation split, never on test (combined with "
              "trust scores for the runs made with them, as the next table measures, and [familiarity]); ECE over 15 "
@@ -321,7 +322,8 @@ def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "scores. [familiarity]: the fit also reads the question's familiarity, its largest content-word overlap "
              "with a training question about the same image, and agreement, that overlap among the ones training "
              "answered as the model does less among the others (`vqa.trust`; bundles calibrated again with `medvqa "
-             "calibrate`: the others were made before it).", "", "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
+             "calibrate`: the others were made before it).", "",
+             "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
              "closed ECE of a calibrated model (share ≥ measured) | Brier closed / open | closed at 5% with trust: "
              "repeats / new |", "|---|---|---|---|---|---|---|---|---|"]
 
