@@ -34,7 +34,9 @@ comes from QCR's type router when the head has one, else from the answer (yes/no
 "question_type_source" says which. "confidence" is the calibrated probability that the answer
 is right (fitted on validation); "abstained": true means "not sure" ("abstain_reason" says why:
 confidence under the risk target, an image unlike the training images, or a question of mostly
-unknown words) and the answer should not be relied on."""
+unknown words) and the answer should not be relied on. "familiarity" (0-1) is how nearly training
+asked this question about this very image, "agreement" (-1-1) whether training answered it as the
+model does: what the confidence read besides the model's scores (null for bundles that do not)."""
 
 
 def build_parser():
