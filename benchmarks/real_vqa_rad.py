@@ -17,8 +17,8 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    (the PyPI package, offline) frozen against (e) the same architecture untrained (seed 0), each
    on the grid (7x7 regions) and on the pooled vector (one region, as PubMedCLIP feeds CLIP); runs sized for a
    GPU or hours of CPU (QCR's released 200-epoch schedule: about 5 h a run on 2 cores, resumable, and the control's
-   first 60 epochs alone in about 100 min, its first 90 continuing them in about 50 more, the full run continuing
-   those; MEVF's released schedule: about 50 min) only when --only names them
+   first 60 epochs alone in about 100 min, its first 90 and 120 continuing them in about 50 more each, the full
+   run continuing those; MEVF's released schedule: about 50 min) only when --only names them
    (benchmarks/gpu.sh, or here over several calls);
 4. evaluate on the 451-question test and MEVF's 308 freeform subset, write docs/results.md,
    docs/results.json and docs/real_vqa_rad_per_type.png.
