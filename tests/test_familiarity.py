@@ -73,6 +73,10 @@ def test_an_image_is_the_same_by_its_pixels_whatever_it_arrives_as(tmp_path):
     assert image_id(Image.fromarray(changed)) != same
     assert image_id(Image.fromarray(pixels.T.copy())) != same  # the same bytes in another shape
     assert image_ids([path, Image.fromarray(changed), path]) == [same, image_id(Image.fromarray(changed)), same]
+    # a 16-bit scan: its file and the image opened from it are read to the same 8 bits (as the predictor reads both)
+    deep = tmp_path / "scan16.png"
+    Image.fromarray((pixels.astype(np.uint16) * 200).astype(np.uint16)).save(deep)
+    assert image_id(deep) == image_id(Image.open(deep))
 
 
 def _split(memory_organs: list[list[str]], n: int, seed: int):

@@ -45,7 +45,7 @@ from .model import VQAModel
 from .model_card import training_data
 from .recalibrate import trust_memory
 from .target_risk import TargetRisk
-from .trust import asked_about, image_ids
+from .trust import asked_about
 from .training.precision import check_precision, resolve_device
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
         given += joint.answers
         types += joint.types or [None] * len(val)
         if with_trust:
-            asked = {"questions": [r.question for r in val], "image_ids": image_ids([r.image for r in val])}
+            asked = asked_about(next((m.calibration.trust for _, m in group if m.calibration.reads_familiarity),
+                                     None), val)
             member_scores = [m.calibration.trust.features_of(p.fused, p.logits.argmax(1), **asked)
                              for p, m in group]
             scores.append(np.stack([x[:, :3 if familiar else 1] for x in member_scores]).mean(0))

@@ -29,7 +29,7 @@ from .metrics import choice_metrics, closed_confusion, vqa_metrics
 from .ood import blank_images
 from .target_risk import TargetRisk, abstention_groups, reported_target
 from .training.precision import check_precision, resolve_device
-from .trust import asked_about
+from .trust import image_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.dev
 
 def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str,
                            cache_dir: str | None, progress: bool, detector: bool = True
-                           ) -> tuple[Predictions, torch.Tensor, torch.Tensor | None]:
+                           ) -> tuple[Predictions, torch.Tensor, torch.Tensor | None, list[str] | None]:
     """(predictions, each record's image pooled features (Q, D) in the out-of-scope detector's space: the model's, or
-    with `detector` the detector's own encoder's where it has one; with `detector`, whether each image is blank)."""
+    with `detector` the detector's own encoder's where it has one; with `detector`, whether each image is blank, and
+    each image's `vqa.trust.image_id` where the calibration reads familiarity)."""
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
@@ -58,11 +59,28 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
                     choices=[r.choices for r in records] if mc else None)
     if not detector:
-        return preds, table["pooled"].float()[questions.rows], None
+        return preds, table["pooled"].float()[questions.rows], None, None
     if bundle.ood is not None and not bundle.ood.reads_model_features:
         table = feature_table(bundle.ood.own_encoder(), images, cache_dir, device=device, progress=progress)
-    blank = blank_images(images) if bundle.calibration is not None else torch.zeros(len(images), dtype=torch.bool)
-    return preds, table["pooled"].float()[questions.rows], blank[questions.rows]
+    blank, ids = torch.zeros(len(images), dtype=torch.bool), None
+    if bundle.calibration is not None:
+        blank, ids = _blank_and_ids(images, bundle.calibration.reads_familiarity, progress)
+    return (preds, table["pooled"].float()[questions.rows], blank[questions.rows],
+            None if ids is None else [ids[r] for r in questions.rows])
+
+
+def _blank_and_ids(images: Sequence, with_ids: bool, progress: bool, chunk: int = 256
+                   ) -> tuple[torch.Tensor, list[str] | None]:
+    """Whether each image is blank and (`with_ids`) its `vqa.trust.image_id`: each decoded once, a chunk at a time."""
+    from encoders import load_image
+    from tqdm import tqdm
+
+    blank, ids = [torch.zeros(0, dtype=torch.bool)], []
+    for start in tqdm(range(0, len(images), chunk), desc="image checks", disable=not progress, leave=False):
+        decoded = [load_image(im) for im in images[start:start + chunk]]
+        blank.append(blank_images(decoded))
+        ids += image_ids(decoded) if with_ids else []
+    return torch.cat(blank), ids if with_ids else None
 
 
 def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, score_kind: str,
@@ -141,9 +159,9 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
-    preds, pooled, blank = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
-    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank,
-                      **asked_about(bundle.calibration and bundle.calibration.trust, records, progress))
+    preds, pooled, blank, ids = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
+    asked = {} if ids is None else {"questions": [r.question for r in records], "image_ids": ids}
+    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank, **asked)
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,

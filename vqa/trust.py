@@ -54,12 +54,13 @@ _CHUNK = 1024  # test questions scored at once (a chunk x rows distance matrix)
 
 
 def image_id(image) -> str:
-    """An image's identity for familiarity: a hash of its 8-bit gray pixels and size (a PIL image, or a file that
-    `encoders.load_image` reads). The same file, or the same pixels uploaded, give the same id; a re-encoded
-    JPEG does not (its question then counts as one about a new image: less familiar, never more)."""
+    """An image's identity for familiarity: a hash of its 8-bit gray pixels and size, as `encoders.load_image` reads
+    it (a file, or a PIL image in any mode: the predictor reads uploads so). The same file, or the same pixels
+    uploaded, give the same id; a re-encoded JPEG does not (its question then counts as one about a new image:
+    less familiar, never more)."""
     from encoders import load_image
 
-    gray = (image if hasattr(image, "convert") else load_image(image)).convert("L")
+    gray = load_image(image).convert("L")
     digest = hashlib.blake2b(f"{gray.size[0]}x{gray.size[1]}".encode(), digest_size=10)
     digest.update(gray.tobytes())
     return digest.hexdigest()
