@@ -414,9 +414,11 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
     for name, freeform, full, source in PUBLISHED:
         cells = [" / ".join(map(str, c)) if c else "" for c in (freeform, full)]
         lines.append(f"| {name} | {source} | | candidates | {cells[0]} | {cells[1]} | |")
+    # a stretch of a schedule that a longer run continued is superseded by it: that run's epochs include its own
+    continued = {run.continues for run in runs if run.continues and run.name in results}
     for run in runs:
         r = results.get(run.name)
-        if not r or run.row == "t":  # the transfer rows have their own table, with their seeds
+        if not r or run.row == "t" or run.name in continued:  # the transfer rows have their own table, with seeds
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
             (f", the first {run.epochs} of {run.schedule_epochs} epochs" if run.schedule_epochs

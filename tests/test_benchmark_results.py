@@ -103,6 +103,14 @@ def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
                   HeadRecipe())
     text = (tmp_path / "first.md").read_text()
     assert f"| ours (a), epoch picked on test*, the first {first.epochs} of 200 epochs ¶ | " in text
+    # a stretch the next one continued is superseded by it (its epochs are the next one's first), down to the full run
+    made = {}
+    for run in partial + [full]:
+        made[run.name] = summary
+        write_results(made, runs, {}, tmp_path / "longer.md", HeadRecipe())
+        shown = [line for line in (tmp_path / "longer.md").read_text().splitlines()
+                 if line.startswith("| ours (a), epoch picked on test*")]
+        assert len(shown) == 1 and (f"the first {run.epochs} of 200 epochs" in shown[0]) == (run is not full)
 
 
 def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
