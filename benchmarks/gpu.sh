@@ -71,26 +71,26 @@ selection() {
   : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"
   timeout 240 $PY benchmarks/real_vqa_rad.py --data "$DATA" --out "$WORK/real" --docs "$OUT/selection" \
     --device $DEVICE --threads 8 ${SELECTION_ARGS:-} --only 'a-mevf-ban-*-candidates*' \
-    --skip '*-schedule' 2>&1 | tail -20 | tee "$OUT/selection.txt"
+    --skip '*-schedule*' 2>&1 | tail -20 | tee "$OUT/selection.txt"
 }
 
 qcr() {
   # QCR on MEVF's image side, fine-tuned end to end on its published 200-epoch schedule (~5 h a run on 2 CPU cores):
   # train-only answers with the epoch chosen on validation, and the reference protocol (candidate list, epoch picked
-  # on test). A run resumes from its checkpoint, so a cut-off call continues where it stopped when run again. The
+  # on test), each for seeds 0, 1 and 2 (the seed-0 runs first). A run resumes from its checkpoint, so a cut-off call continues where it stopped when run again. The
   # control's first 60 and 90 epochs alone (what 2 CPU cores train in a sitting) are skipped: the full run supersedes
   # them (it continues the 90-epoch run's checkpoint where $WORK/real holds one).
   : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"
   timeout ${QCR_TIMEOUT:-540} $PY benchmarks/real_vqa_rad.py --data "$DATA" --out "$WORK/real" --docs "$OUT/qcr" \
-    --device $DEVICE --threads 8 --only 'a-qcr-finetune-*qcr-schedule' --skip '*of200ep-*' 2>&1 | tail -20 \
+    --device $DEVICE --threads 8 --only 'a-qcr-finetune-*qcr-schedule*' --skip '*of200ep-*' 2>&1 | tail -20 \
     | tee -a "$OUT/qcr.txt"
 }
 
 mevf() {
-  # MEVF-BAN on its released code's schedule (about 50 min a run on 2 CPU cores); resumable as qcr's runs
+  # MEVF-BAN on its released code's schedule, both protocols, seeds 0-2 (about 50 min a run on 2 CPU cores); resumable
   : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"
   timeout ${MEVF_TIMEOUT:-240} $PY benchmarks/real_vqa_rad.py --data "$DATA" --out "$WORK/real" --docs "$OUT/mevf" \
-    --device $DEVICE --threads 8 --only 'a-mevf-ban-finetune-*mevf-schedule' 2>&1 | tail -20 | tee -a "$OUT/mevf.txt"
+    --device $DEVICE --threads 8 --only 'a-mevf-ban-finetune-*mevf-schedule*' 2>&1 | tail -20 | tee -a "$OUT/mevf.txt"
 }
 
 for part in "${@:-speed}"; do

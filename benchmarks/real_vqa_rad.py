@@ -26,7 +26,7 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
 `--only GLOB` reruns some runs and keeps the other rows from docs/results.json, e.g.
     .venv/bin/python benchmarks/real_vqa_rad.py --only '*test-selected'
     .venv/bin/python benchmarks/real_vqa_rad.py --only '[de]-*'      # the ImageNet vs untrained rows
-    .venv/bin/python benchmarks/real_vqa_rad.py --only 'a-*-finetune-*' --skip '*-schedule'
+    .venv/bin/python benchmarks/real_vqa_rad.py --only 'a-*-finetune-*' --skip '*-schedule*'
 
 Every run's out-of-scope detector reads ImageNet EfficientNet-Lite0's features (`--ood-encoder`); a run
 trained before that gets one with `medvqa calibrate BUNDLE --format vqa-rad --data DATA/vqa-rad
@@ -309,7 +309,7 @@ def main() -> None:
                         "MedPix table unless a matching run needs the pretrained tower, are kept from "
                         "--docs/results.json when it was made with the same recipe")
     p.add_argument("--skip", default=None, metavar="GLOB",
-                   help="with --only: leave out the runs whose name also matches this (e.g. '*-schedule')")
+                   help="with --only: leave out the runs whose name also matches this (e.g. '*-schedule*')")
     p.add_argument("--pretrain-epochs", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -6,9 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from _common import mean_std, percent_mean_std
+from _common import percent_mean_std
+from real_vqa_rad_confidence import confidence_lines, trust_lines, validation_lines
 from real_vqa_rad_plot import plot_per_type
-from real_vqa_rad_runs import CARVE, LITE0, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
+from real_vqa_rad_runs import CARVE, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
+from real_vqa_rad_seeded import marks, paired_gain, row_cells, seeded
 from vqa.io import atomic_write_text
 
 log = logging.getLogger("real_vqa_rad")
@@ -60,10 +62,54 @@ def gap_steps(results: dict[str, dict], recipe: HeadRecipe) -> list[str]:
             "| change | before | after | gain |", "|---|---|---|---|", *lines]
 
 
+def released_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
+    """The references' heads on their released code's schedules, under our protocol and theirs: mean ± std over the
+    seeds made. A seed whose whole schedule is not made yet counts its longest stretch, and the row says so."""
+    rows: dict[tuple, dict[int, Run]] = {}  # (schedule, head, protocol) -> seed -> its longest run made
+    for run in runs:
+        if run.tag in RELEASED_SCHEDULES and run.name in results:
+            made = rows.setdefault((run.tag, run.head, run.vocab, run.selection), {})
+            if run.seed not in made or run.epochs > made[run.seed].epochs:
+                made[run.seed] = run
+    if not rows:
+        return []
+    published = {name: (freeform, full) for name, freeform, full, _ in PUBLISHED}
+    lines = ["", "### The references' heads on their released schedules", "",
+             "MEVF's image side and GloVe (imported), fine-tuned end to end under MEVF-BAN and QCR as their released "
+             "code trains them (the schedules below the table), under our protocol (train-only vocabulary, the epoch "
+             "chosen on validation) and the references' (candidate list, all of train, the epoch with the best test "
+             "accuracy kept*). Mean ± std over the seeds made (of "
+             f"{len(SEEDS)}: {', '.join(map(str, SEEDS))}; the training seed, and the validation carve where there is "
+             "one). The papers, on the references' protocol: MEVF-BAN "
+             f"{published['MEVF-BAN (paper)'][0][2]} on the freeform 308, QCR+TCR "
+             f"{published['QCR+TCR (paper)'][1][2]} on the full 451. The gain is what the references' protocol adds to "
+             "ours, seed by seed.", "",
+             "| head | schedule | protocol | seeds made | freeform 308 overall | full open | full closed | "
+             "full overall | gain (paired) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (tag, head, vocab, selection), made in rows.items():
+        done = [{**results[run.name], "seed": seed} for seed, run in sorted(made.items())]
+        stretches = [f"seed {seed}: the first {run.epochs} of {run.schedule_epochs} epochs"
+                     for seed, run in sorted(made.items()) if run.schedule_epochs]
+        cells = row_cells(done).split(" | ", 1)
+        cells[0] += f" ({'; '.join(stretches)})" if stretches else ""
+        schedule = max(run.schedule_epochs or run.epochs for run in made.values())
+        if selection == "test":
+            protocol, ours = "references'*", rows.get((tag, head, "train", "val"), {})
+            gain = paired_gain(done, [{**results[run.name], "seed": seed} for seed, run in ours.items()])
+        else:
+            protocol, gain = "ours" + ("".join(sorted({marks(r) for r in done})) if done else ""), ""
+        lines.append(f"| {head} | {schedule} epochs {RELEASED_SCHEDULES[tag][0]} | {protocol} | {' | '.join(cells)} | "
+                     f"{gain} |")
+    for tag, (mark, note) in RELEASED_SCHEDULES.items():
+        if any(key[0] == tag for key in rows):
+            lines += ["", f"{mark} {note}."]
+    return lines
+
+
 def transfer_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """The transfer recipe one change at a time: each step's mean ± std over its finished seeds, and its gain in
     mean full-test overall accuracy over the step before it."""
-    steps = _seeded(results, runs, "step")
+    steps = seeded(results, runs, "step")
     if not any(steps.values()):
         return []
     lines = ["", "### Transfer recipe, one change at a time", "",
@@ -90,34 +136,10 @@ def transfer_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     return lines
 
 
-def _seeded(results: dict[str, dict], runs: list[Run], kind: str) -> dict[str, list[dict]]:
-    """The transfer rows of one kind, by step, with the summaries of their finished seeds (in seed order)."""
-    steps: dict[str, list[dict]] = {}
-    for run in runs:
-        if run.row == "t" and run.kind == kind:
-            steps.setdefault(run.step, [])
-            if run.name in results:
-                steps[run.step].append({**results[run.name], "seed": run.seed})
-    return steps
-
-
-def _paired_gain(done: list[dict], base: list[dict]) -> str:
-    """Mean (± std) over the seeds both ran of the difference in full-test overall accuracy, seed by seed."""
-    by_seed = {r["seed"]: r["all"]["overall"] for r in base}
-    diffs = [r["all"]["overall"] - by_seed[r["seed"]] for r in done if r["seed"] in by_seed]
-    return percent_mean_std(diffs, signed=True) if diffs else ""
-
-
-def _row_cells(done: list[dict], planned: int = len(SEEDS)) -> str:
-    return (f"{len(done)} of {planned} | {percent_mean_std([r['freeform']['overall'] for r in done])} | "
-            f"{percent_mean_std([r['all']['open'] for r in done])} | {percent_mean_std([r['all']['closed'] for r in done])} | "
-            f"{percent_mean_std([r['all']['overall'] for r in done])}")
-
-
 def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """One change from a step of the recipe (another image side, another training choice), against that step seed
     by seed."""
-    steps, variants = _seeded(results, runs, "step"), _seeded(results, runs, "variant")
+    steps, variants = seeded(results, runs, "step"), seeded(results, runs, "variant")
     if not any(variants.values()):
         return []
     base = {run.step: run.base for run in runs if run.kind == "variant"}
@@ -129,7 +151,7 @@ def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "| step | change | seeds run | freeform 308 overall | full open | full closed | full overall | "
              "gain (paired) |", "|---|---|---|---|---|---|---|---|"]
     for what, done in variants.items():
-        cells = (f"{_row_cells(done)} | {_paired_gain(done, steps.get(base[what], []))}" if done else
+        cells = (f"{row_cells(done)} | {paired_gain(done, steps.get(base[what], []))}" if done else
                  f"0 of {len(SEEDS)} | not run | | | | ")
         number = list(steps).index(base[what]) + 1 if base[what] in steps else "?"
         lines.append(f"| {number} | {what} | {cells} |")
@@ -147,7 +169,7 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
             rows.append({**results[run.name], "seed": run.seed, "members": run.members})
     if not any(done.values()):
         return []
-    steps = _seeded(results, runs, "step")
+    steps = seeded(results, runs, "step")
     base = built[0].base
     number = list(steps).index(base) + 1 if base in steps else "?"
     pool = sorted({m for run in built for m in run.members if m in results})
@@ -165,16 +187,16 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     if pool:
         members = [results[m] for m in pool]
         lines.append(f"| one run (the pool of members) | {len(members)} runs | "
-                     f"{_row_cells(members).split(' | ', 1)[1]} | | |")
+                     f"{row_cells(members).split(' | ', 1)[1]} | | |")
     for (kind, what), rows in done.items():
         if not rows:
             continue
         over = [r["all"]["overall"] - sum(results[m]["all"]["overall"] for m in r["members"]) / len(r["members"])
                 for r in rows if all(m in results for m in r["members"])]
-        paired = _paired_gain(rows, steps.get(base, [])) if kind == "ensemble" else "–"
+        paired = paired_gain(rows, steps.get(base, [])) if kind == "ensemble" else "–"
         planned = sum(run.step == what for run in built)
         gain = percent_mean_std(over, signed=True) if over else ""
-        lines.append(f"| {what} | {_row_cells(rows, planned)} | {gain} | {paired} |")
+        lines.append(f"| {what} | {row_cells(rows, planned)} | {gain} | {paired} |")
     return lines
 
 
@@ -183,7 +205,7 @@ def repeat_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     and on the others (`medvqa eval`'s repeats_train / new_question subsets)."""
     rows = []
     for kind in ("step", "ensemble", "bagging"):
-        for what, done in _seeded(results, runs, kind).items():
+        for what, done in seeded(results, runs, kind).items():
             done = [r for r in done if "repeats_train" in r]
             if done:
                 rows.append((what, done))
@@ -217,7 +239,7 @@ def repeat_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
 
 def control_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """Recipe steps rerun under the references' protocol, against the same runs under ours."""
-    controls = _seeded(results, runs, "control")
+    controls = seeded(results, runs, "control")
     if not any(controls.values()):
         return []
     ours = {}  # control step -> the same configuration's runs under our protocol (train-only, validation-selected)
@@ -233,136 +255,8 @@ def control_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "| step | seeds run | freeform 308 overall | full open | full closed | full overall | gain (paired) |",
              "|---|---|---|---|---|---|---|"]
     for what, done in controls.items():
-        lines.append(f"| {what} | {_row_cells(done)} | {_paired_gain(done, ours.get(what, []))} |" if done else
+        lines.append(f"| {what} | {row_cells(done)} | {paired_gain(done, ours.get(what, []))} |" if done else
                      f"| {what} | 0 of {len(SEEDS)} | not run | | | | |")
-    return lines
-
-
-def _pair(entry: dict, key: str, fmt: str = "{:.3f}") -> str:
-    before, after = entry.get("before", {}).get(key), entry.get("after", {}).get(key)
-    return " → ".join(fmt.format(v) for v in (before, after) if v is not None)
-
-
-def confidence_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
-    """Calibration, abstention and out-of-scope detection of the best calibrated bundle of each head."""
-    best: dict[str, tuple[Run, dict, tuple]] = {}
-    for run in runs:
-        r = results.get(run.name)
-        # a test-selected run's "validation" is the test split: its calibration was fitted on test; a row's other
-        # seeds are its mean's (choosing among seeds is choosing on test)
-        if not r or run.selection == "test" or run.seed or "after" not in r.get("confidence", {}).get("CLOSED", {}):
-            continue
-        head = {"ensemble": f"ensemble of {run.head}", "bagging": f"bagging of {run.head}"}.get(run.kind, run.head)
-        # made with trust scores first (not an ensemble's members: choosing among seeds is on test), then with
-        # familiarity (the current calibration), then accuracy
-        made = run.kind in ("step", "variant") and "temperature_only" in r["confidence"]["CLOSED"]
-        rank = (made, made and bool(r.get("familiarity")), r["all"]["overall"])
-        if head not in best or rank > best[head][2]:
-            best[head] = (run, r, rank)
-    if not best:
-        return []
-    lines = ["", "## Confidence, abstention, out-of-scope images", "",
-             "For the best bundle of each head (by full-test overall accuracy, among validation-selected runs made with "
-             "calibration, each row's seed-0 run, the recipe's steps and variants made with trust scores first, of "
-             "those the ones calibrated "
-             "with [familiarity] first): "
-             "temperature scaling per branch fitted on the run's validation split, never on test (combined with "
-             "trust scores for the runs made with them, as the next table measures, and [familiarity]); ECE over 15 "
-             "bins and AURC on the 451 test questions, closed and open apart (the dataset's own type); coverage = "
-             "the share of test questions that can be answered at that risk (the test's own risk-coverage "
-             "curve); abstention = what the bundle withholds at its validation-chosen threshold for 10% risk "
-             "(Clopper-Pearson 90% bound); out-of-scope = the bundle's detector (Mahalanobis distance in a pooled "
-             "feature space, threshold at 99% of training images out of fold: the space is the model's own image "
-             "encoder (own), or ImageNet EfficientNet-Lite0's, frozen (`--ood-encoder efficientnet-lite0-imagenet`, "
-             "Lite0), which the benchmark's runs use since MEVF's fine-tuned encoder proved unable to tell "
-             "photographs; a frozen Lite0 model's own space is that one) on VQA-RAD's test images "
-             "against scikit-image's 12 photographs, and how many of pydicom's CT and MR test files it flags (radiology, "
-             "but tight crops at 128 and 64 px, a vertebra and an MR patch, unlike VQA-RAD's whole views). Brier "
-             "score: the mean squared gap between confidence and right (1) or wrong (0), a proper score, read beside "
-             "ECE, whose sampling noise depends on the confidences (Reading, \"How low ECE can go on this test\").", "",
-             "| head | run | closed ECE before → after | open ECE before → after | Brier closed / open: before → "
-             "after | AURC closed / open | closed "
-             "coverage at 5% / 10% risk | open at 20% | abstention at 10%: closed answered (wrong) / open | "
-             "out-of-scope AUROC | photos / test images / DICOM flagged |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for head, (run, r, _) in best.items():
-        closed, opened = r["confidence"]["CLOSED"], r["confidence"]["OPEN"]
-        cov_c, cov_o = closed["after"]["coverage_at_risk"], opened["after"]["coverage_at_risk"]
-        ab = r.get("abstention") or {}
-        ab_c, ab_o = ab.get("CLOSED", {}), ab.get("OPEN", {})
-
-        def answered(a):
-            return "–" if not a else f"{100 * a['coverage']:.0f}%" + (
-                f" ({100 * a['risk']:.1f}%)" if a.get("risk") is not None else "")
-        ood = r.get("out_of_scope") or {}
-        familiar = " [familiarity]" * bool(r.get("familiarity"))
-        lines.append(f"| {head} | {run.name}{_marks(r)}{familiar} | {_pair(closed, 'ece')} | {_pair(opened, 'ece')} | "
-                     f"{_pair(closed, 'brier')} / {_pair(opened, 'brier')} | {closed['after']['aurc']:.3f} / {opened['after']['aurc']:.3f} | "
-                     f"{100 * cov_c['0.05']:.0f}% / {100 * cov_c['0.1']:.0f}% | {100 * cov_o['0.2']:.0f}% | "
-                     f"{answered(ab_c)} / {answered(ab_o)} | "
-                     + (f"{ood['auroc_photographs']:.3f} ({_space(ood)}) | {100 * ood['photographs_flagged']:.0f}% / "
-                        f"{100 * ood['test_images_flagged']:.0f}% / {ood['dicom_flagged']} |" if ood else "– | – |"))
-    return lines
-
-
-def trust_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
-    """What trust scores add to temperature scaling, seed by seed, for the rows measured with them."""
-    rows = [(what, done) for kind in ("step", "variant", "ensemble", "bagging")
-            for what, done in _seeded(results, runs, kind).items()
-            if done and all("temperature_only" in r["confidence"].get("CLOSED", {}) for r in done)]
-    if not rows:
-        return []
-    lines = ["", "### Trust scores: what they add", "",
-             "The same runs' confidence two ways, both fitted on validation only: temperature scaling alone, and "
-             "combined with a trust score (how much nearer the nearest training question with the answer given lies "
-             "than the nearest with another answer, in the head's fused space; `vqa.trust`) by a logistic fit per "
-             "branch. Coverage on the 451 test questions' own risk-coverage curve, closed and open by the dataset's "
-             "type; repeats / new as in the table of repeated test questions; a calibrated model's ECE = what one whose "
-             "confidence is exactly its chance of being right shows on the same confidences (simulated test sets: "
-             "sampling noise alone), with the share of them at or above the measured one. Mean ± std over the seeds (or ensembles) measured, each with trust "
-             "scores. [familiarity]: the fit also reads the question's familiarity, its largest content-word overlap "
-             "with a training question about the same image, and agreement, that overlap among the ones training "
-             "answered as the model does less among the others (`vqa.trust`; bundles calibrated again with `medvqa "
-             "calibrate`: the others were made before it).", "",
-             "| row | measured | closed coverage at 5% risk: temperature → trust | at 10% | open at 20% | closed ECE | "
-             "closed ECE of a calibrated model (share ≥ measured) | Brier closed / open | closed at 5% with trust: "
-             "repeats / new |", "|---|---|---|---|---|---|---|---|---|"]
-
-    def two(done, group, key, risk=None):
-        values = [[r["confidence"][group][k][key] if risk is None else r["confidence"][group][k][key][risk]
-                   for r in done] for k in ("temperature_only", "after")]
-        return " → ".join((mean_std if key in ("ece", "brier") else percent_mean_std)(v) for v in values)
-    def floor(done):  # runs scored before the floor was measured lack it
-        f = [r["confidence"]["CLOSED"]["after"].get("ece_if_calibrated") for r in done]
-        return "–" if None in f else (f"{mean_std([x['mean'] for x in f])} "
-                                      f"({percent_mean_std([x['share_at_or_above'] for x in f])}%)")
-    for what, done in rows:
-        subsets = " / ".join(percent_mean_std([r["confidence"].get(f"CLOSED {s}", {}).get("after", {}).get(
-            "coverage_at_risk", {}).get("0.05", float("nan")) for r in done]) for s in ("repeats_train", "new_question"))
-        what += " [familiarity]" * all(r.get("familiarity") for r in done)
-        lines.append(f"| {what} | {len(done)} | {two(done, 'CLOSED', 'coverage_at_risk', '0.05')} | "
-                     f"{two(done, 'CLOSED', 'coverage_at_risk', '0.1')} | {two(done, 'OPEN', 'coverage_at_risk', '0.2')} "
-                     f"| {two(done, 'CLOSED', 'ece')} | {floor(done)} | {two(done, 'CLOSED', 'brier')} / "
-                     f"{two(done, 'OPEN', 'brier')} | {subsets} |")
-    return lines
-
-
-def validation_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
-    """Each row's validation accuracy at its chosen epoch (what its calibration was fitted on) against test."""
-    rows = [(what, done) for kind in ("step", "variant") for what, done in _seeded(results, runs, kind).items()
-            if done and all(r.get("validation") for r in done)]
-    if not rows:
-        return []
-    lines = ["", "### Validation against test", "", "What the calibration was fitted on: each run's validation split "
-             "(carved from train) at the epoch it chose, against the test split; mean ± std over the seeds measured "
-             "(the runs that recorded it). A calibration fitted where the model is right more often than on test is "
-             "overconfident there (Reading, \"Where validation's optimism comes from\").", "",
-             "| row | measured | validation open / closed / overall | test open / closed / overall | closed: test − "
-             "validation |", "|---|---|---|---|---|"]
-    for what, done in rows:
-        cells = [" / ".join(percent_mean_std([r[s][k] for r in done]) for k in ("open", "closed", "overall"))
-                 for s in ("validation", "all")] + [percent_mean_std([r["all"]["closed"] - r["validation"]["closed"]
-                                                                      for r in done], signed=True)]
-        lines.append(f"| {what} | {len(done)} | {' | '.join(cells)} |")
     return lines
 
 
@@ -377,18 +271,6 @@ def _machine(recipe: HeadRecipe) -> str:
     if device.type == "cuda":
         return f"one {torch.cuda.get_device_name(device)}"
     return f"a {os.cpu_count()}-core CPU machine ({recipe.threads} thread{'s' * (recipe.threads != 1)}, no GPU)"
-
-
-def _space(out_of_scope: dict) -> str:
-    """The detector's feature space, in a word: the model's own encoder (also for runs from before spaces), or
-    Lite0's."""
-    space = out_of_scope.get("space", "same")
-    return "own" if space == "same" else "Lite0" if space == LITE0 else space
-
-
-def _marks(r: dict) -> str:
-    """‡ for a row with a caveat, § for one made with the current validation carve."""
-    return (" ‡" if r.get("caveat") else "") + (" §" if r.get("carve") == CARVE else "")
 
 
 def _epoch_cell(r: dict) -> str:
@@ -414,26 +296,19 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
     for name, freeform, full, source in PUBLISHED:
         cells = [" / ".join(map(str, c)) if c else "" for c in (freeform, full)]
         lines.append(f"| {name} | {source} | | candidates | {cells[0]} | {cells[1]} | |")
-    # a stretch of a schedule that a longer run continued is superseded by it: that run's epochs include its own
-    continued = {run.continues for run in runs if run.continues and run.name in results}
     for run in runs:
         r = results.get(run.name)
-        if not r or run.row == "t" or run.name in continued:  # the transfer rows have their own table, with seeds
+        if not r or run.row == "t" or run.tag in RELEASED_SCHEDULES:  # tables of their own below, with seeds
             continue
         label = f"ours ({run.row})" + (", epoch picked on test*" if run.selection == "test" else "") + \
-            (f", the first {run.epochs} of {run.schedule_epochs} epochs" if run.schedule_epochs
-             else f", {run.epochs} epochs" if run.epochs else "") + \
-            (f" {RELEASED_SCHEDULES[run.tag][0]}" if run.tag in RELEASED_SCHEDULES else "")
+            (f", {run.epochs} epochs" if run.epochs else "")
         side = f"{ROW_NAMES[run.row]}, {run.mode}" + (", pooled vector" if run.features == "pooled" else "")
-        label += _marks(r)
+        label += marks(r)
         lines.append(f"| {label} | {side} | {run.head} | "
                      f"{'train-only' if run.vocab == 'train' else 'candidates'} | {_cell(r['freeform'])} | "
                      f"{_cell(r['all'])} | {_epoch_cell(r)} |")
     lines += ["", "\\* MEVF/QCR's protocol, shown only to measure it: trained on all of train, the epoch with the "
               "best test accuracy kept. Optimistic by construction; not an estimate of test accuracy."]
-    for tag, (mark, note) in RELEASED_SCHEDULES.items():
-        if any(run.tag == tag and run.name in results for run in runs):
-            lines += ["", f"{mark} {note}."]
     caveats = sorted({r["caveat"] for r in results.values() if r.get("caveat")})
     lines += ["", "‡ " + " ".join(caveats)] if caveats else []
     if any(r.get("carve") == CARVE for r in results.values()):
@@ -442,6 +317,7 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
     if any("median_epoch_seconds" not in r for r in results.values()):
         lines += ["", "† mean epoch, from a run made before medians were recorded."]
     lines += gap_steps(results, recipe)
+    lines += released_lines(results, runs)
     lines += transfer_lines(results, runs)
     lines += variant_lines(results, runs)
     lines += ensemble_lines(results, runs)

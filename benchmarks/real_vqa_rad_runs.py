@@ -110,20 +110,21 @@ def all_runs(mevf: Path, medpix: Path, untrained: Path, heads, vocabs, finetune:
     if finetune:
         runs.append(Run("a", str(mevf / "encoder"), "finetune", "mevf-ban", vocabs[-1], selection="test",
                         epochs=PAPER_EPOCHS if paper_schedule else None))
-    if finetune and paper_schedule:  # both references on their released code's schedules (run when named)
-        runs.append(Run("a", str(mevf / "encoder"), "finetune", "qcr", "train", epochs=QCR_EPOCHS,
-                        extra=QCR_SCHEDULE, tag="qcr-schedule", gpu_sized=True))
-        control = Run("a", str(mevf / "encoder"), "finetune", "qcr", "candidates", selection="test",
-                      extra=QCR_SCHEDULE, tag="qcr-schedule", gpu_sized=True)
-        partial = ""  # each stretch of the control starts from the checkpoint of the one before
-        for first in QCR_FIRST_EPOCHS:
-            runs.append(dataclasses.replace(control, epochs=first, continues=partial,
-                                            extra=QCR_SCHEDULE + (("schedule_epochs", QCR_EPOCHS),)))
-            partial = runs[-1].name
-        runs.append(dataclasses.replace(control, epochs=QCR_EPOCHS, continues=partial))
-        runs += [Run("a", str(mevf / "encoder"), "finetune", "mevf-ban", vocab, selection=selection,
-                     epochs=PAPER_EPOCHS, extra=MEVF_SCHEDULE, tag="mevf-schedule", gpu_sized=True)
-                 for vocab, selection in (("train", "val"), ("candidates", "test"))]
+    if finetune and paper_schedule:  # both references on their released code's schedules, each seed (run when named)
+        for seed in SEEDS:
+            runs.append(Run("a", str(mevf / "encoder"), "finetune", "qcr", "train", epochs=QCR_EPOCHS, seed=seed,
+                            extra=QCR_SCHEDULE, tag="qcr-schedule", gpu_sized=True))
+            control = Run("a", str(mevf / "encoder"), "finetune", "qcr", "candidates", selection="test", seed=seed,
+                          extra=QCR_SCHEDULE, tag="qcr-schedule", gpu_sized=True)
+            partial = ""  # each stretch of the control starts from the checkpoint of the one before
+            for first in QCR_FIRST_EPOCHS:
+                runs.append(dataclasses.replace(control, epochs=first, continues=partial,
+                                                extra=QCR_SCHEDULE + (("schedule_epochs", QCR_EPOCHS),)))
+                partial = runs[-1].name
+            runs.append(dataclasses.replace(control, epochs=QCR_EPOCHS, continues=partial))
+            runs += [Run("a", str(mevf / "encoder"), "finetune", "mevf-ban", vocab, selection=selection, seed=seed,
+                         epochs=PAPER_EPOCHS, extra=MEVF_SCHEDULE, tag="mevf-schedule", gpu_sized=True)
+                     for vocab, selection in (("train", "val"), ("candidates", "test"))]
     return runs
 
 

@@ -67,55 +67,69 @@ def test_the_ensembles_table_gives_each_kind_of_ensemble_its_own_row(tmp_path):
     assert rows[bagged].split(" | ")[1] == "3 of 3" and "+10.0" in rows[bagged]
 
 
+def _released_rows(path: Path) -> list[str]:
+    """The rows of the released-schedules table of a results.md."""
+    text = path.read_text()
+    if "### The references' heads on their released schedules" not in text:
+        return []
+    table = text.split("### The references' heads on their released schedules", 1)[1].split("\n\n")[2]
+    return table.splitlines()[2:]
+
+
 def test_the_qcr_reproduction_row_says_whose_schedule_it_ran(tmp_path):
     from real_vqa_rad_docs import write_results
-    from real_vqa_rad_runs import CARVE, QCR_SCHEDULE, all_runs
+    from real_vqa_rad_runs import CARVE, QCR_SCHEDULE, SEEDS, all_runs
 
     runs = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("qcr",), ("train", "candidates"),
                     True, paper_schedule=True)
-    qcr = next(run for run in runs if run.tag == "qcr-schedule" and run.vocab == "train")
+    honest = [run for run in runs if run.tag == "qcr-schedule" and run.vocab == "train"]
+    assert [run.seed for run in honest] == list(SEEDS) and len({run.name for run in honest}) == len(SEEDS)
     schedule = dict(QCR_SCHEDULE)  # QCR's code: Adamax at its default rate, never changed; BCE at its default reduction
     assert schedule["lr"] == 0.002 and schedule["lr_schedule"] == "constant" and schedule["loss"] == "bce-mean"
     assert dict(schedule["head_args"])["separate_router"] is True
     summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6},
                "median_epoch_seconds": 86.0, "carve": CARVE}
-    write_results({qcr.name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())
+    write_results({honest[0].name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())
     text = (tmp_path / "results.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| ours (a), 200 epochs"))
-    assert row.split(" | ")[0].endswith("¶ §") and " | qcr | train-only | " in row
+    assert _released_rows(tmp_path / "results.md") == ["| qcr | 200 epochs ¶ | ours § | 1 of 3 | 60.0 | 50.0 | 70.0 | "
+                                                       "60.0 |  |"]
+    assert not any(line.startswith("| ours (a)") for line in text.splitlines())  # not in the main table too
     assert "¶ QCR's schedule as its released code runs it: Adamax at 0.002 held constant" in text
-    # without the row, no note
+    # a second seed: the row is their mean ± std
+    other = {**summary, "all": {"open": 0.6, "closed": 0.8, "overall": 0.7}}
+    write_results({honest[0].name: summary, honest[2].name: other}, runs, {}, tmp_path / "two.md", HeadRecipe())
+    assert _released_rows(tmp_path / "two.md")[0].startswith("| qcr | 200 epochs ¶ | ours § | 2 of 3 | 60.0 ± 0.0 | "
+                                                             "55.0 ± 7.1 | 75.0 ± 7.1 | 65.0 ± 7.1 |")
+    # without the rows, no table and no note
     write_results({}, runs, {}, tmp_path / "empty.md", HeadRecipe())
-    assert "¶" not in (tmp_path / "empty.md").read_text()
+    assert "¶" not in (tmp_path / "empty.md").read_text() and not _released_rows(tmp_path / "empty.md")
     # the control's first epochs alone: the same schedule (its length included), its row says how far it went
-    partial = [run for run in runs if run.schedule_epochs]
-    first = partial[0]
-    full = next(run for run in runs
-                if run.tag == "qcr-schedule" and run.selection == "test" and not run.schedule_epochs)
-    epochs = [run.epochs for run in partial] + [full.epochs]
-    assert len(partial) >= 2 and all(a < b for a, b in zip(epochs, epochs[1:]))
-    for run in partial:
-        assert dict(run.extra) == {**dict(full.extra), "schedule_epochs": full.epochs}
-        assert run.name != full.name and run.gpu_sized
-    # each stretch continues the one before, the full run the last; the first starts afresh
-    assert [run.continues for run in partial + [full]] == ["", *(run.name for run in partial)]
-    write_results({first.name: {k: v for k, v in summary.items() if k != "carve"}}, runs, {}, tmp_path / "first.md",
-                  HeadRecipe())
-    text = (tmp_path / "first.md").read_text()
-    assert f"| ours (a), epoch picked on test*, the first {first.epochs} of 200 epochs ¶ | " in text
-    # a stretch the next one continued is superseded by it (its epochs are the next one's first), down to the full run
-    made = {}
-    for run in partial + [full]:
-        made[run.name] = summary
+    control = [run for run in runs if run.tag == "qcr-schedule" and run.selection == "test"]
+    for seed in SEEDS:
+        partial = [run for run in control if run.schedule_epochs and run.seed == seed]
+        full = next(run for run in control if not run.schedule_epochs and run.seed == seed)
+        epochs = [run.epochs for run in partial] + [full.epochs]
+        assert len(partial) >= 2 and all(a < b for a, b in zip(epochs, epochs[1:]))
+        for run in partial:
+            assert dict(run.extra) == {**dict(full.extra), "schedule_epochs": full.epochs}
+            assert run.name != full.name and run.gpu_sized
+        # each stretch continues the one before (of its own seed), the full run the last; the first starts afresh
+        assert [run.continues for run in partial + [full]] == ["", *(run.name for run in partial)]
+    seed0 = [run for run in control if run.seed == 0]
+    # a stretch the next one continued is superseded by it (its epochs are the next one's first), down to the full
+    # run; the paired gain is over our protocol's run of the same seed
+    made = {honest[0].name: summary}
+    for run in seed0:
+        made[run.name] = {**summary, "all": {"open": 0.6, "closed": 0.8, "overall": 0.65}}
         write_results(made, runs, {}, tmp_path / "longer.md", HeadRecipe())
-        shown = [line for line in (tmp_path / "longer.md").read_text().splitlines()
-                 if line.startswith("| ours (a), epoch picked on test*")]
-        assert len(shown) == 1 and (f"the first {run.epochs} of 200 epochs" in shown[0]) == (run is not full)
+        shown = _released_rows(tmp_path / "longer.md")[1]
+        assert shown.startswith("| qcr | 200 epochs ¶ | references'* | 1 of 3") and shown.endswith(" | +5.0 |")
+        assert (f"(seed 0: the first {run.epochs} of 200 epochs)" in shown) == (run is not seed0[-1])
 
 
 def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
     from real_vqa_rad_docs import write_results
-    from real_vqa_rad_runs import CARVE, MEVF_SCHEDULE, all_runs
+    from real_vqa_rad_runs import CARVE, MEVF_SCHEDULE, SEEDS, all_runs
 
     from vqa.train import TrainConfig
     from vqa.training.schedule import check_schedule
@@ -123,8 +137,9 @@ def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
     runs = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("mevf-ban",),
                     ("train", "candidates"), True, paper_schedule=True)
     mevf = [run for run in runs if run.tag == "mevf-schedule"]
-    assert [(r.vocab, r.selection, r.epochs, r.gpu_sized) for r in mevf] == [("train", "val", 20, True),
-                                                                            ("candidates", "test", 20, True)]
+    assert [(r.vocab, r.selection, r.epochs, r.gpu_sized, r.seed) for r in mevf] == [
+        (vocab, selection, 20, True, seed) for seed in SEEDS for vocab, selection in (("train", "val"),
+                                                                                     ("candidates", "test"))]
     schedule = dict(MEVF_SCHEDULE)  # MEVF's main.py and train.py: --lr 0.005 on BAN's epoch-wise steps, batch 32
     assert schedule["lr"] == 0.005 and schedule["batch_size"] == 32 and schedule["loss"] == "bce"
     assert schedule["aux_weight"] == pytest.approx(0.001 / 32) and schedule["clip_norm"] == 0.25
@@ -134,12 +149,15 @@ def test_the_mevf_reproduction_rows_run_mevfs_released_schedule(tmp_path):
     TrainConfig(**{k: v for k, v in MEVF_SCHEDULE if k not in ("head_args", "word_vectors")})
     summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6},
                "median_epoch_seconds": 150.0, "carve": CARVE}
-    write_results({mevf[0].name: summary}, runs, {}, tmp_path / "results.md", HeadRecipe())
+    control = {"all": {"open": 0.55, "closed": 0.75, "overall": 0.62}, "freeform": {"overall": 0.61}}
+    write_results({mevf[0].name: summary, mevf[1].name: control, mevf[3].name: control}, runs, {},
+                  tmp_path / "results.md", HeadRecipe())
     text = (tmp_path / "results.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| ours (a), 20 epochs ‖"))
-    assert " | mevf-ban | train-only | " in row and "¶" not in text
-    assert "‖ MEVF's schedule as its released code runs it: Adamax from 0.005" in text
-
+    # the control's two seeds against the one seed of ours both made: the gain is paired
+    assert _released_rows(tmp_path / "results.md") == [
+        "| mevf-ban | 20 epochs ‖ | ours § | 1 of 3 | 60.0 | 50.0 | 70.0 | 60.0 |  |",
+        "| mevf-ban | 20 epochs ‖ | references'* | 2 of 3 | 61.0 ± 0.0 | 55.0 ± 0.0 | 75.0 ± 0.0 | 62.0 ± 0.0 | +2.0 |"]
+    assert "¶" not in text and "‖ MEVF's schedule as its released code runs it: Adamax from 0.005" in text
 
 
 def _transfer_runs(tmp_path):
@@ -158,7 +176,7 @@ def _calibrated(overall: float, trust: bool) -> dict:
 
 
 def test_each_heads_best_bundle_is_one_made_with_trust_scores_never_an_ensembles_extra_member(tmp_path):
-    from real_vqa_rad_docs import confidence_lines
+    from real_vqa_rad_confidence import confidence_lines
 
     runs = _transfer_runs(tmp_path)
     step4 = next(run for run in runs if run.kind == "step" and run.head == "fusion-transformer-qcr")
@@ -175,7 +193,7 @@ def test_each_heads_best_bundle_is_one_made_with_trust_scores_never_an_ensembles
 
 
 def test_validation_against_test_is_tabled_for_the_rows_that_recorded_it(tmp_path):
-    from real_vqa_rad_docs import validation_lines
+    from real_vqa_rad_confidence import validation_lines
 
     runs = _transfer_runs(tmp_path)
     san = [run for run in runs if run.kind == "variant" and run.head == "mevf-san"]
