@@ -97,7 +97,7 @@ def released_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
             protocol, ours = "references'*", rows.get((tag, head, "train", "val"), {})
             gain = paired_gain(done, [{**results[run.name], "seed": seed} for seed, run in ours.items()])
         else:
-            protocol, gain = "ours" + ("".join(sorted({marks(r) for r in done})) if done else ""), ""
+            protocol, gain = "ours" + "".join(sorted({marks(r) for r in done})), ""
         lines.append(f"| {head} | {schedule} epochs {RELEASED_SCHEDULES[tag][0]} | {protocol} | {' | '.join(cells)} | "
                      f"{gain} |")
     for tag, (mark, note) in RELEASED_SCHEDULES.items():

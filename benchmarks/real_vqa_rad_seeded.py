@@ -1,4 +1,5 @@
-"""The transfer rows' seeds: a row's finished seeds, the paired gain between two rows, their mean ± std cells."""
+"""Rows made over seeds: a row's finished seeds, the paired gain between two rows, their mean ± std cells, and
+a row's marks."""
 from __future__ import annotations
 
 from _common import percent_mean_std
