@@ -77,9 +77,10 @@ selection() {
 qcr() {
   # QCR on MEVF's image side, fine-tuned end to end on its published 200-epoch schedule (~5 h a run on 2 CPU cores):
   # train-only answers with the epoch chosen on validation, and the reference protocol (candidate list, epoch picked
-  # on test), each for seeds 0, 1 and 2 (the seed-0 runs first). A run resumes from its checkpoint, so a cut-off call continues where it stopped when run again. The
-  # control's first 60 and 90 epochs alone (what 2 CPU cores train in a sitting) are skipped: the full run supersedes
-  # them (it continues the 90-epoch run's checkpoint where $WORK/real holds one).
+  # on test), each for seeds 0, 1 and 2 (the seed-0 runs first). A run resumes from its checkpoint, so a cut-off call
+  # continues where it stopped when run again. The control's first 60, 90 and 120 epochs alone (stretches 2 CPU cores
+  # train in a sitting) are skipped: the full run supersedes them (it continues its seed's 120-epoch checkpoint where
+  # $WORK/real holds one).
   : "${DATA:?set DATA to the real-data folder (mevf/, vqa-rad/)}"
   timeout ${QCR_TIMEOUT:-540} $PY benchmarks/real_vqa_rad.py --data "$DATA" --out "$WORK/real" --docs "$OUT/qcr" \
     --device $DEVICE --threads 8 --only 'a-qcr-finetune-*qcr-schedule*' --skip '*of200ep-*' 2>&1 | tail -20 \

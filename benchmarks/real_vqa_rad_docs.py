@@ -86,16 +86,17 @@ def released_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
              "ours, seed by seed.", "",
              "| head | schedule | protocol | seeds made | freeform 308 overall | full open | full closed | "
              "full overall | gain (paired) |", "|---|---|---|---|---|---|---|---|---|"]
+    summaries = {key: [{**results[run.name], "seed": seed} for seed, run in sorted(made.items())]
+                 for key, made in rows.items()}
     for (tag, head, vocab, selection), made in rows.items():
-        done = [{**results[run.name], "seed": seed} for seed, run in sorted(made.items())]
+        done = summaries[tag, head, vocab, selection]
         stretches = [f"seed {seed}: the first {run.epochs} of {run.schedule_epochs} epochs"
                      for seed, run in sorted(made.items()) if run.schedule_epochs]
         cells = row_cells(done).split(" | ", 1)
         cells[0] += f" ({'; '.join(stretches)})" if stretches else ""
         schedule = max(run.schedule_epochs or run.epochs for run in made.values())
         if selection == "test":
-            protocol, ours = "references'*", rows.get((tag, head, "train", "val"), {})
-            gain = paired_gain(done, [{**results[run.name], "seed": seed} for seed, run in ours.items()])
+            protocol, gain = "references'*", paired_gain(done, summaries.get((tag, head, "train", "val"), []))
         else:
             protocol, gain = "ours" + "".join(sorted({marks(r) for r in done})), ""
         lines.append(f"| {head} | {schedule} epochs {RELEASED_SCHEDULES[tag][0]} | {protocol} | {' | '.join(cells)} | "
