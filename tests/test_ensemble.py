@@ -1,6 +1,7 @@
 """Deep ensembles (`medvqa ensemble`): members of one recipe on one validation split, averaged and calibrated."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -85,7 +86,7 @@ def test_members_on_different_validation_splits_are_refused(phantom_dir, tmp_pat
 
 
 @pytest.mark.slow  # MiniLM: a tokenizer that does not depend on the carve (bert-tiny's is built from train)
-def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_path):
+def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_path, monkeypatch):
     from vqa.bundle import load
     from vqa.data import load_vqa_rad
     from vqa.ensemble import recorded_splits
@@ -118,6 +119,42 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert calibration.trust.features.shape[1] == sum(m.calibration.trust.features.shape[1] for m in loaded)
     assert json.loads((bundle / "config.json").read_text())["training"]["ensemble"]["bagging"] is True
     assert "each its own validation split (bagging)" in (bundle / "README.md").read_text()
+    _bagging_with_a_member_from_before_familiarity(members, calibration, phantom_dir, tmp_path, monkeypatch)
+
+
+def _bagging_with_a_member_from_before_familiarity(members, familiar, phantom_dir, tmp_path, monkeypatch):
+    """One member in the format before familiarity (a trust memory without questions, three weights a branch): the
+    ensemble scores trust alone, and reads no image for familiarity it would then drop."""
+    import shutil
+
+    from vqa import recalibrate, trust
+    from vqa.bundle import load
+    from vqa.calibration import CALIBRATION_FILE
+    from vqa.ensemble import EnsembleConfig, build_ensemble
+
+    old = tmp_path / "member-before-familiarity"
+    shutil.copytree(members[1], old)
+    dataclasses.replace(trust.TrustScorer.load(old), asked=None).save(old)
+    stored = json.loads((old / CALIBRATION_FILE).read_text())
+    stored["trust_weights"] = {b: w[:3] for b, w in stored["trust_weights"].items()}
+    (old / CALIBRATION_FILE).write_text(json.dumps(stored))
+    assert not load(old).calibration.reads_familiarity
+
+    def no_image_read(*args, **kwargs):
+        raise AssertionError("an image was read for familiarity that a member cannot score")
+
+    monkeypatch.setattr(trust, "image_ids", no_image_read)
+    monkeypatch.setattr(recalibrate, "image_ids", no_image_read)
+    bundle = build_ensemble(EnsembleConfig(members=[str(members[0]), str(old)], format="vqa-rad",
+                                           data=str(phantom_dir / "vqa-rad"), out=str(tmp_path / "mixed"),
+                                           cache_dir=str(tmp_path / "cache"), device="cpu", progress=False,
+                                           bagging=True))
+    calibration = load(bundle).calibration
+    assert calibration.uses_trust and not calibration.reads_familiarity
+    assert all(len(w) == 3 for w in calibration.trust_weights.values())
+    # the same memory as the familiar ensemble's (the same members' weights), without what was asked
+    assert torch.equal(calibration.trust.features, familiar.trust.features)
+    assert torch.equal(calibration.trust.answers, familiar.trust.answers)
 
 
 @pytest.mark.slow  # three members with MiniLM (a tokenizer that does not depend on the carve)

@@ -162,18 +162,19 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
         given += joint.answers
         types += joint.types or [None] * len(val)
         if with_trust:
-            asked = asked_about(next((m.calibration.trust for _, m in group if m.calibration.reads_familiarity),
-                                     None), val)
-            member_scores = [m.calibration.trust.features_of(p.fused, p.logits.argmax(1), **asked)
-                             for p, m in group]
-            scores.append(np.stack([x[:, :3 if familiar else 1] for x in member_scores]).mean(0))
+            # with a member from before familiarity, every member scores trust alone, and no image is read
+            memories = [m.calibration.trust if familiar else dataclasses.replace(m.calibration.trust, asked=None)
+                        for _, m in group]
+            asked = asked_about(memories[0], val)
+            scores.append(np.stack([memory.features_of(p.fused, p.logits.argmax(1), **asked)
+                                    for memory, (p, _) in zip(memories, group)]).mean(0))
     how = "each member's own, the answers of the members held out on it pooled: " + "; ".join(held_out)
     log.info("bagging %d members; calibrating on their out-of-fold validation answers (%d questions, %d splits)",
              len(members), len(records), len(held_out))
     trust = None
     if with_trust:
-        trust = trust_memory(ensemble, everything, device, cfg.precision, cfg.cache_dir, cfg.progress)
-        trust = trust if familiar else dataclasses.replace(trust, asked=None)
+        trust = trust_memory(ensemble, everything, device, cfg.precision, cfg.cache_dir, cfg.progress,
+                             familiarity=familiar)
     elif ensemble.model.head.has_fused_output:
         log.warning("no trust scores: a member has no trust memory (trained before trust scores; `medvqa calibrate` "
                     "gives it one)")

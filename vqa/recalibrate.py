@@ -100,17 +100,19 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
 
 
 def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str = "fp32",
-                 cache_dir: str | None = None, progress: bool = True) -> TrustScorer | None:
-    """The bundle's trust memory: its fused vectors of its training questions, with their answers (None for a head
-    without fused vectors)."""
+                 cache_dir: str | None = None, progress: bool = True, familiarity: bool = True) -> TrustScorer | None:
+    """The bundle's trust memory: its fused vectors of its training questions, with their answers, and (with
+    `familiarity`) what was asked about each training image (None for a head without fused vectors)."""
     from .evaluate import predict_records
 
     if not bundle.model.head.has_fused_output:
         return None
     log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
     fused = predict_records(bundle, train, device, precision, cache_dir, progress).fused
-    return TrustScorer.fit(fused, torch.tensor([bundle.answers.index(r.answer) for r in train]),
-                           questions=[r.question for r in train],
+    answers = torch.tensor([bundle.answers.index(r.answer) for r in train])
+    if not familiarity:  # trust scores alone: no image is read for its id
+        return TrustScorer.fit(fused, answers)
+    return TrustScorer.fit(fused, answers, questions=[r.question for r in train],
                            image_ids=image_ids([r.image for r in train], progress))
 
 
