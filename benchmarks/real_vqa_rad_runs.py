@@ -226,7 +226,11 @@ def transfer_steps(lite0: Path, medpix_lite0: Path, untrained_lite0: Path) -> li
                 (steps[3][0], f"EfficientNet-Lite0 fine-tuned in the last {FINETUNE_LAST} epochs as above, its "
                               "BatchNorm statistics kept as pretrained (--encoder-norm frozen)",
                  {**routed, "mode": "finetune", "epochs": PAPER_EPOCHS, "tag": f"tfqcr-ft{FINETUNE_LAST}-bnfrozen",
-                  "extra": routed["extra"] + FINETUNE_WARM_START + (("encoder_norm", "frozen"),)})]
+                  "extra": routed["extra"] + FINETUNE_WARM_START + (("encoder_norm", "frozen"),)}),
+                # bf16 autocast on a CPU with AVX512-BF16 (this machine kind): does the step learn as well in it?
+                # (benchmarks/head_precision.py measures the epoch time, side by side)
+                (steps[3][0], "trained under bf16 autocast (--precision bf16), the weights and optimizer kept in fp32",
+                 {**routed, "extra": routed["extra"] + (("precision", "bf16"),), "tag": "tfqcr-bf16"})]
     controls = [("+ the cross-modal transformer head: the references' protocol*",
                  {**transformer, "vocab": "candidates", "selection": "test"})]
     seeded = [("step", "", what, kw) for what, kw in steps] + [("variant", base, what, kw) for base, what, kw in variants]
