@@ -164,6 +164,36 @@ def test_a_float16_bundle_measures_and_calibrates_the_saved_copy(phantom_dir, tm
         train(_cfg(phantom_dir, tmp_path / "bad", weights_dtype="bfloat16"))
 
 
+def test_a_bundle_trained_in_bf16_records_and_calibrates_how_it_answers(phantom_dir, tmp_path, monkeypatch):
+    """--precision bf16 trains under autocast, but the bundle answers in fp32 (`medvqa eval`, Predictor): the
+    validation numbers, calibration and trust memory it records are its fp32 answers'."""
+    from vqa import calibration
+    from vqa.metrics import vqa_metrics
+    from vqa.train import load_splits
+    from vqa.trust import asked_about
+
+    monkeypatch.setattr(calibration, "MIN_TRUST_FIT", 1)  # trust weights from the tiny run's few wrong answers
+    cfg = _cfg(phantom_dir, tmp_path, head="qcr", precision="bf16")
+    bundle = load_bundle(train(cfg))
+    train_records, val, _ = load_splits(cfg)
+    cpu, cache = torch.device("cpu"), str(tmp_path / "cache")
+    preds = predict_records(bundle, val, cpu, cache_dir=cache, progress=False)  # fp32, as the bundle answers
+    assert bundle.metrics["validation"]["overall"] == pytest.approx(
+        vqa_metrics(val, preds.answers, preds.types)["overall"])
+    # the trust memory: the fp32 fused vectors of the training questions (stored in float16)
+    memory = bundle.calibration.trust
+    fused = predict_records(bundle, train_records, cpu, cache_dir=cache, progress=False).fused
+    kept = torch.tensor([bundle.answers.index(r.answer) >= 0 for r in train_records])  # answers in the vocabulary
+    assert bundle.calibration.uses_trust and memory.features.shape == (int(kept.sum()), fused.shape[1])
+    assert torch.allclose(memory.features, torch.nn.functional.normalize(fused[kept], dim=1), atol=1e-3)
+    correct = [p == r.answer for p, r in zip(preds.answers, val)]
+    refit = calibration.Calibration.fit(preds.logits, preds.branches(), correct, "refit", cfg.target_risk,
+                                        trust=memory, fused=preds.fused, **asked_about(memory, val))
+    assert refit.temperatures == pytest.approx(bundle.calibration.temperatures, rel=1e-5)
+    for branch, evidence in bundle.calibration.evidence.items():  # every validation answer's confidence
+        assert evidence["confidence"] == pytest.approx(refit.evidence[branch]["confidence"], abs=1e-5)
+
+
 def test_resume_from_another_working_directory(phantom_dir, tmp_path, monkeypatch):
     """The data named relative to one directory and absolute from another is the same data: resuming goes on."""
     monkeypatch.chdir(phantom_dir)

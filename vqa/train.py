@@ -47,6 +47,8 @@ IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", 
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
             "val_by", "val_seed", "batch_size", "freeze_epochs", "augment", "feature_views", "encoder_norm")
 WORD_ENCODER = "gru"
+# The precision a bundle answers in (`medvqa eval`'s default, the Predictor's): what its calibration is fitted on
+ANSWER_PRECISION = "fp32"
 
 
 @dataclass
@@ -406,9 +408,13 @@ def train(cfg: TrainConfig) -> Path:
             return Path(cfg.out) / "bundle"
         validation, calibration = result.best, None
         if rt.world.is_main:
-            if cfg.weights_dtype != "float32":  # the saved copy is what validation, calibration and the card describe
+            # the saved copy, answering in fp32 as `medvqa eval` and the Predictor run it, is what validation,
+            # calibration and the card describe, whatever the weights' dtype and the precision it trained in
+            if cfg.weights_dtype != "float32":
                 round_weights(model.head, cfg.weights_dtype)
-                validation = {**(result.best or {}), **task.evaluate()}
+            if cfg.weights_dtype != "float32" or cfg.precision != ANSWER_PRECISION:
+                validation = {**(result.best or {}),
+                              **evaluate_split(task.model, task.val, task.answers, task.device, ANSWER_PRECISION)}
             calibration = fit_calibration(task, f"validation {val_how}" + (
                 " (the validation run's model: the refit trained on these questions)" if cfg.refit else ""))
         metrics = {"validation": validation, "best_epoch": (result.best or {}).get("epoch"),
@@ -460,7 +466,7 @@ def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
     """Temperatures, trust weights and abstention evidence from the kept model's answers on the validation split."""
     val = task.val
     mc = val.questions.choice_tokens is not None
-    preds = predict(task.model, val.questions, val.images, task.answers, task.device, task.cfg.precision,
+    preds = predict(task.model, val.questions, val.images, task.answers, task.device, ANSWER_PRECISION,
                     choices=[r.choices for r in val.records] if mc else None)
     correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
     trust = fit_trust(task)
@@ -474,7 +480,7 @@ def fit_trust(task: VQATask) -> TrustScorer | None:
     train = task.train
     if not task.model.head.has_fused_output:
         return None
-    preds = predict(task.model, train.questions, train.images, task.answers, task.device, task.cfg.precision)
+    preds = predict(task.model, train.questions, train.images, task.answers, task.device, ANSWER_PRECISION)
     return TrustScorer.fit(preds.fused, train.questions.answers, questions=[r.question for r in train.records],
                            image_ids=image_ids([r.image for r in train.records], task.cfg.progress))
 
