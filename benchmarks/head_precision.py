@@ -40,6 +40,21 @@ def run_precision(cfg: TrainConfig, precision: str) -> dict:
     return {"epoch_s": statistics.median(h["seconds"] for h in history), "subsets": report["subsets"]}
 
 
+def measure(args, device: torch.device, precisions: list[str], tmp: Path) -> tuple[TrainConfig, dict]:
+    """The recipe (--config's, else the options') and its numbers per precision, its runs (and the phantom and
+    feature cache, unless --data and --config name them) made under `tmp`."""
+    run = dict(epochs=args.epochs, device=str(device), threads=args.threads, out=str(tmp / "runs"), progress=False)
+    if args.config:
+        recorded = read_recorded_config(TrainConfig, args.config)
+        cfg = TrainConfig(**{**recorded, "resume": None, "stop_after": None, **run,
+                             **({"data": args.data} if args.data else {})})
+    else:
+        cfg = TrainConfig(format=args.format, data=dataset_or_phantom(args.data, tmp), encoder=args.encoder,
+                          head=args.head, head_args={"hidden_dim": args.hidden}, question_dim=args.hidden, loss="ce",
+                          lr=3e-3, batch_size=args.batch_size, cache_dir=str(tmp / "cache"), **run)
+    return cfg, {precision: run_precision(cfg, precision) for precision in precisions}
+
+
 def main() -> None:
     p = head_benchmark_parser(__doc__, encoder="timm:resnet10t", head="qcr")
     p.add_argument("--epochs", type=int, default=15)
@@ -55,17 +70,8 @@ def main() -> None:
     device = resolve_device(args.device)
     precisions = (args.precisions.split(",") if args.precisions
                   else ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else []))
-    tmp = Path(tempfile.mkdtemp(prefix="medvqa-head-precision-"))
-    run = dict(epochs=args.epochs, device=str(device), threads=args.threads, out=str(tmp / "runs"), progress=False)
-    if args.config:
-        recorded = read_recorded_config(TrainConfig, args.config)
-        cfg = TrainConfig(**{**recorded, "resume": None, "stop_after": None, **run,
-                             **({"data": args.data} if args.data else {})})
-    else:
-        cfg = TrainConfig(format=args.format, data=dataset_or_phantom(args.data, tmp), encoder=args.encoder,
-                          head=args.head, head_args={"hidden_dim": args.hidden}, question_dim=args.hidden, loss="ce",
-                          lr=3e-3, batch_size=args.batch_size, cache_dir=str(tmp / "cache"), **run)
-    rows = {precision: run_precision(cfg, precision) for precision in precisions}
+    with tempfile.TemporaryDirectory(prefix="medvqa-head-precision-") as folder:
+        cfg, rows = measure(args, device, precisions, Path(folder))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{cfg.format} ({cfg.data}): head {cfg.head} {cfg.head_args}, question {cfg.question_encoder} "
           f"({cfg.question_mode}), encoder {cfg.encoder} {cfg.encoder_mode}, {cfg.optimizer} lr {cfg.lr}, "
