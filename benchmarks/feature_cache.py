@@ -53,7 +53,12 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    tmp = Path(tempfile.mkdtemp(prefix="medvqa-bench-"))
+    with tempfile.TemporaryDirectory(prefix="medvqa-bench-") as folder:  # the phantom, cache and runs
+        measure(args, Path(folder))
+
+
+def measure(args, tmp: Path) -> None:
+    """Cache the features under `tmp`, time an epoch on both sides and print the table."""
     data = dataset_or_phantom(args.data, tmp)
     cfg = TrainConfig(format=args.format, data=data, encoder=args.encoder, head=args.head,
                       image_features=args.image_features, head_args={"hidden_dim": args.hidden},
