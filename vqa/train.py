@@ -268,12 +268,20 @@ def augmented_views(encoder, images: list, views: int, seed: int, progress: bool
 def evaluate_split(model: VQAModel, split: Split, answers: AnswerVocab, device: torch.device,
                    precision: str) -> dict:
     """Accuracy metrics of `model` on a split (multiple-choice accuracy for choice questions)."""
+    return split_metrics(split, predict_split(model, split, answers, device, precision))
+
+
+def predict_split(model: VQAModel, split: Split, answers: AnswerVocab, device: torch.device, precision: str):
+    """`model`'s answers to a split's questions (among their choices, for choice questions)."""
     mc = split.questions.choice_tokens is not None
-    preds = predict(model, split.questions, split.images, answers, device, precision,
-                    choices=[r.choices for r in split.records] if mc else None)
-    if mc:
-        return choice_metrics(split.records, preds.answers)
-    return vqa_metrics(split.records, preds.answers, preds.types)
+    return predict(model, split.questions, split.images, answers, device, precision,
+                   choices=[r.choices for r in split.records] if mc else None)
+
+
+def split_metrics(split: Split, preds) -> dict:
+    """Accuracy metrics of `preds`, the answers to a split's questions."""
+    return (choice_metrics(split.records, preds.answers) if split.questions.choice_tokens is not None
+            else vqa_metrics(split.records, preds.answers, preds.types))
 
 
 class VQATask(TrainingTask):
@@ -412,10 +420,10 @@ def train(cfg: TrainConfig) -> Path:
             # calibration and the card describe, whatever the weights' dtype and the precision it trained in
             if cfg.weights_dtype != "float32":
                 round_weights(model.head, cfg.weights_dtype)
+            answered = predict_split(task.model, task.val, task.answers, task.device, ANSWER_PRECISION)
             if cfg.weights_dtype != "float32" or cfg.precision != ANSWER_PRECISION:
-                validation = {**(result.best or {}),
-                              **evaluate_split(task.model, task.val, task.answers, task.device, ANSWER_PRECISION)}
-            calibration = fit_calibration(task, f"validation {val_how}" + (
+                validation = {**(result.best or {}), **split_metrics(task.val, answered)}
+            calibration = fit_calibration(task, answered, f"validation {val_how}" + (
                 " (the validation run's model: the refit trained on these questions)" if cfg.refit else ""))
         metrics = {"validation": validation, "best_epoch": (result.best or {}).get("epoch"),
                    "history": result.history,
@@ -462,12 +470,9 @@ def _task(cfg: TrainConfig, model: VQAModel, train_records, val_records, tokeniz
     return VQATask(cfg, model, train_split, val_split, answers, loss, rt.device, rt.world)
 
 
-def fit_calibration(task: VQATask, fitted_on: str) -> Calibration:
-    """Temperatures, trust weights and abstention evidence from the kept model's answers on the validation split."""
+def fit_calibration(task: VQATask, preds, fitted_on: str) -> Calibration:
+    """Temperatures, trust weights and abstention evidence from the kept model's validation answers `preds`."""
     val = task.val
-    mc = val.questions.choice_tokens is not None
-    preds = predict(task.model, val.questions, val.images, task.answers, task.device, ANSWER_PRECISION,
-                    choices=[r.choices for r in val.records] if mc else None)
     correct = [p == r.answer for p, r in zip(preds.answers, val.records)]
     trust = fit_trust(task)
     return Calibration.fit(preds.logits, preds.branches(), correct, fitted_on, task.cfg.target_risk,
