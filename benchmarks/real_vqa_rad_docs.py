@@ -9,7 +9,7 @@ from pathlib import Path
 from _common import percent_mean_std
 from real_vqa_rad_confidence import confidence_lines, trust_lines, validation_lines
 from real_vqa_rad_plot import plot_per_type
-from real_vqa_rad_runs import CARVE, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
+from real_vqa_rad_runs import BF16_BAGGING_STEP, CARVE, PAPER_EPOCHS, RELEASED_SCHEDULES, SEEDS, HeadRecipe, Run
 from real_vqa_rad_seeded import marks, paired_gain, row_cells, seeded
 from vqa.io import atomic_write_text
 
@@ -159,9 +159,14 @@ def variant_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     return lines
 
 
+BF16_BAGGING_NOTE = (" The last rows bag nine again, the step trained under bf16, three times with no member shared (27 "
+                     "runs), so that bagging nine is a mean over ensembles and not one point.")
+
+
 def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     """Ensembles of a step (`medvqa ensemble`), on one validation carve and bagging across carves: against their own
-    members, and (one carve) against the step's run of the same seed."""
+    members, and (one carve) against the step's run of the same seed. Each pool of members (one configuration: the
+    step's, or a variant's) has its row above the ensembles drawn from it."""
     built = [run for run in runs if run.kind in ("ensemble", "bagging")]
     done: dict[tuple[str, str], list[dict]] = {}  # (kind, step) -> the ensembles built, in the runs' order
     for run in built:
@@ -173,31 +178,39 @@ def ensemble_lines(results: dict[str, dict], runs: list[Run]) -> list[str]:
     steps = seeded(results, runs, "step")
     base = built[0].base
     number = list(steps).index(base) + 1 if base in steps else "?"
-    pool = sorted({m for run in built for m in run.members if m in results})
+    by_name = {run.name: run for run in runs}
+    repeated = BF16_BAGGING_NOTE if done.get(("bagging", BF16_BAGGING_STEP)) else ""
     lines = ["", f"### Ensembles of step {number}", "",
              f"Nine runs of step {number}: on each of its three validation carves (seeds 0, 1, 2) the step's run and "
              "two more training seeds (10 and 20 added to the carve's, `--val-seed`). Grouped two ways into three "
              "ensembles each, whose answer distributions are averaged (`medvqa ensemble`): the three runs of one "
              "carve (calibrated on that carve, which none of them trained on), or one run of each carve (bagging: "
              "together they trained on all of train; calibrated on each member's answers to its own carve, a "
-             "proxy); and all nine in one bagging ensemble. Train-only vocabulary, each member's epoch chosen on its validation carve, full 451 test; "
+             f"proxy); and all nine in one bagging ensemble.{repeated} Train-only vocabulary, each member's epoch chosen "
+             "on its validation carve, full 451 test; "
              "mean ± std over the ensembles built. Gains: against the mean of the ensemble's own members, and "
              "(one carve) against the step's run of that carve, paired.", "",
              "| what | built | freeform 308 overall | full open | full closed | full overall | gain over its members "
              "| gain over the step (paired) |", "|---|---|---|---|---|---|---|---|"]
-    if pool:
-        members = [results[m] for m in pool]
-        lines.append(f"| one run (the pool of members) | {len(members)} runs | "
-                     f"{row_cells(members).split(' | ', 1)[1]} | | |")
+    pooled = set()  # the configurations whose pool row is written
     for (kind, what), rows in done.items():
         if not rows:
             continue
+        group = [run for run in built if run.step == what]
+        members = [by_name[m] for run in group for m in run.members]
+        config = members[0].config
+        pool = sorted({m.name for m in members if m.name in results})
+        if config not in pooled and pool:
+            pooled.add(config)
+            origin = next((m.step for m in members if m.kind == "variant"), "")
+            label = f"one run (the pool of members){f': {origin}' if origin else ''}"
+            lines.append(f"| {label} | {len(pool)} runs | "
+                         f"{row_cells([results[m] for m in pool]).split(' | ', 1)[1]} | | |")
         over = [r["all"]["overall"] - sum(results[m]["all"]["overall"] for m in r["members"]) / len(r["members"])
                 for r in rows if all(m in results for m in r["members"])]
         paired = paired_gain(rows, steps.get(base, [])) if kind == "ensemble" else "–"
-        planned = sum(run.step == what for run in built)
         gain = percent_mean_std(over, signed=True) if over else ""
-        lines.append(f"| {what} | {row_cells(rows, planned)} | {gain} | {paired} |")
+        lines.append(f"| {what} | {row_cells(rows, len(group))} | {gain} | {paired} |")
     return lines
 
 

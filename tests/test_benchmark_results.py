@@ -67,6 +67,40 @@ def test_the_ensembles_table_gives_each_kind_of_ensemble_its_own_row(tmp_path):
     assert rows[bagged].split(" | ")[1] == "3 of 3" and "+10.0" in rows[bagged]
 
 
+def test_the_bf16_bagging_ensembles_share_no_member_and_their_pool_has_its_own_row(tmp_path):
+    from real_vqa_rad_docs import BF16_BAGGING_NOTE, ensemble_lines
+    from real_vqa_rad_runs import BF16_BAGGING_STEP, transfer_steps
+
+    runs = [run for _, group in transfer_steps(tmp_path / "a", tmp_path / "b", tmp_path / "c") for run in group]
+    by_name = {run.name: run for run in runs}
+    bf16 = [run for run in runs if run.step == BF16_BAGGING_STEP]
+    assert len(bf16) == 3
+    members = [by_name[m] for run in bf16 for m in run.members]
+    assert len({m.name for m in members}) == 27  # no member shared between the ensembles
+    for run in bf16:  # three runs of each carve, every one trained under bf16
+        carves = [by_name[m].val_seed if by_name[m].val_seed is not None else by_name[m].seed for m in run.members]
+        assert sorted(carves) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert all(dict(by_name[m].extra)["precision"] == "bf16" for m in run.members)
+    fp32_nine = next(run for run in runs if run.kind == "bagging" and len(run.members) == 9
+                     and run.step != BF16_BAGGING_STEP)
+    summary = {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}, "freeform": {"overall": 0.6}}
+    results = {name: summary for name in fp32_nine.members + bf16[0].members}
+    results[fp32_nine.name] = {**summary, "all": {**summary["all"], "overall": 0.7}}
+    before = ensemble_lines(results, runs)
+    assert not any(BF16_BAGGING_NOTE.strip() in line for line in before)
+    assert not any(line.startswith("| one run (the pool of members): ") for line in before)  # nothing bagged yet
+    results[bf16[0].name] = {**summary, "all": {**summary["all"], "overall": 0.75}}
+    lines = ensemble_lines(results, runs)
+    assert any(BF16_BAGGING_NOTE.strip() in line for line in lines)
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| what")]
+    pools = [line for line in table if line.startswith("| one run (the pool of members)")]
+    assert [line.split(" | ")[1] for line in pools] == ["9 runs", "9 runs"]  # each pool its own, not 18
+    assert "bf16" in pools[1] and table.index(pools[1]) == table.index(next(
+        line for line in table if line.startswith(f"| {BF16_BAGGING_STEP}"))) - 1  # right above its ensembles
+    row = next(line for line in table if line.startswith(f"| {BF16_BAGGING_STEP}")).split(" | ")
+    assert row[1] == "1 of 3" and row[6] == "+15.0"
+
+
 def _released_rows(path: Path) -> list[str]:
     """The rows of the released-schedules table of a results.md."""
     text = path.read_text()
