@@ -82,52 +82,54 @@ def main() -> int:
     args = p.parse_args()
     from gradio_client import Client, handle_file
 
-    tmp = Path(tempfile.mkdtemp(prefix="medvqa-soak-"))
-    if args.bundle:
-        bundle, image = Path(args.bundle), None
-    else:
-        bundle, image = small_bundle(tmp)
-    image = image or next(Path(bundle).parent.rglob("*.jpg"), None)
-    inputs = make_inputs(tmp, image)
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "vqa.cli", "demo", "--bundle", str(bundle), "--port",
-                               str(args.port), "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{args.port}/"
-    try:
-        wait_ready(url, server)
-        client = Client(url, verbose=False)
-        mix = [("valid", "What imaging modality was used?")] * VALID_SHARE + [
-            ("valid", ""), ("valid", "x" * 10_000), ("not_image", "Is there a lesion?"),
-            ("huge", "Is there a lesion?"), ("bomb", "Is there a lesion?"), (None, "Is there a lesion?")]
-        for _ in range(20):  # warm-up: imports, first allocations
-            client.predict(handle_file(str(inputs["valid"])), "What imaging modality was used?", api_name="/ask")
-        before = peak = rss_mb(server.pid)
-        latencies, handled, crashes, answered = [], 0, 0, 0
-        for i in range(args.requests):
-            kind, question = mix[i % len(mix)]
-            file = handle_file(str(inputs[kind])) if kind else None
-            started = time.perf_counter()
-            try:
-                answer, *_, status = client.predict(file, question, api_name="/ask")
-            except Exception as e:  # the client saw no answer: count it, keep going
-                crashes += 1
-                print(f"request {i} ({kind}, {len(question)} chars): {type(e).__name__}: {e}", file=sys.stderr)
-                if server.poll() is not None:
-                    print(f"the server died with {server.returncode}", file=sys.stderr)
-                    break
-                continue
-            seconds = time.perf_counter() - started
-            if kind == "valid" and question.startswith("What"):
-                latencies.append(seconds)
-                answered += bool(answer)
-            else:
-                handled += status.startswith("Error")
-            peak = max(peak, rss_mb(server.pid))
-        after = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    # the server reads the bundle and inputs from here until it is stopped, inside the block
+    with tempfile.TemporaryDirectory(prefix="medvqa-soak-") as folder:
+        tmp = Path(folder)
+        if args.bundle:
+            bundle, image = Path(args.bundle), None
+        else:
+            bundle, image = small_bundle(tmp)
+        image = image or next(Path(bundle).parent.rglob("*.jpg"), None)
+        inputs = make_inputs(tmp, image)
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+        server = subprocess.Popen([sys.executable, "-m", "vqa.cli", "demo", "--bundle", str(bundle), "--port",
+                                   str(args.port), "--threads", "1"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{args.port}/"
+        try:
+            wait_ready(url, server)
+            client = Client(url, verbose=False)
+            mix = [("valid", "What imaging modality was used?")] * VALID_SHARE + [
+                ("valid", ""), ("valid", "x" * 10_000), ("not_image", "Is there a lesion?"),
+                ("huge", "Is there a lesion?"), ("bomb", "Is there a lesion?"), (None, "Is there a lesion?")]
+            for _ in range(20):  # warm-up: imports, first allocations
+                client.predict(handle_file(str(inputs["valid"])), "What imaging modality was used?", api_name="/ask")
+            before = peak = rss_mb(server.pid)
+            latencies, handled, crashes, answered = [], 0, 0, 0
+            for i in range(args.requests):
+                kind, question = mix[i % len(mix)]
+                file = handle_file(str(inputs[kind])) if kind else None
+                started = time.perf_counter()
+                try:
+                    answer, *_, status = client.predict(file, question, api_name="/ask")
+                except Exception as e:  # the client saw no answer: count it, keep going
+                    crashes += 1
+                    print(f"request {i} ({kind}, {len(question)} chars): {type(e).__name__}: {e}", file=sys.stderr)
+                    if server.poll() is not None:
+                        print(f"the server died with {server.returncode}", file=sys.stderr)
+                        break
+                    continue
+                seconds = time.perf_counter() - started
+                if kind == "valid" and question.startswith("What"):
+                    latencies.append(seconds)
+                    answered += bool(answer)
+                else:
+                    handled += status.startswith("Error")
+                peak = max(peak, rss_mb(server.pid))
+            after = rss_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     latencies.sort()
     print(f"{args.requests} requests to {url} ({bundle}); server: `medvqa demo --threads 1`")
     print("| measure | value |\n|---|---|")
