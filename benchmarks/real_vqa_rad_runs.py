@@ -244,41 +244,38 @@ def transfer_steps(lite0: Path, medpix_lite0: Path, untrained_lite0: Path) -> li
     rows = [(what, [Run("t", **{"mode": "frozen", "vocab": "train", **kw}, seed=seed, step=what, kind=kind, base=base)
                     for seed in SEEDS])
             for kind, base, what, kw in seeded]
+    def member(kw: dict, carve: int, offset: int) -> Run:
+        """One more run of step 4's configuration `kw` on the validation carve `carve`, training seed carve + offset."""
+        return Run("t", **{"mode": "frozen", "vocab": "train", **kw}, seed=carve + offset, val_seed=carve,
+                   step=steps[3][0], kind="member", base=steps[3][0])
+
+    def ensemble(kw: dict, tag: str, kind: str, step: str, members: list[Run], seed: int = 0) -> Run:
+        """An ensemble (`kind`) of `members`, runs of step 4's configuration `kw`, named by `tag` and `seed`."""
+        return Run("t", **{"mode": "frozen", "vocab": "train", **kw, "tag": f"{kw['tag']}-{tag}"}, seed=seed,
+                   step=step, kind=kind, base=steps[3][0], members=tuple(run.name for run in members))
+
     # An ensemble of step 4 per seed: two more training seeds on that seed's validation carve, and the seed's run
     # (last: the new members record their carve's settings, which `medvqa ensemble` reads from the first).
     ensembles = []
     for seed in SEEDS:
-        members = [Run("t", **{"mode": "frozen", "vocab": "train", **routed}, seed=seed + m, val_seed=seed,
-                       step=steps[3][0], kind="member", base=steps[3][0]) for m in MEMBER_SEEDS]
+        members = [member(routed, seed, m) for m in MEMBER_SEEDS]
         own = next(run for run in rows[3][1] if run.seed == seed)
-        ensembles += members + [Run("t", **{"mode": "frozen", "vocab": "train", **routed,
-                                            "tag": f"{routed['tag']}-ensemble{len(members) + 1}"},
-                                    seed=seed, step=ENSEMBLE_STEP, kind="ensemble", base=steps[3][0],
-                                    members=tuple(run.name for run in members) + (own.name,))]
+        ensembles += members + [ensemble(routed, f"ensemble{len(members) + 1}", "ensemble", ENSEMBLE_STEP,
+                                         members + [own], seed)]
     # Bagging ensembles: one run of each validation carve, from the same pool of nine (the step's seeds, then the
     # runs of each added training seed).
     for j, offset in enumerate((0,) + MEMBER_SEEDS):
         pool = rows[3][1] if offset == 0 else [run for run in ensembles if run.kind == "member"
                                                                          and run.seed - run.val_seed == offset]
-        ensembles.append(Run("t", **{"mode": "frozen", "vocab": "train", **routed,
-                                     "tag": f"{routed['tag']}-bagging{len(pool)}"},
-                             seed=j, step=BAGGING_STEP, kind="bagging", base=steps[3][0],
-                             members=tuple(run.name for run in pool)))
+        ensembles.append(ensemble(routed, f"bagging{len(pool)}", "bagging", BAGGING_STEP, pool, j))
     # All nine in one bagging ensemble: does averaging three runs per carve add to one per carve?
     nine = rows[3][1] + [run for run in ensembles if run.kind == "member"]
-    ensembles.append(Run("t", **{"mode": "frozen", "vocab": "train", **routed,
-                                 "tag": f"{routed['tag']}-bagging{len(nine)}"},
-                         step=BAGGING_ALL_STEP, kind="bagging", base=steps[3][0],
-                         members=tuple(run.name for run in nine)))
+    ensembles.append(ensemble(routed, f"bagging{len(nine)}", "bagging", BAGGING_ALL_STEP, nine))
     # Is bagging nine above PubMedCLIP's 72.1 as a mean over ensembles, not one point? Trained in bf16 (1.4x faster
     # an epoch here, the same accuracy as fp32 within the seeds' spread); each carve's first run is the variant's own.
-    own = next(seeded_runs for what, seeded_runs in rows if seeded_runs[0].tag == bf16["tag"])
+    own = next(group for _, group in rows if group[0].tag == bf16["tag"])
     for k, offsets in enumerate(BF16_BAGGING_OFFSETS):
-        nine = [run if offset == 0 else Run("t", **{"mode": "frozen", "vocab": "train", **bf16}, seed=run.seed + offset,
-                                            val_seed=run.seed, step=steps[3][0], kind="member", base=steps[3][0])
-                for offset in offsets for run in own]
+        nine = [run if offset == 0 else member(bf16, run.seed, offset) for offset in offsets for run in own]
         ensembles += [run for run in nine if run.kind == "member"]
-        ensembles.append(Run("t", **{"mode": "frozen", "vocab": "train", **bf16, "tag": f"{bf16['tag']}-bagging9"},
-                             seed=k, step=BF16_BAGGING_STEP, kind="bagging", base=steps[3][0],
-                             members=tuple(run.name for run in nine)))
+        ensembles.append(ensemble(bf16, "bagging9", "bagging", BF16_BAGGING_STEP, nine, k))
     return rows + [(ENSEMBLE_STEP, ensembles)]
