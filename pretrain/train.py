@@ -18,7 +18,7 @@ from encoders import ImageTable, image_source
 from encoders.text import create_text_tower
 from vqa.errors import DataError
 from vqa.io import atomic_write_json
-from vqa.training import Trainer, World, runtime, write_run_config
+from vqa.training import Runtime, Trainer, World, runtime, write_run_config
 
 from .config import PretrainConfig
 from .data import CaptionPair, load_captions, shuffle_captions
@@ -139,10 +139,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if not result.completed:
             return {"stopped_after_epoch": result.history[-1]["epoch"] if result.history else 0,
                     "history": result.history}
-        return _finish(cfg, task, result.history, rt.world) if rt.world.is_main else {}
+        return _finish(cfg, task, result.history, rt) if rt.world.is_main else {}
 
 
-def _finish(cfg: PretrainConfig, task: ContrastiveTask, history: list, world: World) -> dict:
+def _finish(cfg: PretrainConfig, task: ContrastiveTask, history: list, rt: Runtime) -> dict:
     out, model = Path(cfg.out), task.model
     after = None
     if task.val is not None:
@@ -154,6 +154,7 @@ def _finish(cfg: PretrainConfig, task: ContrastiveTask, history: list, world: Wo
                "protocol": {"split": cfg.val_split, "retrieval": "each image against every caption of the split; "
                             "ties (identical captions) resolved in favour of the pair",
                             "shuffled_captions": cfg.shuffle_captions, "model": "last epoch",
-                            "epochs": cfg.epochs, "world_size": world.size}}
+                            "epochs": cfg.epochs, "world_size": rt.world.size},
+               "numerics": rt.numerics}  # the kernels its numbers repeat on
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

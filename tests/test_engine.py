@@ -275,3 +275,19 @@ def test_a_run_keeps_its_constant_rate_and_refuses_an_unknown_schedule(phantom_d
     assert [row["lr"] for row in history] == pytest.approx([2e-3, 2e-3])
     with pytest.raises(DataError, match="--lr-schedule 'linear'"):
         train(_cfg(phantom_dir, tmp_path, out=str(tmp_path / "other"), lr_schedule="linear"))
+
+
+def test_a_run_records_the_kernels_its_numbers_depend_on(monkeypatch):
+    from vqa.training import Runtime, World
+    from vqa.training.precision import numerics
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    record = Runtime(torch.device("cpu"), World(), "bf16").numerics
+    assert record == numerics(torch.device("cpu"), "bf16")
+    assert record["precision"] == "bf16" and record["torch"] == torch.__version__ and record["device"] == "cpu"
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["device_name"]
+    assert record["onednn_max_cpu_isa"] == "AVX512_CORE_BF16"  # a capped oneDNN rounds as the CPU it imitates
+    assert {record["amx"], record["avx512_bf16"]} <= {True, False, None}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert numerics(torch.device("cpu"), "fp32")["onednn_max_cpu_isa"] is None

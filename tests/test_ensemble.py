@@ -71,6 +71,10 @@ def test_an_ensemble_is_its_members_mean_distribution_calibrated_on_their_valida
     towers = [m.question_encoder.tower.model.embeddings.word_embeddings.weight for m in ensemble.model.head.members]
     assert not torch.equal(towers[0], towers[1])
     assert ensemble.tokenizer is ensemble.model.head.members[0].question_encoder
+    # where each member trained, in the ensemble's metrics; the ensemble itself trained nowhere
+    recorded = [json.loads((m / "config.json").read_text())["training"]["numerics"] for m in members]
+    assert [m["numerics"] for m in ensemble.metrics["members"]] == recorded and recorded[0]["torch"]
+    assert "numerics" not in ensemble.config["training"]
     _same_answers_everywhere(bundle, phantom_dir, tmp_path)
 
 

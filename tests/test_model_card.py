@@ -31,6 +31,29 @@ def test_train_writes_a_card_the_hub_parses(trained_bundle):
     assert "phantom (synthetic images" in text and "train-only" in text and "never test" in text
     assert "Predictor.from_pretrained(" in text and "medvqa predict --bundle" in text
     assert "wrong at most 30% of the time" in text  # the bundle's abstention target (tests/_bundle.py)
+    # where it trained: a bundle's numbers repeat only on the same kernels
+    import torch
+
+    from vqa.training.precision import numerics
+    recorded = json.loads((trained_bundle / "config.json").read_text())["training"]["numerics"]
+    assert recorded == numerics(torch.device("cpu"), "fp32")
+    assert f"- trained in fp32 with torch {torch.__version__} on {recorded['device_name']}" in text
+    assert "ONEDNN_MAX_CPU_ISA" not in text  # fp32 products agree across CPU kernels
+
+
+def test_the_card_says_where_each_member_trained_and_what_bf16_repeats_on():
+    from vqa.model_card import _numerics_lines
+
+    amx = {"precision": "bf16", "torch": "2.14.1", "device": "cpu", "device_name": "Xeon A", "cpu_capability": "AVX512",
+           "avx512_bf16": True, "amx": True, "onednn_max_cpu_isa": None}
+    capped = {**amx, "onednn_max_cpu_isa": "AVX512_CORE_BF16"}
+    lines = _numerics_lines([amx, amx, capped])
+    assert lines[0] == ("- trained in bf16 with torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX), and bf16 with "
+                        "torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX, oneDNN capped to AVX512_CORE_BF16)")
+    assert "ONEDNN_MAX_CPU_ISA" in lines[1]
+    gpu = {"precision": "bf16", "torch": "2.14.1", "device": "cuda", "device_name": "NVIDIA H100", "cuda": "13.0"}
+    assert _numerics_lines([gpu]) == ["- trained in bf16 with torch 2.14.1 on NVIDIA H100"]
+    assert _numerics_lines([]) == []  # a bundle made before medvqa recorded it
 
 
 def test_the_card_carries_test_metrics_with_their_protocol_and_the_base_model(trained_bundle, predictor_phantom,

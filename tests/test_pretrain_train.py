@@ -68,6 +68,7 @@ def test_outputs_load_and_match_the_trained_towers(phantom_dir, tmp_path):
     torch.testing.assert_close(a["pooled"], b["pooled"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["retrieval"]["n"] == metrics["after"]["retrieval"]["n"] > 0
+    assert metrics["numerics"]["precision"] == cfg.precision and metrics["numerics"]["torch"] == torch.__version__
     for p in (out / "encoder").iterdir():  # weights only as safetensors
         assert p.suffix in (".json", ".safetensors")
     from vqa.cli.pretrain_eval import main as evaluate_main

@@ -121,11 +121,12 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     selection = first.metrics.get("protocol", {}).get("model_selection", "unknown")
     metrics = {"validation": validation,
                "members": [{"bundle": str(p), "validation": m.metrics.get("validation"),
-                            "best_epoch": m.metrics.get("best_epoch")} for p, m in zip(paths, members)],
+                            "best_epoch": m.metrics.get("best_epoch"),
+                            "numerics": m.config.get("training", {}).get("numerics")} for p, m in zip(paths, members)],
                "protocol": {"answers": answers.protocol, "validation": how,
                             "model_selection": f"each member's own: {selection}; the members' answer "
                                                "distributions averaged"}}
-    training = {**first.config.get("training", {}),
+    training = {**{k: v for k, v in first.config.get("training", {}).items() if k != "numerics"},  # in members
                 "ensemble": {"members": len(members), "bagging": cfg.bagging}}
     bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=first.tokenizer,
                          metrics=metrics, max_len=first.max_len, choice_len=first.choice_len,

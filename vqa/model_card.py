@@ -206,6 +206,8 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
             lines += [f"- then trained again from its seed on train and validation together "
                       f"({metrics['refit'].get('questions', '?')} questions) for those "
                       f"{metrics['refit'].get('epochs', '?')} epochs (`--refit`): this model"]
+    trained_on = [m.get("numerics") for m in members] if members else [config.get("training", {}).get("numerics")]
+    lines += _numerics_lines([n for n in trained_on if n])
     lines += ["", "## Evaluation", "",
               "Protocol, stated with every number:",
               f"- answer vocabulary: {answers.get('protocol', protocol.get('answers', '?'))} "
@@ -224,6 +226,25 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     lines += ["", *_trust_lines(files, reports), "", "## Limitations", "", *_limitations(files, data), "",
               "## How to load", "", *_how_to_load(repo_id or str(bundle), bundle, files)]
     return "\n".join(lines) + "\n"
+
+
+def _numerics_lines(records: list[dict]) -> list[str]:
+    """Where the model (or each member of an ensemble) trained: what its numbers repeat on."""
+    def where(n: dict) -> str:
+        kernels = [n.get("cpu_capability")] + [name for name, key in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx"))
+                                                if n.get(key)]
+        cap = f", oneDNN capped to {n['onednn_max_cpu_isa']}" if n.get("onednn_max_cpu_isa") else ""
+        detail = f" ({', '.join(k for k in kernels if k)}{cap})" if n.get("device") == "cpu" else ""
+        device = n.get("device_name", n.get("device"))
+        return f"{n.get('precision', '?')} with torch {n.get('torch', '?')} on {device}{detail}"
+    seen = list(dict.fromkeys(where(n) for n in records))
+    if not seen:
+        return []
+    lines = [f"- trained in {', and '.join(seen)}"]
+    if any(n.get("precision") == "bf16" and n.get("device") == "cpu" for n in records):
+        lines.append("- bf16 on a CPU repeats to the bit only on the same kernels: AMX and AVX512-BF16 round "
+                     "differently (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` keeps an AMX CPU to the latter)")
+    return lines
 
 
 def _trust_lines(files, reports: list[dict]) -> list[str]:

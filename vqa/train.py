@@ -449,10 +449,10 @@ def train(cfg: TrainConfig) -> Path:
         log.info("calibration on validation: temperatures %s%s", {b: round(t, 3) for b, t in
                                                                    calibration.temperatures.items()},
                  f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
-        data = training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang)
+        training = {"loss": loss, "data": training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang),
+                    "validation": validation_spec(cfg), "numerics": rt.numerics}  # the kernels it trained on
         bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
-                             max_len=cfg.question_len, choice_len=cfg.choice_len,
-                             extra={"training": {"loss": loss, "data": data, "validation": validation_spec(cfg)}},
+                             max_len=cfg.question_len, choice_len=cfg.choice_len, extra={"training": training},
                              calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype)
         # the recipe travels with the model: `medvqa train --config BUNDLE/run_config.json --data ... --out ...`
         write_run_config(shareable_config(cfg), bundle)

@@ -37,7 +37,7 @@ from .checkpoint import (CHECKPOINT_NAME, check_compatible, check_same_schedule,
                          rng_state, run_identity, save_checkpoint, set_rng_state)
 from .config import EngineConfig
 from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
-from .precision import check_precision, make_grad_scaler, resolve_device
+from .precision import check_precision, make_grad_scaler, numerics, resolve_device
 from .runtime import jsonable, seed_everything
 from .schedule import warmup_schedule
 from .step_log import StepLog
@@ -55,6 +55,12 @@ class NonFiniteError(DataError):
 class Runtime:
     device: torch.device  # this process's device (cuda:LOCAL_RANK under torchrun)
     world: World
+    precision: str = "fp32"
+
+    @property
+    def numerics(self) -> dict[str, Any]:
+        """What this run's numbers depend on beyond its config: torch, the device, the CPU's kernels."""
+        return numerics(self.device, self.precision)
 
 
 @contextlib.contextmanager
@@ -69,7 +75,10 @@ def runtime(cfg: EngineConfig) -> Iterator[Runtime]:
     world = init_distributed(device)
     try:
         seed_everything(cfg.seed)
-        yield Runtime(local_device(device, world), world)
+        rt = Runtime(local_device(device, world), world, cfg.precision)
+        if world.is_main:
+            log.info("numerics: %s", ", ".join(f"{k} {v}" for k, v in rt.numerics.items() if v is not None))
+        yield rt
     finally:
         shutdown(world)
 

@@ -1,9 +1,13 @@
-"""The one place for devices and mixed precision: autocast contexts and the fp16 GradScaler."""
+"""The one place for devices and mixed precision: autocast contexts, the fp16 GradScaler, and the record of the
+kernels a run's numbers depend on."""
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ContextManager
+import os
+import platform
+from pathlib import Path
+from typing import Any, ContextManager
 
 import torch
 
@@ -46,3 +50,27 @@ def get_autocast(precision: str, device: torch.device) -> ContextManager:
 def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling against underflow; bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def numerics(device: torch.device, precision: str) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config and seed: torch, the device and, on a CPU, the kernels
+    oneDNN picks. bf16 products differ bitwise between AMX and AVX512-BF16 kernels (fp32 ones agree), so a bf16 run
+    repeats to the bit only on a CPU with the same kernels, or with oneDNN capped to them (ONEDNN_MAX_CPU_ISA)."""
+    record: dict[str, Any] = {"precision": precision, "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        return record | {"device_name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    def supports(probe: str) -> bool | None:  # torch's own CPU probes, private: None where this torch lacks one
+        return getattr(torch.cpu, probe)() if hasattr(torch.cpu, probe) else None
+    return record | {"device_name": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                     "avx512_bf16": supports("_is_avx512_bf16_supported"), "amx": supports("_is_amx_tile_supported"),
+                     "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform reports."""
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
