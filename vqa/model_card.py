@@ -242,8 +242,9 @@ def _numerics_lines(records: list[dict]) -> list[str]:
         return []
     lines = [f"- trained in {', and '.join(seen)}"]
     if any(n.get("precision") == "bf16" and n.get("device") == "cpu" for n in records):
-        lines.append("- bf16 on a CPU repeats to the bit only on the same kernels: AMX and AVX512-BF16 round "
-                     "differently (`ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` keeps an AMX CPU to the latter)")
+        lines.append("- bf16 on a CPU repeats to the bit only on the CPU it trained on: AMX and AVX512-BF16 round bf16 "
+                     "products differently, and a capped oneDNN (`ONEDNN_MAX_CPU_ISA`) did not give another CPU's "
+                     "numbers back")
     return lines
 
 

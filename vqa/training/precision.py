@@ -53,9 +53,10 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
 
 
 def numerics(device: torch.device, precision: str) -> dict[str, Any]:
-    """What a run's numbers depend on beyond its config and seed: torch, the device and, on a CPU, the kernels
-    oneDNN picks. bf16 products differ bitwise between AMX and AVX512-BF16 kernels (fp32 ones agree), so a bf16 run
-    repeats to the bit only on a CPU with the same kernels, or with oneDNN capped to them (ONEDNN_MAX_CPU_ISA)."""
+    """What a run's numbers depend on beyond its config and seed: torch, the device and, on a CPU, its model and the
+    kernels oneDNN may pick. bf16 products differ bitwise between AMX and AVX512-BF16 kernels, and a bf16 run of one
+    seed gave other numbers on another CPU even with oneDNN capped to the first one's kernels (ONEDNN_MAX_CPU_ISA;
+    docs/results.md): the record names the CPU, not only its kernels."""
     record: dict[str, Any] = {"precision": precision, "torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
         return record | {"device_name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
