@@ -107,5 +107,8 @@ def test_a_refit_in_two_processes_matches_one_on_the_same_global_batch(phantom_d
     for a, b in zip(one["refit"]["history"], two["refit"]["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     wa, wb = _weights(single), _weights(tmp_path / "two" / "bundle")
-    for key in wa:
+    # BAN's attention-logit bias is one constant per glimpse under a softmax over all region x word pairs: it moves
+    # no output, its gradient is rounding noise, and the optimizer's normalised steps turn that noise into lr-sized
+    # moves that differ with the batch split (measured 3e-4 apart on an AMX CPU, every other weight within 3e-7)
+    for key in (k for k in wa if k != "fusion.att_logits.bias"):
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)
