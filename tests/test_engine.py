@@ -287,7 +287,7 @@ def test_a_run_records_the_kernels_its_numbers_depend_on(monkeypatch):
     assert record == numerics(torch.device("cpu"), "bf16")
     assert record["precision"] == "bf16" and record["torch"] == torch.__version__ and record["device"] == "cpu"
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and record["device_name"]
-    assert record["onednn_max_cpu_isa"] == "AVX512_CORE_BF16"  # a capped oneDNN rounds as the CPU it imitates
+    assert record["onednn_max_cpu_isa"] == "AVX512_CORE_BF16"  # the cap is recorded: it changes which kernels run
     assert {record["amx"], record["avx512_bf16"]} <= {True, False, None}
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert numerics(torch.device("cpu"), "fp32")["onednn_max_cpu_isa"] is None

@@ -31,7 +31,7 @@ def test_train_writes_a_card_the_hub_parses(trained_bundle):
     assert "phantom (synthetic images" in text and "train-only" in text and "never test" in text
     assert "Predictor.from_pretrained(" in text and "medvqa predict --bundle" in text
     assert "wrong at most 30% of the time" in text  # the bundle's abstention target (tests/_bundle.py)
-    # where it trained: a bundle's numbers repeat only on the same kernels
+    # where it trained: a bf16 bundle's numbers repeat only on the CPU it trained on
     import torch
 
     from vqa.training.precision import numerics
