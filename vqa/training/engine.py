@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -57,7 +58,7 @@ class Runtime:
     world: World
     precision: str = "fp32"
 
-    @property
+    @functools.cached_property  # read once (the CPU's name comes from /proc/cpuinfo): logged, then recorded
     def numerics(self) -> dict[str, Any]:
         """What this run's numbers depend on beyond its config: torch, the device, the CPU's kernels."""
         return numerics(self.device, self.precision)
