@@ -309,6 +309,7 @@ def _fill_at_once(folder: str, paths: list[str], barrier, results) -> None:
         results.put(f"{type(e).__name__}: {e}")
 
 
+@pytest.mark.slow  # three spawned processes, each importing torch and the encoder afresh
 def test_processes_filling_one_cache_at_once_keep_every_row(tmp_path, encoder, images):
     """Seeds run side by side on a fresh cache: each process's rows survive the others' (the folder's lock
     serialises the rebuild decision and every append), and every row is the one a lone process computes."""

@@ -26,6 +26,7 @@ def _weights(bundle) -> dict:
     return load_file(str(bundle / "model.safetensors"))
 
 
+@pytest.mark.slow  # eight training runs (validation, refit, resumed and stopped refits): end to end
 def test_a_refit_trains_again_on_train_and_validation_for_the_chosen_epochs(phantom_dir, tmp_path):
     from .test_transfer import _same_answers_everywhere
 

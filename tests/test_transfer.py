@@ -139,6 +139,7 @@ def test_a_frozen_warm_start_trains_as_the_frozen_run_does(phantom_dir, tmp_path
     assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
+@pytest.mark.slow  # three training runs, two of them fine-tuning a CNN: end to end
 def test_frozen_norm_keeps_the_pretrained_statistics_while_the_weights_learn(phantom_dir, tmp_path, caplog):
     """--encoder-norm frozen: BatchNorm layers stay in eval mode through `.train()`, so fine-tuning leaves their
     running statistics as loaded while convolutions (and the norms' scale and shift) learn; "train" moves them."""
