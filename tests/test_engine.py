@@ -291,3 +291,10 @@ def test_a_run_records_the_kernels_its_numbers_depend_on(monkeypatch):
     assert {record["amx"], record["avx512_bf16"]} <= {True, False, None}
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert numerics(torch.device("cpu"), "fp32")["onednn_max_cpu_isa"] is None
+    # the intra-op threads too: a CPU's reductions split over them (1 and 2 threads gave two runs of one seed)
+    assert record["threads"] == torch.get_num_threads() == 1  # the suite's one_thread
+    torch.set_num_threads(2)
+    try:
+        assert numerics(torch.device("cpu"), "fp32")["threads"] == 2
+    finally:
+        torch.set_num_threads(1)

@@ -38,7 +38,8 @@ def test_train_writes_a_card_the_hub_parses(trained_bundle):
     recorded = json.loads((trained_bundle / "config.json").read_text())["training"]["numerics"]
     assert recorded == numerics(torch.device("cpu"), "fp32")
     assert f"- trained in fp32 with torch {torch.__version__} on {recorded['device_name']}" in text
-    assert "repeats to the bit only" not in text  # the bf16 caveat is for bf16 runs
+    assert ", 1 thread)" in text and "repeats to the bit only with the threads it trained on" in text
+    assert "bf16 on a CPU repeats" not in text  # the bf16 caveat is for bf16 runs
 
 
 def test_the_card_says_where_each_member_trained_and_what_bf16_repeats_on():
@@ -51,6 +52,11 @@ def test_the_card_says_where_each_member_trained_and_what_bf16_repeats_on():
     assert lines[0] == ("- trained in bf16 with torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX), and bf16 with "
                         "torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX, oneDNN capped to AVX512_CORE_BF16)")
     assert lines[1].startswith("- bf16 on a CPU repeats to the bit only on the CPU it trained on")
+    threaded = _numerics_lines([{**amx, "precision": "fp32", "threads": 2}, {**amx, "threads": 1}])
+    assert threaded[0] == ("- trained in fp32 with torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX, 2 threads), and "
+                           "bf16 with torch 2.14.1 on Xeon A (AVX512, AVX512-BF16, AMX, 1 thread)")
+    assert threaded[1].startswith("- on a CPU a run repeats to the bit only with the threads it trained on")
+    assert threaded[2].startswith("- bf16 on a CPU repeats to the bit only on the CPU it trained on")
     gpu = {"precision": "bf16", "torch": "2.14.1", "device": "cuda", "device_name": "NVIDIA H100", "cuda": "13.0"}
     assert _numerics_lines([gpu]) == ["- trained in bf16 with torch 2.14.1 on NVIDIA H100"]
     assert _numerics_lines([]) == []  # a bundle made before medvqa recorded it

@@ -234,13 +234,17 @@ def _numerics_lines(records: list[dict]) -> list[str]:
         kernels = [n.get("cpu_capability")] + [name for name, key in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx"))
                                                 if n.get(key)]
         cap = f", oneDNN capped to {n['onednn_max_cpu_isa']}" if n.get("onednn_max_cpu_isa") else ""
-        detail = f" ({', '.join(k for k in kernels if k)}{cap})" if n.get("device") == "cpu" else ""
+        threads = f", {n['threads']} thread{'s' * (n['threads'] != 1)}" if n.get("threads") else ""
+        detail = f" ({', '.join(k for k in kernels if k)}{cap}{threads})" if n.get("device") == "cpu" else ""
         device = n.get("device_name", n.get("device"))
         return f"{n.get('precision', '?')} with torch {n.get('torch', '?')} on {device}{detail}"
     seen = list(dict.fromkeys(where(n) for n in records))
     if not seen:
         return []
     lines = [f"- trained in {', and '.join(seen)}"]
+    if any(n.get("device") == "cpu" and n.get("threads") for n in records):
+        lines.append("- on a CPU a run repeats to the bit only with the threads it trained on: its reductions split "
+                     "over them, and one seed trained on 1 and on 2 threads of one CPU gave two runs")
     if any(n.get("precision") == "bf16" and n.get("device") == "cpu" for n in records):
         lines.append("- bf16 on a CPU repeats to the bit only on the CPU it trained on: AMX and AVX512-BF16 round bf16 "
                      "products differently, and a capped oneDNN (`ONEDNN_MAX_CPU_ISA`) did not give another CPU's "

@@ -53,10 +53,11 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
 
 
 def numerics(device: torch.device, precision: str) -> dict[str, Any]:
-    """What a run's numbers depend on beyond its config and seed: torch, the device and, on a CPU, its model and the
-    kernels oneDNN may pick. bf16 products differ bitwise between AMX and AVX512-BF16 kernels, and a bf16 run of one
-    seed gave other numbers on another CPU even with oneDNN capped to the first one's kernels (ONEDNN_MAX_CPU_ISA;
-    docs/results.md): the record names the CPU, not only its kernels."""
+    """What a run's numbers depend on beyond its config and seed: torch, the device and, on a CPU, its model, the
+    kernels oneDNN may pick and the intra-op threads. bf16 products differ bitwise between AMX and AVX512-BF16
+    kernels, and a bf16 run of one seed gave other numbers on another CPU even with oneDNN capped to the first one's
+    kernels (ONEDNN_MAX_CPU_ISA): the record names the CPU, not only its kernels. A CPU's reductions split over its
+    threads, so one seed trained in fp32 on 1 and on 2 threads of one CPU gave two runs (docs/results.md)."""
     record: dict[str, Any] = {"precision": precision, "torch": torch.__version__, "device": device.type}
     if device.type == "cuda":
         return record | {"device_name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
@@ -64,7 +65,8 @@ def numerics(device: torch.device, precision: str) -> dict[str, Any]:
         return getattr(torch.cpu, probe)() if hasattr(torch.cpu, probe) else None
     return record | {"device_name": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                      "avx512_bf16": supports("_is_avx512_bf16_supported"), "amx": supports("_is_amx_tile_supported"),
-                     "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")}
+                     "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+                     "threads": torch.get_num_threads()}
 
 
 def cpu_name() -> str:
