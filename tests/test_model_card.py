@@ -42,7 +42,7 @@ def test_train_writes_a_card_the_hub_parses(trained_bundle):
     assert "bf16 on a CPU repeats" not in text  # the bf16 caveat is for bf16 runs
 
 
-def test_the_card_says_where_each_member_trained_and_what_bf16_repeats_on():
+def test_the_card_says_where_each_member_trained_and_on_what_its_runs_repeat():
     from vqa.model_card import _numerics_lines
 
     amx = {"precision": "bf16", "torch": "2.14.1", "device": "cpu", "device_name": "Xeon A", "cpu_capability": "AVX512",
