@@ -60,7 +60,7 @@ class Runtime:
 
     @functools.cached_property  # read once (the CPU's name comes from /proc/cpuinfo): logged, then recorded
     def numerics(self) -> dict[str, Any]:
-        """What this run's numbers depend on beyond its config: torch, the device, the CPU's kernels."""
+        """What this run's numbers depend on beyond its config: torch, the device, the CPU's kernels and threads."""
         return numerics(self.device, self.precision)
 
 
