@@ -131,6 +131,26 @@ def test_mevf_heads_export_answers_as_pytorch(predictor_phantom, tmp_path, head,
     assert_same_head(torch_side, onnx, images, questions)
 
 
+def test_the_transformer_head_on_a_text_tower_exports_answers_as_pytorch(predictor_phantom, tmp_path):
+    """The VQA-RAD recipe's shape (README): the cross-modal transformer with QCR's router over a pretrained-style
+    text tower, whose subword tokenizer the ONNX folder carries (the export holds no word vocabulary)."""
+    from vqa import Predictor
+    from vqa.onnx_export import export_onnx
+
+    bundle = _train_tiny(predictor_phantom, tmp_path, data=str(predictor_phantom / "vqa-rad"),
+                         head="fusion-transformer-qcr", head_args={"hidden_dim": 32, "layers": 1, "attention_heads": 2},
+                         question_encoder="bert-tiny", question_lr=1e-3)
+    report = export_onnx(bundle, tmp_path / "onnx")
+    assert report.head_inputs == ["grid", "tokens", "lengths"] and "type_logits" in report.head_outputs
+    assert (tmp_path / "onnx" / "tokenizer").is_dir() and not (tmp_path / "onnx" / "vocab.json").exists()
+    rows = ground_truth(predictor_phantom)[:24]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    torch_side, onnx = Predictor.from_bundle(bundle), Predictor.from_onnx(tmp_path / "onnx")
+    assert onnx.has_router is True
+    assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
+    assert_same_head(torch_side, onnx, images, questions)
+
+
 def test_multiple_choice_export_answers_as_pytorch(predictor_phantom, tmp_path):
     from vqa import Predictor
     from vqa.data import load_records
