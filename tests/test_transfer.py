@@ -125,6 +125,22 @@ def test_a_frozen_warm_start_then_fine_tuning(phantom_dir, tmp_path):
     assert not all(torch.equal(tuned[k], after_warm_start[k]) for k in tuned)
 
 
+@pytest.mark.slow  # two fine-tuning runs and a resumed one
+def test_a_fine_tuning_run_resumed_is_the_uninterrupted_run(phantom_dir, tmp_path):
+    """Long schedules (QCR's 200 epochs fine-tuning MEVF's image side) are trained in stretches: the encoder's
+    weights and optimizer state, and the augmentation's random stream, continue as if never stopped."""
+    kw = dict(encoder_mode="finetune", encoder_lr=1e-4, augment=True, epochs=2)
+    straight = train(_cfg(phantom_dir, tmp_path / "straight", **kw))
+    train(_cfg(phantom_dir, tmp_path / "stopped", stop_after=1, **kw))
+    resumed = train(_cfg(phantom_dir, tmp_path / "stopped", resume="latest", **kw))
+    for weights in ("model.safetensors", "encoder/model.safetensors"):  # the head's, the fine-tuned encoder's
+        wa, wb = load_file(str(straight / weights)), load_file(str(resumed / weights))
+        assert wa and wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (weights, [k for k in wa if not torch.equal(wa[k], wb[k])])
+    losses = [[r["loss"] for r in json.loads((b.parent / "history.json").read_text())] for b in (straight, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
 def test_a_frozen_warm_start_trains_as_the_frozen_run_does(phantom_dir, tmp_path):
     """Decoding the pixels for fine-tuning draws nothing from the global RNG, so the warm start's dropout masks, and
     everything it learns, are the frozen run's: a fine-tuning variant differs from its frozen run only after it."""
