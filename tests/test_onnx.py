@@ -131,6 +131,7 @@ def test_mevf_heads_export_answers_as_pytorch(predictor_phantom, tmp_path, head,
     assert_same_head(torch_side, onnx, images, questions)
 
 
+@pytest.mark.slow  # a run with a text tower, exported and asked twice: the fast lane has the other heads'
 def test_the_transformer_head_on_a_text_tower_exports_answers_as_pytorch(predictor_phantom, tmp_path):
     """The VQA-RAD recipe's shape (README): the cross-modal transformer with QCR's router over a pretrained-style
     text tower, whose subword tokenizer the ONNX folder carries (the export holds no word vocabulary)."""
