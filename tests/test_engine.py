@@ -103,22 +103,32 @@ def test_pooled_bundle_answers_the_same_through_eval_predict_and_the_predictor(p
 
 
 @pytest.mark.slow
-def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path):
+@pytest.mark.parametrize("tuning", [
+    {},
+    # under SAN: BAN's attention-logit bias is inert, and its noise-driven moves differ with the batch split once
+    # the encoder trains too (tests/test_refit.py)
+    {"head": "mevf-san", "head_args": {"hidden_dim": 32, "dropout": 0.0, "classifier_dropout": 0.0},
+     "encoder_mode": "finetune", "encoder_lr": 1e-4, "freeze_epochs": 1}], ids=["frozen", "fine-tuned-after-a-warm-start"])
+def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path, tuning):
+    """DDP: the same model as one process on the same global batch; fine-tuning feeds pixels through the wrapper,
+    and its warm start leaves the encoder's parameters without gradients (DDP must look for them)."""
     import dataclasses
 
     # no dropout, so the two runs differ only in how the global batch is split
     head_args = {"hidden_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
-    base = _cfg(phantom_dir, tmp_path, head_args=head_args, epochs=2)
+    base = _cfg(phantom_dir, tmp_path, **{"head_args": head_args, "epochs": 2, **tuning})
     single = train(dataclasses.replace(base, batch_size=24, out=str(tmp_path / "one")))
     spawn_ranks(train, dataclasses.replace(base, batch_size=12, out=str(tmp_path / "two")))
     h1 = json.loads((single.parent / "history.json").read_text())
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     for a, b in zip(h1, h2):  # the last global batch of each epoch splits unevenly: weighted exactly
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    wa = load_file(str(single / "model.safetensors"))
-    wb = load_file(str(tmp_path / "two" / "bundle" / "model.safetensors"))
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=key)
+    files = ["model.safetensors"] + (["encoder/model.safetensors"] if tuning else [])  # the encoder as tuned
+    for file in files:
+        wa, wb = load_file(str(single / file)), load_file(str(tmp_path / "two" / "bundle" / file))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=f"{file}: {key}")
 
 
 def test_reading_the_step_values_in_batches_changes_no_number(phantom_dir, tmp_path):

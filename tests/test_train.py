@@ -92,7 +92,11 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
     for change, message in ((dict(lr=2e-3), "lr=0.001, this run has lr=0.002"),
                             (dict(lr_schedule="constant"), "lr_schedule='cosine', this run has lr_schedule='constant'"),
                             (dict(epochs=3), "schedule runs 2 epochs .*this run's 3"),
-                            (dict(epochs=1, schedule_epochs=3), "schedule runs 2 epochs .*this run's 3")):
+                            (dict(epochs=1, schedule_epochs=3), "schedule runs 2 epochs .*this run's 3"),
+                            # the task's own: the optimizer state would bring back the old rates and kind
+                            (dict(optimizer="adamw"), "optimizer='adamax', this run has optimizer='adamw'"),
+                            (dict(encoder_lr=1e-5), "encoder_lr=None, this run has encoder_lr=1e-05"),
+                            (dict(question_lr=1e-5), "question_lr=None, this run has question_lr=1e-05")):
         with pytest.raises(DataError, match=message):
             train(_cfg(phantom_dir, tmp_path, head="mevf-san", resume="latest", **{"lr": 1e-3, **change}))
     # a checkpoint from before --lr-schedule trained with cosine decay, and resumes so

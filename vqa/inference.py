@@ -88,13 +88,6 @@ def model_inputs(model: VQAModel, batch: dict[str, torch.Tensor], images, device
     return image_in, kwargs
 
 
-def run_model(model: VQAModel, image_in, tokens: torch.Tensor, lengths: torch.Tensor, **kwargs) -> dict:
-    """Features (a dict) go to the head; pixels (a tensor) go through the encoder first."""
-    if isinstance(image_in, dict):
-        return model(image_in, tokens, lengths, **kwargs)
-    return model.forward_pixels(image_in, tokens, lengths, **kwargs)
-
-
 def routed_types(type_probs: torch.Tensor | None) -> list[str] | None:
     """The type router's (Q, 2) softmax as each question's CLOSED/OPEN (None for a head without a router)."""
     return None if type_probs is None else [OPEN if t == OPEN_ID else CLOSED for t in type_probs.argmax(1).tolist()]
@@ -110,7 +103,7 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
     for batch in questions.batches(batch_size):
         image_in, kwargs = model_inputs(model, batch, images, device)
         with get_autocast(precision, device):
-            out = run_model(model, image_in, batch["tokens"].to(device), batch["lengths"].to(device), **kwargs)
+            out = model(image_in, batch["tokens"].to(device), batch["lengths"].to(device), **kwargs)
         logits.append(out["logits"].float().cpu())
         attention.append(out["attention"].float().cpu())
         if "type_logits" in out:

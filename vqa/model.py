@@ -14,7 +14,8 @@ class VQAModel(nn.Module):
 
     Training on a frozen encoder, evaluation and the Predictor feed features (cached, or
     computed by `ImageEncoder.encode`) to `forward`; fine-tuning the encoder (MEVF's
-    recipe) goes through `forward_pixels`.
+    recipe) feeds it pixels, through the same `forward`, so that a DDP or compiled wrapper
+    sees every call.
     `image_features` picks what the head attends over: the encoder's grid of
     regions (B, N, D), or its pooled vector as a single region (B, 1, D), which
     is how PubMedCLIP feeds CLIP's image embedding to MEVF/QCR heads.
@@ -34,13 +35,14 @@ class VQAModel(nn.Module):
             return {"grid": features["pooled"].unsqueeze(1), "pooled": features["pooled"]}  # (B, 1, D)
         return {"grid": features["grid"], "pooled": features["pooled"]}
 
-    def forward(self, features: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
+    def forward(self, images: Mapping[str, torch.Tensor] | torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
                 **choices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.select(features), tokens, lengths, **choices)
-
-    def forward_pixels(self, pixels: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                       **choices: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.encoder(pixels)  # {"grid": (B, N, D), "pooled": (B, D), ...}
+        """`images`: the encoder's features ({"grid": (B, N, D), "pooled": (B, D)}), or pixels (B, C, H, W) that
+        go through the encoder first (fine-tuning: the output then carries the encoder's outputs as
+        `image_features`, for its own auxiliary loss, MEVF's autoencoder)."""
+        if isinstance(images, Mapping):
+            return self.head(self.select(images), tokens, lengths, **choices)
+        features = self.encoder(images)
         out = dict(self.head(self.select(features), tokens, lengths, **choices))
-        out["image_features"] = features  # for the encoder's own auxiliary loss (MEVF's autoencoder)
+        out["image_features"] = features
         return out

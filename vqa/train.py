@@ -26,7 +26,7 @@ from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .calibration import Calibration
 from .features import feature_table, pixel_table
-from .inference import model_inputs, predict, run_model
+from .inference import model_inputs, predict
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .model_card import training_data, write_card
@@ -160,9 +160,7 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     if duplicates:
         log.warning("%s: %d training question(s) repeat an earlier one (same image, question and answer), e.g. "
                     "%s: `medvqa data stats` lists them", cfg.data, len(duplicates), duplicates[0].question)
-    val_split = cfg.val_split
-    if val_split == "auto":
-        val_split = dataset_format(cfg.format).validation_split or "carved"
+    val_split = (dataset_format(cfg.format).validation_split or "carved") if cfg.val_split == "auto" else cfg.val_split
     if val_split == "carved":
         train, val = carve_validation(train, cfg.val_fraction, cfg.carve_seed, by=cfg.val_by)
         how = f"carved from {cfg.train_split} ({cfg.val_fraction:.0%} of {cfg.val_by}s, seed {cfg.carve_seed})"
@@ -290,6 +288,7 @@ class VQATask(TrainingTask):
 
     selection = Selection("overall")
     path_settings = ("data", "encoder", "answers", "question_encoder")
+    rate_settings = ("optimizer", "encoder_lr", "question_lr")
 
     def __init__(self, cfg: TrainConfig, model: VQAModel, train: Split, val: Split, answers: AnswerVocab,
                  loss: str, device: torch.device, world: World) -> None:
@@ -297,6 +296,7 @@ class VQATask(TrainingTask):
 
         self.cfg, self.model, self.train, self.val, self.answers = cfg, model, train, val, answers
         self.loss_kind, self.device, self.world = loss, device, world
+        self.idle_parameters = cfg.encoder_mode == "finetune" and cfg.freeze_epochs > 0  # the warm start's encoder
         self.loss_fn = loss_for_head(model.head, kind=loss).to(device)
         self.epoch = 0
         if cfg.encoder_mode == "finetune":  # after the splits: the feature cache is filled by the encoder as loaded
@@ -353,9 +353,8 @@ class VQATask(TrainingTask):
             batch["rows"], images = self.train.view_rows(batch["rows"], g), self.train.views
         image_in, kwargs = model_inputs(self.model, batch, images, self.device, transform)
         with step.autocast():
-            out = run_model(model, image_in, batch["tokens"].to(self.device, non_blocking=True),
-                            batch["lengths"].to(self.device, non_blocking=True),
-                            **kwargs)
+            out = model(image_in, batch["tokens"].to(self.device, non_blocking=True),
+                        batch["lengths"].to(self.device, non_blocking=True), **kwargs)
         losses = dict(self.loss_fn(out, batch["answers"].to(self.device, non_blocking=True),
                                    batch["types"].to(self.device, non_blocking=True)))
         total = losses["loss"]

@@ -81,11 +81,12 @@ SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule")
 _UNRECORDED = {"lr_schedule": "cosine"}  # what checkpoints from before a setting existed trained with
 
 
-def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path) -> None:
-    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`) or schedule length differ from its
-    checkpoint's. The run's own epochs may differ where the schedule's length does not: a run that stopped partway
+def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path, task_settings: tuple[str, ...] = ()
+                        ) -> None:
+    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`, and the task's `task_settings`)
+    or schedule length differ from its checkpoint's. The run's own epochs may differ where the schedule's length does not: a run that stopped partway
     down a longer schedule (`schedule_epochs`) continues down it, to a later epoch or to its end."""
-    keys = [k for k in SCHEDULE_SETTINGS if k in saved_config or k in _UNRECORDED]
+    keys = [k for k in SCHEDULE_SETTINGS + task_settings if k in saved_config or k in _UNRECORDED]
     check_compatible({k: saved_config.get(k, _UNRECORDED.get(k)) for k in keys},
                      {k: getattr(current, k) for k in keys}, path)
     if "epochs" in saved_config:

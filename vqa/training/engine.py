@@ -114,7 +114,8 @@ class Trainer:
         model = torch.compile(task.model) if cfg.compile else task.model
         if self.world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                              find_unused_parameters=task.idle_parameters)
         self.model = model
         self.ema = WeightAverage(task.model, self.state_keys, cfg.ema_decay) if cfg.ema_decay else None
         self.skipped_in_a_row = 0
@@ -321,7 +322,7 @@ class Trainer:
             raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
         check_compatible(json.loads(state["identity"]), self.identity, path)
         saved_config = json.loads(state["config"]) if "config" in state else {}
-        check_same_schedule(saved_config, self.cfg, path)
+        check_same_schedule(saved_config, self.cfg, path, self.task.rate_settings)
         if saved_config.get("precision", self.cfg.precision) != self.cfg.precision:
             # allowed: a run may move between machines (a GPU's bf16, a CPU's fp32), but its numbers then differ
             # from a run made in one precision throughout, and its run config names the last one only

@@ -69,6 +69,12 @@ class TrainingTask:
     selection: Selection | None = None  # None: keep the last epoch
     resumable_mid_epoch: bool = False  # train_steps(epoch, start_step) repeats the rest of an epoch exactly
     path_settings: tuple[str, ...] = ()  # the identity's settings that name files or folders (made absolute)
+    # some steps leave trainable parameters without a gradient (a fine-tuned encoder during a frozen warm start):
+    # DDP must then look for them at every step instead of waiting for their gradients
+    idle_parameters: bool = False
+    # the task's own optimizer settings (per-group rates, the optimizer) that a resumed run must keep: the checkpoint's
+    # optimizer state brings back its rates and kind, so other values would be recorded but not trained with
+    rate_settings: tuple[str, ...] = ()
 
     # -- required ------------------------------------------------------------------------
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
