@@ -48,6 +48,22 @@ def test_metrics_match_their_definitions():
     assert risk_threshold(many, np.ones(40), 0.1) == pytest.approx(0.5)
 
 
+def test_a_threshold_keeps_all_of_a_tie_or_none_of_it():
+    """A threshold answers every question at its confidence: where a tie straddles the cut, the risk is the whole
+    tie's, whatever order validation listed it in."""
+    conf, correct = np.array([0.9, 0.8, 0.8]), np.array([1, 1, 0])
+    assert risk_threshold(conf, correct, 0.05, delta=0) == 0.9  # at 0.8, a third of the answers kept are wrong
+    assert coverage_at_risk(conf, correct, 0.05) == pytest.approx(1 / 3)
+    # saturated confidences: 30 right then 10 wrong at 1.0 are one tie, 25 % wrong (the first 30 alone would pass
+    # a 10 % target even with their bound, 7.4 %); 60 right below them bring the whole 100 to 10 % wrong
+    saturated = np.concatenate([np.ones(40), np.linspace(0.99, 0.9, 60)])
+    outcome = np.concatenate([np.ones(30), np.zeros(10), np.ones(60)])
+    assert risk_threshold(saturated, outcome, 0.1) == float("inf")  # 10 of 100 wrong: its bound is above 10 %
+    assert risk_threshold(saturated, outcome, 0.05, delta=0) == float("inf")
+    assert risk_threshold(saturated, outcome, 0.1, delta=0) == pytest.approx(0.9)
+    assert coverage_at_risk(saturated, outcome, 0.2) == 1.0 and coverage_at_risk(saturated, outcome, 0.05) == 0.0
+
+
 def test_a_calibrated_models_ece_is_sampling_noise():
     # all 400 answers at confidence 0.5, one bin: ECE = |share right - 0.5|, whose mean over draws is
     # sqrt(0.25 / n) * sqrt(2 / pi) for a model right half of the time

@@ -89,11 +89,17 @@ def risk_threshold(conf: np.ndarray, correct: np.ndarray, target_risk: float, de
     order = np.argsort(-conf, kind="stable")
     wrong = np.cumsum(1 - correct[order])
     risk = risk_upper_bound(wrong, np.arange(1, len(order) + 1), delta) if delta else wrong / np.arange(1, len(order) + 1)
-    ok = np.nonzero(risk <= target_risk)[0]
+    ok = np.nonzero((risk <= target_risk) & _last_of_ties(conf[order]))[0]
     if len(ok) == 0:
         return float("inf")
     k = ok[-1]  # the most answers kept at that risk
     return float(conf[order][k])
+
+
+def _last_of_ties(descending: np.ndarray) -> np.ndarray:
+    """Where a threshold can cut confidences sorted high to low: after the last of each run of equal values (a
+    threshold keeps all of a tie or none of it, whatever order the ties were listed in)."""
+    return np.append(descending[:-1] > descending[1:], True) if len(descending) else np.zeros(0, dtype=bool)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -307,9 +313,10 @@ def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np
 
 
 def coverage_at_risk(conf: np.ndarray, correct: np.ndarray, risk: float) -> float:
-    """The largest share of questions answerable with at most `risk` of them wrong (0 when none)."""
+    """The largest share of questions answerable with at most `risk` of them wrong, by a confidence threshold (0
+    when none)."""
     coverage, risks = risk_coverage(conf, correct)
-    ok = risks <= risk
+    ok = (risks <= risk) & _last_of_ties(-np.sort(-np.asarray(conf, dtype=float), kind="stable"))
     return float(coverage[ok].max()) if ok.any() else 0.0
 
 
