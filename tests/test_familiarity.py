@@ -153,6 +153,25 @@ def test_a_trained_bundle_reads_familiarity_from_the_question_and_the_image_it_i
     assert 0.0 < new.confidence <= 1.0
 
 
+def test_a_large_image_is_known_by_its_full_pixels_though_the_model_sees_it_reduced(trained_bundle,
+                                                                                    predictor_phantom, tmp_path):
+    """Training and eval know an image by its full pixels; the Predictor reduces one of 2048 px or more before the
+    model sees it, and must still know it as training did (a radiograph of 3000 px, asked again)."""
+    from vqa import Predictor
+    from vqa.data import load_records
+
+    record = load_records("vqa-rad", str(predictor_phantom / "vqa-rad"), "train")[0]
+    large = tmp_path / "large.png"
+    Image.open(record.image).resize((2300, 2100)).save(large)
+    predictor = Predictor.from_bundle(trained_bundle)
+    asked = predictor.calibration.trust.asked
+    asked[image_id(large)] = asked[image_id(record.image)]  # as if training had asked about it at this size
+    for given in (large, Image.open(large)):  # a file, an upload
+        p = predictor.predict(given, record.question)
+        assert p.image.size[0] <= 2048 and any("downscaled" in w for w in p.warnings)
+        assert p.familiarity == 1.0
+
+
 def test_the_demo_says_how_familiar_the_question_is(predictor, predictor_phantom):
     from demos.app import answer_question
     from vqa.data import load_records

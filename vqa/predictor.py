@@ -138,6 +138,14 @@ class LoadedImage:
     image: Image.Image  # 8-bit "L" or "RGB"
     warnings: list[str]
     source: str  # the path, or a description of the object
+    # what was given, where `image` may be a reduced copy of it (a long side of max_side or more: a JPEG that large
+    # decodes reduced, a larger image is downscaled); training and eval know an image by its full pixels (vqa.trust)
+    full_size: Any = None
+
+    @property
+    def identity_source(self) -> Any:
+        """What `vqa.trust.image_id` reads to know this image as training and eval do."""
+        return self.image if self.full_size is None else self.full_size
 
 
 def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
@@ -159,14 +167,14 @@ def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
         raise DataError(f"image file not found: {name}") from None
     except (ValueError, TypeError, OSError) as e:
         raise DataError(str(e) if name in str(e) else f"{name}: {e}") from None
-    warnings = []
+    warnings, full_size = [], image if max(img.size) >= max_side else None
     if max(img.size) > max_side:
         before = img.size
         img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
         warnings.append(f"image downscaled from {before[0]}x{before[1]} to {img.size[0]}x{img.size[1]}")
     if min(img.size) < 1:
         raise DataError(f"{name}: image is empty ({img.size[0]}x{img.size[1]})")
-    return LoadedImage(img, warnings, name)
+    return LoadedImage(img, warnings, name, full_size)
 
 
 def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -317,7 +325,7 @@ class Predictor:
                      else torch.zeros(len(rows), dtype=torch.bool))  # only a calibrated bundle withholds answers
             asked, familiarity = {}, [(None, None)] * len(texts)
             if self.calibration is not None and self.calibration.reads_familiarity:
-                ids = image_ids([item.image for item in loaded])
+                ids = image_ids([item.identity_source for item in loaded])
                 asked = {"questions": texts, "image_ids": [ids[r] for r in rows]}
                 familiarity = self.calibration.trust.familiarity_and_agreement(
                     **asked, predicted=preds.logits.argmax(1).tolist()).tolist()
