@@ -191,6 +191,7 @@ class FeatureCache:
             count = self._index["count"]
             if count == 0:
                 return np.zeros((0, self._index["row_size"]), dtype=np.float16)  # type: ignore[return-value]
+            self._check_owner(_index_header(self.folder))
             self._memmap = np.memmap(self.folder / FEATURES_NAME, dtype=np.float16, mode="r",
                                      shape=(count, self._index["row_size"]))
         return self._memmap
@@ -229,12 +230,21 @@ class FeatureCache:
             self._writing_depth = 1
             try:
                 index = _read_index(self.folder)
-                if index is not None and index.get("fingerprint") == self._index["fingerprint"] and \
-                        index.get("row_size") == self._index["row_size"]:
+                if index is not None:
+                    self._check_owner(index)
                     self._index, self._rows, self._memmap = index, index["rows"], None
                 yield
             finally:
                 self._writing_depth = 0
+
+    def _check_owner(self, index: dict | None) -> None:
+        """Refuse a folder that another process has rebuilt for another encoder since this cache opened it: its
+        rows would pass verification (they are consistent, only someone else's) and be read as this encoder's."""
+        if index is not None and (index.get("fingerprint"), index.get("row_size")) != (
+                self._index["fingerprint"], self._index["row_size"]):
+            raise DataError(f"feature cache {self.folder}: rebuilt for another encoder (fingerprint "
+                            f"{index.get('fingerprint')}) while this one ({self._index['fingerprint']}) had it open; "
+                            "give each encoder its own folder (as `vqa.features` names them)")
 
     # -- writing -------------------------------------------------------------------
     def ensure(self, images: Iterable[ImageSource], batch_size: int = 32, device: str | torch.device | None = None,
@@ -439,6 +449,20 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
         logger.warning("feature cache %s: unreadable %s", folder, INDEX_NAME)
         return None
     return index if isinstance(index, dict) and "rows" in index and "count" in index else None
+
+
+def _index_header(folder: Path) -> dict[str, Any] | None:
+    """The index's settings without its rows (written first, `_empty_index`): a check of whose rows the files hold
+    costs a few hundred bytes, not a parse of every row; the whole index where the header is not found."""
+    path = folder / INDEX_NAME
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+        return json.loads(head[:head.index(', "rows":')] + "}")
+    except FileNotFoundError:
+        return None
+    except ValueError:  # no header in the first 4 kB (not written by `_empty_index`'s order), or not JSON
+        return _read_index(folder)
 
 
 class _NoBar:

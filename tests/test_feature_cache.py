@@ -1,6 +1,7 @@
 """FeatureCache: hits, misses, growth, invalidation, content hashing, atomic files."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -114,6 +115,22 @@ def test_changed_weights_rebuild_the_cache(tmp_path, encoder, images, caplog):
     counter = CountingEncoder(encoder)
     cache.ensure(images[:2], progress=False)
     assert counter.count == 2
+
+
+def test_a_folder_rebuilt_for_another_encoder_under_an_open_cache_is_refused(tmp_path, encoder, images):
+    """Two processes, one folder, two encoders: the second rebuilds it for its own features, whose rows (the same
+    images, in the same order) are consistent and pass verification; the first must not read them as its own."""
+    first = FeatureCache.open(tmp_path / "cache", encoder)
+    hashes = first.ensure(images[:2], progress=False)
+    reader = FeatureCache.open(tmp_path / "cache", encoder)  # opened, not yet read
+    changed = copy.deepcopy(encoder)
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 0.5
+    FeatureCache.open(tmp_path / "cache", changed).ensure(images[:2], progress=False)
+    with pytest.raises(DataError, match="rebuilt for another encoder"):
+        reader.lookup(hashes)
+    with pytest.raises(DataError, match="rebuilt for another encoder"):
+        first.ensure(images[:3], progress=False)
 
 
 def test_other_encoder_gets_its_own_rebuild(tmp_path, encoder, images):
