@@ -101,6 +101,8 @@ def _decode(source, path: Path, max_side: int | None) -> Image.Image:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(img.n_frames // 2)
             return to_8bit(ImageOps.exif_transpose(img))  # photographed figures may carry a rotation
+    except Image.DecompressionBombError as e:  # PIL's own bound (~179 Mpx), under a raised MEDVQA_MAX_IMAGE_PIXELS
+        raise ValueError(f"{path}: image too large for PIL to decode ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 

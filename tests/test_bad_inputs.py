@@ -181,6 +181,18 @@ def test_images_that_would_cost_too_much_are_refused_before_decoding(tiny_bundle
     assert _predict(capsys, tiny_bundle, big)[0] == 0
 
 
+def test_an_image_past_pils_own_bound_names_its_file(tmp_path, monkeypatch):
+    """PIL refuses images over twice its MAX_IMAGE_PIXELS (~179 Mpx) itself, with an error of its own type, which
+    a raised MEDVQA_MAX_IMAGE_PIXELS lets through: it must still say which file (PIL's bound shrunk here)."""
+    from encoders import load_image
+
+    path = tmp_path / "scan.png"
+    Image.new("L", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match=r"scan\.png: image too large for PIL to decode"):
+        load_image(path)
+
+
 def test_a_large_jpeg_is_decoded_at_reduced_size():
     from encoders import load_image
 

@@ -126,6 +126,11 @@ def test_bad_medmnist_files_are_errors_naming_file_and_array(tmp_path):
         zf.writestr("test_labels.npy", buf.getvalue())
     with pytest.raises(DataError, match="not a readable MedMNIST .npz"):
         load_medmnist(path, "test")
+    # a download cut short: the zip's directory at its end is missing
+    _npz(path, test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([[0], [1]]))
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(DataError, match=r"pathmnist.*not a readable MedMNIST .npz \(File is not a zip file\)"):
+        load_medmnist(path, "test")
 
 
 def test_hf_classification_with_class_labels(phantom_dir, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -156,7 +157,7 @@ def load_medmnist(root: str | Path, split: str, flag: str | None = None, size: i
             if missing:
                 raise DataError(f"{path}: no array {missing[0]!r} (has {sorted(keys)})")
             images, y = npz[f"{split}_images"], npz[f"{split}_labels"]
-    except (OSError, ValueError) as e:  # not a zip, a truncated file, or object arrays (pickles)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # not a zip, truncated, object arrays (pickles)
         raise DataError(f"{path}: not a readable MedMNIST .npz ({e})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DataError(f"{path}: '{split}_images' is {images.dtype} {images.shape}; expected uint8 (N, H, W) "
