@@ -154,6 +154,20 @@ def test_predictions_carry_confidence_and_abstain_on_an_unknown_question(predict
     assert sum(many) >= sum(loose)
 
 
+def test_a_branch_validation_never_answered_is_withheld_for_that_reason(predictor, predictor_phantom):
+    """No threshold exists for a branch without validation answers (a head without a router whose validation never
+    said yes or no, say): its answers are withheld, and the reason says so rather than blaming the target."""
+    from ._bundle import known_answer
+
+    row = known_answer(predictor, predictor_phantom)
+    again = type(predictor).from_bundle(predictor.path)
+    branch = again.predict(row["image"], row["question"]).question_type
+    again.calibration.evidence[branch] = {"confidence": [], "correct": []}
+    p = again.predict(row["image"], row["question"])
+    assert p.abstained and p.abstain_reason == (f"validation gave no {branch.lower()} answers, so nothing shows how "
+                                                "often they are right")
+
+
 def _photographs() -> list[Path]:
     pytest.importorskip("skimage")
     return photographs()

@@ -390,6 +390,8 @@ class Predictor:
         if preds.abstained is None or not bool(preds.abstained[i]):
             return None
         confidence, threshold = float(preds.confidence[i]), self.threshold(branch)
+        if threshold == float("inf") and not (self.calibration.evidence.get(branch) or {}).get("confidence"):
+            return f"validation gave no {branch.lower()} answers, so nothing shows how often they are right"
         if threshold == float("inf"):
             return (f"on validation, no confidence level kept the {branch.lower()} answers wrong at most "
                     f"{self.target_risk.of(branch):.0%} of the time")
