@@ -223,6 +223,26 @@ def test_a_blank_frame_is_out_of_scope_whatever_its_features(predictor, predicto
         blanked
 
 
+def test_eval_withholds_a_question_of_unknown_words_as_the_predictor_does(predictor, predictor_phantom, tmp_path):
+    from vqa.evaluate import evaluate
+
+    from ._bundle import feature_cache_copy
+
+    data = shutil.copytree(predictor_phantom / "vqa-rad", tmp_path / "vqa-rad")
+    test = json.loads((data / "testset.json").read_text())
+    test[0]["question"] = "Zorblat quinx fremmel wobbly?"
+    (data / "testset.json").write_text(json.dumps(test))
+    # a target so loose that confidence alone would not withhold it
+    _, scored, preds = evaluate(predictor.path, "vqa-rad", str(data), device="cpu", target_risk=0.99,
+                                cache_dir=str(feature_cache_copy(predictor.path, tmp_path / "cache")), progress=False)
+    gibberish = [r.question == test[0]["question"] for r in scored]
+    assert sum(gibberish) == 1 and bool(preds.abstained[gibberish.index(True)])
+    again = type(predictor).from_bundle(predictor.path, target_risk=0.99).predict_batch(
+        [r.image for r in scored], [r.question for r in scored])
+    assert [p.abstained for p in again] == preds.abstained.tolist()
+    assert "unknown to the model" in again[gibberish.index(True)].abstain_reason
+
+
 def test_a_bundle_from_before_calibration_still_answers(trained_bundle, tmp_path, predictor_phantom):
     from vqa import Predictor
 
@@ -237,6 +257,7 @@ def test_a_bundle_from_before_calibration_still_answers(trained_bundle, tmp_path
     p = predictor.predict(row["image"], row["question"])
     assert not p.calibrated and not p.abstained and p.confidence == pytest.approx(p.score)
     assert not predictor.describe()["calibrated"]
+    assert not predictor.predict(row["image"], "Zorblat quinx fremmel wobbly?").abstained  # it withholds nothing
 
 
 def test_target_risk_outside_zero_one_is_a_clear_error(trained_bundle, predictor_phantom, capsys):

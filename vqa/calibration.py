@@ -339,11 +339,13 @@ def calibration_metrics(conf: np.ndarray, correct: np.ndarray, risks: Sequence[f
 
 def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch.Tensor,
                       target_risk: TargetRisk | None = None, blank: torch.Tensor | None = None,
-                      questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None) -> None:
+                      questions: Sequence[str] | None = None, image_ids: Sequence[str] | None = None,
+                      unfamiliar: torch.Tensor | None = None) -> None:
     """Fill `preds.confidence`, `preds.abstained` and `preds.out_of_scope` (nothing without a calibration):
-    an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), or
-    when its image is out of scope: far from the training images (`ood`, a `vqa.ood.OutOfScopeDetector`, on the
-    images' pooled features) or blank (`blank`, (Q,) bool, `vqa.ood.blank_images`). `questions` and their images'
+    an answer is withheld below its branch's threshold at `target_risk` (default: the calibration's), when its
+    image is out of scope: far from the training images (`ood`, a `vqa.ood.OutOfScopeDetector`, on the
+    images' pooled features) or blank (`blank`, (Q,) bool, `vqa.ood.blank_images`), or when its question is
+    mostly unknown words (`unfamiliar`, (Q,) bool, `vqa.ood.unfamiliar_questions`). `questions` and their images'
     `image_ids`: for a calibration that reads familiarity."""
     if calibration is None:
         return
@@ -354,4 +356,4 @@ def apply_calibration(calibration: Calibration | None, ood, preds, pooled: torch
     preds.out_of_scope = ood.out_of_scope(pooled) if ood is not None else torch.zeros_like(below)
     if blank is not None:
         preds.out_of_scope = preds.out_of_scope | blank
-    preds.abstained = below | preds.out_of_scope
+    preds.abstained = below | preds.out_of_scope | (unfamiliar if unfamiliar is not None else False)

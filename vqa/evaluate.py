@@ -19,6 +19,7 @@ import torch
 from .batches import encode_questions, unique_images
 from .bundle import Bundle, load as load_bundle
 from .calibration import apply_calibration, calibration_metrics, reliability
+from .ood import unfamiliar_questions
 from .data import load_records, load_vqa_rad
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
@@ -161,7 +162,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
     preds, pooled, blank, ids = _predict_with_features(bundle, records, dev, precision, cache_dir, progress)
     asked = {} if ids is None else {"questions": [r.question for r in records], "image_ids": ids}
-    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank, **asked)
+    apply_calibration(bundle.calibration, bundle.ood, preds, pooled, target_risk, blank, **asked,
+                      unfamiliar=unfamiliar_questions(bundle.tokenizer, [r.question for r in records]))
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
         "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,

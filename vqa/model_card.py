@@ -253,7 +253,7 @@ def _numerics_lines(records: list[dict]) -> list[str]:
 
 
 def _trust_lines(files, reports: list[dict]) -> list[str]:
-    from .predictor import UNKNOWN_WORDS_LIMIT
+    from .ood import UNKNOWN_WORDS_LIMIT
 
     lines = ["## Calibration and abstention", ""]
     cal = files.calibration

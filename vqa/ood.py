@@ -54,12 +54,27 @@ def blank_levels(image) -> float:
     return float(np.searchsorted(share, 0.99) - np.searchsorted(share, 0.01, side="right"))
 
 
+UNKNOWN_WORDS_LIMIT = 0.5  # a question most of whose words the model never saw is out of scope
+
+
 def blank_images(images: Sequence) -> torch.Tensor:
     """(I,) bool: which of `images` (PIL images, or files the feature cache reads) are blank frames."""
     from encoders import load_image
 
     return torch.tensor([blank_levels(im if hasattr(im, "convert") else load_image(im)) <= BLANK_LEVELS
                          for im in images], dtype=torch.bool)
+
+
+def unfamiliar_questions(tokenizer, questions: Sequence[str]) -> torch.Tensor:
+    """(Q,) bool: which questions are mostly words the model never saw (more than UNKNOWN_WORDS_LIMIT of them; a
+    subword tokenizer knows every word): out of scope, as a blank frame is."""
+    from .text import tokenize
+
+    def unfamiliar(text: str) -> bool:
+        words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
+        return bool(words) and len(tokenizer.unknown_words(text)) / len(words) > UNKNOWN_WORDS_LIMIT
+
+    return torch.tensor([unfamiliar(q) for q in questions], dtype=torch.bool)
 
 
 def photographs() -> list[Path]:

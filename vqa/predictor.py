@@ -37,7 +37,7 @@ from .data.record import CLOSED, OPEN, YES_NO
 from .errors import DataError
 from .calibration import apply_calibration
 from .inference import Predictions, answer_scores, predict
-from .ood import BLANK_LEVELS, blank_images
+from .ood import BLANK_LEVELS, blank_images, unfamiliar_questions
 from .runtimes import ModelRuntime
 from .target_risk import TargetRisk
 from .text import tokenize
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 500  # longer text is not a question; the model reads `max_len` words anyway
 MAX_IMAGE_SIDE = 2048  # larger images are downscaled on load (the encoder sees a few hundred pixels)
-UNKNOWN_WORDS_LIMIT = 0.5  # a question most of whose words the model never saw is out of scope
 
 
 @dataclass
@@ -327,9 +326,12 @@ class Predictor:
                 asked = {"questions": texts, "image_ids": [ids[r] for r in rows]}
                 familiarity = self.calibration.trust.familiarity_and_agreement(
                     **asked, predicted=preds.logits.argmax(1).tolist()).tolist()
-            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank, **asked)
+            unfamiliar = unfamiliar_questions(self.tokenizer, texts)
+            apply_calibration(self.calibration, self.ood, preds, pooled, self.target_risk, blank, **asked,
+                              unfamiliar=unfamiliar)
         image_scores = self.ood.score(pooled) if self.ood is not None else None
-        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank)
+        results = self._decode(preds, texts, [loaded[r] for r in rows], top_k, choices, image_scores, blank,
+                               unfamiliar)
         for p, (familiar, agreement) in zip(results, familiarity):
             p.familiarity, p.agreement = familiar, agreement
         per_question = (time.perf_counter() - started) / max(len(results), 1)
@@ -340,7 +342,7 @@ class Predictor:
     # -- steps ---------------------------------------------------------------------
     def _decode(self, preds: Predictions, texts: list[str], images: list[LoadedImage], top_k: int,
                 choices: Sequence[Sequence[str]] | None, image_scores: torch.Tensor | None,
-                blank: torch.Tensor) -> list[Prediction]:
+                blank: torch.Tensor, unfamiliar: torch.Tensor) -> list[Prediction]:
         scores = answer_scores(preds.logits, self.score_kind, None if choices is None else [len(c) for c in choices])
         branches = preds.branches()
         confidence = preds.confidence if preds.confidence is not None else scores.max(-1).values.clamp(min=0.0)
@@ -359,7 +361,7 @@ class Predictor:
             else:
                 qtype, source, qscore = (CLOSED if answer in YES_NO else OPEN), "answer", None
             ood = None if image_scores is None else float(image_scores[i])
-            reason = self._abstain_reason(preds, i, text, branches[i], ood, bool(blank[i]))
+            reason = self._abstain_reason(preds, i, text, branches[i], ood, bool(blank[i]), bool(unfamiliar[i]))
             results.append(Prediction(
                 question=text, answer=answer, score=score, top_k=top, score_kind=self.score_kind,
                 question_type=qtype, question_type_source=source, question_type_score=qscore,
@@ -376,19 +378,19 @@ class Predictor:
         return self._thresholds[branch]
 
     def _abstain_reason(self, preds: Predictions, i: int, text: str, branch: str, ood: float | None,
-                        blank: bool) -> str | None:
+                        blank: bool, unfamiliar: bool) -> str | None:
         """Why answer `i` is withheld, or None: an out-of-scope image or question first, then low confidence."""
         if blank and preds.out_of_scope is not None:  # a calibrated bundle withholds it (apply_calibration)
             return f"the image is blank (its pixels span at most {BLANK_LEVELS} gray levels)"
         if preds.out_of_scope is not None and bool(preds.out_of_scope[i]):
             return (f"the image is unlike the training images (distance {ood:.1f}, above "
                     f"{self.ood.threshold:.1f}, which {100 * self.ood.quantile:.0f}% of training images stay under)")
-        words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
-        unknown = self.tokenizer.unknown_words(text)
-        if words and len(unknown) / len(words) > UNKNOWN_WORDS_LIMIT:
-            return f"most of the question's words are unknown to the model ({len(unknown)} of {len(words)})"
         if preds.abstained is None or not bool(preds.abstained[i]):
-            return None
+            return None  # a bundle without calibration withholds nothing
+        if unfamiliar:
+            words = [w for w in tokenize(text) if any(c.isalnum() for c in w)]
+            return (f"most of the question's words are unknown to the model ({len(self.tokenizer.unknown_words(text))} "
+                    f"of {len(words)})")
         confidence, threshold = float(preds.confidence[i]), self.threshold(branch)
         if threshold == float("inf") and not (self.calibration.evidence.get(branch) or {}).get("confidence"):
             return f"validation gave no {branch.lower()} answers, so nothing shows how often they are right"
