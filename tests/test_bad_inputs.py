@@ -44,6 +44,19 @@ def _set(field, value, item=3):
     return edit
 
 
+def test_an_image_stored_as_a_link_is_the_datasets_own(phantom_dir, tmp_path):
+    """git-annex and DVC keep a dataset's files as links into a store elsewhere: the name stays in the folder."""
+    from vqa.data import load_vqa_rad
+
+    root = _vqa_rad_copy(phantom_dir, tmp_path, lambda items: None)
+    store = tmp_path / "store"
+    store.mkdir()
+    image = root / "images" / json.loads((root / "trainset.json").read_text())[0]["image_name"]
+    image.rename(store / "blob")
+    image.symlink_to(store / "blob")
+    assert load_vqa_rad(root, "train")[0].image == image
+
+
 @pytest.mark.parametrize("edit, message", [
     (_set("answer", ["yes", "no"]), r"item 3: field 'answer' is a list \(\['yes', 'no'\]\); expected text"),
     (_set("answer", True), r"item 3: field 'answer' is a bool"),

@@ -129,8 +129,9 @@ def usable_records(items: Iterable[Any], build: Callable[[int, Any], Record | No
 
 
 class ImageFinder:
-    """Finds image files under a list of candidate folders; a missing image, or a path that leaves
-    the folders (`../../etc/hostname`), is an error."""
+    """Finds image files under a list of candidate folders; a missing image, or a name that leaves
+    the folders (`../../etc/hostname`, an absolute path), is an error. The name is what is checked: an image
+    stored as a link to elsewhere (git-annex, DVC) is the dataset's own."""
 
     def __init__(self, folders: Iterable[Path]):
         self.folders = [Path(f) for f in folders]
@@ -142,8 +143,8 @@ class ImageFinder:
         for folder in self.folders:
             path = folder / name
             if path.is_file():
-                inside = folder.resolve()
-                if inside != path.resolve() and inside not in path.resolve().parents:
+                # a name can only go down (no "..", not absolute): links below are followed, never climbed out of
+                if Path(name).is_absolute() or ".." in Path(name).parts:
                     raise DataError(f"{where}: image path {name!r} leaves the dataset folder {folder}")
                 self._found[name] = path
                 return path
