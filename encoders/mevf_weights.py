@@ -165,7 +165,10 @@ def _fresh_projection(seed: int, code_size: int = 16384, dim: int = 64) -> dict[
 
 def _checkpoint_state(path: Path) -> dict[str, Tensor]:
     """A trained MEVF model (utils.save_model: {"model_state": ..., "epoch": ...})."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types (pickle, zip, unpickler refusals); the path says which file
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
     model_state = data.get("model_state", data) if isinstance(data, dict) else None
     if not isinstance(model_state, dict):
         raise ValueError(f"{path}: expected a MEVF model state dict")

@@ -189,6 +189,13 @@ def test_pmc_vqa_bad_input(phantom_dir, tmp_path):
     _rewrite_csv(root / "train.csv", wrong_answer)
     with pytest.raises(DataError, match=r"train.csv: line 3: answer 'banana' is none of the choices"):
         load_pmc_vqa(root, "train")
+
+    def question_on_two_lines(rows):  # a quoted field may hold a newline: the file's lines, not its rows, count
+        rows[1][rows[0].index("Question")] += "\nWhich one?"
+
+    _rewrite_csv(root / "train.csv", question_on_two_lines)
+    with pytest.raises(DataError, match=r"train.csv: line 4: answer 'banana' is none of the choices"):
+        load_pmc_vqa(root, "train")
     with pytest.raises(DataError, match="no PMC-VQA file for split 'validate'"):
         load_pmc_vqa(root, "validate")
 
@@ -221,6 +228,11 @@ def test_hf_bad_input(phantom_dir, tmp_path):
         load_hf(tmp_path / "noq", "train")
     with pytest.raises(DataError, match="unknown dataset format 'coco'"):
         load_records("coco", tmp_path, "train")
+    junk = datasets.Dataset.from_dict({"image": [{"bytes": b"not a png", "path": "x.png"}], "question": ["q?"],
+                                       "answer": ["yes"]})
+    junk.save_to_disk(str(tmp_path / "junk"))
+    with pytest.raises(DataError, match=r"junk.*row 0.*the image bytes are not a readable image"):
+        load_hf(tmp_path / "junk", "train")
 
 
 # ---------------------------------------------------------------- real data (skipped when absent)

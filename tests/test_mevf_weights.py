@@ -153,6 +153,9 @@ def test_trained_mevf_checkpoint_overrides_image_weights(tmp_path):
     torch.save({"model_state": model_state, "epoch": 19}, tmp_path / "model_epoch19.pth")
     state = convert_mevf_weights(tmp_path, checkpoint=tmp_path / "model_epoch19.pth")
     assert all(torch.equal(state[k], v) for k, v in ours.items())
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "model_epoch19.pth").read_bytes()[:200])  # a download cut short
+    with pytest.raises(ValueError, match=r"cut\.pth: not a readable torch checkpoint"):
+        convert_mevf_weights(tmp_path, checkpoint=tmp_path / "cut.pth")
 
 
 def test_autoencoder_trains_with_mevfs_gradients(tmp_path):

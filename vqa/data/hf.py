@@ -61,7 +61,14 @@ def row_image(value: Any, find_image: ImageFinder | None, where: str) -> Path | 
     if isinstance(value, Mapping) and value.get("bytes"):
         import io
 
-        return Image.open(io.BytesIO(value["bytes"]))
+        from encoders.images import check_pixels
+
+        try:  # the header only: decoded when the feature cache reads it (a split's images never all in memory)
+            image = Image.open(io.BytesIO(value["bytes"]))
+            check_pixels(*image.size, Path(value.get("path") or "image"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(f"{where}: the image bytes are not a readable image ({e})") from None
+        return image
     name = value.get("path") if isinstance(value, Mapping) else value
     if not name:
         raise DataError(f"{where}: empty image field")

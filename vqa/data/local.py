@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import read_csv, read_json
+from ..io import read_csv_numbered, read_json
 from ..text import normalize_answer
 from .record import (ImageFinder, Record, UnusableRecord, infer_answer_type, make_record, parse_answer_type,
                      require_fields, require_mapping, text_field, usable_records)
@@ -165,11 +165,12 @@ def load_pmc_vqa(root: str | Path, split: str, lang: str = "en", strict: bool = 
     check_english("PMC-VQA", lang)
     root = _check_root(root, "PMC-VQA")
     path = _pmc_split_file(root, split)
-    rows = read_csv(path, ("Figure_path", "Question", *PMC_CHOICE_COLUMNS))
+    rows = read_csv_numbered(path, ("Figure_path", "Question", *PMC_CHOICE_COLUMNS))  # a quoted field may span lines
     find_image = ImageFinder([root / "images", root / "figures", root])
 
-    def build(i: int, row: dict) -> Record:
-        where = f"{path}: line {i + 2}"
+    def build(i: int, numbered: tuple[int, dict]) -> Record:
+        line, row = numbered
+        where = f"{path}: line {line}"
         for column in ("Figure_path", "Question", *PMC_CHOICE_COLUMNS):
             if not (row.get(column) or "").strip():
                 raise UnusableRecord(f"{where}: column {column!r} is empty")
