@@ -7,7 +7,9 @@ same global batches with 1 or N processes, and on resume, also from a step withi
 Accumulation keeps the contrastive negatives of the whole accumulated batch (as open_clip's
 accum_freq): a first pass without gradients embeds every micro-batch; then each micro-batch
 is embedded again with gradients and its loss is the loss of the full batch with its own
-slice fresh. The sum of these gradients is the gradient of the full-batch loss. The logit
+slice fresh. The sum of these gradients is the gradient of the full-batch loss: each micro-batch's
+second pass replays the random state of its first (the same dropout masks), and BatchNorm's
+running statistics move once per micro-batch (the first pass's moves are undone). The logit
 scale is live in the last micro-pass only (the one DDP synchronises), and at 1/N of its
 gradient on each of N ranks, so it is counted once.
 """
@@ -175,16 +177,24 @@ class ContrastiveTask(TrainingTask):
         k, gather = len(micro), self.clip_loss.gather
         cached_img: list[Tensor] = []
         cached_txt: list[Tensor] = []
+        replay: list[tuple[Tensor, Tensor | None]] = []
         if k > 1:
+            statistics = [(b, b.clone()) for m in self.model.modules()
+                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
             with torch.no_grad(), step.autocast():
                 for batch, _ in micro:
+                    replay.append(_random_state(self.device))
                     out = self.model(batch)
                     cached_img.append(gather(out["image_embeds"].float()))
                     cached_txt.append(gather(out["text_embeds"].float()))
+            for buffer, before in statistics:
+                buffer.copy_(before)
         losses: dict[str, Tensor | float] = {}
         mlm_total = torch.zeros((), device=self.device)  # a device scalar: reading it back would sync the step
         for j, (batch, labels) in enumerate(micro):
             last = j == k - 1
+            if replay:
+                _set_random_state(replay[j], self.device)
             with step.accumulate(model, last):
                 with step.autocast():
                     out = model(batch)
@@ -249,3 +259,14 @@ class ContrastiveTask(TrainingTask):
     def load_state_dict(self, state: dict) -> None:
         self.before = state.get("before")
         self.samples_seen = int(state.get("samples_seen", 0))
+
+
+def _random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """What dropout draws from on `device`: torch's CPU generator, and the GPU's where it runs there."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_random_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

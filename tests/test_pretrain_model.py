@@ -233,6 +233,36 @@ def test_accumulation_equals_the_big_batch():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_accumulation_replays_dropout_and_moves_batchnorm_once_per_micro_batch():
+    """With dropout and BatchNorm, accumulated micro-batches give the gradient of the full-batch loss over the
+    forwards they had: each micro-batch's dropout masks as first drawn, BatchNorm's statistics moved once per
+    micro-batch (not again by the pass without gradients)."""
+    def make() -> CLIPPretrainModel:
+        torch.manual_seed(1)
+        encoder = create_encoder("timm:resnet10t", image_size=32,
+                                 model_kwargs={"channels": [8, 8, 8, 8], "stem_width": 8})
+        text = create_text_tower("bert-tiny", captions=CAPTIONS, dropout=0.3)
+        return CLIPPretrainModel(encoder, text, ContrastiveConfig(embed_dim=16)).train()
+
+    accumulated, reference = make(), make()
+    inputs = _inputs(accumulated, n=8)
+    text = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+    micro = [Micro(Shard(idx), inputs["raw"][idx], 0, 0, m) for m, idx in enumerate(torch.arange(8).chunk(2))]
+    torch.manual_seed(7)
+    _task(accumulated, text).training_step(accumulated, micro, StepContext("fp32", torch.device("cpu"), None))
+    task = _task(reference, text)
+    torch.manual_seed(7)
+    outs = [reference(task.make_batch(m)[0]) for m in micro]  # one forward each, with gradients
+    task.clip_loss.global_loss(torch.cat([o["image_embeds"] for o in outs]), torch.cat([o["text_embeds"] for o in outs]),
+                               outs[-1]["logit_scale"]).backward()
+    for (name, a), b in zip(accumulated.named_parameters(), reference.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(accumulated.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # num_batches_tracked: 2, as the reference
+
+
 class _HostReads(TorchFunctionMode):
     """Records every read of a tensor's value by the host (on a GPU, each one waits for the device)."""
 
