@@ -48,11 +48,24 @@ def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, pr
 
     from vqa import Predictor
 
+    # what killed writes leave: a temporary file, and a temporary folder (an export or eval cut short), at any depth
+    (bundle_copy / ".calibration.json.k3j2.tmp").write_text("{")
+    for partial in (bundle_copy / ".onnx.ab12cd34.tmp", bundle_copy / "encoder" / ".eval-test.x9.tmp" / "deep"):
+        partial.mkdir(parents=True)
+        (partial / "head.onnx").write_bytes(b"half")
     assert main(["push", str(bundle_copy), REPO, "--to-cache", str(hub_cache)]) == 0
     assert REPO in capsys.readouterr().out
     repo = hub_cache / "models--test-org--qcr-phantom"
     snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
     assert (snapshot / "model.safetensors").is_file() and (snapshot / "encoder" / "config.json").is_file()
+    assert not [p for p in snapshot.rglob("*") if ".tmp" in p.as_posix()]
+    from huggingface_hub.utils import filter_repo_objects
+
+    from vqa.hub import UPLOAD_IGNORE
+
+    leftovers = [".a.b.tmp", "x/.a.b.tmp", ".onnx.ab.tmp/head.onnx", "encoder/.e.x.tmp/deep/head.onnx"]
+    assert list(filter_repo_objects(leftovers + ["onnx/head.onnx"], ignore_patterns=UPLOAD_IGNORE)) == [
+        "onnx/head.onnx"]  # the Hub's own filter, as a real upload applies it
     assert ModelCard.load(snapshot / "README.md").data.model_name == REPO
     # the recipe travels too: `train --config` takes the Hub id, and asks for the data folder it recorded by name
     from vqa.cli.options import config_from_command_line

@@ -15,6 +15,7 @@ with no network (what the tests do; `medvqa push --to-cache DIR` on the command 
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import re
@@ -27,7 +28,10 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub spells repository ids
-UPLOAD_IGNORE = [".*.tmp", "**/.*.tmp"]  # what an interrupted atomic write may leave (encoders._files)
+# What an interrupted atomic write may leave (encoders._files, vqa.io.atomic_dir): a hidden ".NAME.XXXX.tmp" file,
+# or such a folder with whatever it holds, at any depth. fnmatch patterns over the path (`*` crosses "/"), as
+# huggingface_hub matches them.
+UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 
 
 def is_repo_id(name: str | Path) -> bool:
@@ -152,4 +156,5 @@ class CacheHub:
 
 
 def _ignored(relative: Path, patterns: list[str]) -> bool:
-    return any(relative.match(p) or relative.name == p for p in patterns)
+    """As huggingface_hub's upload filters a path: fnmatch over its POSIX form."""
+    return any(fnmatch.fnmatch(relative.as_posix(), p) for p in patterns)
