@@ -192,6 +192,33 @@ def test_cli_export_into_the_bundle_then_predict_with_onnx(trained_bundle, predi
     assert out["answer"] == reference.answer and out["score"] == pytest.approx(reference.score, abs=TOLERANCE)
 
 
+@pytest.mark.slow  # an export, an eval, a calibration
+def test_calibrating_again_exports_again(trained_bundle, predictor_phantom, tmp_path, capsys):
+    """`medvqa calibrate` replaces the calibration that an export and an eval report carry: the export is made
+    again (else the onnx runtime would abstain by the old one), and the card stops quoting the old report."""
+    from vqa import Predictor
+    from vqa.model_card import write_card
+
+    from ._bundle import feature_cache_copy
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    data, cache = str(predictor_phantom / "vqa-rad"), str(feature_cache_copy(trained_bundle, tmp_path / "cache"))
+    assert main(["export", "onnx", str(bundle), "--threads", "1"]) == 0
+    assert main(["eval", "--bundle", str(bundle), "--format", "vqa-rad", "--data", data, "--cache-dir", cache,
+                 "--device", "cpu", "--no-progress"]) == 0
+    write_card(bundle)  # as `medvqa push` writes it: the eval report's abstention quoted
+    assert "at target risk" in (bundle / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["calibrate", str(bundle), "--format", "vqa-rad", "--data", data, "--cache-dir", cache,
+                 "--device", "cpu", "--no-progress", "--target-risk", "0.05"]) == 0
+    assert (bundle / "onnx" / "calibration.json").read_text() == (bundle / "calibration.json").read_text()
+    assert "at target risk" not in (bundle / "README.md").read_text()  # the report measured the old one
+    rows = ground_truth(predictor_phantom)[:24]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    assert_same(Predictor.from_bundle(bundle).predict_batch(images, questions),
+                Predictor.from_pretrained(bundle, runtime="onnx").predict_batch(images, questions))
+
+
 def test_onnx_runtime_refuses_a_gpu_and_a_bundle_folder(trained_bundle):
     from vqa import Predictor
 

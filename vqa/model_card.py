@@ -280,8 +280,9 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
                      f"{files.ood.describe_space()} above the {100 * files.ood.quantile:.0f}th percentile of "
                      "out-of-fold training images) are withheld, and blank frames")
     for report in reports:
-        abst = (report.get("calibration") or {}).get("abstention")
-        if abst:
+        measured = report.get("calibration") or {}
+        abst = measured.get("abstention")
+        if abst and measured.get("fitted_on", cal.fitted_on) == cal.fitted_on:  # not a calibration since replaced
             parts = [f"{g.lower()} coverage {_pct(v['coverage'])} %, risk {_pct(v['risk'])} %"
                      for g, v in abstention_groups(abst).items()]
             lines.append(f"- on {report['dataset']} {report['split']} at target risk {reported_target(abst)}: "

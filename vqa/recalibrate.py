@@ -93,6 +93,10 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
             shutil.copytree(path, tmp, dirs_exist_ok=True)
             _write(calibration, detector, tmp)
         target = Path(cfg.out) / "bundle"
+    _refresh_export(target)
+    for stale in sorted(target.glob("eval-*/metrics.json")):
+        log.warning("%s measured the calibration this replaced: run `medvqa eval` again for its abstention figures "
+                    "(the model card leaves them out until then)", stale.parent)
     write_card(target)
     log.info("%s: calibrated (temperatures %s%s)", target, {b: round(t, 3) for b, t in calibration.temperatures.items()},
              f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
@@ -129,6 +133,22 @@ def refit_detector(bundle: Bundle, train: Sequence[Record], space: str, device, 
     if encoder is None:
         model_features = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     return fit_detector(bundle.model.encoder, images, model_features, encoder, device, cache_dir, progress)
+
+
+def _refresh_export(bundle: Path) -> None:
+    """An ONNX export in the bundle (`onnx/`) carries copies of the calibration, the trust memory and the detector
+    (its graph too, in a space of its own): exported again, or the onnx runtime would answer with the old ones."""
+    from .onnx_export import export_onnx
+
+    folder = bundle / "onnx"
+    if not folder.is_dir():
+        return
+    try:
+        export_onnx(bundle, folder, overwrite=True)
+    except DataError as e:  # onnx not installed here: better no export than one that abstains otherwise
+        shutil.rmtree(folder)
+        log.warning("%s: removed the ONNX export, made with the old calibration (%s); export it again with "
+                    "`medvqa export onnx`", bundle, e)
 
 
 def _write(calibration: Calibration, detector: OutOfScopeDetector | None, folder: Path) -> None:
