@@ -18,6 +18,7 @@ from .conftest import shared_data
     ("Yes", "yes"), (" No. ", "no"), ("X-ray", "x-ray"), ("Two", "2"), ("the left kidney", "left kidney"),
     ("3.5 cm", "3.5 cm"), ("PA/AP", "pa/ap"), ("T2-weighted,  MRI", "t2-weighted mri"), (2, "2"),
     ("Right upper lobe.", "right upper lobe"), ("(CT)", "ct"),
+    ("L5.", "l5"), ("5.", "5"), ("Size: .5 cm", "size .5 cm"),  # a dot is kept before a digit only
 ])
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected

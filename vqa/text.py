@@ -17,9 +17,9 @@ _NUMBER_WORDS = {
 }
 _ARTICLES = {"a", "an", "the"}
 # Punctuation that never carries meaning in an answer; '-' ('x-ray', 't2-weighted'),
-# '/' ('pa/ap') and '.' inside numbers ('3.5') do, so they are kept.
+# '/' ('pa/ap') and '.' before a digit ('3.5', '.5') do, so they are kept ('L5.' is 'l5').
 _DROP_PUNCT = re.compile(r"[\"'`,;:!?()\[\]{}]")
-_TRAILING_DOT = re.compile(r"(?<!\d)\.(?!\d)")
+_TRAILING_DOT = re.compile(r"\.(?!\d)")
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-.'][a-z0-9]+)*|[^\sa-z0-9]")
 
 
