@@ -62,6 +62,24 @@ def test_official_vqa_rad_json_gives_the_same_split(phantom_dir, tmp_path):
     assert len(load_vqa_rad(root, "all")) == len(load_vqa_rad(root, "train")) + len(load_vqa_rad(root, "test"))
 
 
+def test_official_vqa_rad_json_adds_each_templated_question_to_train(phantom_dir, tmp_path):
+    """As MEVF's trainset.json: `question_frame` is a training question of its own, a test question's too."""
+    root = tmp_path / "official"
+    shutil.copytree(phantom_dir / "vqa-rad", root)
+    (root / "trainset.json").unlink()
+    (root / "testset.json").unlink()
+    before = {s: load_vqa_rad(root, s) for s in ("train", "test")}
+    items = json.loads((root / "VQA_RAD_Dataset_Public.json").read_text())
+    first_test = next(i for i, it in enumerate(items) if it["phrase_type"].startswith("test_"))
+    items[0]["question_frame"], items[first_test]["question_frame"] = "Is/Are there a lesion?", "Is this a CT?"
+    (root / "VQA_RAD_Dataset_Public.json").write_text(json.dumps(items))
+    train, test = load_vqa_rad(root, "train"), load_vqa_rad(root, "test")
+    assert len(train) == len(before["train"]) + 2 and len(test) == len(before["test"])
+    added = {r.question: (r.answer, r.image.name, str(r.source_id)) for r in train[-2:]}
+    assert added["Is this a CT?"][:2] == (before["test"][0].answer, before["test"][0].image.name)
+    assert added["Is/Are there a lesion?"][2].endswith("/frame")
+
+
 def _same_records_with_pixels(from_files, from_hf):
     assert len(from_files) == len(from_hf)
     for a, b in zip(from_files, from_hf):
@@ -244,6 +262,25 @@ def test_real_vqa_rad_standard_split():
     assert sum(r.answer_type == CLOSED for r in test) == 272
     assert len(load_vqa_rad(root, "test", freeform_only=True)) == 308
     assert all(r.answer_type in ("CLOSED", "OPEN") for r in train)  # 'CLOSED ' is cleaned
+
+
+def test_real_vqa_rad_official_json_alone_gives_mevfs_split(tmp_path):
+    """MEVF's trainset.json holds the templated version (`question_frame`) of every question, of test questions
+    too, as a training question of its own: the official JSON alone gives the same 3,064 / 451."""
+    import collections
+
+    root = shared_data("vqa-rad")
+    official = tmp_path / "official"
+    official.mkdir()
+    shutil.copy(root / "VQA_RAD_Dataset_Public.json", official)
+    (official / "images").symlink_to((root / "images").resolve())
+    def key(r):  # one question's apostrophe is mis-encoded differently in the two files: ASCII is compared
+        return r.image.name, r.question.encode("ascii", "ignore").decode(), r.answer, r.answer_type
+
+    for split in ("train", "test"):
+        a, b = load_vqa_rad(root, split), load_vqa_rad(official, split)
+        assert collections.Counter(map(key, a)) == collections.Counter(map(key, b))
+    assert len(load_vqa_rad(official, "train")) == 3064
 
 
 def test_real_slake_sample_english_only():

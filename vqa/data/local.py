@@ -54,8 +54,9 @@ def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: 
     """VQA-RAD from a folder holding MEVF's `trainset.json`/`testset.json` or the official release.
 
     `split` is "train" or "test" (the standard split), or "all" (the official JSON).
-    Without the split files, the official JSON is split by `phrase_type`
-    (`test_freeform`/`test_para` are test). `freeform_only` keeps MEVF's
+    Without the split files, the official JSON is split as MEVF's files are: by `phrase_type`
+    (`test_freeform`/`test_para` are test), the templated version of a question (`question_frame`)
+    a training question of its own, that of a test question too (3,064 / 451). `freeform_only` keeps MEVF's
     published subset (308 freeform test questions). A question with an empty question or
     answer is skipped with a warning (listed in `skipped`), or refused with `strict`.
     """
@@ -72,10 +73,13 @@ def load_vqa_rad(root: str | Path, split: str, lang: str = "en", freeform_only: 
             expected = f"{split_file.name} or {VQA_RAD_OFFICIAL}" if split != "all" else VQA_RAD_OFFICIAL
             raise DataError(f"{root}: no VQA-RAD question file (expected {expected})")
         items = _list_of_items(read_json(path), path)
+        frames = [{**it, "question": it["question_frame"], "phrase_type": "frame", "qid": f"{it.get('qid')}/frame"}
+                  for it in items if isinstance(it, dict) and it.get("question_frame") not in (None, "", "NULL")]
         if split != "all":
             want_test = split == "test"
             items = [it for it in items if isinstance(it, dict)
                      and str(it.get("phrase_type", "")).startswith("test_") == want_test]
+        items += frames if split != "test" else []
     find_image = ImageFinder([root / "images", root / "VQA_RAD Image Folder", root])
 
     def build(i: int, item: object) -> Record | None:
