@@ -161,11 +161,17 @@ class ImageEncoder(Freezable):
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(self.config.mean)
+        return self._per_channel(self.config.mean)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(self.config.std)
+        return self._per_channel(self.config.std)
+
+    def _per_channel(self, values) -> tuple[float, ...]:
+        """A grayscale tower (in_chans=1) with RGB statistics (timm's pretrained cfg, whose first conv timm sums
+        over the colours): its one channel is normalised by their average."""
+        values = tuple(float(v) for v in values)
+        return (sum(values) / len(values),) if self.in_chans == 1 and len(values) > 1 else values
 
     @property
     def num_patches(self) -> int:

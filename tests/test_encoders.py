@@ -123,6 +123,11 @@ def test_generic_timm_name_and_projection():
     assert out["grid"].shape == (2, 4, 32)
     # pool="avg" is the mean of the (linearly projected) grid
     assert torch.allclose(out["pooled"], out["grid"].mean(1), atol=1e-5)
+    # grayscale from timm's RGB statistics: images go in through its own preprocessing, one channel
+    rgb = create_encoder("timm:resnet10t", image_size=64)
+    assert len(rgb.mean) == 3 and enc.mean == pytest.approx((sum(rgb.mean) / 3,))
+    assert enc.encode([Image.new("RGB", (80, 70), (200, 10, 10)), np.zeros((30, 30), np.uint8)])["grid"].shape == \
+        (2, 4, 32)
 
 
 def test_preprocess_describes_the_input():
