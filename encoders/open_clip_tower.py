@@ -267,8 +267,10 @@ def _full_model(model_cfg: dict, state: dict[str, Tensor], source: str) -> nn.Mo
 
 def _load(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     expected = module.state_dict()
-    # buffers some exporters keep and the module recomputes (OpenAI's TorchScript attn_mask, HF position_ids)
-    state = {k: v for k, v in state.items() if k in expected or not k.endswith(("attn_mask", "position_ids"))}
+    # buffers some exporters keep and the module recomputes (OpenAI's TorchScript attn_mask, HF position_ids), and
+    # the 3 int tensors OpenAI's TorchScript archives hold beside the weights (open_clip drops them too)
+    state = {k: v for k, v in state.items() if k in expected or not (
+        k.endswith(("attn_mask", "position_ids")) or k in ("input_resolution", "context_length", "vocab_size"))}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:

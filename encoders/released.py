@@ -23,6 +23,7 @@ side and centre-crop, medvqa resizes to a square (see encoders.open_clip_tower).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,6 +34,8 @@ from torch import Tensor
 from ._errors import DataError
 from ._weights import read_weights
 from .open_clip_tower import OpenCLIPEncoder, encoder_from_weights
+
+logger = logging.getLogger(__name__)
 
 PMC_CLIP_EMBED_DIM = 768
 FORMATS = {  # name -> what it is; `detect_format` returns one of these
@@ -78,6 +81,9 @@ def openai_clip_encoder(state: dict[str, Tensor], source: str, heads: int | None
     if "visual.conv1.weight" not in state:
         state = {f"visual.{k}": v for k, v in state.items()}  # the image tower alone
     cfg = openai_model_cfg(state, heads)
+    # the layout names no activation: open_clip's own checkpoints share it, and most (LAION's) trained with GELU
+    logger.info("%s: read as OpenAI's CLIP (QuickGELU, as OpenAI and PubMedCLIP trained); a checkpoint trained with "
+                "GELU in this layout loads right as create_encoder('open_clip:<arch>', pretrained=FILE)", source)
     return encoder_from_weights(cfg, state, source, with_text="token_embedding.weight" in state)
 
 

@@ -239,7 +239,13 @@ def test_openai_format_file_infers_the_architecture(kind, tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):
     model = open_clip_model(RN)
+    # OpenAI's archives keep 3 int tensors beside the weights (input_resolution, context_length, vocab_size; open_clip's
+    # model has the last two as plain ints already)
+    model.register_buffer("input_resolution", torch.tensor(64))
     torch.jit.script(model).save(str(tmp_path / "RN-tiny.pt"))  # OpenAI ships its CLIPs as TorchScript
+    from encoders._weights import read_torchscript_tensors
+
+    assert "input_resolution" in read_torchscript_tensors(tmp_path / "RN-tiny.pt")
     enc = create_encoder(tmp_path / "RN-tiny.pt")
     x = pixels(enc.image_size)
     with torch.no_grad():
