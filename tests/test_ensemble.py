@@ -123,6 +123,9 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert calibration.trust.features.shape[1] == sum(m.calibration.trust.features.shape[1] for m in loaded)
     assert json.loads((bundle / "config.json").read_text())["training"]["ensemble"]["bagging"] is True
     assert "each its own validation split (bagging)" in (bundle / "README.md").read_text()
+    from huggingface_hub import ModelCard  # the held-out members' validation is no result of the ensemble's own
+
+    assert not ModelCard.load(bundle / "README.md").data.eval_results
     _bagging_with_a_member_from_before_familiarity(members, calibration, phantom_dir, tmp_path, monkeypatch)
 
 

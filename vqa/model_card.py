@@ -125,8 +125,10 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
     encoder = read_json(bundle / "encoder" / "config.json") if (bundle / "encoder" / "config.json").is_file() else {}
     data = config.get("training", {}).get("data") or {}
     name = repo_id or bundle.resolve().name
-    # a refit's validation numbers are its validation run's, not this model's: they stay out of the model index
-    results = [] if "refit" in metrics else _results(metrics.get("validation") or {}, data, "validation", "all")
+    # a refit's validation numbers are its validation run's, a bagging ensemble's those of the members held out on
+    # each carve (none saw its own): neither is this model's, so they stay out of the model index
+    held_out = "refit" in metrics or config.get("training", {}).get("ensemble", {}).get("bagging")
+    results = [] if held_out else _results(metrics.get("validation") or {}, data, "validation", "all")
     for report in eval_reports:
         info = training_data(report["dataset"], report.get("data", ""), report["split"])
         for subset, m in report["subsets"].items():
