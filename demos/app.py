@@ -27,10 +27,11 @@ CSS = "#answer textarea {font-size: 1.4em; font-weight: 600}"
 def _model_card(predictor) -> str:
     info = predictor.describe()
     val = info["validation"]
-    accuracy = (f"; validation accuracy {val['overall']:.1%} overall ({val.get('closed', 0):.1%} closed, "
-                f"{val.get('open', 0):.1%} open)") if val.get("overall") is not None else ""
+    parts = ", ".join(f"{val[k]:.1%} {k}" for k in ("closed", "open") if val.get(k) is not None)
+    accuracy = (f"; validation accuracy {val['overall']:.1%} overall" + (f" ({parts})" if parts else "")
+                if val.get("overall") is not None else "")
     scores = ("sigmoid per answer: the head trains with binary cross-entropy, so scores do not sum to 1"
-              if info["score_kind"] == "sigmoid" else "softmax over the choices")
+              if info["score_kind"] == "sigmoid" else f"softmax over its {info['answers']} answers")
     qtype = ("the model's question-type router" if info["question_type_from"] == "router"
              else "the answer (yes/no answers are closed)")
     if info["calibrated"]:
@@ -158,6 +159,11 @@ def build_demo(predictor, examples: Sequence[Example] | None = None, questions: 
     cached held-out phantom images; `questions` to theirs."""
     import gradio as gr
 
+    from vqa.errors import DataError
+
+    if predictor.runtime.needs_choices:  # the page has no field for them: every question would fail
+        raise DataError(f"{predictor.path}: its head ({predictor.runtime.head_name}) picks among given choices; the "
+                        "demo answers from a vocabulary: ask it with `medvqa predict --choices ...`")
     if examples is None:
         examples, default_questions = default_examples()
         questions = questions or default_questions

@@ -23,6 +23,32 @@ def test_build_demo_without_launch(predictor, demo_examples):
     assert "/ask" in {f"/{d.api_name}" for d in demo.fns.values() if d.api_name}
 
 
+def test_the_demo_says_how_its_model_scores(predictor):
+    from demos.app import _model_card
+
+    text = _model_card(predictor)  # the test bundle: a QCR head trained with BCE, validation per type
+    assert "sigmoid per answer" in text and "% closed, " in text
+    predictor.score_kind = "softmax"  # a head trained with --loss ce: over its vocabulary, not over choices
+    try:
+        assert f"softmax over its {len(predictor.answers)} answers" in _model_card(predictor)
+    finally:
+        predictor.score_kind = "sigmoid"
+
+
+def test_a_multiple_choice_bundle_is_refused_by_the_demo(predictor_phantom, tmp_path):
+    from demos.app import build_demo
+    from vqa import Predictor
+    from vqa.errors import DataError
+    from vqa.train import TrainConfig, train
+
+    bundle = train(TrainConfig(format="pmc-vqa", data=str(predictor_phantom / "pmc-vqa"), encoder="clip-vit-tiny",
+                               head="mc-ban", head_args={"hidden_dim": 16, "glimpses": 1}, embed_dim=8,
+                               question_dim=16, epochs=1, device="cpu", progress=False, out=str(tmp_path / "run"),
+                               cache_dir=str(tmp_path / "cache")))
+    with pytest.raises(DataError, match="picks among given choices"):
+        build_demo(Predictor.from_bundle(bundle), examples=[])
+
+
 def test_answer_handler(predictor, predictor_phantom):
     from demos.app import answer_question
 
