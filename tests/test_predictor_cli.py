@@ -53,6 +53,9 @@ def test_batch(trained_bundle, predictor, predictor_phantom, capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--image", "x.png"], "go together"),
     ([], "either --image"),
+    (["--image", "x.png", "--question", "q?", "--out", "a.jsonl"], "--out goes with --batch"),
+    (["--batch", "b.jsonl", "--heatmap", "h.png"], "--heatmap goes with --image and --question"),
+    (["--batch", "b.jsonl", "--choices", "a", "b"], "--choices goes with --image and --question"),
 ])
 def test_usage_errors(trained_bundle, capsys, args, message):
     with pytest.raises(SystemExit) as e:

@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give either --image and --question, or --batch FILE (.jsonl or .csv)")
     if single and (args.image is None or args.question is None):
         p.error("--image and --question go together")
+    # options of the other mode would be read and silently dropped: name them instead
+    misplaced = ([("--out", args.out)] if single else [("--choices", args.choices), ("--heatmap", args.heatmap)])
+    for flag, value in misplaced:
+        if value is not None:
+            p.error(f"{flag} goes with {'--batch' if single else '--image and --question'} (one question's JSON "
+                    "goes to stdout; a batch row gives its own choices)")
     if args.top_k < 1 or args.batch_size < 1:
         p.error("--top-k and --batch-size must be at least 1")
     from ..predictor import Predictor
