@@ -329,3 +329,11 @@ def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_p
     assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
     assert_same_head(torch_side, onnx, images, questions)
 
+
+
+def test_bagging_refuses_one_validation_split_for_all_members(tmp_path):
+    from vqa.ensemble import EnsembleConfig, build_ensemble
+
+    with pytest.raises(DataError, match="--bagging reads each member's own validation split"):
+        build_ensemble(EnsembleConfig(members=["a", "b"], format="vqa-rad", data="d", out=str(tmp_path),
+                                      bagging=True, val_seed=3))

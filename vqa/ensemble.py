@@ -83,6 +83,9 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
 
     if len(cfg.members) < 2:
         raise DataError(f"an ensemble needs at least 2 member bundles, got {len(cfg.members)}")
+    if cfg.bagging and any(v is not None for v in (cfg.val_split, cfg.val_fraction, cfg.val_by, cfg.val_seed)):
+        raise DataError("--bagging reads each member's own validation split from its bundle: the --val-* options "
+                        "would name one split for all")
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     paths = [Path(resolve_bundle(m)) for m in cfg.members]
