@@ -84,3 +84,6 @@ def test_cli_needs_exactly_one_model(phantom_dir, capsys):
     with pytest.raises(SystemExit):
         cli(["eval", "--bundle", "b", "--zero-shot-clip", "c", *data])
     assert "pass one of --bundle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # taken and never used: refused
+        cli(["eval", "--zero-shot-clip", "c", "--precision", "bf16", *data])
+    assert "--precision goes with --bundle" in capsys.readouterr().err

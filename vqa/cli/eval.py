@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pass one of --bundle (a trained model) or --zero-shot-clip (a CLIP model, multiple choice)")
     if args.prompt and args.bundle:
         parser.error("--prompt goes with --zero-shot-clip")
+    if args.zero_shot_clip and args.precision != "fp32":
+        parser.error("--precision goes with --bundle: --zero-shot-clip embeds in fp32")
     if args.zero_shot_clip:
         return zero_shot(args)
     from ..evaluate import evaluate, markdown_report, write_outputs
