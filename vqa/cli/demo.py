@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_shipped:
         from demos.shipped_model import SHIPPED_BUNDLE, build_shipped_model
 
+        if device.type != "cpu":  # its recipe, card and figures are a CPU run's
+            raise DataError(f"--build-shipped trains on the CPU, as the shipped model's recipe does (not {device})")
+
         numbers = build_shipped_model(args.build_shipped, args.glove, threads=args.threads,
                                       progress=not args.no_progress)
         print(f"medvqa demo: rebuilt {SHIPPED_BUNDLE} (VQA-RAD test: {numbers})")
