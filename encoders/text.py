@@ -114,6 +114,9 @@ class TextTower(Freezable):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def add_mlm_head(self) -> None:
+        if getattr(self.tokenizer, "mask_token_id", None) is None:
+            raise DataError(f"text tower {self.source}: its tokenizer has no mask token, so masked-LM has nothing to "
+                            "mask with (a CLIP tokenizer); drop --mlm-weight, or use a BERT-like tower")
         if self.mlm_head is None:
             self.mlm_head = MLMHead(self.hidden_size, self.vocab_size)
             if self.kind == "clip":
@@ -157,7 +160,11 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, tokenizer, vocab_size
     how = torch.rand(input_ids.shape, generator=generator)
     masked = input_ids.clone()
     masked[targets & (how < 0.8)] = tokenizer.mask_token_id
-    random_ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, input_ids.shape, generator=generator)
+    # a random token is an ordinary one: not padding, [CLS], [MASK]... wherever the tokenizer numbers them (BERT's
+    # vocabularies put them at 100-103; the project's word tokenizer at 0-4, where this draw is randint(5, V))
+    specials = set(special.tolist())
+    ordinary = torch.tensor([i for i in range(vocab_size) if i not in specials])
+    random_ids = ordinary[torch.randint(0, len(ordinary), input_ids.shape, generator=generator)]
     swap = targets & (how >= 0.8) & (how < 0.9)
     masked[swap] = random_ids[swap]
     return masked, labels

