@@ -108,10 +108,12 @@ def test_pooled_bundle_answers_the_same_through_eval_predict_and_the_predictor(p
     # under SAN: BAN's attention-logit bias is inert, and its noise-driven moves differ with the batch split once
     # the encoder trains too (tests/test_refit.py)
     {"head": "mevf-san", "head_args": {"hidden_dim": 32, "dropout": 0.0, "classifier_dropout": 0.0},
-     "encoder_mode": "finetune", "encoder_lr": 1e-4, "freeze_epochs": 1}], ids=["frozen", "fine-tuned-after-a-warm-start"])
+     "encoder_mode": "finetune", "encoder_lr": 1e-4, "freeze_epochs": 1, "augment": True},
+    {"feature_views": 2}], ids=["frozen", "fine-tuned-augmented-after-a-warm-start", "feature-views"])
 def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path, tuning):
     """DDP: the same model as one process on the same global batch; fine-tuning feeds pixels through the wrapper,
-    and its warm start leaves the encoder's parameters without gradients (DDP must look for them)."""
+    and its warm start leaves the encoder's parameters without gradients (DDP must look for them); what is drawn
+    per sample (augmentation, a feature view) is drawn for the global batch, each rank taking its own samples'."""
     import dataclasses
 
     # no dropout, so the two runs differ only in how the global batch is split
@@ -123,7 +125,7 @@ def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     for a, b in zip(h1, h2):  # the last global batch of each epoch splits unevenly: weighted exactly
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    files = ["model.safetensors"] + (["encoder/model.safetensors"] if tuning else [])  # the encoder as tuned
+    files = ["model.safetensors"] + (["encoder/model.safetensors"] if "encoder_mode" in tuning else [])  # as tuned
     for file in files:
         wa, wb = load_file(str(single / file)), load_file(str(tmp_path / "two" / "bundle" / file))
         assert wa.keys() == wb.keys()

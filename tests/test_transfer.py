@@ -261,7 +261,7 @@ def test_feature_views_augment_a_frozen_encoder_through_the_cache(phantom_dir, t
         view = split.views["pooled"][v * images:(v + 1) * images].float()
         assert (view - split.images["pooled"].float()).abs().mean() > 1e-3  # an augmented copy, not the image
     rows = split.questions.rows[:200]
-    picked = split.view_rows(rows, torch.Generator().manual_seed(0))
+    picked = split.view_rows(rows, torch.Generator().manual_seed(0), (0, len(rows)))
     assert torch.equal(picked % images, rows) and set((picked // images).tolist()) == {0, 1, 2}
     # Seeded: the same views again (the cache then encodes nothing new), another seed other views.
     first = augmented_views(model.encoder, [r.image for r in train_records[:3]], 1, seed=0, progress=False)

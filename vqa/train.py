@@ -138,10 +138,10 @@ class Split:
         """What the model reads now: the cached features during a frozen warm start, else `images`."""
         return self.features if frozen_phase and self.features is not None else self.images
 
-    def view_rows(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Rows of `views` for questions on image `rows`: per question, its image or one of its views at random."""
+    def view_rows(self, rows: torch.Tensor, generator: torch.Generator, draws: tuple[int, int]) -> torch.Tensor:
+        """Rows of `views` for questions on image `rows`: each its image or one of its views (drawn `Shard.draws`)."""
         count = len(self.views["pooled"]) // len(self.images["pooled"])
-        pick = torch.randint(0, count, (len(rows),), generator=generator)
+        pick = torch.randint(0, count, (draws[1],), generator=generator)[draws[0]:draws[0] + len(rows)]
         return rows + pick * len(self.images["pooled"])
 
 
@@ -346,11 +346,12 @@ class VQATask(TrainingTask):
         transform = None
         if self.cfg.augment:
             g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
-            transform = partial(augment, generator=g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY)
+            transform = partial(augment, generator=g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY,
+                                draws=shard.draws)
         images = self.train.inputs(self.frozen_phase)
         if self.train.views is not None:
             g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
-            batch["rows"], images = self.train.view_rows(batch["rows"], g), self.train.views
+            batch["rows"], images = self.train.view_rows(batch["rows"], g, shard.draws), self.train.views
         image_in, kwargs = model_inputs(self.model, batch, images, self.device, transform)
         with step.autocast():
             out = model(image_in, batch["tokens"].to(self.device, non_blocking=True),

@@ -60,10 +60,20 @@ class Shard:
 
     `share` = world size x this rank's samples / the global batch's samples: a rank multiplies
     its mean loss by it, so that DDP's average over ranks is the mean over the global batch
-    (1.0 whenever the batch splits evenly, and always in a single process)."""
+    (1.0 whenever the batch splits evenly, and always in a single process). `offset` and `of`: where
+    its samples stand in the global (micro-)batch and how large that is (None: this shard alone), so a
+    random draw per sample (augmentation) can be made for the global batch and sliced, as one process
+    would draw it."""
 
     indices: Tensor
     share: float = 1.0
+    offset: int = 0
+    of: int | None = None
+
+    @property
+    def draws(self) -> tuple[int, int]:
+        """(offset, global size): what `vqa.training.augment.augment` and the like draw for, then slice."""
+        return self.offset, self.of if self.of is not None else len(self)
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -86,12 +96,14 @@ def epoch_plan(n: int, batch_size: int, world: World, seed: int, epoch: int, acc
     for s in range(n // step_global):
         chunk = perm[s * step_global:(s + 1) * step_global]
         steps.append([Shard(chunk[m * micro_global + world.rank * batch_size:
-                                  m * micro_global + (world.rank + 1) * batch_size])
+                                  m * micro_global + (world.rank + 1) * batch_size],
+                            offset=world.rank * batch_size, of=micro_global)
                       for m in range(accum)])
     rest = perm[(n // step_global) * step_global:]
     if not drop_last and len(rest) >= world.size:
         micro = [rest[i:i + micro_global] for i in range(0, len(rest), micro_global)]
         if all(len(m) >= world.size for m in micro):
-            steps.append([Shard(part, world.size * len(part) / len(m))
-                          for m in micro for part in [torch.tensor_split(m, world.size)[world.rank]]])
+            steps.append([Shard(parts[world.rank], world.size * len(parts[world.rank]) / len(m),
+                                offset=sum(len(p) for p in parts[:world.rank]), of=len(m))
+                          for m in micro for parts in [torch.tensor_split(m, world.size)]])
     return steps
