@@ -123,6 +123,7 @@ def test_batch_matches_single_and_names_bad_items(predictor, predictor_phantom):
     rows = ground_truth(predictor_phantom)[:12]  # 8 questions per image: images repeat
     batch = predictor.predict_batch([r["image"] for r in rows], [r["question"] for r in rows], batch_size=5)
     assert len(batch) == len(rows)
+    assert predictor.predict_batch([], []) == []  # nothing asked, nothing answered
     for r, p in zip(rows, batch):
         single = predictor.predict(r["image"], r["question"])
         assert p.answer == single.answer

@@ -296,6 +296,8 @@ class Predictor:
         An invalid input raises DataError naming it (and its position, in a batch of several)."""
         if len(images) != len(questions):
             raise DataError(f"{len(images)} images but {len(questions)} questions: pass one image per question")
+        if not questions:  # nothing to encode (an empty batch file, a filter that kept nothing)
+            return []
         head, needs_choices = self.runtime.head_name, self.runtime.needs_choices
         if needs_choices and choices is None:
             raise DataError(f"this bundle's head ({head}) picks among choices: pass choices=")
