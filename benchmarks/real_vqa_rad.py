@@ -280,7 +280,9 @@ def summarize(report: dict, folder: Path) -> dict:
     trained = json.loads(metrics.read_text()) if metrics.is_file() else {}
     carved = trained.get("protocol", {}).get("validation", "").startswith("carved")
     validation = {k: trained["validation"].get(k) for k in ("open", "closed", "overall")} if carved else None
-    return {"scored": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # which row wins a --merge
+    evaluated = folder / "eval" / "metrics.json"  # when it was evaluated, not summarized: which row wins a --merge
+    when = time.gmtime(evaluated.stat().st_mtime) if evaluated.is_file() else time.gmtime()
+    return {"scored": time.strftime("%Y-%m-%dT%H:%M:%SZ", when),
             "threads": threads, "epochs": report["epochs"], "best_epoch": report["best_epoch"],
             "median_epoch_seconds": seconds[len(seconds) // 2],
             "confidence": confidence, "abstention": trust.get("abstention"),

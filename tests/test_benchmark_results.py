@@ -258,3 +258,19 @@ def test_a_run_resumes_its_own_checkpoint_else_the_one_it_continues(tmp_path):
     (out / "vqa" / second.name).mkdir()
     (out / "vqa" / second.name / "checkpoint.pt").write_bytes(b"")
     assert resume_point(second, out) == "latest"  # interrupted, it continues itself
+
+
+def test_a_rows_scoring_time_is_when_it_was_evaluated_not_summarized(tmp_path):
+    """A machine re-reading an old evaluation (a rerun that finds the run done) must not stamp it as new: its row
+    would then win a --merge over one evaluated again elsewhere since."""
+    import os
+
+    from real_vqa_rad import summarize
+
+    folder = tmp_path / "run"
+    (folder / "eval").mkdir(parents=True)
+    report = {"epochs": 2, "best_epoch": 1, "subsets": {"all": {"open": 0.5, "closed": 0.7, "overall": 0.6}}}
+    (folder / "eval" / "metrics.json").write_text(json.dumps(report))
+    evaluated = 1_764_000_000  # 2025-11-24T16:00:00Z
+    os.utime(folder / "eval" / "metrics.json", (evaluated, evaluated))
+    assert summarize(report, folder)["scored"] == "2025-11-24T16:00:00Z"
