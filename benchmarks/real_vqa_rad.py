@@ -350,7 +350,8 @@ def main() -> None:
     if args.render or args.merge:  # the docs again from results.json, e.g. after merging rows run on other machines
         earlier = earlier_results(args.docs, recipe)
         pretraining = json.loads((args.docs / "results.json").read_text())["medpix_retrieval"]
-        write_docs({r.name: earlier[r.name] for r in runs if r.name in earlier}, runs, pretraining, args.docs, recipe)
+        write_docs({r.name: earlier[r.name] for r in runs if r.name in earlier}, runs, pretraining, args.docs, recipe,
+                   kept=undefined(earlier, runs))
         print((args.docs / "results.md").read_text())
         return
     if args.only:
@@ -379,8 +380,14 @@ def main() -> None:
         else:
             results[run.name] = vqa_step(run, args.data, args.out, recipe, mevf / "glove_300d.txt")
         # The tables are rewritten after every run so an interrupted benchmark still leaves them.
-        write_docs(results, runs, pretraining, args.docs, recipe)
+        write_docs(results, runs, pretraining, args.docs, recipe, kept=undefined(earlier, runs))
     print((args.docs / "results.md").read_text())
+
+
+def undefined(earlier: dict[str, dict], runs: list[Run]) -> dict[str, dict]:
+    """The rows of results.json that this invocation's run list does not define: kept, never dropped."""
+    names = {r.name for r in runs}
+    return {name: row for name, row in earlier.items() if name not in names}
 
 
 if __name__ == "__main__":

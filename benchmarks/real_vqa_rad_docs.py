@@ -366,9 +366,12 @@ def write_results(results: dict[str, dict], runs: list[Run], pretraining: dict, 
     atomic_write_text(out_md, "\n".join(lines) + "\n")
 
 
-def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, docs: Path, recipe: HeadRecipe) -> None:
-    """docs/results.md, docs/results.json and the per-type plot from the runs finished so far."""
+def write_docs(results: dict[str, dict], runs: list[Run], pretraining: dict, docs: Path, recipe: HeadRecipe,
+               kept: dict[str, dict] | None = None) -> None:
+    """docs/results.md, docs/results.json and the per-type plot from the runs finished so far; `kept`: rows of
+    runs this invocation does not define (--no-finetune leaves MEVF's out), kept in results.json, not rendered."""
     plot_per_type(results, runs, docs / "real_vqa_rad_per_type.png")
     write_results(results, runs, pretraining, docs / "results.md", recipe)
-    atomic_write_text(docs / "results.json", json.dumps({"recipe": recipe.__dict__, "vqa_rad": results,
+    rows = {**(kept or {}), **results}
+    atomic_write_text(docs / "results.json", json.dumps({"recipe": recipe.__dict__, "vqa_rad": rows,
                                                          "medpix_retrieval": pretraining}, indent=1) + "\n")

@@ -274,3 +274,19 @@ def test_a_rows_scoring_time_is_when_it_was_evaluated_not_summarized(tmp_path):
     evaluated = 1_764_000_000  # 2025-11-24T16:00:00Z
     os.utime(folder / "eval" / "metrics.json", (evaluated, evaluated))
     assert summarize(report, folder)["scored"] == "2025-11-24T16:00:00Z"
+
+
+def test_rows_a_narrower_run_list_does_not_define_stay_in_results_json(tmp_path):
+    """--no-finetune (or any list without MEVF's end-to-end runs) renders what it defines and drops no row."""
+    from real_vqa_rad import undefined
+    from real_vqa_rad_docs import write_docs
+    from real_vqa_rad_runs import all_runs
+
+    narrow = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("qcr",), ("train",), False)
+    full = all_runs(tmp_path / "mevf", tmp_path / "medpix", tmp_path / "untrained", ("qcr",), ("train",), True)
+    finetuned = next(r.name for r in full if r.mode == "finetune")
+    earlier = {finetuned: {"all": {"overall": 0.65}}}
+    assert finetuned not in {r.name for r in narrow} and undefined(earlier, narrow) == earlier
+    write_docs({}, narrow, {}, tmp_path / "docs", HeadRecipe(), kept=undefined(earlier, narrow))
+    assert json.loads((tmp_path / "docs" / "results.json").read_text())["vqa_rad"] == earlier
+    assert finetuned not in (tmp_path / "docs" / "results.md").read_text()  # kept, not rendered
