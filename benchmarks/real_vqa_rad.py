@@ -42,6 +42,7 @@ The runs are defined in real_vqa_rad_runs.py, the tables rendered by real_vqa_ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -139,8 +140,6 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     from vqa.train import TrainConfig, train
 
     folder = out / "vqa" / run.name
-    if (folder / "eval" / "metrics.json").is_file():
-        return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
     rad = data / "vqa-rad"
     epochs = run.epochs or (recipe.finetune_epochs if run.mode == "finetune" else recipe.epochs)
     extra = dict(run.extra)
@@ -158,6 +157,9 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
                                 ood_encoder=LITE0,  # MEVF's fine-tuned encoder cannot tell photographs (README)
                                 progress=False,
                                 resume=resume_point(run, out)), **extra})
+    if (folder / "eval" / "metrics.json").is_file():
+        check_same_recipe(folder, cfg)
+        return summarize(json.loads((folder / "eval" / "metrics.json").read_text()), folder)
     bundle = train(cfg)
     trained = json.loads((bundle / "metrics.json").read_text())
     # the epochs' own times: a run resumed over several calls trained in all of them
@@ -166,6 +168,24 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
     if run.selection == "val":  # a test-selected run carves nothing
         recorded["carve"] = CARVE
     return evaluate_step(bundle, folder, rad, out, recipe, recorded)
+
+
+# What --hidden, --loss, --lr and --epochs set (and a run's own schedule overrides): a run's name holds none of them
+RECIPE_SETTINGS = ("question_dim", "head_args", "loss", "lr", "epochs", "batch_size")
+
+
+def check_same_recipe(folder: Path, cfg) -> None:
+    """Refuse a finished run's folder made with another recipe: its results would be reported under this one's."""
+    from vqa.training.runtime import jsonable
+
+    if not (folder / "run_config.json").is_file():
+        return
+    made = json.loads((folder / "run_config.json").read_text())
+    now = jsonable(dataclasses.asdict(cfg))
+    differ = [k for k in RECIPE_SETTINGS if k in made and made[k] != now[k]]
+    if differ:
+        raise SystemExit(f"{folder}: made with {', '.join(f'{k}={made[k]!r}' for k in differ)}; this recipe has "
+                         f"{', '.join(f'{k}={now[k]!r}' for k in differ)}: pass another --out for it")
 
 
 def resume_point(run: Run, out: Path) -> str | None:

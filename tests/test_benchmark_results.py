@@ -290,3 +290,20 @@ def test_rows_a_narrower_run_list_does_not_define_stay_in_results_json(tmp_path)
     write_docs({}, narrow, {}, tmp_path / "docs", HeadRecipe(), kept=undefined(earlier, narrow))
     assert json.loads((tmp_path / "docs" / "results.json").read_text())["vqa_rad"] == earlier
     assert finetuned not in (tmp_path / "docs" / "results.md").read_text()  # kept, not rendered
+
+
+def test_a_finished_run_made_with_another_recipe_is_not_reported_under_this_one(tmp_path):
+    """A run's name holds none of --hidden, --loss, --lr, --epochs: a folder made with other values is refused."""
+    import dataclasses
+
+    from real_vqa_rad import check_same_recipe
+    from vqa.training.runtime import jsonable
+    from vqa.train import TrainConfig
+
+    made = TrainConfig(question_dim=512, head_args={"hidden_dim": 512}, loss="ce", epochs=20, threads=2)
+    (tmp_path / "run_config.json").write_text(json.dumps(jsonable(dataclasses.asdict(made))))
+    check_same_recipe(tmp_path, dataclasses.replace(made, threads=1, resume="latest"))  # the same recipe elsewhere
+    with pytest.raises(SystemExit, match=r"question_dim=512.*this recipe has question_dim=1024"):
+        check_same_recipe(tmp_path, dataclasses.replace(made, question_dim=1024, head_args={"hidden_dim": 1024}))
+    with pytest.raises(SystemExit, match="loss='ce'"):
+        check_same_recipe(tmp_path, dataclasses.replace(made, loss="bce"))
