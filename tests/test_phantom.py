@@ -123,6 +123,19 @@ def test_ground_truth_answers_follow_the_scene(phantom_truth):
     assert len(kinds_seen) >= 12
 
 
+def test_a_multiple_choice_question_has_one_right_choice(phantom_truth):
+    """A distractor is never the whole the answer is part of, nor a part of it ('lung' beside 'left lung')."""
+    wholes = {"left lung": "lung", "right lung": "lung", "left kidney": "kidney", "right kidney": "kidney",
+              "left hemisphere": "brain", "right hemisphere": "brain"}
+    asked = [c for item in phantom_truth for c in item["choices"]]
+    assert any(c["answer"] in wholes or c["answer"] in wholes.values() for c in asked)  # the case arises
+    for c in asked:
+        assert c["choices"].count(c["answer"]) == 1 and len(set(c["choices"])) == 4
+        others = set(c["choices"]) - {c["answer"]}
+        assert wholes.get(c["answer"]) not in others, c
+        assert not {part for part, whole in wholes.items() if whole == c["answer"]} & others, c
+
+
 def test_closed_answers_are_balanced(phantom_truth):
     closed = [qa["answer"] for t in phantom_truth for qa in t["qa"] if qa["answer_type"] == "CLOSED"]
     share_yes = closed.count("yes") / len(closed)

@@ -27,6 +27,13 @@ CHOICE_DOMAINS = {
     "position": ["left lung", "right lung", "lung", "liver", "left kidney", "right kidney", "kidney",
                  "left hemisphere", "right hemisphere", "brain"],
 }
+# A whole and its parts: never one the answer and another a distractor (both would be right)
+_PARTS = {"lung": {"left lung", "right lung"}, "kidney": {"left kidney", "right kidney"},
+          "brain": {"left hemisphere", "right hemisphere"}}
+
+
+def _both_true(a: str, b: str) -> bool:
+    return b in _PARTS.get(a, ()) or a in _PARTS.get(b, ())
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,9 @@ def multiple_choice(scene: Scene, rng: np.random.Generator, n: int = 2) -> list[
     for i in rng.permutation(len(pool))[:n]:
         qa = pool[int(i)]
         others = [v for v in CHOICE_DOMAINS[qa.kind] if v != qa.answer]
-        choices = [qa.answer, *rng.permutation(others)[:3].tolist()]
+        # drawn over all the others as before (the caption drawn next stays the same), a part of the answer or
+        # the whole it is part of then passed over
+        choices = [qa.answer, *[v for v in rng.permutation(others).tolist() if not _both_true(v, qa.answer)][:3]]
         out.append((qa, [str(c) for c in rng.permutation(choices)]))
     return out
 
