@@ -50,6 +50,16 @@ def test_flags_given_override_the_recorded_values_and_head_args_key_by_key(tmp_p
     assert again.encoder_args == {"image_size": 64}
 
 
+def test_a_recorded_switch_can_be_turned_off_again(tmp_path):
+    """--augment, --refit, --compile...: each has its --no- form, or a recorded `true` could never be undone."""
+    _, path = _recorded(tmp_path, argv=[*RECORDED, "--augment", "--encoder-mode", "finetune", "--refit", "--compile"])
+    again = config_from_command_line(TrainConfig, train_parser(), ["--config", path, "--out", "o"])
+    assert (again.augment, again.refit, again.compile) == (True, True, True)
+    off = config_from_command_line(TrainConfig, train_parser(),
+                                   ["--config", path, "--out", "o", "--no-augment", "--no-refit", "--no-compile"])
+    assert (off.augment, off.refit, off.compile, off.encoder_mode) == (False, False, False, "finetune")
+
+
 def test_a_rerun_needs_its_own_out(tmp_path):
     _, path = _recorded(tmp_path)
     with pytest.raises(DataError, match=r"--out.*runs/first"):

@@ -1,6 +1,8 @@
 """`medvqa classify`: image classification with any encoder: linear probe, fine-tuning, or CLIP zero-shot."""
 from __future__ import annotations
 
+import argparse
+
 from .options import add_engine_arguments, command_parser, config_from_command_line
 
 CLASSIFY_FORMATS = ("medmnist", "imagefolder", "hf")  # vqa.data.classification.CLASSIFICATION_FORMATS
@@ -58,7 +60,8 @@ def build_parser():
                    help="the val metric that picks the probe's C and the fine-tuned epoch (default: %(default)s)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--encoder-lr", type=float, default=None, help="the encoder's learning rate (default: --lr / 10)")
-    g.add_argument("--augment", action="store_true", help="small affine, resized crop, intensity jitter (never a flip)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="small affine, resized crop, intensity jitter (never a flip)")
     g.add_argument("--image-cache", default=d.image_cache, choices=["auto", "ram", "stream"])
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes decoding images")
     add_engine_arguments(p, d)

@@ -157,8 +157,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults) -> dict:
                    help="score, select and keep an exponential moving average of the weights, e.g. 0.999")
     g = groups["runtime"] = parser.add_argument_group("runtime")
     add_device_arguments(g, device=defaults.device)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--grad-checkpointing", action="store_true",
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="the trained image and text towers recompute their activations in the backward pass instead "
                         "of keeping them: much less memory, about a third more compute, the same gradients (a "
                         "BatchNorm encoder needs --encoder-norm frozen)")

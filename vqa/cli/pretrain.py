@@ -2,6 +2,7 @@
 OUT/encoder is the trained image tower for `medvqa train --encoder OUT/encoder`."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from .options import add_engine_arguments, command_parser, config_from_command_line
@@ -42,8 +43,10 @@ def build_parser():
                                                             "validation are aliases); 'none' to skip")
     g.add_argument("--image-column", default=d.image_column)
     g.add_argument("--caption-column", default=d.caption_column)
-    g.add_argument("--exclude-vqa-rad", action="store_true", help="drop pairs marked also_in_vqa_rad (MedPix 2.0)")
-    g.add_argument("--shuffle-captions", action="store_true", help="control: captions paired with random images")
+    g.add_argument("--exclude-vqa-rad", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop pairs marked also_in_vqa_rad (MedPix 2.0)")
+    g.add_argument("--shuffle-captions", action=argparse.BooleanOptionalAction, default=False,
+                   help="control: captions paired with random images")
     g.add_argument("--train-data", default=None, metavar="SHARDS",
                    help="stream WebDataset tar shards for training (`medvqa shards`, img2dataset): a folder, "
                         "'dir/{000000..000009}.tar' or a glob; or Parquet files (a `datasets` folder; "
@@ -82,7 +85,8 @@ def build_parser():
                    help="ram: decode each image once into a uint8 table; stream: decode per batch")
     g.add_argument("--cache-limit-gb", type=float, default=d.cache_limit_gb)
     g.add_argument("--workers", type=int, default=d.workers, help="decoding processes (default: %(default)s)")
-    g.add_argument("--augment", action="store_true", help="small random affine per image (no flips)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="small random affine per image (no flips)")
     groups = add_engine_arguments(p, d)
     groups["outputs"].add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
                                    help="also checkpoint every STEPS optimizer steps within an epoch; --resume "

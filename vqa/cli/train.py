@@ -1,6 +1,7 @@
 """`medvqa train`: train a VQA head on a frozen (or fine-tuned) image encoder, select on validation, write a bundle."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_ood_encoder_argument,
@@ -57,7 +58,7 @@ def build_parser():
     g.add_argument("--val-seed", type=int, default=None,
                    help="seed of the validation carve (default: --seed); the members of an ensemble share one, "
                         "so that `medvqa ensemble` can calibrate them together on it")
-    g.add_argument("--strict", action="store_true",
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                    help="refuse a question with an empty question or answer (default: skip it with a warning)")
     g.add_argument("--answers", default=d.answers, help="'train' or a candidate list JSON (MEVF protocol)")
     g.add_argument("--cache-dir", default=None, help="feature cache root (default: $MEDVQA_CACHE/features)")
@@ -70,7 +71,7 @@ def build_parser():
                    help="learning rate of the image encoder when fine-tuning (default: --lr)")
     g.add_argument("--freeze-epochs", type=int, default=0,
                    help="fine-tuning: a warm start of N epochs with the encoder frozen, on cached features")
-    g.add_argument("--augment", action="store_true",
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="fine-tuning: random affine, resized crop and intensity jitter per image (never a flip)")
     g.add_argument("--encoder-norm", default=d.encoder_norm, choices=["train", "frozen"],
                    help="fine-tuning: update the encoder's BatchNorm statistics on the training batches (train), or "
@@ -103,7 +104,7 @@ def build_parser():
     g.add_argument("--aux-weight", type=float, default=d.aux_weight,
                    help="weight of the encoder's auxiliary loss when fine-tuning (MEVF's autoencoder; default: "
                         "%(default)s)")
-    g.add_argument("--refit", action="store_true",
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="after validation chose the epoch, train again on train + validation for that many epochs of "
                         "the same schedule and keep that model (calibration: the validation run's, a proxy)")
     add_target_risk_argument(g, f"{d.target_risk}; `predict --target-risk` overrides", default=str(d.target_risk))
