@@ -127,3 +127,22 @@ def test_a_recorded_training_run_reruns_to_the_same_model(phantom_dir, tmp_path)
     weights = [load_file(str(run / "bundle" / "model.safetensors")) for run in (first, again)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_every_setting_a_config_records_has_its_flag():
+    """What --config can set, the command line can set too (a field without a flag could only come from a file)."""
+    from pretrain import PretrainConfig
+    from pretrain.classify import ClassifyConfig
+    from vqa.cli.classify import build_parser as classify_parser
+    from vqa.cli.pretrain import build_parser as pretrain_parser
+
+    # flags spelled otherwise: --encoder-arg K=V, --head-arg, --text-arg, --no-progress; and checkpoint_every,
+    # which only pretraining's mid-epoch resume takes (the others' engines refuse it)
+    spelled = {"encoder_args": "encoder_arg", "head_args": "head_arg", "text_args": "text_arg",
+               "progress": "no_progress"}
+    for cls, parser, absent in ((TrainConfig, train_parser(), {"checkpoint_every"}),
+                                (PretrainConfig, pretrain_parser(), set()),
+                                (ClassifyConfig, classify_parser(), {"checkpoint_every"})):
+        dests = {a.dest for a in parser._actions}
+        missing = {f.name for f in dataclasses.fields(cls) if spelled.get(f.name, f.name) not in dests}
+        assert missing == absent, (cls.__name__, missing)

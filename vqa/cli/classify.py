@@ -62,7 +62,11 @@ def build_parser():
     g.add_argument("--encoder-lr", type=float, default=None, help="the encoder's learning rate (default: --lr / 10)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
                    help="small affine, resized crop, intensity jitter (never a flip)")
-    g.add_argument("--image-cache", default=d.image_cache, choices=["auto", "ram", "stream"])
+    g.add_argument("--image-cache", default=d.image_cache, choices=["auto", "ram", "stream"],
+                   help="ram: decode each image once into a uint8 table; stream: decode per batch; auto: ram when "
+                        "the table fits --cache-limit-gb")
+    g.add_argument("--cache-limit-gb", type=float, default=d.cache_limit_gb,
+                   help="the largest image table --image-cache auto keeps in RAM (default: %(default)s)")
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes decoding images")
     add_engine_arguments(p, d)
     return p
