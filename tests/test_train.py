@@ -124,6 +124,22 @@ def test_a_run_stopped_partway_down_a_longer_schedule_continues_down_it(phantom_
     assert [r["lr"] for r in ha] == [r["lr"] for r in hb] and [r["loss"] for r in ha] == [r["loss"] for r in hb]
 
 
+def test_a_call_stopped_early_prints_no_earlier_runs_numbers(phantom_dir, tmp_path, capsys):
+    """Down a long schedule in stretches: the folder's bundle is the last finished stretch's; a call that
+    --stop-after ends before its last epoch says so instead of printing that bundle's validation as its own."""
+    from vqa.cli import main as cli
+
+    data = str(phantom_dir / "vqa-rad")
+    tiny = ["--format", "vqa-rad", "--data", data, "--encoder", "clip-vit-tiny", "--head", "mevf-san",
+            "--head-arg", "hidden_dim=32", "--question-dim", "32", "--embed-dim", "16", "--device", "cpu",
+            "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert cli(["train", *tiny, "--epochs", "1", "--schedule-epochs", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle"] == str(tmp_path / "run" / "bundle")
+    assert cli(["train", *tiny, "--epochs", "3", "--resume", "latest", "--stop-after", "1"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == "" and "stopped after 1 epoch(s) of this call" in printed.err
+
+
 def test_resume_in_another_precision_is_logged(phantom_dir, tmp_path, caplog):
     train(_cfg(phantom_dir, tmp_path, head="mevf-san", stop_after=1))
     path = tmp_path / "run" / "checkpoint.pt"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
 from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_ood_encoder_argument,
                       add_target_risk_argument, add_weights_dtype_argument, command_parser, config_from_command_line)
@@ -119,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..train import TrainConfig, train
 
     cfg = config_from_command_line(TrainConfig, build_parser(), argv)
+    started = time.time()
     bundle = train(cfg)
-    if not (bundle / "metrics.json").is_file():  # --stop-after, or not the main process
+    metrics = bundle / "metrics.json"
+    # --stop-after ended it (a bundle there is an earlier run's, not this one's), or not the main process
+    if not metrics.is_file() or metrics.stat().st_mtime < started:
+        if cfg.stop_after is not None:
+            print(f"medvqa train: stopped after {cfg.stop_after} epoch(s) of this call (--stop-after); the checkpoint "
+                  f"in {cfg.out} continues with --resume latest", file=sys.stderr)
         return 0
     print(json.dumps({"bundle": str(bundle), **json.loads((bundle / "metrics.json").read_text())["validation"]},
                      indent=2))
