@@ -148,3 +148,18 @@ def test_threads_and_device_mean_the_same_in_every_command_that_has_them(argv, c
     if argv[0] != "export":  # the export traces on the CPU: it has no --device
         assert cli([*argv, "--device", "tpu"]) == 2
         assert "--device tpu: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_an_output_path_that_is_a_file_is_one_line_and_exit_2(phantom_dir, tmp_path, capsys, monkeypatch):
+    """The system's own errors (a file where a folder is needed) are input errors too: named, no traceback,
+    unless MEDVQA_TRACEBACK asks for one (0 does not)."""
+    taken = tmp_path / "README.md"
+    taken.write_text("not a folder")
+    argv = ["phantom", str(taken / "phantom"), "--images", "10"]
+    monkeypatch.setenv("MEDVQA_TRACEBACK", "0")
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medvqa phantom: error:") and "README.md" in err and "Traceback" not in err
+    monkeypatch.setenv("MEDVQA_TRACEBACK", "1")
+    with pytest.raises(OSError):
+        cli(argv)

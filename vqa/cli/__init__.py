@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
     try:
         return int(module.main(rest) or 0)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        # Bad input is the user's to fix: one line naming what is wrong, no traceback.
-        if os.environ.get("MEDVQA_TRACEBACK"):
+    except (DataError, OSError, ValueError) as e:
+        # Bad input is the user's to fix: one line naming what is wrong, no traceback. OSError: a path that is a
+        # file where a folder is needed (--out README.md), no permission, a full disk: the system's words name it.
+        if os.environ.get("MEDVQA_TRACEBACK", "0") not in ("", "0"):
             raise
         print(f"medvqa {name}: error: {e}", file=sys.stderr)
         return 2
