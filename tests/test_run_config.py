@@ -107,6 +107,23 @@ def test_the_bundles_record_names_no_local_folder_and_a_rerun_gives_them_again(t
     again = config_from_command_line(TrainConfig, train_parser(), ["--config", str(tmp_path / "bundle"),  # its folder
                                                                    "--out", "mine", "--data", "d", "--glove", "g.txt"])
     assert again == dataclasses.replace(first, data="d", glove="g.txt", cache_dir=None, out="mine", resume=None)
+    # a path after a prefix (local-dir:FOLDER), and one in --encoder-arg (open_clip's pretrained=FILE)
+    (tmp_path / "biomedclip").mkdir()
+    (tmp_path / "w.pt").write_bytes(b"")
+    prefixed = dataclasses.replace(first, encoder=f"local-dir:{tmp_path / 'biomedclip'}",
+                                   encoder_args={"pretrained": str(tmp_path / "w.pt"), "image_size": 224})
+    shared = shareable_config(prefixed)
+    assert str(tmp_path) not in json.dumps(shared)
+    assert (shared["encoder"], shared["encoder_args"]) == ("local:biomedclip", {"pretrained": "local:w.pt",
+                                                                                "image_size": 224})
+    write_run_config(shared, tmp_path / "other")
+    given = ["--config", str(tmp_path / "other" / "run_config.json"), "--out", "m", "--data", "d", "--glove", "g"]
+    with pytest.raises(DataError, match=r"--encoder \(it was 'biomedclip'\), --encoder-arg pretrained=\.\.\. "
+                                        r"\(it was 'w.pt'\)"):
+        config_from_command_line(TrainConfig, train_parser(), given)
+    again = config_from_command_line(TrainConfig, train_parser(),
+                                     [*given, "--encoder", "e", "--encoder-arg", "pretrained=mine.pt"])
+    assert (again.encoder, again.encoder_args) == ("e", {"pretrained": "mine.pt", "image_size": 224})
 
 
 @pytest.mark.slow  # two training runs: end to end, left out of the fast lane

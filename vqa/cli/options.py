@@ -233,9 +233,15 @@ def config_from_command_line(cls: type, parser: argparse.ArgumentParser, argv: l
     from ..training.runtime import LOCAL_PATH
 
     invocation = set(cls.INVOCATION_FIELDS)
-    missing = [k for k, v in recorded.items() if isinstance(v, str) and v.startswith(LOCAL_PATH) and k not in given]
+    missing = {f"--{k.replace('_', '-')}": v for k, v in recorded.items()
+               if isinstance(v, str) and v.startswith(LOCAL_PATH) and k not in given}
+    for k, values in recorded.items():  # encoder_args -> --encoder-arg KEY=VALUE, given again key by key
+        if isinstance(values, dict):
+            again = {item.split("=", 1)[0] for item in getattr(given, k[:-1], None) or ()}
+            missing.update({f"--{k[:-1].replace('_', '-')} {key}=...": v for key, v in values.items()
+                            if isinstance(v, str) and v.startswith(LOCAL_PATH) and key not in again})
     if missing:
-        flags = ", ".join(f"--{k.replace('_', '-')} (it was {recorded[k][len(LOCAL_PATH):]!r})" for k in missing)
+        flags = ", ".join(f"{flag} (it was {v[len(LOCAL_PATH):]!r})" for flag, v in missing.items())
         raise DataError(f"--config {args.config}: recorded on another machine, it names local files or folders you "
                         f"give again here: {flags}")
     return config_from_args(cls, given, {k: v for k, v in recorded.items() if k not in invocation})

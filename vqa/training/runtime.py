@@ -66,11 +66,24 @@ def shareable_config(config: Any) -> dict:
         data.pop(name, None)
     for name in getattr(config, "PATH_FIELDS", ()):
         value = data.get(name)
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
-            data[name] = LOCAL_PATH + Path(value).expanduser().resolve().name
+        if isinstance(value, str) and _machine_path(value):
+            data[name] = LOCAL_PATH + _machine_path(value)
+    for name, value in data.items():  # --encoder-arg pretrained=FILE and the like
+        if isinstance(value, dict):
+            data[name] = {k: LOCAL_PATH + _machine_path(v) if isinstance(v, str) and _machine_path(v) else v
+                          for k, v in value.items()}
     if "cache_dir" in data:
         data["cache_dir"] = None
     return data
+
+
+def _machine_path(value: str) -> str | None:
+    """The name of the file or folder of this machine that `value` names, as is or after a prefix
+    (`local-dir:/home/a/biomedclip`); None when it names none."""
+    for candidate in (value, value.split(":", 1)[1] if ":" in value else ""):
+        if candidate and Path(candidate).expanduser().exists():
+            return Path(candidate).expanduser().resolve().name
+    return None
 
 
 def jsonable(obj: Any) -> Any:
