@@ -60,18 +60,27 @@ def embed_texts(model, texts: Sequence[str], device: torch.device, precision: st
     return torch.cat(out)
 
 
-def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Pair i is (image i, text i). Returns i2t_r@K, t2i_r@K (in %), their mean, and n."""
+def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[int] = KS,
+                      images: Sequence | None = None) -> dict[str, float]:
+    """Pair i is (image i, text i). Returns i2t_r@K, t2i_r@K (in %), their mean, and n. `images`: each pair's
+    image (a path): the pairs of one image share its captions, any of them right for it (and its copies right
+    for each caption), as COCO-style retrieval counts an image with several captions."""
     sims = image_embeds.float() @ text_embeds.float().t()  # (N, N)
-    positive = sims.diagonal()
-    i2t_rank = (sims > positive[:, None]).sum(1)  # captions above the right one, per image
-    t2i_rank = (sims > positive[None, :]).sum(0)  # images above the right one, per caption
+    n = len(sims)
+    keys = list(range(n)) if images is None else [str(i) for i in images]
+    index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    group = torch.tensor([index[k] for k in keys])
+    same = group[:, None] == group[None, :]  # (N, N): pair i's image is pair j's
+    best = sims.masked_fill(~same, float("-inf"))
+    # per image, captions of other images above its best own caption; per caption, other images above its own
+    i2t_rank = ((sims > best.max(1).values[:, None]) & ~same).sum(1)
+    t2i_rank = ((sims > sims.diagonal()[None, :]) & ~same).sum(0)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_r{k}"] = 100.0 * float((i2t_rank < k).float().mean())
         out[f"t2i_r{k}"] = 100.0 * float((t2i_rank < k).float().mean())
     out["mean_recall"] = sum(v for key, v in out.items() if key[4] == "r") / (2 * len(ks))
-    out["n"] = int(len(positive))
+    out["n"] = n
     return out
 
 
@@ -125,7 +134,7 @@ def evaluate(model, pairs: Sequence[CaptionPair], table: ImageTable, device: tor
     images = embed_images(model, table, device, precision)
     texts = embed_texts(model, [p.caption for p in pairs], device, precision)
     prompts = load_prompts() if prompts is None else prompts
-    return {"retrieval": retrieval_metrics(images, texts),
+    return {"retrieval": retrieval_metrics(images, texts, images=[p.image for p in pairs]),
             "zero_shot": zero_shot(model, images, pairs, prompts, device, precision)}
 
 

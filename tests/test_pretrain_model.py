@@ -342,6 +342,15 @@ def test_retrieval_metrics_and_ties():
     text = e.clone()
     text[1] = text[0]  # two identical captions: a tie, not a miss
     assert retrieval_metrics(e + 0.5 * text, text)["i2t_r1"] == 100.0
+    # one image with two captions (pairs 0 and 1): either caption is right for it, and it for each of them
+    image = e.clone()
+    image[1] = image[0]
+    captions = e.clone()
+    captions[1] = 0.9 * e[0] + 0.1 * e[1]  # nearer the image than any other caption, below its first one
+    named = [f"img{i}" for i in (0, 0, *range(2, 12))]
+    grouped = retrieval_metrics(image, captions, images=named)
+    assert grouped["i2t_r1"] == grouped["t2i_r1"] == 100.0 and grouped["n"] == 12
+    assert retrieval_metrics(image, captions)["i2t_r1"] < 100.0  # as separate images, one copy misses
 
 
 def test_default_prompts_cover_the_phantom_fields():
