@@ -32,7 +32,7 @@ COMMANDS = {
                                "for bundles trained before them)"),
     "eval": ("eval", "score a bundle on a benchmark split (published protocols); JSON, Markdown, plots"),
     "predict": ("predict", "answer questions about images with a bundle, as JSON (one or a JSONL batch)"),
-    "demo": ("demo", "the Gradio demo in the browser (default: a small model trained once on phantom data)"),
+    "demo": ("demo", "the Gradio demo in the browser (default: the shipped VQA-RAD model)"),
     "import": ("import_weights", "convert released weights (MEVF, OpenAI-format CLIP, PMC-CLIP, any encoder) "
                                  "to a safetensors folder"),
     "encoders": ("encoders", "list the encoders --encoder accepts: names, prefixes, input, grid, weights"),

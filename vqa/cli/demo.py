@@ -1,4 +1,5 @@
-"""`medvqa demo`: the Gradio demo on a bundle, or on the embedded default model (built once, cached)."""
+"""`medvqa demo`: the Gradio demo on a bundle, or on the shipped VQA-RAD model (`--default phantom`: a model
+built once on phantom data, then cached)."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,7 @@ $MEDVQA_CACHE or ~/.cache/medvqa. Set GRADIO_ANALYTICS_ENABLED=False to keep Gra
 
 def build_parser():
     p = command_parser("medvqa demo", __doc__.split(": ", 1)[1], EXAMPLE)
-    add_bundle_argument(p, required=False, help_default=" (default: the embedded default model)")
+    add_bundle_argument(p, required=False, help_default=" (default: the model --default names)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0 picks a free one)")
     add_runtime_argument(p)
