@@ -258,7 +258,8 @@ def test_pretraining_streams_shards_and_resumes_mid_epoch_exactly(phantom_dir, s
     monkeypatch.setattr(ContrastiveTask, "_steps", record)
     resumed = pretrain(replace(cfg, resume="latest"))["history"]
     assert seen[0][:2] == (0, 3) and len([s for s in seen if s[0] == 0]) == 7 - 3  # only the unseen steps
-    for a, b in zip(full, resumed):
+    assert len(full) == len(resumed) == 2  # both epochs, the resumed one's rows included
+    for a, b in zip(full, resumed, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                    rel=1e-4)
 

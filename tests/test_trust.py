@@ -151,7 +151,8 @@ def test_predictions_carry_confidence_and_abstain_on_an_unknown_question(predict
     strict = type(predictor).from_bundle(predictor.path, target_risk=0.001)  # a stricter target abstains more
     many = [strict.predict(row["image"], q).abstained for q in ("Is there a lesion?", row["question"])]
     loose = [predictor.predict(row["image"], q).abstained for q in ("Is there a lesion?", row["question"])]
-    assert sum(many) >= sum(loose)
+    # 0.1 % is out of reach of a validation split this small: nothing is answered (the loose target answered one)
+    assert all(many) and sum(many) > sum(loose)
 
 
 def test_a_branch_validation_never_answered_is_withheld_for_that_reason(predictor, predictor_phantom):

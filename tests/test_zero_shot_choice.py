@@ -81,6 +81,7 @@ def test_cli_needs_exactly_one_model(phantom_dir, capsys):
     data = ["--format", "pmc-vqa", "--data", str(phantom_dir / "pmc-vqa")]
     with pytest.raises(SystemExit):
         cli(["eval", *data])
+    assert "pass one of --bundle" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["eval", "--bundle", "b", "--zero-shot-clip", "c", *data])
     assert "pass one of --bundle" in capsys.readouterr().err
