@@ -444,8 +444,8 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):  # damaged: the cache is rebuilt
         logger.warning("feature cache %s: unreadable %s", folder, INDEX_NAME)
         return None
     return index if isinstance(index, dict) and "rows" in index and "count" in index else None

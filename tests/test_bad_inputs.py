@@ -287,3 +287,16 @@ def test_temp_files_of_a_killed_run_are_swept_at_the_next_start(phantom_dir, tmp
     assert run(capsys, "train", "--data", str(phantom_dir / "vqa-rad"), "--out", str(out), *TINY_TRAIN)[0] == 0
     assert not stale_file.exists() and not stale_dir.exists() and theirs.exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and p != theirs]
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    """A spreadsheet's Latin-1 export of a batch or a dataset CSV: the error says which file, and what to do."""
+    from vqa.errors import DataError
+    from vqa.io import read_csv_numbered, read_jsonl_numbered
+
+    (tmp_path / "batch.csv").write_bytes("image,question\nscan.png,Is the f\xe9mur broken?\n".encode("latin-1"))
+    (tmp_path / "batch.jsonl").write_bytes('{"image": "scan.png", "question": "f\xe9mur?"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"batch\.csv: not UTF-8 text \(byte 0xe9 .*save it as UTF-8"):
+        read_csv_numbered(tmp_path / "batch.csv", ("image", "question"))
+    with pytest.raises(DataError, match=r"batch\.jsonl: not UTF-8 text"):
+        read_jsonl_numbered(tmp_path / "batch.jsonl")

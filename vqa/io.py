@@ -1,9 +1,11 @@
 """File reading with clear errors; JSON reading and atomic writing (temp file, then rename) are `encoders._files`'."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
+from typing import Iterator
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
                              atomic_write_safetensors, atomic_write_text, read_json, sweep_stale_temps)
@@ -22,7 +24,7 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f, _utf8(path):
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -36,6 +38,16 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
+@contextlib.contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """A file read as UTF-8 that is not (a spreadsheet's Latin-1 export, say): an error naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as "
+                        "UTF-8") from None
+
+
 def read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     """Rows of a CSV file as dicts; a missing required column is a DataError naming it."""
     return [row for _, row in read_csv_numbered(path, required)]
@@ -46,7 +58,7 @@ def read_csv_numbered(path: str | Path, required: tuple[str, ...]) -> list[tuple
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f, _utf8(path):
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
