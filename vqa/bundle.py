@@ -116,8 +116,9 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
          metrics: dict[str, Any] | None = None, max_len: int = 12, choice_len: int = 8,
          extra: dict[str, Any] | None = None, calibration: Calibration | None = None,
          ood: OutOfScopeDetector | None = None, reference_encoder: bool = False,
-         weights_dtype: str = "float32") -> Path:
-    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically.
+         weights_dtype: str = "float32", run_config: dict[str, Any] | None = None) -> Path:
+    """Write `model` and its vocabularies (and its calibration) as a bundle folder, atomically; `run_config`: the
+    recipe that made it (`vqa.training.shareable_config`), published with the rest.
 
     `reference_encoder`: a frozen encoder that `create_encoder(its name)` rebuilds exactly (weights from an
     installed package) is stored by name and fingerprint, not copied. `weights_dtype="float16"` halves the
@@ -161,6 +162,8 @@ def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: 
                 calibration.trust.save(tmp)
         if ood is not None:
             ood.save(tmp)
+        if run_config is not None:
+            atomic_write_json(tmp / "run_config.json", run_config)
     log.info("saved bundle %s", path)
     return Path(path)
 

@@ -451,11 +451,11 @@ def train(cfg: TrainConfig) -> Path:
                  f"; trust weights {calibration.trust_weights}" if calibration.uses_trust else "")
         training = {"loss": loss, "data": training_data(cfg.format, cfg.data, cfg.train_split, cfg.lang),
                     "validation": validation_spec(cfg), "numerics": rt.numerics}  # the kernels it trained on
+        # the recipe travels with the model: `medvqa train --config BUNDLE/run_config.json --data ... --out ...`
         bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=tokenizer, metrics=metrics,
                              max_len=cfg.question_len, choice_len=cfg.choice_len, extra={"training": training},
-                             calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype)
-        # the recipe travels with the model: `medvqa train --config BUNDLE/run_config.json --data ... --out ...`
-        write_run_config(shareable_config(cfg), bundle)
+                             calibration=calibration, ood=ood, weights_dtype=cfg.weights_dtype,
+                             run_config=shareable_config(cfg))
         write_card(bundle)
         return bundle
 
