@@ -120,12 +120,30 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise
     _publish_mode(tmp, directory=True)
     if path.exists():
+        # two renames, not one swap: between them the previous copy waits in `old` (a kill there leaves it for
+        # `sweep_stale_temps` to put back); a failed second rename puts it back at once
         old = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name_prefix(path), suffix=".tmp"))
         os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if not path.exists():
+                os.replace(old / path.name, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def _restore_stranded(folder: Path, entry: Path) -> None:
+    """A writer killed between `atomic_dir`'s two renames left the previous copy of FOLDER/NAME inside a temp
+    folder (`.NAME.<8>.tmp/NAME`) and nothing at FOLDER/NAME: put it back."""
+    name = entry.name[1:].rsplit(".", 2)[0]
+    if entry.is_dir() and (entry / name).exists() and not (folder / name).exists():
+        os.replace(entry / name, folder / name)
+        log.warning("%s: put back the previous copy a killed write had set aside", folder / name)
 
 
 def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
@@ -141,6 +159,7 @@ def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except FileNotFoundError:
             continue
         if stale:
+            _restore_stranded(folder, entry)
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed.append(entry)
     if removed:

@@ -300,3 +300,36 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
         read_csv_numbered(tmp_path / "batch.csv", ("image", "question"))
     with pytest.raises(DataError, match=r"batch\.jsonl: not UTF-8 text"):
         read_jsonl_numbered(tmp_path / "batch.jsonl")
+
+
+def test_replacing_a_folder_never_loses_its_previous_copy(tmp_path, monkeypatch):
+    """atomic_dir swaps a folder by two renames: a failed second rename puts the old copy back, and a writer
+    killed between them leaves it where the next run's sweep puts it back."""
+    from encoders import _files
+    from encoders._files import atomic_dir, sweep_stale_temps
+
+    bundle = tmp_path / "bundle"
+    with atomic_dir(bundle) as tmp:
+        (tmp / "model.safetensors").write_text("good")
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(_files.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_dir(bundle, overwrite=True) as tmp:
+            (tmp / "model.safetensors").write_text("new")
+    monkeypatch.setattr(_files.os, "replace", real)
+    assert (bundle / "model.safetensors").read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    # killed between the renames: the old copy set aside, nothing at the name
+    aside = tmp_path / ".bundle.ab12cd34.tmp"
+    aside.mkdir()
+    os.replace(bundle, aside / "bundle")
+    old = time.time() - 3600
+    os.utime(aside, (old, old))
+    assert sweep_stale_temps(tmp_path) == [aside]
+    assert (bundle / "model.safetensors").read_text() == "good" and not aside.exists()
