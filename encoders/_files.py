@@ -146,13 +146,14 @@ def _restore_stranded(folder: Path, entry: Path) -> None:
         log.warning("%s: put back the previous copy a killed write had set aside", folder / name)
 
 
-def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def sweep_stale_temps(folder: str | os.PathLike, any_age: bool = False) -> list[Path]:
     """Remove what killed writers left in `folder`: entries named like our temp files (`.NAME.<8>.tmp`)
-    last modified before this process started (a live writer's are newer). Returns what was removed."""
+    last modified before this process started (a live writer's are newer); `any_age`: all of them (the caller
+    holds the folder's lock, which every writer there holds while it writes). Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    started, removed = _process_start(), []
+    started, removed = float("inf") if any_age else _process_start(), []
     for entry in folder.iterdir():
         try:
             stale = _TEMP_NAME.match(entry.name) and entry.lstat().st_mtime < started

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from ._errors import DataError
-from ._files import atomic_write, atomic_write_json
+from ._files import atomic_write, atomic_write_json, sweep_stale_temps
 from .base import ImageEncoder
 from .images import ImageSource, load_image
 
@@ -115,7 +115,9 @@ class FeatureCache:
                 raise FileNotFoundError(f"no feature cache in {folder} (missing {INDEX_NAME})")
             return cls(folder, index, None)
         expected = _empty_index(encoder)
-        with _exclusive(folder):  # another process may be deciding the same, or writing rows
+        with _exclusive(folder) as locked:  # another process may be deciding the same, or writing rows
+            if locked:  # every writer writes under this lock: the temp files here are a dead one's
+                sweep_stale_temps(folder, any_age=True)
             index = _read_index(folder)
             reason = _rebuild_reason(folder, index, expected)
             if reason:
@@ -403,21 +405,22 @@ def _empty_index(encoder: ImageEncoder, fingerprint: str | None = None) -> dict[
 
 
 @contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
+def _exclusive(folder: Path) -> Iterator[bool]:
     """Hold `folder`'s lock file (an advisory lock, released when the process dies): one process at a time
     decides a rebuild or writes rows, so processes filling one cache at once (seeds run side by side) neither
     unlink nor overwrite each other's rows. Readers take none: rows are only ever appended, by rename, so a
-    mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not serialised."""
+    mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not serialised.
+    Yields whether the lock is held."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     with open(folder / LOCK_NAME, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

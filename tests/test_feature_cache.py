@@ -350,3 +350,14 @@ def test_processes_filling_one_cache_at_once_keep_every_row(tmp_path, encoder, i
     expected = alone.lookup(alone.ensure(images, progress=False))
     got = shared.lookup(hashes)
     assert torch.equal(got["grid"], expected["grid"]) and torch.equal(got["pooled"], expected["pooled"])
+
+
+def test_what_a_killed_writer_left_is_swept_when_the_cache_opens(tmp_path, encoder, images):
+    """An append writes a whole new features file beside the old one: a writer killed then leaves a temp file the
+    size of the cache. Every writer writes under the folder's lock, so whoever holds it may sweep them all."""
+    FeatureCache.open(tmp_path / "cache", encoder).ensure(images[:1], progress=False)
+    left = [tmp_path / "cache" / ".features.f16.ab12cd34.tmp", tmp_path / "cache" / ".keys.bin.zz99yy88.tmp"]
+    for path in left:
+        path.write_bytes(b"\0" * 1024)
+    cache = FeatureCache.open(tmp_path / "cache", encoder)
+    assert not any(p.exists() for p in left) and len(cache) == 1
