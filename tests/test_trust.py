@@ -110,6 +110,10 @@ def test_the_risk_target_chosen_on_validation_holds_on_test(report):
         group = abstention[name]
         assert group["coverage"] > 0.2, (name, group)  # it answers a fair share
         assert group["risk"] <= target + RISK_TOLERANCE, (name, group, target)
+        # and it withholds: answering everything would be wrong more often (measured 0.38 / 0.37 against 0.28 /
+        # 0.19 answered), so a threshold that never bites cannot pass on the tolerance
+        everything = 1 - report[0]["subsets"]["all"][name.lower()]
+        assert group["coverage"] < 1.0 and group["risk"] < everything - 0.05, (name, group, everything)
 
 
 @pytest.mark.parametrize("n, dim", [(40, 96), (300, 24)])  # fewer images than dimensions, and more
