@@ -113,7 +113,7 @@ def test_the_risk_target_chosen_on_validation_holds_on_test(report):
         # and it withholds: answering everything would be wrong more often (measured 0.38 / 0.37 against 0.28 /
         # 0.19 answered), so a threshold that never bites cannot pass on the tolerance
         everything = 1 - report[0]["subsets"]["all"][name.lower()]
-        assert group["coverage"] < 1.0 and group["risk"] < everything - 0.05, (name, group, everything)
+        assert group["coverage"] < 1.0 and group["risk"] < everything - 0.03, (name, group, everything)
 
 
 @pytest.mark.parametrize("n, dim", [(40, 96), (300, 24)])  # fewer images than dimensions, and more
