@@ -126,13 +126,25 @@ def test_zero_shot_skips_fields_whose_classes_the_prompts_do_not_name(caplog):
 
 
 def test_pretrain_eval_reads_the_split_as_pretrain_does(phantom_dir, tmp_path):
-    cli(["pretrain", "--data", str(phantom_dir / "captions"), "--epochs", "0", "--embed-dim", "16",
-         "--out", str(tmp_path / "p"), "--no-progress"])
-    assert cli(["pretrain-eval", "--model", str(tmp_path / "p" / "clip"), "--data", str(phantom_dir / "captions"),
-                "--exclude-vqa-rad", "--out", str(tmp_path / "m.json")]) == 0
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    import shutil
+
+    captions = shutil.copytree(phantom_dir / "captions", tmp_path / "captions")
+    rows = [json.loads(line) for line in (captions / "validate.jsonl").read_text().splitlines()]
+    for row in rows[:5]:  # MedPix 2.0 marks the pairs whose image VQA-RAD also holds
+        row["also_in_vqa_rad"] = True
+    (captions / "validate.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["pretrain", "--data", str(captions), "--epochs", "0", "--embed-dim", "16", "--exclude-vqa-rad",
+                "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "p" / "metrics.json").read_text())["after"]
-    assert metrics["retrieval"] == saved["retrieval"] and metrics["protocol"]["exclude_vqa_rad"]
+    for exclude, n in ((["--exclude-vqa-rad"], len(rows) - 5), ([], len(rows))):
+        assert cli(["pretrain-eval", "--model", str(tmp_path / "p" / "clip"), "--data", str(captions), *exclude,
+                    "--out", str(tmp_path / "m.json")]) == 0
+        metrics = json.loads((tmp_path / "m.json").read_text())
+        assert metrics["retrieval"]["n"] == n and metrics["protocol"]["exclude_vqa_rad"] == bool(exclude)
+    assert saved["retrieval"]["n"] == len(rows) - 5  # pretraining left them out of its validation too
+    assert cli(["pretrain-eval", "--model", str(tmp_path / "p" / "clip"), "--data", str(captions),
+                "--exclude-vqa-rad", "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["retrieval"] == saved["retrieval"]
 
 
 @pytest.mark.parametrize("argv", [
