@@ -168,7 +168,9 @@ def build_demo(predictor, examples: Sequence[Example] | None = None, questions: 
         examples, default_questions = default_examples()
         questions = questions or default_questions
     examples, questions = list(examples), list(questions or QUESTIONS)
-    with gr.Blocks(title="medvqa demo", analytics_enabled=False) as demo:
+    # uploads, previews and heatmaps are files in Gradio's cache: an hour old, they are deleted (hourly), else a
+    # long-running demo fills its disk with every DICOM ever uploaded
+    with gr.Blocks(title="medvqa demo", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{_model_card(predictor)}")
         with gr.Row():
             with gr.Column(scale=1):

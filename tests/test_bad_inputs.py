@@ -333,3 +333,18 @@ def test_replacing_a_folder_never_loses_its_previous_copy(tmp_path, monkeypatch)
     os.utime(aside, (old, old))
     assert sweep_stale_temps(tmp_path) == [aside]
     assert (bundle / "model.safetensors").read_text() == "good" and not aside.exists()
+
+
+def test_a_dicom_without_pydicom_is_an_input_error_naming_the_remedy(tmp_path, monkeypatch):
+    """pydicom is an optional extra: without it a DICOM upload is a message in the page, not an internal error."""
+    from encoders import images
+    from vqa.errors import DataError
+    from vqa.predictor import read_image
+
+    def no_pydicom(path):
+        raise ImportError(f"{path}: reading DICOM needs pydicom: pip install 'medvqa[dicom]'")
+
+    monkeypatch.setattr(images, "load_dicom", no_pydicom)
+    (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    with pytest.raises(DataError, match=r"scan\.dcm: reading DICOM needs pydicom"):
+        read_image(tmp_path / "scan.dcm")

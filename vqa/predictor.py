@@ -162,7 +162,7 @@ def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
         img = load_image(image, max_side=max_side)
     except FileNotFoundError:
         raise DataError(f"image file not found: {name}") from None
-    except (ValueError, TypeError, OSError) as e:
+    except (ValueError, TypeError, OSError, ImportError) as e:  # ImportError: DICOM without pydicom installed
         raise DataError(str(e) if name in str(e) else f"{name}: {e}") from None
     warnings, full_size = [], image if max(img.size) >= max_side else None
     if max(img.size) > max_side:
