@@ -208,7 +208,8 @@ class TextQuestionEncoder(nn.Module):
         out = self.tower(tokens, mask)
         hidden, pooled = out["tokens"], out["pooled"]
         if self.tower.pooling == "eos":  # the last real token is the EOS: found from the lengths, whatever pads
-            pooled = hidden[torch.arange(len(tokens), device=tokens.device), lengths.clamp(1, tokens.shape[1]) - 1]
+            # shape[0], not len(): a traced export keeps the batch size dynamic
+            pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths.clamp(1, tokens.shape[1]) - 1]
         return nn.functional.pad(hidden, (0, 0, 0, width - hidden.shape[1])), pooled  # (B, width, D) again
 
     @torch.no_grad()

@@ -152,6 +152,23 @@ def test_the_transformer_head_on_a_text_tower_exports_answers_as_pytorch(predict
     assert_same_head(torch_side, onnx, images, questions)
 
 
+@pytest.mark.slow  # a run with a text tower, exported and asked at three batch sizes
+def test_an_eos_pooled_text_tower_exports_for_any_batch_size(predictor_phantom, tmp_path):
+    """A CLIP-style tower pools its EOS token, found from the lengths: the exported graph must index the batch
+    it is given, not the one it was traced with (2); SAN reads that pooled vector."""
+    from vqa import Predictor
+    from vqa.onnx_export import export_onnx
+
+    bundle = _train_tiny(predictor_phantom, tmp_path, data=str(predictor_phantom / "vqa-rad"), head="mevf-san",
+                         head_args={"hidden_dim": 32, "hops": 1}, question_encoder="clip-text-tiny", question_lr=1e-3)
+    export_onnx(bundle, tmp_path / "onnx")
+    rows = ground_truth(predictor_phantom)[:3]
+    torch_side, onnx = Predictor.from_bundle(bundle), Predictor.from_onnx(tmp_path / "onnx")
+    for n in (1, 3):
+        images, questions = [r["image"] for r in rows[:n]], [r["question"] for r in rows[:n]]
+        assert_same(torch_side.predict_batch(images, questions), onnx.predict_batch(images, questions))
+
+
 def test_multiple_choice_export_answers_as_pytorch(predictor_phantom, tmp_path):
     from vqa import Predictor
     from vqa.data import load_records
