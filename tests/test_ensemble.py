@@ -320,7 +320,12 @@ def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_p
 
     members = _members(phantom_dir, tmp_path, epochs=2, head="qcr", question_encoder="gru", embed_dim=16,
                        question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
+    for member in members:  # as bundles from before the loss was recorded: QCR's default, BCE, is theirs
+        config = json.loads((member / "config.json").read_text())
+        assert config["training"].pop("loss") == "bce"
+        (member / "config.json").write_text(json.dumps(config))
     bundle = _ensemble(members, phantom_dir, tmp_path)
+    assert Predictor.from_bundle(bundle).score_kind == "sigmoid"  # its scores are its members' kind
     report = export_onnx(bundle, bundle / "onnx")
     assert report.head_outputs == ["logits", "attention", "type_logits", "fused"]  # fused: trust scores
     rows = ground_truth(phantom_dir)[:24]

@@ -130,6 +130,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
                             "model_selection": f"each member's own: {selection}; the members' answer "
                                                "distributions averaged"}}
     training = {**{k: v for k, v in first.config.get("training", {}).items() if k != "numerics"},  # in members
+                "loss": first.loss,  # recorded even where members predate it: their default, not the ensemble's
                 "ensemble": {"members": len(members), "bagging": cfg.bagging}}
     bundle = save_bundle(model, Path(cfg.out) / "bundle", answers=answers, tokenizer=first.tokenizer,
                          metrics=metrics, max_len=first.max_len, choice_len=first.choice_len,
