@@ -348,3 +348,23 @@ def test_a_dicom_without_pydicom_is_an_input_error_naming_the_remedy(tmp_path, m
     (tmp_path / "scan.dcm").write_bytes(b"\0" * 128 + b"DICM")
     with pytest.raises(DataError, match=r"scan\.dcm: reading DICOM needs pydicom"):
         read_image(tmp_path / "scan.dcm")
+
+
+def test_a_weight_beyond_float16_is_named_before_it_is_rounded(monkeypatch):
+    """--weights-dtype float16 rounds the head before validation: a weight past 65504 would turn inf there, and the
+    run end in 'training diverged'; it is named, with the remedy, and the head left as it was."""
+    from vqa.bundle import round_weights
+    from vqa.errors import DataError
+
+    head = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight[0, 0] = 7e4
+    before = head.weight.clone()
+    with pytest.raises(DataError, match=r"float16: the head's weight holds values beyond that type's range"):
+        round_weights(head, "float16")
+    assert torch.equal(head.weight, before)
+    with torch.no_grad():
+        head.weight[0, 0] = 1.0
+    unrounded = head.weight.clone()
+    round_weights(head, "float16")  # in range: rounded as the bundle stores it
+    assert torch.equal(head.weight, unrounded.half().float()) and not torch.equal(head.weight, unrounded)

@@ -107,9 +107,17 @@ def round_weights(module: torch.nn.Module, weights_dtype: str) -> None:
     """Round `module`'s floating-point weights in place to what a bundle saved with `weights_dtype` stores, so that
     what is measured and calibrated before saving is the model a user loads."""
     dtype = check_weights_dtype(weights_dtype)
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.is_floating_point():
-            tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    # before rounding: a weight past the type's range would become inf, and every answer measured after it NaN
+    beyond = _first_non_finite((name, t.to(dtype)) for name, t in named
+                               if t.is_floating_point() and bool(torch.isfinite(t).all()))
+    if beyond:
+        raise DataError(f"--weights-dtype {weights_dtype}: the head's {beyond} holds values beyond that type's "
+                        "range; save in float32")
+    with torch.no_grad():
+        for _, tensor in named:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
 def save(model: VQAModel, path: str | Path, *, answers: AnswerVocab, tokenizer: Tokenizer,
