@@ -208,7 +208,14 @@ class ImageEncoder(Freezable):
         {"grid": (B, N, D), "pooled": (B, D)} float16 on the CPU. Call in eval mode."""
         device = torch.device(device) if device is not None else next(self.parameters()).device
         feats = self(self.preprocess(images).to(device))
-        return {key: feats[key].to("cpu", torch.float16) for key in ("grid", "pooled")}
+        out = {key: feats[key].to("cpu", torch.float16) for key in ("grid", "pooled")}
+        for key, value in out.items():  # stored as float16: a feature past its range would be an inf for good
+            if not bool(torch.isfinite(value).all()):
+                largest = float(feats[key].float().abs().max())
+                raise DataError(f"encoder {self.name}: its {key} features reach {largest:.3g}, beyond float16's "
+                                "65504 (or are not finite), which the feature cache stores them in; normalise them "
+                                "(a projection or LayerNorm at the output) or train the head through the encoder")
+        return out
 
     def auxiliary_loss(self, features: dict[str, Tensor], pixels: Tensor) -> Tensor | None:
         """A loss this encoder adds to the task's while it is fine-tuned (MEVF's autoencoder); None: none."""

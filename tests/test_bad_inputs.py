@@ -368,3 +368,19 @@ def test_a_weight_beyond_float16_is_named_before_it_is_rounded(monkeypatch):
     unrounded = head.weight.clone()
     round_weights(head, "float16")  # in range: rounded as the bundle stores it
     assert torch.equal(head.weight, unrounded.half().float()) and not torch.equal(head.weight, unrounded)
+
+
+def test_features_past_float16_are_refused_before_the_cache_stores_them():
+    """The feature cache stores float16: an encoder whose outputs reach past 65504 would store inf for good (and
+    every rebuild the same), so encoding says which output and what to do."""
+    from encoders import create_encoder
+    from vqa.errors import DataError
+
+    torch.manual_seed(0)
+    encoder = create_encoder("clip-vit-tiny").eval()
+    plain = encoder.forward_features
+    encoder.forward_features = lambda pixels: {k: v * 1e6 if k == "pooled" else v for k, v in plain(pixels).items()}
+    with pytest.raises(DataError, match=r"clip-vit-tiny: its pooled features reach .*beyond float16's 65504"):
+        encoder.encode([Image.new("RGB", (32, 32), (90, 90, 90))])
+    encoder.forward_features = plain
+    assert encoder.encode([Image.new("RGB", (32, 32), (90, 90, 90))])["pooled"].dtype == torch.float16
