@@ -80,7 +80,7 @@ class ClassificationTask(TrainingTask):
         s, shard, pixels = item
         if self.cfg.augment:
             g = torch.Generator().manual_seed((self.cfg.seed * 100_003 + self.epoch) * 10_007 + s)
-            pixels = augment(pixels, g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY)
+            pixels = augment(pixels, g, crop=AUGMENT_CROP, intensity=AUGMENT_INTENSITY, draws=shard.draws)
         x = normalize(pixels, self.model.encoder, self.device)
         target = torch.as_tensor(self.train_labels[shard.indices.numpy()], device=self.device)
         with step.autocast():
