@@ -310,3 +310,25 @@ def test_a_run_records_the_kernels_its_numbers_depend_on(monkeypatch):
         assert numerics(torch.device("cpu"), "fp32")["threads"] == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_a_resumed_rank_continues_the_saved_gpu_generator_on_its_own_device(monkeypatch):
+    """Only rank 0 saves, and only its own GPU's generator has moved; rank r (on cuda:r) must continue from that
+    one, not from the untouched seed state the list holds for cuda:r (it would replay the first masks again)."""
+    from vqa.training import checkpoint
+
+    moved, untouched = torch.tensor([7], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8)
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [moved, untouched])
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)  # rank 0 saves
+    state = checkpoint.rng_state()
+    assert state["cuda_device"] == 0
+    restored = {}
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "current_device", lambda: 1)  # rank 1 resumes on cuda:1
+    monkeypatch.setattr(cuda, "set_rng_state_all", lambda states: restored.update(enumerate(states)))
+    monkeypatch.setattr(cuda, "set_rng_state", lambda value, device: restored.__setitem__(device, value))
+    checkpoint.set_rng_state(state)
+    assert torch.equal(restored[1], moved) and torch.equal(restored[0], moved)

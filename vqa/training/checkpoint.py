@@ -106,6 +106,7 @@ def rng_state() -> dict[str, Any]:
                              "python": repr(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()  # the one this process drew from (a DDP rank's own)
     return state
 
 
@@ -122,3 +123,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         cuda = list(state["cuda"])
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+        if "cuda_device" in state and int(state["cuda_device"]) < len(cuda):
+            # Only rank 0 saves, and only its own device's generator has moved: every rank, seeded alike and drawing
+            # alike, continues from that one on its own device (the rest of the list is the untouched seed state)
+            torch.cuda.set_rng_state(cuda[int(state["cuda_device"])], torch.cuda.current_device())
