@@ -323,6 +323,8 @@ def test_a_resumed_rank_continues_the_saved_gpu_generator_on_its_own_device(monk
     monkeypatch.setattr(cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(cuda, "get_rng_state_all", lambda: [moved, untouched])
     monkeypatch.setattr(cuda, "current_device", lambda: 0)  # rank 0 saves
+    assert "cuda_device" not in checkpoint.rng_state()  # one process: its list is whole (no rank, no set_device)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     state = checkpoint.rng_state()
     assert state["cuda_device"] == 0
     restored = {}
@@ -332,3 +334,16 @@ def test_a_resumed_rank_continues_the_saved_gpu_generator_on_its_own_device(monk
     monkeypatch.setattr(cuda, "set_rng_state", lambda value, device: restored.__setitem__(device, value))
     checkpoint.set_rng_state(state)
     assert torch.equal(restored[1], moved) and torch.equal(restored[0], moved)
+
+
+def test_ranks_wait_for_rank_zero_longer_than_nccls_ten_minutes(monkeypatch):
+    """Ranks wait in a collective while rank 0 fills the feature cache or calibrates alone."""
+    from vqa.training import distributed
+
+    joined = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.update(kw))
+    world = distributed.init_distributed(torch.device("cpu"))
+    assert world.size == 2 and joined["backend"] == "gloo" and joined["timeout"].total_seconds() >= 3600

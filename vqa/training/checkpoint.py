@@ -106,7 +106,8 @@ def rng_state() -> dict[str, Any]:
                              "python": repr(random.getstate())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-        state["cuda_device"] = torch.cuda.current_device()  # the one this process drew from (a DDP rank's own)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a rank's own (set_device)
+            state["cuda_device"] = torch.cuda.current_device()
     return state
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ class World:
         return self.size > 1
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def init_distributed(device: torch.device) -> World:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise.
 
@@ -40,7 +44,9 @@ def init_distributed(device: torch.device) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group(backend=backend)
+        # ranks wait in a collective while rank 0 works alone (filling the feature cache, evaluating, calibrating,
+        # merging cache parts): NCCL's default 10 minutes would abort them mid-way
+        dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
         log.info("rank %d/%d joined the %s process group", world.rank, size, backend)
     return world
 
