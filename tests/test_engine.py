@@ -351,3 +351,10 @@ def test_ranks_wait_for_rank_zero_longer_than_nccls_ten_minutes(monkeypatch):
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: joined.update(kw))
     world = distributed.init_distributed(torch.device("cpu"))
     assert world.size == 2 and joined["backend"] == "gloo" and joined["timeout"].total_seconds() >= 3600
+
+
+def test_training_from_a_program_leaves_its_thread_count_as_it_was(phantom_dir, tmp_path):
+    """--threads sets torch's intra-op threads for the run; a program calling train() gets its own count back."""
+    assert torch.get_num_threads() == 1  # the suite's
+    train(_cfg(phantom_dir, tmp_path, epochs=1, threads=2))
+    assert torch.get_num_threads() == 1

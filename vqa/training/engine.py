@@ -66,22 +66,27 @@ class Runtime:
 
 @contextlib.contextmanager
 def runtime(cfg: EngineConfig) -> Iterator[Runtime]:
-    """Threads, device, precision check, the torchrun process group and the seeds of one run."""
+    """Threads, device, precision check, the torchrun process group and the seeds of one run (the caller's thread
+    count is back when it ends: `train()` from a program leaves its process as it found it)."""
+    if cfg.threads and cfg.threads < 1:
+        raise DataError(f"--threads must be at least 1, got {cfg.threads}")
+    threads = torch.get_num_threads()
     if cfg.threads:
-        if cfg.threads < 1:
-            raise DataError(f"--threads must be at least 1, got {cfg.threads}")
         torch.set_num_threads(cfg.threads)  # on shared cores, fewer threads than cores is faster
-    device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
-    world = init_distributed(device)
     try:
-        seed_everything(cfg.seed)
-        rt = Runtime(local_device(device, world), world, cfg.precision)
-        if world.is_main:
-            log.info("numerics: %s", ", ".join(f"{k} {v}" for k, v in rt.numerics.items() if v is not None))
-        yield rt
+        device = resolve_device(cfg.device)
+        check_precision(cfg.precision, device)
+        world = init_distributed(device)
+        try:
+            seed_everything(cfg.seed)
+            rt = Runtime(local_device(device, world), world, cfg.precision)
+            if world.is_main:
+                log.info("numerics: %s", ", ".join(f"{k} {v}" for k, v in rt.numerics.items() if v is not None))
+            yield rt
+        finally:
+            shutdown(world)
     finally:
-        shutdown(world)
+        torch.set_num_threads(threads)
 
 
 @dataclass
