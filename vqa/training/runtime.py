@@ -65,25 +65,25 @@ def shareable_config(config: Any) -> dict:
     for name in getattr(config, "INVOCATION_FIELDS", ()):
         data.pop(name, None)
     for name in getattr(config, "PATH_FIELDS", ()):
-        value = data.get(name)
-        if isinstance(value, str) and _machine_path(value):
-            data[name] = LOCAL_PATH + _machine_path(value)
+        if name in data:
+            data[name] = _shared(data[name])
     for name, value in data.items():  # --encoder-arg pretrained=FILE and the like
         if isinstance(value, dict):
-            data[name] = {k: LOCAL_PATH + _machine_path(v) if isinstance(v, str) and _machine_path(v) else v
-                          for k, v in value.items()}
+            data[name] = {k: _shared(v) for k, v in value.items()}
     if "cache_dir" in data:
         data["cache_dir"] = None
     return data
 
 
-def _machine_path(value: str) -> str | None:
-    """The name of the file or folder of this machine that `value` names, as is or after a prefix
-    (`local-dir:/home/a/biomedclip`); None when it names none."""
+def _shared(value: Any) -> Any:
+    """`value` as a shared config records it: "local:NAME" where it names a file or folder of this machine, as is
+    or after a prefix (`local-dir:/home/a/biomedclip`); else unchanged."""
+    if not isinstance(value, str):
+        return value
     for candidate in (value, value.split(":", 1)[1] if ":" in value else ""):
         if candidate and Path(candidate).expanduser().exists():
-            return Path(candidate).expanduser().resolve().name
-    return None
+            return LOCAL_PATH + Path(candidate).expanduser().resolve().name
+    return value
 
 
 def jsonable(obj: Any) -> Any:
