@@ -3,6 +3,8 @@ beside the target, then rename.
 
 Readers see the old file (or folder) or the whole new one, never half of it. Temp names
 follow one pattern, `.NAME.<random>.tmp`, so leftovers of a killed process are recognisable.
+Folders that several processes write take turns under an advisory lock (`exclusive`); a process's own
+working folder in a shared one is marked as owned while it lives (`owned_dir`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from ._errors import DataError
 
 log = logging.getLogger(__name__)
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what tempfile.mkstemp/mkdtemp make from our prefix
+LOCK_NAME = ".lock"  # held by the one process deciding or writing in a shared folder
+OWNER_NAME = ".owner"  # locked by the process an `owned_dir` belongs to, while it lives
 
 
 def _process_start() -> float:
@@ -167,3 +171,68 @@ def sweep_stale_temps(folder: str | os.PathLike, any_age: bool = False) -> list[
         log.info("removed %d temp file(s) a killed run left in %s: %s", len(removed), folder,
                  ", ".join(p.name for p in removed[:3]))
     return removed
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike) -> Iterator[bool]:
+    """Hold `folder`'s lock file (an advisory lock, released when the process dies): one process at a time
+    decides or writes there. In the feature cache, processes filling one cache at once (seeds run side by side)
+    so neither unlink nor overwrite each other's rows; readers take none: rows are only ever appended, by rename,
+    so a mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not
+    serialised. Yields whether the lock is held."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(folder / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def owned_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A new folder `parent/PREFIX<random>` of this process's own, removed when the block ends; while the process
+    lives it holds the lock on the folder's `.owner` file. Folders of that prefix whose owner died (a killed run's)
+    are removed first; those of processes still running (another job on the same cache) are left alone. Where the
+    platform has no `fcntl`, ownership cannot be told and nothing else is removed."""
+    parent = Path(parent)
+    with exclusive(parent) as locked:  # no sweep between another process making its folder and locking it
+        if locked:
+            for entry in sorted(parent.glob(f"{prefix}*")):
+                if entry.is_dir() and not _owned(entry):
+                    log.info("removed %s, which a killed run left", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        handle = open(folder / OWNER_NAME, "a")
+        if locked:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        handle.close()  # the lock goes with the last descriptor
+
+
+def _owned(folder: Path) -> bool:
+    """Whether a live process holds `folder`'s owner lock (False for a folder that has none)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder / OWNER_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock it took
+    return False

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from ._errors import DataError
-from ._files import atomic_write, atomic_write_json, sweep_stale_temps
+from ._files import atomic_write, atomic_write_json, exclusive, sweep_stale_temps
 from .base import ImageEncoder
 from .images import ImageSource, load_image
 
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FEATURES_NAME = "features.f16"
-LOCK_NAME = ".lock"  # held by the one process deciding a rebuild or writing rows
 KEYS_NAME = "keys.bin"
 KEY_BYTES = 36  # sha256 digest (32) + crc32 (4, little-endian)
 CACHE_FORMAT_VERSION = 2
@@ -115,7 +114,7 @@ class FeatureCache:
                 raise FileNotFoundError(f"no feature cache in {folder} (missing {INDEX_NAME})")
             return cls(folder, index, None)
         expected = _empty_index(encoder)
-        with _exclusive(folder) as locked:  # another process may be deciding the same, or writing rows
+        with exclusive(folder) as locked:  # another process may be deciding the same, or writing rows
             if locked:  # every writer writes under this lock: the temp files here are a dead one's
                 sweep_stale_temps(folder, any_age=True)
             index = _read_index(folder)
@@ -228,7 +227,7 @@ class FeatureCache:
             finally:
                 self._writing_depth -= 1
             return
-        with _exclusive(self.folder):
+        with exclusive(self.folder):
             self._writing_depth = 1
             try:
                 index = _read_index(self.folder)
@@ -402,27 +401,6 @@ def _empty_index(encoder: ImageEncoder, fingerprint: str | None = None) -> dict[
             "encoder": encoder.name,
             "grid": [n, d], "grid_size": list(encoder.grid_size), "row_size": n * d + d, "dtype": "float16",
             "count": 0, "rows": {}}
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[bool]:
-    """Hold `folder`'s lock file (an advisory lock, released when the process dies): one process at a time
-    decides a rebuild or writes rows, so processes filling one cache at once (seeds run side by side) neither
-    unlink nor overwrite each other's rows. Readers take none: rows are only ever appended, by rename, so a
-    mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not serialised.
-    Yields whether the lock is held."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield False
-        return
-    with open(folder / LOCK_NAME, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _rebuild_reason(folder: Path, index: dict[str, Any] | None, expected: dict[str, Any]) -> str | None:

@@ -9,7 +9,8 @@ keyed by the PNG's bytes, so only another shard-reading run would hit them.)
 
 Under torchrun each rank takes a contiguous block of the shards in `expand_shards` order
 (`shard_block`), encodes the images that the cache lacks into a part cache of its own
-(CACHE/.parts/rank-NNNNN, the same verified format), and after a barrier rank 0 merges the parts
+(CACHE/.parts-<job>/rank-NNNNN, the same verified format; each job's folder is its own, so two jobs on
+one cache leave each other's parts alone, and a killed job's is swept), and after a barrier rank 0 merges the parts
 in rank order (`FeatureCache.merge`: each row verified, temp files then rename). Blocks in rank
 order are the shards in file order, so 1 process and N processes write the same cache, byte for
 byte. One process is the same code with one part.
@@ -19,13 +20,14 @@ naming the shard and member, as the streaming reader does, and counted in the su
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from encoders import FeatureCache, bytes_hash, create_encoder
+from encoders._files import owned_dir
 from encoders.images import decode_image
 from vqa.errors import DataError
 from vqa.training import distributed as dist_utils
@@ -34,7 +36,7 @@ from vqa.training import resolve_device
 from .stream import _ShardReader, expand_shards, shard_counts
 
 log = logging.getLogger(__name__)
-PARTS_NAME = ".parts"
+PARTS_PREFIX = ".parts-"
 
 
 @dataclass
@@ -75,24 +77,21 @@ def cache_shard_features(cfg: ShardFeaturesConfig) -> dict:
             raise DataError(f"--encoder {cfg.encoder}: the ranks built different weights (fingerprints "
                             f"{sorted({f[:12] for f in fingerprints})}); give a saved folder or pretrained weights")
         folder = cache_folder(encoder, cfg.cache_dir)
-        parts = folder / PARTS_NAME
-        if world.is_main:
-            cache = FeatureCache.open(folder, encoder)  # rebuilds a stale cache before any rank reads it
-            shutil.rmtree(parts, ignore_errors=True)  # what a killed run left
-            parts.mkdir(parents=True)
-        dist_utils.barrier(world)
-        if not world.is_main:
-            cache = FeatureCache.open(folder)
-        block = shard_block(len(paths), world.rank, world.size)
-        part = FeatureCache.open(parts / f"rank-{world.rank:05d}", encoder)
-        counts = {"samples": 0, "bad": 0}
-        items = _block_images(paths, block, cache, counts, cfg.progress and world.is_main)
-        part.add(items, batch_size=cfg.batch_size, device=device, progress=False)
-        dist_utils.barrier(world)  # every part complete before rank 0 reads them
-        added = 0
-        if world.is_main:
-            added = cache.merge([parts / f"rank-{r:05d}" for r in range(world.size)])
-            shutil.rmtree(parts)
+        with contextlib.ExitStack() as job:
+            parts = None
+            if world.is_main:
+                cache = FeatureCache.open(folder, encoder)  # rebuilds a stale cache before any rank reads it
+                parts = job.enter_context(owned_dir(folder, PARTS_PREFIX))  # removed when the job ends
+            parts = dist_utils.all_gather_objects(parts, world)[0]  # the other ranks wait for rank 0 here
+            if not world.is_main:
+                cache = FeatureCache.open(folder)
+            block = shard_block(len(paths), world.rank, world.size)
+            part = FeatureCache.open(parts / f"rank-{world.rank:05d}", encoder)
+            counts = {"samples": 0, "bad": 0}
+            items = _block_images(paths, block, cache, counts, cfg.progress and world.is_main)
+            part.add(items, batch_size=cfg.batch_size, device=device, progress=False)
+            dist_utils.barrier(world)  # every part complete before rank 0 reads them
+            added = cache.merge([parts / f"rank-{r:05d}" for r in range(world.size)]) if world.is_main else 0
         totals, _ = dist_utils.all_reduce_sums({k: float(v) for k, v in counts.items()} | {"added": float(added)},
                                                0, world)
         if not world.is_main:

@@ -53,7 +53,7 @@ def test_shard_features_are_the_source_files_features_under_their_keys(corpus, t
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == summary["added"] == summary["cached"] == 12 and summary["bad"] == 0
     folder = Path(summary["cache"])
-    assert folder.parent == cache_dir and not (folder / ".parts").exists()
+    assert folder.parent == cache_dir and not list(folder.glob(".parts*"))  # the job's parts went with it
 
     encoder = create_encoder(str(encoder_dir)).freeze()
     direct = FeatureCache.open(tmp_path / "direct", encoder)
@@ -95,6 +95,28 @@ def test_two_processes_write_the_cache_that_one_process_writes(corpus, tmp_path)
     folder_two = tmp_path / "two" / folder_one.name
     assert sorted(p.name for p in folder_two.iterdir()) == [".lock", "features.f16", "index.json", "keys.bin"]
     assert _cache_files(folder_two) == _cache_files(folder_one)
+
+
+def test_a_job_leaves_the_parts_of_a_running_job_alone_and_sweeps_a_killed_ones(corpus, tmp_path):
+    from encoders._files import OWNER_NAME, owned_dir
+    from pretrain.shard_features import PARTS_PREFIX
+
+    shards, encoder_dir, _ = corpus
+    folder = tmp_path / "cache" / Path(cache_shard_features(ShardFeaturesConfig(
+        str(shards), str(encoder_dir), str(tmp_path / "cache"), device="cpu", progress=False))["cache"]).name
+    killed = folder / f"{PARTS_PREFIX}killed"  # its owner file is there, but nobody holds its lock
+    (killed / "rank-00000").mkdir(parents=True)
+    (killed / OWNER_NAME).touch()
+    legacy = folder / f"{PARTS_PREFIX}noowner"
+    legacy.mkdir()
+    with owned_dir(folder, PARTS_PREFIX) as running:  # another job, mid-way through its block
+        (running / "rank-00000").mkdir()
+        again = cache_shard_features(ShardFeaturesConfig(str(shards), str(encoder_dir), str(tmp_path / "cache"),
+                                                         device="cpu", progress=False))
+        assert again["cached"] == 12
+        assert (running / "rank-00000").is_dir() and (running / OWNER_NAME).is_file()
+        assert not killed.exists() and not legacy.exists()
+    assert not running.exists() and not list(folder.glob(".parts*"))  # an owner removes its own on the way out
 
 
 def _corrupt_member(shards: Path, out: Path, shard: str, member: str) -> Path:
