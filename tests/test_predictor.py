@@ -181,6 +181,13 @@ def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     assert sum(s for _, s in p.top_k) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(DataError, match="pass choices"):
         mc.predict(sample[0], "What imaging modality was used?")
+    # choices as a user types them read as the records' normalised ones (training and eval encode those); the
+    # user's own text is what comes back
+    typed = ["The CT", "MRI:", "an X-ray"]
+    q = mc.predict(sample[0], "What imaging modality was used?", choices=typed, top_k=3)
+    assert q.answer == typed[choices.index(p.answer)]
+    assert [s for _, s in q.top_k] == pytest.approx([s for _, s in p.top_k], abs=1e-6)
+    assert [typed[choices.index(a)] for a, _ in p.top_k] == [a for a, _ in q.top_k]
 
 
 def test_scores_follow_the_training_loss(trained_bundle, sample, tmp_path):

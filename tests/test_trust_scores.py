@@ -202,3 +202,6 @@ def test_calibrate_refuses_a_refit_bundle_and_other_data(trained_bundle, predict
     assert cli(["calibrate", str(trained_bundle), "--format", "slake", "--data", data, "--device", "cpu"]) == 2
     assert "not the data" in capsys.readouterr().err
     assert (trained_bundle / "calibration.json").read_text() == before
+    with pytest.raises(SystemExit):  # calibrated in fp32, the precision the Predictor answers in, whatever is asked
+        cli(["calibrate", str(trained_bundle), "--format", "vqa-rad", "--data", data, "--precision", "bf16"])
+    assert "unrecognized arguments: --precision" in capsys.readouterr().err

@@ -39,14 +39,14 @@ from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weig
 from .calibration import Calibration
 from .errors import DataError
 from .evaluate import predict_records
-from .inference import Predictions, routed_types
+from .inference import ANSWER_PRECISION, Predictions, routed_types
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
 from .recalibrate import trust_memory
 from .target_risk import TargetRisk
 from .trust import asked_about
-from .training.precision import check_precision, resolve_device
+from .training.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ class EnsembleConfig:
     # that together they have trained on all of it; calibrated on each member's own validation answers.
     bagging: bool = False
     weights_dtype: str = "float32"  # float16 halves the bundle; the members are rounded before calibration
-    device: str = "auto"
-    precision: str = "fp32"
+    device: str = "auto"  # calibrated in fp32, the precision the bundle answers in (ANSWER_PRECISION)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -87,7 +86,6 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
         raise DataError("--bagging reads each member's own validation split from its bundle: the --val-* options "
                         "would name one split for all")
     device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
     paths = [Path(resolve_bundle(m)) for m in cfg.members]
     check_weights_dtype(cfg.weights_dtype)
     members = [load_bundle(p, device) for p in paths]
@@ -112,9 +110,9 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
         given = {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.val_seed}
         train, val, how = recorded_splits(paths[0], first, cfg.format, cfg.data,
                                           {k: v for k, v in given.items() if v is not None})
-        trust = trust_memory(ensemble, train, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        trust = trust_memory(ensemble, train, device, cfg.cache_dir, cfg.progress)
         log.info("ensemble of %d members; calibrating on validation %s (%d questions)", len(members), how, len(val))
-        preds = predict_records(ensemble, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        preds = predict_records(ensemble, val, device, ANSWER_PRECISION, cfg.cache_dir, cfg.progress)
         correct = [p == r.answer for p, r in zip(preds.answers, val)]
         calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how}", risk,
                                       trust=trust, fused=preds.fused, **asked_about(trust, val))
@@ -155,7 +153,7 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     for path, member in zip(paths, members):
         train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
         everything = train + val  # any member's: together the members trained on all of the training split
-        preds = predict_records(member, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+        preds = predict_records(member, val, device, ANSWER_PRECISION, cfg.cache_dir, cfg.progress)
         held_out.setdefault(how, (val, []))[1].append((preds, member))
     logits, branches, correct, records, given, types, scores = [], [], [], [], [], [], []
     for val, group in held_out.values():
@@ -178,7 +176,7 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
              len(members), len(records), len(held_out))
     trust = None
     if with_trust:
-        trust = trust_memory(ensemble, everything, device, cfg.precision, cfg.cache_dir, cfg.progress,
+        trust = trust_memory(ensemble, everything, device, cfg.cache_dir, cfg.progress,
                              familiarity=familiar)
     elif ensemble.model.head.has_fused_output:
         log.warning("no trust scores: a member has no trust memory (trained before trust scores; `medvqa calibrate` "

@@ -21,6 +21,10 @@ from .data.record import CLOSED, OPEN, YES_NO
 from .model import VQAModel
 from .training.precision import get_autocast
 
+# The precision a bundle answers in (`medvqa eval`'s default, the Predictor's): what its calibration is fitted on,
+# whatever precision it trained in
+ANSWER_PRECISION = "fp32"
+
 CHOICE_KEYS = ("choice_tokens", "choice_lengths")
 CHOICE_BRANCH = "CHOICE"
 MASKED = -1.0e3  # logits at or below this are answers the head ruled out (heads.MASKED_LOGIT = -1e4)

@@ -40,7 +40,7 @@ from .inference import Predictions, answer_scores, predict
 from .ood import BLANK_LEVELS, blank_images, unfamiliar_questions
 from .runtimes import ModelRuntime
 from .target_risk import TargetRisk
-from .text import tokenize
+from .text import normalize_answer, tokenize
 from .trust import image_ids
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,9 @@ class Predictor:
         distinct, rows = unique_images(images)
         position = {r: i for i, r in reversed(list(enumerate(rows)))}  # first question asking about each image
         loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
-        queries = encode_queries(texts, rows, self.tokenizer, self.max_len, choices, self.choice_len)
+        # the choices as records hold them (training and eval read those); the caller's text is what is shown
+        options = None if choices is None else [[normalize_answer(c) for c in opts] for opts in choices]
+        queries = encode_queries(texts, rows, self.tokenizer, self.max_len, options, self.choice_len)
         with torch.inference_mode():
             table = self.runtime.encode([item.image for item in loaded], batch_size)
             preds = predict(self.runtime.head, queries, table, self.answers, self.device, batch_size=batch_size,
@@ -346,6 +348,7 @@ class Predictor:
                 choices: Sequence[Sequence[str]] | None, image_scores: torch.Tensor | None,
                 blank: torch.Tensor, unfamiliar: torch.Tensor) -> list[Prediction]:
         scores = answer_scores(preds.logits, self.score_kind, None if choices is None else [len(c) for c in choices])
+        ranked = preds.logits.masked_fill(scores < 0, float("-inf"))  # ruled-out answers and absent choices last
         branches = preds.branches()
         confidence = preds.confidence if preds.confidence is not None else scores.max(-1).values.clamp(min=0.0)
         attention = preds.attention.numpy()  # (Q, N)
@@ -353,7 +356,9 @@ class Predictor:
         results = []
         for i, text in enumerate(texts):
             k = min(top_k, scores.shape[1] if choices is None else len(choices[i]))
-            values, index = scores[i].topk(k)
+            # ranked by logit: two answers whose sigmoids both round to 1.0 still rank as `predict` chose
+            index = ranked[i].topk(k).indices
+            values = scores[i, index]
             names = list(choices[i]) if choices is not None else labels
             top = [(str(names[j]), float(v)) for v, j in zip(values.tolist(), index.tolist()) if v >= 0]
             answer, score = top[0] if top else ("", 0.0)

@@ -24,11 +24,12 @@ from .bundle import Bundle, load as load_bundle
 from .calibration import CALIBRATION_FILE, Calibration
 from .data.record import Record
 from .errors import DataError
+from .inference import ANSWER_PRECISION
 from .io import atomic_dir, atomic_write_json
 from .ood import OutOfScopeDetector, detector_encoder, fit_detector
 from .target_risk import TargetRisk
 from .trust import TRUST_FILE, TrustScorer, asked_about, image_ids
-from .training.precision import check_precision, resolve_device
+from .training.precision import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ class RecalibrateConfig:
     # fit the out-of-scope detector again, on the training images, in this space ("same": the model's image encoder;
     # or an encoder name, vqa.ood); None keeps the bundle's detector
     ood_encoder: str | None = None
-    device: str = "auto"
-    precision: str = "fp32"
+    device: str = "auto"  # calibrated in fp32, the precision the bundle answers in (ANSWER_PRECISION)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -62,7 +62,6 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     from .model_card import write_card
 
     device = resolve_device(cfg.device)
-    check_precision(cfg.precision, device)
     path = Path(resolve_bundle(cfg.bundle))
     if cfg.out is None and not Path(cfg.bundle).is_dir():
         raise DataError(f"{cfg.bundle}: a Hub bundle is calibrated into a copy: pass --out")
@@ -79,9 +78,9 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     detector = None
     if cfg.ood_encoder is not None:
         detector = refit_detector(bundle, train, cfg.ood_encoder, device, cfg.cache_dir, cfg.progress)
-    trust = trust_memory(bundle, train, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    trust = trust_memory(bundle, train, device, cfg.cache_dir, cfg.progress)
     log.info("calibrating on validation %s (%d questions)", how, len(val))
-    preds = predict_records(bundle, val, device, cfg.precision, cfg.cache_dir, cfg.progress)
+    preds = predict_records(bundle, val, device, ANSWER_PRECISION, cfg.cache_dir, cfg.progress)
     correct = [p == r.answer for p, r in zip(preds.answers, val)]
     calibration = Calibration.fit(preds.logits, preds.branches(), correct, f"validation {how} (medvqa calibrate)",
                                   risk, trust=trust, fused=preds.fused, **asked_about(trust, val, cfg.progress))
@@ -103,8 +102,8 @@ def recalibrate(cfg: RecalibrateConfig) -> Path:
     return target
 
 
-def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str = "fp32",
-                 cache_dir: str | None = None, progress: bool = True, familiarity: bool = True) -> TrustScorer | None:
+def trust_memory(bundle: Bundle, train: Sequence[Record], device, cache_dir: str | None = None,
+                 progress: bool = True, familiarity: bool = True) -> TrustScorer | None:
     """The bundle's trust memory: its fused vectors of its training questions, with their answers, and (with
     `familiarity`) what was asked about each training image (None for a head without fused vectors)."""
     from .evaluate import predict_records
@@ -112,7 +111,7 @@ def trust_memory(bundle: Bundle, train: Sequence[Record], device, precision: str
     if not bundle.model.head.has_fused_output:
         return None
     log.info("trust memory: the bundle's fused vectors of its %d training questions", len(train))
-    fused = predict_records(bundle, train, device, precision, cache_dir, progress).fused
+    fused = predict_records(bundle, train, device, ANSWER_PRECISION, cache_dir, progress).fused
     answers = torch.tensor([bundle.answers.index(r.answer) for r in train])
     if not familiarity:  # trust scores alone: no image is read for its id
         return TrustScorer.fit(fused, answers)

@@ -26,7 +26,7 @@ from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .calibration import Calibration
 from .features import feature_table, pixel_table
-from .inference import model_inputs, predict
+from .inference import ANSWER_PRECISION, model_inputs, predict
 from .metrics import choice_metrics, vqa_metrics
 from .model import VQAModel
 from .model_card import training_data, write_card
@@ -47,8 +47,6 @@ IDENTITY = ("format", "data", "train_split", "lang", "encoder", "encoder_args", 
             "head", "head_args", "question_encoder", "question_mode", "loss", "answers", "val_split", "val_fraction",
             "val_by", "val_seed", "batch_size", "freeze_epochs", "augment", "feature_views", "encoder_norm")
 WORD_ENCODER = "gru"
-# The precision a bundle answers in (`medvqa eval`'s default, the Predictor's): what its calibration is fitted on
-ANSWER_PRECISION = "fp32"
 
 
 @dataclass

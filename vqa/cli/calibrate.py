@@ -28,7 +28,7 @@ def build_parser():
     add_ood_encoder_argument(g, "keep the bundle's detector; given, the detector is fitted again on the training "
                                 "images in that space")
     g = p.add_argument_group("runtime")
-    add_device_arguments(g)
+    add_device_arguments(g, precision=False)  # calibrated in the precision the bundle answers in: fp32
     p.add_argument("--out", default=None, help="write OUT/bundle, a calibrated copy (default: into BUNDLE itself)")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -41,7 +41,7 @@ def build_parser():
     add_target_risk_argument(g, "the first member's")
     add_weights_dtype_argument(g, "calibration")
     g = p.add_argument_group("runtime")
-    add_device_arguments(g)
+    add_device_arguments(g, precision=False)  # calibrated in the precision the bundle answers in: fp32
     p.add_argument("--out", required=True, help="output folder: OUT/bundle is written")
     p.add_argument("--no-progress", action="store_true")
     return p
