@@ -192,10 +192,12 @@ def _roco_split_dir(root: Path, split: str) -> Path:
         for candidate in (root / name / "radiology", root / "data" / name / "radiology", root / name):
             if candidate.is_dir():
                 return candidate
-    if (root / "radiology").is_dir():
+    alone = (root / "radiology").is_dir()
+    if alone and split in SPLIT_ALIASES["train"]:  # --data ROCO/train: the folder of that split alone
         return root / "radiology"
-    raise DataError(f"{root}: no ROCO folder for split {split!r} (expected {split}/radiology/ "
-                    f"or data/{split}/radiology/)")
+    raise DataError(f"{root}: no ROCO folder for split {split!r} (expected {split}/radiology/ or "
+                    f"data/{split}/radiology/)" + ("; a folder of one split alone (radiology/) is read as train only"
+                                                   if alone else ""))
 
 
 def _load_roco(root: Path, split: str) -> list[CaptionPair]:
@@ -246,7 +248,15 @@ def _load_hf(source: str | Path, split: str, image_column: str, caption_column: 
     from vqa.data.hf import open_dataset, row_image  # the one place that reads `datasets` sources
     from vqa.data.record import ImageFinder
 
-    ds, folder = open_dataset(source, split)
+    error = None
+    for name in split_names(split):  # the first spelling the source has (hub copies say "validation")
+        try:
+            ds, folder = open_dataset(source, name)
+            break
+        except DataError as e:
+            error = error or e  # the first names the split that was asked for
+    else:
+        raise error
     find_image = ImageFinder([folder or Path("/")])
     for column in (image_column, caption_column):
         if column not in ds.column_names:

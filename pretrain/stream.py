@@ -81,7 +81,7 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     paths: list[Path] = []
     for part in str(spec).split("::"):
         if Path(part).is_dir():
-            found = sorted(Path(part).glob("*.tar")) or sorted(Path(part).rglob("*.parquet"))
+            found = sorted(Path(part).glob("*.tar")) or _train_parquet(Path(part))
             if not found:
                 raise DataError(f"--train-data {part}: a folder without .tar shards or .parquet files")
             paths += found
@@ -101,6 +101,28 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     if len(kinds) > 1 or not kinds <= {".tar", ".parquet"}:
         raise DataError(f"--train-data {spec}: expected .tar shards or .parquet files (one kind), got {sorted(kinds)}")
     return paths
+
+
+def _train_parquet(folder: Path) -> list[Path]:
+    """A folder's .parquet files of the train split, as `datasets` lays splits out (`train-*.parquet` or a `train/`
+    folder, any spelling of SPLIT_ALIASES); every file when none is named for a split. Another split's files in
+    the training stream would leak validation or test pairs into training."""
+    from .data import SPLIT_ALIASES
+
+    files = sorted(folder.rglob("*.parquet"))
+    named = {f: next((split for split, names in SPLIT_ALIASES.items() for name in names
+                      if f.name.startswith(f"{name}-") or name in f.relative_to(folder).parts[:-1]), None)
+             for f in files}
+    if not any(named.values()):
+        return files
+    train = [f for f in files if named[f] == "train"]
+    if not train:
+        raise DataError(f"--train-data {folder}: its .parquet files are named for the splits "
+                        f"{sorted({s for s in named.values() if s})}, none for train (train-*.parquet or train/)")
+    if len(train) < len(files):
+        log.info("--train-data %s: the train split's %d .parquet files (%d of other splits left out)", folder,
+                 len(train), len(files) - len(train))
+    return train
 
 
 def _member_key(name: str) -> tuple[str, str]:

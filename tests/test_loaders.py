@@ -117,6 +117,27 @@ def test_datasets_parquet_folder_and_hub_style_columns(phantom_dir, tmp_path):
     assert all(r.question_type == "unknown" for r in loaded)
 
 
+def test_pmc_vqa_columns_through_datasets_read_the_answer_letter_as_the_csv_loader_does(phantom_dir, tmp_path):
+    import csv
+
+    import datasets
+
+    with open(phantom_dir / "pmc-vqa" / "test.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))[:4]
+    for row in rows:  # the answer as its letter only, as some copies give it
+        row["Answer"] = row["Answer_label"]
+    images = phantom_dir / "pmc-vqa" / "images"
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    datasets.Dataset.from_dict(columns, split="test").save_to_disk(str(tmp_path / "pmc"))
+    loaded, csv_records = load_hf(tmp_path / "pmc", "test", images), load_pmc_vqa(phantom_dir / "pmc-vqa", "test")[:4]
+    assert [(r.answer, r.choices) for r in loaded] == [(r.answer, r.choices) for r in csv_records]
+    assert all(r.answer in r.choices for r in loaded)
+    columns["Answer"] = columns["Answer_label"] = ["the left one"] * 4
+    datasets.Dataset.from_dict(columns, split="test").save_to_disk(str(tmp_path / "wrong"))
+    with pytest.raises(DataError, match="answer 'the left one' is none of the choices"):
+        load_hf(tmp_path / "wrong", "test", images, strict=True)
+
+
 def test_carve_validation_is_by_image_and_deterministic(phantom_dir):
     records = load_vqa_rad(phantom_dir / "vqa-rad", "train")
     train, val = carve_validation(records, 0.2, seed=1)
@@ -251,6 +272,11 @@ def test_hf_bad_input(phantom_dir, tmp_path):
     junk.save_to_disk(str(tmp_path / "junk"))
     with pytest.raises(DataError, match=r"junk.*row 0.*the image bytes are not a readable image"):
         load_hf(tmp_path / "junk", "train")
+    # one split saved alone (load_dataset(..., split="train").save_to_disk): served as that split only
+    rows = {"image": ["a.jpg"], "question": ["q?"], "answer": ["yes"]}
+    datasets.Dataset.from_dict(rows, split="train").save_to_disk(str(tmp_path / "train-only"))
+    with pytest.raises(DataError, match="train-only: a saved dataset of split 'train', not 'test'"):
+        load_hf(tmp_path / "train-only", "test")
 
 
 # ---------------------------------------------------------------- real data (skipped when absent)

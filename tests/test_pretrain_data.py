@@ -82,6 +82,10 @@ def test_roco_csv_layout(tmp_path):
         (folder / table).write_text(f"id,name,caption\nROCO_1,PMC1_{split}.jpg,Axial CT of the {split}.\n")
     assert load_captions(root, "train")[0].caption == "Axial CT of the train."
     assert load_captions(root, "validate", fmt="roco")[0].caption == "Axial CT of the validation."
+    # --data pointing at one split's folder: its pairs are train's, never served as another split's
+    assert load_captions(root / "train", "train", fmt="roco")[0].caption == "Axial CT of the train."
+    with pytest.raises(DataError, match="no ROCO folder for split 'validate'.*read as train only"):
+        load_captions(root / "train", "validate", fmt="roco")
 
 
 def test_roco_official_layout(tmp_path):
@@ -106,6 +110,15 @@ def test_datasets_save_to_disk(tmp_path):
     assert isinstance(pairs[1].image, Image.Image) and np.asarray(pairs[1].image).mean() > 150
     with pytest.raises(DataError, match="no column 'text'"):
         load_captions(tmp_path / "hf", "train", caption_column="text")
+    # the hub's spelling of a split is found under ours; a split the source lacks is an error, never train's pairs
+    datasets.DatasetDict({"train": ds, "validation": ds.select([1])}).save_to_disk(str(tmp_path / "hub"))
+    assert [p.caption for p in load_captions(tmp_path / "hub", "validate")] == ["bright"]
+    with pytest.raises(DataError, match="no split 'test'"):
+        load_captions(tmp_path / "hub", "test")
+    datasets.Dataset.from_dict({"image": images, "caption": ["dark", "bright"]}, features=ds.features,
+                               split="train").save_to_disk(str(tmp_path / "train-only"))
+    with pytest.raises(DataError, match="a saved dataset of split 'train', not 'validate'"):
+        load_captions(tmp_path / "train-only", "validate")
 
 
 def test_shuffle_captions_is_a_seeded_permutation(phantom_dir):

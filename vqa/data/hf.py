@@ -10,7 +10,7 @@ from PIL import Image
 from ..errors import DataError
 from ..io import atomic_dir
 from ..text import normalize_answer
-from .local import PMC_CHOICE_COLUMNS, _CHOICE_PREFIX, check_language
+from .local import PMC_CHOICE_COLUMNS, _CHOICE_PREFIX, _pmc_answer, check_language
 from .record import ImageFinder, Record, infer_answer_type, make_record, parse_answer_type, text_field, usable_records
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ def open_dataset(name_or_path: str | Path, split: str) -> tuple[Any, Path | None
                 if split not in loaded:
                     raise DataError(f"{path}: no split {split!r} (has {sorted(loaded)})")
                 return loaded[split], path
+            saved = None if loaded.split is None else str(loaded.split)
+            if saved is None:  # Dataset.from_dict(...).save_to_disk: nothing says which split it holds
+                log.warning("%s: one dataset that records no split: read as split %r", path, split)
+            elif saved != split:  # another split served as this one would score a model on what it trained on
+                raise DataError(f"{path}: a saved dataset of split {saved!r}, not {split!r}")
             return loaded, path
         files = sorted(str(p) for p in path.rglob("*.parquet") if p.name.startswith(f"{split}-")
                        or p.parent.name == split)
@@ -105,9 +110,14 @@ def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None 
         where = f"{name_or_path}: {split} row {i}"
         if lang != "all" and row.get("q_lang", lang) != lang:
             return None
-        choices = row.get("choices") or [
-            _CHOICE_PREFIX.sub("", str(row[c])).strip() for c in PMC_CHOICE_COLUMNS if c in row]
-        answer = normalize_answer(text_field(row, a_col, where))
+        if row.get("choices"):
+            choices, answer = row["choices"], normalize_answer(text_field(row, a_col, where))
+        elif any(c in row for c in PMC_CHOICE_COLUMNS):  # PMC-VQA's columns: its answer letter picks the choice
+            choices = [_CHOICE_PREFIX.sub("", text_field(row, c, where)).strip() for c in PMC_CHOICE_COLUMNS
+                       if c in row]
+            answer = normalize_answer(_pmc_answer(row, choices, where))
+        else:
+            choices, answer = [], normalize_answer(text_field(row, a_col, where))
         answer_type = (parse_answer_type(row["answer_type"], where) if "answer_type" in columns
                        else infer_answer_type(answer))
         return make_record(
