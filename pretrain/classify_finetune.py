@@ -45,7 +45,7 @@ class ClassifierModel(nn.Module):
 
 class ClassificationTask(TrainingTask):
     path_settings = ("data", "encoder")
-    rate_settings = ("encoder_lr",)
+    resume_settings = ("encoder_lr",)
 
     def __init__(self, cfg: ClassifyConfig, model: ClassifierModel, train: tuple[Any, np.ndarray],
                  val: tuple[Any, np.ndarray], task: str, device: torch.device, world: World) -> None:

@@ -72,7 +72,7 @@ class ContrastiveTask(TrainingTask):
     selection: Selection | None = None  # the last epoch is the model, as CLIP trains
     resumable_mid_epoch = True  # the batch order is a function of (seed, epoch, step) alone
     path_settings = ("data", "encoder", "text")
-    rate_settings = ("text_lr",)
+    resume_settings = ("text_lr", "augment", "mlm_probability", "text_pooling")
 
     def __init__(self, cfg: PretrainConfig, model: CLIPPretrainModel, train: Split, val: Split | None,
                  device: torch.device, world: World, prompts: dict | None = None) -> None:

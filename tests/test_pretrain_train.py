@@ -120,6 +120,8 @@ def test_resume_gives_the_same_next_step(phantom_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     with pytest.raises(DataError, match="seed"):  # another model or order would silently train something else
         pretrain(replace(part, stop_after=None, resume="latest", seed=5, epochs=3))
+    with pytest.raises(DataError, match="augment=True, this run has augment=False"):  # another recipe, the same shapes
+        pretrain(replace(part, stop_after=None, resume="latest", augment=False, epochs=3))
 
 
 def test_resume_within_an_epoch_continues_after_the_last_step_saved(phantom_dir, tmp_path, monkeypatch):

@@ -96,7 +96,11 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
                             # the task's own: the optimizer state would bring back the old rates and kind
                             (dict(optimizer="adamw"), "optimizer='adamax', this run has optimizer='adamw'"),
                             (dict(encoder_lr=1e-5), "encoder_lr=None, this run has encoder_lr=1e-05"),
-                            (dict(question_lr=1e-5), "question_lr=None, this run has question_lr=1e-05")):
+                            (dict(question_lr=1e-5), "question_lr=None, this run has question_lr=1e-05"),
+                            # what changes training without changing a weight's shape
+                            (dict(clip_norm=1.0), "clip_norm=0.25, this run has clip_norm=1.0"),
+                            (dict(max_len=6), "max_len=None, this run has max_len=6"),
+                            (dict(aux_weight=0.5), "aux_weight=0.001, this run has aux_weight=0.5")):
         with pytest.raises(DataError, match=message):
             train(_cfg(phantom_dir, tmp_path, head="mevf-san", resume="latest", **{"lr": 1e-3, **change}))
     # a checkpoint from before --lr-schedule trained with cosine decay, and resumes so

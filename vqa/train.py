@@ -286,7 +286,7 @@ class VQATask(TrainingTask):
 
     selection = Selection("overall")
     path_settings = ("data", "encoder", "answers", "question_encoder")
-    rate_settings = ("optimizer", "encoder_lr", "question_lr")
+    resume_settings = ("optimizer", "encoder_lr", "question_lr", "max_len", "aux_weight")
 
     def __init__(self, cfg: TrainConfig, model: VQAModel, train: Split, val: Split, answers: AnswerVocab,
                  loss: str, device: torch.device, world: World) -> None:

@@ -76,14 +76,15 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 # The optimizer's rates and the schedule's position come back from the checkpoint, and the schedule's shape from
-# these settings and its length: a run resumed with other values would train neither as asked nor as it began.
-SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule")
+# these settings and its length: a run resumed with other values would train neither as asked nor as it began
+# (nor with another clip on its gradients).
+SCHEDULE_SETTINGS = ("lr", "weight_decay", "warmup_epochs", "lr_schedule", "clip_norm")
 _UNRECORDED = {"lr_schedule": "cosine"}  # what checkpoints from before a setting existed trained with
 
 
 def check_same_schedule(saved_config: dict[str, Any], current: Any, path: Path, task_settings: tuple[str, ...] = ()
                         ) -> None:
-    """Refuse to resume a run whose learning-rate settings (`SCHEDULE_SETTINGS`, and the task's `task_settings`)
+    """Refuse to resume a run whose training settings (`SCHEDULE_SETTINGS`, and the task's `task_settings`)
     or schedule length differ from its checkpoint's. The run's own epochs may differ where the schedule's length does not: a run that stopped partway
     down a longer schedule (`schedule_epochs`) continues down it, to a later epoch or to its end."""
     keys = [k for k in SCHEDULE_SETTINGS + task_settings if k in saved_config or k in _UNRECORDED]

@@ -327,7 +327,7 @@ class Trainer:
             raise DataError(f"{path}: a checkpoint of an older medvqa (no run identity); start a new run")
         check_compatible(json.loads(state["identity"]), self.identity, path)
         saved_config = json.loads(state["config"]) if "config" in state else {}
-        check_same_schedule(saved_config, self.cfg, path, self.task.rate_settings)
+        check_same_schedule(saved_config, self.cfg, path, self.task.resume_settings)
         if saved_config.get("precision", self.cfg.precision) != self.cfg.precision:
             # allowed: a run may move between machines (a GPU's bf16, a CPU's fp32), but its numbers then differ
             # from a run made in one precision throughout, and its run config names the last one only

@@ -72,9 +72,10 @@ class TrainingTask:
     # some steps leave trainable parameters without a gradient (a fine-tuned encoder during a frozen warm start):
     # DDP must then look for them at every step instead of waiting for their gradients
     idle_parameters: bool = False
-    # the task's own optimizer settings (per-group rates, the optimizer) that a resumed run must keep: the checkpoint's
-    # optimizer state brings back its rates and kind, so other values would be recorded but not trained with
-    rate_settings: tuple[str, ...] = ()
+    # the task's own settings outside its identity that a resumed run must keep: optimizer settings (per-group rates,
+    # the optimizer), whose state the checkpoint brings back, so other values would be recorded but not trained
+    # with; and recipe settings that change training without changing a weight's shape (truncation, loss weights)
+    resume_settings: tuple[str, ...] = ()
 
     # -- required ------------------------------------------------------------------------
     def configure_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
