@@ -358,3 +358,36 @@ def test_training_from_a_program_leaves_its_thread_count_as_it_was(phantom_dir, 
     assert torch.get_num_threads() == 1  # the suite's
     train(_cfg(phantom_dir, tmp_path, epochs=1, threads=2))
     assert torch.get_num_threads() == 1
+
+
+def test_ranks_that_do_not_all_find_the_checkpoint_all_refuse_to_resume(phantom_dir, tmp_path, monkeypatch):
+    """Under DDP a rank starting fresh beside ranks that resume would train another model under the same gradients
+    (its --out on another node's disk, say): every rank raises instead."""
+    import dataclasses
+
+    from vqa.training import engine
+
+    cfg = _cfg(phantom_dir, tmp_path, head="mevf-san", stop_after=1)
+    train(cfg)
+    resumed = dataclasses.replace(cfg, stop_after=None, resume="latest")
+    monkeypatch.setattr(engine, "all_gather_objects", lambda mine, world: [mine, (False, None)])  # rank 1 sees none
+    with pytest.raises(DataError, match=r"rank\(s\) \[0\] find a checkpoint in .*, rank\(s\) \[1\] none"):
+        train(resumed)
+    refused = (False, "--resume /scratch/run: no checkpoint at /scratch/run/checkpoint.pt")
+    monkeypatch.setattr(engine, "all_gather_objects", lambda mine, world: [mine, refused])
+    with pytest.raises(DataError, match="rank 1: --resume /scratch/run: no checkpoint"):
+        train(resumed)
+    monkeypatch.undo()
+    assert len(json.loads((train(resumed) / "metrics.json").read_text())["history"]) == 2
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    import os
+
+    from vqa.training.checkpoint import load_checkpoint, save_checkpoint
+
+    calls, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
+    save_checkpoint({"epoch": 3}, tmp_path / "checkpoint.pt")
+    assert calls == ["fsync", "replace"] and load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 3

@@ -23,6 +23,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file beside `path`, then rename: a crash never leaves half a checkpoint."""
     with atomic_write(path, binary=True) as f:
         torch.save(state, f)
+        # on disk before the rename replaces the last good one: after a power cut or a node's crash the
+        # file system may otherwise keep the new name with none of its bytes, and the run could not resume
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:

@@ -37,7 +37,8 @@ from ..io import atomic_write_json, atomic_write_text, sweep_stale_temps
 from .checkpoint import (CHECKPOINT_NAME, check_compatible, check_same_schedule, load_checkpoint, resolve_resume,
                          rng_state, run_identity, save_checkpoint, set_rng_state)
 from .config import EngineConfig
-from .distributed import World, all_reduce_sums, barrier, init_distributed, local_device, shutdown
+from .distributed import (World, all_gather_objects, all_reduce_sums, barrier, init_distributed, local_device,
+                          shutdown)
 from .precision import check_precision, make_grad_scaler, numerics, resolve_device
 from .runtime import jsonable, seed_everything
 from .schedule import warmup_schedule
@@ -316,10 +317,28 @@ class Trainer:
             state["partial"] = json.dumps(partial)
         save_checkpoint(state, self.out / CHECKPOINT_NAME)
 
+    def _agreed_resume(self) -> Path | None:
+        """The checkpoint to resume from, which every rank must find: a rank starting fresh beside ranks that resume
+        would train another model under the same gradients (and wait forever at the end), so all raise instead."""
+        try:
+            path, problem = resolve_resume(self.cfg.resume, self.out), None
+        except DataError as e:
+            path, problem = None, str(e)
+        seen = all_gather_objects((path is not None, problem), self.world)
+        problems = [f"rank {r}: {p}" if len(seen) > 1 else p for r, (_, p) in enumerate(seen) if p]
+        if problems:
+            raise DataError("; ".join(problems))
+        found = [r for r, (has, _) in enumerate(seen) if has]
+        if 0 < len(found) < len(seen):
+            raise DataError(f"--resume {self.cfg.resume}: rank(s) {found} find a checkpoint in {self.out}, rank(s) "
+                            f"{[r for r in range(len(seen)) if r not in found]} none: every process must read the "
+                            "same --out (a shared file system)")
+        return path
+
     def _resume(self) -> tuple[int, list, dict | None, dict | None, dict | None]:
         """(first epoch to run, history, best, best state, where within that epoch) from `--resume`, or a fresh
         start."""
-        path = resolve_resume(self.cfg.resume, self.out)
+        path = self._agreed_resume()
         if path is None:
             return 0, [], None, None, None
         state = load_checkpoint(path)
