@@ -58,10 +58,19 @@ def read_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        names = _unsafe_globals(path, e)
-        if names and all(_NUMPY_GLOBALS.match(n) for n in names):
-            with torch.serialization.safe_globals([_resolve(n) for n in names] + _numpy_dtype_classes()):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        allowed: list[str] = []
+        for _ in range(8):  # a legacy (non-zip) pickle names one refused global per try
+            names = [n for n in _unsafe_globals(path, e) if n not in allowed]
+            if not names or not all(_NUMPY_GLOBALS.match(n) for n in names):
+                break
+            allowed += names
+            # each under the name the pickle asks for: numpy 2 answers numpy.core's names from numpy._core, and
+            # torch would otherwise allow them only under the latter
+            with torch.serialization.safe_globals([(_resolve(n), n) for n in allowed] + _numpy_dtype_classes()):
+                try:
+                    return torch.load(path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError as again:
+                    e = again
         found = ", ".join(names) or str(e).splitlines()[0]
         raise DataError(f"{path}: refusing to unpickle {found}: medvqa reads only tensors and plain data from "
                         "pickles (torch.load weights_only=True); nothing in the file was run") from None

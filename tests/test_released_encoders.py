@@ -236,6 +236,30 @@ def test_openai_format_file_infers_the_architecture(kind, tmp_path):
     assert torch.equal(_features(again, x)["grid"], _features(enc, x)["grid"])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warns on numpy.core, as the file asks for it
+def test_checkpoints_written_under_numpy_1_load_their_numpy_scalars(tmp_path):
+    """numpy 1 pickled its scalars as numpy.core.multiarray.scalar (numpy 2: numpy._core); legacy (non-zip) files
+    name one refused global per try."""
+    import zipfile
+
+    import numpy as np
+
+    from encoders._weights import read_torch_file
+
+    checkpoint = {"state_dict": {"w": torch.ones(2)}, "best_loss": np.float64(1.25), "dtype": np.dtype("float32")}
+    torch.save(checkpoint, tmp_path / "new.pt")
+    with zipfile.ZipFile(tmp_path / "new.pt") as z:
+        members = [(info, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(tmp_path / "numpy1.pt", "w", zipfile.ZIP_STORED) as z:
+        for info, data in members:
+            z.writestr(info, data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    torch.save(checkpoint, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("numpy1.pt", "legacy.pt"):
+        loaded = read_torch_file(tmp_path / name)
+        assert loaded["best_loss"] == 1.25 and loaded["dtype"] == np.float32 and torch.equal(loaded["state_dict"]["w"],
+                                                                                              torch.ones(2)), name
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):
     model = open_clip_model(RN)
