@@ -374,6 +374,7 @@ def load_pretrained_text(source: str | os.PathLike, pooling: str | None = None, 
     pooling = pooling or ("eos" if kind == "clip" else "mean")
     log.info("text tower %s (%s, %s pooling, D=%d)", name or source, config.model_type, pooling,
              model.config.hidden_size)
+    model.config.dtype = torch.float32  # as trained here, whatever the hub stored: the config it saves says so
     return TextTower(model.float(), tokenizer, kind, pooling, str(name or source), max_length)
 
 
@@ -386,14 +387,16 @@ def _unwrap_text(model: nn.Module) -> nn.Module:
 def _model_from_hf_config(hf_config: dict[str, Any], kind: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel
 
-    values = dict(hf_config)
+    # built in float32, as it trained: a config that names a half-precision dtype (a tower from a checkpoint published
+    # in fp16, saved by an earlier medvqa) would otherwise round the trained weights as they are loaded
+    values = {k: v for k, v in hf_config.items() if k not in ("dtype", "torch_dtype")}
     if kind == "clip":
-        return _unwrap_text(CLIPTextModel(CLIPTextConfig.from_dict(values)))
+        return _unwrap_text(CLIPTextModel(CLIPTextConfig.from_dict(values))).float()
     model_type = values.pop("model_type")
     model = AutoModel.from_config(AutoConfig.for_model(model_type, **values))
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
-    return model
+    return model.float()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

@@ -282,6 +282,23 @@ def test_grad_checkpointing_keeps_less_for_the_same_gradients(name):
     _assert_checkpointing_keeps_less_for_the_same_gradients(enc, x, at_most=0.5)
 
 
+def test_a_text_tower_published_in_half_precision_reloads_in_float32(tmp_path):
+    """transformers builds a model in the dtype its config names: a tower from an fp16 checkpoint trains in fp32
+    here, and its bundle's config must rebuild it so (else its trained weights are rounded as they load)."""
+    from encoders.text import TextTower, create_text_tower, load_pretrained_text, save_tokenizer
+
+    torch.manual_seed(0)
+    tower = create_text_tower("bert-tiny", captions=["a chest x-ray with an effusion", "an axial ct of the head"])
+    tower.model.half().save_pretrained(tmp_path / "fp16")
+    save_tokenizer(tower.tokenizer, tmp_path / "fp16")
+    loaded = load_pretrained_text(tmp_path / "fp16")
+    config = loaded.export_config()
+    assert config["hf_config"]["dtype"] == "float32"
+    old = {**config, "hf_config": {**config["hf_config"], "dtype": "float16"}}  # as an earlier medvqa saved it
+    for rebuilt in (TextTower.from_config(config, loaded.tokenizer), TextTower.from_config(old, loaded.tokenizer)):
+        assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}
+
+
 def test_grad_checkpointing_of_a_text_tower_and_where_there_is_none():
     from encoders.text import create_text_tower
 
