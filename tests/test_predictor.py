@@ -188,6 +188,11 @@ def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     assert q.answer == typed[choices.index(p.answer)]
     assert [s for _, s in q.top_k] == pytest.approx([s for _, s in p.top_k], abs=1e-6)
     assert [typed[choices.index(a)] for a, _ in p.top_k] == [a for a, _ in q.top_k]
+    from vqa.evaluate import evaluate  # a head and questions that do not fit: said so, not a TypeError deep inside
+
+    with pytest.raises(DataError, match=r"open-ended \(no choices\), but the bundle's head \(mc-ban\) picks among"):
+        evaluate(bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu", progress=False,
+                 cache_dir=str(tmp_path / "cache"))
 
 
 def test_scores_follow_the_training_loss(trained_bundle, sample, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -105,6 +106,14 @@ def test_cli_writes_each_answers_own_target_and_refuses_a_typo(trained_bundle, p
     code = cli(["predict", "--bundle", str(trained_bundle), "--image", str(row["image"]),
                 "--question", row["question"], "--target-risk", "clsoed=0.05"])
     assert code == 2 and "unknown branch 'clsoed'" in capsys.readouterr().err
+    bare = tmp_path / "uncalibrated"  # it withholds nothing: a target beside its answers would say otherwise
+    shutil.copytree(trained_bundle, bare)
+    (bare / "calibration.json").unlink()
+    code = cli(["predict", "--bundle", str(bare), "--image", str(row["image"]), "--question", row["question"],
+                "--target-risk", "0.05"])
+    assert code == 2 and "uncalibrated bundle withholds no answer" in capsys.readouterr().err
+    assert cli(["predict", "--bundle", str(bare), "--image", str(row["image"]), "--question", row["question"]]) == 0
+    assert json.loads(capsys.readouterr().out)["target_risk"] is None
     code = cli(["train", "--data", str(predictor_phantom / "vqa-rad"), "--target-risk", "open=1", "--epochs", "1",
                 "--out", str(tmp_path / "never-written"), "--no-progress"])
     assert code == 2 and "--target-risk open=1.0" in capsys.readouterr().err

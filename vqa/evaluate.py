@@ -53,6 +53,11 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
     """(predictions, each record's image pooled features (Q, D) in the out-of-scope detector's space: the model's, or
     with `detector` the detector's own encoder's where it has one; with `detector`, whether each image is blank, and
     each image's `vqa.trust.image_id` where the calibration reads familiarity)."""
+    head, multiple_choice = bundle.model.head, bool(records) and all(r.choices for r in records)
+    if multiple_choice != head.needs_choices:
+        raise DataError(f"these questions are {'multiple choice' if multiple_choice else 'open-ended (no choices)'}, "
+                        f"but the bundle's head ({head.name}) "
+                        f"{'picks among choices' if head.needs_choices else 'answers from its vocabulary'}")
     images, rows = unique_images([r.image for r in records])
     questions = encode_questions(records, rows, bundle.tokenizer, bundle.answers, bundle.max_len, bundle.choice_len)
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)

@@ -205,6 +205,9 @@ class Predictor:
         self.has_router = runtime.has_type_router
         self.score_kind = score_kind(files.training_loss(runtime.default_loss), runtime.needs_choices)
         self.calibration, self.ood = files.calibration, files.ood
+        if target_risk is not None and self.calibration is None:  # it would be reported beside answers never withheld
+            raise DataError(f"{path}: an uncalibrated bundle withholds no answer at any target risk: run "
+                            "`medvqa calibrate` on it first, or drop the target risk")
         self.target_risk = (TargetRisk.parse(target_risk) if target_risk is not None else
                             self.calibration.target_risk if self.calibration else None)
         self._thresholds: dict[str, float] = {}
