@@ -234,6 +234,14 @@ def test_calibrating_again_exports_again(trained_bundle, predictor_phantom, tmp_
     images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
     assert_same(Predictor.from_bundle(bundle).predict_batch(images, questions),
                 Predictor.from_pretrained(bundle, runtime="onnx").predict_batch(images, questions))
+    # calibrated twice: both described alike ("... (medvqa calibrate)"), yet the report measured the first one only
+    assert main(["eval", "--bundle", str(bundle), "--format", "vqa-rad", "--data", data, "--cache-dir", cache,
+                 "--device", "cpu", "--no-progress"]) == 0
+    write_card(bundle)
+    assert "at target risk 5%" in (bundle / "README.md").read_text()
+    assert main(["calibrate", str(bundle), "--format", "vqa-rad", "--data", data, "--cache-dir", cache,
+                 "--device", "cpu", "--no-progress", "--target-risk", "0.2"]) == 0
+    assert "at target risk" not in (bundle / "README.md").read_text()
 
 
 def test_onnx_runtime_refuses_a_gpu_and_a_bundle_folder(trained_bundle):

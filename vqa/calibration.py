@@ -34,6 +34,8 @@ score, the risk-coverage curve, its area (AURC) and the coverage at given risks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -195,6 +197,13 @@ class Calibration:
     def with_trust(self, trust: TrustScorer | None) -> "Calibration":
         """The same calibration over another trust memory (a refit model's: its fused space is its own)."""
         return dataclasses.replace(self, trust=trust)
+
+    def digest(self, ood=None) -> str:
+        """Which calibration this is, with the out-of-scope detector beside it: a digest of all that decides what is
+        withheld (`fitted_on` only describes the data, which `medvqa calibrate` keeps when it refits)."""
+        detector = None if ood is None else [ood.describe_space(), ood.threshold, ood.quantile]
+        text = json.dumps({"calibration": self.to_dict(), "ood": detector}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         method = "temperature scaling of the top answer's softmax, per branch, fitted on validation"

@@ -129,7 +129,8 @@ def trust_report(bundle: Bundle, records: Sequence[Record], preds: Predictions, 
                 out.setdefault("subsets", {})[f"{name} {subset}"] = measured(part, name)
     if calibration is None:
         return out
-    out["fitted_on"] = calibration.fitted_on  # which calibration these figures measured (`medvqa calibrate` refits)
+    out["fitted_on"] = calibration.fitted_on
+    out["calibration_digest"] = calibration.digest(bundle.ood)  # which one these figures measured (it can be refit)
     flagged = preds.out_of_scope.numpy() if preds.out_of_scope is not None else np.zeros(len(records), dtype=bool)
     answered = ~preds.abstained.numpy()
     out["abstention"] = {"target_risk": (target_risk or calibration.target_risk).to_json(),

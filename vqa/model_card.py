@@ -284,12 +284,20 @@ def _trust_lines(files, reports: list[dict]) -> list[str]:
     for report in reports:
         measured = report.get("calibration") or {}
         abst = measured.get("abstention")
-        if abst and measured.get("fitted_on", cal.fitted_on) == cal.fitted_on:  # not a calibration since replaced
+        if abst and _measured_this(measured, cal, files.ood):
             parts = [f"{g.lower()} coverage {_pct(v['coverage'])} %, risk {_pct(v['risk'])} %"
                      for g, v in abstention_groups(abst).items()]
             lines.append(f"- on {report['dataset']} {report['split']} at target risk {reported_target(abst)}: "
                          + "; ".join(parts))
     return lines
+
+
+def _measured_this(measured: dict, cal, ood) -> bool:
+    """Whether an eval report's abstention figures measured the bundle's calibration and detector, not ones since
+    replaced (reports from before digests say only what the calibration was fitted on)."""
+    if "calibration_digest" in measured:
+        return measured["calibration_digest"] == cal.digest(ood)
+    return measured.get("fitted_on", cal.fitted_on) == cal.fitted_on
 
 
 def _limitations(files, data: dict) -> list[str]:
