@@ -63,6 +63,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)  # stable: the rest keep pytest's order
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_root(tmp_path_factory):
+    """Feature caches, the demo's model and examples under this run's folder, shared by its xdist workers, never
+    the user's ~/.cache/medvqa: a test must pass from an empty cache, not from rows an earlier run left there."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, above the workers'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDVQA_CACHE", str(shared / "medvqa-cache"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every test on one intra-op thread: the models are small, so one thread is as fast, and immune to the

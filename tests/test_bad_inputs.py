@@ -144,11 +144,14 @@ def test_a_nan_run_exits_2_and_writes_no_bundle(phantom_dir, tmp_path, capsys):
     with torch.no_grad():
         encoder.vision_model.post_layernorm.weight[0] = float("nan")
     encoder.save_pretrained(tmp_path / "nan-encoder")
-    out = tmp_path / "run"
     argv = [a if a != "clip-vit-tiny" else str(tmp_path / "nan-encoder") for a in TINY_TRAIN]
-    code, _, err = run(capsys, "train", "--data", str(phantom_dir / "vqa-rad"), "--out", str(out), *argv)
+    argv += ["--data", str(phantom_dir / "vqa-rad"), "--cache-dir", str(tmp_path / "cache")]
+    # frozen: its features are refused before the cache stores them; fine-tuned: the first step's loss stops the run
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "frozen"), *argv)
+    assert code == 2 and "its grid features reach nan" in err and not (tmp_path / "frozen" / "bundle").exists()
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "run"), "--encoder-mode", "finetune", *argv)
     assert code == 2 and "epoch 1, step 1: loss is nan" in err
-    assert not (out / "bundle").exists()
+    assert not (tmp_path / "run" / "bundle").exists()
 
 
 def test_a_damaged_feature_cache_is_rebuilt_not_trusted(phantom_dir, tmp_path, capsys, caplog):
