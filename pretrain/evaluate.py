@@ -4,11 +4,12 @@
     medvqa pretrain-eval ... --shuffle-captions      # control: pairs broken at random -> chance level
 
 Protocol, stated with every number:
-- retrieval over the pairs of one held-out split, each image against every
-  caption of the split; the rank of the paired item counts the items scoring
-  strictly higher, so a caption repeated word for word (the phantom repeats
-  captions of normal studies) ties with its copies instead of being ranked
-  below them at random; chance R@K is K / N;
+- retrieval over the pairs of one held-out split, each image (once, however
+  many captions it has) against every caption of the split; the rank of the
+  paired item counts the items scoring higher, and half of those that tie (the
+  expected rank were ties broken at random), except a word-for-word copy of
+  the image's own caption (the phantom repeats captions of normal studies),
+  which ties with it; chance R@K is K / N;
 - zero-shot: each class is the mean embedding of its prompts (templates x class
   names, `pretrain/phantom_prompts.json` by default, any file with `--prompts`), an
   image takes the nearest class; the majority-class accuracy is given beside it. A
@@ -61,20 +62,28 @@ def embed_texts(model, texts: Sequence[str], device: torch.device, precision: st
 
 
 def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[int] = KS,
-                      images: Sequence | None = None) -> dict[str, float]:
-    """Pair i is (image i, text i). Returns i2t_r@K, t2i_r@K (in %), their mean, and n. `images`: each pair's
-    image (a path): the pairs of one image share its captions, any of them right for it (and its copies right
-    for each caption), as COCO-style retrieval counts an image with several captions."""
+                      images: Sequence | None = None, captions: Sequence[str] | None = None) -> dict[str, float]:
+    """Pair i is (image i, text i). Returns i2t_r@K, t2i_r@K (in %), their mean, and n (pairs). `images`: each
+    pair's image (a path): the pairs of one image share its captions, any of them right for it (and it for each of
+    them), and it is ranked once, as COCO-style retrieval counts an image with several captions. `captions`: each
+    pair's text, so that a word-for-word copy of an image's own caption ties with it instead of counting half."""
     sims = image_embeds.float() @ text_embeds.float().t()  # (N, N)
     n = len(sims)
-    keys = list(range(n)) if images is None else [str(i) for i in images]
-    index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
-    group = torch.tensor([index[k] for k in keys])
-    same = group[:, None] == group[None, :]  # (N, N): pair i's image is pair j's
-    best = sims.masked_fill(~same, float("-inf"))
-    # per image, captions of other images above its best own caption; per caption, other images above its own
-    i2t_rank = ((sims > best.max(1).values[:, None]) & ~same).sum(1)
-    t2i_rank = ((sims > sims.diagonal()[None, :]) & ~same).sum(0)
+    group = _groups(images, n)
+    same = _same(group)  # (N, N): pair i's image is pair j's
+    firsts: dict[int, int] = {}  # each image's first pair: its row, ranked once
+    for i, g in enumerate(group.tolist()):
+        firsts.setdefault(g, i)
+    first = torch.tensor(list(firsts.values()))
+    copies = torch.eye(n, dtype=torch.bool) if captions is None else _same(_groups(captions, n))
+    own_words = (same.float() @ copies.float()) > 0  # (N, N): caption j repeats a caption of pair i's image
+    other = ~same
+    # per image: captions of other images above its best own caption; per caption: other images above its own.
+    # A tie counts half, the expected rank were ties broken at random (a collapsed tower scores chance, not 100 %).
+    best = sims.masked_fill(other, float("-inf")).max(1).values[:, None]
+    i2t_rank = (((sims > best) & other).sum(1) + 0.5 * ((sims == best) & other & ~own_words).sum(1))[first]
+    rows, own = sims[first], sims.diagonal()[None, :]
+    t2i_rank = ((rows > own) & other[first]).sum(0) + 0.5 * ((rows == own) & other[first]).sum(0)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_r{k}"] = 100.0 * float((i2t_rank < k).float().mean())
@@ -82,6 +91,17 @@ def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[in
     out["mean_recall"] = sum(v for key, v in out.items() if key[4] == "r") / (2 * len(ks))
     out["n"] = n
     return out
+
+
+def _groups(keys: Sequence | None, n: int) -> Tensor:
+    """(N,) the index of each item's key among the distinct keys (every item its own without keys)."""
+    keys = list(range(n)) if keys is None else [str(k) for k in keys]
+    index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
+    return torch.tensor([index[k] for k in keys])
+
+
+def _same(group: Tensor) -> Tensor:
+    return group[:, None] == group[None, :]
 
 
 def load_prompts(path: str | Path | None = None) -> dict:
@@ -134,7 +154,8 @@ def evaluate(model, pairs: Sequence[CaptionPair], table: ImageTable, device: tor
     images = embed_images(model, table, device, precision)
     texts = embed_texts(model, [p.caption for p in pairs], device, precision)
     prompts = load_prompts() if prompts is None else prompts
-    return {"retrieval": retrieval_metrics(images, texts, images=[p.image for p in pairs]),
+    return {"retrieval": retrieval_metrics(images, texts, images=[p.image for p in pairs],
+                                           captions=[p.caption for p in pairs]),
             "zero_shot": zero_shot(model, images, pairs, prompts, device, precision)}
 
 

@@ -235,7 +235,8 @@ class ContrastiveTask(TrainingTask):
             return None
         images = embed_images(self.model, self.val.images, self.device, self.cfg.precision)
         texts = embed_texts(self.model, [p.caption for p in self.val.pairs], self.device, self.cfg.precision)
-        return retrieval_metrics(images, texts, images=[p.image for p in self.val.pairs])
+        return retrieval_metrics(images, texts, images=[p.image for p in self.val.pairs],
+                                 captions=[p.caption for p in self.val.pairs])
 
     def describe(self, metrics: dict) -> str:
         return f"i2t R@10 {metrics['i2t_r10']:.1f}, t2i R@10 {metrics['t2i_r10']:.1f}"

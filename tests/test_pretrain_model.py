@@ -340,8 +340,19 @@ def test_retrieval_metrics_and_ties():
     shifted = retrieval_metrics(e, e.roll(1, dims=0))  # every image's caption is another's
     assert shifted["i2t_r1"] == 0.0
     text = e.clone()
-    text[1] = text[0]  # two identical captions: a tie, not a miss
-    assert retrieval_metrics(e + 0.5 * text, text)["i2t_r1"] == 100.0
+    text[1] = text[0]  # two identical captions: a tie with a copy of image 0's own caption, not a miss
+    words = ["a", "a", *map(str, range(2, 12))]
+    assert retrieval_metrics(e + 0.5 * text, text, captions=words)["i2t_r1"] == 100.0
+    assert retrieval_metrics(e, e, captions=["same"] * 12)["t2i_r1"] == 100.0  # distinct images: no tie
+    # a collapsed tower (every embedding alike) ties everything: chance, not a perfect score
+    collapsed = retrieval_metrics(torch.zeros(12, 8), torch.eye(12, 8))
+    assert collapsed["i2t_r1"] == collapsed["t2i_r1"] == 0.0 and collapsed["t2i_r10"] == 100.0  # rank 5.5 of 12
+    # another image with two captions above a caption's own image counts once
+    three = torch.eye(3)
+    image, texts = three[[0, 0, 1, 2]], torch.stack([three[0], three[0], 0.5 * three[1] + 0.9 * three[0], three[2]])
+    ranked = retrieval_metrics(image, texts, ks=(1, 2), images=["a", "a", "b", "c"], captions=["x", "y", "z", "w"])
+    assert ranked["t2i_r1"] == 75.0 and ranked["t2i_r2"] == 100.0  # caption z: image a (2 pairs) above b, once
+    assert ranked["i2t_r1"] == 100.0  # over the 3 images, each once
     # one image with two captions (pairs 0 and 1): either caption is right for it, and it for each of them
     image = e.clone()
     image[1] = image[0]
