@@ -74,7 +74,11 @@ class CLIPPretrainModel(nn.Module):
         return self.project_text(self.text_features(input_ids, attention_mask))
 
     def scale(self) -> Tensor:
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        # capped at max_logit_scale with the whole gradient kept: at the cap (where OpenAI's checkpoints start, and
+        # where clamp_logit_scale_ holds a scale that wants to grow) the loss can still lower it, as in CLIP and
+        # open_clip, which clamp only after each step; a clamp here would pass no gradient there
+        excess = (self.logit_scale - math.log(self.config.max_logit_scale)).clamp(min=0.0).detach()
+        return (self.logit_scale - excess).exp()
 
     def channels_last_(self) -> "CLIPPretrainModel":
         """NHWC weights for the image tower's convolutions (~12 % faster ResNet-50 training steps on the CPU here)."""

@@ -144,6 +144,18 @@ def test_forward_keys_and_temperature():
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale_()
     assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)  # clamped as CLIP
+    # at the bound, and where OpenAI's checkpoints start (just above it), the loss can still lower the scale
+    for start in (None, 4.6052):
+        if start is not None:
+            with torch.no_grad():
+                model.logit_scale.fill_(start)
+            model.clamp_logit_scale_()
+        model.logit_scale.grad = None
+        model.scale().backward()
+        assert float(model.logit_scale.grad) > 0
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # a loaded scale past the cap: capped in the forward pass too
+    assert math.isclose(float(model.scale().detach()), 100.0, rel_tol=1e-5)
 
 
 def test_own_format_round_trip_and_mismatch(tmp_path):
