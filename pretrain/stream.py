@@ -103,6 +103,24 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     return paths
 
 
+def check_vqa_rad_excluded(paths: Sequence[Path], spec: str) -> None:
+    """--exclude-vqa-rad with --train-data: a stream cannot drop pairs as it reads them, so each shard folder's
+    manifest must say its pairs were written without VQA-RAD's images (`medvqa shards --exclude-vqa-rad`)."""
+    remedy = ("write the pairs as shards without them (`medvqa shards --data SOURCE --exclude-vqa-rad`) and train "
+              "on those")
+    if paths[0].suffix == ".parquet":
+        raise DataError(f"--train-data {spec}: --exclude-vqa-rad cannot drop rows of .parquet files as they "
+                        f"stream: {remedy}")
+    for folder in sorted({p.parent for p in paths}):
+        manifest = folder / MANIFEST_NAME
+        if not manifest.is_file():
+            raise DataError(f"--train-data {spec}: --exclude-vqa-rad, but {folder} has no manifest.json to say its "
+                            f"shards were written without VQA-RAD's images: {remedy}")
+        if not (read_json(manifest).get("source") or {}).get("exclude_vqa_rad"):
+            raise DataError(f"--train-data {spec}: --exclude-vqa-rad, but {manifest} does not say its shards were "
+                            f"written without VQA-RAD's images: {remedy}")
+
+
 def _train_parquet(folder: Path) -> list[Path]:
     """A folder's .parquet files of the train split, as `datasets` lays splits out (`train-*.parquet` or a `train/`
     folder, any spelling of SPLIT_ALIASES); every file when none is named for a split. Another split's files in

@@ -94,10 +94,13 @@ def _train_split(cfg: PretrainConfig, pairs: list[CaptionPair], device: torch.de
     log.info("building the model (%s image tower, %s text tower)", cfg.clip_model or cfg.encoder,
              cfg.clip_model or cfg.text)
     if cfg.train_data:
-        from .stream import ShardedPairs, expand_shards
+        from .stream import ShardedPairs, check_vqa_rad_excluded, expand_shards
 
-        shards = ShardedPairs(expand_shards(cfg.train_data), cfg.seed, cfg.shard_mix, cfg.train_num_samples,
-                              image_column=cfg.image_column, caption_column=cfg.caption_column)
+        paths = expand_shards(cfg.train_data)
+        if cfg.exclude_vqa_rad:
+            check_vqa_rad_excluded(paths, cfg.train_data)
+        shards = ShardedPairs(paths, cfg.seed, cfg.shard_mix, cfg.train_num_samples, image_column=cfg.image_column,
+                              caption_column=cfg.caption_column)
         # a built text tower's word vocabulary: the captions of the first shards, the same on every rank
         builds_vocab = cfg.clip_model is None and cfg.text in _BUILT_TEXT
         model = build_model(cfg, shards.sample_captions(cfg.vocab_captions) if builds_vocab else [])

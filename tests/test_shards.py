@@ -374,6 +374,27 @@ def test_a_parquet_folder_streams_its_train_split_only(parquet_dir, tmp_path):
     assert expand_shards(plain) == [plain / "part-0.parquet"]
 
 
+def test_excluding_vqa_rad_from_a_stream_needs_shards_written_without_it(phantom_dir, shard_dir, parquet_dir,
+                                                                       tmp_path):
+    """A stream cannot drop pairs as it reads them: --exclude-vqa-rad trusts only shards whose manifest says they
+    were written without VQA-RAD's images, and refuses the rest before any training."""
+    from pretrain import pretrain
+    from pretrain.stream import check_vqa_rad_excluded, expand_shards
+
+    with pytest.raises(DataError, match="manifest.json does not say its shards were written without VQA-RAD"):
+        pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "a", exclude_vqa_rad=True))
+    with pytest.raises(DataError, match="cannot drop rows of .parquet files as they stream"):
+        pretrain(_stream_cfg(phantom_dir, parquet_dir, tmp_path / "b", exclude_vqa_rad=True, caption_column="text"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    clean = tmp_path / "clean"
+    assert cli(["shards", "--data", str(phantom_dir / "captions"), "--out", str(clean), "--exclude-vqa-rad",
+                "--no-progress"]) == 0
+    check_vqa_rad_excluded(expand_shards(clean), str(clean))  # written without them: accepted
+    (clean / "manifest.json").unlink()
+    with pytest.raises(DataError, match="has no manifest.json"):
+        check_vqa_rad_excluded(expand_shards(clean), str(clean))
+
+
 def test_a_bad_parquet_row_is_named_and_skipped(phantom_dir, tmp_path, caplog):
     import pyarrow as pa
     import pyarrow.parquet as pq
