@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,17 @@ def test_shipped_model_answers_real_examples_in_real_vocabulary():
     assert len(yes_no) >= 3 and all(p.answer in ("yes", "no") for p in yes_no)
     right = sum(p.answer == q["answer"].strip().lower() for p, (_, q) in zip(predictions, rows))
     assert right >= len(rows) // 3  # a trained model, not chance over ~450 answers
+
+
+def test_a_regular_install_carries_every_file_of_the_shipped_model_and_examples():
+    """`pip install medvqa` (not -e) copies package data only: the patterns must cover the weights, the card and
+    the example images, not just their JSON."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    demos = root / "demos"
+    carried = {p for pattern in patterns.get("demos", []) for p in demos.glob(pattern) if p.is_file()}
+    for folder in (demos / "models", demos / "examples"):
+        files = {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+        assert files and files <= carried, sorted(str(p.relative_to(demos)) for p in files - carried)
