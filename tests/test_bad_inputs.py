@@ -137,6 +137,12 @@ def test_duplicate_questions_are_reported_and_warned(phantom_dir, tmp_path, caps
     assert code == 0 and "repeat an earlier one" in caplog.text
 
 
+def test_a_run_of_no_epochs_is_refused_before_any_work(phantom_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", str(phantom_dir / "vqa-rad"), "--out", str(tmp_path / "run"),
+                       *TINY_TRAIN, "--epochs", "0")  # the last --epochs stands
+    assert code == 2 and "--epochs must be at least 1, got 0" in err and not (tmp_path / "run").exists()
+
+
 def test_a_nan_run_exits_2_and_writes_no_bundle(phantom_dir, tmp_path, capsys):
     from encoders import create_encoder
 
