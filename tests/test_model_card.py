@@ -120,3 +120,17 @@ def test_training_data_is_named_without_local_paths(predictor_phantom, tmp_path)
     local = training_data("slake", str(tmp_path / "home" / "me" / "Slake1.0"))
     assert local == {"format": "slake", "source": "local", "hub_id": None, "folder": "Slake1.0", "split": "train",
                      "lang": "en"}
+
+
+def test_a_card_written_again_keeps_the_license_it_was_given(trained_bundle, tmp_path):
+    """`push --license cc-by-sa-4.0` (SLAKE-derived weights), then a push or calibrate without it: still cc-by-sa."""
+    from huggingface_hub import ModelCard
+
+    from vqa.model_card import write_model_card
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    write_model_card(bundle, license_id="cc-by-sa-4.0")
+    write_model_card(bundle)
+    assert ModelCard.load(bundle / "README.md").data.license == "cc-by-sa-4.0"
+    write_model_card(bundle, license_id="apache-2.0")
+    assert ModelCard.load(bundle / "README.md").data.license == "apache-2.0"

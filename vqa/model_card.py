@@ -134,11 +134,20 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
         for subset, m in report["subsets"].items():
             results += _results(m, info, report["split"], subset)
     card = ModelCardData(
-        license=license_id or "mit", library_name="medvqa", pipeline_tag=TASK[0], model_name=name,
+        license=license_id or _card_license(bundle / CARD_FILE) or "mit", library_name="medvqa", pipeline_tag=TASK[0], model_name=name,
         tags=TAGS + [config["head"].get("name", "vqa-head")], base_model=base_model(encoder),
         datasets=[data["hub_id"]] if data.get("hub_id") else None, eval_results=results or None)
     body = _body(files, config, encoder, data, name, repo_id, list(eval_reports), bundle)
     return f"---\n{card.to_yaml()}\n---\n\n{body}"
+
+
+def _card_license(card: Path) -> str | None:
+    """The license an earlier card declared (`push --license`): a card written again keeps it, unless told otherwise."""
+    if not card.is_file():
+        return None
+    front = card.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+    found = re.search(r"^license:\s*(\S+)\s*$", front, re.MULTILINE) if front.startswith("---") else None
+    return found.group(1).strip("'\"") if found else None
 
 
 def write_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_reports: Sequence[str | Path] = (),
