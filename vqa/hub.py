@@ -58,14 +58,15 @@ def resolve_bundle(name_or_path: str | Path, revision: str | None = None) -> Pat
     try:
         folder = snapshot_download(repo_id, revision=revision, library_name="medvqa")
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise DataError(f"{repo_id}: no such Hugging Face Hub model, or it is private or gated and no token "
-                        f"allows it (set HF_TOKEN or run `hf auth login`) ({type(e).__name__})") from None
+        raise DataError(f"{repo_id}: no local folder of that name, and no such Hugging Face Hub model, or it is "
+                        "private or gated and no token allows it (set HF_TOKEN or run `hf auth login`) "
+                        f"({type(e).__name__})") from None
     except RevisionNotFoundError:
         raise DataError(f"{repo_id}: the Hub has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
-        raise DataError(f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline: "
-                        "HF_HUB_OFFLINE=1, or no network); download it once online, or set HF_HUB_CACHE to a "
-                        "cache that holds it") from None
+        raise DataError(f"{repo_id}: no local folder of that name, and not in the Hugging Face cache while the Hub "
+                        "cannot be reached (offline: HF_HUB_OFFLINE=1, or no network); download it once online, or "
+                        "set HF_HUB_CACHE to a cache that holds it") from None
     return Path(folder)
 
 
