@@ -205,8 +205,8 @@ def test_an_ensemble_scores_trust_in_its_members_joint_space(phantom_dir, tmp_pa
     from vqa.evaluate import predict_records
     from vqa.trust import asked_about
 
-    members = _members(phantom_dir, tmp_path, epochs=3, head="qcr", question_encoder="gru", embed_dim=16,
-                       question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
+    members = _members(phantom_dir, tmp_path, epochs=3, head="qcr", question_encoder="gru", question_lr=None,
+                       embed_dim=16, question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
     bundle = _ensemble(members, phantom_dir, tmp_path)
     ensemble, loaded, cpu = load(bundle), [load(m) for m in members], torch.device("cpu")
     records = load_vqa_rad(phantom_dir / "vqa-rad", "test")[:64]
@@ -318,8 +318,8 @@ def test_an_ensemble_of_word_vocabulary_heads_exports_to_onnx(phantom_dir, tmp_p
     from ._bundle import ground_truth
     from .test_onnx import assert_same, assert_same_head
 
-    members = _members(phantom_dir, tmp_path, epochs=2, head="qcr", question_encoder="gru", embed_dim=16,
-                       question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
+    members = _members(phantom_dir, tmp_path, epochs=2, head="qcr", question_encoder="gru", question_lr=None,
+                       embed_dim=16, question_dim=32, head_args={"hidden_dim": 32}, lr=3e-3)
     for member in members:  # as bundles from before the loss was recorded: QCR's default, BCE, is theirs
         config = json.loads((member / "config.json").read_text())
         assert config["training"].pop("loss") == "bce"

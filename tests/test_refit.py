@@ -100,7 +100,7 @@ def test_a_refit_in_two_processes_matches_one_on_the_same_global_batch(phantom_d
     # no dropout, so the two runs differ only in how the global batch is split
     head_args = {"hidden_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
     base = _cfg(phantom_dir, tmp_path, "base", refit=True, head="mevf-ban", head_args=head_args,
-                question_encoder="gru", question_dim=32, embed_dim=16, epochs=3)
+                question_encoder="gru", question_lr=None, question_dim=32, embed_dim=16, epochs=3)
     single = train(dataclasses.replace(base, batch_size=24, out=str(tmp_path / "one")))
     spawn_ranks(train, dataclasses.replace(base, batch_size=12, out=str(tmp_path / "two")))
     one, two = (json.loads((tmp_path / name / "bundle" / "metrics.json").read_text()) for name in ("one", "two"))

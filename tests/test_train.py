@@ -95,8 +95,6 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
                             (dict(epochs=1, schedule_epochs=3), "schedule runs 2 epochs .*this run's 3"),
                             # the task's own: the optimizer state would bring back the old rates and kind
                             (dict(optimizer="adamw"), "optimizer='adamax', this run has optimizer='adamw'"),
-                            (dict(encoder_lr=1e-5), "encoder_lr=None, this run has encoder_lr=1e-05"),
-                            (dict(question_lr=1e-5), "question_lr=None, this run has question_lr=1e-05"),
                             # what changes training without changing a weight's shape
                             (dict(clip_norm=1.0), "clip_norm=0.25, this run has clip_norm=1.0"),
                             (dict(max_len=6), "max_len=None, this run has max_len=6"),
@@ -112,6 +110,22 @@ def test_resume_refuses_another_learning_rate_or_schedule(phantom_dir, tmp_path)
         train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest", lr_schedule="constant"))
     resumed = train(_cfg(phantom_dir, tmp_path, head="mevf-san", lr=1e-3, resume="latest"))
     assert len(json.loads((resumed / "metrics.json").read_text())["history"]) == 2
+
+
+def test_resume_refuses_other_rates_for_the_pretrained_towers(phantom_dir, tmp_path):
+    """The optimizer state brings back each group's rate: an encoder or text-tower rate changed on resume would be
+    recorded, not trained with. Where there is no such tower to train, the rate is refused outright."""
+    tuned = dict(head="mevf-san", encoder_mode="finetune", question_encoder="bert-tiny", lr=1e-3)
+    train(_cfg(phantom_dir, tmp_path, stop_after=1, **tuned))
+    for change, message in ((dict(encoder_lr=1e-5), "encoder_lr=None, this run has encoder_lr=1e-05"),
+                            (dict(question_lr=1e-5), "question_lr=None, this run has question_lr=1e-05")):
+        with pytest.raises(DataError, match=message):
+            train(_cfg(phantom_dir, tmp_path, resume="latest", **{**tuned, **change}))
+    with pytest.raises(DataError, match="--encoder-lr apply when fine-tuning"):
+        train(_cfg(phantom_dir, tmp_path / "frozen", head="mevf-san", encoder_lr=1e-5))
+    with pytest.raises(DataError, match="--question-lr and --question-mode are a text tower's"):
+        train(_cfg(phantom_dir, tmp_path / "gru", head="mevf-san", question_mode="frozen"))
+    assert not (tmp_path / "frozen").exists() and not (tmp_path / "gru").exists()
 
 
 def test_a_run_stopped_partway_down_a_longer_schedule_continues_down_it(phantom_dir, tmp_path):

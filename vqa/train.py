@@ -391,9 +391,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.refit and cfg.val_split == "test":
         raise DataError("--refit trains again on train + the validation split, which here is test: choose the epoch "
                         "on a carved or named validation split")
-    if (cfg.freeze_epochs or cfg.augment) and cfg.encoder_mode != "finetune":
-        raise DataError("--freeze-epochs and --augment apply when fine-tuning (--encoder-mode finetune): a frozen "
-                        "encoder's features are computed once (--feature-views augments a frozen encoder's inputs)")
+    if (cfg.freeze_epochs or cfg.augment or cfg.encoder_lr is not None) and cfg.encoder_mode != "finetune":
+        raise DataError("--freeze-epochs, --augment and --encoder-lr apply when fine-tuning (--encoder-mode finetune): "
+                        "a frozen encoder's features are computed once (--feature-views augments its inputs)")
+    if cfg.word_encoder and (cfg.question_lr is not None or cfg.question_mode != "finetune"):
+        raise DataError("--question-lr and --question-mode are a text tower's: the GRU trains with the head at --lr")
     if cfg.encoder_norm not in ("train", "frozen") or (cfg.encoder_norm == "frozen" and cfg.encoder_mode != "finetune"):
         raise DataError(f"--encoder-norm {cfg.encoder_norm!r}: expected 'train' or 'frozen', and 'frozen' only when "
                         "fine-tuning (--encoder-mode finetune): a frozen encoder's statistics never move")
