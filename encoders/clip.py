@@ -87,7 +87,6 @@ def _tower(model: nn.Module) -> nn.Module:
 class CLIPVisionEncoder(ImageEncoder):
     family = "hf_clip"
     config_class = CLIPEncoderConfig
-    provenance_fields = ("hub_id",)  # the same weights from the hub or a local copy are one encoder (one cache)
 
     def __init__(self, config: CLIPEncoderConfig, name: str = "clip", vision_model: nn.Module | None = None):
         super().__init__(config, name)
