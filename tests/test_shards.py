@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -352,47 +351,6 @@ def test_parquet_rows_stream_like_shards(phantom_dir, parquet_dir, tmp_path):
     history = pretrain(_stream_cfg(phantom_dir, parquet_dir, tmp_path / "run", epochs=1, caption_column="text",
                                    train_num_samples=12))["history"]
     assert math.isfinite(history[0]["loss"]) and history[0]["bad_samples"] == 0
-
-
-def test_a_parquet_folder_streams_its_train_split_only(parquet_dir, tmp_path):
-    from pretrain.stream import expand_shards
-
-    hub = tmp_path / "hub"  # a hub snapshot: every split's files side by side
-    shutil.copytree(parquet_dir, hub / "data")
-    train = sorted((hub / "data").glob("train-*.parquet"))
-    shutil.copy(train[0], hub / "data" / "test-00000-of-00001.parquet")
-    (hub / "data" / "validation").mkdir()
-    shutil.copy(train[1], hub / "data" / "validation" / "part-0.parquet")
-    assert expand_shards(hub) == train
-    for f in train:
-        f.unlink()
-    with pytest.raises(DataError, match=r"named for the splits \['test', 'validate'\], none for train"):
-        expand_shards(hub)
-    plain = tmp_path / "plain"  # files named for no split: all of them are the training data
-    plain.mkdir()
-    shutil.copy(parquet_dir / "train-00000-of-00002.parquet", plain / "part-0.parquet")
-    assert expand_shards(plain) == [plain / "part-0.parquet"]
-
-
-def test_excluding_vqa_rad_from_a_stream_needs_shards_written_without_it(phantom_dir, shard_dir, parquet_dir,
-                                                                       tmp_path):
-    """A stream cannot drop pairs as it reads them: --exclude-vqa-rad trusts only shards whose manifest says they
-    were written without VQA-RAD's images, and refuses the rest before any training."""
-    from pretrain import pretrain
-    from pretrain.stream import check_vqa_rad_excluded, expand_shards
-
-    with pytest.raises(DataError, match="manifest.json does not say its shards were written without VQA-RAD"):
-        pretrain(_stream_cfg(phantom_dir, shard_dir, tmp_path / "a", exclude_vqa_rad=True))
-    with pytest.raises(DataError, match="cannot drop rows of .parquet files as they stream"):
-        pretrain(_stream_cfg(phantom_dir, parquet_dir, tmp_path / "b", exclude_vqa_rad=True, caption_column="text"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    clean = tmp_path / "clean"
-    assert cli(["shards", "--data", str(phantom_dir / "captions"), "--out", str(clean), "--exclude-vqa-rad",
-                "--no-progress"]) == 0
-    check_vqa_rad_excluded(expand_shards(clean), str(clean))  # written without them: accepted
-    (clean / "manifest.json").unlink()
-    with pytest.raises(DataError, match="has no manifest.json"):
-        check_vqa_rad_excluded(expand_shards(clean), str(clean))
 
 
 def test_a_bad_parquet_row_is_named_and_skipped(phantom_dir, tmp_path, caplog):
