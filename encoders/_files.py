@@ -177,8 +177,8 @@ def sweep_stale_temps(folder: str | os.PathLike, any_age: bool = False) -> list[
 def exclusive(folder: str | os.PathLike) -> Iterator[bool]:
     """Hold `folder`'s lock file (an advisory lock, released when the process dies): one process at a time
     decides or writes there. In the feature cache, processes filling one cache at once (seeds run side by side)
-    so neither unlink nor overwrite each other's rows; readers take none: rows are only ever appended, by rename,
-    so a mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not
+    thus neither unlink nor overwrite each other's rows; readers take none: rows are only ever appended, by
+    rename, so a mapped features file stays valid. Where the platform has no `fcntl` (Windows), writers are not
     serialised. Yields whether the lock is held."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

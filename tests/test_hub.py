@@ -38,7 +38,8 @@ def test_a_folder_resolves_to_itself_and_bad_names_are_one_line_errors(trained_b
     assert is_repo_id("org/name") and not is_repo_id("runs/x/bundle/") and not is_repo_id("../x")
     with pytest.raises(DataError, match="bundle folder not found"):
         resolve_bundle(tmp_path / "nope")
-    with pytest.raises(DataError, match="nobody/nothing: no local folder of that name, and not in the Hugging Face cache .*HF_HUB_OFFLINE"):
+    with pytest.raises(DataError, match="nobody/nothing: no local folder of that name, and not in the Hugging Face "
+                                        "cache .*HF_HUB_OFFLINE"):
         resolve_bundle("nobody/nothing")
 
 

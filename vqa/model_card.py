@@ -134,7 +134,8 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
         for subset, m in report["subsets"].items():
             results += _results(m, info, report["split"], subset)
     card = ModelCardData(
-        license=license_id or _card_license(bundle / CARD_FILE) or "mit", library_name="medvqa", pipeline_tag=TASK[0], model_name=name,
+        license=license_id or _card_license(bundle / CARD_FILE) or "mit", library_name="medvqa",
+        pipeline_tag=TASK[0], model_name=name,
         tags=TAGS + [config["head"].get("name", "vqa-head")], base_model=base_model(encoder),
         datasets=[data["hub_id"]] if data.get("hub_id") else None, eval_results=results or None)
     body = _body(files, config, encoder, data, name, repo_id, list(eval_reports), bundle)
