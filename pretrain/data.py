@@ -192,12 +192,14 @@ def _roco_split_dir(root: Path, split: str) -> Path:
         for candidate in (root / name / "radiology", root / "data" / name / "radiology", root / name):
             if candidate.is_dir():
                 return candidate
+    # --data ROCO/test: one split's folder alone, served only as the split it is named for (train if unnamed)
     alone = (root / "radiology").is_dir()
-    if alone and split in SPLIT_ALIASES["train"]:  # --data ROCO/train: the folder of that split alone
+    named = any(root.name in names for names in SPLIT_ALIASES.values())
+    if alone and (root.name in split_names(split) or (not named and split in SPLIT_ALIASES["train"])):
         return root / "radiology"
     raise DataError(f"{root}: no ROCO folder for split {split!r} (expected {split}/radiology/ or "
-                    f"data/{split}/radiology/)" + ("; a folder of one split alone (radiology/) is read as train only"
-                                                   if alone else ""))
+                    f"data/{split}/radiology/)" + (f"; {root.name}/radiology/ is one split's folder alone, served only "
+                                                   "as the split it is named for" if alone else ""))
 
 
 def _load_roco(root: Path, split: str) -> list[CaptionPair]:

@@ -6,10 +6,10 @@
 Protocol, stated with every number:
 - retrieval over the pairs of one held-out split, each image (once, however
   many captions it has) against every caption of the split; the rank of the
-  paired item counts the items scoring higher, and half of those that tie (the
-  expected rank were ties broken at random), except a word-for-word copy of
-  the image's own caption (the phantom repeats captions of normal studies),
-  which ties with it; chance R@K is K / N;
+  paired item counts the items scoring higher, and ties are broken at random,
+  in expectation, except with a word-for-word copy of the image's own caption
+  (the phantom repeats captions of normal studies), which is no miss; chance
+  R@K is K / N;
 - zero-shot: each class is the mean embedding of its prompts (templates x class
   names, `pretrain/phantom_prompts.json` by default, any file with `--prompts`), an
   image takes the nearest class; the majority-class accuracy is given beside it. A
@@ -74,20 +74,21 @@ def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[in
     firsts: dict[int, int] = {}  # each image's first pair: its row, ranked once
     for i, g in enumerate(group.tolist()):
         firsts.setdefault(g, i)
-    first = torch.tensor(list(firsts.values()))
+    first = torch.tensor(list(firsts.values()), dtype=torch.long)
     copies = torch.eye(n, dtype=torch.bool) if captions is None else _same(_groups(captions, n))
     own_words = (same.float() @ copies.float()) > 0  # (N, N): caption j repeats a caption of pair i's image
     other = ~same
     # per image: captions of other images above its best own caption; per caption: other images above its own.
-    # A tie counts half, the expected rank were ties broken at random (a collapsed tower scores chance, not 100 %).
+    # Ties are broken at random, in expectation: a hit at K is the chance of landing among the first K (a collapsed
+    # tower scores chance, K / N, not 100 %)
     best = sims.masked_fill(other, float("-inf")).max(1).values[:, None]
-    i2t_rank = (((sims > best) & other).sum(1) + 0.5 * ((sims == best) & other & ~own_words).sum(1))[first]
+    i2t = (((sims > best) & other).sum(1)[first], ((sims == best) & other & ~own_words).sum(1)[first])
     rows, own = sims[first], sims.diagonal()[None, :]
-    t2i_rank = ((rows > own) & other[first]).sum(0) + 0.5 * ((rows == own) & other[first]).sum(0)
+    t2i = (((rows > own) & other[first]).sum(0), ((rows == own) & other[first]).sum(0))
     out: dict[str, float] = {}
     for k in ks:
-        out[f"i2t_r{k}"] = 100.0 * float((i2t_rank < k).float().mean())
-        out[f"t2i_r{k}"] = 100.0 * float((t2i_rank < k).float().mean())
+        for name, (above, tied) in (("i2t", i2t), ("t2i", t2i)):
+            out[f"{name}_r{k}"] = 100.0 * float(((k - above) / (tied + 1)).clamp(0, 1).mean())
     out["mean_recall"] = sum(v for key, v in out.items() if key[4] == "r") / (2 * len(ks))
     out["n"] = n
     return out

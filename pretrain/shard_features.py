@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from encoders import FeatureCache, bytes_hash, create_encoder
-from encoders._files import owned_dir
 from encoders.images import decode_image
 from vqa.errors import DataError
+from vqa.io import owned_dir
 from vqa.training import distributed as dist_utils
 from vqa.training import resolve_device
 
@@ -81,6 +82,7 @@ def cache_shard_features(cfg: ShardFeaturesConfig) -> dict:
             parts = None
             if world.is_main:
                 cache = FeatureCache.open(folder, encoder)  # rebuilds a stale cache before any rank reads it
+                shutil.rmtree(folder / ".parts", ignore_errors=True)  # a killed run's, from before folders per job
                 parts = job.enter_context(owned_dir(folder, PARTS_PREFIX))  # removed when the job ends
             parts = dist_utils.all_gather_objects(parts, world)[0]  # the other ranks wait for rank 0 here
             if not world.is_main:

@@ -128,15 +128,23 @@ def _train_parquet(folder: Path) -> list[Path]:
     from .data import SPLIT_ALIASES
 
     files = sorted(folder.rglob("*.parquet"))
-    named = {f: next((split for split, names in SPLIT_ALIASES.items() for name in names
-                      if f.name.startswith(f"{name}-") or name in f.relative_to(folder).parts[:-1]), None)
-             for f in files}
+
+    def split_of(f: Path) -> str | None:  # hub layouts: data/train-00000-of-00001.parquet, default/partial-train/
+        folders = [p.removeprefix("partial-") for p in f.relative_to(folder).parts[:-1]]
+        return next((split for split, names in SPLIT_ALIASES.items() for name in names
+                     if f.name.startswith(f"{name}-") or name in folders), None)
+
+    named = {f: split_of(f) for f in files}
     if not any(named.values()):
         return files
+    unnamed = [f.relative_to(folder) for f in files if named[f] is None]
+    if unnamed:  # beside files of named splits, whose these are is anyone's guess
+        raise DataError(f"--train-data {folder}: {len(unnamed)} .parquet file(s) named for no split beside files "
+                        f"named for splits (e.g. {unnamed[0]}): name the ones to train on (a pattern)")
     train = [f for f in files if named[f] == "train"]
     if not train:
         raise DataError(f"--train-data {folder}: its .parquet files are named for the splits "
-                        f"{sorted({s for s in named.values() if s})}, none for train (train-*.parquet or train/)")
+                        f"{sorted(set(named.values()))}, none for train (train-*.parquet or train/)")
     if len(train) < len(files):
         log.info("--train-data %s: the train split's %d .parquet files (%d of other splits left out)", folder,
                  len(train), len(files) - len(train))

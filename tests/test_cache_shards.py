@@ -107,15 +107,17 @@ def test_a_job_leaves_the_parts_of_a_running_job_alone_and_sweeps_a_killed_ones(
     killed = folder / f"{PARTS_PREFIX}killed"  # its owner file is there, but nobody holds its lock
     (killed / "rank-00000").mkdir(parents=True)
     (killed / OWNER_NAME).touch()
-    legacy = folder / f"{PARTS_PREFIX}noowner"
-    legacy.mkdir()
+    unowned = folder / f"{PARTS_PREFIX}noowner"
+    unowned.mkdir()
+    legacy = folder / ".parts" / "rank-00000"  # a killed run's, from before a folder per job
+    legacy.mkdir(parents=True)
     with owned_dir(folder, PARTS_PREFIX) as running:  # another job, mid-way through its block
         (running / "rank-00000").mkdir()
         again = cache_shard_features(ShardFeaturesConfig(str(shards), str(encoder_dir), str(tmp_path / "cache"),
                                                          device="cpu", progress=False))
         assert again["cached"] == 12
         assert (running / "rank-00000").is_dir() and (running / OWNER_NAME).is_file()
-        assert not killed.exists() and not legacy.exists()
+        assert not killed.exists() and not unowned.exists() and not legacy.parent.exists()
     assert not running.exists() and not list(folder.glob(".parts*"))  # an owner removes its own on the way out
 
 

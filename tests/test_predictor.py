@@ -188,6 +188,9 @@ def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     assert q.answer == typed[choices.index(p.answer)]
     assert [s for _, s in q.top_k] == pytest.approx([s for _, s in p.top_k], abs=1e-6)
     assert [typed[choices.index(a)] for a, _ in p.top_k] == [a for a, _ in q.top_k]
+    for bad in (["A", "B", "C"], ["CT", "the CT", "MRI"]):  # "a" is an article: nothing left; two read as "ct"
+        with pytest.raises(DataError, match="each must keep a word and differ from the others"):
+            mc.predict(sample[0], "What imaging modality was used?", choices=bad)
     from vqa.evaluate import evaluate  # a head and questions that do not fit: said so, not a TypeError deep inside
 
     with pytest.raises(DataError, match=r"open-ended \(no choices\), but the bundle's head \(mc-ban\) picks among"):

@@ -84,8 +84,9 @@ def test_roco_csv_layout(tmp_path):
     assert load_captions(root, "validate", fmt="roco")[0].caption == "Axial CT of the validation."
     # --data pointing at one split's folder: its pairs are train's, never served as another split's
     assert load_captions(root / "train", "train", fmt="roco")[0].caption == "Axial CT of the train."
-    with pytest.raises(DataError, match="no ROCO folder for split 'validate'.*read as train only"):
+    with pytest.raises(DataError, match="no ROCO folder for split 'validate'.*served only as the split it is named"):
         load_captions(root / "train", "validate", fmt="roco")
+    assert load_captions(root / "validation", "validate", fmt="roco")[0].caption == "Axial CT of the validation."
 
 
 def test_roco_official_layout(tmp_path):

@@ -358,13 +358,17 @@ def test_retrieval_metrics_and_ties():
     assert retrieval_metrics(e, e, captions=["same"] * 12)["t2i_r1"] == 100.0  # distinct images: no tie
     # a collapsed tower (every embedding alike) ties everything: chance, not a perfect score
     collapsed = retrieval_metrics(torch.zeros(12, 8), torch.eye(12, 8))
-    assert collapsed["i2t_r1"] == collapsed["t2i_r1"] == 0.0 and collapsed["t2i_r10"] == 100.0  # rank 5.5 of 12
+    for k in (1, 5, 10):
+        assert collapsed[f"i2t_r{k}"] == collapsed[f"t2i_r{k}"] == pytest.approx(100 * k / 12)
     # another image with two captions above a caption's own image counts once
     three = torch.eye(3)
     image, texts = three[[0, 0, 1, 2]], torch.stack([three[0], three[0], 0.5 * three[1] + 0.9 * three[0], three[2]])
     ranked = retrieval_metrics(image, texts, ks=(1, 2), images=["a", "a", "b", "c"], captions=["x", "y", "z", "w"])
     assert ranked["t2i_r1"] == 75.0 and ranked["t2i_r2"] == 100.0  # caption z: image a (2 pairs) above b, once
-    assert ranked["i2t_r1"] == 100.0  # over the 3 images, each once
+    assert ranked["i2t_r1"] == 100.0
+    texts[:2] = 0.3 * three[0]  # image a's two captions now below caption z: one image missed of three, not 2 of 4
+    missed = retrieval_metrics(image, texts, ks=(1,), images=["a", "a", "b", "c"], captions=["x", "y", "z", "w"])
+    assert missed["i2t_r1"] == pytest.approx(200 / 3)
     # one image with two captions (pairs 0 and 1): either caption is right for it, and it for each of them
     image = e.clone()
     image[1] = image[0]

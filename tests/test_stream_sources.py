@@ -22,6 +22,15 @@ def test_a_parquet_folder_streams_its_train_split_only(parquet_dir, tmp_path):
     (hub / "data" / "validation").mkdir()
     shutil.copy(train[1], hub / "data" / "validation" / "part-0.parquet")
     assert expand_shards(hub) == train
+    shutil.copy(train[0], hub / "data" / "extra.parquet")  # named for no split, beside named ones: whose?
+    with pytest.raises(DataError, match=r"1 .parquet file\(s\) named for no split .*extra.parquet"):
+        expand_shards(hub)
+    (hub / "data" / "extra.parquet").unlink()
+    converted = tmp_path / "converted" / "default"  # the hub's refs/convert/parquet layout
+    for split, f in (("partial-train", train[0]), ("test", train[1])):
+        (converted / split).mkdir(parents=True)
+        shutil.copy(f, converted / split / "0000.parquet")
+    assert expand_shards(converted.parent) == [converted / "partial-train" / "0000.parquet"]
     for f in train:
         f.unlink()
     with pytest.raises(DataError, match=r"named for the splits \['test', 'validate'\], none for train"):

@@ -199,8 +199,9 @@ class Calibration:
         return dataclasses.replace(self, trust=trust)
 
     def digest(self, ood=None) -> str:
-        """Which calibration this is, with the out-of-scope detector beside it: a digest of all that decides what is
-        withheld (`fitted_on` only describes the data, which `medvqa calibrate` keeps when it refits)."""
+        """Which calibration this is, with the out-of-scope detector beside it: a digest of its temperatures, target,
+        thresholds, evidence and trust weights and of the detector's space and threshold (`fitted_on` only describes
+        the data, which `medvqa calibrate` keeps when it refits)."""
         detector = None if ood is None else [ood.describe_space(), ood.threshold, ood.quantile]
         text = json.dumps({"calibration": self.to_dict(), "ood": detector}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

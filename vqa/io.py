@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                             atomic_write_safetensors, atomic_write_text, read_json, sweep_stale_temps)
+                             atomic_write_safetensors, atomic_write_text, owned_dir, read_json, sweep_stale_temps)
 
 from .errors import DataError
 

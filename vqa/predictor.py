@@ -317,6 +317,10 @@ class Predictor:
         loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
         # the choices as records hold them (training and eval read those); the caller's text is what is shown
         options = None if choices is None else [[normalize_answer(c) for c in opts] for opts in choices]
+        for i, (given, read) in enumerate(zip(choices or [], options or [])):
+            if not all(read) or len(set(read)) < len(read):  # an empty one would vanish, twins be one choice
+                raise DataError(f"question {i + 1}: choices {list(given)} read as {read} (case, articles and "
+                                "punctuation dropped): each must keep a word and differ from the others")
         queries = encode_queries(texts, rows, self.tokenizer, self.max_len, options, self.choice_len)
         with torch.inference_mode():
             table = self.runtime.encode([item.image for item in loaded], batch_size)

@@ -397,11 +397,11 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.word_encoder and (cfg.question_lr is not None or cfg.question_mode != "finetune"):
         raise DataError("--question-lr and --question-mode are a text tower's: the GRU trains with the head at --lr")
     if cfg.encoder_norm not in ("train", "frozen") or (cfg.encoder_norm == "frozen" and cfg.encoder_mode != "finetune"):
-        raise DataError(f"--encoder-norm {cfg.encoder_norm!r}: expected 'train' or 'frozen', and 'frozen' only when "
-                        "fine-tuning (--encoder-mode finetune): a frozen encoder's statistics never move")
+        raise DataError(f"--encoder-norm {cfg.encoder_norm!r}: 'train', or 'frozen' when fine-tuning (--encoder-mode)")
     if cfg.feature_views < 0 or (cfg.feature_views and cfg.encoder_mode != "frozen"):
-        raise DataError(f"--feature-views {cfg.feature_views}: expected a count >= 0 of augmented copies per image, "
-                        "with a frozen encoder (fine-tuning augments every batch: --augment)")
+        raise DataError(f"--feature-views {cfg.feature_views}: a count >= 0 of augmented copies, for a frozen encoder")
+    if cfg.epochs < 1:  # no epoch to choose (`medvqa pretrain --epochs 0`, by contrast, saves untrained towers)
+        raise DataError(f"--epochs must be at least 1, got {cfg.epochs}")
     with runtime(cfg) as rt:
         train_records, val_records, val_how = load_splits(cfg)
         tokenizer, answers = vocabularies(cfg, train_records)

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 
-from ..errors import DataError
 from .options import (add_dataset_arguments, add_engine_arguments, add_format_argument, add_ood_encoder_argument,
                       add_target_risk_argument, add_weights_dtype_argument, command_parser, config_from_command_line)
 
@@ -122,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     from ..train import TrainConfig, train
 
     cfg = config_from_command_line(TrainConfig, build_parser(), argv)
-    if cfg.epochs < 1:  # nothing would choose a bundle's epoch (`medvqa pretrain --epochs 0` saves untrained towers)
-        raise DataError(f"--epochs must be at least 1, got {cfg.epochs}")
     started = time.time()
     bundle = train(cfg)
     metrics = bundle / "metrics.json"
