@@ -197,6 +197,10 @@ def save_reference(encoder: ImageEncoder, directory: str | os.PathLike) -> bool:
 
 
 def _load_reference(config_file: Path, meta: dict) -> ImageEncoder:
+    if meta.get("name") not in list_encoders():  # save_reference writes registered names only: anything else (a hub
+        # id, a path) would be fetched and parsed before the fingerprint could refuse it
+        raise DataError(f"{config_file}: a reference to {meta.get('name')!r}, which is no registered encoder "
+                        f"(registered: {', '.join(list_encoders())})")
     encoder = create_encoder(meta["name"])
     if encoder.fingerprint() != meta.get("fingerprint"):
         raise DataError(f"{config_file}: the installed {meta['name']} is not the encoder this was saved with "

@@ -50,6 +50,7 @@ def check_pixels(width: int, height: int, path: Path) -> None:
                          f"{limit / 1e6:.0f} Mpx (set MEDVQA_MAX_IMAGE_PIXELS to allow more)")
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset zlib-compressed
 
 
 def load_image(src: ImageSource, max_side: int | None = None) -> Image.Image:
@@ -100,6 +101,7 @@ def _decode(source, path: Path, max_side: int | None) -> Image.Image:
             img.load()  # decode now, so a truncated file fails here, not later
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(img.n_frames // 2)
+                check_pixels(*img.size, path)  # a frame's size is its own: the first may be 1x1, the middle huge
             return to_8bit(ImageOps.exif_transpose(img))  # photographed figures may carry a rotation
     except Image.DecompressionBombError as e:  # PIL's own bound (~179 Mpx), under a raised MEDVQA_MAX_IMAGE_PIXELS
         raise ValueError(f"{path}: image too large for PIL to decode ({e})") from e
@@ -177,12 +179,13 @@ def load_dicom(path: Path) -> Image.Image:
         import pydicom
     except ImportError as e:
         raise ImportError(f"{path}: reading DICOM needs pydicom (pip install pydicom)") from e
+    _refuse_deflated_dicom(pydicom, path)
     try:
         ds = pydicom.dcmread(path)
     except Exception as e:  # pydicom raises many types for bad files
         raise ValueError(f"{path}: not a readable DICOM image ({e})") from e
-    check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1),
-                 path)
+    check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+                 * int(ds.get("SamplesPerPixel", 1) or 1), path)  # colour: three values a pixel
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad files
@@ -195,6 +198,18 @@ def load_dicom(path: Path) -> Image.Image:
     if samples > 1:  # colour DICOM (pydicom already converts YBR to RGB)
         return array_to_image(pixels)
     return Image.fromarray(dicom_gray_to_uint8(ds, pixels))
+
+
+def _refuse_deflated_dicom(pydicom, path: Path) -> None:
+    """A deflated DICOM is inflated whole, in memory, before any size can be checked: a few MB of zeros uploaded to
+    the demo would become gigabytes. Such files are refused (rare in practice; re-save them uncompressed)."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # no file meta (a bare dataset): dcmread decides, and cannot inflate without one
+        return
+    if str(meta.get("TransferSyntaxUID", "")) == DEFLATED_DICOM:
+        raise ValueError(f"{path}: a deflated DICOM (transfer syntax {DEFLATED_DICOM}) is not read: its size is "
+                         "unknown until it is inflated whole; save it uncompressed (or JPEG/RLE) first")
 
 
 def dicom_gray_to_uint8(ds, pixels: np.ndarray) -> np.ndarray:

@@ -113,6 +113,30 @@ def test_dicom_window_and_monochrome1(tmp_path):
     assert np.array_equal(np.asarray(load_image(inverted_path)).astype(int), 255 - normal)
 
 
+def test_a_deflated_dicom_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """The demo's uploads: a deflated dataset of zeros inflates a thousandfold before any size is known."""
+    pydicom, path = _dicom("CT_small.dcm")
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    inflated = []
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: inflated.append(a))
+    with pytest.raises(ValueError, match="deflated.dcm: a deflated DICOM .* is not read"):
+        load_image(tmp_path / "deflated.dcm")
+    assert inflated == []  # refused from its file meta alone
+
+
+def test_the_middle_frame_of_a_multi_frame_image_is_held_to_the_pixel_limit(tmp_path, monkeypatch):
+    small, large = Image.new("L", (4, 4), 10), Image.new("L", (64, 64), 200)
+    small.save(tmp_path / "frames.tif", save_all=True, append_images=[large, small])
+    assert load_image(tmp_path / "frames.tif").size == (64, 64)  # the middle frame
+    monkeypatch.setenv("MEDVQA_MAX_IMAGE_PIXELS", "100")  # the first frame (16 px) passes, the middle does not
+    with pytest.raises(ValueError, match="frames.tif: image is 64x64"):
+        load_image(tmp_path / "frames.tif")
+
+
 def test_dicom_magic_without_suffix_and_corrupt_dicom(tmp_path):
     _, path = _dicom("CT_small.dcm")
     plain = tmp_path / "ct_no_suffix"

@@ -31,7 +31,8 @@ def bundle_copy(trained_bundle, tmp_path):
     return shutil.copytree(trained_bundle, tmp_path / "bundle")
 
 
-def test_a_folder_resolves_to_itself_and_bad_names_are_one_line_errors(trained_bundle, tmp_path, hub_cache):
+def test_a_folder_resolves_to_itself_and_bad_names_are_one_line_errors(trained_bundle, tmp_path, hub_cache,
+                                                                      monkeypatch):
     from vqa.hub import is_repo_id, resolve_bundle
 
     assert resolve_bundle(trained_bundle) == trained_bundle and not is_repo_id(trained_bundle)
@@ -41,6 +42,11 @@ def test_a_folder_resolves_to_itself_and_bad_names_are_one_line_errors(trained_b
     with pytest.raises(DataError, match="nobody/nothing: no local folder of that name, and not in the Hugging Face "
                                         "cache .*HF_HUB_OFFLINE"):
         resolve_bundle("nobody/nothing")
+    monkeypatch.chdir(tmp_path)  # runs/ here: runs/qcr is a local run not finished (or mistyped), never a Hub id
+    (tmp_path / "runs").mkdir()
+    assert not is_repo_id("runs/qcr") and is_repo_id("nobody/nothing")
+    with pytest.raises(DataError, match="runs/qcr: bundle folder not found"):
+        resolve_bundle("runs/qcr")
 
 
 def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, predictor, predictor_phantom,

@@ -45,6 +45,10 @@ def test_reference_to_other_weights_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"config.json: the installed efficientnet-lite0-imagenet is not the "
                                         r"encoder this was saved with .*expected 000000000000"):
         load_encoder_folder(tmp_path)
+    # a shared bundle's reference naming a hub id or a path: refused before anything is fetched or parsed
+    (tmp_path / "config.json").write_text(json.dumps({**config, "name": "hf-hub:someone/else"}))
+    with pytest.raises(DataError, match="a reference to 'hf-hub:someone/else', which is no registered encoder"):
+        load_encoder_folder(tmp_path)
 
 
 @pytest.mark.slow

@@ -35,9 +35,11 @@ UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 
 
 def is_repo_id(name: str | Path) -> bool:
-    """`org/name` that is not an existing local path: a Hub repository id."""
+    """`org/name` that is not a local path: a Hub repository id. `runs/qcr` where a folder `runs` exists here is a
+    local path, missing or not: a typo or an unfinished run must not fetch whatever a Hub account `runs` holds."""
     text = str(name)
-    return bool(REPO_ID.fullmatch(text)) and ".." not in text and not Path(text).exists()
+    return (bool(REPO_ID.fullmatch(text)) and ".." not in text and not Path(text).exists()
+            and not Path(text).parent.is_dir())
 
 
 def resolve_bundle(name_or_path: str | Path, revision: str | None = None) -> Path:
