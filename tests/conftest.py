@@ -1,10 +1,12 @@
 """Shared fixtures: a small phantom dataset generated once per test session."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,12 @@ import pytest
 # Never reach for a hub from tests: fail fast and offline.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+# ... nor for the user's hub and datasets caches (a model cached there would load; datasets would write there):
+# set before anything imports huggingface_hub or datasets, which read them once
+_HF_CACHES = tempfile.mkdtemp(prefix="medvqa-tests-hf-")
+atexit.register(shutil.rmtree, _HF_CACHES, ignore_errors=True)
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_CACHES, "hub")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_CACHES, "datasets")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -64,6 +64,15 @@ def test_bundle_reloads_with_identical_predictions(qcr_bundle, phantom_dir, tmp_
     pb = predict_records(b, records, torch.device("cpu"), cache_dir=str(tmp_path / "c2"), progress=False)
     assert pa.answers == pb.answers and pa.types == pb.types
     assert torch.equal(pa.logits, pb.logits)
+    # and what loads is the model training chose: it scores validation exactly as the chosen epoch did
+    from vqa.train import evaluate_split, load_splits, make_split
+
+    cfg = _cfg(phantom_dir, tmp_path, head="qcr")
+    _, val_records, _ = load_splits(cfg)
+    val = make_split(cfg, a.model, val_records, a.tokenizer, a.answers, torch.device("cpu"))
+    chosen = {k: v for k, v in json.loads((qcr_bundle / "metrics.json").read_text())["validation"].items()
+              if k != "epoch"}
+    assert evaluate_split(a.model, val, a.answers, torch.device("cpu"), "fp32") == chosen
 
 
 def test_resume_matches_uninterrupted_run(phantom_dir, tmp_path):

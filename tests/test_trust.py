@@ -265,7 +265,7 @@ def test_a_bundle_from_before_calibration_still_answers(trained_bundle, tmp_path
     assert not predictor.predict(row["image"], "Zorblat quinx fremmel wobbly?").abstained  # it withholds nothing
 
 
-def test_target_risk_outside_zero_one_is_a_clear_error(trained_bundle, predictor_phantom, capsys):
+def test_target_risk_outside_zero_one_is_a_clear_error(trained_bundle, predictor_phantom, capsys, tmp_path):
     from vqa.cli import main as cli
 
     row = next(iter(__import__("tests._bundle", fromlist=["ground_truth"]).ground_truth(predictor_phantom)))
@@ -273,7 +273,8 @@ def test_target_risk_outside_zero_one_is_a_clear_error(trained_bundle, predictor
                 "--target-risk", "1.5"])
     assert code == 2 and "--target-risk 1.5" in capsys.readouterr().err
     code = cli(["train", "--data", str(predictor_phantom / "vqa-rad"), "--target-risk", "0", "--epochs", "1",
-                "--out", "/nonexistent/never-written", "--no-progress"])
+                "--out", str(tmp_path / "never-written"), "--no-progress"])
     assert code == 2 and "strictly between 0 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "never-written").exists()
     with pytest.raises(DataError, match="not a medvqa calibration"):
         Calibration.from_dict({"temperatures": "warm"})
