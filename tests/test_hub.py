@@ -60,12 +60,15 @@ def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, pr
     for partial in (bundle_copy / ".onnx.ab12cd34.tmp", bundle_copy / "encoder" / ".eval-test.x9.tmp" / "deep"):
         partial.mkdir(parents=True)
         (partial / "head.onnx").write_bytes(b"half")
+    (bundle_copy / "eval-vqa-rad-test").mkdir(exist_ok=True)  # what `medvqa eval` writes: its per-question file
+    (bundle_copy / "eval-vqa-rad-test" / "predictions.jsonl").write_text('{"question": "private?"}\n')
     assert main(["push", str(bundle_copy), REPO, "--to-cache", str(hub_cache)]) == 0
     assert REPO in capsys.readouterr().out
     repo = hub_cache / "models--test-org--qcr-phantom"
     snapshot = repo / "snapshots" / (repo / "refs" / "main").read_text()
     assert (snapshot / "model.safetensors").is_file() and (snapshot / "encoder" / "config.json").is_file()
     assert not [p for p in snapshot.rglob("*") if ".tmp" in p.as_posix()]
+    assert not list(snapshot.rglob("predictions.jsonl"))  # left out unless asked for
     from huggingface_hub.utils import filter_repo_objects
 
     from vqa.hub import UPLOAD_IGNORE
@@ -73,6 +76,11 @@ def test_push_into_a_hub_cache_then_every_command_loads_it_by_id(bundle_copy, pr
     leftovers = [".a.b.tmp", "x/.a.b.tmp", ".onnx.ab.tmp/head.onnx", "encoder/.e.x.tmp/deep/head.onnx"]
     assert list(filter_repo_objects(leftovers + ["onnx/head.onnx"], ignore_patterns=UPLOAD_IGNORE)) == [
         "onnx/head.onnx"]  # the Hub's own filter, as a real upload applies it
+    from vqa.hub import PREDICTIONS
+
+    evaluated = ["eval-vqa-rad-test/predictions.jsonl", "eval-vqa-rad-test/metrics.json"]
+    assert list(filter_repo_objects(evaluated, ignore_patterns=UPLOAD_IGNORE + PREDICTIONS)) == [evaluated[1]]
+    assert list(filter_repo_objects(evaluated, ignore_patterns=UPLOAD_IGNORE)) == evaluated  # --with-predictions
     assert ModelCard.load(snapshot / "README.md").data.model_name == REPO
     # the recipe travels too: `train --config` takes the Hub id, and asks for the data folder it recorded by name
     from vqa.cli.options import config_from_command_line

@@ -32,6 +32,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub sp
 # or such a folder with whatever it holds, at any depth. fnmatch patterns over the path (`*` crosses "/"), as
 # huggingface_hub matches them.
 UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
+# every test question, its reference answer and the model's: for private data not the Hub's to hold, unless asked
+PREDICTIONS = ["eval-*/predictions.jsonl"]
 
 
 def is_repo_id(name: str | Path) -> bool:
@@ -83,7 +85,7 @@ class HubTarget(Protocol):
 
 def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, commit_message: str | None = None,
                 hub: HubTarget | None = None, eval_reports: Sequence[str | Path] = (),
-                license_id: str | None = None) -> Any:
+                license_id: str | None = None, with_predictions: bool = False) -> Any:
     """Check that `bundle` loads, write its model card (README.md) for `repo_id`, create the repository if
     needed and upload the folder; returns what the hub's `upload_folder` returns (a commit, or its URL).
 
@@ -106,7 +108,7 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
     try:
         hub.create_repo(repo_id, private=private, exist_ok=True)
         return hub.upload_folder(repo_id=repo_id, folder_path=str(bundle), commit_message=message,
-                                 ignore_patterns=UPLOAD_IGNORE)
+                                 ignore_patterns=UPLOAD_IGNORE + ([] if with_predictions else PREDICTIONS))
     except OfflineModeIsEnabled:
         raise DataError(f"{repo_id}: HF_HUB_OFFLINE=1 forbids uploads (unset it, or push --to-cache DIR for a "
                         "local hub cache)") from None

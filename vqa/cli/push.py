@@ -30,6 +30,9 @@ def build_parser():
                    help="a `medvqa eval` output folder (or its metrics.json) to report in the card (repeatable; "
                         "BUNDLE/eval-*/ are included anyway)")
     p.add_argument("--license", default=None, help="the model's license id on the Hub (default: mit)")
+    p.add_argument("--with-predictions", action="store_true",
+                   help="also upload eval-*/predictions.jsonl (every test question, its reference answer and the "
+                        "model's; left out by default: private data's questions are not the Hub's to hold)")
     p.add_argument("--to-cache", metavar="DIR", default=None,
                    help="write into a local Hugging Face cache folder instead of uploading (see below)")
     return p
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hub = CacheHub(args.to_cache) if args.to_cache else None
     result = push_bundle(args.bundle, args.repo_id, private=args.private, commit_message=args.commit_message,
-                         hub=hub, eval_reports=args.eval, license_id=args.license)
+                         hub=hub, eval_reports=args.eval, license_id=args.license,
+                         with_predictions=args.with_predictions)
     where = f"{args.to_cache} (HF_HUB_CACHE={args.to_cache} loads it offline)" if args.to_cache else \
         f"https://huggingface.co/{args.repo_id}"
     print(f"medvqa push: {args.bundle} -> {args.repo_id} at {where}: {result}")
