@@ -38,10 +38,15 @@ def test_build_once_then_cached(tmp_path, monkeypatch):
 
 
 def test_recipe_key_follows_every_field():
+    """A cached default model is reused by its key: any field the key missed would serve a stale model."""
     base = DefaultModelRecipe()
     assert len(base.key()) == 12 and base.key() == DefaultModelRecipe().key()
-    assert dataclasses.replace(base, epochs=base.epochs + 1).key() != base.key()
-    assert dataclasses.replace(base, head_args={"hidden_dim": 128}).key() != base.key()
+    other = {int: lambda v: v + 1, float: lambda v: v * 2, str: lambda v: v + "-other",
+             dict: lambda v: {**v, "changed": 1}}
+    for f in dataclasses.fields(DefaultModelRecipe):
+        value = getattr(base, f.name)
+        changed = dataclasses.replace(base, **{f.name: other[type(value)](value)})
+        assert changed.key() != base.key(), f.name
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,10 +160,12 @@ def test_mlm_loss_is_finite_and_decreases(phantom_dir, tmp_path):
     assert load_clip_model(tmp_path / "run" / "clip").text.mlm_head is not None
 
 
-def test_grad_checkpointing_pretrains_the_same_towers(phantom_dir, tmp_path):
+def test_grad_checkpointing_pretrains_the_same_towers(phantom_dir, tmp_path, caplog):
     cfg = _cfg(phantom_dir, tmp_path / "plain", epochs=1, val_split="none")
     plain = pretrain(cfg)
-    checkpointed = pretrain(replace(cfg, out=str(tmp_path / "ckpt"), grad_checkpointing=True))
+    with caplog.at_level(logging.INFO, logger="vqa.training.engine"):
+        checkpointed = pretrain(replace(cfg, out=str(tmp_path / "ckpt"), grad_checkpointing=True))
+    assert "gradient checkpointing:" in caplog.text  # it was on: else the two runs agree by construction
     assert checkpointed["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-5)
     a, b = (load_file(str(tmp_path / run / "encoder" / "model.safetensors")) for run in ("plain", "ckpt"))
     for key in a:
