@@ -144,11 +144,15 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
 
 def _card_license(card: Path) -> str | None:
     """The license an earlier card declared (`push --license`): a card written again keeps it, unless told otherwise."""
+    import yaml
+    from huggingface_hub import ModelCard
+
     if not card.is_file():
         return None
-    front = card.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
-    found = re.search(r"^license:\s*(\S+)\s*$", front, re.MULTILINE) if front.startswith("---") else None
-    return found.group(1).strip("'\"") if found else None
+    try:  # the Hub's own parser of the front matter it reads (a card without any declares none)
+        return ModelCard.load(card).data.license
+    except (ValueError, yaml.YAMLError):  # a front matter edited unreadable: none declared, as before
+        return None
 
 
 def write_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_reports: Sequence[str | Path] = (),
