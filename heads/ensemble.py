@@ -11,7 +11,9 @@ every answer as it was trained to (a softmax after cross-entropy, per-answer sig
 `score`); the ensemble's logits are the log of the members' mean probabilities (the logit of the
 mean sigmoid for "sigmoid"), so `softmax(logits)` is the average distribution and a temperature
 fitted on it (vqa.calibration) calibrates the ensemble as a whole. An answer every member ruled out
-(a QCR branch's other group) stays ruled out (MASKED_LOGIT). `medvqa ensemble` builds one as a bundle.
+(a QCR branch's other group) stays ruled out (MASKED_LOGIT). Members with a type router (QCR) have each branch
+averaged apart, and the question goes to the branch of their mean type, as one routed head's would.
+`medvqa ensemble` builds one as a bundle.
 
 Where every member outputs its fused vector, the ensemble's is theirs side by side, each scaled to
 length 1/sqrt(M): a unit vector whose squared distance to another is the mean of the members'
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from ._registry import head_from_dict, register_head
-from .base import VQAHead
+from .base import CLOSED, VQAHead
 from .layers import MASKED_LOGIT
 
 SCORES = ("softmax", "sigmoid")
@@ -103,12 +105,21 @@ class EnsembleHead(VQAHead):
                 lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = [member(features, question_tokens, lengths) for member in self.members]
         columns = [getattr(self, f"columns{i}") for i in range(len(outs))]
-        result = {"logits": mean_answer_logits([o["logits"] for o in outs], columns, self.num_answers,
-                                               self.config.score),
-                  "attention": torch.stack([o["attention"].float() for o in outs]).mean(0)}
+
+        def mean(key: str) -> torch.Tensor:
+            return mean_answer_logits([o[key] for o in outs], columns, self.num_answers, self.config.score)
+
+        result = {"attention": torch.stack([o["attention"].float() for o in outs]).mean(0)}
         if self.has_type_router:
+            # Each branch is averaged over every member and the question routed by the members' mean type: members
+            # that route one question apart would otherwise mix a closed and an open distribution.
             routed = torch.stack([o["type_logits"].float().softmax(-1) for o in outs]).mean(0)
             result["type_logits"] = routed.clamp_min(torch.finfo(torch.float32).tiny).log()
+            result["closed_logits"], result["open_logits"] = mean("closed_logits"), mean("open_logits")
+            is_closed = (routed.argmax(-1) == CLOSED).unsqueeze(-1)
+            result["logits"] = torch.where(is_closed, result["closed_logits"], result["open_logits"])
+        else:
+            result["logits"] = mean("logits")
         if self.has_fused_output:
             scale = 1.0 / math.sqrt(len(outs))
             result["fused"] = torch.cat([nn.functional.normalize(o["fused"].float(), dim=-1) * scale for o in outs], -1)

@@ -294,3 +294,32 @@ def test_multiple_choice_loss_is_cross_entropy():
     out = MultipleChoiceLoss()({"logits": logits}, targets)
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, targets))
     assert set(out) == {"loss", "choice_loss"}
+
+
+def test_an_ensemble_of_routed_heads_averages_each_branch_and_routes_by_the_mean_type():
+    from heads.ensemble import mean_answer_logits
+
+    members = [tiny_head("qcr", seed) for seed in (1, 2, 3)]
+    for member, bias in zip(members, ([3.0, -3.0], [-1.0, 1.0], [-1.0, 1.0])):  # closed at 0.998, then open twice
+        last = member.type_classifier[-1]
+        torch.nn.init.zeros_(last.weight)
+        last.bias.data = torch.tensor(bias)
+    encoder = QuestionEncoderConfig(vocab_size=V, embed_dim=16, hidden_dim=32)
+    ensemble = create_head("ensemble", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=encoder,
+                           members=[head_to_dict(m) for m in members], score="softmax")
+    ensemble.load_member_states([m.state_dict() for m in members])
+    ensemble.eval()
+    for m in members:
+        m.eval()
+    b = batch()
+    with torch.no_grad():
+        outs, got = [run(m, b) for m in members], run(ensemble, b)
+    assert [o["type_logits"].argmax(-1).tolist() for o in outs] == [[CLOSED] * B, [OPEN] * B, [OPEN] * B]
+    assert got["type_logits"].argmax(-1).tolist() == [OPEN] * B  # mean closed probability (0.998 + 2 * 0.12) / 3
+    columns = [torch.arange(A)] * 3
+    expected = mean_answer_logits([o["open_logits"] for o in outs], columns, A)
+    assert torch.allclose(got["logits"], expected) and torch.equal(got["open_logits"], got["logits"])
+    assert (got["logits"][:, [i for i, o in enumerate(OPEN_MASK) if not o]] == MASKED_LOGIT).all()  # open answers only
+    mixed = mean_answer_logits([o["logits"] for o in outs], columns, A)  # each member's own branch, averaged
+    assert not torch.allclose(got["logits"], mixed)
+    assert torch.allclose(got["closed_logits"], mean_answer_logits([o["closed_logits"] for o in outs], columns, A))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .answers import AnswerVocab
+from .batches import OPEN_ID
 from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
 from .calibration import Calibration
 from .errors import DataError
@@ -153,7 +154,7 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
     for path, member in zip(paths, members):
         train, val, how = recorded_splits(path, member, cfg.format, cfg.data)
         everything = train + val  # any member's: together the members trained on all of the training split
-        preds = predict_records(member, val, device, ANSWER_PRECISION, cfg.cache_dir, cfg.progress)
+        preds = predict_records(member, val, device, ANSWER_PRECISION, cfg.cache_dir, cfg.progress, branches=True)
         held_out.setdefault(how, (val, []))[1].append((preds, member))
     logits, branches, correct, records, given, types, scores = [], [], [], [], [], [], []
     for val, group in held_out.values():
@@ -187,14 +188,23 @@ def _cross_fitted(paths: Sequence[Path], members: Sequence[Bundle], ensemble: Bu
 
 
 def _held_out_answers(group: Sequence[tuple[Predictions, Bundle]], answers: AnswerVocab) -> Predictions:
-    """The members held out on one split (with their predictions there) answering as an ensemble of them: their
-    mean answer distribution over the ensemble's `answers`, and their router's mean type where they have one."""
+    """The members held out on one split (with their predictions there) answering as an ensemble of them
+    (`heads.ensemble`): their mean answer distribution over the ensemble's `answers`; with a type router, each
+    branch's mean, the question routed by their mean type."""
     from heads.ensemble import mean_answer_logits
 
     cols = [torch.tensor([answers.index(a) for a in m.answers.answers]) for _, m in group]
-    mean = mean_answer_logits([p.logits for p, _ in group], cols, len(answers), group[0][1].score_kind)
+
+    def averaged(logits: list[torch.Tensor]) -> torch.Tensor:
+        return mean_answer_logits(logits, cols, len(answers), group[0][1].score_kind)
+
     routed = (None if any(p.type_probs is None for p, _ in group) else
               torch.stack([p.type_probs for p, _ in group]).mean(0))
+    if routed is None:
+        mean = averaged([p.logits for p, _ in group])
+    else:
+        closed, opened = (averaged([p.branch_logits[:, b] for p, _ in group]) for b in (0, 1))
+        mean = torch.where((routed.argmax(1) != OPEN_ID).unsqueeze(1), closed, opened)
     return Predictions([answers.answers[i] for i in mean.argmax(1).tolist()], routed_types(routed), mean,
                        torch.zeros(len(mean), 0), routed)
 

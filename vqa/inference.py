@@ -53,6 +53,7 @@ class Predictions:
     abstained: torch.Tensor | None = None  # (Q,) bool: withheld (below the risk threshold, or out of scope)
     out_of_scope: torch.Tensor | None = None  # (Q,) bool: the image is unlike the training images
     fused: torch.Tensor | None = None  # (Q, F) the head's fused vectors, where it has them (trust scores)
+    branch_logits: torch.Tensor | None = None  # (Q, 2, A) a routed head's CLOSED and OPEN branches, where asked for
 
     def subset(self, index: Sequence[int]) -> "Predictions":
         keep = torch.as_tensor(list(index), dtype=torch.long)
@@ -61,7 +62,7 @@ class Predictions:
         return Predictions([self.answers[i] for i in index], None if self.types is None else
                            [self.types[i] for i in index], self.logits[keep], self.attention[keep],
                            part(self.type_probs), self.multiple_choice, part(self.confidence), part(self.abstained),
-                           part(self.out_of_scope), part(self.fused))
+                           part(self.out_of_scope), part(self.fused), part(self.branch_logits))
 
     def branches(self) -> list[str]:
         """The question type the model itself gives each question: "choice" for multiple choice, the type
@@ -100,10 +101,11 @@ def routed_types(type_probs: torch.Tensor | None) -> list[str] | None:
 @torch.no_grad()
 def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, answers: AnswerVocab,
             device: torch.device, precision: str = "fp32", batch_size: int = 256,
-            choices: Sequence[Sequence[str]] | None = None) -> Predictions:
-    """The model's answers to every question, in order (the chosen choice for multiple choice)."""
+            choices: Sequence[Sequence[str]] | None = None, branches: bool = False) -> Predictions:
+    """The model's answers to every question, in order (the chosen choice for multiple choice); with `branches`, a
+    routed head's two branches' logits too (what an ensemble of such heads averages)."""
     model.eval()
-    logits, attention, routed, fused = [], [], [], []
+    logits, attention, routed, fused, branch = [], [], [], [], []
     for batch in questions.batches(batch_size):
         image_in, kwargs = model_inputs(model, batch, images, device)
         with get_autocast(precision, device):
@@ -114,6 +116,8 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
             routed.append(out["type_logits"].float().softmax(-1).cpu())
         if "fused" in out:
             fused.append(out["fused"].float().cpu())
+        if branches and "closed_logits" in out:
+            branch.append(torch.stack([out["closed_logits"], out["open_logits"]], 1).float().cpu())
     width = len(answers) if questions.choice_tokens is None else questions.choice_tokens.shape[1]
     scores = torch.cat(logits) if logits else torch.zeros(0, width)
     best = scores.argmax(1).tolist()
@@ -125,7 +129,7 @@ def predict(model: VQAModel | HeadRunner, questions: QuestionTensors, images, an
     types = routed_types(type_probs)
     att = torch.cat(attention) if attention else torch.zeros(0, 1)
     return Predictions(chosen, types, scores, att, type_probs, questions.choice_tokens is not None,
-                       fused=torch.cat(fused) if fused else None)
+                       fused=torch.cat(fused) if fused else None, branch_logits=torch.cat(branch) if branch else None)
 
 
 def answer_scores(logits: torch.Tensor, score_kind: str, n_choices: Sequence[int] | None = None) -> torch.Tensor:
