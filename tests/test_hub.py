@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from ._bundle import ground_truth
 from vqa.cli import main
@@ -152,7 +154,10 @@ class RecordingHub:
         self.calls.append(("create_repo", repo_id, {"private": private, "exist_ok": exist_ok}))
 
     def upload_folder(self, *, repo_id, folder_path, commit_message=None, ignore_patterns=None):
-        self.calls.append(("upload_folder", repo_id, {"folder_path": folder_path, "commit_message": commit_message}))
+        self.calls.append(("upload_folder", repo_id, {"commit_message": commit_message}))
+        self.folder = Path(folder_path)
+        self.uploaded = {p.relative_to(self.folder).as_posix(): p.read_bytes() for p in self.folder.rglob("*")
+                         if p.is_file()}
         return "https://huggingface.co/test-org/qcr-phantom/commit/0"
 
 
@@ -164,8 +169,83 @@ def test_push_creates_the_repository_and_uploads_the_folder_with_its_card(bundle
     hub = RecordingHub()
     assert push_bundle(bundle_copy, REPO, private=True, commit_message="first", hub=hub).endswith("/commit/0")
     assert hub.calls == [("create_repo", REPO, {"private": True, "exist_ok": True}),
-                         ("upload_folder", REPO, {"folder_path": str(bundle_copy), "commit_message": "first"})]
+                         ("upload_folder", REPO, {"commit_message": "first"})]
     assert ModelCard.load(bundle_copy / "README.md").data.model_name == REPO
+    # the folder uploaded is a copy, every file of the bundle byte for byte (it records no local path), gone after
+    assert hub.uploaded == {p.relative_to(bundle_copy).as_posix(): p.read_bytes() for p in bundle_copy.rglob("*")
+                            if p.is_file()}
+    assert hub.folder != bundle_copy and not hub.folder.exists() and not list(bundle_copy.parent.glob(".*.tmp"))
+
+
+def test_what_is_uploaded_names_no_folder_of_this_machine(bundle_copy, trained_bundle, predictor_phantom, tmp_path):
+    from vqa.bundle import load
+    from vqa.evaluate import evaluate, write_outputs
+    from vqa.hub import push_bundle
+
+    from ._bundle import feature_cache_copy
+
+    data = (predictor_phantom / "vqa-rad").resolve()
+    report, records, preds = evaluate(bundle_copy.resolve(), "vqa-rad", str(data), device="cpu", progress=False,
+                                      cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")))
+    write_outputs(report, records, preds, bundle_copy / "eval-vqa-rad-test")
+    encoder = json.loads((bundle_copy / "encoder" / "config.json").read_text())
+    encoder["name"] = "local-dir:/home/alice/private/biomedclip"  # as a tower loaded from a folder is named
+    (bundle_copy / "encoder" / "config.json").write_text(json.dumps(encoder))
+    hub = RecordingHub()
+    push_bundle(bundle_copy, REPO, hub=hub)
+    shared = json.loads(hub.uploaded["eval-vqa-rad-test/metrics.json"])
+    assert (shared["bundle"], shared["data"]) == (f"local:{bundle_copy.name}", "local:vqa-rad")
+    assert json.loads(hub.uploaded["encoder/config.json"])["name"] == "local:biomedclip"
+    assert "eval-vqa-rad-test/predictions.jsonl" not in hub.uploaded
+    for name, content in hub.uploaded.items():
+        assert str(tmp_path) not in content.decode("utf-8", "replace") and b"/home/alice" not in content, name
+    # the bundle itself is untouched, and its copy as uploaded loads to the same weights
+    assert json.loads((bundle_copy / "eval-vqa-rad-test" / "metrics.json").read_text())["data"] == str(data)
+    assert "`local:biomedclip` image encoder" in hub.uploaded["README.md"].decode()
+    shared_copy = tmp_path / "as-uploaded"
+    for name, content in hub.uploaded.items():
+        (shared_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (shared_copy / name).write_bytes(content)
+    pulled, here = load(shared_copy), load(bundle_copy)
+    assert all(torch.equal(a, b) for a, b in zip(pulled.model.state_dict().values(), here.model.state_dict().values()))
+
+
+def test_the_shared_copy_reduces_paths_only_where_settings_name_them(tmp_path, monkeypatch):
+    from vqa.hub import shared_copy
+
+    source = tmp_path / "bundle"
+    files = {
+        "config.json": {"head": {"question_encoder": {"config": {"_name_or_path": "/home/alice/.venv/minilm"}}},
+                        "encoder": {"name": "efficientnet-lite0-imagenet"}},
+        "tokenizer/tokenizer_config.json": {"name_or_path": "C:\\Users\\alice\\minilm"},
+        "tokenizer/tokenizer.json": {"model": {"vocab": {"/home/alice": 1}}, "name": "/home/alice"},  # words
+        "vocab.json": {"name": "/usr"},
+        "encoder/config.json": {"name": "hf-hub:org/clip", "config": {"source": "local-dir:~/biomedclip",
+                                                                         "hub_id": "org/clip"}},
+        "eval-x/metrics.json": {"bundle": "runs/qcr/bundle", "data": "hf-org/slake", "subsets": {}},
+        "eval-x/predictions.jsonl": "{}",
+    }
+    for name, content in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    (source / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "efficientnet-lite0-imagenet").mkdir()  # a registered name is not a path because a folder has it
+    (tmp_path / "runs" / "qcr" / "bundle").mkdir(parents=True)  # an eval report's relative path that exists here
+    out = shared_copy(source, tmp_path / "shared", ["eval-*/predictions.jsonl"])
+
+    def read(name):
+        return json.loads((out / name).read_text())
+
+    assert read("config.json")["head"]["question_encoder"]["config"]["_name_or_path"] == "local:minilm"
+    assert read("config.json")["encoder"]["name"] == "efficientnet-lite0-imagenet"
+    assert read("tokenizer/tokenizer_config.json")["name_or_path"] == "local:minilm"
+    assert read("tokenizer/tokenizer.json") == files["tokenizer/tokenizer.json"] and read("vocab.json") == {"name": "/usr"}
+    assert read("encoder/config.json") == {"name": "hf-hub:org/clip", "config": {"source": "local:biomedclip",
+                                                                                 "hub_id": "org/clip"}}
+    assert read("eval-x/metrics.json") == {"bundle": "local:bundle", "data": "hf-org/slake", "subsets": {}}
+    assert not (out / "eval-x" / "predictions.jsonl").exists()
+    assert (out / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino  # linked
 
 
 def test_push_refuses_a_broken_bundle_and_a_bad_repo_id(bundle_copy):

@@ -94,6 +94,29 @@ def test_a_report_that_is_not_one_is_refused(trained_bundle, tmp_path):
         write_model_card(bundle, eval_reports=[tmp_path / "other.json"])
 
 
+def test_a_report_of_another_model_is_refused(trained_bundle, predictor_phantom, tmp_path):
+    from vqa.bundle import model_digest
+    from vqa.evaluate import evaluate
+    from vqa.io import atomic_write_json
+    from vqa.model_card import write_model_card
+
+    from ._bundle import feature_cache_copy
+
+    bundle = shutil.copytree(trained_bundle, tmp_path / "bundle")
+    report = evaluate(bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu", progress=False,
+                      cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")))[0]
+    assert report["model_digest"] == model_digest(trained_bundle)
+    atomic_write_json(tmp_path / "ours" / "metrics.json", report)
+    write_model_card(bundle, eval_reports=[tmp_path / "ours"])  # calibration and card are not the model: same digest
+    atomic_write_json(tmp_path / "theirs" / "metrics.json", report | {"model_digest": "0" * 16})
+    with pytest.raises(DataError, match="theirs/metrics.json: this report scored another model"):
+        write_model_card(bundle, eval_reports=[tmp_path / "theirs"])
+    retrained = bundle / "model.safetensors"
+    retrained.write_bytes(retrained.read_bytes() + b" ")  # any other weights
+    with pytest.raises(DataError, match="ours/metrics.json: this report scored another model"):
+        write_model_card(bundle, eval_reports=[tmp_path / "ours"])
+
+
 def test_a_card_that_cannot_be_written_costs_a_warning_not_the_bundle(trained_bundle, tmp_path, caplog):
     import logging
 

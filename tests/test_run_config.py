@@ -116,6 +116,8 @@ def test_the_bundles_record_names_no_local_folder_and_a_rerun_gives_them_again(t
     assert str(tmp_path) not in json.dumps(shared)
     assert (shared["encoder"], shared["encoder_args"]) == ("local:biomedclip", {"pretrained": "local:w.pt",
                                                                                 "image_size": 224})
+    gone = shareable_config(dataclasses.replace(first, glove="/home/alice/moved/glove.txt", encoder="hf-hub:o/n"))
+    assert (gone["glove"], gone["encoder"]) == ("local:glove.txt", "hf-hub:o/n")  # absolute: a path even if gone
     write_run_config(shared, tmp_path / "other")
     given = ["--config", str(tmp_path / "other" / "run_config.json"), "--out", "m", "--data", "d", "--glove", "g"]
     with pytest.raises(DataError, match=r"--encoder \(it was 'biomedclip'\), --encoder-arg pretrained=\.\.\. "

@@ -21,6 +21,7 @@ Bundles written before calibration existed load too: they answer uncalibrated an
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from .text import WordVocab
 
 log = logging.getLogger(__name__)
 REQUIRED = ("config.json", "model.safetensors", "answers.json", "encoder/config.json")
+DIGESTED = ("model.safetensors", "answers.json")  # the head's weights (each trained model's own) and its answers
 TOKENIZER_FOLDER = "tokenizer"
 
 
@@ -230,6 +232,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model = VQAModel(encoder, head, config.get("encoder", {}).get("image_features", "grid")).to(device).eval()
     encoder.freeze()
     return Bundle(**vars(files), model=model)
+
+
+def model_digest(path: str | Path) -> str:
+    """A short digest of the network's weights and answers (not of its calibration, card or reports, which change
+    with the model unchanged): what an eval report records, so that a report is matched to the model it scored."""
+    digest = hashlib.sha256()
+    for name in DIGESTED:
+        digest.update(f"|{name}|".encode())
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def load_files(path: str | Path) -> BundleFiles:

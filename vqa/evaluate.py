@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .batches import encode_questions, unique_images
-from .bundle import Bundle, load as load_bundle
+from .bundle import Bundle, load as load_bundle, model_digest
 from .calibration import apply_calibration, calibration_metrics, reliability
 from .ood import unfamiliar_questions
 from .data import load_records, load_vqa_rad
@@ -42,13 +42,15 @@ REPEAT_SUBSETS = {"repeats_train": True, "new_question": False}
 
 
 def predict_records(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str = "fp32",
-                    cache_dir: str | None = None, progress: bool = True) -> Predictions:
-    """The bundle's answers to `records`, encoding each image once through the feature cache."""
-    return _predict_with_features(bundle, records, device, precision, cache_dir, progress, detector=False)[0]
+                    cache_dir: str | None = None, progress: bool = True, branches: bool = False) -> Predictions:
+    """The bundle's answers to `records`, encoding each image once through the feature cache (with `branches`, a
+    routed head's branch logits too: `vqa.inference.predict`)."""
+    return _predict_with_features(bundle, records, device, precision, cache_dir, progress, detector=False,
+                                  branches=branches)[0]
 
 
 def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: torch.device, precision: str,
-                           cache_dir: str | None, progress: bool, detector: bool = True
+                           cache_dir: str | None, progress: bool, detector: bool = True, branches: bool = False
                            ) -> tuple[Predictions, torch.Tensor, torch.Tensor | None, list[str] | None]:
     """(predictions, each record's image pooled features (Q, D) in the out-of-scope detector's space: the model's, or
     with `detector` the detector's own encoder's where it has one; with `detector`, whether each image is blank, and
@@ -63,7 +65,7 @@ def _predict_with_features(bundle: Bundle, records: Sequence[Record], device: to
     table = feature_table(bundle.model.encoder, images, cache_dir, device=device, progress=progress)
     mc = questions.choice_tokens is not None
     preds = predict(bundle.model, questions, table, bundle.answers, device, precision,
-                    choices=[r.choices for r in records] if mc else None)
+                    choices=[r.choices for r in records] if mc else None, branches=branches)
     if not detector:
         return preds, table["pooled"].float()[questions.rows], None, None
     if bundle.ood is not None and not bundle.ood.reads_model_features:
@@ -162,7 +164,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
 
     dev = resolve_device(device)
     check_precision(precision, dev)
-    bundle = load_bundle(resolve_bundle(bundle_path), dev)
+    folder = resolve_bundle(bundle_path)
+    bundle = load_bundle(folder, dev)
     records = load_records(fmt, data, split, lang=lang)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
@@ -173,7 +176,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
                       unfamiliar=unfamiliar_questions(bundle.tokenizer, [r.question for r in records]))
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
-        "bundle": str(bundle_path), "dataset": fmt, "data": str(data), "split": split,
+        "bundle": str(bundle_path), "model_digest": model_digest(folder), "dataset": fmt, "data": str(data), "split": split,
         "score_kind": score_kind,
         "protocol": {
             "closed_open": "the dataset's own answer_type" if fmt != "hf" else "answer_type, or inferred (yes/no)",

@@ -3,6 +3,11 @@
     path = resolve_bundle("org/name")           # a local folder as is; a hub id downloaded (or read from the cache)
     push_bundle("runs/qcr/bundle", "org/name")  # writes README.md (the model card), then uploads the folder
 
+What is uploaded is a copy (hard links) in which every path of this machine that a JSON file records (an eval
+report's bundle and data, an encoder's source folder, a text model's `_name_or_path`) is reduced to
+"local:NAME", as a bundle's run_config.json already records them; eval reports' per-question predictions stay
+behind unless asked for.
+
 Downloads go through `huggingface_hub.snapshot_download`, so the Hub's own cache and switches
 apply: `HF_HUB_CACHE` (where repositories are cached), `HF_HUB_OFFLINE=1` (read the cache only),
 `HF_TOKEN` or `hf auth login` (private repositories, uploads).
@@ -18,8 +23,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -34,6 +41,12 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub sp
 UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 # every test question, its reference answer and the model's: for private data not the Hub's to hold, unless asked
 PREDICTIONS = ["eval-*/predictions.jsonl"]
+# JSON keys that may hold a path of the machine that wrote the file: an eval report's bundle and data, an encoder's
+# name and source (`local-dir:/home/a/biomedclip`), a Hugging Face config's `_name_or_path`. Uploaded as "local:NAME".
+REPORT_PATH_KEYS = ("bundle", "data")
+CONFIG_PATH_KEYS = ("name", "source", "_name_or_path", "name_or_path")
+NOT_CONFIGS = ("tokenizer.json", "vocab.json", "answers.json")  # words and answers, not settings
+EVAL_REPORT, EVAL_MARKDOWN = "eval-*/metrics.json", "eval-*/report.md"  # what `medvqa eval` writes in a bundle
 
 
 def is_repo_id(name: str | Path) -> bool:
@@ -87,7 +100,7 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
                 hub: HubTarget | None = None, eval_reports: Sequence[str | Path] = (),
                 license_id: str | None = None, with_predictions: bool = False) -> Any:
     """Check that `bundle` loads, write its model card (README.md) for `repo_id`, create the repository if
-    needed and upload the folder; returns what the hub's `upload_folder` returns (a commit, or its URL).
+    needed and upload the folder as `shared_copy` shares it; returns what the hub's `upload_folder` returns (a commit, or its URL).
 
     `hub` defaults to `huggingface_hub.HfApi()` (token from HF_TOKEN or `hf auth login`)."""
     from .bundle import load
@@ -105,18 +118,23 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
     message = commit_message or f"Upload medvqa bundle {Path(bundle).name}"
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    try:
-        hub.create_repo(repo_id, private=private, exist_ok=True)
-        return hub.upload_folder(repo_id=repo_id, folder_path=str(bundle), commit_message=message,
-                                 ignore_patterns=UPLOAD_IGNORE + ([] if with_predictions else PREDICTIONS))
-    except OfflineModeIsEnabled:
-        raise DataError(f"{repo_id}: HF_HUB_OFFLINE=1 forbids uploads (unset it, or push --to-cache DIR for a "
-                        "local hub cache)") from None
-    except LocalTokenNotFoundError:
-        raise DataError(f"{repo_id}: no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
-    except (HfHubHTTPError, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{repo_id}: upload failed ({first})") from None
+    ignore = UPLOAD_IGNORE + ([] if with_predictions else PREDICTIONS)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(bundle).name}.push-", suffix=".tmp",
+                                     dir=Path(bundle).resolve().parent) as tmp:
+        shared = shared_copy(bundle, Path(tmp) / "bundle", ignore)
+        load(shared)  # what is uploaded, its paths reduced, loads too
+        try:
+            hub.create_repo(repo_id, private=private, exist_ok=True)
+            return hub.upload_folder(repo_id=repo_id, folder_path=str(shared), commit_message=message,
+                                     ignore_patterns=UPLOAD_IGNORE)
+        except OfflineModeIsEnabled:
+            raise DataError(f"{repo_id}: HF_HUB_OFFLINE=1 forbids uploads (unset it, or push --to-cache DIR for a "
+                            "local hub cache)") from None
+        except LocalTokenNotFoundError:
+            raise DataError(f"{repo_id}: no Hugging Face token: set HF_TOKEN or run `hf auth login`") from None
+        except (HfHubHTTPError, OSError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{repo_id}: upload failed ({first})") from None
 
 
 class CacheHub:
@@ -158,6 +176,56 @@ class CacheHub:
                 shutil.copy2(f, target)
         atomic_write_text(folder / "refs" / "main", commit)
         return commit
+
+
+def shared_copy(bundle: str | Path, into: Path, ignore_patterns: list[str]) -> Path:
+    """The bundle as it is shared: its files (less those `ignore_patterns` match) hard-linked into `into` (copied
+    where a link cannot be made), and in its JSON files every path of this machine reduced to "local:NAME" (an
+    eval report's report.md written again from its reduced metrics.json)."""
+    from .evaluate import markdown_report
+    from .io import atomic_write_json, atomic_write_text, read_json
+
+    source = Path(bundle)
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        relative = file.relative_to(source)
+        report = fnmatch.fnmatch(relative.as_posix(), EVAL_REPORT)
+        if _ignored(relative, ignore_patterns) or (fnmatch.fnmatch(relative.as_posix(), EVAL_MARKDOWN)
+                                                   and (file.parent / "metrics.json").is_file()):
+            continue  # a report's markdown goes with its metrics.json
+        target = into / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = read_json(file) if file.suffix == ".json" and file.name not in NOT_CONFIGS else None
+        reduced = _reduce_paths(data, REPORT_PATH_KEYS if report else CONFIG_PATH_KEYS, relative=report)
+        if reduced != data:
+            atomic_write_json(target, reduced)
+        else:
+            _link(file, target)
+        if report and (file.parent / "report.md").is_file():
+            if reduced != data:
+                atomic_write_text(target.parent / "report.md", markdown_report(reduced))
+            else:
+                _link(file.parent / "report.md", target.parent / "report.md")
+    return into
+
+
+def _link(file: Path, target: Path) -> None:
+    try:
+        os.link(file, target)
+    except OSError:  # another device, or a filesystem without hard links
+        shutil.copy2(file, target)
+
+
+def _reduce_paths(data: Any, keys: Sequence[str], *, relative: bool) -> Any:
+    """`data` (parsed JSON) with each string under one of `keys`, at any depth, as a shared file records a path
+    (`shared_path`: "local:NAME" for a path of this machine; relative ones too with `relative`)."""
+    from .training.runtime import shared_path
+
+    if isinstance(data, dict):
+        return {k: shared_path(v, relative=relative) if k in keys and isinstance(v, str) else
+                _reduce_paths(v, keys, relative=relative) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_reduce_paths(v, keys, relative=relative) for v in data]
+    return data
 
 
 def _ignored(relative: Path, patterns: list[str]) -> bool:

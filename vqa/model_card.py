@@ -63,11 +63,17 @@ def find_eval_reports(bundle: str | Path, extra: Sequence[str | Path] = ()) -> l
     for item in extra:
         item = Path(item)
         paths.append(item / "metrics.json" if item.is_dir() else item)
-    reports = []
+    from .bundle import model_digest
+
+    reports, digest = [], model_digest(bundle)
     for path in paths:
         report = read_json(path)
         if not isinstance(report, dict) or not {"subsets", "protocol", "dataset", "split"} <= set(report):
             raise DataError(f"{path}: not a `medvqa eval` report (needs subsets, protocol, dataset, split)")
+        if report.get("model_digest", digest) != digest:  # reports from before digests cannot be told apart
+            raise DataError(f"{path}: this report scored another model (its weights and answers digest to "
+                            f"{report['model_digest']}, {bundle}'s to {digest}); evaluate this bundle with "
+                            f"`medvqa eval --bundle {bundle}` and report that")
         reports.append(report)
     return reports
 
@@ -183,7 +189,10 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     loss = config.get("training", {}).get("loss", "the head's default")
     metrics = files.metrics
     protocol = metrics.get("protocol", {})
-    encoder_name = encoder.get("name", config.get("encoder", {}).get("name", "?"))
+    from .training.runtime import shared_path
+
+    # a card is public: an encoder loaded from a folder (`local-dir:/home/a/biomedclip`) is named by its folder's name
+    encoder_name = shared_path(encoder.get("name", config.get("encoder", {}).get("name", "?")), relative=False)
     size, features = encoder.get("config", {}).get("image_size", "?"), config.get("encoder", {}).get("image_features")
     lines = [f"# {name}", "",
              f"A medical visual question answering model trained with medvqa: {what} on the "
@@ -364,7 +373,9 @@ def _how_to_load(name: str, bundle: Path, files) -> list[str]:
     lines += [f"medvqa demo --bundle {name}", "```", "",
               f"Files: `config.json` (architecture), `model.safetensors` ({_head_file(bundle)}), "
               f"`encoder/` ({_encoder_files(bundle)}), `answers.json`, `vocab.json`, `metrics.json`, "
-              "`calibration.json`, `ood.safetensors`" + (f", `{TRUST_FILE}`" if (bundle / TRUST_FILE).is_file() else "")
+              "`calibration.json`, `ood.safetensors`" + (f", `{TRUST_FILE}` (for trust scores: the training questions' "
+              "fused vectors and answers, and the content words asked about each training image)"
+              if (bundle / TRUST_FILE).is_file() else "")
               + (f", `{OOD_ENCODER}/` (the out-of-scope detector's encoder)" if (bundle / OOD_ENCODER).is_dir() else "")
               + (", `onnx/` (the ONNX export)" if onnx else "") + ". Loading never unpickles."]
     if (bundle / "run_config.json").is_file():  # the recipe; its local paths are reduced to "local:NAME"

@@ -15,6 +15,12 @@ metrics and the test metrics of every `medvqa eval` report inside the bundle or 
 --eval) and what the model is for and not for. Then the repository is created if needed and the
 folder uploaded (an onnx/ export inside it too). The token comes from HF_TOKEN or `hf auth login`.
 
+What is uploaded names no folder of this machine: the paths that eval reports, encoder configs and
+text-model configs record are reduced to "local:NAME" in the uploaded copy (the bundle stays as it
+is). An eval report must have scored this bundle's weights (it records their digest). The test
+questions themselves (eval-*/predictions.jsonl) stay behind unless --with-predictions; trust.safetensors,
+which trust scores read, holds the content words of the training questions about each image.
+
 --to-cache DIR writes the repository into DIR in the Hugging Face cache layout instead: with
 HF_HUB_CACHE=DIR (and HF_HUB_OFFLINE=1), `--bundle my-org/qcr-vqa-rad` then loads it in every
 command, with no network (a check before the real upload, or a copy for an offline machine)."""

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import random
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -66,22 +66,29 @@ def shareable_config(config: Any) -> dict:
         data.pop(name, None)
     for name in getattr(config, "PATH_FIELDS", ()):
         if name in data:
-            data[name] = _shared(data[name])
+            data[name] = shared_path(data[name])
     for name, value in data.items():  # --encoder-arg pretrained=FILE and the like
         if isinstance(value, dict):
-            data[name] = {k: _shared(v) for k, v in value.items()}
+            data[name] = {k: shared_path(v) for k, v in value.items()}
     if "cache_dir" in data:
         data["cache_dir"] = None
     return data
 
 
-def _shared(value: Any) -> Any:
-    """`value` as a shared config records it: "local:NAME" where it names a file or folder of this machine, as is
-    or after a prefix (`local-dir:/home/a/biomedclip`); else unchanged."""
-    if not isinstance(value, str):
+def shared_path(value: Any, *, relative: bool = True) -> Any:
+    """`value` as a shared file records it: "local:NAME" where it names a file or folder of this machine, as is or
+    after a prefix (`local-dir:/home/a/biomedclip`); else unchanged. An absolute path is one wherever it points;
+    a relative one only where it exists here, and only with `relative` (a registered name such as
+    `efficientnet-lite0-imagenet` must not become local because a folder of that name happens to be here)."""
+    if not isinstance(value, str) or "://" in value:  # a URL names no one's folder
         return value
     for candidate in (value, value.split(":", 1)[1] if ":" in value else ""):
-        if candidate and Path(candidate).expanduser().exists():
+        if not candidate:
+            continue
+        for flavour in (PurePosixPath, PureWindowsPath):
+            if flavour(candidate).is_absolute() and flavour(candidate).name:
+                return LOCAL_PATH + flavour(candidate).name
+        if candidate.startswith("~") or (relative and Path(candidate).exists()):
             return LOCAL_PATH + Path(candidate).expanduser().resolve().name
     return value
 
