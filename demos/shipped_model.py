@@ -62,8 +62,10 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
     from vqa.evaluate import evaluate
     from vqa.io import atomic_dir, atomic_write_json
     from vqa.train import TrainConfig, train
+    from vqa.training.runtime import shared_path
 
     recipe = recipe or ShippedModelRecipe()
+    examples = pick_examples(data)  # before hours of training: a folder without testset.json fails here
     work = Path(tempfile.mkdtemp(prefix="medvqa-shipped-"))
     try:
         cfg = TrainConfig(format="vqa-rad", data=str(data), encoder=recipe.encoder, image_features=recipe.image_features,
@@ -87,13 +89,14 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
                                f"{MAX_BUNDLE_MB} MB ({largest})")
         report, _, _ = evaluate(small, "vqa-rad", str(data), device="cpu", cache_dir=str(work / "cache"),
                                 progress=progress)
-        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", report)  # the card reads it
+        shared = {"bundle": shared_path(str(bundle_dir)), "data": shared_path(str(data))}  # this machine's folders
+        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", report | shared)  # the card reads it
         atomic_write_json(small / "recipe.json", {"recipe": dataclasses.asdict(recipe), "glove": bool(glove)})
         _write_card(small)
         size = sum(p.stat().st_size for p in small.rglob("*") if p.is_file()) / 2**20
+        write_examples(data, examples_dir, rows=examples)  # the step that reads the data folder again goes first
         with atomic_dir(bundle_dir, overwrite=True) as tmp:
             shutil.copytree(small, tmp, dirs_exist_ok=True)
-        write_examples(data, examples_dir)
         log.info("shipped model: %.1f MB in %s", size, bundle_dir)
         return {k: report["subsets"]["all"].get(k) for k in ("open", "closed", "overall")}
     finally:
@@ -107,9 +110,14 @@ def _write_card(bundle: Path) -> None:
 
 
 def pick_examples(data: str | Path, n: int = 6) -> list[dict]:
-    """`n` test images of distinct organs and modalities' questions, each with a closed and an open question."""
+    """`n` test images of distinct organs and modalities' questions, each with a closed and an open question (from
+    MEVF's testset.json, whose items name each image's organ)."""
+    from vqa.errors import DataError
     from vqa.io import read_json
 
+    if not (Path(data) / "testset.json").is_file():
+        raise DataError(f"{data}: no testset.json; the shipped model's examples are picked from MEVF's split files "
+                        "(trainset.json, testset.json, images/)")
     items = read_json(Path(data) / "testset.json")
     by_image: dict[str, list[dict]] = {}
     for item in items:
@@ -131,11 +139,12 @@ def pick_examples(data: str | Path, n: int = 6) -> list[dict]:
     return chosen
 
 
-def write_examples(data: str | Path, folder: Path = SHIPPED_EXAMPLES, n: int = 6) -> list[dict]:
-    """Copy `pick_examples`' images into `folder` with examples.json (source: VQA-RAD, CC0)."""
+def write_examples(data: str | Path, folder: Path = SHIPPED_EXAMPLES, n: int = 6,
+                   rows: list[dict] | None = None) -> list[dict]:
+    """Copy `pick_examples`' images (or those `rows` name) into `folder` with examples.json (source: VQA-RAD, CC0)."""
     from vqa.io import atomic_dir
 
-    rows = pick_examples(data, n)
+    rows = pick_examples(data, n) if rows is None else rows
     with atomic_dir(folder, overwrite=True) as tmp:
         for row in rows:
             shutil.copy2(Path(data) / "images" / row["file"], tmp / row["file"])

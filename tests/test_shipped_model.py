@@ -168,3 +168,15 @@ def test_a_regular_install_carries_every_file_of_the_shipped_model_and_examples(
     for folder in (demos / "models", demos / "examples"):
         files = {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
         assert files and files <= carried, sorted(str(p.relative_to(demos)) for p in files - carried)
+
+
+def test_rebuilding_from_a_folder_it_cannot_pick_examples_from_fails_before_training(tmp_path):
+    from demos.shipped_model import build_shipped_model
+    from vqa.errors import DataError
+
+    data = tmp_path / "vqa-rad"  # the official release's layout: the loaders read it, the examples need testset.json
+    data.mkdir()
+    (data / "VQA_RAD_Dataset_Public.json").write_text("[]")
+    with pytest.raises(DataError, match="vqa-rad: no testset.json"):
+        build_shipped_model(data, bundle_dir=tmp_path / "bundle", examples_dir=tmp_path / "examples")
+    assert not (tmp_path / "bundle").exists() and not (tmp_path / "examples").exists()
