@@ -162,6 +162,21 @@ def test_threads_and_device_mean_the_same_in_every_command_that_has_them(argv, c
         assert "--device tpu: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["predict", "demo"])  # the commands with --runtime
+def test_the_onnx_runtime_answers_on_the_cpu_under_device_auto_beside_a_gpu(command, monkeypatch):
+    import torch
+
+    from vqa.cli import demo, predict
+    from vqa.cli.options import apply_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    parser = {"predict": predict, "demo": demo}[command].build_parser()
+    required = {"predict": ["--image", "x.png", "--question", "q"], "demo": []}[command]
+    argv = ["--bundle", "b", *required, "--threads", "1"]
+    assert apply_runtime(parser.parse_args([*argv, "--runtime", "onnx", "--device", "auto"])) == torch.device("cpu")
+    assert apply_runtime(parser.parse_args([*argv, "--device", "auto"])) == torch.device("cuda")  # torch: the GPU
+
+
 def test_an_output_path_that_is_a_file_is_one_line_and_exit_2(phantom_dir, tmp_path, capsys, monkeypatch):
     """The system's own errors (a file where a folder is needed) are input errors too: named, no traceback,
     unless MEDVQA_TRACEBACK asks for one (0 does not)."""

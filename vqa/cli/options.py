@@ -127,6 +127,8 @@ def apply_runtime(args: argparse.Namespace):
         torch.set_num_threads(threads)  # on shared cores, fewer threads than cores is faster
     if not hasattr(args, "device"):
         return None
+    if getattr(args, "runtime", "torch") == "onnx" and args.device == "auto":
+        return torch.device("cpu")  # onnxruntime runs here on its CPU provider: auto is the CPU even beside a GPU
     device = resolve_device(args.device)
     if hasattr(args, "precision"):
         check_precision(args.precision, device)
