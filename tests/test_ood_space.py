@@ -2,8 +2,10 @@
 the bundle, scored alike by eval, the Predictor and the ONNX runtime."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+
 
 import pytest
 import torch
@@ -68,19 +70,33 @@ def test_calibrate_fits_the_detector_in_the_named_space_and_the_predictor_scores
 def test_eval_and_onnx_flag_what_the_predictor_flags(refitted, trained_bundle, predictor_phantom, tmp_path):
     pytest.importorskip("onnxruntime")
     from vqa import Predictor
+    from vqa.data import load_vqa_rad
     from vqa.evaluate import evaluate
     from vqa.onnx_export import OOD_ENCODER_FILE, export_onnx
 
-    _, records, preds = evaluate(refitted, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
-                                 cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")), progress=False)
-    torch_predictor = Predictor.from_bundle(refitted)
-    threshold = torch_predictor.ood.threshold
-    records = records[:40]
-    scores = [p.out_of_scope_score for p in torch_predictor.predict_batch([r.image for r in records],
-                                                                         [r.question for r in records])]
-    assert preds.out_of_scope[:40].tolist() == [s > threshold for s in scores]
+    records = load_vqa_rad(predictor_phantom / "vqa-rad", "test")[:40]
+    scores = [p.out_of_scope_score for p in Predictor.from_bundle(refitted).predict_batch(
+        [r.image for r in records], [r.question for r in records])]
+    # The phantom's test images are all in scope at the fitted threshold: one in the widest gap between the middle
+    # half of their scores flags some of them, and eval's float16-cached features cannot cross it.
+    moved = shutil.copytree(refitted, tmp_path / "moved")
+    ordered = sorted(scores)
+    gap = max(range(len(ordered) // 4, 3 * len(ordered) // 4), key=lambda k: ordered[k + 1] - ordered[k])
+    threshold = (ordered[gap] + ordered[gap + 1]) / 2
+    dataclasses.replace(OutOfScopeDetector.load(moved), threshold=threshold).save(moved)
+    flags = [s > threshold for s in scores]
+    assert 0 < sum(flags) < len(flags)
+    _, evaluated, preds = evaluate(moved, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
+                                   cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")),
+                                   progress=False)
+    assert [r.source_id for r in evaluated[:40]] == [r.source_id for r in records]
+    assert preds.out_of_scope[:40].tolist() == flags
+    torch_predictor = Predictor.from_bundle(moved)  # the Predictor reads the moved threshold, and the same scores
+    assert torch_predictor.ood.threshold == pytest.approx(threshold) and [p.out_of_scope_score for p in (
+        torch_predictor.predict_batch([r.image for r in records], [r.question for r in records]))] == pytest.approx(
+        scores, rel=1e-6)
 
-    report = export_onnx(refitted, tmp_path / "onnx")
+    report = export_onnx(moved, tmp_path / "onnx")
     assert (tmp_path / "onnx" / OOD_ENCODER_FILE).is_file() and report.max_abs_diff["ood_pooled"] < 1e-4
     assert not (tmp_path / "onnx" / ENCODER_FOLDER).exists()  # the graph runs it, not PyTorch
     onnx = Predictor.from_onnx(tmp_path / "onnx")
