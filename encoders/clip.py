@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # a Hugging Face checkpoint's image preprocessing
 
 
 @dataclass
@@ -128,7 +129,7 @@ class CLIPVisionEncoder(ImageEncoder):
                 f"cannot load {str(source)!r} from the Hugging Face hub: no network access (or HF_HUB_OFFLINE=1) "
                 f"and no copy in the local hub cache. Run once online to cache it, or pass a local folder "
                 f"written by CLIPModel.save_pretrained. ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
-        mean, std = preprocessor_stats(Path(source)) if local else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        mean, std = preprocessor_stats(Path(source)) if local else hub_preprocessor_stats(str(source))
         config = CLIPEncoderConfig.from_hf(hf_model.config, mean=mean, std=std,
                                            hub_id=None if local else str(source))
         encoder = cls(config, name=name or str(source), vision_model=_tower(hf_model.float()))
@@ -153,11 +154,28 @@ def image_stats(cfg: dict, mean_key: str, std_key: str, where: str) -> tuple[tup
 
 def preprocessor_stats(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """image_mean/image_std from a Hugging Face folder's preprocessor_config.json, else OpenAI's."""
-    path = Path(folder) / "preprocessor_config.json"
+    path = Path(folder) / PREPROCESSOR_CONFIG
     cfg = read_json(path) if path.is_file() else {}
     if not isinstance(cfg, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return image_stats(cfg, "image_mean", "image_std", str(path))
+
+
+def hub_preprocessor_stats(repo_id: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """image_mean/image_std from a Hub repository's preprocessor_config.json (fetched once, then read from the hub
+    cache), else OpenAI's: a repository without one, or one cached offline without it, which is said."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, PREPROCESSOR_CONFIG)
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: offline, the weights cached without it
+        logger.warning("%s: its %s is not in the hub cache and the Hub cannot be reached; normalising with "
+                       "OpenAI CLIP's statistics", repo_id, PREPROCESSOR_CONFIG)
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    except EntryNotFoundError:  # the repository has none: CLIPImageProcessor's defaults are OpenAI's
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    return preprocessor_stats(Path(path).parent)
 
 
 def _create(name: str, config: CLIPEncoderConfig, pretrained: bool, overrides: dict) -> CLIPVisionEncoder:

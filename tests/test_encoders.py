@@ -10,6 +10,7 @@ from PIL import Image
 
 from encoders import (CLIPVisionEncoder, ImageEncoder, create_encoder, list_encoders, register_encoder)
 from encoders._errors import DataError
+from encoders.clip import OPENAI_CLIP_MEAN
 
 TINY = ["clip-vit-tiny", "resnet-tiny", "vit-tiny", "mevf"]
 BIG = {"clip-vit-b32", "clip-vit-b16", "pubmedclip-vit-b32", "clip-rn50", "resnet18", "resnet50",
@@ -194,6 +195,29 @@ def test_local_clipvisionmodel_folder_and_preprocessor_stats(tmp_path):
     # and our own save of it round-trips as an hf_clip family encoder
     again = create_encoder(loaded.save_pretrained(tmp_path / "ours"))
     assert again.fingerprint() == loaded.fingerprint()
+
+
+def test_a_hub_clip_reads_its_repositorys_preprocessor_stats(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import constants
+    from transformers import CLIPVisionModel
+
+    from ._released import populate_hub_cache
+
+    assert constants.HF_HUB_OFFLINE  # read from the populated cache only
+    torch.manual_seed(0)
+    CLIPVisionModel(create_encoder("clip-vit-tiny").hf_vision_config()).save_pretrained(tmp_path / "with")
+    (tmp_path / "with" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                             "image_std": [0.25] * 3}))
+    CLIPVisionModel(create_encoder("clip-vit-tiny").hf_vision_config()).save_pretrained(tmp_path / "without")
+    populate_hub_cache(tmp_path / "hub", "medvqa-test/tiny-clip", tmp_path / "with")
+    populate_hub_cache(tmp_path / "hub", "medvqa-test/tiny-clip-bare", tmp_path / "without")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = create_encoder("medvqa-test/tiny-clip")
+    assert (loaded.mean, loaded.std, loaded.config.hub_id) == ((0.5,) * 3, (0.25,) * 3, "medvqa-test/tiny-clip")
+    with caplog.at_level("WARNING"):  # cached without it, offline: OpenAI's, and said
+        bare = create_encoder("medvqa-test/tiny-clip-bare")
+    assert bare.mean == OPENAI_CLIP_MEAN and "preprocessor_config.json is not in the hub cache" in caplog.text
 
 
 @pytest.mark.parametrize("stats,message", [
