@@ -9,7 +9,7 @@ Steps (each skipped when its outputs exist, so an interrupted run continues):
    MiniLM, and a shuffled-caption control; dev retrieval R@1/5/10 against the untrained tower;
 3. train mevf-ban / mevf-san / qcr on VQA-RAD train with (a) MEVF's image side + GloVe,
    (b) the MedPix-pretrained tower frozen, (c) the same tower untrained; each with the
-   train-only and MEVF's train+test answer vocabularies; validation carved from train by
+   train-only and MEVF's candidate answer vocabularies; validation carved from train by
    question (VQA-RAD's own split is by question), never the test set; then MEVF's end-to-end
    fine-tuning of (a) for 12 and the paper's 20 epochs, and MEVF's own protocol (epoch picked
    on test) as labelled control rows: about 6 h on 2 cores in all, most of it fine-tuning

@@ -2,8 +2,11 @@
 
 Two protocols appear in the literature and give different numbers:
 - "train-only": answers seen in the training split (ours; nothing of test leaks in);
-- "train+test candidates": a fixed list built from train AND test, as MEVF, QCR and
-  PubMedCLIP do with VQA-RAD's `answer_all_list.json`. Results must say which was used.
+- "train+test candidates": the references' fixed list, VQA-RAD's `answer_all_list.json` as MEVF,
+  QCR and PubMedCLIP use it. The name is the one the literature gives it (and bundles record); the
+  file itself holds MEVF's 458 training answers in MEVF's spelling, none only in test (the
+  references' other departure, the epoch picked on test, is the model selection's). Results must
+  say which was used.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class AnswerVocab:
 
     @classmethod
     def from_candidates(cls, path: str | Path, records: Sequence[Record] = ()) -> "AnswerVocab":
-        """MEVF's candidate list (a JSON list or {answer: id} object, built from train and test).
+        """MEVF's candidate list (a JSON list or {answer: id} object: `answer_all_list.json`).
 
         `records` (train) decide which candidates count as closed or open; a candidate
         never seen in train is allowed in both groups, as the reference heads allow it.

@@ -236,7 +236,7 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     lines += ["", "## Evaluation", "",
               "Protocol, stated with every number:",
               f"- answer vocabulary: {answers.get('protocol', protocol.get('answers', '?'))} "
-              "(from the training split only, or MEVF's train+test candidate list: reported apart)",
+              "(from the training split only, or MEVF's candidate list: reported apart)",
               f"- model selection: {protocol.get('model_selection', 'not recorded')}",
               "- closed/open accuracy by the dataset's own `answer_type`, never the model's predicted type; "
               "exact match after answer normalisation", ""]
