@@ -4,15 +4,18 @@
                        members=[head_to_dict(h) for h in trained], score="softmax")
     head.load_member_states([h.state_dict() for h in trained])
     out = head(features, tokens, lengths)   # {"logits": log of the mean distribution, "attention",
-                                            #  ["type_logits"], ["fused"]}
+                                            #  ["type_logits", "closed_logits", "open_logits"], ["fused"]}
 
 Members are heads trained on the same data (and answer vocabulary) with different seeds. Each scores
 every answer as it was trained to (a softmax after cross-entropy, per-answer sigmoids after BCE:
 `score`); the ensemble's logits are the log of the members' mean probabilities (the logit of the
 mean sigmoid for "sigmoid"), so `softmax(logits)` is the average distribution and a temperature
 fitted on it (vqa.calibration) calibrates the ensemble as a whole. An answer every member ruled out
-(a QCR branch's other group) stays ruled out (MASKED_LOGIT). Members with a type router (QCR) have each branch
-averaged apart, and the question goes to the branch of their mean type, as one routed head's would.
+(a QCR branch's other group) stays ruled out (MASKED_LOGIT). Members with a type router (QCR) have each
+branch averaged apart, and the question goes to the branch of their mean type (`routed_mean`), as one routed
+head's would; ensembles built before that (`route_by_mean_type` false in their config) averaged each member's
+own routed answer, and keep doing so, as their calibration and any ONNX export of them were made on it. The
+attention map and fused vector are the members' own routed ones either way (the members output no others).
 `medvqa ensemble` builds one as a bundle.
 
 Where every member outputs its fused vector, the ensemble's is theirs side by side, each scaled to
@@ -44,6 +47,9 @@ class EnsembleHeadConfig:
     # Per member, the ensemble's index of each of its answers, when the members' vocabularies differ (members trained
     # on different carves of one training split); empty: every member answers over the ensemble's vocabulary.
     columns: list[list[int]] = field(default_factory=list)
+    # Routed members (QCR): each branch averaged, then the members' mean type routes (`routed_mean`). False in the
+    # config of an ensemble built before: each member's own routed answer averaged.
+    route_by_mean_type: bool = False
 
 
 @register_head("ensemble")
@@ -111,19 +117,31 @@ class EnsembleHead(VQAHead):
 
         result = {"attention": torch.stack([o["attention"].float() for o in outs]).mean(0)}
         if self.has_type_router:
-            # Each branch is averaged over every member and the question routed by the members' mean type: members
-            # that route one question apart would otherwise mix a closed and an open distribution.
             routed = torch.stack([o["type_logits"].float().softmax(-1) for o in outs]).mean(0)
             result["type_logits"] = routed.clamp_min(torch.finfo(torch.float32).tiny).log()
-            result["closed_logits"], result["open_logits"] = mean("closed_logits"), mean("open_logits")
-            is_closed = (routed.argmax(-1) == CLOSED).unsqueeze(-1)
-            result["logits"] = torch.where(is_closed, result["closed_logits"], result["open_logits"])
+        if self.has_type_router and self.config.route_by_mean_type:
+            result["logits"], result["closed_logits"], result["open_logits"] = routed_mean(
+                routed, [o["closed_logits"] for o in outs], [o["open_logits"] for o in outs], columns,
+                self.num_answers, self.config.score)
         else:
             result["logits"] = mean("logits")
         if self.has_fused_output:
             scale = 1.0 / math.sqrt(len(outs))
             result["fused"] = torch.cat([nn.functional.normalize(o["fused"].float(), dim=-1) * scale for o in outs], -1)
         return result
+
+
+def routed_mean(type_probs: torch.Tensor, closed: list[torch.Tensor], opened: list[torch.Tensor],
+                columns: list[torch.Tensor], num_answers: int, score: str = "softmax"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, closed, open) of routed members answering together: each branch's members' mean
+    (`mean_answer_logits`), each question answered by the branch of the members' mean type `type_probs` (B, 2).
+    Averaging each member's own routed answer instead would mix a closed and an open distribution wherever members
+    route a question apart."""
+    closed_mean = mean_answer_logits(closed, columns, num_answers, score)
+    open_mean = mean_answer_logits(opened, columns, num_answers, score)
+    is_closed = (type_probs.argmax(-1) == CLOSED).unsqueeze(-1)
+    return torch.where(is_closed, closed_mean, open_mean), closed_mean, open_mean
 
 
 def mean_answer_logits(member_logits: list[torch.Tensor], columns: list[torch.Tensor], num_answers: int,

@@ -108,10 +108,12 @@ def test_a_bagging_ensemble_joins_members_of_different_carves(phantom_dir, tmp_p
     assert set(ensemble.answers.answers) == set(loaded[0].answers.answers) | set(loaded[1].answers.answers)
     records = load_vqa_rad(phantom_dir / "vqa-rad", "test")
     preds = predict_records(ensemble, records, torch.device("cpu"), progress=False)
+    outs = [predict_records(m, records, torch.device("cpu"), progress=False, branches=True) for m in loaded]
+    branch = torch.stack([o.type_probs for o in outs]).mean(0).argmax(1)  # the members' mean type routes
     mean = torch.zeros(len(records), len(ensemble.answers))
-    for member in loaded:  # each member's distribution over its own answers, placed among the ensemble's
+    for member, out in zip(loaded, outs):  # each member's distribution over its own answers, placed among the ensemble's
         cols = [ensemble.answers.index(a) for a in member.answers.answers]
-        mean[:, cols] += predict_records(member, records, torch.device("cpu"), progress=False).logits.softmax(-1) / 2
+        mean[:, cols] += out.branch_logits[torch.arange(len(records)), branch].softmax(-1) / 2
     assert torch.allclose(preds.logits.softmax(-1), mean, atol=1e-5)
     calibration = ensemble.calibration  # fitted on each member's own validation answers, pooled
     assert "seed 5" in calibration.fitted_on and "seed 6" in calibration.fitted_on
@@ -192,8 +194,9 @@ def test_bagging_calibrates_each_carve_on_the_members_held_out_on_it_together(ph
     assert sum(len(e["correct"]) for e in calibration.evidence.values()) == len(splits[0][1]) + len(splits[2][1])
     # ... as the mean of their answer distributions, which the pooled validation metrics score
     val = splits[0][1]
-    preds = [predict_records(b, val, torch.device("cpu"), progress=False) for b in loaded[:2]]
-    mean = (preds[0].logits.softmax(-1) + preds[1].logits.softmax(-1)) / 2  # carve 5's members share one vocabulary
+    preds = [predict_records(b, val, torch.device("cpu"), progress=False, branches=True) for b in loaded[:2]]
+    branch = ((preds[0].type_probs + preds[1].type_probs) / 2).argmax(1)  # routed by their mean type
+    mean = sum(p.branch_logits[torch.arange(len(val)), branch].softmax(-1) for p in preds) / 2  # one vocabulary
     together = [loaded[0].answers.answers[i] for i in mean.argmax(1).tolist()]
     alone = predict_records(loaded[2], splits[2][1], torch.device("cpu"), progress=False)
     expected = vqa_metrics(val + splits[2][1], together + alone.answers, None)["overall"]
@@ -344,3 +347,31 @@ def test_bagging_refuses_one_validation_split_for_all_members(tmp_path):
     with pytest.raises(DataError, match="--bagging reads each member's own validation split"):
         build_ensemble(EnsembleConfig(members=["a", "b"], format="vqa-rad", data="d", out=str(tmp_path),
                                       bagging=True, val_seed=3))
+
+
+def test_held_out_members_answer_together_as_the_ensemble_head_routes():
+    """`_held_out_answers` (bagging's calibration evidence) routes as `EnsembleHead` does: each branch averaged over
+    the members, the question to the branch of their mean type, also where the members route it apart."""
+    from types import SimpleNamespace
+
+    from heads import MASKED_LOGIT
+    from vqa.answers import AnswerVocab
+    from vqa.ensemble import _held_out_answers
+    from vqa.inference import Predictions
+
+    answers = AnswerVocab(["yes", "no", "ct", "mri"], closed=["yes", "no"], open=["ct", "mri"])
+    closed = torch.tensor([[2.0, 0.0, MASKED_LOGIT, MASKED_LOGIT]])
+    opened = torch.tensor([[MASKED_LOGIT, MASKED_LOGIT, 0.0, 1.0]])
+
+    def member(closed_probability: float) -> tuple:
+        types = torch.tensor([[closed_probability, 1 - closed_probability]])
+        routed = closed if closed_probability > 0.5 else opened
+        preds = Predictions(["?"], None, routed, torch.zeros(1, 0), types,
+                            branch_logits=torch.stack([closed, opened], 1))
+        return preds, SimpleNamespace(answers=answers, score_kind="softmax")
+
+    # one member routes closed at 0.9, two route open at 0.2: the mean (0.43) is open, so is the whole answer
+    joint = _held_out_answers([member(0.9), member(0.2), member(0.2)], answers)
+    assert joint.types == ["OPEN"] and joint.answers == ["mri"]
+    assert torch.allclose(joint.logits.softmax(-1), opened.softmax(-1), atol=1e-6)
+

@@ -306,14 +306,18 @@ def test_an_ensemble_of_routed_heads_averages_each_branch_and_routes_by_the_mean
         last.bias.data = torch.tensor(bias)
     encoder = QuestionEncoderConfig(vocab_size=V, embed_dim=16, hidden_dim=32)
     ensemble = create_head("ensemble", feature_dim=D, vocab_sizes={"answers": A}, question_encoder=encoder,
-                           members=[head_to_dict(m) for m in members], score="softmax")
+                           members=[head_to_dict(m) for m in members], score="softmax", route_by_mean_type=True)
     ensemble.load_member_states([m.state_dict() for m in members])
-    ensemble.eval()
-    for m in members:
+    # an ensemble built before (no route_by_mean_type in its config) answers as it was calibrated and exported
+    spec = head_to_dict(ensemble)
+    del spec["config"]["route_by_mean_type"]
+    earlier = head_from_dict(spec)
+    earlier.load_state_dict(ensemble.state_dict())
+    for m in [*members, ensemble, earlier]:
         m.eval()
     b = batch()
     with torch.no_grad():
-        outs, got = [run(m, b) for m in members], run(ensemble, b)
+        outs, got, before = [run(m, b) for m in members], run(ensemble, b), run(earlier, b)
     assert [o["type_logits"].argmax(-1).tolist() for o in outs] == [[CLOSED] * B, [OPEN] * B, [OPEN] * B]
     assert got["type_logits"].argmax(-1).tolist() == [OPEN] * B  # mean closed probability (0.998 + 2 * 0.12) / 3
     columns = [torch.arange(A)] * 3
@@ -321,5 +325,5 @@ def test_an_ensemble_of_routed_heads_averages_each_branch_and_routes_by_the_mean
     assert torch.allclose(got["logits"], expected) and torch.equal(got["open_logits"], got["logits"])
     assert (got["logits"][:, [i for i, o in enumerate(OPEN_MASK) if not o]] == MASKED_LOGIT).all()  # open answers only
     mixed = mean_answer_logits([o["logits"] for o in outs], columns, A)  # each member's own branch, averaged
-    assert not torch.allclose(got["logits"], mixed)
+    assert not torch.allclose(got["logits"], mixed) and torch.allclose(before["logits"], mixed)
     assert torch.allclose(got["closed_logits"], mean_answer_logits([o["closed_logits"] for o in outs], columns, A))

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from .answers import AnswerVocab
-from .batches import OPEN_ID
 from .bundle import Bundle, check_weights_dtype, load as load_bundle, round_weights, save as save_bundle
 from .calibration import Calibration
 from .errors import DataError
@@ -100,7 +99,7 @@ def build_ensemble(cfg: EnsembleConfig) -> Path:
     head = create_head("ensemble", feature_dim=heads[0].feature_dim,
                        vocab_sizes={**heads[0].vocab_sizes, "answers": len(answers)},
                        question_encoder=heads[0].question_encoder, members=[head_to_dict(h) for h in heads],
-                       score=first.score_kind, columns=[] if same else columns)
+                       score=first.score_kind, columns=[] if same else columns, route_by_mean_type=True)
     head.load_member_states([h.state_dict() for h in heads])
     model = VQAModel(first.model.encoder, head, first.model.image_features).to(device).eval()
     ensemble = Bundle(answers=answers, tokenizer=first.tokenizer, config=first.config, metrics={}, model=model)
@@ -191,20 +190,17 @@ def _held_out_answers(group: Sequence[tuple[Predictions, Bundle]], answers: Answ
     """The members held out on one split (with their predictions there) answering as an ensemble of them
     (`heads.ensemble`): their mean answer distribution over the ensemble's `answers`; with a type router, each
     branch's mean, the question routed by their mean type."""
-    from heads.ensemble import mean_answer_logits
+    from heads.ensemble import mean_answer_logits, routed_mean
 
     cols = [torch.tensor([answers.index(a) for a in m.answers.answers]) for _, m in group]
-
-    def averaged(logits: list[torch.Tensor]) -> torch.Tensor:
-        return mean_answer_logits(logits, cols, len(answers), group[0][1].score_kind)
-
+    kind = group[0][1].score_kind
     routed = (None if any(p.type_probs is None for p, _ in group) else
               torch.stack([p.type_probs for p, _ in group]).mean(0))
     if routed is None:
-        mean = averaged([p.logits for p, _ in group])
+        mean = mean_answer_logits([p.logits for p, _ in group], cols, len(answers), kind)
     else:
-        closed, opened = (averaged([p.branch_logits[:, b] for p, _ in group]) for b in (0, 1))
-        mean = torch.where((routed.argmax(1) != OPEN_ID).unsqueeze(1), closed, opened)
+        mean = routed_mean(routed, [p.branch_logits[:, 0] for p, _ in group], [p.branch_logits[:, 1] for p, _ in group],
+                           cols, len(answers), kind)[0]
     return Predictions([answers.answers[i] for i in mean.argmax(1).tolist()], routed_types(routed), mean,
                        torch.zeros(len(mean), 0), routed)
 
