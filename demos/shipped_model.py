@@ -59,10 +59,9 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
     encoder), evaluate the saved copy on test, write its card, pick the example images; returns the test report's
     overall numbers."""
     from vqa.bundle import load, save
-    from vqa.evaluate import evaluate
+    from vqa.evaluate import evaluate, shared_report
     from vqa.io import atomic_dir, atomic_write_json
     from vqa.train import TrainConfig, train
-    from vqa.training.runtime import shared_path
 
     recipe = recipe or ShippedModelRecipe()
     examples = pick_examples(data)  # before hours of training: a folder without testset.json fails here
@@ -89,8 +88,7 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
                                f"{MAX_BUNDLE_MB} MB ({largest})")
         report, _, _ = evaluate(small, "vqa-rad", str(data), device="cpu", cache_dir=str(work / "cache"),
                                 progress=progress)
-        shared = {"bundle": shared_path(str(bundle_dir)), "data": shared_path(str(data))}  # this machine's folders
-        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", report | shared)  # the card reads it
+        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", shared_report(report | {"bundle": str(bundle_dir)}))  # the card reads it
         atomic_write_json(small / "recipe.json", {"recipe": dataclasses.asdict(recipe), "glove": bool(glove)})
         _write_card(small)
         size = sum(p.stat().st_size for p in small.rglob("*") if p.is_file()) / 2**20

@@ -165,15 +165,19 @@ def hub_preprocessor_stats(repo_id: str) -> tuple[tuple[float, ...], tuple[float
     """image_mean/image_std from a Hub repository's preprocessor_config.json (fetched once, then read from the hub
     cache), else OpenAI's: a repository without one, or one cached offline without it, which is said."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         path = hf_hub_download(repo_id, PREPROCESSOR_CONFIG)
-    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: offline, the weights cached without it
+    except LocalEntryNotFoundError:  # offline (a subclass of the next): the weights were cached without it
         logger.warning("%s: its %s is not in the hub cache and the Hub cannot be reached; normalising with "
                        "OpenAI CLIP's statistics", repo_id, PREPROCESSOR_CONFIG)
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     except EntryNotFoundError:  # the repository has none: CLIPImageProcessor's defaults are OpenAI's
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    except HfHubHTTPError as e:  # the Hub refused (a 5xx): the weights are read, keep them
+        logger.warning("%s: its %s could not be fetched (%s); normalising with OpenAI CLIP's statistics", repo_id,
+                       PREPROCESSOR_CONFIG, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     return preprocessor_stats(Path(path).parent)
 

@@ -217,13 +217,17 @@ def test_the_shared_copy_reduces_paths_only_where_settings_name_them(tmp_path, m
     files = {
         "config.json": {"head": {"question_encoder": {"config": {"_name_or_path": "/home/alice/.venv/minilm"}}},
                         "encoder": {"name": "efficientnet-lite0-imagenet"}},
-        "tokenizer/tokenizer_config.json": {"name_or_path": "C:\\Users\\alice\\minilm"},
+        "tokenizer/tokenizer_config.json": {"name_or_path": "C:\\Users\\alice\\minilm",
+                                            "tokenizer_file": "/home/alice/.cache/tok/tokenizer.json"},
+        "metrics.json": {"members": [{"bundle": "/home/alice/runs/s0/bundle"}, {"bundle": "runs/s1/bundle"}]},
         "tokenizer/tokenizer.json": {"model": {"vocab": {"/home/alice": 1}}, "name": "/home/alice"},  # words
         "vocab.json": {"name": "/usr"},
         "encoder/config.json": {"name": "hf-hub:org/clip", "config": {"source": "local-dir:~/biomedclip",
                                                                          "hub_id": "org/clip"}},
         "eval-x/metrics.json": {"bundle": "runs/qcr/bundle", "data": "hf-org/slake", "subsets": {}},
+        "eval-x/report.md": "# slake test: `runs/qcr/bundle`\nrows\n",  # from a report older than today's renderer
         "eval-x/predictions.jsonl": "{}",
+        "eval-y/metrics.json": {"bundle": ".", "data": "../../alice/data/slake", "subsets": {}},
     }
     for name, content in files.items():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +243,16 @@ def test_the_shared_copy_reduces_paths_only_where_settings_name_them(tmp_path, m
 
     assert read("config.json")["head"]["question_encoder"]["config"]["_name_or_path"] == "local:minilm"
     assert read("config.json")["encoder"]["name"] == "efficientnet-lite0-imagenet"
-    assert read("tokenizer/tokenizer_config.json")["name_or_path"] == "local:minilm"
+    assert read("tokenizer/tokenizer_config.json") == {"name_or_path": "local:minilm",
+                                                       "tokenizer_file": "local:tokenizer.json"}
+    assert read("metrics.json") == {"members": [{"bundle": "local:bundle"}, {"bundle": "runs/s1/bundle"}]}
     assert read("tokenizer/tokenizer.json") == files["tokenizer/tokenizer.json"] and read("vocab.json") == {"name": "/usr"}
     assert read("encoder/config.json") == {"name": "hf-hub:org/clip", "config": {"source": "local:biomedclip",
                                                                                  "hub_id": "org/clip"}}
     assert read("eval-x/metrics.json") == {"bundle": "local:bundle", "data": "hf-org/slake", "subsets": {}}
+    assert (out / "eval-x" / "report.md").read_text() == "# slake test: `local:bundle`\nrows\n"
+    # a report's paths name no folder wherever push runs: "." is the folder it named, a relative path its name
+    assert read("eval-y/metrics.json") == {"bundle": f"local:{tmp_path.name}", "data": "local:slake", "subsets": {}}
     assert not (out / "eval-x" / "predictions.jsonl").exists()
     assert (out / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino  # linked
 

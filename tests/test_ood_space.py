@@ -130,6 +130,15 @@ def test_a_bundle_missing_its_detectors_encoder_is_named(refitted, tmp_path):
         Predictor.from_bundle(broken)
 
 
+def test_a_detector_in_a_folders_space_names_no_local_folder(refitted, tmp_path):
+    from encoders import load_encoder_folder
+
+    fitted = OutOfScopeDetector.fit(torch.randn(20, 4), encoder=load_encoder_folder(refitted / ENCODER_FOLDER))
+    assert fitted.space == "clip-vit-tiny"  # its registered name, kept
+    moved = dataclasses.replace(fitted, space="local-dir:/home/alice/private/clip")  # a bundle from before
+    assert moved.describe_space() == "local:clip (its own, frozen)"
+
+
 def test_the_models_own_encoder_by_name_reads_the_models_features(space):
     from encoders import load_encoder_folder
 

@@ -35,7 +35,7 @@ from . import __version__
 from .answers import AnswerVocab
 from .calibration import CALIBRATION_FILE, Calibration
 from .errors import DataError
-from .io import atomic_dir, atomic_write_json, atomic_write_safetensors, read_json
+from .io import atomic_dir, atomic_write_json, atomic_write_safetensors, hash_file, read_json
 from .model import VQAModel
 from .ood import OutOfScopeDetector
 from .trust import TrustScorer
@@ -240,9 +240,7 @@ def model_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
     for name in DIGESTED:
         digest.update(f"|{name}|".encode())
-        with open(Path(path) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(digest, Path(path) / name)
     return digest.hexdigest()[:16]
 
 

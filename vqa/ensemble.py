@@ -40,6 +40,7 @@ from .calibration import Calibration
 from .errors import DataError
 from .evaluate import predict_records
 from .inference import ANSWER_PRECISION, Predictions, routed_types
+from .io import hash_file
 from .metrics import vqa_metrics
 from .model import VQAModel
 from .model_card import training_data
@@ -288,9 +289,7 @@ def _folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(file.relative_to(folder).as_posix().encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        hash_file(digest, file)
     return digest.hexdigest()
 
 

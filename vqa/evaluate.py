@@ -152,6 +152,9 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
     return metrics
 
 
+REPORT_PATHS = ("bundle", "data")  # where a report names a folder of the machine that ran it (`shared_report`)
+
+
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
              device: str = "auto", precision: str = "fp32", cache_dir: str | None = None,
              progress: bool = True, target_risk: TargetRisk | float | str | None = None
@@ -165,6 +168,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     dev = resolve_device(device)
     check_precision(precision, dev)
     folder = resolve_bundle(bundle_path)
+    digest = model_digest(folder)  # of the weights loaded next, whatever replaces them while this runs
     bundle = load_bundle(folder, dev)
     records = load_records(fmt, data, split, lang=lang)
     if not records:
@@ -176,7 +180,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
                       unfamiliar=unfamiliar_questions(bundle.tokenizer, [r.question for r in records]))
     score_kind = "softmax" if bundle.model.head.needs_choices else bundle.score_kind
     report = {
-        "bundle": str(bundle_path), "model_digest": model_digest(folder), "dataset": fmt, "data": str(data), "split": split,
+        "bundle": str(bundle_path), "model_digest": digest, "dataset": fmt, "data": str(data), "split": split,
         "score_kind": score_kind,
         "protocol": {
             "closed_open": "the dataset's own answer_type" if fmt != "hf" else "answer_type, or inferred (yes/no)",
@@ -217,6 +221,20 @@ def training_repeats(fmt: str, data: str, split: str, lang: str, records: Sequen
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def shared_report(report: dict) -> dict:
+    """The report as a shared copy records it (`medvqa push`, the shipped model): its bundle and data folders named
+    by their name ("local:NAME"), a Hub id as it is."""
+    from .hub import is_repo_id
+    from .io import LOCAL_PATH
+
+    def shared(value: str) -> str:
+        if value.startswith(LOCAL_PATH) or is_repo_id(value):
+            return value
+        return LOCAL_PATH + (Path(value).name or Path(value).resolve().name)  # "." names the folder it is
+
+    return {**report, **{k: shared(report[k]) for k in REPORT_PATHS if isinstance(report.get(k), str)}}
 
 
 def markdown_report(report: dict) -> str:

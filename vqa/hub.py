@@ -41,10 +41,11 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub sp
 UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 # every test question, its reference answer and the model's: for private data not the Hub's to hold, unless asked
 PREDICTIONS = ["eval-*/predictions.jsonl"]
-# JSON keys that may hold a path of the machine that wrote the file: an eval report's bundle and data, an encoder's
-# name and source (`local-dir:/home/a/biomedclip`), a Hugging Face config's `_name_or_path`. Uploaded as "local:NAME".
-REPORT_PATH_KEYS = ("bundle", "data")
-CONFIG_PATH_KEYS = ("name", "source", "_name_or_path", "name_or_path")
+# JSON keys of a bundle's configs that may hold a path of the machine that wrote them: an encoder's name and source
+# (`local-dir:/home/a/biomedclip`), a Hugging Face config's `_name_or_path` and tokenizer files, an ensemble's
+# members. Uploaded as "local:NAME" (eval reports: `vqa.evaluate.shared_report`).
+CONFIG_PATH_KEYS = ("name", "source", "_name_or_path", "name_or_path", "tokenizer_file", "special_tokens_map_file",
+                    "bundle")
 NOT_CONFIGS = ("tokenizer.json", "vocab.json", "answers.json")  # words and answers, not settings
 EVAL_REPORT, EVAL_MARKDOWN = "eval-*/metrics.json", "eval-*/report.md"  # what `medvqa eval` writes in a bundle
 
@@ -100,7 +101,8 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
                 hub: HubTarget | None = None, eval_reports: Sequence[str | Path] = (),
                 license_id: str | None = None, with_predictions: bool = False) -> Any:
     """Check that `bundle` loads, write its model card (README.md) for `repo_id`, create the repository if
-    needed and upload the folder as `shared_copy` shares it; returns what the hub's `upload_folder` returns (a commit, or its URL).
+    needed and upload the folder as `shared_copy` shares it; returns what the hub's `upload_folder` returns (a
+    commit, or its URL).
 
     `hub` defaults to `huggingface_hub.HfApi()` (token from HF_TOKEN or `hf auth login`)."""
     from .bundle import load
@@ -119,9 +121,12 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     ignore = UPLOAD_IGNORE + ([] if with_predictions else PREDICTIONS)
-    with tempfile.TemporaryDirectory(prefix=f".{Path(bundle).name}.push-", suffix=".tmp",
-                                     dir=Path(bundle).resolve().parent) as tmp:
-        shared = shared_copy(bundle, Path(tmp) / "bundle", ignore)
+    # In the system's temp folder, never beside the bundle (which may be read-only, or a hub cache's snapshot);
+    # files are hard-linked where it shares the bundle's file system, copied elsewhere. Removed without chmod:
+    # Windows would otherwise make a read-only file of the bundle writable through its link.
+    tmp = Path(tempfile.mkdtemp(prefix="medvqa-push-"))
+    try:
+        shared = shared_copy(bundle, tmp / "bundle", ignore)
         load(shared)  # what is uploaded, its paths reduced, loads too
         try:
             hub.create_repo(repo_id, private=private, exist_ok=True)
@@ -135,6 +140,8 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
         except (HfHubHTTPError, OSError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{repo_id}: upload failed ({first})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CacheHub:
@@ -180,31 +187,38 @@ class CacheHub:
 
 def shared_copy(bundle: str | Path, into: Path, ignore_patterns: list[str]) -> Path:
     """The bundle as it is shared: its files (less those `ignore_patterns` match) hard-linked into `into` (copied
-    where a link cannot be made), and in its JSON files every path of this machine reduced to "local:NAME" (an
-    eval report's report.md written again from its reduced metrics.json)."""
-    from .evaluate import markdown_report
-    from .io import atomic_write_json, atomic_write_text, read_json
+    where a link cannot be made), with every path of this machine that its JSON files record reduced to
+    "local:NAME": an eval report's bundle and data (`vqa.evaluate.shared_report`, its report.md's title too), and
+    in configs the values under `CONFIG_PATH_KEYS`."""
+    from .evaluate import shared_report
+    from .io import atomic_write_json, atomic_write_text, read_json, shared_path
 
     source = Path(bundle)
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
         relative = file.relative_to(source)
-        report = fnmatch.fnmatch(relative.as_posix(), EVAL_REPORT)
         if _ignored(relative, ignore_patterns) or (fnmatch.fnmatch(relative.as_posix(), EVAL_MARKDOWN)
                                                    and (file.parent / "metrics.json").is_file()):
             continue  # a report's markdown goes with its metrics.json
         target = into / relative
         target.parent.mkdir(parents=True, exist_ok=True)
+        report = fnmatch.fnmatch(relative.as_posix(), EVAL_REPORT)
         data = read_json(file) if file.suffix == ".json" and file.name not in NOT_CONFIGS else None
-        reduced = _reduce_paths(data, REPORT_PATH_KEYS if report else CONFIG_PATH_KEYS, relative=report)
+        if report and isinstance(data, dict):
+            reduced = shared_report(data)
+        else:
+            reduced = _reduce_paths(data, CONFIG_PATH_KEYS, lambda v: shared_path(v, relative=False))
         if reduced != data:
             atomic_write_json(target, reduced)
         else:
             _link(file, target)
-        if report and (file.parent / "report.md").is_file():
-            if reduced != data:
-                atomic_write_text(target.parent / "report.md", markdown_report(reduced))
+        markdown = file.parent / "report.md"
+        if report and markdown.is_file():
+            if reduced != data:  # the title names the bundle (`vqa.evaluate.markdown_report`): only it changes
+                title, _, rest = markdown.read_text(encoding="utf-8").partition("\n")
+                title = title.replace(f"`{data.get('bundle')}`", f"`{reduced.get('bundle')}`")
+                atomic_write_text(target.parent / "report.md", title + "\n" + rest)
             else:
-                _link(file.parent / "report.md", target.parent / "report.md")
+                _link(markdown, target.parent / "report.md")
     return into
 
 
@@ -215,16 +229,13 @@ def _link(file: Path, target: Path) -> None:
         shutil.copy2(file, target)
 
 
-def _reduce_paths(data: Any, keys: Sequence[str], *, relative: bool) -> Any:
-    """`data` (parsed JSON) with each string under one of `keys`, at any depth, as a shared file records a path
-    (`shared_path`: "local:NAME" for a path of this machine; relative ones too with `relative`)."""
-    from .training.runtime import shared_path
-
+def _reduce_paths(data: Any, keys: Sequence[str], reduce) -> Any:
+    """`data` (parsed JSON) with each string under one of `keys`, at any depth, passed through `reduce`."""
     if isinstance(data, dict):
-        return {k: shared_path(v, relative=relative) if k in keys and isinstance(v, str) else
-                _reduce_paths(v, keys, relative=relative) for k, v in data.items()}
+        return {k: reduce(v) if k in keys and isinstance(v, str) else _reduce_paths(v, keys, reduce)
+                for k, v in data.items()}
     if isinstance(data, list):
-        return [_reduce_paths(v, keys, relative=relative) for v in data]
+        return [_reduce_paths(v, keys, reduce) for v in data]
     return data
 
 

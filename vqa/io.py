@@ -1,16 +1,19 @@
-"""File reading with clear errors; JSON reading and atomic writing (temp file, then rename) are `encoders._files`'."""
+"""File reading with clear errors; paths as shared files record them (`shared_path`); JSON reading and atomic
+writing (temp file, then rename) are `encoders._files`'."""
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator
 
 from encoders._files import (atomic_dir, atomic_write, atomic_write_bytes, atomic_write_json,  # noqa: F401
                              atomic_write_safetensors, atomic_write_text, owned_dir, read_json, sweep_stale_temps)
 
 from .errors import DataError
+
+LOCAL_PATH = "local:"  # a recorded path of the machine that ran it, reduced to its name (`shared_path`)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -68,3 +71,29 @@ def read_csv_numbered(path: str | Path, required: tuple[str, ...]) -> list[tuple
             return [(reader.line_num, row) for row in reader]
         except csv.Error as e:
             raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
+
+
+def shared_path(value: Any, *, relative: bool = True) -> Any:
+    """`value` as a shared file records it: "local:NAME" where it names a file or folder of this machine, as is or
+    after a prefix (`local-dir:/home/a/biomedclip`); else unchanged. An absolute path is one wherever it points;
+    a relative one only where it exists here, and only with `relative` (a registered name such as
+    `efficientnet-lite0-imagenet` must not become local because a folder of that name happens to be here)."""
+    if not isinstance(value, str) or "://" in value:  # a URL names no one's folder
+        return value
+    for candidate in (value, value.split(":", 1)[1] if ":" in value else ""):
+        if not candidate:
+            continue
+        for flavour in (PurePosixPath, PureWindowsPath):
+            if flavour(candidate).is_absolute() and flavour(candidate).name:
+                return LOCAL_PATH + flavour(candidate).name
+        if candidate.startswith("~") or (relative and Path(candidate).exists()):
+            return LOCAL_PATH + Path(candidate).expanduser().resolve().name
+    return value
+
+
+def hash_file(digest: Any, path: str | Path) -> Any:
+    """`digest` (a hashlib object) updated with the bytes of the file at `path`, read in 1 MiB blocks."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest

@@ -189,7 +189,7 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     loss = config.get("training", {}).get("loss", "the head's default")
     metrics = files.metrics
     protocol = metrics.get("protocol", {})
-    from .training.runtime import shared_path
+    from .io import shared_path
 
     # a card is public: an encoder loaded from a folder (`local-dir:/home/a/biomedclip`) is named by its folder's name
     encoder_name = shared_path(encoder.get("name", config.get("encoder", {}).get("name", "?")), relative=False)

@@ -135,7 +135,10 @@ class OutOfScopeDetector:
         return self.space == MODEL_SPACE
 
     def describe_space(self) -> str:
-        return "the model's image encoder" if self.reads_model_features else f"{self.space} (its own, frozen)"
+        from .io import shared_path
+
+        return ("the model's image encoder" if self.reads_model_features else
+                f"{shared_path(self.space, relative=False)} (its own, frozen)")  # a card names no local folder
 
     def own_encoder(self, where: str | Path = "the detector") -> "ImageEncoder":
         """The encoder whose space it reads, where that is not the model's (a DataError if it was not loaded)."""
@@ -158,6 +161,8 @@ class OutOfScopeDetector:
             encoder: "ImageEncoder | None" = None) -> "OutOfScopeDetector":
         """Fit on the training images' pooled features (I, D), in `encoder`'s space (None: the model's encoder's);
         the threshold from out-of-fold scores."""
+        from .io import shared_path  # the space's name is shared with the bundle: never a folder of this machine
+
         x = pooled.double().cpu().numpy()
         if len(x) < 2 * folds:
             raise DataError(f"the out-of-scope detector needs at least {2 * folds} training images, got {len(x)}")
@@ -169,7 +174,7 @@ class OutOfScopeDetector:
         mean, basis, inverse, inverse_floor = _fit_gaussian(x)
         return cls(torch.from_numpy(mean).float(), torch.from_numpy(basis).float(), torch.from_numpy(inverse),
                    inverse_floor, float(np.quantile(oof, quantile)), quantile,
-                   MODEL_SPACE if encoder is None else encoder.name, encoder)
+                   MODEL_SPACE if encoder is None else shared_path(encoder.name, relative=False), encoder)
 
     def save(self, folder: Path) -> None:
         """`ood.safetensors` and, for a space of its own, its encoder in `ood_encoder/` (by reference where it can)."""

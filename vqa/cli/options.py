@@ -232,7 +232,7 @@ def config_from_command_line(cls: type, parser: argparse.ArgumentParser, argv: l
     if "out" not in vars(given):
         raise DataError(f"--config {args.config}: give the rerun its own --out (the recorded run's is "
                         f"{recorded.get('out', cls.out)!r}; to continue that run, use --out with it and --resume latest)")
-    from ..training.runtime import LOCAL_PATH
+    from ..io import LOCAL_PATH
 
     invocation = set(cls.INVOCATION_FIELDS)
     missing = {f"--{k.replace('_', '-')}": v for k, v in recorded.items()

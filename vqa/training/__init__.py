@@ -11,7 +11,8 @@ from .config import EngineConfig
 from .distributed import World
 from .engine import FitResult, NonFiniteError, Runtime, Trainer, runtime
 from .precision import check_precision, get_autocast, make_grad_scaler, resolve_device
-from .runtime import LOCAL_PATH, seed_everything, shareable_config, write_run_config
+from ..io import LOCAL_PATH
+from .runtime import seed_everything, shareable_config, write_run_config
 from .schedule import LR_SCHEDULES, Shard, epoch_plan, warmup_schedule
 from .task import Selection, StepContext, StepOutput, TrainingTask
 

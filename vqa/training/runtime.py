@@ -6,13 +6,13 @@ import dataclasses
 import logging
 import os
 import random
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, shared_path
 
 log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -54,7 +54,6 @@ def write_run_config(config: Any, out_dir: str | Path, name: str = "run_config.j
     atomic_write_json(Path(out_dir) / name, jsonable(data))
 
 
-LOCAL_PATH = "local:"  # a recorded path of the machine that ran it, reduced to its name (`shareable_config`)
 
 
 def shareable_config(config: Any) -> dict:
@@ -73,24 +72,6 @@ def shareable_config(config: Any) -> dict:
     if "cache_dir" in data:
         data["cache_dir"] = None
     return data
-
-
-def shared_path(value: Any, *, relative: bool = True) -> Any:
-    """`value` as a shared file records it: "local:NAME" where it names a file or folder of this machine, as is or
-    after a prefix (`local-dir:/home/a/biomedclip`); else unchanged. An absolute path is one wherever it points;
-    a relative one only where it exists here, and only with `relative` (a registered name such as
-    `efficientnet-lite0-imagenet` must not become local because a folder of that name happens to be here)."""
-    if not isinstance(value, str) or "://" in value:  # a URL names no one's folder
-        return value
-    for candidate in (value, value.split(":", 1)[1] if ":" in value else ""):
-        if not candidate:
-            continue
-        for flavour in (PurePosixPath, PureWindowsPath):
-            if flavour(candidate).is_absolute() and flavour(candidate).name:
-                return LOCAL_PATH + flavour(candidate).name
-        if candidate.startswith("~") or (relative and Path(candidate).exists()):
-            return LOCAL_PATH + Path(candidate).expanduser().resolve().name
-    return value
 
 
 def jsonable(obj: Any) -> Any:
