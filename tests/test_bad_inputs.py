@@ -312,6 +312,17 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
         read_jsonl_numbered(tmp_path / "batch.jsonl")
 
 
+def test_a_utf8_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; the first column is still `image`."""
+    from vqa.io import read_csv_numbered, read_jsonl_numbered
+
+    (tmp_path / "batch.csv").write_bytes("\ufeffimage,question\nscan.png,Is the f\xe9mur broken?\n".encode())
+    (tmp_path / "batch.jsonl").write_bytes('\ufeff{"image": "scan.png", "question": "f\xe9mur?"}\n'.encode())
+    assert read_csv_numbered(tmp_path / "batch.csv", ("image", "question")) == [
+        (2, {"image": "scan.png", "question": "Is the f\xe9mur broken?"})]
+    assert read_jsonl_numbered(tmp_path / "batch.jsonl") == [(1, {"image": "scan.png", "question": "f\xe9mur?"})]
+
+
 def test_replacing_a_folder_never_loses_its_previous_copy(tmp_path, monkeypatch):
     """atomic_dir swaps a folder by two renames: a failed second rename puts the old copy back, and a writer
     killed between them leaves it where the next run's sweep puts it back."""

@@ -146,3 +146,12 @@ def test_dicom_magic_without_suffix_and_corrupt_dicom(tmp_path):
     broken.write_bytes(b"\x00" * 50)
     with pytest.raises(ValueError, match="broken.dcm"):
         load_image(broken)
+
+
+def test_a_photo_with_an_embedded_preview_reads_its_first_frame(tmp_path):
+    photo, preview = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (16, 12), (0, 0, 250))
+    photo.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview, preview])
+    with Image.open(tmp_path / "camera.jpg") as opened:
+        assert opened.format == "MPO" and opened.n_frames == 3  # as phones and cameras write them
+    loaded = load_image(tmp_path / "camera.jpg")  # a stack's middle slice only for TIFF (and DICOM)
+    assert loaded.size == (64, 48) and loaded.getpixel((5, 5))[0] > 150

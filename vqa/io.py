@@ -27,7 +27,7 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f, _utf8(path):
+    with open(path, encoding="utf-8-sig") as f, _utf8(path):  # -sig: a byte-order mark (Excel's "CSV UTF-8") is no text
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -61,7 +61,7 @@ def read_csv_numbered(path: str | Path, required: tuple[str, ...]) -> list[tuple
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8", newline="") as f, _utf8(path):
+    with open(path, encoding="utf-8-sig", newline="") as f, _utf8(path):
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
