@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from PIL import Image
 from vqa.data import (CLOSED, DataError, Record, carve_validation, image_key, load_hf, load_pmc_vqa,
                       load_records, load_slake, load_vqa_rad, save_hf)
 from vqa.data.record import infer_answer_type
+from vqa.text import normalize_answer
 
 from .conftest import shared_data
 
@@ -237,6 +239,36 @@ def test_pmc_vqa_bad_input(phantom_dir, tmp_path):
         load_pmc_vqa(root, "train")
     with pytest.raises(DataError, match="no PMC-VQA file for split 'validate'"):
         load_pmc_vqa(root, "validate")
+
+
+def test_pmc_vqa_release_files_are_named_never_guessed(phantom_dir, tmp_path):
+    """The release holds v1 test.csv, v2 test_2.csv and test_clean.csv (the published numbers' 2,000 questions):
+    `test` is refused among several, a file's own name chooses; 'C. difficile' is a choice, not a prefix."""
+    import shutil
+
+    root = _copy(phantom_dir, tmp_path, "pmc-vqa")
+    expected = load_pmc_vqa(root, "test")
+    shutil.copy(root / "test.csv", root / "test_clean.csv")
+    with pytest.raises(DataError, match=r"several test files \(test.csv, test_clean.csv\).* e.g. test_clean \(the "
+                                        r"2,000 checked questions"):
+        load_pmc_vqa(root, "test")
+    assert load_pmc_vqa(root, "test_clean") == [dataclasses.replace(r, split="test_clean") for r in expected]
+
+    def bacterium(rows):
+        h = rows[0]
+        rows[1][h.index("Choice C")] = "C:C. difficile colitis"
+        rows[1][h.index("Answer")], rows[1][h.index("Answer_label")] = "C. difficile colitis", ""
+
+    _rewrite_csv(root / "test_clean.csv", bacterium)
+    first = load_pmc_vqa(root, "test_clean")[0]
+    assert first.choices[2] == first.answer == normalize_answer("C. difficile colitis") != "difficile colitis"
+
+
+def test_slake_validation_under_the_hub_copys_name(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path, "slake")
+    expected = load_slake(root, "validate")
+    (root / "validate.json").rename(root / "validation.json")  # BoKelvin/SLAKE since 2024
+    assert load_slake(root, "validate") == expected
 
 
 def test_pmc_vqa_answer_as_letter_or_text(phantom_dir, tmp_path):

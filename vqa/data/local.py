@@ -16,7 +16,7 @@ VQA_RAD_OFFICIAL = "VQA_RAD_Dataset_Public.json"
 SLAKE_SPLITS = {"train": "train", "validate": "validate", "val": "validate", "validation": "validate",
                 "test": "test"}
 PMC_CHOICE_COLUMNS = ("Choice A", "Choice B", "Choice C", "Choice D")
-_CHOICE_PREFIX = re.compile(r"^\s*([A-D])\s*[:.)]\s*")
+_CHOICE_PREFIX = re.compile(r"^\s*([A-D])\s*:\s*")  # the release writes 'A:text'; 'C. difficile' is a choice's text
 
 
 def _list_of_items(data: object, path: Path) -> list:
@@ -113,6 +113,8 @@ def load_slake(root: str | Path, split: str, lang: str = "en", strict: bool = Fa
         raise DataError(f"SLAKE split {split!r} unknown; expected 'train', 'validate' or 'test'")
     split = SLAKE_SPLITS[split]
     path = root / f"{split}.json"
+    if split == "validate" and not path.is_file() and (root / "validation.json").is_file():
+        path = root / "validation.json"  # the Hub copy's name for it since 2024 (BoKelvin/SLAKE)
     items = _list_of_items(read_json(path), path)
     find_image = ImageFinder([root / "imgs", root])
 
@@ -138,10 +140,20 @@ def load_slake(root: str | Path, split: str, lang: str = "en", strict: bool = Fa
 
 
 def _pmc_split_file(root: Path, split: str) -> Path:
+    """The CSV of `split`: a file's own name (`test_clean`, `test_2`, `train_2`), or train/test where the folder
+    holds one version of it. The release holds several (v1 `test.csv`, v2 `test_2.csv`, and `test_clean.csv`, the
+    2,000 checked questions the published numbers use): which one is asked for, never guessed."""
+    if split not in ("train", "test") and (root / f"{split}.csv").is_file():
+        return root / f"{split}.csv"
     names = [f"{split}.csv", f"{split}_2.csv"] + (["test_clean.csv"] if split == "test" else [])
-    for name in names:
-        if (root / name).is_file():
-            return root / name
+    found = [name for name in names if (root / name).is_file()]
+    if len(found) > 1:
+        raise DataError(f"{root}: PMC-VQA holds several {split} files ({', '.join(found)}); name one by its file "
+                        f"name as the split (--split, --train-split), e.g. {Path(found[-1]).stem}"
+                        + (" (the 2,000 checked questions the published numbers use)" if "test_clean.csv" in found
+                           else ""))
+    if found:
+        return root / found[0]
     raise DataError(f"{root}: no PMC-VQA file for split {split!r} (expected one of {names})")
 
 

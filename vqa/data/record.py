@@ -47,11 +47,11 @@ class Record:
 
 
 def canonical_question_type(raw: object) -> str:
-    """'PRES, POS' -> 'presence+position'; 'Quantity' -> 'count'; empty -> 'unknown'."""
+    """'PRES, POS' (or 'POS, PRES': one type) -> 'position+presence'; 'Quantity' -> 'count'; empty -> 'unknown'."""
     parts = [p.strip() for p in str(raw or "").split(",") if p.strip()]
     if not parts:
         return "unknown"
-    return "+".join(_QUESTION_TYPES.get(p.upper(), p.lower()) for p in parts)
+    return "+".join(sorted({_QUESTION_TYPES.get(p.upper(), p.lower()) for p in parts}))
 
 
 def parse_answer_type(raw: object, where: str) -> str:
