@@ -103,6 +103,20 @@ def test_eval_and_onnx_flag_what_the_predictor_flags(refitted, trained_bundle, p
     got = [p.out_of_scope_score for p in onnx.predict_batch([r.image for r in records[:8]],
                                                             [r.question for r in records[:8]])]
     assert got == pytest.approx(scores[:8], rel=1e-3)
+    # an export from before detector graphs (or before fused outputs, under a trust calibration) is refused when
+    # loaded, not at every question
+    older = shutil.copytree(tmp_path / "onnx", tmp_path / "older")
+    config = json.loads((older / "config.json").read_text())
+    del config["onnx"]["ood_encoder"]
+    (older / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="out-of-scope detector reads clip-vit-tiny .* export the bundle again"):
+        Predictor.from_onnx(older)
+    assert onnx.calibration.uses_trust  # the test bundle's QCR head gives fused vectors: trust scores
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    config["onnx"]["head"]["outputs"].remove("fused")
+    (older / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="trust scores, which read the head's fused vectors"):
+        Predictor.from_onnx(older)
 
 
 def test_calibrate_back_to_the_models_space_removes_the_encoder(refitted, trained_bundle, predictor_phantom,

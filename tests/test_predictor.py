@@ -191,6 +191,20 @@ def test_multiple_choice_head(predictor_phantom, tmp_path, sample):
     for bad in (["A", "B", "C"], ["CT", "the CT", "MRI"]):  # "a" is an article: nothing left; two read as "ct"
         with pytest.raises(DataError, match="each must keep a word and differ from the others"):
             mc.predict(sample[0], "What imaging modality was used?", choices=bad)
+    # in a batch file such a row fails alone, named by its line; the rows beside it are answered
+    import io
+    import json
+
+    from vqa.cli.predict import run_batch
+
+    rows = [{"image": str(sample[0]), "question": "What imaging modality was used?", "choices": c}
+            for c in (choices, ["A", "B", "C"], typed)]
+    (tmp_path / "batch.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sink = io.StringIO()
+    assert run_batch(mc, tmp_path / "batch.jsonl", sink, top_k=1, batch_size=8, attention=False) == (2, 1)
+    written = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert [w["line"] for w in written] == [1, 2, 3] and "each must keep a word" in written[1]["error"]
+    assert written[0]["answer"] == p.answer and written[2]["answer"] == q.answer
     from vqa.evaluate import evaluate  # a head and questions that do not fit: said so, not a TypeError deep inside
 
     with pytest.raises(DataError, match=r"open-ended \(no choices\), but the bundle's head \(mc-ban\) picks among"):

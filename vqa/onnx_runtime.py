@@ -103,6 +103,7 @@ class OnnxRuntime:
             self.grid_size = tuple(int(x) for x in enc["grid_size"])
             self.has_type_router, self.needs_choices = bool(head["has_type_router"]), bool(head["needs_choices"])
             self.default_loss, outputs = str(head["default_loss"]), list(head["outputs"])
+            self.has_fused_output = "fused" in outputs
             encoder_file, head_file = enc["file"], head["file"]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{folder / 'config.json'}: incomplete ONNX description "

@@ -174,6 +174,16 @@ def read_image(image: Any, max_side: int = MAX_IMAGE_SIDE) -> LoadedImage:
     return LoadedImage(img, warnings, name, full_size)
 
 
+def check_choices(choices: Sequence[str]) -> list[str]:
+    """A question's choices as records hold them (normalised, as training and eval read them); DataError where one
+    reads as nothing (it would vanish) or as another (twins would be one choice)."""
+    read = [normalize_answer(c) for c in choices]
+    if not all(read) or len(set(read)) < len(read):
+        raise DataError(f"choices {list(choices)} read as {read} (case, articles and punctuation dropped): each must "
+                        "keep a word and differ from the others")
+    return read
+
+
 def check_question(question: Any, max_chars: int = MAX_QUESTION_CHARS) -> str:
     """The question stripped of surrounding space; DataError when it is not usable text."""
     if not isinstance(question, str):
@@ -205,6 +215,14 @@ class Predictor:
         self.has_router = runtime.has_type_router
         self.score_kind = score_kind(files.training_loss(runtime.default_loss), runtime.needs_choices)
         self.calibration, self.ood = files.calibration, files.ood
+        # what answering needs that an export made by an earlier version may lack: refused now, not at every question
+        if self.ood is not None and not self.ood.reads_model_features and runtime.detector_encoder is None:
+            raise DataError(f"{path}: its out-of-scope detector reads {self.ood.describe_space()}, whose graph "
+                            "this export lacks: export the bundle again with this version of medvqa")
+        if self.calibration is not None and self.calibration.uses_trust and not runtime.has_fused_output:
+            raise DataError(f"{path}: its calibration combines confidence with trust scores, which read the head's "
+                            "fused vectors, and this export's head graph does not give them: export the bundle again "
+                            "with this version of medvqa")
         if target_risk is not None and self.calibration is None:  # it would be reported beside answers never withheld
             raise DataError(f"{path}: an uncalibrated bundle withholds no answer at any target risk: run "
                             "`medvqa calibrate` on it first, or drop the target risk")
@@ -316,11 +334,8 @@ class Predictor:
         position = {r: i for i, r in reversed(list(enumerate(rows)))}  # first question asking about each image
         loaded = [_checked(read_image, im, position[r], len(images)) for r, im in enumerate(distinct)]
         # the choices as records hold them (training and eval read those); the caller's text is what is shown
-        options = None if choices is None else [[normalize_answer(c) for c in opts] for opts in choices]
-        for i, (given, read) in enumerate(zip(choices or [], options or [])):
-            if not all(read) or len(set(read)) < len(read):  # an empty one would vanish, twins be one choice
-                raise DataError(f"question {i + 1}: choices {list(given)} read as {read} (case, articles and "
-                                "punctuation dropped): each must keep a word and differ from the others")
+        options = None if choices is None else [_checked(check_choices, c, i, len(questions))
+                                                for i, c in enumerate(choices)]
         queries = encode_queries(texts, rows, self.tokenizer, self.max_len, options, self.choice_len)
         with torch.inference_mode():
             table = self.runtime.encode([item.image for item in loaded], batch_size)

@@ -37,6 +37,8 @@ class ModelRuntime(Protocol):
     has_type_router: bool  # the head routes questions to a closed or an open branch (QCR)
     needs_choices: bool  # the head picks among given choices (PMC-VQA)
     default_loss: str  # the head's own loss, for bundles that do not record theirs
+    has_fused_output: bool  # the head gives its fused vectors (what trust scores read)
+    detector_encoder: object | None  # the out-of-scope detector's own encoder, where it has one
 
     def encode(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
         """Features of 8-bit images as the feature cache stores them: float16 on the CPU."""
@@ -64,7 +66,7 @@ class TorchRuntime:
         encoder, head = model.encoder, model.head
         self.encoder_name, self.head_name, self.grid_size = encoder.name, head.name, tuple(encoder.grid_size)
         self.has_type_router, self.needs_choices = head.has_type_router, head.needs_choices
-        self.default_loss = head.default_loss
+        self.default_loss, self.has_fused_output = head.default_loss, head.has_fused_output
 
     def encode(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, torch.Tensor]:
         return encode_features(self.model.encoder, images, batch_size, self.device)

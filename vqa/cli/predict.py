@@ -165,7 +165,7 @@ def run_batch(predictor, path: Path, sink: IO[str], top_k: int, batch_size: int,
 def _answer_chunk(predictor, chunk: list[tuple[int, dict]], base: Path, top_k: int, batch_size: int,
                   attention: bool) -> dict[int, dict]:
     """line -> the prediction's JSON, or {"error": ...} for a row that cannot be answered."""
-    from ..predictor import check_question, read_image
+    from ..predictor import check_choices, check_question, read_image
 
     results: dict[int, dict] = {}
     images: dict[Path, Any] = {}  # each file read once per chunk
@@ -180,6 +180,8 @@ def _answer_chunk(predictor, chunk: list[tuple[int, dict]], base: Path, top_k: i
                 raise DataError("this bundle's head picks among choices: give the row \"choices\"")
             if choices is not None and not needs_choices:
                 raise DataError("this bundle's head answers from its vocabulary; the row's \"choices\" cannot be used")
+            if choices is not None:
+                check_choices(choices)  # here, so that the row fails alone, not the chunk it is in
             if image_path not in images:
                 images[image_path] = read_image(image_path)
             valid.append((lineno, images[image_path], question, choices))
