@@ -405,3 +405,20 @@ def test_features_past_float16_are_refused_before_the_cache_stores_them():
         encoder.encode([Image.new("RGB", (32, 32), (90, 90, 90))])
     encoder.forward_features = plain
     assert encoder.encode([Image.new("RGB", (32, 32), (90, 90, 90))])["pooled"].dtype == torch.float16
+
+
+def test_eval_reports_the_test_questions_it_could_not_use(trained_bundle, predictor_phantom, tmp_path):
+    """A test question with an empty answer is skipped by the loader: the report says how many, since a paper
+    that counts it wrong has another denominator."""
+    from vqa.evaluate import evaluate, markdown_report
+
+    from ._bundle import feature_cache_copy
+
+    data = shutil.copytree(predictor_phantom / "vqa-rad", tmp_path / "vqa-rad")
+    items = json.loads((data / "testset.json").read_text())
+    items[0]["answer"] = ""
+    (data / "testset.json").write_text(json.dumps(items))
+    report = evaluate(trained_bundle, "vqa-rad", str(data), device="cpu", progress=False,
+                      cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")))[0]
+    assert report["unusable"]["n"] == 1 and report["subsets"]["all"]["n"] == len(items) - 1
+    assert "1 question(s) of the split have an empty question or answer" in markdown_report(report)

@@ -170,7 +170,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     folder = resolve_bundle(bundle_path)
     digest = model_digest(folder)  # of the weights loaded next, whatever replaces them while this runs
     bundle = load_bundle(folder, dev)
-    records = load_records(fmt, data, split, lang=lang)
+    unusable: list[str] = []  # questions with an empty question or answer: the loader skips them, the report says so
+    records = load_records(fmt, data, split, lang=lang, skipped=unusable)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")
     target_risk = None if target_risk is None else TargetRisk.parse(target_risk)
@@ -189,6 +190,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
             "validation": bundle.metrics.get("protocol", {}).get("validation", "unknown"),
         },
         "subsets": {"all": score(bundle, records, preds)},
+        "unusable": {"n": len(unusable), "examples": unusable[:3]},  # not in the numbers (a paper's may count them)
     }
     repeated = training_repeats(fmt, data, split, lang, records)
     apart = {} if not 0 < sum(repeated) < len(records) else {  # VQA-RAD's test rephrases training questions
@@ -243,6 +245,10 @@ def markdown_report(report: dict) -> str:
     lines = [f"# {report['dataset']} {report['split']}: `{report['bundle']}`", "",
              f"Protocol: closed/open from {p['closed_open']}; answer vocabulary: {p['answers']}; "
              f"model selection: {p['model_selection']} (validation: {p['validation']}).", ""]
+    if report.get("unusable", {}).get("n"):
+        lines += [f"{report['unusable']['n']} question(s) of the split have an empty question or answer and are not "
+                  f"in these numbers (counted wrong, they would lower them), e.g. "
+                  + "; ".join(report["unusable"]["examples"]), ""]
     if "chance" in report["subsets"]["all"]:
         lines += ["| subset | n | multiple-choice accuracy | chance |", "|---|---|---|---|"]
         lines += [f"| {name} | {m['n']} | {_pct(m['overall'])} | {_pct(m['chance'])} |"
