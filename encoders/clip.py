@@ -175,7 +175,12 @@ def hub_preprocessor_stats(repo_id: str) -> tuple[tuple[float, ...], tuple[float
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     except EntryNotFoundError:  # the repository has none: CLIPImageProcessor's defaults are OpenAI's
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    except HfHubHTTPError as e:  # the Hub refused (a 5xx): the weights are read, keep them
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is None or status < 500:  # refused (401, 403, 429, ...): said, not saved as if OpenAI's were its
+            raise OSError(f"{repo_id}: its {PREPROCESSOR_CONFIG} could not be fetched ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else status}); its image statistics are needed") from e
+        # the Hub failed (5xx) after serving the weights: keep them, with OpenAI's statistics, said
         logger.warning("%s: its %s could not be fetched (%s); normalising with OpenAI CLIP's statistics", repo_id,
                        PREPROCESSOR_CONFIG, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

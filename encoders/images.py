@@ -99,8 +99,8 @@ def _decode(source, path: Path, max_side: int | None) -> Image.Image:
                 img.draft("RGB" if img.mode not in ("L", "RGB") else img.mode,
                           (max(1, round(width * scale)), max(1, round(height * scale))))
             img.load()  # decode now, so a truncated file fails here, not later
-            if getattr(img, "n_frames", 1) > 1 and img.format == "TIFF":  # a stack of slices: the middle one
-                img.seek(img.n_frames // 2)  # (MPO, GIF, APNG, WebP: frame 0 is the picture, later ones previews)
+            if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":  # a stack of slices: the middle one
+                img.seek(img.n_frames // 2)  # (a camera's MPO JPEG: frame 0 is the photograph, the rest previews)
                 check_pixels(*img.size, path)  # a frame's size is its own: the first may be 1x1, the middle huge
             return to_8bit(ImageOps.exif_transpose(img))  # photographed figures may carry a rotation
     except Image.DecompressionBombError as e:  # PIL's own bound (~179 Mpx), under a raised MEDVQA_MAX_IMAGE_PIXELS

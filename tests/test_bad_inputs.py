@@ -421,4 +421,6 @@ def test_eval_reports_the_test_questions_it_could_not_use(trained_bundle, predic
     report = evaluate(trained_bundle, "vqa-rad", str(data), device="cpu", progress=False,
                       cache_dir=str(feature_cache_copy(trained_bundle, tmp_path / "cache")))[0]
     assert report["unusable"]["n"] == 1 and report["subsets"]["all"]["n"] == len(items) - 1
-    assert "1 question(s) of the split have an empty question or answer" in markdown_report(report)
+    assert "1 question(s) of the split could not be used" in markdown_report(report)
+    assert str(tmp_path) not in json.dumps(report["unusable"])
+    assert report["unusable"]["examples"][0].startswith("vqa-rad/testset.json: item 0")

@@ -177,6 +177,23 @@ def test_push_creates_the_repository_and_uploads_the_folder_with_its_card(bundle
     assert hub.folder != bundle_copy and not hub.folder.exists() and not list(bundle_copy.parent.glob(".*.tmp"))
 
 
+def test_pushing_a_hub_snapshot_leaves_the_cache_as_it_was(bundle_copy, tmp_path):
+    """A bundle pulled from the Hub is a snapshot of links into the cache's blobs: pushing it (to another repository)
+    writes the new card into what is uploaded, never through or over the cache's files."""
+    from vqa.hub import push_bundle
+
+    blob = tmp_path / "blobs" / "card"
+    blob.parent.mkdir()
+    blob.write_text((bundle_copy / "README.md").read_text())
+    (bundle_copy / "README.md").unlink()
+    (bundle_copy / "README.md").symlink_to(blob)
+    before = blob.read_text()
+    hub = RecordingHub()
+    push_bundle(bundle_copy, "other-org/copy", hub=hub)
+    assert (bundle_copy / "README.md").is_symlink() and blob.read_text() == before
+    assert "other-org/copy" in hub.uploaded["README.md"].decode() and "other-org/copy" not in before
+
+
 def test_what_is_uploaded_names_no_folder_of_this_machine(bundle_copy, trained_bundle, predictor_phantom, tmp_path):
     from vqa.bundle import load
     from vqa.evaluate import evaluate, write_outputs
@@ -224,15 +241,23 @@ def test_the_shared_copy_reduces_paths_only_where_settings_name_them(tmp_path, m
         "vocab.json": {"name": "/usr"},
         "encoder/config.json": {"name": "hf-hub:org/clip", "config": {"source": "local-dir:~/biomedclip",
                                                                          "hub_id": "org/clip"}},
-        "eval-x/metrics.json": {"bundle": "runs/qcr/bundle", "data": "hf-org/slake", "subsets": {}},
+        "eval-x/metrics.json": {"bundle": "runs/qcr/bundle", "dataset": "hf", "data": "hf-org/slake", "subsets": {}},
         "eval-x/report.md": "# slake test: `runs/qcr/bundle`\nrows\n",  # from a report older than today's renderer
         "eval-x/predictions.jsonl": "{}",
-        "eval-y/metrics.json": {"bundle": ".", "data": "../../alice/data/slake", "subsets": {}},
+        "eval-y/metrics.json": {"bundle": ".", "dataset": "slake", "data": "../../alice/data/slake", "subsets": {}},
+        "eval-z/metrics.json": {"bundle": "org/qcr", "dataset": "vqa-rad", "data": "C:\\Users\\alice\\vqa-rad"},
+        "eval-w/metrics.json": {"bundle": "C:\\runs\\qcr", "dataset": "vqa-rad", "data": "data/vqa-rad"},
     }
     for name, content in files.items():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(content if isinstance(content, str) else json.dumps(content))
     (source / "model.safetensors").write_bytes(b"weights")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    (source / "ood_encoder").mkdir()
+    save_file({"mean": torch.ones(3)}, str(source / "ood.safetensors"),  # a detector an earlier version fitted
+              metadata={"format": "pt", "space": "local-dir:/home/alice/private/clip"})
     monkeypatch.chdir(tmp_path)
     (tmp_path / "efficientnet-lite0-imagenet").mkdir()  # a registered name is not a path because a folder has it
     (tmp_path / "runs" / "qcr" / "bundle").mkdir(parents=True)  # an eval report's relative path that exists here
@@ -246,15 +271,24 @@ def test_the_shared_copy_reduces_paths_only_where_settings_name_them(tmp_path, m
     assert read("tokenizer/tokenizer_config.json") == {"name_or_path": "local:minilm",
                                                        "tokenizer_file": "local:tokenizer.json"}
     assert read("metrics.json") == {"members": [{"bundle": "local:bundle"}, {"bundle": "runs/s1/bundle"}]}
-    assert read("tokenizer/tokenizer.json") == files["tokenizer/tokenizer.json"] and read("vocab.json") == {"name": "/usr"}
+    assert read("tokenizer/tokenizer.json") == files["tokenizer/tokenizer.json"]  # words, not settings
+    assert read("vocab.json") == {"name": "/usr"}
     assert read("encoder/config.json") == {"name": "hf-hub:org/clip", "config": {"source": "local:biomedclip",
                                                                                  "hub_id": "org/clip"}}
-    assert read("eval-x/metrics.json") == {"bundle": "local:bundle", "data": "hf-org/slake", "subsets": {}}
+    assert read("eval-x/metrics.json") == {"bundle": "local:bundle", "dataset": "hf", "data": "hf-org/slake",
+                                           "subsets": {}}
     assert (out / "eval-x" / "report.md").read_text() == "# slake test: `local:bundle`\nrows\n"
     # a report's paths name no folder wherever push runs: "." is the folder it named, a relative path its name
-    assert read("eval-y/metrics.json") == {"bundle": f"local:{tmp_path.name}", "data": "local:slake", "subsets": {}}
+    assert read("eval-y/metrics.json") == {"bundle": f"local:{tmp_path.name}", "dataset": "slake",
+                                           "data": "local:slake", "subsets": {}}
+    # a Hub bundle stays named; a Windows folder, or a relative one a local format reads, is its last name
+    assert read("eval-z/metrics.json") == {"bundle": "org/qcr", "dataset": "vqa-rad", "data": "local:vqa-rad"}
+    assert read("eval-w/metrics.json") == {"bundle": "local:qcr", "dataset": "vqa-rad", "data": "local:vqa-rad"}
     assert not (out / "eval-x" / "predictions.jsonl").exists()
     assert (out / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino  # linked
+    with safe_open(str(out / "ood.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "space": "local:clip"}
+        assert torch.equal(f.get_tensor("mean"), torch.ones(3))
 
 
 def test_push_refuses_a_broken_bundle_and_a_bad_repo_id(bundle_copy):

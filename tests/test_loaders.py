@@ -241,18 +241,20 @@ def test_pmc_vqa_bad_input(phantom_dir, tmp_path):
         load_pmc_vqa(root, "validate")
 
 
-def test_pmc_vqa_release_files_are_named_never_guessed(phantom_dir, tmp_path):
+def test_pmc_vqa_release_files_are_said_and_named(phantom_dir, tmp_path, caplog):
     """The release holds v1 test.csv, v2 test_2.csv and test_clean.csv (the published numbers' 2,000 questions):
-    `test` is refused among several, a file's own name chooses; 'C. difficile' is a choice, not a prefix."""
+    `test` reads the first as before, saying which among several; a file's own name picks one; 'C. difficile' is a
+    choice, not a prefix."""
     import shutil
 
     root = _copy(phantom_dir, tmp_path, "pmc-vqa")
     expected = load_pmc_vqa(root, "test")
     shutil.copy(root / "test.csv", root / "test_clean.csv")
-    with pytest.raises(DataError, match=r"several test files \(test.csv, test_clean.csv\).* e.g. test_clean \(the "
-                                        r"2,000 checked questions"):
-        load_pmc_vqa(root, "test")
+    with caplog.at_level("WARNING"):
+        assert load_pmc_vqa(root, "test") == expected
+    assert "read from test.csv; the folder also holds test_clean.csv" in caplog.text
     assert load_pmc_vqa(root, "test_clean") == [dataclasses.replace(r, split="test_clean") for r in expected]
+    assert load_pmc_vqa(root, "test.csv") == [dataclasses.replace(r, split="test.csv") for r in expected]
 
     def bacterium(rows):
         h = rows[0]

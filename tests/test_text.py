@@ -34,6 +34,7 @@ def test_tokenize():
 
 def test_question_types_are_canonical_across_benchmarks():
     assert canonical_question_type("PRES, POS") == canonical_question_type("POS, PRES") == "position+presence"
+    assert canonical_question_type("presence+position") == "position+presence"  # as a saved dataset holds it
     assert canonical_question_type("Quantity") == canonical_question_type("COUNT") == "count"
     assert canonical_question_type("ABN") == canonical_question_type("Abnormality") == "abnormality"
     assert canonical_question_type(None) == "unknown"

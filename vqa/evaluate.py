@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -153,6 +153,7 @@ def score(bundle: Bundle, records: Sequence[Record], preds: Predictions) -> dict
 
 
 REPORT_PATHS = ("bundle", "data")  # where a report names a folder of the machine that ran it (`shared_report`)
+HUB_DATA_FORMATS = ("hf", "pathvqa")  # formats whose data may be a Hub dataset id
 
 
 def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", lang: str = "en",
@@ -168,8 +169,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     dev = resolve_device(device)
     check_precision(precision, dev)
     folder = resolve_bundle(bundle_path)
-    digest = model_digest(folder)  # of the weights loaded next, whatever replaces them while this runs
-    bundle = load_bundle(folder, dev)
+    bundle = load_bundle(folder, dev)  # its files checked first: a run folder given for its bundle is named so
+    digest = model_digest(folder)  # of the weights just loaded, before scoring: not of what may replace them
     unusable: list[str] = []  # questions with an empty question or answer: the loader skips them, the report says so
     records = load_records(fmt, data, split, lang=lang, skipped=unusable)
     if not records:
@@ -190,7 +191,9 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
             "validation": bundle.metrics.get("protocol", {}).get("validation", "unknown"),
         },
         "subsets": {"all": score(bundle, records, preds)},
-        "unusable": {"n": len(unusable), "examples": unusable[:3]},  # not in the numbers (a paper's may count them)
+        # not in the numbers (a paper's may count them); the examples name the data folder by its name only
+        "unusable": {"n": len(unusable),
+                     "examples": [e.replace(str(data), Path(str(data)).name) for e in unusable[:3]]},
     }
     repeated = training_repeats(fmt, data, split, lang, records)
     apart = {} if not 0 < sum(repeated) < len(records) else {  # VQA-RAD's test rephrases training questions
@@ -227,16 +230,21 @@ def _pct(x: float | None) -> str:
 
 def shared_report(report: dict) -> dict:
     """The report as a shared copy records it (`medvqa push`, the shipped model): its bundle and data folders named
-    by their name ("local:NAME"), a Hub id as it is."""
-    from .hub import is_repo_id
-    from .io import LOCAL_PATH
+    by their name ("local:NAME"), a Hub id as it is (a bundle's, or the data of a format read from the Hub)."""
+    from .hub import REPO_ID
+    from .io import LOCAL_PATH, shared_path
 
-    def shared(value: str) -> str:
-        if value.startswith(LOCAL_PATH) or is_repo_id(value):
+    def shared(key: str, value: str) -> str:
+        hub = key == "bundle" or report.get("dataset") in HUB_DATA_FORMATS
+        if value.startswith(LOCAL_PATH) or (hub and REPO_ID.fullmatch(value) and not Path(value).exists()):
             return value
-        return LOCAL_PATH + (Path(value).name or Path(value).resolve().name)  # "." names the folder it is
+        reduced = shared_path(value, relative=False)  # absolute (POSIX or Windows) or ~: its last name
+        if reduced != value:
+            return reduced
+        name = PurePosixPath(value.replace("\\", "/")).name  # relative: its last name; ".": the folder it was run in
+        return LOCAL_PATH + (name if name not in ("", ".", "..") else Path(value).resolve().name)
 
-    return {**report, **{k: shared(report[k]) for k in REPORT_PATHS if isinstance(report.get(k), str)}}
+    return {**report, **{k: shared(k, report[k]) for k in REPORT_PATHS if isinstance(report.get(k), str)}}
 
 
 def markdown_report(report: dict) -> str:
@@ -246,8 +254,8 @@ def markdown_report(report: dict) -> str:
              f"Protocol: closed/open from {p['closed_open']}; answer vocabulary: {p['answers']}; "
              f"model selection: {p['model_selection']} (validation: {p['validation']}).", ""]
     if report.get("unusable", {}).get("n"):
-        lines += [f"{report['unusable']['n']} question(s) of the split have an empty question or answer and are not "
-                  f"in these numbers (counted wrong, they would lower them), e.g. "
+        lines += [f"{report['unusable']['n']} question(s) of the split could not be used (an empty question, answer or "
+                  f"choice) and are not in these numbers (counted wrong, they would lower them), e.g. "
                   + "; ".join(report["unusable"]["examples"]), ""]
     if "chance" in report["subsets"]["all"]:
         lines += ["| subset | n | multiple-choice accuracy | chance |", "|---|---|---|---|"]

@@ -106,13 +106,11 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
 
     `hub` defaults to `huggingface_hub.HfApi()` (token from HF_TOKEN or `hf auth login`)."""
     from .bundle import load
-    from .model_card import write_model_card
+    from .model_card import CARD_FILE, write_model_card
 
     if not REPO_ID.fullmatch(repo_id):
         raise DataError(f"{repo_id!r}: a Hub repository id is org/name (letters, digits, '-', '_', '.')")
     load(bundle)  # a bundle that does not load must not reach the Hub
-    card = write_model_card(bundle, repo_id=repo_id, eval_reports=eval_reports, license_id=license_id)
-    log.info("wrote the model card %s", card)
     if hub is None:
         from huggingface_hub import HfApi
 
@@ -128,6 +126,10 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
     try:
         shared = shared_copy(bundle, tmp / "bundle", ignore)
         load(shared)  # what is uploaded, its paths reduced, loads too
+        # The card is written into the copy, from its reduced files (the earlier card's link replaced by rename, never
+        # written through: its license is read first); then into the bundle too where that is a plain writable folder.
+        card = write_model_card(shared, repo_id=repo_id, eval_reports=eval_reports, license_id=license_id)
+        _refresh_card(Path(bundle) / CARD_FILE, card)
         try:
             hub.create_repo(repo_id, private=private, exist_ok=True)
             return hub.upload_folder(repo_id=repo_id, folder_path=str(shared), commit_message=message,
@@ -192,6 +194,7 @@ def shared_copy(bundle: str | Path, into: Path, ignore_patterns: list[str]) -> P
     in configs the values under `CONFIG_PATH_KEYS`."""
     from .evaluate import shared_report
     from .io import atomic_write_json, atomic_write_text, read_json, shared_path
+    from .ood import OOD_FILE
 
     source = Path(bundle)
     for file in sorted(p for p in source.rglob("*") if p.is_file()):
@@ -201,6 +204,8 @@ def shared_copy(bundle: str | Path, into: Path, ignore_patterns: list[str]) -> P
             continue  # a report's markdown goes with its metrics.json
         target = into / relative
         target.parent.mkdir(parents=True, exist_ok=True)
+        if file.name == OOD_FILE and _shared_detector(file, target):
+            continue
         report = fnmatch.fnmatch(relative.as_posix(), EVAL_REPORT)
         data = read_json(file) if file.suffix == ".json" and file.name not in NOT_CONFIGS else None
         if report and isinstance(data, dict):
@@ -220,6 +225,36 @@ def shared_copy(bundle: str | Path, into: Path, ignore_patterns: list[str]) -> P
             else:
                 _link(markdown, target.parent / "report.md")
     return into
+
+
+def _shared_detector(file: Path, target: Path) -> bool:
+    """Write `file` (ood.safetensors) to `target` with the space it names as `shared_path` records it, where that
+    differs (a detector fitted by an earlier version in a folder's space named the folder); False: nothing to do."""
+    from safetensors import safe_open
+
+    from .io import atomic_write_safetensors, shared_path
+
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata() or {}
+        space = metadata.get("space")
+        if space is None or shared_path(space, relative=False) == space:
+            return False
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    atomic_write_safetensors(target, tensors, metadata={**metadata, "space": shared_path(space, relative=False)})
+    return True
+
+
+def _refresh_card(own: Path, card: Path) -> None:
+    """The bundle's own README.md as the card just pushed, where it is a plain file or absent in a writable folder."""
+    from .io import atomic_write_text
+
+    if own.is_symlink():  # a hub cache's snapshot links to its blobs: the cache is not ours to change
+        return
+    try:
+        atomic_write_text(own, card.read_text(encoding="utf-8"))
+        log.info("wrote the model card %s", own)
+    except OSError as e:  # a read-only bundle (an installed package's, a shared folder) still pushes
+        log.info("%s: not refreshed (%s); the card was written into what is uploaded", own, e)
 
 
 def _link(file: Path, target: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..text import normalize_answer
 from .record import (ImageFinder, Record, UnusableRecord, infer_answer_type, make_record, parse_answer_type,
                      require_fields, require_mapping, text_field, usable_records)
 
+log = logging.getLogger(__name__)
 VQA_RAD_SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
 VQA_RAD_OFFICIAL = "VQA_RAD_Dataset_Public.json"
 SLAKE_SPLITS = {"train": "train", "validate": "validate", "val": "validate", "validation": "validate",
@@ -140,21 +142,20 @@ def load_slake(root: str | Path, split: str, lang: str = "en", strict: bool = Fa
 
 
 def _pmc_split_file(root: Path, split: str) -> Path:
-    """The CSV of `split`: a file's own name (`test_clean`, `test_2`, `train_2`), or train/test where the folder
-    holds one version of it. The release holds several (v1 `test.csv`, v2 `test_2.csv`, and `test_clean.csv`, the
-    2,000 checked questions the published numbers use): which one is asked for, never guessed."""
-    if split not in ("train", "test") and (root / f"{split}.csv").is_file():
-        return root / f"{split}.csv"
+    """The CSV of `split`: `NAME.csv` or, for train and test, the first of the release's versions here (v1
+    `test.csv`, v2 `test_2.csv`, `test_clean.csv`: the 2,000 checked questions the published numbers use), said
+    in a warning where there are several; a file's own name (`test_clean`, `test_2`, `test.csv`) picks one."""
+    if split.endswith(".csv") and (root / split).is_file():
+        return root / split
     names = [f"{split}.csv", f"{split}_2.csv"] + (["test_clean.csv"] if split == "test" else [])
     found = [name for name in names if (root / name).is_file()]
+    if not found:
+        raise DataError(f"{root}: no PMC-VQA file for split {split!r} (expected one of {names})")
     if len(found) > 1:
-        raise DataError(f"{root}: PMC-VQA holds several {split} files ({', '.join(found)}); name one by its file "
-                        f"name as the split (--split, --train-split), e.g. {Path(found[-1]).stem}"
-                        + (" (the 2,000 checked questions the published numbers use)" if "test_clean.csv" in found
-                           else ""))
-    if found:
-        return root / found[0]
-    raise DataError(f"{root}: no PMC-VQA file for split {split!r} (expected one of {names})")
+        log.warning("%s: PMC-VQA split %r read from %s; the folder also holds %s (pass the file's name as the split, "
+                    "e.g. test_clean, the 2,000 checked questions the published numbers use)", root, split, found[0],
+                    ", ".join(found[1:]))
+    return root / found[0]
 
 
 def _pmc_answer(row: dict[str, str], choices: list[str], where: str) -> str:

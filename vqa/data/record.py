@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -39,7 +40,7 @@ class Record:
     question: str
     answer: str  # normalised (vqa.text.normalize_answer)
     answer_type: str  # CLOSED | OPEN
-    question_type: str  # canonical, e.g. "modality", "presence+position"
+    question_type: str  # canonical, e.g. "modality", "position+presence"
     choices: tuple[str, ...] = ()  # multiple choice (PMC-VQA), normalised
     split: str = ""
     source_id: str = ""
@@ -48,7 +49,7 @@ class Record:
 
 def canonical_question_type(raw: object) -> str:
     """'PRES, POS' (or 'POS, PRES': one type) -> 'position+presence'; 'Quantity' -> 'count'; empty -> 'unknown'."""
-    parts = [p.strip() for p in str(raw or "").split(",") if p.strip()]
+    parts = [p.strip() for p in re.split(r"[,+]", str(raw or "")) if p.strip()]  # '+': already canonical (saved)
     if not parts:
         return "unknown"
     return "+".join(sorted({_QUESTION_TYPES.get(p.upper(), p.lower()) for p in parts}))
