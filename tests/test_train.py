@@ -320,3 +320,6 @@ def test_model_selection_on_the_test_split_is_labelled_as_such():
     assert "never test" in selection(TrainConfig())
     assert "optimistic" in selection(TrainConfig(val_split="test"))
     assert "never test" not in selection(TrainConfig(val_split="test"))
+    for named in ("test_clean", "test_2", "test.csv"):  # PMC-VQA's test files by their own names are test too
+        assert "optimistic" in selection(TrainConfig(format="pmc-vqa", val_split=named))
+    assert "never test" in selection(TrainConfig(val_split="validate"))

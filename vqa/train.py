@@ -21,7 +21,7 @@ import torch
 from .answers import AnswerVocab
 from .batches import QuestionTensors, Tokenizer, encode_questions, unique_images
 from .bundle import check_weights_dtype, round_weights, save as save_bundle
-from .data import carve_validation, dataset_format, load_records
+from .data import carve_validation, dataset_format, is_test_split, load_records
 from .data.record import CLOSED, OPEN, Record
 from .errors import DataError
 from .calibration import Calibration
@@ -165,7 +165,7 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
     else:
         val = load_records(cfg.format, cfg.data, val_split, lang=cfg.lang, strict=cfg.strict)
         how = f"split {val_split!r}"
-        if val_split == "test":
+        if is_test_split(val_split):
             log.warning("model selection on the test split (as MEVF/QCR's code does): test scores will be optimistic")
     log.info("data: %d train / %d validation questions (validation %s)", len(train), len(val), how)
     return train, val, how
@@ -388,7 +388,7 @@ def train(cfg: TrainConfig) -> Path:
     cfg = dataclasses.replace(cfg, target_risk=TargetRisk.parse(cfg.target_risk))
     check_weights_dtype(cfg.weights_dtype)
     check_schedule(cfg.lr_schedule, cfg.warmup_epochs)
-    if cfg.refit and cfg.val_split == "test":
+    if cfg.refit and is_test_split(cfg.val_split):
         raise DataError("--refit trains again on train + the validation split, which here is test: choose the epoch "
                         "on a carved or named validation split")
     if (cfg.freeze_epochs or cfg.augment or cfg.encoder_lr is not None) and cfg.encoder_mode != "finetune":
@@ -492,7 +492,7 @@ def fit_trust(task: VQATask) -> TrustScorer | None:
 
 def selection(cfg: TrainConfig) -> str:
     """How the bundle's epoch was chosen, in words (stated in its metrics.json protocol)."""
-    if cfg.val_split == "test":
+    if is_test_split(cfg.val_split):
         return "best overall accuracy on the test split itself (the reference code's protocol; optimistic)"
     if cfg.refit:
         return ("the epoch of best validation overall accuracy (never test), then trained again on train and "

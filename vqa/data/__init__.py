@@ -37,6 +37,12 @@ def dataset_format(fmt: str) -> DatasetFormat:
     return FORMATS[fmt]
 
 
+def is_test_split(split: str | None) -> bool:
+    """Whether a split name names test data: `test`, or a test file by its own name (PMC-VQA's `test_clean`,
+    `test_2`, `test.csv`), which model selection and refitting must treat as test."""
+    return isinstance(split, str) and split.lower().startswith("test")
+
+
 def load_records(fmt: str, root: str | Path, split: str, **kwargs) -> list[Record]:
     """Load `split` of a dataset in format `fmt` (vqa-rad, slake, pmc-vqa, pathvqa, hf) from `root`."""
     return dataset_format(fmt).load(root, split, **kwargs)
@@ -44,6 +50,6 @@ def load_records(fmt: str, root: str | Path, split: str, **kwargs) -> list[Recor
 
 __all__ = [
     "CLOSED", "OPEN", "FORMATS", "DataError", "DatasetFormat", "dataset_format", "Record", "canonical_question_type", "carve_validation",
-    "image_key", "infer_answer_type", "load_hf", "load_pathvqa", "load_pmc_vqa", "load_records", "load_slake",
+    "image_key", "infer_answer_type", "is_test_split", "load_hf", "load_pathvqa", "load_pmc_vqa", "load_records", "load_slake",
     "load_vqa_rad", "save_hf",
 ]
