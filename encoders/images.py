@@ -184,20 +184,31 @@ def load_dicom(path: Path) -> Image.Image:
         ds = pydicom.dcmread(path)
     except Exception as e:  # pydicom raises many types for bad files
         raise ValueError(f"{path}: not a readable DICOM image ({e})") from e
-    check_pixels(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
-                 * int(ds.get("SamplesPerPixel", 1) or 1), path)  # colour: three values a pixel
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)  # colour: three values a pixel
+    one_frame = _frame_decoder() if frames > 1 else None
+    # What is decoded is held to the limit: the middle frame alone where pydicom (3+) decodes one, else every frame.
+    check_pixels(int(ds.get("Columns", 0) or 0),
+                 int(ds.get("Rows", 0) or 0) * (1 if one_frame else frames) * samples, path)
     try:
-        pixels = ds.pixel_array
+        pixels = one_frame(ds, index=frames // 2) if one_frame else ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad files
         raise ValueError(f"{path}: not a readable DICOM image ({e})") from e
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
-        pixels = pixels[frames // 2]
+        pixels = pixels if one_frame else pixels[frames // 2]
         logger.debug("%s: %d frames, using the middle one", path, frames)
     if samples > 1:  # colour DICOM (pydicom already converts YBR to RGB)
         return array_to_image(pixels)
     return Image.fromarray(dicom_gray_to_uint8(ds, pixels))
+
+
+def _frame_decoder():
+    """pydicom 3's `pixel_array(ds, index=i)`, which decodes frame i alone; None with pydicom 2 (all frames)."""
+    try:
+        from pydicom.pixels import pixel_array
+    except ImportError:
+        return None
+    return pixel_array
 
 
 def _refuse_deflated_dicom(pydicom, path: Path) -> None:

@@ -137,6 +137,22 @@ def test_the_middle_frame_of_a_multi_frame_image_is_held_to_the_pixel_limit(tmp_
         load_image(tmp_path / "frames.tif")
 
 
+def test_a_multi_frame_dicom_reads_its_middle_frame_held_to_the_limit_alone(tmp_path, monkeypatch):
+    """A CT series in one file: the middle slice is the image, and the pixel limit is a slice's (pydicom 3 decodes
+    that frame alone), so a 200-slice series of 512x512 loads where the limit is 50 Mpx."""
+    pydicom, path = _dicom("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    frame = ds.pixel_array  # (64, 64) uint16
+    ds.NumberOfFrames = 3
+    ds.PixelData = b"".join((f.astype(frame.dtype)).tobytes() for f in (frame // 4, frame, frame // 2))
+    ds.save_as(tmp_path / "series.dcm")
+    single = np.asarray(load_image(path))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "series.dcm")), single)  # the middle frame, as itself
+    if int(pydicom.__version__.split(".")[0]) >= 3:  # pydicom 2 decodes every frame: all are held to the limit
+        monkeypatch.setenv("MEDVQA_MAX_IMAGE_PIXELS", str(64 * 64 * 2))  # one slice fits, the three do not
+        assert np.array_equal(np.asarray(load_image(tmp_path / "series.dcm")), single)
+
+
 def test_dicom_magic_without_suffix_and_corrupt_dicom(tmp_path):
     _, path = _dicom("CT_small.dcm")
     plain = tmp_path / "ct_no_suffix"
