@@ -171,7 +171,7 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
     folder = resolve_bundle(bundle_path)
     bundle = load_bundle(folder, dev)  # its files checked first: a run folder given for its bundle is named so
     digest = model_digest(folder)  # of the weights just loaded, before scoring: not of what may replace them
-    unusable: list[str] = []  # questions with an empty question or answer: the loader skips them, the report says so
+    unusable: list[str] = []  # an empty question, answer or choice: the loader skips them, the report says so
     records = load_records(fmt, data, split, lang=lang, skipped=unusable)
     if not records:
         raise DataError(f"{data}: split {split!r} has no questions")

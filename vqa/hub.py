@@ -3,10 +3,10 @@
     path = resolve_bundle("org/name")           # a local folder as is; a hub id downloaded (or read from the cache)
     push_bundle("runs/qcr/bundle", "org/name")  # writes README.md (the model card), then uploads the folder
 
-What is uploaded is a copy (hard links) in which every path of this machine that a JSON file records (an eval
-report's bundle and data, an encoder's source folder, a text model's `_name_or_path`) is reduced to
-"local:NAME", as a bundle's run_config.json already records them; eval reports' per-question predictions stay
-behind unless asked for.
+What is uploaded is a copy (`shared_copy`: in the system's temp folder, hard-linked where it can be) in which every
+path of this machine that a JSON file records (an eval report's bundle and data, an encoder's source folder, a text
+model's `_name_or_path`) is reduced to "local:NAME", as a bundle's run_config.json already records them, with the
+model card written into it; eval reports' per-question predictions stay behind unless asked for.
 
 Downloads go through `huggingface_hub.snapshot_download`, so the Hub's own cache and switches
 apply: `HF_HUB_CACHE` (where repositories are cached), `HF_HUB_OFFLINE=1` (read the cache only),
