@@ -41,3 +41,34 @@ def test_questions_repeating_training_are_found_and_scored_apart(trained_bundle,
     report, _, _ = evaluate(trained_bundle, "vqa-rad", str(predictor_phantom / "vqa-rad"), device="cpu",
                             cache_dir=str(tmp_path / "c"), progress=False)
     assert "repeats_train" not in report["subsets"] and "subsets" not in report["calibration"]
+
+
+def test_test_questions_whose_template_is_in_train_are_counted(tmp_path):
+    """VQA-RAD's release phrases a question as asked, paraphrased and templated; MEVF's split puts the templates in
+    train. A test question counts when its own release item's template is a training question about its image."""
+    from vqa.stats import format_stats, templated_in_train
+
+    release = [  # qid 1: asked + templated; qid 2: paraphrased test question, template in train with another answer
+        {"qid": 1, "image_name": "a.jpg", "question": "Is the heart enlarged?", "question_rephrase": "NULL",
+         "question_frame": "Is there cardiomegaly?", "answer": "Yes", "answer_type": "CLOSED"},
+        {"qid": 2, "image_name": "b.jpg", "question": "What organ is shown?",
+         "question_rephrase": "Which organ is this?", "question_frame": "What organ is this?", "answer": "Lung",
+         "answer_type": "OPEN"},
+        {"qid": 3, "image_name": "b.jpg", "question": "Is there a mass?", "question_rephrase": "NULL",
+         "question_frame": "NULL", "answer": "No", "answer_type": "CLOSED"},
+    ]
+    train = [{"image_name": "a.jpg", "question": "Is there  cardiomegaly?", "answer": "yes"},
+             {"image_name": "b.jpg", "question": "What organ is this?", "answer": "liver"},
+             {"image_name": "a.jpg", "question": "Is there a mass?", "answer": "no"}]  # another image's question
+    test = [{"image_name": "a.jpg", "question": "Is the heart enlarged?", "answer": "Yes", "answer_type": "CLOSED "},
+            {"image_name": "b.jpg", "question": "Which organ is this?", "answer": "Lung", "answer_type": "OPEN"},
+            {"image_name": "b.jpg", "question": "Is there a mass?", "answer": "No", "answer_type": "CLOSED"}]
+    for name, items in (("VQA_RAD_Dataset_Public.json", release), ("trainset.json", train), ("testset.json", test)):
+        (tmp_path / name).write_text(json.dumps(items))
+    counts = templated_in_train(tmp_path)
+    assert counts == {"CLOSED": {"questions": 2, "template_in_train": 1, "same_answer": 1},
+                      "OPEN": {"questions": 1, "template_in_train": 1, "same_answer": 0}}
+    assert "1 of 2 closed, 1 of 1 open; 1 of them with the same answer" in format_stats(
+        {"splits": {}, "test_templated_in_train": counts})
+    (tmp_path / "VQA_RAD_Dataset_Public.json").unlink()
+    assert templated_in_train(tmp_path) is None  # MEVF's split files alone: nothing to tell templates by

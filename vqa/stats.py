@@ -1,8 +1,10 @@
 """Dataset statistics: counts, closed/open share, answer distribution and majority baselines."""
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from .data.record import CLOSED, OPEN, Record, image_key
@@ -143,4 +145,48 @@ def format_stats(report: dict) -> str:
         lines.append(f"test questions repeating a training question about the same image (content words overlap "
                      f">= {REPEAT_OVERLAP:.0%}): {100 * rep['share']:.1f}% ({parts}); a model can answer them from "
                      "memory: `medvqa eval` scores them apart")
+    templated = report.get("test_templated_in_train")
+    if templated:
+        parts = ", ".join(f"{c['template_in_train']} of {c['questions']} {kind.lower()}"
+                          for kind, c in templated.items())
+        lines.append(f"test questions whose templated version (the release's question_frame) is a training question "
+                     f"about the same image: {parts}; {sum(c['same_answer'] for c in templated.values())} of them "
+                     "with the same answer")
     return "\n".join(lines)
+
+
+
+def templated_in_train(root: str | Path) -> dict | None:
+    """VQA-RAD: per answer type of MEVF's testset.json, its questions, those whose own templated version (the
+    release's `question_frame`) is a training question about the same image, and those of them with the same
+    answer; None without the three files (trainset.json, testset.json, VQA_RAD_Dataset_Public.json).
+
+    The release phrases a question up to three ways (as asked, paraphrased, templated) and MEVF's split, every
+    reference's, puts every template in train, the test questions' own among them."""
+    root = Path(root)
+    files = [root / n for n in ("trainset.json", "testset.json", "VQA_RAD_Dataset_Public.json")]
+    if not all(f.is_file() for f in files):
+        return None
+    train, test, release = (json.loads(f.read_text(encoding="utf-8")) for f in files)
+
+    def text(value: object) -> str:
+        return " ".join(str(value).lower().split())
+
+    trained = {(item["image_name"], text(item["question"])): text(item["answer"]) for item in train}
+    phrased: dict[tuple[str, str], list[dict]] = {}  # (image, a phrasing of a release item) -> release items
+    for item in release:
+        for key in ("question", "question_rephrase"):
+            if item.get(key) not in (None, "", "NULL"):
+                phrased.setdefault((item["image_name"], text(item[key])), []).append(item)
+    counts: dict[str, Counter] = {}
+    for item in test:
+        count = counts.setdefault(str(item["answer_type"]).strip().upper(), Counter())
+        count["questions"] += 1
+        origins = phrased.get((item["image_name"], text(item["question"])), ())
+        frames = {text(o["question_frame"]) for o in origins if o.get("question_frame") not in (None, "", "NULL")}
+        twins = [trained[(item["image_name"], f)] for f in frames if (item["image_name"], f) in trained]
+        if twins:
+            count["template_in_train"] += 1
+            count["same_answer"] += text(item["answer"]) in twins
+    return {kind: {"questions": c["questions"], "template_in_train": c["template_in_train"],
+                   "same_answer": c["same_answer"]} for kind, c in sorted(counts.items())}

@@ -30,7 +30,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     from ..data import dataset_format, load_records
-    from ..stats import dataset_stats, format_stats
+    from ..stats import dataset_stats, format_stats, templated_in_train
 
     args = build_parser().parse_args(argv)
     kwargs = {"lang": args.lang, "strict": args.strict}
@@ -42,5 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, list[str]] = {name: [] for name in names}
     splits = {name: load_records(args.format, args.root, name, skipped=skipped[name], **kwargs) for name in names}
     report = dataset_stats(splits, skipped=skipped)
+    if args.format == "vqa-rad" and {"train", "test"} <= set(names) and not args.freeform:
+        templated = templated_in_train(args.root)  # needs the release's JSON beside MEVF's split files
+        if templated is not None:
+            report["test_templated_in_train"] = templated
     print(json.dumps(report, indent=2) if args.json else format_stats(report))
     return 0
