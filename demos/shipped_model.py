@@ -88,7 +88,8 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
                                f"{MAX_BUNDLE_MB} MB ({largest})")
         report, _, _ = evaluate(small, "vqa-rad", str(data), device="cpu", cache_dir=str(work / "cache"),
                                 progress=progress)
-        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", shared_report(report | {"bundle": str(bundle_dir)}))  # the card reads it
+        shared = shared_report(report | {"bundle": str(bundle_dir)})  # names no folder of this machine
+        atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", shared)  # the card reads it
         atomic_write_json(small / "recipe.json", {"recipe": dataclasses.asdict(recipe), "glove": bool(glove)})
         _write_card(small)
         size = sum(p.stat().st_size for p in small.rglob("*") if p.is_file()) / 2**20

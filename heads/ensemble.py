@@ -111,10 +111,6 @@ class EnsembleHead(VQAHead):
                 lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = [member(features, question_tokens, lengths) for member in self.members]
         columns = [getattr(self, f"columns{i}") for i in range(len(outs))]
-
-        def mean(key: str) -> torch.Tensor:
-            return mean_answer_logits([o[key] for o in outs], columns, self.num_answers, self.config.score)
-
         result = {"attention": torch.stack([o["attention"].float() for o in outs]).mean(0)}
         if self.has_type_router:
             routed = torch.stack([o["type_logits"].float().softmax(-1) for o in outs]).mean(0)
@@ -124,7 +120,8 @@ class EnsembleHead(VQAHead):
                 routed, [o["closed_logits"] for o in outs], [o["open_logits"] for o in outs], columns,
                 self.num_answers, self.config.score)
         else:
-            result["logits"] = mean("logits")
+            result["logits"] = mean_answer_logits([o["logits"] for o in outs], columns, self.num_answers,
+                                                  self.config.score)
         if self.has_fused_output:
             scale = 1.0 / math.sqrt(len(outs))
             result["fused"] = torch.cat([nn.functional.normalize(o["fused"].float(), dim=-1) * scale for o in outs], -1)

@@ -237,10 +237,11 @@ def _shared_detector(file: Path, target: Path) -> bool:
     with safe_open(str(file), "pt") as f:
         metadata = f.metadata() or {}
         space = metadata.get("space")
-        if space is None or shared_path(space, relative=False) == space:
+        shared = shared_path(space, relative=False)
+        if space is None or shared == space:
             return False
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    atomic_write_safetensors(target, tensors, metadata={**metadata, "space": shared_path(space, relative=False)})
+    atomic_write_safetensors(target, tensors, metadata={**metadata, "space": shared})
     return True
 
 

@@ -65,11 +65,12 @@ def find_eval_reports(bundle: str | Path, extra: Sequence[str | Path] = ()) -> l
         paths.append(item / "metrics.json" if item.is_dir() else item)
     from .bundle import model_digest
 
-    reports, digest = [], model_digest(bundle)
+    reports, digest = [], None  # hashed once, and only for a report that records one (not at every card write)
     for path in paths:
         report = read_json(path)
         if not isinstance(report, dict) or not {"subsets", "protocol", "dataset", "split"} <= set(report):
             raise DataError(f"{path}: not a `medvqa eval` report (needs subsets, protocol, dataset, split)")
+        digest = digest or ("model_digest" in report and model_digest(bundle))
         if report.get("model_digest", digest) != digest:  # reports from before digests cannot be told apart
             raise DataError(f"{path}: this report scored another model (its weights and answers digest to "
                             f"{report['model_digest']}, {bundle}'s to {digest}); evaluate this bundle with "

@@ -1,7 +1,6 @@
 """Dataset statistics: counts, closed/open share, answer distribution and majority baselines."""
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -155,7 +154,6 @@ def format_stats(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def templated_in_train(root: str | Path) -> dict | None:
     """VQA-RAD: per answer type of MEVF's testset.json, its questions, those whose own templated version (the
     release's `question_frame`) is a training question about the same image, and those of them with the same
@@ -163,11 +161,14 @@ def templated_in_train(root: str | Path) -> dict | None:
 
     The release phrases a question up to three ways (as asked, paraphrased, templated) and MEVF's split, every
     reference's, puts every template in train, the test questions' own among them."""
+    from .data.local import VQA_RAD_OFFICIAL, VQA_RAD_SPLIT_FILES
+    from .io import read_json
+
     root = Path(root)
-    files = [root / n for n in ("trainset.json", "testset.json", "VQA_RAD_Dataset_Public.json")]
+    files = [root / VQA_RAD_SPLIT_FILES["train"], root / VQA_RAD_SPLIT_FILES["test"], root / VQA_RAD_OFFICIAL]
     if not all(f.is_file() for f in files):
         return None
-    train, test, release = (json.loads(f.read_text(encoding="utf-8")) for f in files)
+    train, test, release = (read_json(f) for f in files)
 
     def text(value: object) -> str:
         return " ".join(str(value).lower().split())
