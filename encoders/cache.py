@@ -37,7 +37,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ._errors import DataError
@@ -66,7 +65,7 @@ def image_hash(src: ImageSource) -> str:
             raise FileNotFoundError(f"image file not found: {path}") from None
         # memoised on (path, mtime, size): re-hashing every file every epoch would dominate head training
         return _file_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    img = load_image(src) if not isinstance(src, Image.Image) or src.mode not in ("L", "RGB") else src
+    img = load_image(src)  # as the encoder sees it: two EXIF orientations of one picture are two images
     h = hashlib.sha256(f"{img.mode}|{img.size[0]}x{img.size[1]}|".encode())
     h.update(img.tobytes())
     return h.hexdigest()

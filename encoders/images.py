@@ -13,6 +13,8 @@ Decisions (why):
   (first WindowCenter/WindowWidth) or min..max, then MONOCHROME1 is inverted so
   that bright always means dense. Multi-frame files give their middle frame,
   the most representative slice of a volume.
+- A photograph's EXIF orientation is applied, whether it comes as a path, bytes
+  or an opened PIL image: a phone picture of a film reads upright every way in.
 - Decoding is bounded before it starts: the pixel count is read from the file's
   header and a file above `max_pixels` (default 50 Mpx, or $MEDVQA_MAX_IMAGE_PIXELS)
   is refused; a large JPEG asked for at `max_side` decodes at reduced size (PIL's
@@ -61,8 +63,8 @@ def load_image(src: ImageSource, max_side: int | None = None) -> Image.Image:
     FileNotFoundError for a missing path and ValueError, naming the file, for a
     directory, a file that is not a readable image, or one above the pixel limit.
     """
-    if isinstance(src, Image.Image):
-        return to_8bit(src)
+    if isinstance(src, Image.Image):  # Image.open(path) reads as the path does: turned upright by its EXIF tag
+        return to_8bit(ImageOps.exif_transpose(src))
     if isinstance(src, np.ndarray):
         return array_to_image(src)
     if isinstance(src, (str, os.PathLike)):

@@ -171,3 +171,38 @@ def test_a_photo_with_an_embedded_preview_reads_its_first_frame(tmp_path):
         assert opened.format == "MPO" and opened.n_frames == 3  # as phones and cameras write them
     loaded = load_image(tmp_path / "camera.jpg")  # a stack's middle slice only for TIFF (and DICOM)
     assert loaded.size == (64, 48) and loaded.getpixel((5, 5))[0] > 150
+
+
+def _rotated_photo(tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6 ("turn 90 degrees clockwise to view")."""
+    arr = np.zeros((40, 64, 3), dtype=np.uint8)
+    arr[:, :16] = 255  # a bright band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(arr).save(path, quality=95, exif=exif)
+    return path
+
+
+def test_an_exif_rotated_photo_reads_upright_from_a_path_bytes_and_an_opened_image(tmp_path):
+    from encoders.images import decode_image
+
+    path = _rotated_photo(tmp_path)
+    from_path = load_image(path)
+    assert from_path.size == (40, 64)  # stored 64 wide, 40 high: upright it is 40 wide
+    upright = np.asarray(from_path.convert("L"), dtype=np.float64)
+    assert upright[:16].mean() > 200 and upright[-16:].mean() < 50  # clockwise: the stored left edge is now on top
+    with Image.open(path) as opened:
+        from_pil = load_image(opened)
+    np.testing.assert_array_equal(np.asarray(from_pil), np.asarray(from_path))
+    np.testing.assert_array_equal(np.asarray(decode_image(path.read_bytes(), path.name)), np.asarray(from_path))
+
+
+def test_the_feature_cache_knows_an_opened_photo_by_its_upright_pixels(tmp_path):
+    from encoders.cache import image_hash
+
+    path = _rotated_photo(tmp_path)
+    with Image.open(path) as opened:
+        tagged, stored = image_hash(opened), image_hash(Image.fromarray(np.asarray(opened)))
+    assert tagged == image_hash(load_image(path))  # the pixels the encoder is given
+    assert tagged != stored  # the same stored pixels without the tag are another image
