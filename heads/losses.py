@@ -2,6 +2,8 @@
 
 Every loss is called as `loss(outputs, targets, answer_type=None)` where
 `outputs` is the head's output dict, and returns `{"loss": total, ...parts}`.
+A loss that `reads_batch_types` also takes `batch_types`: the answer types of
+the global batch that a DDP rank's batch is part of (see `QCRLoss`).
 
 Targets: either answer indices (B,) long (-100 = no answer in the vocabulary,
 ignored) or soft scores (B, A) float (one-hot, or VQA-style soft scores).
@@ -46,11 +48,12 @@ def _bce(logits: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor | None =
     return per_answer.sum() / max(logits.shape[0], 1)
 
 
-def _mean_over_pairs(per_answer: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`per_answer` (B, A) averaged over the (question, answer) pairs of `rows` (B,) and the answers in `keep` (A,);
-    0 when no question is in `rows`."""
+def _mean_over_pairs(per_answer: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor,
+                     questions: torch.Tensor) -> torch.Tensor:
+    """`per_answer` (B, A) summed over the (question, answer) pairs of `rows` (B,) and the answers in `keep` (A,),
+    divided by the pairs of `questions` such questions (0 when there are none)."""
     pairs = rows.float().unsqueeze(1) * keep.float()  # (B, A)
-    return (per_answer * pairs).sum() / pairs.sum().clamp_min(1.0)  # a tensor count: no host sync
+    return (per_answer * pairs).sum() / (questions * keep.float().sum()).clamp_min(1.0)  # tensor counts: no host sync
 
 
 def _soft_cross_entropy(logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,8 @@ class AnswerLoss(nn.Module):
     kind="bce-mean": the same averaged over every (question, answer) pair.
     kind="ce": softmax cross-entropy (soft targets renormalised per row).
     """
+
+    reads_batch_types = False  # a mean over this batch's own questions (see the module's note)
 
     def __init__(self, kind: str = "bce") -> None:
         super().__init__()
@@ -107,7 +112,9 @@ class QCRLoss(nn.Module):
     the branch, as QCR trains). Target mass outside the sample's group is
     dropped. total = answer_loss + type_weight * cross_entropy(type_logits, answer_type).
     kind="bce-mean" (QCR's code): each branch's BCE averaged over its questions' (question, answer-of-the-group)
-    pairs, the two branches' averages added.
+    pairs, the two branches' averages added. Those means are over the global batch when a DDP rank passes its
+    `batch_types` (each rank's own counts would weigh a question by its rank's mix of types), scaled as a mean
+    over the rank's own questions, so that the engine's share rule makes DDP's average one process's loss.
     """
 
     def __init__(
@@ -125,8 +132,13 @@ class QCRLoss(nn.Module):
     def from_head(cls, head: VQAHead, **kw) -> "QCRLoss":
         return cls(head.config.closed_mask, head.config.open_mask, **kw)
 
+    @property
+    def reads_batch_types(self) -> bool:
+        return self.kind == "bce-mean"
+
     def forward(
-        self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None
+        self, outputs: Mapping[str, torch.Tensor], targets: torch.Tensor, answer_type: torch.Tensor | None = None,
+        batch_types: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         if answer_type is None:
             raise ValueError("QCRLoss needs answer_type (B,) with 0 = CLOSED, 1 = OPEN")
@@ -139,8 +151,11 @@ class QCRLoss(nn.Module):
         elif self.kind == "bce-mean":
             per_answer = F.binary_cross_entropy_with_logits(logits, scores, reduction="none")  # (B, A)
             open_rows = is_open.squeeze(1)
-            answer_loss = (_mean_over_pairs(per_answer, ~open_rows, self.closed_mask)
-                           + _mean_over_pairs(per_answer, open_rows, self.open_mask))
+            whole = answer_type if batch_types is None else batch_types
+            n_open = (whole == OPEN).sum()
+            answer_loss = (_mean_over_pairs(per_answer, ~open_rows, self.closed_mask, whole.numel() - n_open)
+                           + _mean_over_pairs(per_answer, open_rows, self.open_mask, n_open))
+            answer_loss = answer_loss * (whole.numel() / max(answer_type.numel(), 1))
         else:
             answer_loss = _soft_cross_entropy(logits.masked_fill(~group, float("-inf")), scores)
         type_loss = F.cross_entropy(outputs["type_logits"].float(), answer_type.long())
@@ -150,6 +165,8 @@ class QCRLoss(nn.Module):
 
 class MultipleChoiceLoss(nn.Module):
     """Cross-entropy over the choices of `outputs["logits"]` (B, C); targets (B,) choice indices."""
+
+    reads_batch_types = False  # a mean over this batch's own questions (see the module's note)
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()

@@ -109,7 +109,10 @@ def test_pooled_bundle_answers_the_same_through_eval_predict_and_the_predictor(p
     # the encoder trains too (tests/test_refit.py)
     {"head": "mevf-san", "head_args": {"hidden_dim": 32, "dropout": 0.0, "classifier_dropout": 0.0},
      "encoder_mode": "finetune", "encoder_lr": 1e-4, "freeze_epochs": 1, "augment": True},
-    {"feature_views": 2}], ids=["frozen", "fine-tuned-augmented-after-a-warm-start", "feature-views"])
+    {"feature_views": 2},
+    # QCR's code loss: each answer branch's mean over the global batch's pairs, whatever mix of types a rank holds
+    {"head": "qcr", "loss": "bce-mean"}],
+    ids=["frozen", "fine-tuned-augmented-after-a-warm-start", "feature-views", "qcr-branch-means"])
 def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_dir, tmp_path, tuning):
     """DDP: the same model as one process on the same global batch; fine-tuning feeds pixels through the wrapper,
     and its warm start leaves the encoder's parameters without gradients (DDP must look for them); what is drawn
@@ -129,7 +132,9 @@ def test_head_training_two_processes_match_one_on_the_same_global_batch(phantom_
     for file in files:
         wa, wb = load_file(str(single / file)), load_file(str(tmp_path / "two" / "bundle" / file))
         assert wa.keys() == wb.keys()
-        for key in wa:
+        # a word-attention pool's score bias shifts every word's score before their softmax: its gradient is 0 up to
+        # rounding, which Adamax's normalised steps turn into moves that differ with the batch split (QCR's pools)
+        for key in [k for k in wa if not k.endswith("pool.score.bias")]:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=2e-5, msg=f"{file}: {key}")
 
 

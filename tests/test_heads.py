@@ -276,6 +276,46 @@ def test_qcr_loss_averaged_over_pairs_takes_a_batch_of_one_type():
     torch.testing.assert_close(parts["answer_loss"], expected)  # no open question: that branch adds 0, not NaN
 
 
+@pytest.mark.parametrize("split", [2, 3])
+def test_qcr_branch_means_split_over_ranks_give_one_process_gradient(split):
+    """QCR's per-branch means over the global batch: rank parts that pass the batch's types, each weighted by the
+    engine's share (rank size x world / batch) and averaged as DDP does, give the one-process gradient."""
+    from vqa.training import World, epoch_plan
+
+    torch.manual_seed(0)
+    logits = {k: torch.randn(4, A) for k in ("closed_logits", "open_logits", "type_logits")}
+    logits["type_logits"] = logits["type_logits"][:, :2]
+    targets, types = torch.tensor([0, 1, 2, 5]), torch.tensor([CLOSED, CLOSED, CLOSED, OPEN])
+    loss = QCRLoss(CLOSED_MASK, OPEN_MASK, kind="bce-mean")
+    assert loss.reads_batch_types and not QCRLoss(CLOSED_MASK, OPEN_MASK, kind="bce").reads_batch_types
+
+    def grads(rows, **kw):
+        outs = {k: v[rows].clone().requires_grad_() for k, v in logits.items()}
+        part = loss(outs, targets[rows], types[rows], **kw)
+        return part, outs
+
+    whole, outs = grads(torch.arange(4))
+    whole["loss"].backward()
+    plain, _ = grads(torch.arange(4), batch_types=types)
+    assert torch.equal(plain["loss"], whole["loss"])  # one process: the batch is its own, the loss bit for bit
+    world = 2
+    merged = {k: torch.zeros(4, v.shape[1]) for k, v in logits.items()}
+    for rank, rows in enumerate((torch.arange(split), torch.arange(split, 4))):
+        share = world * len(rows) / 4
+        part, o = grads(rows, batch_types=types)
+        (part["loss"] * share / world).backward()  # DDP averages the ranks' gradients
+        for k in merged:
+            merged[k][rows] = o[k].grad
+    for k in merged:
+        torch.testing.assert_close(merged[k], outs[k].grad)
+    # without the batch's types a rank holding 2 of the 3 closed questions weighs them as if they were all
+    local, o = grads(torch.arange(2))
+    local["loss"].backward()
+    assert not torch.allclose(o["closed_logits"].grad / world, outs["closed_logits"].grad[:2])
+    plan = epoch_plan(10, 2, World(1, 1, 2), 0, 0)  # every rank's shard knows its global batch
+    assert all(torch.equal(shard.whole[2:], shard.indices) and len(shard.whole) == 4 for (shard,) in plan)
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_a_separate_qcr_router_does_not_train_the_question_encoder(separate):
     torch.manual_seed(0)

@@ -378,3 +378,13 @@ def test_carve_validation_by_question_keeps_copies_of_a_question_together(phanto
         held = {(image_key(r), r.question.strip().lower()) for r in val}
         assert held and not held & {(image_key(r), r.question.strip().lower()) for r in train}
         assert 0.1 < len(val) / (2 * len(records)) < 0.3
+
+
+def test_carve_validation_leaves_both_sides_a_question_or_refuses(phantom_dir):
+    records = load_vqa_rad(phantom_dir / "vqa-rad", "train")
+    one_image = [r for r in records if image_key(r) == image_key(records[0])]
+    with pytest.raises(DataError, match="cannot carve a validation split from 1 image"):
+        carve_validation(one_image, 0.1)  # else an empty validation: a traceback after the first epoch
+    two_images = one_image + [r for r in records if image_key(r) != image_key(records[0])][:1]
+    train, val = carve_validation(two_images, 0.9)  # 0.9 of 2 rounds to both: one stays to train on
+    assert train and val and len(train) + len(val) == len(two_images)

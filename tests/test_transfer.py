@@ -70,11 +70,12 @@ def test_the_packaged_minilm_frozen_as_question_encoder(phantom_dir, tmp_path):
     assert not any("never saw" in w for w in p.warnings)  # a pretrained vocabulary knows these words
 
 
-def test_learning_rates_per_part(phantom_dir, tmp_path):
+@pytest.mark.parametrize("encoder_lr", [1e-5, 0.0])  # 0: the encoder's weights held (its BatchNorm statistics move)
+def test_learning_rates_per_part(phantom_dir, tmp_path, encoder_lr):
     from vqa.train import build_model, load_splits, make_split, vocabularies
     from vqa.training import World
 
-    cfg = _cfg(phantom_dir, tmp_path, encoder_mode="finetune", encoder_lr=1e-5, question_encoder="bert-tiny",
+    cfg = _cfg(phantom_dir, tmp_path, encoder_mode="finetune", encoder_lr=encoder_lr, question_encoder="bert-tiny",
                question_lr=2e-5, lr=1e-3)
     train_records, val_records, _ = load_splits(cfg)
     tokenizer, answers = vocabularies(cfg, train_records)
@@ -83,8 +84,8 @@ def test_learning_rates_per_part(phantom_dir, tmp_path):
     task = VQATask(cfg, model, split, split, answers, "ce", torch.device("cpu"), World())
     groups = task.configure_optimizer(cfg.lr, 0.0).param_groups
     by_lr = {g["lr"]: sum(p.numel() for p in g["params"]) for g in groups}
-    assert set(by_lr) == {1e-5, 2e-5, 1e-3}
-    assert by_lr[1e-5] == sum(p.numel() for p in model.encoder.parameters())
+    assert set(by_lr) == {encoder_lr, 2e-5, 1e-3}
+    assert by_lr[encoder_lr] == sum(p.numel() for p in model.encoder.parameters())
     assert by_lr[2e-5] == sum(p.numel() for p in model.head.question_encoder.tower.parameters())
     assert sum(by_lr.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 

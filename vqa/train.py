@@ -145,8 +145,7 @@ class Split:
 
 def validation_spec(cfg: TrainConfig) -> dict[str, Any]:
     """How validation was made, as the bundle records it (`medvqa ensemble` rebuilds the members' split from it)."""
-    return {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by,
-            "seed": cfg.carve_seed}
+    return {"split": cfg.val_split, "fraction": cfg.val_fraction, "by": cfg.val_by, "seed": cfg.carve_seed}
 
 
 def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
@@ -167,6 +166,8 @@ def load_splits(cfg: TrainConfig) -> tuple[list[Record], list[Record], str]:
         how = f"split {val_split!r}"
         if is_test_split(val_split):
             log.warning("model selection on the test split (as MEVF/QCR's code does): test scores will be optimistic")
+        if not val:
+            raise DataError(f"{cfg.data}: validation split {val_split!r} has no questions")
     log.info("data: %d train / %d validation questions (validation %s)", len(train), len(val), how)
     return train, val, how
 
@@ -211,11 +212,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, answers: AnswerVocab) ->
     if get_head_class(cfg.head).needs_answer_groups:
         head_args.setdefault("closed_mask", answers.type_mask(CLOSED))
         head_args.setdefault("open_mask", answers.type_mask(OPEN))
-    if isinstance(tokenizer, WordVocab):
-        question = QuestionEncoderConfig(vocab_size=len(tokenizer), embed_dim=cfg.embed_dim,
-                                         hidden_dim=cfg.question_dim)
-    else:
-        question = tokenizer  # the text tower is the question encoder and its own tokenizer
+    question = (QuestionEncoderConfig(vocab_size=len(tokenizer), embed_dim=cfg.embed_dim, hidden_dim=cfg.question_dim)
+                if isinstance(tokenizer, WordVocab) else tokenizer)  # a text tower: the encoder and its own tokenizer
     head = create_head(cfg.head, feature_dim=encoder.feature_dim, vocab_sizes={"answers": len(answers)},
                        question_encoder=question, **head_args)
     if cfg.glove:
@@ -311,7 +309,7 @@ class VQATask(TrainingTask):
         text = getattr(self.model.head.question_encoder, "tower", None)
         pretrained = {"encoder": (self.model.encoder, self.cfg.encoder_lr), "text": (text, self.cfg.question_lr)}
         taken = {id(p) for module, _ in pretrained.values() if module is not None for p in module.parameters()}
-        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": rate or lr}
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": lr if rate is None else rate}
                   for module, rate in pretrained.values() if module is not None]
         groups.append({"params": [p for p in self.model.parameters() if p.requires_grad and id(p) not in taken],
                        "lr": lr})
@@ -354,8 +352,10 @@ class VQATask(TrainingTask):
         with step.autocast():
             out = model(image_in, batch["tokens"].to(self.device, non_blocking=True),
                         batch["lengths"].to(self.device, non_blocking=True), **kwargs)
+        whole = ({"batch_types": self.train.questions.types[shard.whole].to(self.device)}
+                 if self.loss_fn.reads_batch_types else {})  # QCR's branch means: over the global batch
         losses = dict(self.loss_fn(out, batch["answers"].to(self.device, non_blocking=True),
-                                   batch["types"].to(self.device, non_blocking=True)))
+                                   batch["types"].to(self.device, non_blocking=True), **whole))
         total = losses["loss"]
         aux = self.model.encoder.auxiliary_loss(out["image_features"], image_in) if "image_features" in out else None
         if aux is not None:
@@ -438,8 +438,7 @@ def train(cfg: TrainConfig) -> Path:
                 return Path(cfg.out) / "bundle"
             if cfg.weights_dtype != "float32":
                 round_weights(model.head, cfg.weights_dtype)
-            metrics["refit"] = {"epochs": chosen, "questions": len(task.train.records),
-                                "history": refitted.history}
+            metrics["refit"] = {"epochs": chosen, "questions": len(task.train.records), "history": refitted.history}
         if not rt.world.is_main:
             return Path(cfg.out) / "bundle"
         if cfg.refit and calibration.uses_trust:  # the refit model's fused space is its own: its memory, same weights

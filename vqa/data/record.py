@@ -206,7 +206,10 @@ def carve_validation(records: Sequence[Record], fraction: float = 0.1, seed: int
     key = image_key if by == "image" else (lambda r: f"{image_key(r)}#{' '.join(r.question.lower().split())}")
     keys = sorted({key(r) for r in records})
     random.Random(seed).shuffle(keys)
-    n_val = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
+    if len(keys) < 2:  # else one side would be empty: no epoch could be chosen, or nothing trained
+        raise DataError(f"cannot carve a validation split from {len(keys)} {by}(s): name a validation split "
+                        f"(--val-split) or train on more {by}s")
+    n_val = min(max(1, round(len(keys) * fraction)), len(keys) - 1)
     val_keys = set(keys[:n_val])
     train = [r for r in records if key(r) not in val_keys]
     val = [r for r in records if key(r) in val_keys]

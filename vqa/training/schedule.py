@@ -63,12 +63,19 @@ class Shard:
     (1.0 whenever the batch splits evenly, and always in a single process). `offset` and `of`: where
     its samples stand in the global (micro-)batch and how large that is (None: this shard alone), so a
     random draw per sample (augmentation) can be made for the global batch and sliced, as one process
-    would draw it."""
+    would draw it. `batch`: the global (micro-)batch's indices, every rank's (None: this shard alone), for
+    a loss whose normaliser is counted over the batch (QCR's per-branch means)."""
 
     indices: Tensor
     share: float = 1.0
     offset: int = 0
     of: int | None = None
+    batch: Tensor | None = None
+
+    @property
+    def whole(self) -> Tensor:
+        """The indices of the global (micro-)batch this shard is part of (its own in one process)."""
+        return self.indices if self.batch is None else self.batch
 
     @property
     def draws(self) -> tuple[int, int]:
@@ -97,13 +104,14 @@ def epoch_plan(n: int, batch_size: int, world: World, seed: int, epoch: int, acc
         chunk = perm[s * step_global:(s + 1) * step_global]
         steps.append([Shard(chunk[m * micro_global + world.rank * batch_size:
                                   m * micro_global + (world.rank + 1) * batch_size],
-                            offset=world.rank * batch_size, of=micro_global)
+                            offset=world.rank * batch_size, of=micro_global,
+                            batch=chunk[m * micro_global:(m + 1) * micro_global])
                       for m in range(accum)])
     rest = perm[(n // step_global) * step_global:]
     if not drop_last and len(rest) >= world.size:
         micro = [rest[i:i + micro_global] for i in range(0, len(rest), micro_global)]
         if all(len(m) >= world.size for m in micro):
             steps.append([Shard(parts[world.rank], world.size * len(parts[world.rank]) / len(m),
-                                offset=sum(len(p) for p in parts[:world.rank]), of=len(m))
+                                offset=sum(len(p) for p in parts[:world.rank]), of=len(m), batch=m)
                           for m in micro for parts in [torch.tensor_split(m, world.size)]])
     return steps
