@@ -19,7 +19,10 @@ Formats:
 - hf: a `datasets` source (`save_to_disk` folder, parquet files, or a hub id).
 
 A missing image is an error naming the file (never a silent skip); rows with an
-empty caption are dropped with a warning that counts them (ROCO has a few).
+empty caption are dropped with a warning that counts them (ROCO has a few). A
+single file is one split: the one its name says (dev.jsonl: validate), else
+train. `exclude_vqa_rad` drops the pairs marked `also_in_vqa_rad` (MedPix 2.0)
+and refuses pairs that carry no such mark.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ SPLIT_ALIASES = {
     "validate": ("validate", "validation", "val", "dev", "valid"),
     "test": ("test", "testing"),
 }
+MARK = "also_in_vqa_rad"  # MedPix 2.0's field: this pair's image is also one of VQA-RAD's
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -76,7 +80,7 @@ def load_captions(source: str | Path, split: str = "train", fmt: str = "auto", *
         rows = read_csv(path, required=(image_column, caption_column))
         pairs = _from_rows(rows, path, image_column, caption_column, exclude_vqa_rad)
     elif fmt == "roco":
-        pairs = _load_roco(Path(source), split)
+        pairs = _load_roco(Path(source), split, exclude_vqa_rad)
     else:
         pairs = _load_hf(source, split, image_column, caption_column, exclude_vqa_rad)
     if not pairs:
@@ -99,6 +103,7 @@ def _detect(source: str | Path, split: str, fmt: str) -> tuple[str, Path | str]:
     if fmt == "hf":
         return fmt, source
     if path.is_file():
+        _check_file_split(path, split)
         if fmt in ("jsonl", "csv"):
             return fmt, path
         if path.suffix.lower() in (".jsonl", ".json"):
@@ -126,6 +131,18 @@ def _detect(source: str | Path, split: str, fmt: str) -> tuple[str, Path | str]:
     raise DataError(f"{source}: caption file or folder not found")
 
 
+def _check_file_split(path: Path, split: str) -> None:
+    """A caption file is one split: the one its name says (dev.jsonl: validate), or train when it names none. Served
+    as any split asked for, one file would be the training pairs and the held-out ones at once."""
+    stem = path.stem.lower()
+    named = next((names[0] for names in SPLIT_ALIASES.values() if stem in names), None)
+    if split in split_names(stem) or (named is None and split in SPLIT_ALIASES["train"]):
+        return
+    served = f"split {named!r}" if named else "the training split (its name names no split)"
+    raise DataError(f"{path}: one file is one split, here {served}, so it is not split {split!r}: give that split "
+                    f"its own file (a folder of train.jsonl and {split}.jsonl), or, pretraining, --val-split none")
+
+
 def _looks_like_roco(path: Path) -> bool:
     return (path / "radiology").is_dir() or any((path / d / "radiology").is_dir()
                                                  for d in ("train", "validation", "test")) \
@@ -144,14 +161,14 @@ def _from_rows(rows: list[dict], path: Path, image_column: str, caption_column: 
             if column not in rows[0]:
                 raise DataError(f"{path}: row 1 has no field {column!r}; fields: {sorted(rows[0])} "
                                 f"(choose others with --image-column/--caption-column)")
-    if exclude_vqa_rad and rows and "also_in_vqa_rad" not in rows[0]:
-        log.warning("%s: --exclude-vqa-rad given but the rows have no 'also_in_vqa_rad' field", path)
+    if exclude_vqa_rad and rows and not any(MARK in row for row in rows):
+        raise _unmarked(path)
     pairs, empty, excluded = [], 0, 0
     for i, row in enumerate(rows, 1):
         for column in (image_column, caption_column):
             if column not in row:
                 raise DataError(f"{path}: row {i}: missing field {column!r}")
-        if exclude_vqa_rad and _truthy(row.get("also_in_vqa_rad", False)):
+        if exclude_vqa_rad and _truthy(row.get(MARK, False)):
             excluded += 1
             continue
         caption = str(row[caption_column] or "").strip()
@@ -160,13 +177,20 @@ def _from_rows(rows: list[dict], path: Path, image_column: str, caption_column: 
             continue
         image = _resolve(path.parent, str(row[image_column]), f"{path}: row {i}")
         labels = {k: _label(v) for k, v in row.items()
-                  if k not in (image_column, caption_column, "also_in_vqa_rad") and _is_label(v)}
+                  if k not in (image_column, caption_column, MARK) and _is_label(v)}
         pairs.append(CaptionPair(image, caption, labels, str(row.get("id", row.get("case_id", i)))))
     if empty:
         log.warning("%s: dropped %d row(s) with an empty caption", path, empty)
     if excluded:
         log.info("%s: excluded %d pair(s) whose image is also in VQA-RAD", path, excluded)
     return pairs
+
+
+def _unmarked(source) -> DataError:
+    """--exclude-vqa-rad on pairs that cannot say which images VQA-RAD holds: nothing would be excluded, while the
+    run (and a shard manifest) said it was."""
+    return DataError(f"{source}: --exclude-vqa-rad, but no pair has an {MARK!r} field to say whether VQA-RAD holds its "
+                     "image (MedPix 2.0's rows have one): mark the pairs, or leave out --exclude-vqa-rad")
 
 
 def _is_label(value: Any) -> bool:
@@ -202,7 +226,7 @@ def _roco_split_dir(root: Path, split: str) -> Path:
                                                    "as the split it is named for" if alone else ""))
 
 
-def _load_roco(root: Path, split: str) -> list[CaptionPair]:
+def _load_roco(root: Path, split: str, exclude_vqa_rad: bool) -> list[CaptionPair]:
     folder = _roco_split_dir(root, split)
     images = (folder / "images").resolve()
     for table in sorted(folder.glob("*.csv")) + sorted(folder.parent.glob("*.csv")):
@@ -212,10 +236,10 @@ def _load_roco(root: Path, split: str) -> list[CaptionPair]:
             rows = read_csv(table, required=("name", "caption"))
             for row in rows:
                 row["name"] = str(images / row["name"])  # an absolute name stays as it is
-            return _from_rows(rows, table, "name", "caption", exclude_vqa_rad=False)
+            return _from_rows(rows, table, "name", "caption", exclude_vqa_rad)
     captions = folder / "captions.txt"
     if captions.is_file():
-        return _load_roco_official(folder, images)
+        return _load_roco_official(folder, images, exclude_vqa_rad)
     raise DataError(f"{folder}: no ROCO caption table (a CSV with columns name, caption, or captions.txt)")
 
 
@@ -231,7 +255,7 @@ def _tab_file(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def _load_roco_official(folder: Path, images: Path) -> list[CaptionPair]:
+def _load_roco_official(folder: Path, images: Path, exclude_vqa_rad: bool) -> list[CaptionPair]:
     """captions.txt (ROCO_ID <tab> caption) + dlinks.txt (ROCO_ID <tab> archive URL <tab> file name)."""
     captions, links = _tab_file(folder / "captions.txt"), _tab_file(folder / "dlinks.txt")
     rows = []
@@ -241,7 +265,7 @@ def _load_roco_official(folder: Path, images: Path) -> list[CaptionPair]:
         url = links[roco_id][0].split()[-1]
         pmc_id = url.rsplit("/", 1)[-1].removesuffix(".tar.gz")
         rows.append({"image": str(images / f"{pmc_id}_{links[roco_id][-1]}"), "caption": caption, "id": roco_id})
-    return _from_rows(rows, folder / "captions.txt", "image", "caption", exclude_vqa_rad=False)
+    return _from_rows(rows, folder / "captions.txt", "image", "caption", exclude_vqa_rad)
 
 
 # -- datasets ------------------------------------------------------------------------------------------------------
@@ -263,16 +287,19 @@ def _load_hf(source: str | Path, split: str, image_column: str, caption_column: 
     for column in (image_column, caption_column):
         if column not in ds.column_names:
             raise DataError(f"{source}: split {split!r} has no column {column!r}; columns: {ds.column_names}")
+    if exclude_vqa_rad and MARK not in ds.column_names:
+        raise _unmarked(f"{source} [{split}]")
     pairs, empty = [], 0
     for i, row in enumerate(ds):
         where = f"{source} [{split}] row {i}"
-        if exclude_vqa_rad and _truthy(row.get("also_in_vqa_rad", False)):
+        if exclude_vqa_rad and _truthy(row.get(MARK, False)):
             continue
         caption = str(row[caption_column] or "").strip()
         if not caption:
             empty += 1
             continue
-        labels = {k: _label(v) for k, v in row.items() if k not in (image_column, caption_column) and _is_label(v)}
+        labels = {k: _label(v) for k, v in row.items()
+                  if k not in (image_column, caption_column, MARK) and _is_label(v)}
         pairs.append(CaptionPair(row_image(row[image_column], find_image, where), caption, labels, str(i)))
     if empty:
         log.warning("%s: dropped %d row(s) with an empty caption", source, empty)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from encoders import ImageTable, normalize
@@ -95,8 +96,11 @@ def retrieval_metrics(image_embeds: Tensor, text_embeds: Tensor, ks: Sequence[in
 
 
 def _groups(keys: Sequence | None, n: int) -> Tensor:
-    """(N,) the index of each item's key among the distinct keys (every item its own without keys)."""
-    keys = list(range(n)) if keys is None else [str(k) for k in keys]
+    """(N,) the index of each item's key among the distinct keys (every item its own without keys). An in-memory
+    image is known by its pixels: a `datasets` source opens a new object for each row of one picture."""
+    from encoders.cache import image_hash
+
+    keys = list(range(n)) if keys is None else [image_hash(k) if isinstance(k, Image.Image) else str(k) for k in keys]
     index = {k: j for j, k in enumerate(dict.fromkeys(keys))}
     return torch.tensor([index[k] for k in keys])
 

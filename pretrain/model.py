@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from encoders import CLIPVisionEncoder, ImageEncoder
-from encoders.clip import preprocessor_stats
+from encoders.clip import hub_preprocessor_stats, preprocessor_stats
 from encoders.text import TextTower, load_tokenizer, save_tokenizer
 from vqa.errors import DataError
 from vqa.io import atomic_dir, atomic_write_safetensors, read_json
@@ -187,10 +187,12 @@ def load_clip_model(source: str | os.PathLike) -> CLIPPretrainModel:
     try:
         clip = CLIPModel.from_pretrained(str(source), use_safetensors=True).float()
         tokenizer = AutoTokenizer.from_pretrained(str(source))
+        # the repository's own statistics, as `create_encoder` reads them for the same id (BiomedCLIP-style towers
+        # normalise otherwise than OpenAI's)
+        mean, std = preprocessor_stats(path) if path.is_dir() else hub_preprocessor_stats(str(source))
     except OSError as e:
         raise DataError(f"cannot load CLIP model {str(source)!r} (offline and not cached, or not a CLIP "
                         f"folder): {str(e).splitlines()[0]}") from None
-    mean, std = preprocessor_stats(path) if path.is_dir() else (None, None)
     return CLIPPretrainModel.from_hf_clip(clip, tokenizer, name=str(source), mean=mean, std=std)
 
 

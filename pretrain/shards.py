@@ -58,10 +58,10 @@ def image_name(image: Any) -> str:
 
 def encode_image(image: Path | Image.Image) -> tuple[bytes, str]:
     """(bytes, extension) of one image as a shard stores it; ValueError/FileNotFoundError naming the file."""
-    from encoders.images import load_image
+    from encoders.images import is_dicom, load_image
 
     decoded = load_image(image)  # the full decode: a corrupt or truncated file raises here
-    if not isinstance(image, Image.Image):
+    if not isinstance(image, Image.Image) and not is_dicom(Path(image)):  # PIL cannot open a DICOM to ask its format
         with Image.open(image) as img:
             ext = _KEEP_BYTES.get(img.format or "")
         if ext:

@@ -129,10 +129,11 @@ def test_pretrain_eval_reads_the_split_as_pretrain_does(phantom_dir, tmp_path):
     import shutil
 
     captions = shutil.copytree(phantom_dir / "captions", tmp_path / "captions")
-    rows = [json.loads(line) for line in (captions / "validate.jsonl").read_text().splitlines()]
-    for row in rows[:5]:  # MedPix 2.0 marks the pairs whose image VQA-RAD also holds
-        row["also_in_vqa_rad"] = True
-    (captions / "validate.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split in ("train", "validate"):  # MedPix 2.0 marks the pairs whose image VQA-RAD also holds
+        rows = [json.loads(line) for line in (captions / f"{split}.jsonl").read_text().splitlines()]
+        for i, row in enumerate(rows):
+            row["also_in_vqa_rad"] = split == "validate" and i < 5
+        (captions / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli(["pretrain", "--data", str(captions), "--epochs", "0", "--embed-dim", "16", "--exclude-vqa-rad",
                 "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "p" / "metrics.json").read_text())["after"]

@@ -48,6 +48,25 @@ def test_medpix_style_jsonl_excludes_vqa_rad_images(tmp_path):
     assert len(load_captions(tmp_path, "train")) == 2
     kept = load_captions(tmp_path, "train", exclude_vqa_rad=True)
     assert [p.caption for p in kept] == ["CT head."] and kept[0].labels["modality"] == "ct"
+    # pairs that carry no mark cannot be cleared of VQA-RAD's images: refused, not passed on as if they were
+    _jsonl(tmp_path / "validate.jsonl", [{"image": "images/a.jpg", "caption": "CT head."}])
+    assert len(load_captions(tmp_path, "validate")) == 1
+    with pytest.raises(DataError, match="--exclude-vqa-rad, but no pair has an 'also_in_vqa_rad' field"):
+        load_captions(tmp_path, "validate", exclude_vqa_rad=True)
+
+
+def test_one_file_is_one_split(tmp_path):
+    """A file serves the split its name says, or train: never every split (the held-out pairs would be train's)."""
+    _image(tmp_path / "x.png")
+    for name in ("pairs.csv", "dev.csv"):
+        (tmp_path / name).write_text("image,caption\nx.png,a chest film\n")
+    assert len(load_captions(tmp_path / "pairs.csv", "train")) == 1
+    with pytest.raises(DataError, match=r"pairs.csv: one file is one split, here the training split .* not split "
+                                        r"'validate'.*--val-split none"):
+        load_captions(tmp_path / "pairs.csv", "validate")
+    assert len(load_captions(tmp_path / "dev.csv", "validate")) == 1  # dev is MedPix's validate
+    with pytest.raises(DataError, match="here split 'validate', so it is not split 'train'"):
+        load_captions(tmp_path / "dev.csv", "train")
 
 
 def test_csv_with_named_columns(tmp_path):
@@ -57,6 +76,9 @@ def test_csv_with_named_columns(tmp_path):
     assert pairs[0].caption == "a chest film" and pairs[0].image == tmp_path / "x.png"
     with pytest.raises(DataError, match="missing column.*'caption'"):
         load_captions(tmp_path / "pairs.csv", image_column="path")
+    (tmp_path / "pairs.tsv").write_text("path\ttext\nx.png\ta chest film, frontal\n")  # tab-separated
+    assert load_captions(tmp_path / "pairs.tsv", image_column="path", caption_column="text")[0].caption == \
+        "a chest film, frontal"
 
 
 def test_missing_field_missing_image_and_empty_file(tmp_path):
@@ -87,6 +109,8 @@ def test_roco_csv_layout(tmp_path):
     with pytest.raises(DataError, match="no ROCO folder for split 'validate'.*served only as the split it is named"):
         load_captions(root / "train", "validate", fmt="roco")
     assert load_captions(root / "validation", "validate", fmt="roco")[0].caption == "Axial CT of the validation."
+    with pytest.raises(DataError, match="no pair has an 'also_in_vqa_rad' field"):  # ROCO marks none
+        load_captions(root, "train", exclude_vqa_rad=True)
 
 
 def test_roco_official_layout(tmp_path):
@@ -111,6 +135,8 @@ def test_datasets_save_to_disk(tmp_path):
     assert isinstance(pairs[1].image, Image.Image) and np.asarray(pairs[1].image).mean() > 150
     with pytest.raises(DataError, match="no column 'text'"):
         load_captions(tmp_path / "hf", "train", caption_column="text")
+    with pytest.raises(DataError, match=r"hf \[train\]: --exclude-vqa-rad, but no pair has an 'also_in_vqa_rad'"):
+        load_captions(tmp_path / "hf", "train", exclude_vqa_rad=True)
     # the hub's spelling of a split is found under ours; a split the source lacks is an error, never train's pairs
     datasets.DatasetDict({"train": ds, "validation": ds.select([1])}).save_to_disk(str(tmp_path / "hub"))
     assert [p.caption for p in load_captions(tmp_path / "hub", "validate")] == ["bright"]

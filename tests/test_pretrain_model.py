@@ -378,6 +378,12 @@ def test_retrieval_metrics_and_ties():
     grouped = retrieval_metrics(image, captions, images=named)
     assert grouped["i2t_r1"] == grouped["t2i_r1"] == 100.0 and grouped["n"] == 12
     assert retrieval_metrics(image, captions)["i2t_r1"] < 100.0  # as separate images, one copy misses
+    # a `datasets` source opens a new PIL object for each row of one picture: grouped by pixels, as paths are
+    from PIL import Image
+
+    pictures = [Image.new("L", (4, 4), v) for v in (0, 0, *range(2, 12))]
+    in_memory = retrieval_metrics(image, captions, images=[p.copy() for p in pictures])
+    assert in_memory == grouped
 
 
 def test_default_prompts_cover_the_phantom_fields():
@@ -385,3 +391,24 @@ def test_default_prompts_cover_the_phantom_fields():
     assert {"modality", "plane", "region", "abnormal"} <= set(prompts)
     assert "X-ray image." in class_prompts(prompts["modality"], "x-ray")
     assert class_prompts({"templates": ["{} image."]}, "ct") == ["ct image."]
+
+
+def test_a_clip_hub_id_normalises_with_its_repositorys_statistics(tmp_path, monkeypatch):
+    """`--clip-model ORG/NAME` reads the repository's preprocessor_config.json, as `create_encoder` does for the id:
+    a BiomedCLIP-style tower is not normalised with OpenAI's statistics."""
+    from huggingface_hub import constants
+
+    from tests._released import populate_hub_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        pytest.skip("needs HF_HUB_OFFLINE=1")
+    _model(text="clip-text-tiny").save_pretrained(tmp_path / "clip")
+    config = json.loads((tmp_path / "clip" / "preprocessor_config.json").read_text())
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps(
+        {**config, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    repo = "medvqa-test/tiny-clip-own-statistics"
+    populate_hub_cache(tmp_path / "hub", repo, tmp_path / "clip")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_clip_model(repo)
+    assert loaded.image_encoder.mean == (0.5, 0.5, 0.5) and loaded.image_encoder.std == (0.25, 0.25, 0.25)
+    assert create_encoder(repo).mean == loaded.image_encoder.mean  # the one reading of an id's statistics

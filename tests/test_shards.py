@@ -100,6 +100,20 @@ def test_in_memory_and_non_jpeg_images_become_png(tmp_path):
     assert manifest["total"]["samples"] == 1
 
 
+def test_a_dicom_pair_is_stored_as_the_png_it_decodes_to(tmp_path):
+    from encoders import load_image
+    from pretrain.data import CaptionPair
+    from pretrain.shards import encode_image
+    from tests.test_encoders_images import _dicom
+
+    _, path = _dicom("CT_small.dcm")
+    data, ext = encode_image(Path(path))
+    assert ext == "png"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(load_image(path)))
+    manifest = write_shards([CaptionPair(Path(path), "an axial CT slice")], tmp_path / "out", progress=False)
+    assert manifest["total"]["samples"] == 1 and not manifest.get("skipped")
+
+
 def test_an_existing_shard_folder_is_kept_unless_overwrite(phantom_dir, tmp_path):
     pairs = load_captions(phantom_dir / "captions", "train")
     write_shards(pairs[:4], tmp_path / "out", shard_size=2, progress=False)

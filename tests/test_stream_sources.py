@@ -2,6 +2,7 @@
 by shards written without it."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -53,9 +54,10 @@ def test_excluding_vqa_rad_from_a_stream_needs_shards_written_without_it(phantom
     with pytest.raises(DataError, match="cannot drop rows of .parquet files as they stream"):
         pretrain(_stream_cfg(phantom_dir, parquet_dir, tmp_path / "b", exclude_vqa_rad=True, caption_column="text"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    clean = tmp_path / "clean"
-    assert cli(["shards", "--data", str(phantom_dir / "captions"), "--out", str(clean), "--exclude-vqa-rad",
-                "--no-progress"]) == 0
+    clean, marked = tmp_path / "clean", shutil.copytree(phantom_dir / "captions", tmp_path / "marked")
+    rows = [json.loads(line) for line in (marked / "train.jsonl").read_text().splitlines()]
+    (marked / "train.jsonl").write_text("".join(json.dumps({**r, "also_in_vqa_rad": False}) + "\n" for r in rows))
+    assert cli(["shards", "--data", str(marked), "--out", str(clean), "--exclude-vqa-rad", "--no-progress"]) == 0
     check_vqa_rad_excluded(expand_shards(clean), str(clean))  # written without them: accepted
     (clean / "manifest.json").unlink()
     with pytest.raises(DataError, match="has no manifest.json"):

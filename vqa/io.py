@@ -57,12 +57,13 @@ def read_csv(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]
 
 
 def read_csv_numbered(path: str | Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) for every row of a CSV file (the line its record ends on; the header is line 1)."""
+    """(line number, row) for every row of a CSV file (the line its record ends on; the header is line 1); a .tsv
+    file's fields are tab-separated."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with open(path, encoding="utf-8-sig", newline="") as f, _utf8(path):
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         columns = reader.fieldnames or []
         missing = [c for c in required if c not in columns]
         if missing:

@@ -44,7 +44,7 @@ def build_parser():
     g.add_argument("--image-column", default=d.image_column)
     g.add_argument("--caption-column", default=d.caption_column)
     g.add_argument("--exclude-vqa-rad", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop pairs marked also_in_vqa_rad (MedPix 2.0)")
+                   help="drop pairs marked also_in_vqa_rad (MedPix 2.0); pairs without the mark are refused")
     g.add_argument("--shuffle-captions", action=argparse.BooleanOptionalAction, default=False,
                    help="control: captions paired with random images")
     g.add_argument("--train-data", default=None, metavar="SHARDS",

@@ -31,7 +31,8 @@ def build_parser():
     g.add_argument("--split", default="train", help="which split to write (default: %(default)s)")
     g.add_argument("--image-column", default="image")
     g.add_argument("--caption-column", default="caption")
-    g.add_argument("--exclude-vqa-rad", action="store_true", help="drop pairs marked also_in_vqa_rad (MedPix 2.0)")
+    g.add_argument("--exclude-vqa-rad", action="store_true",
+                   help="drop pairs marked also_in_vqa_rad (MedPix 2.0); pairs without the mark are refused")
     g = p.add_argument_group("shards")
     g.add_argument("--out", required=True, help="output folder of the shards and manifest.json")
     g.add_argument("--shard-size", type=int, default=1000, help="pairs per shard (default: %(default)s)")
