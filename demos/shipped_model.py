@@ -91,7 +91,7 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
         shared = shared_report(report | {"bundle": str(bundle_dir)})  # names no folder of this machine
         atomic_write_json(small / "eval-vqa-rad-test" / "metrics.json", shared)  # the card reads it
         atomic_write_json(small / "recipe.json", {"recipe": dataclasses.asdict(recipe), "glove": bool(glove)})
-        _write_card(small)
+        _write_card(small, bundle_dir)
         size = sum(p.stat().st_size for p in small.rglob("*") if p.is_file()) / 2**20
         write_examples(data, examples_dir, rows=examples)  # the step that reads the data folder again goes first
         with atomic_dir(bundle_dir, overwrite=True) as tmp:
@@ -102,10 +102,14 @@ def build_shipped_model(data: str | Path, glove: str | Path | None = None, recip
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_card(bundle: Path) -> None:
+def _write_card(bundle: Path, shipped_to: Path) -> None:
+    """The card, written in the build's temp folder, names the folder the bundle is shipped in: as a path from the
+    repository's root when it is inside it (`demos/models/vqa-rad`), as users of a checkout load it."""
     from vqa.model_card import write_model_card
 
-    write_model_card(bundle)
+    root, target = HERE.parent.resolve(), shipped_to.resolve()
+    where = target.relative_to(root).as_posix() if target.is_relative_to(root) else str(target)
+    write_model_card(bundle, location=where)
 
 
 def pick_examples(data: str | Path, n: int = 6) -> list[dict]:

@@ -198,6 +198,7 @@ def test_what_is_uploaded_names_no_folder_of_this_machine(bundle_copy, trained_b
     from vqa.bundle import load
     from vqa.evaluate import evaluate, write_outputs
     from vqa.hub import push_bundle
+    from vqa.model_card import write_model_card
 
     from ._bundle import feature_cache_copy
 
@@ -208,8 +209,13 @@ def test_what_is_uploaded_names_no_folder_of_this_machine(bundle_copy, trained_b
     encoder = json.loads((bundle_copy / "encoder" / "config.json").read_text())
     encoder["name"] = "local-dir:/home/alice/private/biomedclip"  # as a tower loaded from a folder is named
     (bundle_copy / "encoder" / "config.json").write_text(json.dumps(encoder))
+    # a card written for the bundle where it lies names its folder; an ONNX export of earlier versions copied it
+    write_model_card(bundle_copy.resolve())
+    (bundle_copy / "onnx").mkdir()
+    shutil.copy(bundle_copy / "README.md", bundle_copy / "onnx" / "README.md")
     hub = RecordingHub()
     push_bundle(bundle_copy, REPO, hub=hub)
+    assert "onnx/README.md" not in hub.uploaded and str(bundle_copy.resolve()) not in hub.uploaded["README.md"].decode()
     shared = json.loads(hub.uploaded["eval-vqa-rad-test/metrics.json"])
     assert (shared["bundle"], shared["data"]) == (f"local:{bundle_copy.name}", "local:vqa-rad")
     assert json.loads(hub.uploaded["encoder/config.json"])["name"] == "local:biomedclip"

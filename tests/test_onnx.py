@@ -68,6 +68,7 @@ def exported(trained_bundle, tmp_path_factory):
     # QCR's router is in the graph, and the fused vector the calibration's trust scores read
     assert report.head_outputs == ["logits", "attention", "type_logits", "fused"]
     assert max(report.max_abs_diff.values()) < 1e-4, report.max_abs_diff
+    assert (trained_bundle / "README.md").is_file() and not (report.folder / "README.md").exists()  # names the bundle
     return report.folder
 
 

@@ -144,6 +144,20 @@ def test_a_bundle_missing_its_detectors_encoder_is_named(refitted, tmp_path):
         Predictor.from_bundle(broken)
 
 
+def test_a_detectors_encoder_that_is_not_the_one_it_was_fitted_on_is_refused(refitted, tmp_path):
+    """Its encoder and its statistics are written one after the other: a pair that does not belong together (a
+    calibration stopped between them) is refused, not scored in the wrong space."""
+    from encoders import create_encoder, load_encoder_folder
+
+    assert OutOfScopeDetector.load(refitted).encoder.fingerprint() == load_encoder_folder(
+        refitted / ENCODER_FOLDER).fingerprint()  # the stored pair loads, its encoder as fitted
+    broken = shutil.copytree(refitted, tmp_path / "broken")
+    torch.manual_seed(12)  # the same architecture and feature size, other weights
+    create_encoder("clip-vit-tiny", image_size=48).save_pretrained(broken / ENCODER_FOLDER)
+    with pytest.raises(DataError, match=f"{ENCODER_FOLDER}: not the encoder .*ood.safetensors was fitted on"):
+        OutOfScopeDetector.load(broken)
+
+
 def test_a_detector_in_a_folders_space_names_no_local_folder(refitted, tmp_path):
     from encoders import load_encoder_folder
 

@@ -180,3 +180,18 @@ def test_rebuilding_from_a_folder_it_cannot_pick_examples_from_fails_before_trai
     with pytest.raises(DataError, match="vqa-rad: no testset.json"):
         build_shipped_model(data, bundle_dir=tmp_path / "bundle", examples_dir=tmp_path / "examples")
     assert not (tmp_path / "bundle").exists() and not (tmp_path / "examples").exists()
+
+
+def test_the_card_written_in_the_build_folder_names_the_shipped_folder(trained_bundle, tmp_path):
+    """Built in a temp folder, then copied into demos/models/vqa-rad: its card names where users load it from."""
+    import shutil
+
+    from demos.shipped_model import SHIPPED_BUNDLE, _write_card
+
+    build = shutil.copytree(trained_bundle, tmp_path / "medvqa-shipped-x" / "bundle")
+    _write_card(build, SHIPPED_BUNDLE)
+    card = (build / "README.md").read_text()
+    assert "\n# vqa-rad\n" in card and 'Predictor.from_pretrained("demos/models/vqa-rad")' in card
+    assert "medvqa-shipped-x" not in card and "--bundle demos/models/vqa-rad" in card
+    _write_card(build, tmp_path / "elsewhere")  # outside the checkout: its full path
+    assert f'Predictor.from_pretrained("{(tmp_path / "elsewhere").resolve()}")' in (build / "README.md").read_text()

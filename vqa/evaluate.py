@@ -261,7 +261,7 @@ def markdown_report(report: dict) -> str:
         lines += ["| subset | n | multiple-choice accuracy | chance |", "|---|---|---|---|"]
         lines += [f"| {name} | {m['n']} | {_pct(m['overall'])} | {_pct(m['chance'])} |"
                   for name, m in report["subsets"].items()]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _trust_lines(report.get("calibration"))) + "\n"
     if "repeats_train" in report["subsets"]:
         lines += ["`repeats_train`: questions whose image the training split asks about in nearly the same words "
                   "(content words overlap >= 50%), answerable from memory; `new_question`: the others.", ""]

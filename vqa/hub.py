@@ -41,6 +41,9 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the Hub sp
 UPLOAD_IGNORE = [".*.tmp", "*/.*.tmp", ".*.tmp/*", "*/.*.tmp/*"]
 # every test question, its reference answer and the model's: for private data not the Hub's to hold, unless asked
 PREDICTIONS = ["eval-*/predictions.jsonl"]
+# a card below the top: an ONNX export's copy (earlier exports made one), naming this machine's bundle and stale
+# after a recalibration; the card written at the top, for the repository, is the one shared
+NESTED_CARDS = ["*/README.md"]
 # JSON keys of a bundle's configs that may hold a path of the machine that wrote them: an encoder's name and source
 # (`local-dir:/home/a/biomedclip`), a Hugging Face config's `_name_or_path` and tokenizer files, an ensemble's
 # members. Uploaded as "local:NAME" (eval reports: `vqa.evaluate.shared_report`).
@@ -118,7 +121,7 @@ def push_bundle(bundle: str | Path, repo_id: str, *, private: bool = False, comm
     message = commit_message or f"Upload medvqa bundle {Path(bundle).name}"
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
-    ignore = UPLOAD_IGNORE + ([] if with_predictions else PREDICTIONS)
+    ignore = UPLOAD_IGNORE + NESTED_CARDS + ([] if with_predictions else PREDICTIONS)
     # In the system's temp folder, never beside the bundle (which may be read-only, or a hub cache's snapshot);
     # files are hard-linked where it shares the bundle's file system, copied elsewhere. Removed without chmod:
     # Windows would otherwise make a read-only file of the bundle writable through its link.

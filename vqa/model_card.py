@@ -120,8 +120,9 @@ def _table(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_reports: Sequence[dict] = (),
-                      license_id: str | None = None) -> str:
-    """The card's text (YAML front matter + Markdown) for the bundle folder `bundle`."""
+                      license_id: str | None = None, location: str | None = None) -> str:
+    """The card's text (YAML front matter + Markdown) for the bundle folder `bundle`, named by `repo_id`, else by
+    `location` (where its users load it from, when that is not where it is written), else by its folder."""
     from huggingface_hub import ModelCardData
 
     from .bundle import load_files
@@ -131,7 +132,8 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
     config, metrics = files.config, files.metrics
     encoder = read_json(bundle / "encoder" / "config.json") if (bundle / "encoder" / "config.json").is_file() else {}
     data = config.get("training", {}).get("data") or {}
-    name = repo_id or bundle.resolve().name
+    where = repo_id or location or str(bundle)
+    name = repo_id or Path(location or bundle.resolve()).name
     # a refit's validation numbers are its validation run's, a bagging ensemble's those of the members held out on
     # each carve (none saw its own): neither is this model's, so they stay out of the model index
     held_out = "refit" in metrics or config.get("training", {}).get("ensemble", {}).get("bagging")
@@ -145,7 +147,7 @@ def render_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_re
         pipeline_tag=TASK[0], model_name=name,
         tags=TAGS + [config["head"].get("name", "vqa-head")], base_model=base_model(encoder),
         datasets=[data["hub_id"]] if data.get("hub_id") else None, eval_results=results or None)
-    body = _body(files, config, encoder, data, name, repo_id, list(eval_reports), bundle)
+    body = _body(files, config, encoder, data, name, where, list(eval_reports), bundle)
     return f"---\n{card.to_yaml()}\n---\n\n{body}"
 
 
@@ -163,11 +165,12 @@ def _card_license(card: Path) -> str | None:
 
 
 def write_model_card(bundle: str | Path, *, repo_id: str | None = None, eval_reports: Sequence[str | Path] = (),
-                     license_id: str | None = None) -> Path:
+                     license_id: str | None = None, location: str | None = None) -> Path:
     """(Re)write BUNDLE/README.md from the bundle's files and its evaluation reports; returns its path."""
     reports = find_eval_reports(bundle, eval_reports)
     path = Path(bundle) / CARD_FILE
-    atomic_write_text(path, render_model_card(bundle, repo_id=repo_id, eval_reports=reports, license_id=license_id))
+    atomic_write_text(path, render_model_card(bundle, repo_id=repo_id, eval_reports=reports, license_id=license_id,
+                                              location=location))
     return path
 
 
@@ -180,7 +183,7 @@ def write_card(bundle: str | Path) -> None:
         log.warning("%s: no model card written (%s); `medvqa push` writes one", bundle, e)
 
 
-def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: str | None, reports: list[dict],
+def _body(files, config: dict, encoder: dict, data: dict, name: str, where: str, reports: list[dict],
           bundle: Path) -> str:
     head = config["head"].get("name", "?")
     members = config["head"].get("config", {}).get("members")  # an ensemble's heads (`medvqa ensemble`)
@@ -250,7 +253,7 @@ def _body(files, config: dict, encoder: dict, data: dict, name: str, repo_id: st
     if any(r["dataset"] == "vqa-rad" and "freeform" in r["subsets"] for r in reports):
         lines += ["", "`freeform`: MEVF's published subset of VQA-RAD's test (308 questions); `all`: the full test."]
     lines += ["", *_trust_lines(files, reports), "", "## Limitations", "", *_limitations(files, data), "",
-              "## How to load", "", *_how_to_load(repo_id or str(bundle), bundle, files)]
+              "## How to load", "", *_how_to_load(where, bundle, files)]
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,8 @@
                      -> logits (B, A | C), attention (B, N) [, type_logits (B, 2) when the head has a router]
                         [, fused (B, F) when the head exposes it (trust scores)]
       config.json    the bundle's config, plus "onnx": the graphs, their inputs and the preprocessing
-      answers.json, vocab.json, metrics.json, calibration.json, ood.safetensors, trust.safetensors,
-                     README.md: copied as they are
+      answers.json, vocab.json, metrics.json, calibration.json, ood.safetensors, trust.safetensors:
+                     copied as they are (not the card: it names the bundle's folder, and the bundle has it)
 
 The head graph is the `VQAModel` on features (its feature selection included; an input the
 graph does not read, such as `grid` for `--image-features pooled`, is left out of it), so
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 FORMAT, FORMAT_VERSION = "medvqa-onnx", 1
 ENCODER_FILE, HEAD_FILE, OOD_ENCODER_FILE = "encoder.onnx", "head.onnx", "ood_encoder.onnx"
-COPIED = ("answers.json", "vocab.json", "metrics.json", CALIBRATION_FILE, OOD_FILE, TRUST_FILE, "README.md")
+COPIED = ("answers.json", "vocab.json", "metrics.json", CALIBRATION_FILE, OOD_FILE, TRUST_FILE)
 CHOICES = ("choice_tokens", "choice_lengths")
 
 

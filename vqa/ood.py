@@ -180,16 +180,19 @@ class OutOfScopeDetector:
         """`ood.safetensors` and, for a space of its own, its encoder in `ood_encoder/` (by reference where it can)."""
         from encoders import save_reference
 
+        metadata = {"format": "pt", "space": self.space}
         if not self.reads_model_features:
             encoder = self.own_encoder()
             if not save_reference(encoder, Path(folder) / ENCODER_FOLDER):
                 encoder.save_pretrained(Path(folder) / ENCODER_FOLDER)
+            # the two are written one after the other: a run stopped between them leaves a pair the load refuses
+            metadata["encoder_fingerprint"] = encoder.fingerprint()
         atomic_write_safetensors(Path(folder) / OOD_FILE, {
             "mean": self.mean.contiguous(), "basis": self.basis.contiguous(),
             "inverse": self.inverse.double().contiguous(),
             "inverse_floor": torch.tensor([self.inverse_floor], dtype=torch.float64),
             "threshold": torch.tensor([self.threshold]), "quantile": torch.tensor([self.quantile])},
-            metadata={"format": "pt", "space": self.space})
+            metadata=metadata)
         if self.reads_model_features and (Path(folder) / ENCODER_FOLDER).is_dir():  # a refit replaced an own space
             shutil.rmtree(Path(folder) / ENCODER_FOLDER)
 
@@ -205,7 +208,8 @@ class OutOfScopeDetector:
         try:
             t = load_file(str(path))
             with safe_open(str(path), "pt") as f:
-                space = (f.metadata() or {}).get("space", MODEL_SPACE)  # detectors from before spaces: the model's
+                metadata = f.metadata() or {}
+            space = metadata.get("space", MODEL_SPACE)  # detectors from before spaces: the model's
             if "precision" in t:  # bundles from before the low-rank form: the full D x D precision
                 t.update(_from_precision(t["precision"].double().numpy()))
             detector = cls(t["mean"], t["basis"], t["inverse"], float(t["inverse_floor"][0]),
@@ -220,6 +224,10 @@ class OutOfScopeDetector:
             if detector.encoder.feature_dim != detector.mean.shape[0]:
                 raise DataError(f"{Path(folder) / ENCODER_FOLDER}: its features have {detector.encoder.feature_dim} "
                                 f"dimensions, but {path} was fitted on {detector.mean.shape[0]}")
+            fitted = metadata.get("encoder_fingerprint")
+            if fitted is not None and fitted != detector.encoder.fingerprint():
+                raise DataError(f"{Path(folder) / ENCODER_FOLDER}: not the encoder {path} was fitted on (a "
+                                "calibration stopped while writing them?): run `medvqa calibrate` on the bundle again")
         return detector
 
 

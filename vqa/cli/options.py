@@ -87,7 +87,8 @@ def add_target_risk_argument(group, default_help: str, default: str | None = Non
     group.add_argument("--target-risk", default=default, metavar="RISK",
                        help="abstain below the confidence at which validation answers were wrong at most this share "
                             "of the time: one number (0.1), or per branch (closed=0.05,open=0.2: yes/no answers are "
-                            f"right far more often than open ones) (default: {default_help})")
+                            f"right far more often than open ones; a branch not named takes the number given "
+                            f"alone, else 0.1) (default: {default_help})")
 
 
 def add_ood_encoder_argument(group, default_help: str, default: str | None = None) -> None:
