@@ -67,19 +67,40 @@ def import_step(data: Path, out: Path) -> Path:
     return imported
 
 
+# what a pretrained tower's numbers depend on: a folder holding another recipe's is refused, never reused
+PRETRAIN_RECIPE = ("data", "val_split", "exclude_vqa_rad", "encoder", "encoder_args", "text", "augment", "epochs",
+                   "lr", "batch_size", "shuffle_captions")
+
+
+def pretrained(cfg) -> dict:
+    """Pretrain into `cfg.out`, or read the run already there when it recorded this recipe; its metrics.json."""
+    from vqa.training.runtime import jsonable
+
+    folder = Path(cfg.out)
+    if (folder / "metrics.json").is_file():
+        recorded = json.loads((folder / "run_config.json").read_text())
+        asked = jsonable({k: getattr(cfg, k) for k in PRETRAIN_RECIPE})
+        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in asked.items() if recorded.get(k) != v]
+        if differ:
+            raise SystemExit(f"{folder}: pretrained with another recipe ({'; '.join(differ)}); remove the folder to "
+                             "pretrain it again")
+    else:
+        from pretrain import pretrain
+
+        pretrain(cfg)
+    return json.loads((folder / "metrics.json").read_text())
+
+
 def pretrain_step(data: Path, out: Path, epochs: int, threads: int) -> dict:
     """MedPix CLIP pretraining and its shuffled-caption control; returns dev retrieval metrics."""
-    from pretrain import PretrainConfig, pretrain
+    from pretrain import PretrainConfig
 
     results = {}
     for name, shuffle in (("medpix-clip", False), ("medpix-clip-shuffled", True)):
-        folder = out / name
-        if not (folder / "metrics.json").is_file():
-            pretrain(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True,
-                                    encoder="timm:resnet10t", encoder_args=CNN, text="minilm", augment=True,
-                                    epochs=epochs, lr=2e-3, out=str(folder), threads=threads,
-                                    shuffle_captions=shuffle, progress=False))
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = pretrained(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True,
+                                            encoder="timm:resnet10t", encoder_args=CNN, text="minilm", augment=True,
+                                            epochs=epochs, lr=2e-3, out=str(out / name), threads=threads,
+                                            shuffle_captions=shuffle, progress=False))
         results[name] = {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"]}
     return results
 
@@ -91,18 +112,16 @@ def medpix_lite0_step(data: Path, out: Path, threads: int, epochs: int = MEDPIX_
     """CLIP pretraining of EfficientNet-Lite0 from its ImageNet weights on MedPix 2.0 (PubMedCLIP's recipe shape:
     a pretrained start, a low rate; MiniLM frozen, LiT-style), and the same architecture from its random initial
     weights (seed 0) at a from-scratch rate as the control; returns dev retrieval before/after of each."""
-    from pretrain import PretrainConfig, pretrain
+    from pretrain import PretrainConfig
 
     results = {}
     for name, lr, args in (("medpix-lite0", 1e-4, {}), ("medpix-lite0-scratch", 2e-3, {"pretrained": False})):
-        folder = out / name
-        if not (folder / "metrics.json").is_file():
-            pretrain(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True, encoder=LITE0,
-                                    encoder_args=args, text="minilm", augment=True, epochs=epochs, lr=lr,
-                                    batch_size=64, out=str(folder), threads=threads, progress=False))
-        metrics = json.loads((folder / "metrics.json").read_text())
+        metrics = pretrained(PretrainConfig(data=str(data / "medpix2"), val_split="dev", exclude_vqa_rad=True,
+                                            encoder=LITE0, encoder_args=args, text="minilm", augment=True,
+                                            epochs=epochs, lr=lr, batch_size=64, out=str(out / name),
+                                            threads=threads, progress=False))
         results[name] = {"before": metrics["before"]["retrieval"], "after": metrics["after"]["retrieval"],
-                         "epochs": epochs, "lr": lr}
+                         "epochs": epochs, "lr": lr}  # the recorded recipe: `pretrained` refuses another
     return results
 
 

@@ -307,3 +307,22 @@ def test_a_finished_run_made_with_another_recipe_is_not_reported_under_this_one(
         check_same_recipe(tmp_path, dataclasses.replace(made, question_dim=1024, head_args={"hidden_dim": 1024}))
     with pytest.raises(SystemExit, match="loss='ce'"):
         check_same_recipe(tmp_path, dataclasses.replace(made, loss="bce"))
+
+
+def test_a_pretrained_tower_is_reused_only_for_the_recipe_it_recorded(tmp_path, monkeypatch):
+    """A MedPix tower folder from another recipe (more epochs, another rate) is refused, never reported as this one."""
+    import dataclasses
+
+    import pretrain
+    from real_vqa_rad import pretrained
+    from pretrain import PretrainConfig
+    from vqa.training.runtime import jsonable
+
+    made = PretrainConfig(data="medpix2", val_split="dev", exclude_vqa_rad=True, encoder="efficientnet-lite0-imagenet",
+                          text="minilm", augment=True, epochs=10, lr=1e-4, batch_size=64, out=str(tmp_path), threads=2)
+    (tmp_path / "run_config.json").write_text(json.dumps(jsonable(dataclasses.asdict(made))))
+    (tmp_path / "metrics.json").write_text(json.dumps({"after": {"retrieval": {"mean_recall": 9.0}}}))
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg: pytest.fail("pretrained again"))
+    assert pretrained(dataclasses.replace(made, threads=1))["after"]["retrieval"]["mean_recall"] == 9.0
+    with pytest.raises(SystemExit, match="another recipe .*epochs: 10 there, 20 now.*remove the folder"):
+        pretrained(dataclasses.replace(made, epochs=20))

@@ -191,3 +191,22 @@ def test_an_output_path_that_is_a_file_is_one_line_and_exit_2(phantom_dir, tmp_p
     monkeypatch.setenv("MEDVQA_TRACEBACK", "1")
     with pytest.raises(OSError):
         cli(argv)
+
+
+def test_data_stats_freeform_cuts_test_only(phantom_dir, tmp_path, capsys):
+    """MEVF's 308-question subset is of test: the models train on all of train, the baselines are train's."""
+    import shutil
+
+    from vqa.data import load_vqa_rad
+
+    root = shutil.copytree(phantom_dir / "vqa-rad", tmp_path / "vqa-rad")
+    for name, other in (("trainset.json", "para"), ("testset.json", "test_para")):  # as the release mixes them
+        items = json.loads((root / name).read_text())
+        for item in items[::3]:
+            item["phrase_type"] = other
+        (root / name).write_text(json.dumps(items))
+    assert cli(["data", "stats", str(root), "--format", "vqa-rad", "--freeform", "--json"]) == 0
+    splits = json.loads(capsys.readouterr().out)["splits"]
+    assert splits["train"]["questions"] == len(load_vqa_rad(root, "train"))
+    assert splits["test"]["questions"] == len(load_vqa_rad(root, "test", freeform_only=True))
+    assert splits["test"]["questions"] < len(load_vqa_rad(root, "test"))

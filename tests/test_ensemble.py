@@ -84,6 +84,20 @@ def test_members_on_different_validation_splits_are_refused(phantom_dir, tmp_pat
     members = _members(phantom_dir, tmp_path, seeds=(0,)) + _members(phantom_dir, tmp_path, seeds=(1,), val_seed=6)
     with pytest.raises(DataError, match="member1/bundle: its validation split differs.*--val-seed"):
         _ensemble(members, phantom_dir, tmp_path)
+    # a fraction that the description rounds alike (10%): the recorded fraction tells them apart
+    import json
+    import shutil
+
+    from vqa.bundle import load
+    from vqa.ensemble import check_members
+
+    near = shutil.copytree(members[0], tmp_path / "near" / "bundle")
+    config = json.loads((near / "config.json").read_text())
+    config["training"]["validation"]["fraction"] = 0.096
+    (near / "config.json").write_text(json.dumps(config))
+    check_members([members[0], members[0]], [load(members[0]), load(members[0])])
+    with pytest.raises(DataError, match="near/bundle: its validation split was carved with --val-fraction 0.096"):
+        check_members([members[0], near], [load(members[0]), load(near)])
     with pytest.raises(DataError, match="at least 2 member bundles"):
         _ensemble(members[:1], phantom_dir, tmp_path)
     with pytest.raises(DataError, match="--head ensemble: not a head to train .*`medvqa ensemble` builds"):

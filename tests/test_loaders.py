@@ -117,6 +117,9 @@ def test_datasets_parquet_folder_and_hub_style_columns(phantom_dir, tmp_path):
     # Without answer_type, yes/no answers are closed: exactly the phantom's closed questions.
     assert [r.answer_type for r in loaded] == [r.answer_type for r in records]
     assert all(r.question_type == "unknown" for r in loaded)
+    assert len(load_hf(tmp_path, "test", lang="all")) == len(records)
+    with pytest.raises(DataError, match="no q_lang column, so its questions are read as English: --lang zh"):
+        load_hf(tmp_path, "test", lang="zh")  # an English copy is not another language's questions
 
 
 def test_pmc_vqa_columns_through_datasets_read_the_answer_letter_as_the_csv_loader_does(phantom_dir, tmp_path):

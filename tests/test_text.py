@@ -94,3 +94,20 @@ def test_real_vqa_rad_vocabularies():
     assert own.coverage(train) == 1.0 and mevf.coverage(train) > 0.99
     assert mevf.coverage(test) > 0.88 and own.coverage(test) > 0.88
     assert len(mevf) <= 458
+
+
+def test_questions_read_cut_are_counted_and_said(caplog):
+    """MEVF's 12 words fit most of VQA-RAD's English; every character of a Chinese question is a token."""
+    from vqa.batches import encode_questions
+
+    questions = ["图像里包含的区域属于身体哪个部分?", "Is this a CT?"]
+    records = [Record("x.jpg", q, "yes", "CLOSED", "other", split="train") for q in questions]
+    vocab = WordVocab.build(questions)
+    with caplog.at_level("WARNING", logger="vqa.batches"):
+        encoded = encode_questions(records, [0, 0], vocab, None, max_len=12)
+    assert encoded.lengths.tolist() == [12, 5]
+    assert "1 of 2 questions have more than 12 tokens (up to 17) and are read cut" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vqa.batches"):
+        encode_questions(records, [0, 0], vocab, None, max_len=17)
+    assert "read cut" not in caplog.text

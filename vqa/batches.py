@@ -6,6 +6,7 @@ a handful of tensor index operations, with no image decoding and no DataLoader.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from typing import Iterator, Protocol, Sequence
@@ -14,6 +15,8 @@ import torch
 
 from .answers import AnswerVocab
 from .data.record import CLOSED, Record
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # answer outside the vocabulary: contributes no loss (heads' convention)
 CLOSED_ID, OPEN_ID = 0, 1  # index of each answer type in the heads' `type_logits`
@@ -97,11 +100,22 @@ def encode_queries(questions: Sequence[str], rows: Sequence[int], words: Tokeniz
     return out
 
 
+def _say_cut(records: Sequence[Record], words: Tokenizer, max_len: int) -> None:
+    """Warn when questions are longer than `max_len` tokens (read cut): MEVF's 12 words fit VQA-RAD's English,
+    not SLAKE's Chinese, whose every character is a token."""
+    lengths = [words.encode(r.question, len(r.question) + 1)[1] for r in records]  # a token is at least a character
+    cut = [i for i, n in enumerate(lengths) if n > max_len]
+    if cut:
+        log.warning("%d of %d questions have more than %d tokens (up to %d) and are read cut, e.g. %r: --max-len "
+                    "reads more", len(cut), len(records), max_len, max(lengths), records[cut[0]].question)
+
+
 def encode_questions(records: Sequence[Record], rows: Sequence[int], words: Tokenizer,
                      answers: AnswerVocab | None, max_len: int = 12, choice_len: int = 8) -> QuestionTensors:
     """A dataset's questions as tensors with their targets: the answer id (or the index of the right
     choice; IGNORE_INDEX when unknown) and the dataset's own answer type."""
     multiple_choice = bool(records) and all(r.choices for r in records)
+    _say_cut(records, words, max_len)
     out = encode_queries([r.question for r in records], rows, words, max_len,
                          [r.choices for r in records] if multiple_choice else None, choice_len)
     if multiple_choice:

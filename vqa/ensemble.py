@@ -237,6 +237,14 @@ def check_members(paths: Sequence[Path], members: Sequence[Bundle], same_split: 
                         "ensemble of members on different carves: --bagging)" if what == "validation split" else "")
                 raise DataError(f"{path}: its {what} differs from {paths[0]}'s "
                                 f"({_short(got[what])} against {_short(value)}): ensemble members must share it{hint}")
+    if same_split:  # the description rounds the fraction (10% of 0.096 and of 0.1): the recorded one decides
+        carved = [(path, (b.config.get("training", {}).get("validation") or {}).get("fraction"))
+                  for path, b in zip(paths, members)]
+        carved = [(path, f) for path, f in carved if f is not None]  # members from before it was recorded
+        for path, fraction in carved[1:]:
+            if fraction != carved[0][1]:
+                raise DataError(f"{path}: its validation split was carved with --val-fraction {fraction}, "
+                                f"{carved[0][0]}'s with {carved[0][1]}: ensemble members must share it")
     if any(m.model.head.needs_choices for m in members):
         raise DataError(f"{paths[0]}: multiple-choice heads cannot be ensembled over an answer vocabulary")
 

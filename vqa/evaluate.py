@@ -185,7 +185,8 @@ def evaluate(bundle_path: str | Path, fmt: str, data: str, split: str = "test", 
         "bundle": str(bundle_path), "model_digest": digest, "dataset": fmt, "data": str(data), "split": split,
         "score_kind": score_kind,
         "protocol": {
-            "closed_open": "the dataset's own answer_type" if fmt != "hf" else "answer_type, or inferred (yes/no)",
+            "closed_open": ("answer_type, or inferred (yes/no) where a record has none" if fmt in ("hf", "pathvqa")
+                            else "the dataset's own answer_type"),
             "answers": bundle.answers.protocol,
             "model_selection": bundle.metrics.get("protocol", {}).get("model_selection", "unknown"),
             "validation": bundle.metrics.get("protocol", {}).get("validation", "unknown"),

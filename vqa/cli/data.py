@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.freeform:
         if args.format != "vqa-rad":
             raise DataError("--freeform applies to --format vqa-rad only")
-        kwargs["freeform_only"] = True
     names = args.splits or dataset_format(args.format).splits
     skipped: dict[str, list[str]] = {name: [] for name in names}
-    splits = {name: load_records(args.format, args.root, name, skipped=skipped[name], **kwargs) for name in names}
+    # MEVF's subset is of test: its models train on the whole of train, whose baselines and coverage these are
+    splits = {name: load_records(args.format, args.root, name, skipped=skipped[name], **kwargs,
+                                 **({"freeform_only": True} if args.freeform and name == "test" else {}))
+              for name in names}
     report = dataset_stats(splits, skipped=skipped)
     if args.format == "vqa-rad" and {"train", "test"} <= set(names) and not args.freeform:
         templated = templated_in_train(args.root)  # needs the release's JSON beside MEVF's split files

@@ -78,7 +78,9 @@ def row_image(value: Any, find_image: ImageFinder | None, where: str) -> Path | 
     if not name:
         raise DataError(f"{where}: empty image field")
     if find_image is None:
-        raise DataError(f"{where}: image {name!r} is a file name; pass image_root to find it")
+        raise DataError(f"{where}: image {name!r} is a file name, and a source from the Hub has no folder to find "
+                        "it in: save the dataset with its images (a folder holding them, or imgs/ or images/ "
+                        "beside it), or read the release's own files (e.g. --format slake)")
     return find_image(str(name), where)
 
 
@@ -92,6 +94,9 @@ def load_hf(name_or_path: str | Path, split: str, image_root: str | Path | None 
     """
     ds, folder = open_dataset(name_or_path, split)
     columns = list(ds.column_names)
+    if lang not in ("en", "all") and "q_lang" not in columns:  # a copy without languages is English's (VQA-RAD's)
+        raise DataError(f"{name_or_path}: split {split!r} has no q_lang column, so its questions are read as "
+                        f"English: --lang {lang} would keep none of them (pass --lang en)")
     image_col, q_col, a_col = _first(columns, _IMAGE), _first(columns, _QUESTION), _first(columns, _ANSWER)
     for col, names in ((image_col, _IMAGE), (q_col, _QUESTION), (a_col, _ANSWER)):
         if col is None:
