@@ -74,16 +74,9 @@ PRETRAIN_RECIPE = ("data", "val_split", "exclude_vqa_rad", "encoder", "encoder_a
 
 def pretrained(cfg) -> dict:
     """Pretrain into `cfg.out`, or read the run already there when it recorded this recipe; its metrics.json."""
-    from vqa.training.runtime import jsonable
-
     folder = Path(cfg.out)
     if (folder / "metrics.json").is_file():
-        recorded = json.loads((folder / "run_config.json").read_text())
-        asked = jsonable({k: getattr(cfg, k) for k in PRETRAIN_RECIPE})
-        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in asked.items() if recorded.get(k) != v]
-        if differ:
-            raise SystemExit(f"{folder}: pretrained with another recipe ({'; '.join(differ)}); remove the folder to "
-                             "pretrain it again")
+        check_same_recipe(folder, cfg, PRETRAIN_RECIPE)
     else:
         from pretrain import pretrain
 
@@ -193,15 +186,16 @@ def vqa_step(run: Run, data: Path, out: Path, recipe: HeadRecipe, glove: Path) -
 RECIPE_SETTINGS = ("question_dim", "head_args", "loss", "lr", "epochs", "batch_size")
 
 
-def check_same_recipe(folder: Path, cfg) -> None:
-    """Refuse a finished run's folder made with another recipe: its results would be reported under this one's."""
+def check_same_recipe(folder: Path, cfg, settings: tuple[str, ...] = RECIPE_SETTINGS) -> None:
+    """Refuse a finished run's folder made with another recipe (`settings` of its run_config.json): its results would
+    be reported under this one's."""
     from vqa.training.runtime import jsonable
 
     if not (folder / "run_config.json").is_file():
         return
     made = json.loads((folder / "run_config.json").read_text())
     now = jsonable(dataclasses.asdict(cfg))
-    differ = [k for k in RECIPE_SETTINGS if k in made and made[k] != now[k]]
+    differ = [k for k in settings if k in made and made[k] != now[k]]
     if differ:
         raise SystemExit(f"{folder}: made with {', '.join(f'{k}={made[k]!r}' for k in differ)}; this recipe has "
                          f"{', '.join(f'{k}={now[k]!r}' for k in differ)}: pass another --out for it")

@@ -324,5 +324,5 @@ def test_a_pretrained_tower_is_reused_only_for_the_recipe_it_recorded(tmp_path, 
     (tmp_path / "metrics.json").write_text(json.dumps({"after": {"retrieval": {"mean_recall": 9.0}}}))
     monkeypatch.setattr(pretrain, "pretrain", lambda cfg: pytest.fail("pretrained again"))
     assert pretrained(dataclasses.replace(made, threads=1))["after"]["retrieval"]["mean_recall"] == 9.0
-    with pytest.raises(SystemExit, match="another recipe .*epochs: 10 there, 20 now.*remove the folder"):
+    with pytest.raises(SystemExit, match="made with epochs=10; this recipe has epochs=20: pass another --out"):
         pretrained(dataclasses.replace(made, epochs=20))

@@ -100,14 +100,15 @@ def encode_queries(questions: Sequence[str], rows: Sequence[int], words: Tokeniz
     return out
 
 
-def _say_cut(records: Sequence[Record], words: Tokenizer, max_len: int) -> None:
+def _say_cut(records: Sequence[Record], words: Tokenizer, lengths: torch.Tensor, max_len: int) -> None:
     """Warn when questions are longer than `max_len` tokens (read cut): MEVF's 12 words fit VQA-RAD's English,
-    not SLAKE's Chinese, whose every character is a token."""
-    lengths = [words.encode(r.question, len(r.question) + 1)[1] for r in records]  # a token is at least a character
-    cut = [i for i, n in enumerate(lengths) if n > max_len]
+    not SLAKE's Chinese, whose every character is a token. Only those encoded at `max_len` are measured again."""
+    full = {i: words.encode(records[i].question, len(records[i].question) + 1)[1]  # a token is at least a character
+            for i in (lengths >= max_len).nonzero().flatten().tolist()}
+    cut = [i for i, n in full.items() if n > max_len]
     if cut:
         log.warning("%d of %d questions have more than %d tokens (up to %d) and are read cut, e.g. %r: --max-len "
-                    "reads more", len(cut), len(records), max_len, max(lengths), records[cut[0]].question)
+                    "reads more", len(cut), len(records), max_len, max(full.values()), records[cut[0]].question)
 
 
 def encode_questions(records: Sequence[Record], rows: Sequence[int], words: Tokenizer,
@@ -115,9 +116,9 @@ def encode_questions(records: Sequence[Record], rows: Sequence[int], words: Toke
     """A dataset's questions as tensors with their targets: the answer id (or the index of the right
     choice; IGNORE_INDEX when unknown) and the dataset's own answer type."""
     multiple_choice = bool(records) and all(r.choices for r in records)
-    _say_cut(records, words, max_len)
     out = encode_queries([r.question for r in records], rows, words, max_len,
                          [r.choices for r in records] if multiple_choice else None, choice_len)
+    _say_cut(records, words, out.lengths, max_len)
     if multiple_choice:
         targets = [r.choices.index(r.answer) if r.answer in r.choices else IGNORE_INDEX for r in records]
     else:
